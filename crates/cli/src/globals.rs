@@ -1,0 +1,81 @@
+//! Options every kiln command honours.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Directory for the content store and sandbox state
+    /// [default: $XDG_CACHE_HOME/kiln or ~/.cache/kiln]
+    #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
+    root: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Print nothing but errors and requested output.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// Resolved global options, passed to every command.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    pub root: PathBuf,
+    pub json: bool,
+    pub quiet: bool,
+    pub verbose: u8,
+}
+
+impl Globals {
+    pub fn from_args(args: GlobalArgs) -> anyhow::Result<Self> {
+        let root = match args.root {
+            Some(root) if root.as_os_str().is_empty() => {
+                bail!("--root (or KILN_ROOT) is empty; give a directory path")
+            }
+            Some(root) => root,
+            None => default_root()?,
+        };
+        Ok(Self { root, json: args.json, quiet: args.quiet, verbose: args.verbose })
+    }
+
+    /// Logs go to stderr; RUST_LOG wins over -v/-q.
+    pub fn init_logging(&self) {
+        let default = match (self.quiet, self.verbose) {
+            (true, _) => "error",
+            (false, 0) => "warn",
+            (false, 1) => "info",
+            (false, 2) => "debug",
+            (false, _) => "trace",
+        };
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .try_init();
+    }
+}
+
+/// $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
+fn default_root() -> anyhow::Result<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        let xdg = PathBuf::from(xdg);
+        // The XDG spec says relative values are invalid and must be ignored.
+        if xdg.is_absolute() {
+            return Ok(xdg.join("kiln"));
+        }
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .context("cannot find a default --root: neither XDG_CACHE_HOME nor HOME is set; pass --root DIR")?;
+    Ok(PathBuf::from(home).join(".cache").join("kiln"))
+}

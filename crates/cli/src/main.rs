@@ -1,0 +1,44 @@
+//! The `kiln` command line: parses arguments, calls the library crates, prints.
+//!
+//! Logic lives in the crates under `crates/`; this binary only turns flags into
+//! calls and results into text (or JSON with `--json`) and exit codes.
+
+mod exit;
+mod globals;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::exit::CommandError;
+use crate::globals::{GlobalArgs, Globals};
+
+/// Turn an OCI container image into a microVM sandbox.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let globals = match Globals::from_args(cli.global) {
+        Ok(globals) => globals,
+        Err(err) => return exit::report(&CommandError::usage(err)),
+    };
+    globals.init_logging();
+
+    let result: exit::CommandResult = match cli.command {};
+    match result {
+        Ok(code) => code,
+        Err(err) => exit::report(&err),
+    }
+}
