@@ -1,0 +1,109 @@
+//! kiln-vm boots the sandbox microVM.
+//!
+//! It owns three things and nothing else:
+//! - [`VmSpec`]: what a sandbox VM is made of (kernel, initramfs, disks, the host-guest
+//!   channel, network, size), independent of any VMM;
+//! - [`Backend`]: a VMM that can start a [`VmSpec`] as a host process. [`qemu::Qemu`]
+//!   drives QEMU's `microvm` machine; Firecracker or Cloud Hypervisor can be added as
+//!   other backends without touching callers;
+//! - [`accel`]: choosing KVM or TCG, with a probe whose verdict is cached per host boot,
+//!   because on some hosts `/dev/kvm` opens yet cannot run our guest.
+//!
+//! Every VM process is tied to its parent (it is killed when kiln dies) and every wait
+//! takes a deadline, so no phase can hang.
+
+pub mod accel;
+mod process;
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use accel::Accel;
+pub use process::VmProcess;
+
+/// A disk given to the guest as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// Short id, also the device's serial number, so the guest can find the disk by role
+    /// (`/sys/block/vd*/serial`) whatever order the devices are probed in.
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A TCP port on host loopback forwarded to a port in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// The guest's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// No NIC at all.
+    None,
+    /// NAT egress through the VMM's user-mode stack, with port forwards from host loopback.
+    User { forwards: Vec<PortForward> },
+}
+
+/// The host-guest channel: a virtio-serial port backed by a unix socket on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// Unix socket the host listens on before the VMM starts; the VMM connects to it.
+    pub socket: PathBuf,
+    /// Port name the guest sees under /dev/virtio-ports/.
+    pub port_name: String,
+}
+
+/// Everything needed to start one sandbox VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Kernel command line arguments added after the backend's own (console, reboot).
+    pub cmdline: Vec<String>,
+    pub disks: Vec<Disk>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub network: Network,
+    pub channel: Channel,
+    /// File that receives the guest's serial console.
+    pub console_log: PathBuf,
+    pub accel: Accel,
+}
+
+/// A VMM that can run a [`VmSpec`].
+pub trait Backend {
+    /// Short name for messages ("qemu").
+    fn name(&self) -> &'static str;
+
+    /// Starts the VM as a child process tied to this process's lifetime.
+    fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmError>;
+}
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot start {vmm} ({binary}): {source}")]
+    Spawn { vmm: &'static str, binary: PathBuf, source: std::io::Error },
+
+    #[error("{what} not found at {path}: {hint}")]
+    MissingFile { what: &'static str, path: PathBuf, hint: &'static str },
+
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+
+    #[error("waiting for the VM process {pid}: {source}")]
+    Wait { pid: u32, source: std::io::Error },
+
+    #[error("deadline for {phase} expired after {:.1} s", .after.as_secs_f64())]
+    Deadline { phase: &'static str, after: Duration },
+
+    #[error("KVM was requested but cannot be used: {0}")]
+    KvmUnavailable(String),
+
+    #[error("acceleration cache {path}: {source}")]
+    AccelCache { path: PathBuf, source: std::io::Error },
+}
