@@ -3,6 +3,7 @@
 //! Logic lives in the crates under `crates/`; this binary only turns flags into
 //! calls and results into text (or JSON with `--json`) and exit codes.
 
+mod doctor;
 mod exit;
 mod globals;
 
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Check that this host can run sandboxes, and say how to fix what is missing.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,7 +39,9 @@ fn main() -> ExitCode {
     };
     globals.init_logging();
 
-    let result: exit::CommandResult = match cli.command {};
+    let result: exit::CommandResult = match cli.command {
+        Command::Doctor(args) => doctor::run(&globals, args),
+    };
     match result {
         Ok(code) => code,
         Err(err) => exit::report(&err),

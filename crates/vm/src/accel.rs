@@ -111,7 +111,7 @@ fn resolve_with(
     if let Err(why) = open_kvm(kvm_device) {
         return Ok(tcg(why));
     }
-    let cache_file = cache_dir.join(format!("accel-{boot_id}.json"));
+    let cache_file = cache_file(cache_dir, boot_id);
     if let Some(mut verdict) = read_cached(&cache_file) {
         verdict.cached = true;
         return Ok(verdict);
@@ -131,7 +131,8 @@ fn resolve_with(
     Ok(verdict)
 }
 
-fn open_kvm(device: &Path) -> Result<(), String> {
+/// Opens the KVM device read-write, as a VMM would; the error says why it cannot.
+pub fn open_kvm(device: &Path) -> Result<(), String> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -147,6 +148,10 @@ fn current_boot_id() -> String {
         .ok()
         .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
         .unwrap_or_else(|| "unknown-boot".to_owned())
+}
+
+fn cache_file(cache_dir: &Path, boot_id: &str) -> PathBuf {
+    cache_dir.join(format!("accel-{boot_id}.json"))
 }
 
 fn read_cached(path: &Path) -> Option<AccelVerdict> {
@@ -168,6 +173,13 @@ fn write_cached(dir: &Path, path: &Path, verdict: &AccelVerdict) -> Result<(), V
     tmp.write_all(&json).map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
     Ok(())
+}
+
+/// This host boot's cached verdict in `cache_dir`, if a probe already ran.
+pub fn cached_verdict(cache_dir: &Path) -> Option<AccelVerdict> {
+    let mut verdict = read_cached(&cache_file(cache_dir, &current_boot_id()))?;
+    verdict.cached = true;
+    Some(verdict)
 }
 
 /// Where `resolve` keeps its verdicts under kiln's root directory.

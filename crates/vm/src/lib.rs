@@ -13,6 +13,8 @@
 //! takes a deadline, so no phase can hang.
 
 pub mod accel;
+pub mod doctor;
+pub mod guest;
 mod process;
 pub mod qemu;
 
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use accel::Accel;
+pub use guest::GuestImages;
 pub use process::VmProcess;
 
 /// A disk given to the guest as a virtio-blk device.

@@ -1,0 +1,188 @@
+//! `kiln doctor`: can this host run sandboxes, and if not, what exactly fixes it.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::accel::{self, Accel, AccelVerdict};
+use crate::guest::{self, GuestImages};
+
+/// Below this much free space under the root, builds of realistic images may fail.
+const MIN_FREE_BYTES: u64 = 2 << 30;
+
+/// One check of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// The exact command that fixes a failed check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|check| check.ok)
+    }
+}
+
+/// Checks the VMM, the guest boot files, acceleration and free space for `root`.
+///
+/// Acceleration is reported from this host boot's cached verdict when there is one; a
+/// fresh probe needs a guest boot, which the first `kiln run` does.
+pub fn diagnose(qemu_binary: &Path, root: &Path) -> Report {
+    let images = GuestImages::locate(root);
+    Report {
+        checks: vec![
+            check_qemu(qemu_binary),
+            check_file("kernel", &images.kernel, guest::KERNEL_ENV),
+            check_file("initramfs", &images.initramfs, guest::INITRAMFS_ENV),
+            check_accel(root),
+            check_space(root),
+        ],
+    }
+}
+
+fn check_qemu(binary: &Path) -> Check {
+    let fix = Some("sudo apt-get install qemu-system-x86".to_owned());
+    let version = match Command::new(binary).arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_owned()
+        }
+        Ok(out) => {
+            let detail = format!("{} --version failed: {}", binary.display(), out.status);
+            return Check { name: "qemu", ok: false, detail, fix };
+        }
+        Err(err) => {
+            let detail = format!("{} not runnable: {err}", binary.display());
+            return Check { name: "qemu", ok: false, detail, fix };
+        }
+    };
+    let machines = Command::new(binary).args(["-M", "help"]).output();
+    let has_microvm = machines
+        .map(|out| String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm ")))
+        .unwrap_or(false);
+    if has_microvm {
+        Check { name: "qemu", ok: true, detail: version, fix: None }
+    } else {
+        let detail = format!("{version}: no microvm machine (QEMU 4.2 or newer has it)");
+        Check { name: "qemu", ok: false, detail, fix }
+    }
+}
+
+fn check_file(name: &'static str, path: &Path, env: &str) -> Check {
+    if path.is_file() {
+        Check { name, ok: true, detail: path.display().to_string(), fix: None }
+    } else {
+        Check {
+            name,
+            ok: false,
+            detail: format!("{} is missing (or set {env} to another file)", path.display()),
+            fix: Some(guest::BUILD_COMMAND.to_owned()),
+        }
+    }
+}
+
+fn check_accel(root: &Path) -> Check {
+    let cache = accel::cache_dir(root);
+    match accel::cached_verdict(&cache) {
+        Some(AccelVerdict { accel, reason, .. }) => Check {
+            name: "acceleration",
+            ok: true,
+            detail: format!("{} ({reason})", accel.as_str()),
+            fix: None,
+        },
+        None => {
+            let detail = match accel::open_kvm(Path::new(accel::KVM_DEVICE)) {
+                Err(why) => format!("{}: {why}", Accel::Tcg.as_str()),
+                Ok(()) => format!(
+                    "{} opens; the first `kiln run` boots the guest once under KVM to check it \
+                     really works, and falls back to TCG if not",
+                    accel::KVM_DEVICE
+                ),
+            };
+            Check { name: "acceleration", ok: true, detail, fix: None }
+        }
+    }
+}
+
+fn check_space(root: &Path) -> Check {
+    // The root may not exist yet: measure the nearest existing ancestor.
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    match free_bytes(existing) {
+        Ok(free) => {
+            let detail = format!("{:.1} GiB free under {}", free as f64 / (1u64 << 30) as f64, existing.display());
+            if free >= MIN_FREE_BYTES {
+                Check { name: "disk space", ok: true, detail, fix: None }
+            } else {
+                let fix = Some(format!("kiln --root {} prune", root.display()));
+                Check { name: "disk space", ok: false, detail: format!("{detail}; at least 2 GiB needed"), fix }
+            }
+        }
+        Err(err) => Check {
+            name: "disk space",
+            ok: false,
+            detail: format!("cannot measure free space under {}: {err}", existing.display()),
+            fix: None,
+        },
+    }
+}
+
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_qemu_says_how_to_install_it() {
+        let check = check_qemu(Path::new("/nonexistent/qemu-system-x86_64"));
+        assert!(!check.ok);
+        assert_eq!(check.fix.as_deref(), Some("sudo apt-get install qemu-system-x86"));
+    }
+
+    #[test]
+    fn missing_guest_files_point_at_the_build_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = check_file("kernel", &dir.path().join("guest/kernel"), guest::KERNEL_ENV);
+        assert!(!check.ok);
+        assert_eq!(check.fix.as_deref(), Some(guest::BUILD_COMMAND));
+        assert!(check.detail.contains("KILN_KERNEL"));
+    }
+
+    #[test]
+    fn space_is_measured_on_an_existing_ancestor() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = check_space(&dir.path().join("not/yet/created"));
+        assert!(check.detail.contains("GiB free under"), "{}", check.detail);
+    }
+
+    #[test]
+    fn report_serialises_with_fixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = diagnose(Path::new("/nonexistent/qemu"), dir.path());
+        assert!(!report.ok());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["checks"][0]["name"], "qemu");
+        assert!(json["checks"][0]["fix"].is_string());
+    }
+}
