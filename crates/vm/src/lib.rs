@@ -13,6 +13,7 @@
 //! takes a deadline, so no phase can hang.
 
 pub mod accel;
+pub mod disk;
 pub mod doctor;
 pub mod guest;
 mod process;
@@ -106,6 +107,15 @@ pub enum VmError {
 
     #[error("KVM was requested but cannot be used: {0}")]
     KvmUnavailable(String),
+
+    #[error("writable disk {path}: {source}")]
+    Disk { path: PathBuf, source: std::io::Error },
+
+    #[error("cannot run {tool}: {source}")]
+    Tool { tool: &'static str, source: std::io::Error },
+
+    #[error("{tool} failed ({status}): {stderr}")]
+    ToolFailed { tool: &'static str, status: String, stderr: String },
 
     #[error("acceleration cache {path}: {source}")]
     AccelCache { path: PathBuf, source: std::io::Error },
