@@ -1,0 +1,90 @@
+//! kiln-erofs writes self-contained, uncompressed EROFS images in one pass.
+//!
+//! EROFS is the read-only Linux filesystem kiln's guests boot from. No Rust crate writes
+//! self-contained EROFS images today (the existing ones read images, or write only the
+//! metadata of composefs-style images whose file data lives elsewhere), and shelling out
+//! to `mkfs.erofs` needs the whole tree unpacked on disk first. So this crate is ours. It
+//! knows nothing of OCI: the caller decides what the tree holds.
+//!
+//! # Protocol
+//!
+//! 1. [`ImageWriter::new`] takes the output [`std::fs::File`] (truncated; write to a
+//!    temporary file and rename it afterwards to publish atomically).
+//! 2. While the input streams, [`ImageWriter::append_data`] copies each regular file's
+//!    contents into the image and returns a [`DataRef`]; [`ImageWriter::append_bytes`]
+//!    does the same for contents in memory. Whole 4 KiB blocks land in their final place
+//!    right away; the last partial block waits in an unlinked temporary file.
+//! 3. Meanwhile the caller builds a [`Tree`]: directories, files (with their `DataRef`),
+//!    symlinks, hard links ([`Tree::link`]), devices, FIFOs and sockets, each with
+//!    [`Metadata`] (permission bits incl. setuid/setgid/sticky, 32-bit uid/gid, mtime
+//!    with nanoseconds, xattrs). The tree holds metadata only, never file contents.
+//!    Entries can be replaced or removed ([`Tree::unlink`]) at any time.
+//! 4. [`ImageWriter::finish`] writes inodes, directories and the superblock after the
+//!    data, and returns the file with [`ImageStats`].
+//!
+//! Every input is validated where it enters ([`Tree::add`], [`Tree::set_metadata`], ...)
+//! and rejected with a typed [`Error`]: names (empty, ".", "..", '/', NUL, over 255
+//! bytes), xattr names without an EROFS prefix, oversized xattrs, symlink targets, device
+//! numbers, permission bits.
+//!
+//! # Image layout
+//!
+//! Block size 4096. Block 0 holds the superblock (with its crc32c checksum,
+//! `EROFS_FEATURE_COMPAT_SB_CHKSUM`), blocks 1.. the appended file data in append order,
+//! then the metadata area (`meta_blkaddr`) with the root inode first (nid 0), then
+//! directory blocks and symlink targets that do not fit next to their inode.
+//!
+//! - Inodes are compact (32 bytes) when uid, gid and nlink fit 16 bits, the size fits 32
+//!   bits and the mtime equals the superblock build time, which is set to the most
+//!   common mtime of the tree; otherwise extended (64 bytes). Every mtime is kept exactly.
+//! - Regular files, directories and symlinks use `FLAT_INLINE` tail packing when the
+//!   partial last block fits in the inode's block, `FLAT_PLAIN` otherwise. A file whose
+//!   tail cannot be inlined (only when its xattrs leave no room) is copied whole after
+//!   the metadata ([`ImageStats::relocated_files`]).
+//! - Xattrs are stored inline per inode with the EROFS name prefixes `user.`,
+//!   `trusted.`, `security.`, `system.posix_acl_access` and `system.posix_acl_default`.
+//! - Directories of any size: entries (with "." and "..") sorted by name bytes, packed
+//!   into as many blocks as needed.
+//!
+//! # Reclaiming dead data
+//!
+//! Data appended for a file that is no longer reachable from the root when `finish`
+//! runs (for example deleted by a later layer) is punched out of the image file with
+//! `fallocate(PUNCH_HOLE)`: the image keeps its length but those blocks take no disk
+//! space. The cost is one syscall per dead extent and no copying; the price is a sparse
+//! file (copy it with `cp --sparse=always` or similar to keep it small). On filesystems
+//! that cannot punch holes the dead data stays, unreferenced.
+//!
+//! # Example
+//!
+//! ```
+//! use kiln_erofs::{ImageOptions, ImageWriter, Metadata, NodeKind, Tree};
+//!
+//! # fn main() -> Result<(), kiln_erofs::Error> {
+//! let file = tempfile::tempfile()?;
+//! let mut writer = ImageWriter::new(file, ImageOptions::default())?;
+//! let dir = Metadata { mode: 0o755, ..Metadata::default() };
+//! let mut tree = Tree::new(dir.clone())?;
+//! let etc = tree.add(tree.root(), b"etc", NodeKind::Directory, dir)?;
+//! let data = writer.append_bytes(b"root:x:0:0::/root:/bin/sh\n")?;
+//! let file = Metadata { mode: 0o644, ..Metadata::default() };
+//! tree.add(etc, b"passwd", NodeKind::File(data), file)?;
+//! let image = writer.finish(&tree)?;
+//! assert_eq!(image.stats.inodes, 3);
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod format;
+mod tree;
+mod writer;
+
+pub use error::{Error, Result};
+pub use tree::{validate_name, Metadata, NodeId, NodeKind, Timestamp, Tree, Xattr};
+pub use writer::{DataRef, FinishedImage, ImageOptions, ImageStats, ImageWriter};
+
+/// Block size of every image this crate writes.
+pub const BLOCK_SIZE: u64 = format::BLOCK_SIZE;
+/// Longest directory entry name, in bytes.
+pub const NAME_LEN: usize = format::NAME_LEN;

@@ -1,0 +1,317 @@
+//! Images written by kiln-erofs, checked by fsck.erofs and the kernel (loop mount).
+
+mod oracle;
+
+use std::collections::HashMap;
+
+use kiln_erofs::{DataRef, ImageWriter, Metadata, NodeKind, Timestamp, Tree, Xattr};
+use oracle::{finish_and_check, new_writer};
+
+fn meta(mode: u32) -> Metadata {
+    Metadata {
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp {
+            sec: 1_700_000_000,
+            nsec: 0,
+        },
+        xattrs: Vec::new(),
+    }
+}
+
+/// Deterministic contents of `len` bytes, different per `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn add_file(
+    writer: &mut ImageWriter,
+    contents: &mut HashMap<DataRef, Vec<u8>>,
+    data: Vec<u8>,
+) -> NodeKind {
+    let data_ref = writer.append_data(&data[..], data.len() as u64).unwrap();
+    if !data.is_empty() {
+        contents.insert(data_ref, data);
+    }
+    NodeKind::File(data_ref)
+}
+
+#[test]
+fn every_node_kind_and_attribute_survives() {
+    let (dir, mut writer) = new_writer();
+    let mut contents = HashMap::new();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    let root = tree.root();
+
+    for (i, len) in [0usize, 1, 4095, 4096, 4097, 8192, 3 * 4096 + 17, 1 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let kind = add_file(&mut writer, &mut contents, pattern(i as u64, len));
+        tree.add(root, format!("file-{len}").as_bytes(), kind, meta(0o644))
+            .unwrap();
+    }
+    let bin = tree
+        .add(root, b"bin", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    let su = add_file(&mut writer, &mut contents, pattern(100, 5000));
+    let caps = Xattr::new(
+        "security.capability",
+        vec![
+            1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+    );
+    let su = tree
+        .add(
+            bin,
+            b"su",
+            su,
+            Metadata {
+                mode: 0o4755,
+                xattrs: vec![caps],
+                ..meta(0)
+            },
+        )
+        .unwrap();
+    tree.link(bin, b"su-hardlink", su).unwrap();
+    tree.link(root, b"su-elsewhere", su).unwrap();
+    let tmp = tree
+        .add(root, b"tmp", NodeKind::Directory, meta(0o1777))
+        .unwrap();
+    tree.add(tmp, b"sgid-dir", NodeKind::Directory, meta(0o2775))
+        .unwrap();
+    tree.add(
+        root,
+        b"lib",
+        NodeKind::Symlink(b"usr/lib".to_vec()),
+        meta(0o777),
+    )
+    .unwrap();
+    tree.add(
+        root,
+        b"long-link",
+        NodeKind::Symlink(vec![b'x'; 4095]),
+        meta(0o777),
+    )
+    .unwrap();
+    let dev = tree
+        .add(root, b"dev", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    tree.add(
+        dev,
+        b"null",
+        NodeKind::CharDevice { major: 1, minor: 3 },
+        meta(0o666),
+    )
+    .unwrap();
+    tree.add(
+        dev,
+        b"sda",
+        NodeKind::BlockDevice { major: 8, minor: 0 },
+        meta(0o660),
+    )
+    .unwrap();
+    tree.add(
+        dev,
+        b"big",
+        NodeKind::CharDevice {
+            major: 4095,
+            minor: 1_048_575,
+        },
+        meta(0o600),
+    )
+    .unwrap();
+    tree.add(dev, b"fifo", NodeKind::Fifo, meta(0o644)).unwrap();
+    tree.add(dev, b"socket", NodeKind::Socket, meta(0o755))
+        .unwrap();
+
+    let attrs = Metadata {
+        mode: 0o640,
+        uid: 100_000,
+        gid: 2_000_000_000,
+        mtime: Timestamp {
+            sec: 1_234_567_890,
+            nsec: 123_456_789,
+        },
+        xattrs: vec![
+            Xattr::new("user.note", "hello"),
+            Xattr::new("user.empty", ""),
+            Xattr::new("trusted.overlay.opaque", "y"),
+            Xattr::new("user.big", pattern(7, 3000)),
+        ],
+    };
+    let kind = add_file(&mut writer, &mut contents, pattern(200, 10));
+    tree.add(root, b"attrs", kind, attrs).unwrap();
+    let old = Metadata {
+        mtime: Timestamp {
+            sec: -86_400,
+            nsec: 5,
+        },
+        ..meta(0o644)
+    };
+    tree.add(root, b"before-1970", NodeKind::File(DataRef::EMPTY), old)
+        .unwrap();
+    let huge_xattrs = Metadata {
+        xattrs: vec![Xattr::new("user.huge", pattern(8, 60_000))],
+        ..meta(0o600)
+    };
+    let kind = add_file(&mut writer, &mut contents, pattern(300, 4000));
+    tree.add(root, b"huge-xattr-file", kind, huge_xattrs.clone())
+        .unwrap();
+    tree.add(root, b"huge-xattr-dir", NodeKind::Directory, huge_xattrs)
+        .unwrap();
+    for name in ["-dash", " space", "!bang", "\u{e9}t\u{e9}", "\u{1F600}"] {
+        tree.add(root, name.as_bytes(), NodeKind::Fifo, meta(0o644))
+            .unwrap();
+    }
+    tree.add(root, &[0xff, 0xfe, b'x'], NodeKind::Fifo, meta(0o644))
+        .unwrap();
+    tree.add(root, &[b'n'; 255], NodeKind::Fifo, meta(0o644))
+        .unwrap();
+
+    let built = finish_and_check(dir, writer, &tree, &contents);
+    // uid/gid beyond 16 bits, and an mtime other than the most common one.
+    assert_eq!(built.stats.extended_inodes, 2, "{:?}", built.stats);
+    // A 4095-byte tail never fits beside an inode; a 60 kB xattr leaves no room either.
+    assert_eq!(built.stats.relocated_files, 2, "{:?}", built.stats);
+}
+
+#[test]
+fn directories_spanning_many_blocks() {
+    let (dir, writer) = new_writer();
+    let contents = HashMap::new();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    let big = tree
+        .add(tree.root(), b"big", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    for i in 0..5000 {
+        let name = format!("entry-{i:05}-{}", "x".repeat(i % 40));
+        tree.add(
+            big,
+            name.as_bytes(),
+            NodeKind::File(DataRef::EMPTY),
+            meta(0o644),
+        )
+        .unwrap();
+    }
+    // Exactly one full block: 256 dirents (3072 bytes), "." and ".." (3), 253 names of
+    // 4 bytes (1012) and one of 9 bytes.
+    let exact = tree
+        .add(tree.root(), b"exact", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    for i in 0..253 {
+        tree.add(
+            exact,
+            format!("{i:04}").as_bytes(),
+            NodeKind::Fifo,
+            meta(0o644),
+        )
+        .unwrap();
+    }
+    tree.add(exact, b"123456789", NodeKind::Fifo, meta(0o644))
+        .unwrap();
+    let built = finish_and_check(dir, writer, &tree, &contents);
+    assert_eq!(built.stats.inodes, 5000 + 254 + 3);
+}
+
+#[test]
+fn dead_data_takes_no_disk_space() {
+    let (dir, mut writer) = new_writer();
+    let mut contents = HashMap::new();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    let root = tree.root();
+    let keep = add_file(&mut writer, &mut contents, pattern(1, 64 * 4096));
+    let dead = add_file(&mut writer, &mut contents, pattern(2, 16 << 20));
+    let gone_dir = tree
+        .add(root, b"gone", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    tree.add(gone_dir, b"dead", dead, meta(0o644)).unwrap();
+    tree.add(root, b"keep", keep, meta(0o644)).unwrap();
+    // A later layer deletes the directory holding the big file.
+    tree.unlink(root, b"gone").unwrap();
+
+    let built = finish_and_check(dir, writer, &tree, &contents);
+    assert_eq!(built.stats.reclaimed_blocks, 4096, "{:?}", built.stats);
+    let on_disk =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&built.image).unwrap()) * 512;
+    assert!(
+        on_disk < (1 << 20),
+        "image takes {on_disk} bytes on disk, the dead 16 MiB should be punched out"
+    );
+}
+
+#[test]
+fn same_input_gives_identical_images() {
+    let build = || {
+        let (dir, mut writer) = new_writer();
+        let mut tree = Tree::new(meta(0o755)).unwrap();
+        for i in 0..50u64 {
+            let data = writer
+                .append_bytes(&pattern(i, (i as usize) * 300))
+                .unwrap();
+            let m = Metadata {
+                mtime: Timestamp {
+                    sec: i as i64 % 3,
+                    nsec: 0,
+                },
+                ..meta(0o644)
+            };
+            tree.add(
+                tree.root(),
+                format!("f{i}").as_bytes(),
+                NodeKind::File(data),
+                m,
+            )
+            .unwrap();
+        }
+        writer.finish(&tree).unwrap();
+        std::fs::read(dir.path().join("image.erofs")).unwrap()
+    };
+    assert_eq!(build(), build());
+}
+
+#[test]
+fn short_reader_and_foreign_refs_are_rejected() {
+    let (_dir, mut writer) = new_writer();
+    let err = writer.append_data(&b"abc"[..], 10).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            kiln_erofs::Error::ShortData {
+                expected: 10,
+                got: 3
+            }
+        ),
+        "{err}"
+    );
+    let err = writer.append_data(&vec![0u8; 5000][..], 9000).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            kiln_erofs::Error::ShortData {
+                expected: 9000,
+                got: 5000
+            }
+        ),
+        "{err}"
+    );
+
+    let (_dir2, mut other) = new_writer();
+    let foreign = other.append_bytes(b"x").unwrap();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    tree.add(tree.root(), b"f", NodeKind::File(foreign), meta(0o644))
+        .unwrap();
+    assert!(matches!(
+        writer.finish(&tree),
+        Err(kiln_erofs::Error::ForeignDataRef)
+    ));
+}
