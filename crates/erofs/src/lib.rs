@@ -82,7 +82,7 @@ mod writer;
 
 pub use error::{Error, Result};
 pub use tree::{validate_name, Metadata, NodeId, NodeKind, Timestamp, Tree, Xattr};
-pub use writer::{DataRef, FinishedImage, ImageOptions, ImageStats, ImageWriter};
+pub use writer::{DataReader, DataRef, FinishedImage, ImageOptions, ImageStats, ImageWriter};
 
 /// Block size of every image this crate writes.
 pub const BLOCK_SIZE: u64 = format::BLOCK_SIZE;

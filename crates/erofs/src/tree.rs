@@ -152,6 +152,12 @@ impl Tree {
         Ok(())
     }
 
+    /// Removes every entry of directory `dir` (an opaque directory in overlay terms).
+    pub fn clear(&mut self, dir: NodeId) -> Result<()> {
+        self.children_mut(dir)?.clear();
+        Ok(())
+    }
+
     /// Removes the entry `name` from `parent` and returns the node it named, if any.
     /// A removed directory takes its whole subtree out of the image.
     pub fn unlink(&mut self, parent: NodeId, name: &[u8]) -> Result<Option<NodeId>> {
@@ -328,6 +334,9 @@ mod tests {
             .map(|(n, _)| n.to_vec())
             .collect();
         assert_eq!(names, vec![b"hard".to_vec()]);
+        tree.clear(root).unwrap();
+        assert_eq!(tree.entries(root).unwrap().count(), 0);
+        assert!(matches!(tree.clear(file), Err(Error::NotADirectory(_))));
     }
 
     #[test]

@@ -411,3 +411,135 @@ pub fn new_writer() -> (tempfile::TempDir, ImageWriter) {
         ImageWriter::new(file, ImageOptions::default()).unwrap(),
     )
 }
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+fn check(rc: libc::c_int, what: &str, path: &Path) {
+    assert!(
+        rc == 0,
+        "{what} {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Recreates `tree` as real files under the empty directory `dest` (needs root: owners,
+/// device nodes, trusted.* xattrs), reading file contents back from `writer`.
+pub fn materialize(tree: &Tree, writer: &ImageWriter, dest: &Path) {
+    let mut first_path: HashMap<NodeId, PathBuf> = HashMap::new();
+    materialize_dir(tree, writer, tree.root(), dest, &mut first_path);
+}
+
+fn materialize_dir(
+    tree: &Tree,
+    writer: &ImageWriter,
+    dir: NodeId,
+    path: &Path,
+    first_path: &mut HashMap<NodeId, PathBuf>,
+) {
+    for (name, child) in tree.entries(dir).unwrap() {
+        let child_path = path.join(OsStr::from_bytes(name));
+        if let Some(existing) = first_path.get(&child) {
+            std::fs::hard_link(existing, &child_path).unwrap();
+            continue;
+        }
+        let meta = tree.metadata(child).unwrap();
+        let c = c_path(&child_path);
+        let mknod = |type_bits: u32, dev: libc::dev_t| {
+            // SAFETY: c is a valid NUL-terminated path.
+            check(
+                unsafe { libc::mknod(c.as_ptr(), type_bits | 0o600, dev) },
+                "mknod",
+                &child_path,
+            );
+        };
+        match tree.kind(child).unwrap() {
+            NodeKind::File(data) => {
+                let mut file = File::create(&child_path).unwrap();
+                std::io::copy(&mut writer.read_data(data).unwrap(), &mut file).unwrap();
+            }
+            NodeKind::Directory => {
+                std::fs::create_dir(&child_path).unwrap();
+                materialize_dir(tree, writer, child, &child_path, first_path);
+            }
+            NodeKind::Symlink(target) => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), &child_path).unwrap()
+            }
+            NodeKind::CharDevice { major, minor } => {
+                mknod(libc::S_IFCHR, libc::makedev(*major, *minor))
+            }
+            NodeKind::BlockDevice { major, minor } => {
+                mknod(libc::S_IFBLK, libc::makedev(*major, *minor))
+            }
+            NodeKind::Fifo => mknod(libc::S_IFIFO, 0),
+            NodeKind::Socket => mknod(libc::S_IFSOCK, 0),
+        }
+        if !matches!(tree.kind(child).unwrap(), NodeKind::Directory) {
+            first_path.insert(child, child_path.clone());
+        }
+        apply_metadata(
+            &child_path,
+            meta,
+            matches!(tree.kind(child).unwrap(), NodeKind::Symlink(_)),
+        );
+    }
+    apply_metadata(path, tree.metadata(dir).unwrap(), false);
+}
+
+fn apply_metadata(path: &Path, meta: &kiln_erofs::Metadata, is_symlink: bool) {
+    let c = c_path(path);
+    // SAFETY (all calls below): c and the buffers are valid for the duration of each call.
+    check(
+        unsafe { libc::lchown(c.as_ptr(), meta.uid, meta.gid) },
+        "lchown",
+        path,
+    );
+    for xattr in &meta.xattrs {
+        let name = CString::new(xattr.name.clone()).unwrap();
+        let rc = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                xattr.value.as_ptr().cast(),
+                xattr.value.len(),
+                0,
+            )
+        };
+        check(rc, "lsetxattr", path);
+    }
+    if !is_symlink {
+        // After chown, which clears setuid/setgid; ACLs must agree with the mode.
+        check(unsafe { libc::chmod(c.as_ptr(), meta.mode) }, "chmod", path);
+    }
+    let time = libc::timespec {
+        tv_sec: meta.mtime.sec,
+        tv_nsec: meta.mtime.nsec as libc::c_long,
+    };
+    let times = [time, time];
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    check(rc, "utimensat", path);
+}
+
+/// Runs mkfs.erofs (erofs-utils) on `source` and returns the image path.
+pub fn mkfs_erofs(source: &Path, image: &Path) {
+    let output = Command::new("mkfs.erofs")
+        .arg(image)
+        .arg(source)
+        .output()
+        .expect("mkfs.erofs must be installed");
+    assert!(
+        output.status.success(),
+        "mkfs.erofs failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
