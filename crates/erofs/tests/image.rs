@@ -251,7 +251,10 @@ fn agrees_with_mkfs_erofs_on_the_same_tree() {
     let theirs = std::fs::metadata(&reference).unwrap().len();
     eprintln!("image size: kiln-erofs {ours} bytes, mkfs.erofs {theirs} bytes");
     // Both pack file tails and small directories next to their inodes.
-    assert!(ours <= theirs, "kiln-erofs image ({ours} bytes) is larger than mkfs.erofs's ({theirs})");
+    assert!(
+        ours <= theirs,
+        "kiln-erofs image ({ours} bytes) is larger than mkfs.erofs's ({theirs})"
+    );
 }
 
 #[test]
