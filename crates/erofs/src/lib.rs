@@ -77,6 +77,7 @@
 
 mod error;
 mod format;
+mod layout;
 mod tree;
 mod writer;
 

@@ -387,3 +387,34 @@ fn short_reader_and_foreign_refs_are_rejected() {
         Err(kiln_erofs::Error::ForeignDataRef)
     ));
 }
+
+#[test]
+fn link_counts_beyond_16_bits_use_extended_inodes() {
+    let (dir, mut writer) = new_writer();
+    let mut contents = HashMap::new();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    let root = tree.root();
+    let kind = add_file(&mut writer, &mut contents, pattern(9, 100));
+    let file = tree.add(root, b"target", kind, meta(0o644)).unwrap();
+    let links = tree
+        .add(root, b"links", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    for i in 0..70_000 {
+        tree.link(links, format!("l{i}").as_bytes(), file).unwrap();
+    }
+    let subdirs = tree
+        .add(root, b"subdirs", NodeKind::Directory, meta(0o755))
+        .unwrap();
+    for i in 0..65_540 {
+        tree.add(
+            subdirs,
+            format!("d{i}").as_bytes(),
+            NodeKind::Directory,
+            meta(0o755),
+        )
+        .unwrap();
+    }
+    let built = finish_and_check(dir, writer, &tree, &contents);
+    // The file (70,001 names) and "subdirs" (2 + 65,540) need 32-bit link counts.
+    assert_eq!(built.stats.extended_inodes, 2, "{:?}", built.stats);
+}
