@@ -1,0 +1,175 @@
+//! Parsing and validating the inputs of a run request.
+
+use std::time::Duration;
+
+/// A bad value in a run request, naming the input and what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    #[error("invalid environment assignment {0:?}: expected KEY=VALUE (or KEY to copy it from kiln's environment) with KEY non-empty and without '=' or NUL")]
+    EnvAssignment(String),
+
+    #[error("{file}, line {line}: {reason}")]
+    EnvFile { file: String, line: usize, reason: String },
+
+    #[error("invalid port forward {0:?}: expected HOSTPORT:GUESTPORT with both ports in 1-65535")]
+    PortForward(String),
+
+    #[error("invalid sandbox name {0:?}: expected 1-128 characters of A-Z a-z 0-9 . _ -")]
+    Name(String),
+
+    #[error("invalid {what} {value:?}: expected {accepted}")]
+    Value { what: &'static str, value: String, accepted: &'static str },
+}
+
+/// Parses `KEY=VALUE`; a bare `KEY` takes its value from `lookup` (kiln's environment)
+/// and is dropped when unset, as `docker run -e KEY` does.
+pub fn parse_env_assignment(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<(String, String)>, OptionError> {
+    let bad = || OptionError::EnvAssignment(text.to_owned());
+    if text.contains('\0') {
+        return Err(bad());
+    }
+    match text.split_once('=') {
+        Some(("", _)) => Err(bad()),
+        Some((key, value)) => Ok(Some((key.to_owned(), value.to_owned()))),
+        None if text.is_empty() => Err(bad()),
+        None => Ok(lookup(text).map(|value| (text.to_owned(), value))),
+    }
+}
+
+/// Parses an env file: one assignment per line as for `-e`; blank lines and lines whose
+/// first non-blank character is `#` are skipped. `name` is used in errors.
+pub fn parse_env_file(
+    name: &str,
+    contents: &[u8],
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, String)>, OptionError> {
+    let text = std::str::from_utf8(contents).map_err(|err| OptionError::EnvFile {
+        file: name.to_owned(),
+        line: 1 + contents[..err.valid_up_to()].iter().filter(|&&b| b == b'\n').count(),
+        reason: "not valid UTF-8".into(),
+    })?;
+    let mut vars = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = raw.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed = parse_env_assignment(line, &lookup).map_err(|err| OptionError::EnvFile {
+            file: name.to_owned(),
+            line: index + 1,
+            reason: err.to_string(),
+        })?;
+        vars.extend(parsed);
+    }
+    Ok(vars)
+}
+
+/// A `-p HOSTPORT:GUESTPORT` forward.
+pub fn parse_port_forward(text: &str) -> Result<kiln_vm::PortForward, OptionError> {
+    let bad = || OptionError::PortForward(text.to_owned());
+    let (host, guest) = text.split_once(':').ok_or_else(bad)?;
+    let port = |p: &str| {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.starts_with('0') {
+            return None;
+        }
+        p.parse::<u16>().ok().filter(|&n| n != 0)
+    };
+    Ok(kiln_vm::PortForward { host: port(host).ok_or_else(bad)?, guest: port(guest).ok_or_else(bad)? })
+}
+
+/// Sandbox ids and names: `[A-Za-z0-9._-]{1,128}`, and never `.` or `..`, which would
+/// name a directory other than the sandbox's own.
+pub fn validate_name(name: &str) -> Result<(), OptionError> {
+    let ok = (1..=128).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(OptionError::Name(name.to_owned()))
+    }
+}
+
+/// `--timeout SECONDS`: a positive whole number of seconds.
+pub fn parse_timeout(text: &str) -> Result<Duration, OptionError> {
+    let bad = || OptionError::Value {
+        what: "timeout",
+        value: text.to_owned(),
+        accepted: "a whole number of seconds from 1 to 31536000",
+    };
+    let secs: u64 = text.parse().map_err(|_| bad())?;
+    if !(1..=31_536_000).contains(&secs) || text.starts_with('+') {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn env_assignments() {
+        assert_eq!(parse_env_assignment("A=b=c", no_env).unwrap(), Some(("A".into(), "b=c".into())));
+        assert_eq!(parse_env_assignment("A=", no_env).unwrap(), Some(("A".into(), "".into())));
+        assert_eq!(parse_env_assignment("HOME", |_| Some("/h".into())).unwrap(), Some(("HOME".into(), "/h".into())));
+        assert_eq!(parse_env_assignment("UNSET", no_env).unwrap(), None);
+        for bad in ["", "=x", "A\0=b"] {
+            let err = parse_env_assignment(bad, no_env).unwrap_err();
+            assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+        }
+    }
+
+    #[test]
+    fn env_file_skips_comments_and_names_bad_lines() {
+        let vars = parse_env_file("f.env", b"# c\n\nA=1\n  B=2\r\nC\n", |k| (k == "C").then(|| "3".into())).unwrap();
+        assert_eq!(vars, vec![("A".into(), "1".into()), ("B".into(), "2".into()), ("C".into(), "3".into())]);
+        let err = parse_env_file("f.env", b"A=1\n=oops\n", no_env).unwrap_err();
+        assert!(err.to_string().starts_with("f.env, line 2:"), "{err}");
+        let err = parse_env_file("f.env", b"A=1\nB=\xff\n", no_env).unwrap_err();
+        assert!(err.to_string().contains("line 2") && err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn port_forwards() {
+        assert_eq!(parse_port_forward("8080:80").unwrap(), kiln_vm::PortForward { host: 8080, guest: 80 });
+        for bad in ["80", ":80", "80:", "0:80", "80:0", "65536:1", "a:1", "08:1", "1:2:3", "-1:2", "+1:2"] {
+            let err = parse_port_forward(bad).unwrap_err();
+            assert!(err.to_string().contains("HOSTPORT:GUESTPORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for good in ["a", "my-box_1.2", &"x".repeat(128)] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("30").unwrap(), Duration::from_secs(30));
+        for bad in ["0", "-1", "+5", "1.5", "", "31536001"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_valid_assignment_round_trips(key in "[A-Za-z_][A-Za-z0-9_]{0,20}", value in "[^\u{0}]{0,40}") {
+            let parsed = parse_env_assignment(&format!("{key}={value}"), no_env).unwrap();
+            proptest::prop_assert_eq!(parsed, Some((key, value)));
+        }
+    }
+}
