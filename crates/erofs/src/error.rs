@@ -12,6 +12,10 @@ pub enum Error {
     #[error("EROFS image I/O failed: {0}")]
     Io(#[from] io::Error),
 
+    /// The image file was not opened for both reading and writing.
+    #[error("the EROFS image file must be opened for reading and writing")]
+    NotReadWrite,
+
     /// The reader given to `append_data` ended before the announced length.
     #[error("file data ended after {got} bytes, {expected} bytes were announced")]
     ShortData { expected: u64, got: u64 },
@@ -70,6 +74,10 @@ pub enum Error {
     /// A device number that the 32-bit EROFS encoding cannot hold.
     #[error("device number {major}:{minor} out of range (major <= 4095, minor <= 1048575)")]
     InvalidDevice { major: u32, minor: u32 },
+
+    /// A tree can hold at most 2^32 nodes (inode numbers are 32 bits).
+    #[error("too many nodes in the tree (max 4294967295)")]
+    TooManyNodes,
 
     /// A `DataRef` that was not returned by this writer.
     #[error("file data reference was not produced by this image writer")]

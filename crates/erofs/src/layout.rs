@@ -146,7 +146,7 @@ fn payload(writer: &ImageWriter, tree: &Tree, id: NodeId) -> Result<Payload> {
             Some(extent) => Payload {
                 type_bits: format::S_IFREG,
                 size: data.len(),
-                tail_len: extent.tail_len as usize,
+                tail_len: extent.spooled_tail as usize,
                 raw: extent.start_block as u32,
                 extent: Some(extent),
             },
@@ -180,17 +180,47 @@ fn payload(writer: &ImageWriter, tree: &Tree, id: NodeId) -> Result<Payload> {
     })
 }
 
-/// Reserves `record` bytes in the metadata area at or after `*pos` and returns where.
-/// Records never straddle a block boundary (the kernel needs that for inline data);
-/// records larger than a block start one.
-fn place(pos: &mut u64, record: usize) -> u64 {
-    let mut start = pos.next_multiple_of(format::INODE_SLOT);
-    let offset_in_block = (start % BLOCK_SIZE) as usize;
-    if offset_in_block != 0 && offset_in_block + record > BLOCK_SIZE as usize {
-        start = start.next_multiple_of(BLOCK_SIZE);
+const SLOTS_PER_BLOCK: usize = (BLOCK_SIZE / format::INODE_SLOT) as usize;
+
+/// Places inode records (inode, xattrs, inline data) in the metadata area. A record
+/// never straddles a block boundary (the kernel needs that for inline data), so each
+/// goes to the partly used block with the least room that still fits it (best fit),
+/// which keeps blocks full whatever the mix of record sizes. Records larger than a
+/// block start a new one.
+struct MetaAllocator {
+    /// Blocks (relative to the metadata area) in use so far.
+    blocks: u64,
+    /// Partly used blocks by the number of free 32-byte slots at their end.
+    free: Vec<Vec<u64>>,
+}
+
+impl MetaAllocator {
+    fn new() -> Self {
+        MetaAllocator {
+            blocks: 0,
+            free: vec![Vec::new(); SLOTS_PER_BLOCK + 1],
+        }
     }
-    *pos = start + record as u64;
-    start
+
+    /// Reserves `record` bytes and returns their offset in the metadata area.
+    fn allocate(&mut self, record: usize) -> u64 {
+        let slots = record.div_ceil(format::INODE_SLOT as usize).max(1);
+        if slots <= SLOTS_PER_BLOCK {
+            if let Some(free) = (slots..=SLOTS_PER_BLOCK).find(|&free| !self.free[free].is_empty())
+            {
+                let block = self.free[free].pop().expect("non-empty list");
+                self.free[free - slots].push(block);
+                return block * BLOCK_SIZE + ((SLOTS_PER_BLOCK - free) as u64) * format::INODE_SLOT;
+            }
+        }
+        let first = self.blocks;
+        let bytes = slots as u64 * format::INODE_SLOT;
+        self.blocks += bytes.div_ceil(BLOCK_SIZE);
+        let used_in_last = bytes - (self.blocks - 1 - first) * BLOCK_SIZE;
+        let free = SLOTS_PER_BLOCK - (used_in_last / format::INODE_SLOT) as usize;
+        self.free[free].push(self.blocks - 1);
+        first * BLOCK_SIZE
+    }
 }
 
 impl Layout {
@@ -203,7 +233,7 @@ impl Layout {
         let build_time = most_common_mtime(tree, &order)?;
 
         let mut inodes = Vec::with_capacity(order.len());
-        let mut pos = 0u64;
+        let mut allocator = MetaAllocator::new();
         for (index, &id) in order.iter().enumerate() {
             let meta = tree.metadata(id)?;
             let payload = payload(writer, tree, id)?;
@@ -233,7 +263,7 @@ impl Layout {
                 None if payload.size > inline_len as u64 => Spill::Generated,
                 None => Spill::None,
             };
-            let pos = place(&mut pos, base + inline_len);
+            let pos = allocator.allocate(base + inline_len);
             inodes.push(PlannedInode {
                 id,
                 pos,
@@ -244,7 +274,7 @@ impl Layout {
         }
 
         let meta_blkaddr = writer.next_block;
-        let spill_start = meta_blkaddr + pos.div_ceil(BLOCK_SIZE);
+        let spill_start = meta_blkaddr + allocator.blocks;
         let mut next_block = spill_start;
         let mut relocated_files = 0;
         for planned in &mut inodes {
@@ -258,9 +288,9 @@ impl Layout {
             };
             planned.inode.raw = next_block as u32;
             next_block += spilled.div_ceil(BLOCK_SIZE);
-            if next_block >= MAX_BLOCKS {
-                return Err(Error::ImageTooLarge { max: MAX_BLOCKS });
-            }
+        }
+        if next_block >= MAX_BLOCKS {
+            return Err(Error::ImageTooLarge { max: MAX_BLOCKS });
         }
 
         let mut nids = vec![u64::MAX; tree.node_count()];
@@ -313,7 +343,9 @@ impl Layout {
     ) -> Result<()> {
         let mut written = 0u64;
         let mut record = Vec::with_capacity(BLOCK_SIZE as usize);
-        for planned in &self.inodes {
+        let mut by_position: Vec<&PlannedInode> = self.inodes.iter().collect();
+        by_position.sort_unstable_by_key(|planned| planned.pos);
+        for planned in by_position {
             write_zeros(out, planned.pos - written)?;
             record.clear();
             planned.inode.write(&mut record);
@@ -355,7 +387,7 @@ impl Layout {
                 }
                 (Spill::Generated, NodeKind::Symlink(target)) => blocks.extend_from_slice(target),
                 (Spill::Relocated(extent), _) => {
-                    writer.copy_full_blocks(extent, out)?;
+                    writer.copy_in_place_blocks(extent, out)?;
                     writer.read_tail(extent, &mut blocks)?;
                 }
                 (Spill::Generated, _) => {
@@ -403,8 +435,8 @@ fn dead_extents(
         .extents
         .iter()
         .zip(used_in_place)
-        .filter(|&(extent, used)| !used && extent.full_blocks > 0)
-        .map(|(extent, _)| (extent.start_block, extent.full_blocks))
+        .filter(|&(extent, used)| !used && extent.blocks > 0)
+        .map(|(extent, _)| (extent.start_block, extent.blocks))
         .collect())
 }
 
@@ -491,16 +523,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_do_not_straddle_blocks() {
-        let mut pos = 0;
-        assert_eq!(place(&mut pos, 40), 0);
-        assert_eq!(place(&mut pos, 32), 64);
-        assert_eq!(pos, 96);
-        // 4000 bytes do not fit in the 4000 left after 96: next block.
-        assert_eq!(place(&mut pos, 4001), 4096);
-        // Larger than a block: starts a block.
-        assert_eq!(place(&mut pos, 5000), 8192);
-        assert_eq!(pos, 8192 + 5000);
+    fn records_fill_blocks_best_fit_without_straddling() {
+        let mut meta = MetaAllocator::new();
+        assert_eq!(meta.allocate(40), 0);
+        assert_eq!(meta.allocate(32), 64);
+        // 4001 bytes do not fit in the 4000 left in block 0: a new block.
+        assert_eq!(meta.allocate(4001), 4096);
+        // 64 bytes fit in block 1's last 64 bytes (the tightest fit), not block 0.
+        assert_eq!(meta.allocate(64), 4096 + 4032);
+        assert_eq!(meta.allocate(100), 96);
+        // Larger than a block: starts a new one; its last block stays open.
+        assert_eq!(meta.allocate(5000), 8192);
+        assert_eq!(meta.blocks, 4);
+        assert_eq!(meta.allocate(32), 8192 + 5024);
     }
 
     #[test]

@@ -8,41 +8,54 @@
 //!
 //! # Protocol
 //!
-//! 1. [`ImageWriter::new`] takes the output [`std::fs::File`] (truncated; write to a
-//!    temporary file and rename it afterwards to publish atomically).
+//! 1. [`ImageWriter::new`] takes the output [`std::fs::File`], open for reading and
+//!    writing, and truncates it. Write to a temporary file in the destination directory
+//!    and rename it once `finish` returned to publish atomically (and `sync_all` first
+//!    if the image must survive a crash).
 //! 2. While the input streams, [`ImageWriter::append_data`] copies each regular file's
 //!    contents into the image and returns a [`DataRef`]; [`ImageWriter::append_bytes`]
-//!    does the same for contents in memory. Whole 4 KiB blocks land in their final place
-//!    right away; the last partial block waits in an unlinked temporary file.
+//!    does the same for contents in memory, and [`ImageWriter::read_data`] reads them
+//!    back. Whole 4 KiB blocks land in their final place right away; a partial last
+//!    block short enough to be inlined waits in an unlinked temporary file.
 //! 3. Meanwhile the caller builds a [`Tree`]: directories, files (with their `DataRef`),
 //!    symlinks, hard links ([`Tree::link`]), devices, FIFOs and sockets, each with
 //!    [`Metadata`] (permission bits incl. setuid/setgid/sticky, 32-bit uid/gid, mtime
 //!    with nanoseconds, xattrs). The tree holds metadata only, never file contents.
-//!    Entries can be replaced or removed ([`Tree::unlink`]) at any time.
+//!    Entries can be looked up, replaced, removed ([`Tree::unlink`]) or cleared
+//!    ([`Tree::clear`]) at any time; a node's link count is the number of names that
+//!    reach it from the root when `finish` runs.
 //! 4. [`ImageWriter::finish`] writes inodes, directories and the superblock after the
 //!    data, and returns the file with [`ImageStats`].
 //!
 //! Every input is validated where it enters ([`Tree::add`], [`Tree::set_metadata`], ...)
 //! and rejected with a typed [`Error`]: names (empty, ".", "..", '/', NUL, over 255
 //! bytes), xattr names without an EROFS prefix, oversized xattrs, symlink targets, device
-//! numbers, permission bits.
+//! numbers, permission bits. A reader that ends early is [`Error::ShortData`]; the writer
+//! never reads past the announced length, so it can consume an archive stream.
 //!
 //! # Image layout
 //!
 //! Block size 4096. Block 0 holds the superblock (with its crc32c checksum,
 //! `EROFS_FEATURE_COMPAT_SB_CHKSUM`), blocks 1.. the appended file data in append order,
 //! then the metadata area (`meta_blkaddr`) with the root inode first (nid 0), then
-//! directory blocks and symlink targets that do not fit next to their inode.
+//! directory blocks and symlink targets that do not fit next to their inode. The
+//! output is a function of the tree and the data only (no clock, no randomness).
 //!
 //! - Inodes are compact (32 bytes) when uid, gid and nlink fit 16 bits, the size fits 32
 //!   bits and the mtime equals the superblock build time, which is set to the most
-//!   common mtime of the tree; otherwise extended (64 bytes). Every mtime is kept exactly.
+//!   common mtime of the tree; otherwise extended (64 bytes). Every mtime is kept to the
+//!   nanosecond.
 //! - Regular files, directories and symlinks use `FLAT_INLINE` tail packing when the
-//!   partial last block fits in the inode's block, `FLAT_PLAIN` otherwise. A file whose
-//!   tail cannot be inlined (only when its xattrs leave no room) is copied whole after
-//!   the metadata ([`ImageStats::relocated_files`]).
-//! - Xattrs are stored inline per inode with the EROFS name prefixes `user.`,
-//!   `trusted.`, `security.`, `system.posix_acl_access` and `system.posix_acl_default`.
+//!   partial last block fits in one metadata block with the inode and its xattrs, and
+//!   `FLAT_PLAIN` otherwise. Inode records are packed best-fit into metadata blocks, so
+//!   images come out about as small as `mkfs.erofs` makes them. File tails longer than
+//!   4064 bytes are written padded in place while streaming; a spooled tail that turns
+//!   out not to fit (large xattrs or an extended inode) makes `finish` copy that file
+//!   after the metadata ([`ImageStats::relocated_files`]).
+//! - Xattrs are stored inline per inode (no shared xattr table) with the EROFS name
+//!   prefixes `user.`, `trusted.`, `security.`, `system.posix_acl_access` and
+//!   `system.posix_acl_default`; values up to 64 KiB - 1, 256 KiB per inode. Note that
+//!   Linux shows `user.*` xattrs only on regular files and directories.
 //! - Directories of any size: entries (with "." and "..") sorted by name bytes, packed
 //!   into as many blocks as needed.
 //!

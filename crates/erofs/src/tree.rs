@@ -117,7 +117,7 @@ impl Tree {
         validate_kind(&kind)?;
         validate_metadata(&meta)?;
         self.node(parent)?;
-        let id = NodeId(u32::try_from(self.nodes.len()).map_err(|_| Error::UnknownNode(u32::MAX))?);
+        let id = NodeId(u32::try_from(self.nodes.len()).map_err(|_| Error::TooManyNodes)?);
         let children = self.children_mut(parent)?;
         if children.contains_key(name) {
             return Err(Error::AlreadyExists {

@@ -3,10 +3,11 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
-use crate::format::BLOCK_SIZE;
+use crate::format::{self, BLOCK_SIZE};
 use crate::layout::{punch_holes, Layout};
 use crate::tree::Tree;
 
@@ -70,15 +71,29 @@ pub struct FinishedImage {
     pub stats: ImageStats,
 }
 
-/// One appended file's data: whole blocks in the image, the partial last block in the
-/// tail spool until `finish` decides where it goes.
+/// One appended file's data: `blocks` blocks in the data area from `start_block`, then
+/// (when `spooled_tail` > 0) a partial last block in the tail spool until `finish`
+/// decides where it goes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Extent {
     pub(crate) start_block: u64,
-    pub(crate) full_blocks: u64,
+    pub(crate) blocks: u64,
     tail_offset: u64,
-    pub(crate) tail_len: u64,
+    pub(crate) spooled_tail: u64,
+    len: u64,
 }
+
+impl Extent {
+    /// Bytes of the file stored in the data area.
+    fn in_place_len(&self) -> u64 {
+        self.len - self.spooled_tail
+    }
+}
+
+/// Longest partial last block that can sit beside an inode (a compact one without
+/// xattrs); longer ones go to the data area padded to a block, so they never need
+/// relocating.
+const MAX_INLINE_TAIL: u64 = BLOCK_SIZE - format::COMPACT_INODE_SIZE as u64;
 
 /// Writes one EROFS image. See the crate documentation for the protocol.
 #[derive(Debug)]
@@ -102,10 +117,19 @@ static NEXT_WRITER_ID: AtomicU32 = AtomicU32::new(1);
 pub(crate) const MAX_BLOCKS: u64 = 1 << 32;
 
 impl ImageWriter {
-    /// Starts an image in `file`, which is truncated. Any writable file works; write to a
-    /// temporary file and rename it once [`finish`](Self::finish) returned to publish
-    /// atomically.
+    /// Starts an image in `file`, which is truncated. The file must be open for reading
+    /// and writing (`File::options().read(true).write(true)`, or a `tempfile` file):
+    /// `finish` reads back some data. Write to a temporary file and rename it once
+    /// [`finish`](Self::finish) returned to publish atomically.
     pub fn new(file: File, options: ImageOptions) -> Result<Self> {
+        // SAFETY: F_GETFL only reads the flags of a descriptor we own.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        if flags & libc::O_ACCMODE != libc::O_RDWR {
+            return Err(Error::NotReadWrite);
+        }
         file.set_len(0)?;
         Ok(ImageWriter {
             file,
@@ -120,23 +144,28 @@ impl ImageWriter {
     }
 
     /// Copies exactly `len` bytes from `reader` into the image and returns where they
-    /// live. Whole 4 KiB blocks go straight to their final place in the image; only the
-    /// last partial block is held (in an unlinked temporary file, not in memory) until
-    /// [`finish`](Self::finish) packs it next to the file's inode.
+    /// live. Whole 4 KiB blocks go straight to their final place in the image; a last
+    /// partial block short enough to share a block with the inode is held (in an
+    /// unlinked temporary file, not in memory) until [`finish`](Self::finish) packs it
+    /// next to the file's inode.
     pub fn append_data(&mut self, mut reader: impl Read, len: u64) -> Result<DataRef> {
         if len == 0 {
             return Ok(DataRef::EMPTY);
         }
-        let full_blocks = len / BLOCK_SIZE;
-        if self.next_block + full_blocks >= MAX_BLOCKS {
+        let spooled_tail = match len % BLOCK_SIZE {
+            tail if tail <= MAX_INLINE_TAIL => tail,
+            _ => 0,
+        };
+        let blocks = (len - spooled_tail).div_ceil(BLOCK_SIZE);
+        if self.next_block + blocks >= MAX_BLOCKS {
             return Err(Error::ImageTooLarge { max: MAX_BLOCKS });
         }
         let mut buffer = std::mem::take(&mut self.copy_buffer);
         buffer.resize(COPY_BUFFER_SIZE, 0);
-        let extent = self.copy_in(&mut reader, len, &mut buffer);
+        let extent = self.copy_in(&mut reader, len, spooled_tail, &mut buffer);
         self.copy_buffer = buffer;
         self.extents.push(extent?);
-        self.next_block += full_blocks;
+        self.next_block += blocks;
         Ok(DataRef {
             writer: self.id,
             extent: self.extents.len() as u32,
@@ -144,10 +173,16 @@ impl ImageWriter {
         })
     }
 
-    /// Copies `len` bytes from `reader` (never reading past them): whole blocks to the
-    /// data area at `next_block`, the rest to the tail spool.
-    fn copy_in(&mut self, reader: &mut impl Read, len: u64, buffer: &mut [u8]) -> Result<Extent> {
-        let full_len = len / BLOCK_SIZE * BLOCK_SIZE;
+    /// Copies `len` bytes from `reader` (never reading past them): the last
+    /// `spooled_tail` bytes to the tail spool, the rest to the data area at `next_block`.
+    fn copy_in(
+        &mut self,
+        reader: &mut impl Read,
+        len: u64,
+        spooled_tail: u64,
+        buffer: &mut [u8],
+    ) -> Result<Extent> {
+        let in_place_len = len - spooled_tail;
         let start = self.next_block * BLOCK_SIZE;
         let tail_offset = self.tail_spool_len;
         let mut done = 0u64;
@@ -161,7 +196,7 @@ impl ImageWriter {
                 });
             }
             // The buffer is a whole number of blocks, so only the last chunk has a tail.
-            let to_image = (full_len.saturating_sub(done) as usize).min(got);
+            let to_image = (in_place_len.saturating_sub(done) as usize).min(got);
             self.file.write_all_at(&buffer[..to_image], start + done)?;
             if to_image < got {
                 let spool = match &mut self.tail_spool {
@@ -175,9 +210,10 @@ impl ImageWriter {
         }
         Ok(Extent {
             start_block: self.next_block,
-            full_blocks: len / BLOCK_SIZE,
+            blocks: in_place_len.div_ceil(BLOCK_SIZE),
             tail_offset,
-            tail_len: len % BLOCK_SIZE,
+            spooled_tail,
+            len,
         })
     }
 
@@ -202,7 +238,7 @@ impl ImageWriter {
     pub(crate) fn extent_index(&self, data: &DataRef) -> Option<usize> {
         let index = (data.extent as usize).checked_sub(1)?;
         let extent = self.extents.get(index).filter(|_| data.writer == self.id)?;
-        (extent.full_blocks * BLOCK_SIZE + extent.tail_len == data.len).then_some(index)
+        (extent.len == data.len).then_some(index)
     }
 
     /// The extent behind `data`, or None for an empty file.
@@ -217,19 +253,19 @@ impl ImageWriter {
     /// Appends the spooled partial last block of `extent` to `out`.
     pub(crate) fn read_tail(&self, extent: &Extent, out: &mut Vec<u8>) -> Result<()> {
         let start = out.len();
-        out.resize(start + extent.tail_len as usize, 0);
-        if extent.tail_len > 0 {
+        out.resize(start + extent.spooled_tail as usize, 0);
+        if extent.spooled_tail > 0 {
             let spool = self.tail_spool.as_ref().expect("a tail was spooled");
             spool.read_exact_at(&mut out[start..], extent.tail_offset)?;
         }
         Ok(())
     }
 
-    /// Copies the whole blocks of `extent` from the data area to `out`.
-    pub(crate) fn copy_full_blocks(&self, extent: &Extent, out: &mut impl Write) -> Result<()> {
+    /// Copies the data-area blocks of `extent` to `out`.
+    pub(crate) fn copy_in_place_blocks(&self, extent: &Extent, out: &mut impl Write) -> Result<()> {
         let mut buffer = vec![0u8; COPY_BUFFER_SIZE];
         let mut offset = extent.start_block * BLOCK_SIZE;
-        let end = offset + extent.full_blocks * BLOCK_SIZE;
+        let end = offset + extent.blocks * BLOCK_SIZE;
         while offset < end {
             let n = (end - offset).min(buffer.len() as u64) as usize;
             self.file.read_exact_at(&mut buffer[..n], offset)?;
@@ -291,7 +327,7 @@ impl Read for DataReader<'_> {
         let Some(extent) = self.extent.filter(|_| self.pos < self.len) else {
             return Ok(0);
         };
-        let full = extent.full_blocks * BLOCK_SIZE;
+        let full = extent.in_place_len();
         let n = if self.pos < full {
             let want = buf.len().min((full - self.pos) as usize);
             self.writer
@@ -327,8 +363,9 @@ mod tests {
             let data = pattern(len);
             refs.push((writer.append_data(&data[..], len as u64).unwrap(), data));
         }
-        // Whole blocks only take data-area blocks: 0 + 0 + 0 + 1 + 1 + 3, after block 0.
-        assert_eq!(writer.next_block, 1 + 5);
+        // Data-area blocks after block 0: whole blocks, plus a padded one for a tail too
+        // long to inline (4095): 0 + 0 + 1 + 1 + 1 + 3.
+        assert_eq!(writer.next_block, 1 + 6);
         for (data_ref, data) in &refs {
             let mut back = Vec::new();
             writer
