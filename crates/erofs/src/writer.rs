@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
@@ -40,13 +41,17 @@ impl DataRef {
     }
 }
 
-/// Superblock fields the caller may choose. The defaults (all zero) give reproducible
+/// What the caller may choose. The defaults (zero uuid and label) give reproducible
 /// images: the same tree and data always produce the same bytes.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
     pub uuid: [u8; 16],
     /// Volume label, NUL-padded.
     pub volume_name: [u8; 16],
+    /// Where the unlinked temporary file holding short file tails is created until
+    /// `finish` (at most 4 KiB per file); `None` means the system temporary directory.
+    /// Point it at the output's directory to write nowhere else.
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// Figures about a finished image.
@@ -201,7 +206,10 @@ impl ImageWriter {
             if to_image < got {
                 let spool = match &mut self.tail_spool {
                     Some(spool) => spool,
-                    spool => spool.insert(tempfile::tempfile()?),
+                    spool => spool.insert(match &self.options.spool_dir {
+                        Some(dir) => tempfile::tempfile_in(dir)?,
+                        None => tempfile::tempfile()?,
+                    }),
                 };
                 spool.write_all_at(&buffer[to_image..got], tail_offset)?;
                 self.tail_spool_len += (got - to_image) as u64;

@@ -426,3 +426,38 @@ fn link_counts_beyond_16_bits_use_extended_inodes() {
     // The file (70,001 names) and "subdirs" (2 + 65,540) need 32-bit link counts.
     assert_eq!(built.stats.extended_inodes, 2, "{:?}", built.stats);
 }
+
+#[test]
+fn uuid_and_volume_name_reach_the_superblock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.erofs");
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let uuid = *b"\x01\x23\x45\x67\x89\xab\xcd\xef\xfe\xdc\xba\x98\x76\x54\x32\x10";
+    let options = kiln_erofs::ImageOptions {
+        uuid,
+        volume_name: *b"kiln-root\0\0\0\0\0\0\0",
+        spool_dir: None,
+    };
+    let writer = ImageWriter::new(file, options).unwrap();
+    writer.finish(&Tree::new(meta(0o755)).unwrap()).unwrap();
+    oracle::fsck(&path);
+
+    let dump = std::process::Command::new("dump.erofs")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("01234567-89ab-cdef-fedc-ba9876543210"),
+        "{dump}"
+    );
+    let image = std::fs::read(&path).unwrap();
+    // volume_name sits 64 bytes into the superblock, which starts at byte 1024.
+    assert_eq!(&image[1024 + 64..1024 + 73], b"kiln-root");
+}
