@@ -47,7 +47,7 @@ pub(crate) struct Layout {
     pub(crate) relocated_files: u64,
 }
 
-/// The nodes reachable from the root, breadth-first, so the root gets nid 0 (the
+/// The nodes reachable from the root, breadth-first, so the root gets the first nid (the
 /// superblock's root_nid has 16 bits) and siblings sit together.
 struct Reachable {
     order: Vec<NodeId>,
@@ -195,11 +195,12 @@ struct MetaAllocator {
 }
 
 impl MetaAllocator {
+    /// Slot 0 stays unused: nid 0 would make the first inode (the root) inode number 0,
+    /// which some programs take for an empty directory slot.
     fn new() -> Self {
-        MetaAllocator {
-            blocks: 0,
-            free: vec![Vec::new(); SLOTS_PER_BLOCK + 1],
-        }
+        let mut free = vec![Vec::new(); SLOTS_PER_BLOCK + 1];
+        free[SLOTS_PER_BLOCK - 1].push(0);
+        MetaAllocator { blocks: 1, free }
     }
 
     /// Reserves `record` bytes and returns their offset in the metadata area.
@@ -525,13 +526,14 @@ mod tests {
     #[test]
     fn records_fill_blocks_best_fit_without_straddling() {
         let mut meta = MetaAllocator::new();
-        assert_eq!(meta.allocate(40), 0);
-        assert_eq!(meta.allocate(32), 64);
-        // 4001 bytes do not fit in the 4000 left in block 0: a new block.
+        // Slot 0 is never handed out.
+        assert_eq!(meta.allocate(40), 32);
+        assert_eq!(meta.allocate(32), 96);
+        // 4001 bytes do not fit in the 3968 left in block 0: a new block.
         assert_eq!(meta.allocate(4001), 4096);
         // 64 bytes fit in block 1's last 64 bytes (the tightest fit), not block 0.
         assert_eq!(meta.allocate(64), 4096 + 4032);
-        assert_eq!(meta.allocate(100), 96);
+        assert_eq!(meta.allocate(100), 128);
         // Larger than a block: starts a new one; its last block stays open.
         assert_eq!(meta.allocate(5000), 8192);
         assert_eq!(meta.blocks, 4);

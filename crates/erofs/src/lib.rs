@@ -37,9 +37,10 @@
 //!
 //! Block size 4096. Block 0 holds the superblock (with its crc32c checksum,
 //! `EROFS_FEATURE_COMPAT_SB_CHKSUM`), blocks 1.. the appended file data in append order,
-//! then the metadata area (`meta_blkaddr`) with the root inode first (nid 0), then
-//! directory blocks and symlink targets that do not fit next to their inode. The
-//! output is a function of the tree and the data only (no clock, no randomness).
+//! then the metadata area (`meta_blkaddr`) with the root inode first (nid 1: the kernel
+//! uses nids as inode numbers, and 0 is none), then directory blocks and symlink targets
+//! that do not fit next to their inode. The output is a function of the tree and the
+//! data only (no clock, no randomness).
 //!
 //! - Inodes are compact (32 bytes) when uid, gid and nlink fit 16 bits, the size fits 32
 //!   bits and the mtime equals the superblock build time, which is set to the most

@@ -163,6 +163,8 @@ pub fn mounted_listing(root: &Path) -> Listing {
         };
         let meta = std::fs::symlink_metadata(&full).unwrap();
         let file_type = meta.file_type();
+        // EROFS inode numbers are nids; 0 reads as an empty slot to some programs.
+        assert_ne!(meta.ino(), 0, "{} has inode number 0", full.display());
         let mut entry = Entry {
             kind: "",
             mode: meta.mode(),
