@@ -6,6 +6,7 @@
 mod doctor;
 mod exit;
 mod globals;
+mod identity;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
+    /// Sandbox identity: which uid/gid a sandbox runs as, and why.
+    Identity(identity::IdentityArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
 
     let result: exit::CommandResult = match cli.command {
         Command::Doctor(args) => doctor::run(&globals, args),
+        Command::Identity(args) => identity::run(&globals, args),
     };
     match result {
         Ok(code) => code,
