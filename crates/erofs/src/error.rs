@@ -44,6 +44,10 @@ pub enum Error {
     #[error("invalid permission bits {mode:#o} (accepted: 0 to 0o7777)")]
     InvalidMode { mode: u32 },
 
+    /// Nanoseconds must be below one second.
+    #[error("invalid timestamp: {nsec} nanoseconds (accepted: 0 to 999999999)")]
+    InvalidTimestamp { nsec: u32 },
+
     /// An extended attribute name without a prefix EROFS can store, or a bad name length.
     #[error("unsupported xattr name \"{}\": {reason} (accepted: user.*, trusted.*, security.*, system.posix_acl_access, system.posix_acl_default; suffix 1..=255 bytes)", .name.escape_ascii())]
     InvalidXattrName { name: Vec<u8>, reason: &'static str },

@@ -270,6 +270,11 @@ fn validate_metadata(meta: &Metadata) -> Result<()> {
     if meta.mode > 0o7777 {
         return Err(Error::InvalidMode { mode: meta.mode });
     }
+    if meta.mtime.nsec >= 1_000_000_000 {
+        return Err(Error::InvalidTimestamp {
+            nsec: meta.mtime.nsec,
+        });
+    }
     format::xattr_body_size(&meta.xattrs).map(|_| ())
 }
 
@@ -363,6 +368,17 @@ mod tests {
         assert!(matches!(
             tree.add(root, b"a", dev, meta()),
             Err(Error::InvalidDevice { .. })
+        ));
+        let late = Metadata {
+            mtime: Timestamp {
+                sec: 0,
+                nsec: 1_000_000_000,
+            },
+            ..meta()
+        };
+        assert!(matches!(
+            tree.set_metadata(root, late),
+            Err(Error::InvalidTimestamp { .. })
         ));
         let xattr = Metadata {
             xattrs: vec![Xattr::new("os2.x", "v")],
