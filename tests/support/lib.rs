@@ -1,0 +1,72 @@
+//! Support shared by kiln's end-to-end tests (the `kiln-e2e` package): the fixture images
+//! that `scripts/make-fixtures` builds with real tools, a real `docker-registry` on a free
+//! loopback port, the path of the `kiln` binary, and running commands under a timeout.
+//!
+//! Every test file under `tests/` is a `[[test]]` entry in `tests/Cargo.toml` and uses this
+//! library as `kiln_e2e`.
+
+mod fixtures;
+mod layer;
+mod process;
+mod registry;
+
+use std::path::{Path, PathBuf};
+
+pub use fixtures::{
+    fixtures, DockerArchive, Fixtures, ImageFixture, IndexFixture, OciArchive, OciImage,
+    PlatformManifest, SkopeoSource,
+};
+pub use layer::{read_layer, EntryKind, LayerEntry};
+pub use process::{kill_process_group, run_ok, run_with_timeout, TimedOut};
+pub use registry::Registry;
+
+/// The workspace's top directory (the parent of `tests/`).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent directory")
+}
+
+/// The `kiln` binary of the cargo target dir this test was built in
+/// (`<target>/<profile>/kiln`). Panics, saying how to build it, when it is missing.
+pub fn kiln_bin() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test executable's path");
+    // Test executables live in <target>/<profile>/deps/.
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable under <target>/<profile>/deps");
+    let kiln = profile_dir.join("kiln");
+    assert!(
+        kiln.is_file(),
+        "kiln binary not found at {}: run `cargo build --workspace --bins` (same profile and \
+         CARGO_TARGET_DIR as the tests) before the end-to-end tests",
+        kiln.display()
+    );
+    kiln
+}
+
+/// The OCI digest (`sha256:<hex>`) of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(bytes);
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// For tests that need root (the fixtures, mounts, chown): true when running as root, else
+/// prints why `test` is skipped and returns false. Use as
+/// `if !kiln_e2e::require_root("my_test") { return; }`.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("skipping {test}: needs root (CI runs the tests as root)");
+    false
+}
