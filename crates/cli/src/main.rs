@@ -7,6 +7,7 @@ mod doctor;
 mod exit;
 mod globals;
 mod identity;
+mod kube;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Sandbox identity: which uid/gid a sandbox runs as, and why.
     Identity(identity::IdentityArgs),
+    /// Kubernetes: render the sandbox pod, check it, build the supervisor image.
+    Kube(kube::KubeArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let result: exit::CommandResult = match cli.command {
         Command::Doctor(args) => doctor::run(&globals, args),
         Command::Identity(args) => identity::run(&globals, args),
+        Command::Kube(args) => kube::run(&globals, args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,206 @@
+//! `kiln kube ...`: the Kubernetes pod of a sandbox (kiln-kube).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kiln_kube::pss::{self, ContainerVerdict};
+use kiln_kube::{ConfigFile, ConfigOverrides, KubeError, NamespaceInfo, SandboxConfig, Topology, WorkspaceConfig};
+
+use crate::exit::{CommandError, CommandResult};
+use crate::globals::Globals;
+
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    #[command(subcommand)]
+    command: KubeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KubeCommand {
+    /// Print the sandbox pod as YAML for `kubectl apply -f -` (JSON with --json), or with
+    /// --check its Pod Security Standards level, container by container.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, Args)]
+struct RenderArgs {
+    /// TOML configuration file; flags override its settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Namespace object as `kubectl get ns NAME -o json` prints it (`-` reads stdin); its
+    /// OpenShift SCC annotations decide the ids the configuration does not give.
+    #[arg(long, value_name = "FILE", conflicts_with = "cluster")]
+    namespace_json: Option<PathBuf>,
+
+    /// Read the namespace from the cluster of the current kubeconfig; a failed read is an error.
+    #[arg(long)]
+    cluster: bool,
+
+    /// Print the Pod Security Standards verdict per container instead of the pod.
+    #[arg(long)]
+    check: bool,
+
+    /// Agent image (the sandbox's workload image).
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+
+    /// Namespace of the pod.
+    #[arg(long, value_name = "NAME")]
+    namespace: Option<String>,
+
+    /// Pod name (also the app.kubernetes.io/instance label).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// Sandbox uid (1000-2000000000); wins over SCC annotations.
+    #[arg(long, value_name = "N")]
+    uid: Option<String>,
+
+    /// Sandbox gid (1000-2000000000); wins over SCC annotations.
+    #[arg(long, value_name = "N")]
+    gid: Option<String>,
+
+    /// Supervisor topology: combined or sidecar.
+    #[arg(long, value_name = "TOPOLOGY")]
+    topology: Option<String>,
+
+    /// Image holding the static kiln-supervisor (`kiln kube supervisor-image --push REF`).
+    #[arg(long, value_name = "REF")]
+    supervisor_image: Option<String>,
+
+    /// RuntimeClass of the pod (e.g. kata, gvisor).
+    #[arg(long, value_name = "NAME")]
+    runtime_class: Option<String>,
+
+    /// Workspace claim size (e.g. 10Gi), mounted at /sandbox and seeded from the image.
+    #[arg(long, value_name = "QUANTITY", conflicts_with = "no_workspace")]
+    workspace_size: Option<String>,
+
+    /// Storage class of the workspace claim.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_workspace")]
+    storage_class: Option<String>,
+
+    /// No workspace volume, even if the configuration file has one.
+    #[arg(long)]
+    no_workspace: bool,
+
+    /// Extra environment for the workload, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+
+    /// The workload's argv (replaces the configuration's `command`).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+pub fn run(globals: &Globals, args: KubeArgs) -> CommandResult {
+    match args.command {
+        KubeCommand::Render(args) => render(globals, args),
+    }
+}
+
+fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path).map_err(CommandError::usage)?,
+        None => ConfigFile::default(),
+    };
+    let namespace_json = args.namespace_json.clone();
+    let cluster = args.cluster;
+    let check = args.check;
+    let config = SandboxConfig::resolve(file, overrides(args)?).map_err(CommandError::usage)?;
+
+    let namespace: Option<NamespaceInfo> = match (namespace_json, cluster) {
+        (Some(path), _) => {
+            let bytes = kiln_kube::read_bounded(&path, kiln_kube::MAX_NAMESPACE_JSON_SIZE).map_err(usage)?;
+            let origin = if path.as_os_str() == "-" { "stdin".to_owned() } else { path.display().to_string() };
+            Some(kiln_kube::namespace_from_json(&origin, &bytes).map_err(usage)?)
+        }
+        (None, true) => {
+            let name = config.namespace.as_deref().ok_or_else(|| {
+                CommandError::usage(anyhow::anyhow!(
+                    "--cluster needs the namespace name: pass --namespace or set `namespace`"
+                ))
+            })?;
+            Some(kiln_kube::namespace_from_cluster(name).map_err(CommandError::failure)?)
+        }
+        (None, false) => None,
+    };
+
+    let rendered = kiln_kube::render_pod(&config, namespace.as_ref()).map_err(usage)?;
+    if !globals.quiet {
+        for warning in &rendered.warnings {
+            eprintln!("kiln: warning: {warning}");
+        }
+    }
+    if check {
+        let verdicts = pss::check_pod(&rendered.pod);
+        if globals.json {
+            println!("{}", serde_json::to_string_pretty(&verdicts)?);
+        } else {
+            print_verdicts(&verdicts);
+        }
+    } else if globals.json {
+        println!("{}", serde_json::to_string_pretty(&rendered.pod)?);
+    } else {
+        print!("{}", kiln_kube::pod_to_yaml(&rendered.pod).map_err(CommandError::failure)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Bad input (configuration, namespace object, annotations) exits 2; the rest 1.
+fn usage(err: KubeError) -> CommandError {
+    match err {
+        KubeError::Cluster { .. } | KubeError::Yaml(_) => CommandError::failure(err),
+        _ => CommandError::usage(err),
+    }
+}
+
+fn overrides(args: RenderArgs) -> Result<ConfigOverrides, CommandError> {
+    let id = |flag: &str, value: Option<String>| {
+        value
+            .map(|v| kiln_identity::parse_sandbox_id(&v).with_context(|| flag.to_owned()))
+            .transpose()
+            .map_err(CommandError::usage)
+    };
+    let mut env = BTreeMap::new();
+    for assignment in &args.env {
+        let (key, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| CommandError::usage(anyhow::anyhow!("invalid --env {assignment:?}: expected KEY=VALUE")))?;
+        env.insert(key.to_owned(), value.to_owned());
+    }
+    let settings = ConfigFile {
+        image: args.image,
+        namespace: args.namespace,
+        name: args.name,
+        command: (!args.command.is_empty()).then_some(args.command),
+        sandbox_uid: id("--uid", args.uid)?,
+        sandbox_gid: id("--gid", args.gid)?,
+        supervisor_topology: args.topology.as_deref().map(Topology::parse).transpose().map_err(CommandError::usage)?,
+        supervisor_image: args.supervisor_image,
+        runtime_class: args.runtime_class,
+        workspace: args.workspace_size.map(|size| WorkspaceConfig { size, storage_class: None }),
+        resources: None,
+        env: (!env.is_empty()).then_some(env),
+    };
+    Ok(ConfigOverrides { settings, storage_class: args.storage_class, no_workspace: args.no_workspace })
+}
+
+fn print_verdicts(verdicts: &[ContainerVerdict]) {
+    println!("pod meets: {}", pss::pod_level(verdicts));
+    for verdict in verdicts {
+        let kind = match verdict.kind {
+            pss::ContainerKind::InitContainer => "init container",
+            pss::ContainerKind::Container => "container",
+            pss::ContainerKind::EphemeralContainer => "ephemeral container",
+        };
+        println!("{kind} {}: {}", verdict.name, verdict.level);
+        for v in &verdict.violations {
+            println!("  not {}: {}: {} {}", v.level, v.rule, v.field, v.detail);
+        }
+    }
+}
