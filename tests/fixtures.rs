@@ -326,6 +326,7 @@ fn layers_fixture_holds_every_case_of_the_issue() {
     assert!(has_entry(&l2, "etc/.wh.deleted.conf"));
     assert_eq!(entry(&l2, "srv/file-to-dir").kind, EntryKind::Dir);
     assert_eq!(entry(&l2, "srv/dir-to-symlink").kind, EntryKind::Symlink);
+    assert!(has_entry(&l2, "srv/dir-to-symlink/.wh.inner.txt"));
     assert_eq!(entry(&l2, "srv/symlink-to-file").kind, EntryKind::File);
     assert_eq!(entry(&l2, "srv/file-to-symlink").kind, EntryKind::Symlink);
 
@@ -370,6 +371,11 @@ fn layers_fixture_holds_every_case_of_the_issue() {
     assert_eq!(read("data/cross-layer-link"), "original content\n");
     assert_eq!(read("lib/libadded.so.2"), "added in layer 2\n");
     assert_eq!(read("srv/file-to-dir/inner.txt"), "was a file in layer 1\n");
+    // umoci resolves srv/dir-to-symlink/.wh.inner.txt through the symlink of the same layer.
+    assert!(
+        !root.join("usr/lib/inner.txt").exists(),
+        "umoci kept usr/lib/inner.txt"
+    );
     assert!(fs::symlink_metadata(root.join("srv/dir-to-symlink"))
         .unwrap()
         .file_type()
