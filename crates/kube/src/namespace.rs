@@ -52,14 +52,29 @@ pub fn namespace_from_cluster(name: &str) -> Result<NamespaceInfo, KubeError> {
         .build()
         .map_err(|e| fail(format!("starting the async runtime: {e}")))?;
     let namespace = runtime.block_on(async {
-        let client = kube::Client::try_default().await.map_err(|e| fail(format!("{e}")))?;
+        let client = kube::Client::try_default().await.map_err(|e| fail(error_chain(&e)))?;
         let api: kube::Api<Namespace> = kube::Api::all(client);
         match tokio::time::timeout(CLUSTER_TIMEOUT, api.get(name)).await {
-            Ok(result) => result.map_err(|e| fail(format!("{e}"))),
+            Ok(result) => result.map_err(|e| fail(error_chain(&e))),
             Err(_) => Err(fail(format!("no answer within {} s", CLUSTER_TIMEOUT.as_secs()))),
         }
     })?;
     NamespaceInfo::from_object(namespace, "cluster")
+}
+
+/// An error and its causes, `outer: inner: ...` (kube-rs keeps e.g. "connection refused"
+/// in the causes), without repeating a cause its parent already printed.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
