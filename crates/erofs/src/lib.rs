@@ -99,6 +99,10 @@ pub use error::{Error, Result};
 pub use tree::{validate_name, Metadata, NodeId, NodeKind, Timestamp, Tree, Xattr};
 pub use writer::{DataReader, DataRef, FinishedImage, ImageOptions, ImageStats, ImageWriter};
 
+/// Identifies how this crate lays images out: bumped whenever the same tree and data
+/// would produce different bytes, so callers can put it in their cache keys.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Block size of every image this crate writes.
 pub const BLOCK_SIZE: u64 = format::BLOCK_SIZE;
 /// Longest directory entry name, in bytes.
