@@ -38,6 +38,9 @@ pub enum AccountWarning {
     UidTaken { user: String, uid: u32 },
     /// Another group already has the sandbox gid.
     GidTaken { group: String, gid: u32 },
+    /// A member (or gshadow administrator) of the sandbox group whose name holds
+    /// whitespace or control bytes was left out; `member` is quoted and escaped.
+    MemberDropped { member: String },
     /// The file held more than one `sandbox` entry; all but the first were removed.
     DuplicateSandboxEntries { file: &'static str, removed: usize },
 }
@@ -51,6 +54,10 @@ impl fmt::Display for AccountWarning {
             Self::GidTaken { group, gid } => {
                 write!(f, "group {group} in /etc/group already has gid {gid}, the sandbox gid; it now shares it")
             }
+            Self::MemberDropped { member } => write!(
+                f,
+                "dropped member {member} of the sandbox group: a user name holds no whitespace or control bytes"
+            ),
             Self::DuplicateSandboxEntries { file, removed } => {
                 write!(
                     f,
@@ -114,25 +121,29 @@ pub fn write_sandbox_accounts(
     let mut members: Vec<&[u8]> = Vec::new();
     for (bytes, index) in [(group, 3), (gshadow, 3)] {
         for fields in sandbox_entries(bytes) {
-            for member in fields.get(index).unwrap_or(&&b""[..]).split(|&b| b == b',') {
-                if !member.is_empty() && !members.contains(&member) {
+            let field = fields.get(index).copied().unwrap_or_default();
+            for member in user_names(field, &mut warnings) {
+                if !members.contains(&member) {
                     members.push(member);
                 }
             }
         }
     }
     let members = members.join(&b","[..]);
-    let gshadow_admins = sandbox_entries(gshadow)
+    let gshadow_admins = match sandbox_entries(gshadow)
         .next()
         .and_then(|f| f.get(2).copied())
-        .unwrap_or_default();
+    {
+        Some(field) => user_names(field, &mut warnings).join(&b","[..]),
+        None => Vec::new(),
+    };
 
     let passwd_entry =
         format!("{SANDBOX_USER}:x:{uid}:{gid}:{SANDBOX_USER}:{SANDBOX_HOME}:{shell}").into_bytes();
     let group_entry = [format!("{SANDBOX_USER}:x:{gid}:").as_bytes(), &members].concat();
     let gshadow_entry = [
         format!("{SANDBOX_USER}:!:").as_bytes(),
-        gshadow_admins,
+        &gshadow_admins,
         b":",
         &members,
     ]
@@ -160,6 +171,25 @@ fn other_entries_with_id(bytes: &[u8], id: u32) -> impl Iterator<Item = (&[u8], 
     lines(bytes)
         .filter_map(|line| entry_id(line.content, 2))
         .filter(move |&(name, found)| found == id && name != SANDBOX_USER.as_bytes())
+}
+
+/// The names in a comma-separated member list. Names with whitespace or control bytes
+/// are dropped with a warning: no tool creates them, and a trailing `\r` would not
+/// survive a second edit.
+fn user_names<'a>(field: &'a [u8], warnings: &mut Vec<AccountWarning>) -> Vec<&'a [u8]> {
+    field
+        .split(|&b| b == b',')
+        .filter(|name| !name.is_empty())
+        .filter(|name| {
+            let plausible = name.iter().all(|&b| b > b' ' && b != 0x7f);
+            if !plausible {
+                warnings.push(AccountWarning::MemberDropped {
+                    member: quote(name),
+                });
+            }
+            plausible
+        })
+        .collect()
 }
 
 fn is_sandbox_line(content: &[u8]) -> bool {

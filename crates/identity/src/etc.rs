@@ -112,18 +112,21 @@ fn parse_id(field: &str) -> Option<u32> {
 /// One line of an account file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Line<'a> {
-    /// The line without its `\n` or `\r\n` terminator.
+    /// The line without its `\n`, `\r\n` or (at the end of the file) `\r` terminator.
     pub content: &'a [u8],
     /// The line exactly as in the file, terminator included.
     pub raw: &'a [u8],
 }
 
 pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = Line<'_>> {
+    // A `\r` before the end of the file ends the line like `\r\n` does, so an edited
+    // file reads back the same whether or not its last line was terminated.
     bytes.split_inclusive(|&b| b == b'\n').map(|raw| {
-        let content = raw
-            .strip_suffix(b"\n")
-            .map_or(raw, |c| c.strip_suffix(b"\r").unwrap_or(c));
-        Line { content, raw }
+        let content = raw.strip_suffix(b"\n").unwrap_or(raw);
+        Line {
+            content: content.strip_suffix(b"\r").unwrap_or(content),
+            raw,
+        }
     })
 }
 

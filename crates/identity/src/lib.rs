@@ -35,7 +35,9 @@
 //!   NIS `+`/`-` lines, CRLF endings); a newline is inserted when the last line lacks one.
 //!   Another user owning UID or group owning GID is a warning that names it. The edit is
 //!   idempotent. Input over 1 MiB ([`MAX_ACCOUNT_FILE_SIZE`]) or with a NUL byte is an error.
-//!   Our own entries always end in `\n` (a `\r` would end up in the shell field).
+//!   Our own entries always end in `\n` (a `\r` would end up in the shell field); a `\r`
+//!   before the end of the file ends a line like `\r\n`. Group members whose names hold
+//!   whitespace or control bytes are dropped with a warning.
 //!
 //! # API notes
 //!

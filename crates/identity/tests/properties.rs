@@ -15,12 +15,14 @@ fn line_content() -> impl Strategy<Value = Vec<u8>> {
         text("[a-z]{1,8}:[x*!]?:[0-9]{1,6}:[a-z,]{0,12}"),
         text("sandbox(:[x!*$a-z0-9]{0,6}){0,8}"),
         text("sandbox:x:1[0-9]{4}:[a-z,]{0,12}"),
+        text("sandbox:x:1[0-9]{3}:[a-z\r,]{0,8}\r?"),
         text(" ?sandbox[0-9a-z]?:x:1:1::/:/bin/sh"),
         proptest::collection::vec(any::<u8>().prop_filter("no NUL or newline", |b| *b != 0 && *b != b'\n'), 0..24),
     ]
 }
 
-/// A file as lines with `\n` or `\r\n` endings, the last one possibly unterminated.
+/// A file as lines with `\n` or `\r\n` endings, the last one possibly unterminated
+/// (or ending in a lone `\r`).
 fn account_file() -> impl Strategy<Value = Option<Vec<u8>>> {
     let line = (
         line_content(),
@@ -61,11 +63,10 @@ fn ids() -> impl Strategy<Value = (u32, u32)> {
     (1000u32..=2_000_000_000, 1000u32..=2_000_000_000)
 }
 
-/// Lines split the way glibc reads them: on `\n`, with a `\r` before it ignored.
+/// Lines split on `\n`; a `\r` before the `\n` (or the end of the file) is not content.
 fn is_sandbox_line(raw: &[u8]) -> bool {
-    let content = raw
-        .strip_suffix(b"\n")
-        .map_or(raw, |c| c.strip_suffix(b"\r").unwrap_or(c));
+    let content = raw.strip_suffix(b"\n").unwrap_or(raw);
+    let content = content.strip_suffix(b"\r").unwrap_or(content);
     content.split(|&b| b == b':').next() == Some(b"sandbox")
 }
 

@@ -11,7 +11,8 @@ fn sandbox_lines(bytes: &[u8]) -> usize {
     bytes
         .split_inclusive(|&b| b == b'\n')
         .filter(|raw| {
-            let content = raw.strip_suffix(b"\n").map_or(*raw, |c| c.strip_suffix(b"\r").unwrap_or(c));
+            let content = raw.strip_suffix(b"\n").unwrap_or(raw);
+            let content = content.strip_suffix(b"\r").unwrap_or(content);
             content.split(|&b| b == b':').next() == Some(b"sandbox")
         })
         .count()

@@ -329,3 +329,40 @@ fn result_parses_back_with_the_crate_parsers() {
         [10001]
     );
 }
+
+#[test]
+fn carriage_return_at_end_of_file_ends_the_line() {
+    let f = files(
+        Some(b"sandbox:x:1:1::/:/bin/sh\r"),
+        Some(b"root:x:0:\nsandbox:x:1:a\r"),
+        None,
+        Some(b"root:*::\r"),
+    );
+    let once = edit(&f);
+    assert_eq!(
+        once.passwd,
+        b"sandbox:x:10001:10001:sandbox:/sandbox:/bin/sh\n"
+    );
+    assert_eq!(once.group, b"root:x:0:\nsandbox:x:10001:a\n");
+    assert_eq!(once.shadow, b"root:*::\r\nsandbox:!:::::::\n");
+    assert_eq!(edit(&again(&once)), once);
+}
+
+#[test]
+fn members_with_whitespace_or_control_bytes_are_dropped_with_a_warning() {
+    let group = b"sandbox:x:1:alice,b ob,carol\r\r\n";
+    let gshadow = b"sandbox:!:adm\x1bin,root:dave,\xc3\xa9ve\n";
+    let e = edit(&files(None, Some(group), Some(gshadow), None));
+    assert_eq!(e.group, "sandbox:x:10001:alice,dave,\u{e9}ve\n".as_bytes());
+    assert_eq!(e.gshadow, "sandbox:!:root:alice,dave,\u{e9}ve\n".as_bytes());
+    let dropped: Vec<String> = e.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        dropped,
+        [
+            "dropped member \"b ob\" of the sandbox group: a user name holds no whitespace or control bytes",
+            "dropped member \"carol\\r\" of the sandbox group: a user name holds no whitespace or control bytes",
+            "dropped member \"adm\\x1bin\" of the sandbox group: a user name holds no whitespace or control bytes",
+        ]
+    );
+    assert_eq!(edit(&again(&e)).group, e.group);
+}
