@@ -1,0 +1,37 @@
+//! kiln-protocol: the one byte stream between the kiln host and its guest.
+//!
+//! A sequence of frames over any reliable byte stream (a virtio-serial port, a vsock, a
+//! unix socket): [`read_frame`] and [`write_frame`] work on any [`std::io::Read`] /
+//! [`std::io::Write`], and [`decode_frame`] on a byte buffer (for async codecs), so the
+//! crate needs no runtime. The wire format is documented in `docs/protocol.md`.
+//!
+//! Every frame has a fixed 16-byte [`Header`] (magic, version, kind, session id, payload
+//! length) and at most [`MAX_PAYLOAD`] bytes of payload. Control messages carry JSON
+//! (small, debuggable); stdin/stdout/stderr data frames carry raw bytes. A malformed or
+//! oversized frame is a [`ProtocolError`], never a panic, and the decoder allocates at
+//! most `MAX_PAYLOAD` bytes per frame whatever the header claims.
+//!
+//! Sessions: each frame names a session. Session [`CONTROL_SESSION`] (0) carries the
+//! hello, boot errors and boot-phase times; the sandbox's main workload runs in session
+//! [`MAIN_SESSION`] (1); further sessions (exec into a running sandbox) use other ids on
+//! the same stream.
+//!
+//! No existing crate fits: the framing has to be ours to document and bound, tokio's
+//! codecs pull in a runtime the static guest init does not want, and general RPC crates
+//! bring their own transports instead of one plain stream over a serial port.
+
+mod frame;
+mod message;
+
+pub use frame::{
+    decode_frame, encode_frame, read_frame, write_frame, write_stream, Header, Kind, ProtocolError,
+    HEADER_LEN, MAGIC, MAX_PAYLOAD, WIRE_VERSION,
+};
+pub use message::{
+    negotiate, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message, PhaseTime, RunAs,
+    RunSpec, SessionId, SignalRequest, StartFailure, Stream, TerminalSize, WorkloadResult,
+    CONTROL_SESSION, MAIN_SESSION, MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN,
+};
+
+#[cfg(test)]
+mod tests;

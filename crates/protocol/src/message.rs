@@ -1,0 +1,257 @@
+//! The messages frames carry, as typed values.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ProtocolError;
+
+/// Which session a frame belongs to.
+pub type SessionId = u32;
+
+/// Session of the stream itself: hello, boot errors, boot-phase times.
+pub const CONTROL_SESSION: SessionId = 0;
+/// Session of the sandbox's main workload.
+pub const MAIN_SESSION: SessionId = 1;
+
+/// Oldest message-set version this build speaks.
+pub const MESSAGE_VERSION_MIN: u16 = 1;
+/// Newest message-set version this build speaks.
+pub const MESSAGE_VERSION_MAX: u16 = 1;
+
+/// One decoded frame: the session it belongs to and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub session: SessionId,
+    pub message: Message,
+}
+
+impl Frame {
+    pub fn new(session: SessionId, message: Message) -> Self {
+        Self { session, message }
+    }
+}
+
+/// Everything the host and the guest say to each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First frame each side sends, on the control session.
+    Hello(Hello),
+    /// Host to guest: start a workload in this session.
+    Run(RunSpec),
+    /// Bytes of one of the workload's streams (stdin from the host, stdout/stderr from
+    /// the guest); never empty on the wire.
+    Data { stream: Stream, bytes: Vec<u8> },
+    /// The stream is closed: no more `Data` for it in this session.
+    Eof { stream: Stream },
+    /// Host to guest: the terminal of a tty session changed size.
+    Resize(TerminalSize),
+    /// Host to guest: deliver a signal to the session's workload.
+    Signal(SignalRequest),
+    /// Guest to host: how the session's workload ended. Last frame of a session.
+    Result(WorkloadResult),
+    /// Guest to host: boot failed before the workload started.
+    BootError(BootError),
+    /// Guest to host: the guest reached a boot phase.
+    Phase(PhaseTime),
+}
+
+/// One of the three standard streams of a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// Version announcement; both sides pick the same version with [`negotiate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// Oldest message-set version the sender speaks.
+    pub min_version: u16,
+    /// Newest message-set version the sender speaks.
+    pub max_version: u16,
+    /// Who is speaking, for logs (e.g. "kiln-init 0.1.0").
+    pub software: String,
+}
+
+impl Hello {
+    /// This build's hello.
+    pub fn ours(software: impl Into<String>) -> Self {
+        Self {
+            min_version: MESSAGE_VERSION_MIN,
+            max_version: MESSAGE_VERSION_MAX,
+            software: software.into(),
+        }
+    }
+}
+
+/// The message-set version both sides speak: the newest one in both ranges.
+pub fn negotiate(ours: &Hello, theirs: &Hello) -> Result<u16, ProtocolError> {
+    let low = ours.min_version.max(theirs.min_version);
+    let high = ours.max_version.min(theirs.max_version);
+    if low > high || theirs.min_version > theirs.max_version {
+        return Err(ProtocolError::NoCommonVersion {
+            ours: (ours.min_version, ours.max_version),
+            theirs: (theirs.min_version, theirs.max_version),
+            peer: theirs.software.clone(),
+        });
+    }
+    Ok(high)
+}
+
+/// What to run and how: the image config with the user's overrides already applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Program and arguments (Entrypoint + Cmd); must not be empty.
+    pub argv: Vec<String>,
+    /// Environment as `KEY=VALUE` entries, in order; later entries win.
+    pub env: Vec<String>,
+    /// Working directory; `None` means the user's home.
+    pub cwd: Option<String>,
+    pub identity: Identity,
+    /// Run the workload on a pseudo-terminal (stdout and stderr then arrive as stdout).
+    pub tty: bool,
+    /// Initial terminal size of a tty session.
+    pub terminal: Option<TerminalSize>,
+}
+
+/// Who the workload runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub run_as: RunAs,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The two accepted run-as forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunAs {
+    /// The `sandbox` account of the image's /etc/passwd, with `uid`/`gid`.
+    Sandbox,
+    /// A bare numeric uid:gid with no passwd entry needed.
+    Uid,
+}
+
+/// Size of a terminal in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A signal for the workload, by Linux signal number (e.g. 15 for SIGTERM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+/// How a workload ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkloadResult {
+    /// The workload exited with this status.
+    Exited { code: i32 },
+    /// A signal ended the workload.
+    Killed { signal: i32 },
+    /// The kernel's OOM killer ended the workload (seen in its cgroup's memory.events).
+    OomKilled,
+    /// The workload could not be started.
+    StartFailed {
+        reason: StartFailure,
+        message: String,
+    },
+}
+
+/// Why a workload did not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFailure {
+    /// The program does not exist (exit code 127).
+    NotFound,
+    /// The program exists but cannot be executed (exit code 126).
+    NotExecutable,
+    /// Anything else that kept it from starting (exit code 126).
+    Other,
+}
+
+impl WorkloadResult {
+    /// The exit code a shell or `docker run` reports for this result: the code itself,
+    /// 128 + signal, 137 for an OOM kill (SIGKILL), 127 not found, 126 cannot execute.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            WorkloadResult::Exited { code } => *code,
+            WorkloadResult::Killed { signal } => 128 + signal,
+            WorkloadResult::OomKilled => 128 + 9,
+            WorkloadResult::StartFailed { reason, .. } => match reason {
+                StartFailure::NotFound => 127,
+                StartFailure::NotExecutable | StartFailure::Other => 126,
+            },
+        }
+    }
+}
+
+/// A boot that failed before the workload started, naming the step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootError {
+    pub step: BootStep,
+    pub message: String,
+}
+
+/// The guest's boot steps, in the order init runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootStep {
+    /// proc, sysfs, devtmpfs in the initramfs.
+    KernelFilesystems,
+    /// Reading the `kiln.*` kernel command line.
+    CommandLine,
+    /// The root image (EROFS).
+    MountRoot,
+    /// The identity layer (EROFS).
+    MountIdentity,
+    /// The writable upper (ext4 disk or tmpfs).
+    MountUpper,
+    /// Stacking the layers into the overlay root.
+    Overlay,
+    SwitchRoot,
+    /// devpts, /dev/shm, /run, /tmp, cgroup2 inside the new root.
+    RuntimeFilesystems,
+    Hostname,
+    /// lo, and eth0 when networking was asked for.
+    Network,
+    /// Receiving the run spec from the host.
+    RunSpec,
+    /// The supervisor's checks and preparation (user, filesystem, privileges).
+    SupervisorStart,
+    /// init itself panicked.
+    InitPanic,
+}
+
+/// A boot phase and when the guest reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseTime {
+    pub phase: BootPhase,
+    /// CLOCK_BOOTTIME in the guest, in nanoseconds: time since the kernel started.
+    pub boottime_ns: u64,
+}
+
+/// Moments of a guest's life the host times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootPhase {
+    /// init started (kernel start -> init is this time itself).
+    InitStarted,
+    /// The workload's process was started.
+    WorkloadStarted,
+    /// The workload ended.
+    WorkloadEnded,
+    /// init is about to sync and power off.
+    Shutdown,
+}
