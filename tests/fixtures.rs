@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -153,20 +153,6 @@ fn every_image_fixture_reads_back_in_every_format() {
     }
 }
 
-/// Unpacks `image` with umoci (the oracle for applying layers) and returns the rootfs.
-fn umoci_unpack(image: &OciImage, into: &Path) -> PathBuf {
-    let bundle = into.join("bundle");
-    run_ok(
-        Command::new("umoci")
-            .arg("unpack")
-            .arg("--image")
-            .arg(format!("{}:{}", image.path.display(), image.tag))
-            .arg(&bundle),
-        TOOL_TIMEOUT,
-    );
-    bundle.join("rootfs")
-}
-
 #[test]
 fn demo_is_one_busybox_layer_whose_command_prints_the_identity() {
     if !require_root("demo_is_one_busybox_layer_whose_command_prints_the_identity") {
@@ -228,7 +214,7 @@ fn demo_is_one_busybox_layer_whose_command_prints_the_identity() {
 
     // The command really runs and prints the identity (busybox in a chroot, as root).
     let work = tempfile::tempdir().unwrap();
-    let rootfs = umoci_unpack(&demo.oci_gzip, work.path());
+    let rootfs = demo.oci_gzip.unpack_with_umoci(work.path());
     let output = run_ok(
         Command::new("chroot")
             .arg(&rootfs)
@@ -351,7 +337,7 @@ fn layers_fixture_holds_every_case_of_the_issue() {
 
     // umoci applies the layers into the tree the comment in make-fixtures describes.
     let work = tempfile::tempdir().unwrap();
-    let root = umoci_unpack(image, work.path());
+    let root = image.unpack_with_umoci(work.path());
     let read =
         |path: &str| fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
     let names_in = |path: &str| -> BTreeSet<String> {

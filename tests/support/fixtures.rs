@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -84,6 +85,7 @@ pub struct PlatformManifest {
     pub manifest_digest: String,
 }
 
+/// An index entry's platform, as in the OCI image index.
 #[derive(Debug, Deserialize)]
 pub struct Platform {
     pub os: String,
@@ -217,6 +219,21 @@ impl OciImage {
     /// Where blob `digest` (`sha256:...`) lives in the layout.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         blob_path(&self.path, digest)
+    }
+
+    /// Unpacks the image with `umoci unpack` (the reference for applying layers; needs
+    /// root) into the bundle `dir/bundle` and returns its root filesystem `dir/bundle/rootfs`.
+    pub fn unpack_with_umoci(&self, dir: &Path) -> PathBuf {
+        let bundle = dir.join("bundle");
+        crate::run_ok(
+            Command::new("umoci")
+                .arg("unpack")
+                .arg("--image")
+                .arg(format!("{}:{}", self.path.display(), self.tag))
+                .arg(&bundle),
+            Duration::from_secs(600),
+        );
+        bundle.join("rootfs")
     }
 }
 

@@ -13,7 +13,7 @@ mod registry;
 use std::path::{Path, PathBuf};
 
 pub use fixtures::{
-    fixtures, DockerArchive, Fixtures, ImageFixture, IndexFixture, OciArchive, OciImage,
+    fixtures, DockerArchive, Fixtures, ImageFixture, IndexFixture, OciArchive, OciImage, Platform,
     PlatformManifest, SkopeoSource,
 };
 pub use layer::{read_layer, EntryKind, LayerEntry};
