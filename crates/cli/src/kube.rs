@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_kube::pss::{self, ContainerVerdict};
-use kiln_kube::{ConfigFile, ConfigOverrides, KubeError, NamespaceInfo, SandboxConfig, Topology, WorkspaceConfig};
+use kiln_kube::{
+    ConfigFile, ConfigOverrides, Credentials, KubeError, NamespaceInfo, OciTarget, PushTarget, SandboxConfig, Topology,
+    WorkspaceConfig,
+};
 
 use crate::exit::{CommandError, CommandResult};
 use crate::globals::Globals;
@@ -22,7 +25,34 @@ pub struct KubeArgs {
 enum KubeCommand {
     /// Print the sandbox pod as YAML for `kubectl apply -f -` (JSON with --json), or with
     /// --check its Pod Security Standards level, container by container.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
+    /// Build the OCI image holding the static kiln-supervisor (and the static busybox whose
+    /// `cp` installs it in the pod); write it as an OCI layout and/or push it.
+    SupervisorImage(SupervisorImageArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("destination").required(true).multiple(true).args(["output", "push"]))]
+struct SupervisorImageArgs {
+    /// The static kiln-supervisor binary (scripts/build-supervisor builds it).
+    #[arg(long, env = "KILN_SUPERVISOR_BIN", value_name = "FILE")]
+    supervisor: PathBuf,
+
+    /// A static busybox (Debian's busybox-static).
+    #[arg(long, value_name = "FILE", default_value = "/bin/busybox")]
+    busybox: PathBuf,
+
+    /// Write an OCI image layout: oci:DIR or oci:DIR:TAG (DIR must not exist).
+    #[arg(short, long, value_name = "oci:DIR[:TAG]")]
+    output: Option<String>,
+
+    /// Push to a registry: HOST[:PORT]/REPOSITORY[:TAG] (plain HTTP for loopback hosts).
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
+
+    /// Registry credentials for --push, USER:PASSWORD.
+    #[arg(long, env = "KILN_REGISTRY_CREDS", value_name = "USER:PASSWORD", requires = "push")]
+    creds: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -99,7 +129,8 @@ struct RenderArgs {
 
 pub fn run(globals: &Globals, args: KubeArgs) -> CommandResult {
     match args.command {
-        KubeCommand::Render(args) => render(globals, args),
+        KubeCommand::Render(args) => render(globals, *args),
+        KubeCommand::SupervisorImage(args) => supervisor_image(globals, args),
     }
 }
 
@@ -151,10 +182,52 @@ fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
     Ok(ExitCode::SUCCESS)
 }
 
+fn supervisor_image(globals: &Globals, args: SupervisorImageArgs) -> CommandResult {
+    let output = args.output.as_deref().map(OciTarget::parse).transpose().map_err(CommandError::usage)?;
+    let push = args.push.as_deref().map(PushTarget::parse).transpose().map_err(CommandError::usage)?;
+    let credentials = match &args.creds {
+        Some(creds) => {
+            let (username, password) = creds
+                .split_once(':')
+                .ok_or_else(|| CommandError::usage(anyhow::anyhow!("invalid --creds: expected USER:PASSWORD")))?;
+            Some(Credentials { username: username.to_owned(), password: password.to_owned() })
+        }
+        None => None,
+    };
+    let image = kiln_kube::build_supervisor_image(&args.supervisor, &args.busybox).map_err(usage)?;
+    if let Some(target) = &output {
+        kiln_kube::write_oci_layout(&image, target).map_err(CommandError::failure)?;
+    }
+    if let Some(target) = &push {
+        kiln_kube::push_image(&image, target, credentials.as_ref()).map_err(CommandError::failure)?;
+    }
+    if globals.json {
+        let summary = serde_json::json!({
+            "manifest_digest": image.manifest_digest,
+            "oci_layout": output.as_ref().map(|t| format!("oci:{}:{}", t.dir.display(), t.tag)),
+            "pushed": push.as_ref().map(|t| t.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        if let Some(target) = &output {
+            println!("wrote oci:{}:{}", target.dir.display(), target.tag);
+        }
+        if let Some(target) = &push {
+            println!("pushed {target}");
+        }
+        println!("manifest {}", image.manifest_digest);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Bad input (configuration, namespace object, annotations) exits 2; the rest 1.
 fn usage(err: KubeError) -> CommandError {
     match err {
-        KubeError::Cluster { .. } | KubeError::Yaml(_) => CommandError::failure(err),
+        KubeError::Cluster { .. }
+        | KubeError::Yaml(_)
+        | KubeError::Image(_)
+        | KubeError::OciLayout { .. }
+        | KubeError::Push { .. } => CommandError::failure(err),
         _ => CommandError::usage(err),
     }
 }

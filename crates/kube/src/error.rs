@@ -43,6 +43,22 @@ pub enum KubeError {
     #[error("network sidecar uid: {0}")]
     NetworkUid(String),
 
+    /// A file given for the supervisor image that is not what it must be.
+    #[error("{path}: {message}")]
+    ImageInput { path: String, message: String },
+
+    /// Building the supervisor image failed.
+    #[error("building the supervisor image: {0}")]
+    Image(String),
+
+    /// Writing the OCI image layout failed.
+    #[error("OCI image layout {path}: {message}")]
+    OciLayout { path: String, message: String },
+
+    /// Pushing to a registry failed.
+    #[error("pushing to {reference}: {message}")]
+    Push { reference: String, message: String },
+
     /// Serialising the pod failed.
     #[error("printing the pod as YAML: {0}")]
     Yaml(String),

@@ -70,7 +70,9 @@ fn expect(uid: i64, uid_source: &str, gid: i64, gid_source: &str, network: Optio
 
 #[test]
 fn accepted_annotations_give_ids_and_record_sources() {
-    let cases: Vec<(&str, Option<&str>, Option<&str>, &str, Ids)> = vec![
+    // (what, uid-range, supplemental groups, topology, expected ids)
+    type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, Ids);
+    let cases: Vec<Case> = vec![
         (
             "start/size",
             Some("1000680000/10000"),
