@@ -461,3 +461,23 @@ fn uuid_and_volume_name_reach_the_superblock() {
     // volume_name sits 64 bytes into the superblock, which starts at byte 1024.
     assert_eq!(&image[1024 + 64..1024 + 73], b"kiln-root");
 }
+
+#[test]
+fn an_inode_ending_the_metadata_area_passes_fsck() {
+    // Slot 0 stays free, the root with its 83 entries inline takes 44 slots and 83 FIFOs
+    // one slot each: the last FIFO's inode ends exactly at the end of the metadata block.
+    let (dir, writer) = new_writer();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    for i in 0..83 {
+        tree.add(
+            tree.root(),
+            format!("f{i:03}").as_bytes(),
+            NodeKind::Fifo,
+            meta(0o644),
+        )
+        .unwrap();
+    }
+    let built = finish_and_check(dir, writer, &tree, &HashMap::new());
+    // Superblock, one metadata block, and the block fsck.erofs 1.5 reads past it.
+    assert_eq!(built.stats.blocks, 3, "{:?}", built.stats);
+}
