@@ -50,24 +50,11 @@ const NAMESPACE: &str = r#"{
 }"#;
 
 /// Runs `kiln kube render ARGS` with `stdin` on standard input.
-fn render(args: &[&str], stdin: &str, env: &[(&str, &Path)]) -> Output {
+fn render(args: &[&str], stdin: &str) -> Output {
     let mut command = Command::new(kiln_bin());
-    command
-        .args(["kube", "render"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (key, value) in env {
-        command.env(key, value);
-    }
+    command.args(["kube", "render"]).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("starting kiln");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     // wait_with_output has no deadline; kiln render never blocks on anything but stdin.
     child.wait_with_output().unwrap()
 }
@@ -80,6 +67,13 @@ fn config_file(dir: &Path, text: &str) -> String {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Checks the exit code, that stderr mentions `needle`, and that no pod was printed.
+fn assert_fails(output: &Output, code: i32, needle: &str) {
+    assert_eq!(output.status.code(), Some(code), "{}", stderr(output));
+    assert!(stderr(output).contains(needle), "expected {needle:?} in: {}", stderr(output));
+    assert!(output.stdout.is_empty(), "no output on failure");
 }
 
 #[test]
@@ -104,78 +98,36 @@ fn config_flags_and_stdin_namespace_give_the_golden_pod() {
             "agent",
         ],
         NAMESPACE,
-        &[],
     );
     assert!(output.status.success(), "{}", stderr(&output));
     let golden = workspace_root().join("crates/kube/tests/golden/sidecar-scc.yaml");
-    assert_eq!(
-        String::from_utf8(output.stdout).unwrap(),
-        fs::read_to_string(golden).unwrap()
-    );
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), fs::read_to_string(golden).unwrap());
 }
 
 #[test]
 fn check_and_json_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), CONFIG);
-    let output = render(
-        &["--config", &config, "--namespace", "team-a", "--check"],
-        "",
-        &[],
-    );
+    let output = render(&["--config", &config, "--namespace", "team-a", "--check"], "");
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.starts_with("pod meets: baseline\n"), "{text}");
     assert!(text.contains("container agent: baseline\n"), "{text}");
     assert!(
-        text.contains(
-            "  not restricted: Capabilities: spec.containers[0].securityContext.capabilities.add"
-        ),
+        text.contains("  not restricted: Capabilities: spec.containers[0].securityContext.capabilities.add"),
         "{text}"
     );
 
-    let output = render(
-        &[
-            "--json",
-            "--config",
-            &config,
-            "--namespace",
-            "team-a",
-            "--topology",
-            "sidecar",
-            "--check",
-        ],
-        "",
-        &[],
-    );
+    let output =
+        render(&["--json", "--config", &config, "--namespace", "team-a", "--topology", "sidecar", "--check"], "");
     let verdicts: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let levels: Vec<&str> = verdicts
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["level"].as_str().unwrap())
-        .collect();
+    let levels: Vec<&str> = verdicts.as_array().unwrap().iter().map(|v| v["level"].as_str().unwrap()).collect();
     assert_eq!(levels, ["restricted"; 4]);
 
-    let output = render(
-        &[
-            "--json",
-            "--config",
-            &config,
-            "--namespace",
-            "team-a",
-            "--uid",
-            "5000",
-        ],
-        "",
-        &[],
-    );
+    let output = render(&["--json", "--config", &config, "--namespace", "team-a", "--uid", "5000"], "");
     let pod: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(pod["kind"], "Pod");
-    assert_eq!(
-        pod["metadata"]["annotations"]["kiln/sandbox-uid-source"],
-        "config"
-    );
+    assert_eq!(pod["metadata"]["annotations"]["kiln/sandbox-uid-source"], "config");
     assert_eq!(pod["spec"]["containers"][0]["env"][0]["value"], "5000");
 }
 
@@ -183,78 +135,27 @@ fn check_and_json_outputs() {
 fn bad_input_exits_2_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let unknown_key = config_file(dir.path(), &format!("{CONFIG}\nsandbox_user = 5\n"));
-    let output = render(
-        &["--config", &unknown_key, "--namespace", "team-a"],
-        "",
-        &[],
-    );
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("unknown field `sandbox_user`"),
-        "{}",
-        stderr(&output)
-    );
+    let output = render(&["--config", &unknown_key, "--namespace", "team-a"], "");
+    assert_fails(&output, 2, "unknown field `sandbox_user`");
 
     let config = config_file(dir.path(), CONFIG);
     let malformed = NAMESPACE.replace("1000680000/10000,1000700000/100", "1000680000/0");
-    let output = render(
-        &["--config", &config, "--namespace-json", "-"],
-        &malformed,
-        &[],
-    );
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("openshift.io/sa.scc.supplemental-groups"),
-        "{}",
-        stderr(&output)
-    );
-    assert!(output.stdout.is_empty(), "no pod on bad input");
+    let output = render(&["--config", &config, "--namespace-json", "-"], &malformed);
+    assert_fails(&output, 2, "openshift.io/sa.scc.supplemental-groups");
 
     let single = NAMESPACE.replace("\"1000680000/10000\"", "\"1000680000/1\"");
-    let output = render(
-        &[
-            "--config",
-            &config,
-            "--namespace-json",
-            "-",
-            "--topology",
-            "sidecar",
-        ],
-        &single,
-        &[],
-    );
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("network sidecar uid"),
-        "{}",
-        stderr(&output)
-    );
+    let output = render(&["--config", &config, "--namespace-json", "-", "--topology", "sidecar"], &single);
+    assert_fails(&output, 2, "network sidecar uid");
 
-    let output = render(
-        &[
-            "--config",
-            &config,
-            "--namespace",
-            "team-a",
-            "--uid",
-            "0123",
-        ],
-        "",
-        &[],
-    );
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("--uid"), "{}", stderr(&output));
+    let output = render(&["--config", &config, "--namespace", "team-a", "--uid", "0123"], "");
+    assert_fails(&output, 2, "--uid");
 }
 
 #[test]
 fn failed_cluster_read_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), CONFIG);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let kubeconfig = dir.path().join("kubeconfig");
     fs::write(
         &kubeconfig,
@@ -266,22 +167,8 @@ fn failed_cluster_read_exits_1() {
     )
     .unwrap();
     let mut command = Command::new(kiln_bin());
-    command.args([
-        "kube",
-        "render",
-        "--config",
-        &config,
-        "--namespace",
-        "team-a",
-        "--cluster",
-    ]);
+    command.args(["kube", "render", "--config", &config, "--namespace", "team-a", "--cluster"]);
     command.env("KUBECONFIG", &kubeconfig);
     let output = run_with_timeout(&mut command, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("reading namespace \"team-a\" from the cluster"),
-        "{}",
-        stderr(&output)
-    );
-    assert!(output.stdout.is_empty());
+    assert_fails(&output, 1, "reading namespace \"team-a\" from the cluster");
 }
