@@ -1,0 +1,245 @@
+//! Decompressing one layer blob as a stream, bounded against decompression bombs.
+
+use std::cell::Cell;
+use std::fmt;
+use std::io::{self, BufReader, Read};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::error::EntryError;
+use crate::Limits;
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The compression of an OCI or Docker layer media type (non-distributable variants
+    /// included); `None` for anything else.
+    pub fn from_media_type(media_type: &str) -> Option<Compression> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why decoding stopped early; carried inside an `io::Error` through the tar reader and
+/// turned back into an [`EntryError`] by [`classify`].
+#[derive(Debug)]
+enum DecodeLimit {
+    Total { max: u64 },
+    Ratio { max_ratio: u64 },
+}
+
+impl fmt::Display for DecodeLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeLimit::Total { max } => write!(f, "decompressed size over {max} bytes"),
+            DecodeLimit::Ratio { max_ratio } => write!(f, "compression ratio over {max_ratio}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeLimit {}
+
+/// Turns an I/O error of the decoded stream into what went wrong with the layer.
+pub(crate) fn classify(err: io::Error) -> EntryError {
+    match err.get_ref().and_then(|e| e.downcast_ref::<DecodeLimit>()) {
+        Some(DecodeLimit::Total { max }) => EntryError::DecompressedTooLarge { max: *max },
+        Some(DecodeLimit::Ratio { max_ratio }) => EntryError::RatioTooHigh {
+            max_ratio: *max_ratio,
+        },
+        None if err.kind() == io::ErrorKind::UnexpectedEof => {
+            EntryError::Corrupt("the layer ends in the middle of an entry".into())
+        }
+        None => EntryError::Decompress(err),
+    }
+}
+
+/// Counts the compressed bytes the decoder consumed.
+struct Counted<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// The decompressed tar stream of one layer, with its limits and the time spent decoding.
+pub(crate) struct LayerStream<'a> {
+    decoder: Box<dyn Read + 'a>,
+    compression: Compression,
+    compressed: Rc<Cell<u64>>,
+    decompressed: u64,
+    /// Decompressed bytes of the layers before this one.
+    earlier_layers: u64,
+    max_total: u64,
+    max_ratio: u64,
+    ratio_grace: u64,
+    decode_time: Duration,
+}
+
+impl<'a> LayerStream<'a> {
+    pub(crate) fn new(
+        blob: impl Read + 'a,
+        compression: Compression,
+        earlier_layers: u64,
+        limits: &Limits,
+    ) -> io::Result<Self> {
+        let compressed = Rc::new(Cell::new(0));
+        let counted = Counted {
+            inner: blob,
+            count: compressed.clone(),
+        };
+        let decoder: Box<dyn Read + 'a> = match compression {
+            Compression::None => Box::new(BufReader::with_capacity(1 << 16, counted)),
+            // Several gzip members in one blob are one stream, as Go's reader sees them.
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+                BufReader::with_capacity(1 << 16, counted),
+            )),
+            // The default decoder refuses frames needing a window over 128 MiB, which
+            // bounds its memory.
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(counted)?),
+        };
+        Ok(LayerStream {
+            decoder,
+            compression,
+            compressed,
+            decompressed: 0,
+            earlier_layers,
+            max_total: limits.max_uncompressed_bytes,
+            max_ratio: limits.max_compression_ratio,
+            ratio_grace: limits.ratio_grace_bytes,
+            decode_time: Duration::ZERO,
+        })
+    }
+
+    /// Decompressed bytes of this layer read so far.
+    pub(crate) fn decompressed(&self) -> u64 {
+        self.decompressed
+    }
+
+    /// Time spent inside the decompressor (and reading the blob).
+    pub(crate) fn decode_time(&self) -> Duration {
+        self.decode_time
+    }
+}
+
+impl Read for LayerStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let start = Instant::now();
+        let n = self.decoder.read(buf);
+        self.decode_time += start.elapsed();
+        let n = n?;
+        self.decompressed += n as u64;
+        if self.earlier_layers + self.decompressed > self.max_total {
+            return Err(io::Error::other(DecodeLimit::Total {
+                max: self.max_total,
+            }));
+        }
+        if self.compression != Compression::None
+            && self.decompressed > self.ratio_grace
+            && self.decompressed / self.compressed.get().max(1) > self.max_ratio
+        {
+            return Err(io::Error::other(DecodeLimit::Ratio {
+                max_ratio: self.max_ratio,
+            }));
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn media_types() {
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar"),
+            Some(Compression::None)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+bzip2"),
+            None
+        );
+    }
+
+    #[test]
+    fn gzip_members_concatenate_and_limits_apply() {
+        let mut blob = gzip(b"hello ");
+        blob.extend(gzip(b"world"));
+        let limits = Limits::default();
+        let mut out = String::new();
+        LayerStream::new(&blob[..], Compression::Gzip, 0, &limits)
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "hello world");
+
+        let small = Limits {
+            max_uncompressed_bytes: 5,
+            ..Limits::default()
+        };
+        let err = LayerStream::new(&blob[..], Compression::Gzip, 0, &small)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(matches!(
+            classify(err),
+            EntryError::DecompressedTooLarge { max: 5 }
+        ));
+
+        let zeros = gzip(&vec![0; 1 << 20]);
+        let tight = Limits {
+            max_compression_ratio: 10,
+            ratio_grace_bytes: 1000,
+            ..Limits::default()
+        };
+        let err = LayerStream::new(&zeros[..], Compression::Gzip, 0, &tight)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(matches!(
+            classify(err),
+            EntryError::RatioTooHigh { max_ratio: 10 }
+        ));
+    }
+}
