@@ -7,4 +7,5 @@
 //! forwards, sandbox names) live here too, so that every front end — the CLI and the
 //! driver API — accepts exactly the same input.
 
+pub mod launch;
 pub mod options;
