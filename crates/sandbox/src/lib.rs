@@ -9,3 +9,4 @@
 
 pub mod launch;
 pub mod options;
+pub mod spec;
