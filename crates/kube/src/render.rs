@@ -45,7 +45,7 @@ pub const NETWORK_UID_SOURCE_ANNOTATION: &str = "kiln/network-uid-source";
 
 /// Capabilities the combined agent container keeps, all needed by `kiln-supervisor
 /// --mode full` before it drops to the sandbox ids (docs/kubernetes.md justifies each).
-pub const COMBINED_CAPABILITIES: [&str; 4] = ["CHOWN", "SETGID", "SETPCAP", "SETUID"];
+pub const COMBINED_CAPABILITIES: [&str; 5] = ["CHOWN", "DAC_OVERRIDE", "SETGID", "SETPCAP", "SETUID"];
 
 const BIN_VOLUME: &str = "kiln-bin";
 const BIN_DIR: &str = "/kiln/bin";
