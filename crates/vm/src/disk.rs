@@ -17,7 +17,7 @@ pub fn create_upper_disk(path: &Path, size_mib: u64) -> Result<(), VmError> {
         )));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let disk_err = |source| VmError::Disk { path: path.to_path_buf(), source };
+    let disk_err = |source| VmError::File { path: path.to_path_buf(), source };
     let tmp = tempfile::Builder::new().prefix(".upper-").suffix(".tmp").tempfile_in(dir).map_err(disk_err)?;
     // A file of the final length with no blocks allocated: mke2fs writes only metadata.
     tmp.as_file().set_len(size_mib << 20).map_err(disk_err)?;

@@ -108,8 +108,8 @@ pub enum VmError {
     #[error("KVM was requested but cannot be used: {0}")]
     KvmUnavailable(String),
 
-    #[error("writable disk {path}: {source}")]
-    Disk { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
 
     #[error("cannot run {tool}: {source}")]
     Tool { tool: &'static str, source: std::io::Error },

@@ -54,8 +54,9 @@ impl Qemu {
         let cpus = spec.cpus.to_string();
         push(&["-m", &memory, "-smp", &cpus]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        // The console goes to a file; QEMU's own stdio stays free for its diagnostics.
-        let console = format!("file,id=console,path={}", escape_option(&spec.console_log));
+        // The console goes to a file that QEMU's own diagnostics (stderr) also append to,
+        // so a failure report shows both in order.
+        let console = format!("file,id=console,path={},append=on", escape_option(&spec.console_log));
         push(&["-chardev", &console, "-serial", "chardev:console"]);
 
         let kernel = spec.kernel.to_string_lossy();
@@ -112,8 +113,13 @@ impl Backend for Qemu {
                 return Err(VmError::MissingFile { what, path: path.clone(), hint });
             }
         }
+        let arguments = self.arguments(spec)?;
+        // Start each boot with an empty log; both writers then append to it.
+        let log = std::fs::File::create(&spec.console_log)
+            .and_then(|_| std::fs::OpenOptions::new().append(true).open(&spec.console_log))
+            .map_err(|source| VmError::File { path: spec.console_log.clone(), source })?;
         let mut command = Command::new(&self.binary);
-        command.args(self.arguments(spec)?).stdin(Stdio::null()).stdout(Stdio::null());
+        command.args(arguments).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         tracing::debug!(?command, "starting qemu");
         VmProcess::spawn(command).map_err(|source| VmError::Spawn {
             vmm: "qemu",
@@ -209,6 +215,7 @@ mod tests {
             "file=/s/root,,1.erofs,format=raw,if=none,readonly=on",
             "virtio-blk-device,drive=root,serial=root",
             "readonly=off",
+            "file,id=console,path=/s/console.log,append=on",
             "socket,id=kilnchan,path=/run/x/chan.sock",
             "virtserialport,chardev=kilnchan,name=kiln.0",
             "hostfwd=tcp:127.0.0.1:8080-:80",
