@@ -265,7 +265,7 @@ impl Applier {
                 ..Metadata::default()
             };
             let node = tree.add(walker.top(), &name, NodeKind::Directory, implicit)?;
-            walker.push(node)?;
+            walker.push(node, name)?;
         }
         let dir = walker.top();
         if !matches!(tree.kind(dir)?, NodeKind::Directory) {

@@ -35,6 +35,10 @@ pub enum Error {
         source: kiln_erofs::Error,
     },
 
+    /// The EROFS writer refused a tree edit (identity files).
+    #[error("EROFS tree: {0}")]
+    Tree(#[from] kiln_erofs::Error),
+
     /// A file of the output or the cache could not be read or written.
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
@@ -50,6 +54,15 @@ pub enum Error {
     /// kiln-identity rejected the account files or the ids.
     #[error(transparent)]
     Identity(#[from] kiln_identity::IdentityError),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
 }
 
 /// Short for `Result<T, kiln_rootfs::Error>`.

@@ -46,18 +46,31 @@
 //! every layer at once, and the finished image is sparse (its length counts the holes,
 //! its disk usage does not). The alternative, a first pass to resolve the tree, would
 //! decode every layer twice.
+//!
+//! # Publishing
+//!
+//! [`build_root_image`] and [`build_identity_layer`] write to a temporary file in the
+//! destination directory, check it with `fsck.erofs` and publish it by rename; a crash
+//! leaves at most a temporary file, never a half-written image under the final name.
 
 mod apply;
+mod build;
 mod decode;
 mod error;
+mod identity;
 mod resolve;
 mod tarstream;
 
 use std::io::Read;
 
 pub use apply::{apply_layers, ApplyStats, RootTree};
+pub use build::{
+    build_identity_layer, build_root_image, fsck, BuildOptions, BuildReport, IdentityLayerReport,
+    ImageSummary, Timings,
+};
 pub use decode::Compression;
 pub use error::{EntryError, EntryName, Error, Result};
+pub use identity::{AccountFile, IdentityInputs, IdentityReport, NodeAttributes, PathDir};
 pub use resolve::MAX_SYMLINK_HOPS;
 
 /// One layer blob to apply: its digest (for messages), compression and contents.

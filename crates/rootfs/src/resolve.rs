@@ -42,6 +42,8 @@ pub(crate) enum Walk {
 /// components still to walk (last one first).
 pub(crate) struct Walker {
     pub stack: Vec<NodeId>,
+    /// The name of each node of `stack` after the root.
+    pub names: Vec<Box<[u8]>>,
     pending: Vec<Box<[u8]>>,
     hops: u32,
     follow_last: bool,
@@ -59,6 +61,7 @@ impl Walker {
     ) -> Self {
         Walker {
             stack: vec![tree.root()],
+            names: Vec::new(),
             pending: components.iter().rev().map(|c| Box::from(*c)).collect(),
             hops: 0,
             follow_last,
@@ -81,6 +84,7 @@ impl Walker {
                 b".." => {
                     if self.stack.len() > 1 {
                         self.stack.pop();
+                        self.names.pop();
                     }
                     continue;
                 }
@@ -106,12 +110,13 @@ impl Walker {
                     }
                     if target.first() == Some(&b'/') {
                         self.stack.truncate(1);
+                        self.names.clear();
                     }
                     self.pending
                         .extend(target.split(|&b| b == b'/').rev().map(Box::from));
                 }
-                NodeKind::Directory => self.push(node)?,
-                _ if last => self.push(node)?,
+                NodeKind::Directory => self.push(node, comp)?,
+                _ if last => self.push(node, comp)?,
                 _ => {
                     return Err(EntryError::NotADirectory {
                         component: comp.to_vec(),
@@ -123,14 +128,20 @@ impl Walker {
     }
 
     /// Adds a node found (or created) below the top of the stack.
-    pub(crate) fn push(&mut self, node: NodeId) -> Result<(), EntryError> {
+    pub(crate) fn push(&mut self, node: NodeId, name: Box<[u8]>) -> Result<(), EntryError> {
         if self.stack.len() > self.max_depth {
             return Err(EntryError::TooDeep {
                 max: self.max_depth,
             });
         }
         self.stack.push(node);
+        self.names.push(name);
         Ok(())
+    }
+
+    /// Whether a symlink was followed so far.
+    pub(crate) fn followed_symlinks(&self) -> bool {
+        self.hops > 0
     }
 }
 
