@@ -25,7 +25,8 @@ use serde::Serialize;
 pub struct Deadlines {
     /// VMM start until it connects to the channel socket.
     pub connect: Duration,
-    /// Channel connected until init's hello (the kernel boots in this time).
+    /// Channel connected until the workload started: kernel boot, init's mounts and the
+    /// supervisor's checks.
     pub boot: Duration,
     /// Run spec sent until the workload's result; `None` waits as long as it runs.
     pub workload: Option<Duration>,
@@ -104,7 +105,7 @@ impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Phase::VmmStart => "VMM start (connecting to the channel)",
-            Phase::Boot => "guest boot (waiting for init)",
+            Phase::Boot => "guest boot (kernel, init, supervisor)",
             Phase::Workload => "workload",
             Phase::Shutdown => "shutdown",
         })
@@ -417,10 +418,14 @@ impl Driver<'_> {
                 let run = self.run.take().expect("one hello per boot");
                 self.send(&Frame::new(MAIN_SESSION, Message::Run(run)))?;
                 self.start_stdin();
-                self.enter(Phase::Workload, self.deadlines.workload);
+                // Still booting: init mounts the root and starts the supervisor next, all
+                // under the boot deadline, until it reports the workload started.
             }
             Message::Phase(time) => {
                 self.boot_times.record(time.phase, time.boottime_ns);
+                if time.phase == BootPhase::WorkloadStarted && self.phase == Phase::Boot {
+                    self.enter(Phase::Workload, self.deadlines.workload);
+                }
                 if time.phase == BootPhase::WorkloadEnded && self.workload_ended_at.is_none() {
                     self.workload_ended_at = Some(Instant::now());
                 }
@@ -452,7 +457,7 @@ impl Driver<'_> {
 
     fn on_control(&mut self, request: Control) -> Result<(), LaunchError> {
         match (request, self.phase) {
-            (Control::Signal(signal), Phase::Workload) => {
+            (Control::Signal(signal), Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 self.send(&Frame::new(MAIN_SESSION, Message::Signal(SignalRequest { signal })))?;
                 if self.stop_signal.is_none() && matches!(signal, libc_signals::SIGINT | libc_signals::SIGTERM) {
                     self.stop_signal = Some(signal);
@@ -461,11 +466,11 @@ impl Driver<'_> {
                 }
             }
             (Control::Signal(signal), Phase::VmmStart | Phase::Boot) => {
-                // Nothing runs yet: stop at once.
+                // The run spec is not even sent: nothing to stop gracefully.
                 self.vm.kill()?;
                 return Err(LaunchError::Interrupted { signal, grace: Duration::ZERO });
             }
-            (Control::Resize(size), Phase::Workload) => {
+            (Control::Resize(size), Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 self.send(&Frame::new(MAIN_SESSION, Message::Resize(size)))?;
             }
             _ => {}
