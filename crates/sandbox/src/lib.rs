@@ -10,3 +10,4 @@
 pub mod launch;
 pub mod options;
 pub mod spec;
+pub mod state;
