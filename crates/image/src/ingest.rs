@@ -1,0 +1,387 @@
+//! Streams one blob into the store: digest, size and (for layers) the uncompressed digest
+//! are checked while the bytes arrive; the blob is published only when all of them match.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::digest::{Digest, Hasher};
+use crate::media::Compression;
+use crate::store::Store;
+use crate::Error;
+
+const CHUNK: usize = 256 << 10;
+/// Chunks queued for the decompressing thread before the download waits for it.
+const PIPE_DEPTH: usize = 16;
+
+/// What a blob must be.
+#[derive(Debug, Clone)]
+pub(crate) struct Expected {
+    /// How errors name the blob, e.g. `layer sha256:... of docker://...`.
+    pub what: String,
+    pub digest: Digest,
+    pub size: u64,
+    /// For layers: the config's diff_id and the blob's compression.
+    pub layer: Option<(Digest, Compression)>,
+}
+
+/// How an ingest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The store already had it (perhaps another process just wrote it).
+    Cached,
+    Downloaded,
+}
+
+/// Makes sure blob `expected` is in the store. `open` is called only when the blob must
+/// be fetched; `progress(bytes_so_far)` is called as bytes arrive.
+pub(crate) async fn ingest<R, F, Fut>(
+    store: &Store,
+    expected: &Expected,
+    open: F,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<Outcome, Error>
+where
+    R: AsyncRead + Unpin,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<R, Error>>,
+{
+    if store.has_blob(&expected.digest) {
+        check_cached_layer(store, expected).await?;
+        return Ok(Outcome::Cached);
+    }
+    let lock = {
+        let store = store.clone();
+        let digest = expected.digest.clone();
+        tokio::task::spawn_blocking(move || store.lock_blob(&digest))
+            .await
+            .expect("the lock task does not panic")?
+    };
+    if store.has_blob(&expected.digest) {
+        drop(lock);
+        check_cached_layer(store, expected).await?;
+        return Ok(Outcome::Cached);
+    }
+    let mut reader = open().await?;
+    let mut temp = store.temp_file(expected.digest.algorithm(), expected.digest.hex())?;
+    let mut hasher = Hasher::new(expected.digest.algorithm());
+    let mut pipe = match &expected.layer {
+        Some((diff_id, compression)) if *compression != Compression::None => {
+            Some(DiffPipe::start(*compression, diff_id.algorithm()))
+        }
+        _ => None,
+    };
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        // Never read more than one byte past the descriptor's size.
+        let room = (expected.size + 1 - total).min(CHUNK as u64) as usize;
+        let n = reader
+            .read(&mut buf[..room])
+            .await
+            .map_err(Error::io(format!("{}: reading", expected.what)))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > expected.size {
+            return Err(Error::TooLarge {
+                what: expected.what.clone(),
+                limit: expected.size,
+                actual: total,
+                why: "a blob may not exceed its descriptor's size",
+            });
+        }
+        let chunk = &buf[..n];
+        hasher.update(chunk);
+        temp.file().write_all(chunk).map_err(Error::io(format!(
+            "{}: writing the temp file",
+            expected.what
+        )))?;
+        if let Some(pipe) = &mut pipe {
+            pipe.send(chunk);
+        }
+        progress(total);
+    }
+    if total != expected.size {
+        return Err(Error::SizeMismatch {
+            what: expected.what.clone(),
+            expected: expected.size,
+            actual: total,
+        });
+    }
+    let actual = hasher.finish();
+    if actual != expected.digest {
+        return Err(Error::DigestMismatch {
+            what: expected.what.clone(),
+            expected: expected.digest.clone(),
+            actual,
+        });
+    }
+    if let Some((diff_id, _)) = &expected.layer {
+        let uncompressed = match pipe {
+            Some(pipe) => {
+                let what = expected.what.clone();
+                tokio::task::spawn_blocking(move || pipe.finish(&what))
+                    .await
+                    .expect("the decompression task does not panic")?
+            }
+            None => actual.clone(),
+        };
+        if &uncompressed != diff_id {
+            return Err(Error::DiffIdMismatch {
+                what: expected.what.clone(),
+                expected: diff_id.clone(),
+                actual: uncompressed,
+            });
+        }
+        store.record_diff_id(&expected.digest, diff_id)?;
+    }
+    temp.persist(&store.blob_path(&expected.digest))?;
+    drop(lock);
+    Ok(Outcome::Downloaded)
+}
+
+/// A layer already in the store was verified against the diff_id of the config that
+/// brought it; a new config must claim the same one.
+async fn check_cached_layer(store: &Store, expected: &Expected) -> Result<(), Error> {
+    let Some((diff_id, compression)) = &expected.layer else {
+        return Ok(());
+    };
+    let known = match store.diff_id(&expected.digest) {
+        Some(known) => known,
+        None => {
+            // Stored as another kind of blob before: compute it from the stored bytes.
+            let store2 = store.clone();
+            let (digest, compression, what) =
+                (expected.digest.clone(), *compression, expected.what.clone());
+            let algorithm = diff_id.algorithm();
+            let computed = tokio::task::spawn_blocking(move || -> Result<Digest, Error> {
+                let file = store2.open_blob(&digest)?;
+                uncompressed_digest(compression, algorithm, file)
+                    .map_err(Error::io(format!("{what}: decompressing the stored blob")))
+            })
+            .await
+            .expect("the decompression task does not panic")?;
+            if &computed == diff_id {
+                store.record_diff_id(&expected.digest, diff_id)?;
+            }
+            computed
+        }
+    };
+    if &known != diff_id {
+        return Err(Error::DiffIdMismatch {
+            what: expected.what.clone(),
+            expected: diff_id.clone(),
+            actual: known,
+        });
+    }
+    Ok(())
+}
+
+/// Digest of what `reader` decompresses to: gzip members and zstd frames are all read.
+fn uncompressed_digest(
+    compression: Compression,
+    algorithm: crate::Algorithm,
+    reader: impl Read,
+) -> io::Result<Digest> {
+    let mut hasher = Hasher::new(algorithm);
+    match compression {
+        Compression::None => io::copy(
+            &mut io::BufReader::with_capacity(CHUNK, reader),
+            &mut hasher,
+        )?,
+        Compression::Gzip => io::copy(
+            &mut flate2::read::MultiGzDecoder::new(io::BufReader::new(reader)),
+            &mut hasher,
+        )?,
+        Compression::Zstd => io::copy(&mut zstd::stream::read::Decoder::new(reader)?, &mut hasher)?,
+    };
+    Ok(hasher.finish())
+}
+
+/// Decompresses on a thread of its own while the download goes on.
+struct DiffPipe {
+    sender: Option<SyncSender<Vec<u8>>>,
+    thread: JoinHandle<io::Result<Digest>>,
+}
+
+impl DiffPipe {
+    fn start(compression: Compression, algorithm: crate::Algorithm) -> DiffPipe {
+        let (sender, receiver) = sync_channel(PIPE_DEPTH);
+        let thread = std::thread::spawn(move || {
+            let reader = ChannelReader {
+                receiver,
+                chunk: Vec::new(),
+                pos: 0,
+            };
+            let digest = uncompressed_digest(compression, algorithm, reader)?;
+            Ok(digest)
+        });
+        DiffPipe {
+            sender: Some(sender),
+            thread,
+        }
+    }
+
+    fn send(&mut self, chunk: &[u8]) {
+        if let Some(sender) = &self.sender {
+            // The thread stopped early (bad data): its error comes out of finish().
+            if sender.send(chunk.to_vec()).is_err() {
+                self.sender = None;
+            }
+        }
+    }
+
+    fn finish(mut self, what: &str) -> Result<Digest, Error> {
+        self.sender = None;
+        self.thread
+            .join()
+            .expect("the decompression thread does not panic")
+            .map_err(Error::io(format!("{what}: decompressing")))
+    }
+}
+
+struct ChannelReader {
+    receiver: Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.receiver.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzip_members(parts: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in parts {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(part).unwrap();
+            out.extend(enc.finish().unwrap());
+        }
+        out
+    }
+
+    fn zstd_frames(parts: &[&[u8]]) -> Vec<u8> {
+        parts
+            .iter()
+            .flat_map(|p| zstd::encode_all(*p, 1).unwrap())
+            .collect()
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn expected(blob: &[u8], uncompressed: &[u8], compression: Compression) -> Expected {
+        Expected {
+            what: "layer under test".into(),
+            digest: Digest::sha256_of(blob),
+            size: blob.len() as u64,
+            layer: Some((Digest::sha256_of(uncompressed), compression)),
+        }
+    }
+
+    fn ingest_bytes(store: &Store, exp: &Expected, bytes: &[u8]) -> Result<Outcome, Error> {
+        let bytes = bytes.to_vec();
+        run(ingest(
+            store,
+            exp,
+            || async move { Ok(io::Cursor::new(bytes)) },
+            &|_| {},
+        ))
+    }
+
+    #[test]
+    fn multi_member_gzip_and_multi_frame_zstd_verify() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let big = vec![7u8; 3 * CHUNK + 5];
+        let whole = [&b"first member "[..], &big, b" third"].concat();
+        let parts: [&[u8]; 3] = [b"first member ", &big, b" third"];
+        for (blob, compression) in [
+            (gzip_members(&parts), Compression::Gzip),
+            (zstd_frames(&parts), Compression::Zstd),
+            (whole.clone(), Compression::None),
+        ] {
+            let exp = expected(&blob, &whole, compression);
+            assert_eq!(
+                ingest_bytes(&store, &exp, &blob).unwrap(),
+                Outcome::Downloaded
+            );
+            assert_eq!(std::fs::read(store.blob_path(&exp.digest)).unwrap(), blob);
+            assert_eq!(
+                ingest_bytes(&store, &exp, b"unused").unwrap(),
+                Outcome::Cached
+            );
+        }
+    }
+
+    #[test]
+    fn bad_blobs_are_rejected_and_leave_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let blob = gzip_members(&[b"content"]);
+        let good = expected(&blob, b"content", Compression::Gzip);
+
+        let mut corrupt = blob.clone();
+        corrupt[12] ^= 0xff;
+        let err = ingest_bytes(&store, &good, &corrupt)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer under test") && err.contains(&good.digest.to_string()),
+            "{err}"
+        );
+
+        let err = ingest_bytes(&store, &good, &[&blob[..], b"x"].concat()).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+        let err = ingest_bytes(&store, &good, &blob[..blob.len() - 1]).unwrap_err();
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+
+        let wrong_diff = expected(&blob, b"other content", Compression::Gzip);
+        let err = ingest_bytes(&store, &wrong_diff, &blob).unwrap_err();
+        assert!(matches!(err, Error::DiffIdMismatch { .. }), "{err}");
+        let not_gzip = expected(b"plain", b"plain", Compression::Gzip);
+        assert!(ingest_bytes(&store, &not_gzip, b"plain").is_err());
+
+        assert!(!store.has_blob(&good.digest));
+        let leftovers: Vec<_> = std::fs::read_dir(store.dir().join("blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        // A cached layer claimed with another diff_id is refused too.
+        ingest_bytes(&store, &good, &blob).unwrap();
+        assert!(matches!(
+            ingest_bytes(&store, &wrong_diff, &blob),
+            Err(Error::DiffIdMismatch { .. })
+        ));
+    }
+}

@@ -1,0 +1,426 @@
+//! Where image bytes come from: a registry (oci-client) or local files (an OCI layout
+//! directory, an `oci-archive`, a `docker-archive`). Every source hands out the root
+//! manifest or index, manifests by digest, and blob streams; the caller verifies blobs as
+//! they stream, manifests are verified here.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Client;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::io::StreamReader;
+
+use crate::archive::Files;
+use crate::digest::{verify_bytes, Digest};
+use crate::media;
+use crate::reference::{DockerRef, ImageRef};
+use crate::{Error, PullOptions, MAX_METADATA_SIZE};
+
+pub(crate) type BlobReader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// The document a reference points at, verified.
+pub(crate) struct Root {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+}
+
+pub(crate) enum Source {
+    Registry(RegistrySource),
+    Local(LocalSource),
+}
+
+pub(crate) struct RegistrySource {
+    client: Client,
+    reference: DockerRef,
+    auth: RegistryAuth,
+}
+
+pub(crate) struct LocalSource {
+    files: Files,
+    root: Root,
+    /// docker-archive: where each blob is in the tarball (an OCI layout uses blobs/ALG/HEX).
+    names: HashMap<Digest, String>,
+}
+
+impl Source {
+    pub(crate) fn open(reference: &ImageRef, options: &PullOptions) -> Result<Source, Error> {
+        Ok(match reference {
+            ImageRef::Docker(r) => Source::Registry(RegistrySource::new(r, options)?),
+            ImageRef::OciLayout { path, tag } => {
+                Source::Local(LocalSource::oci(Files::Dir(path.clone()), tag.as_deref())?)
+            }
+            ImageRef::OciArchive { path, tag } => {
+                Source::Local(LocalSource::oci(Files::tar(path)?, tag.as_deref())?)
+            }
+            ImageRef::DockerArchive { path, name } => Source::Local(LocalSource::docker_archive(
+                Files::tar(path)?,
+                name.as_ref(),
+            )?),
+        })
+    }
+
+    pub(crate) async fn root(&self) -> Result<Root, Error> {
+        match self {
+            Source::Registry(r) => r.root().await,
+            Source::Local(l) => Ok(Root {
+                bytes: l.root.bytes.clone(),
+                digest: l.root.digest.clone(),
+            }),
+        }
+    }
+
+    /// Manifest `digest` (of `size` bytes), verified.
+    pub(crate) async fn manifest(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, Error> {
+        let what = format!("manifest {digest}");
+        if size > MAX_METADATA_SIZE {
+            return Err(Error::TooLarge {
+                what,
+                limit: MAX_METADATA_SIZE,
+                actual: size,
+                why: "manifest cap",
+            });
+        }
+        let bytes = match self {
+            Source::Registry(r) => r.manifest(digest).await?,
+            Source::Local(l) => l.files.read(&l.name(digest), MAX_METADATA_SIZE)?,
+        };
+        if bytes.len() as u64 != size {
+            return Err(Error::SizeMismatch {
+                what,
+                expected: size,
+                actual: bytes.len() as u64,
+            });
+        }
+        verify_bytes(&what, &bytes, digest)?;
+        Ok(bytes)
+    }
+
+    /// A stream of blob `digest`'s bytes, unverified.
+    pub(crate) async fn blob(&self, digest: &Digest) -> Result<BlobReader, Error> {
+        match self {
+            Source::Registry(r) => {
+                let stream = r
+                    .client
+                    .pull_blob_stream(&r.oci_reference(None), digest.to_string().as_str())
+                    .await
+                    .map_err(|e| r.error(format!("fetching blob {digest}: {e}")))?;
+                Ok(Box::new(StreamReader::new(stream.stream)))
+            }
+            Source::Local(l) => {
+                let (file, size) = l.files.open(&l.name(digest))?;
+                Ok(Box::new(tokio::fs::File::from_std(file).take(size)))
+            }
+        }
+    }
+}
+
+impl RegistrySource {
+    fn new(reference: &DockerRef, options: &PullOptions) -> Result<RegistrySource, Error> {
+        // reqwest is built without a default crypto provider; ring is the one kiln ships.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let insecure = options
+            .insecure_registries
+            .iter()
+            .any(|h| h == &reference.registry || h == reference.host());
+        let plain_http = insecure || reference.is_loopback();
+        let config = ClientConfig {
+            protocol: if plain_http {
+                ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            accept_invalid_certificates: insecure,
+            platform_resolver: None,
+            max_concurrent_download: options.max_concurrent_downloads.max(1),
+            ..ClientConfig::default()
+        };
+        let auth = crate::auth::credentials(reference, options.creds.as_deref())?;
+        Ok(RegistrySource {
+            client: Client::new(config),
+            reference: reference.clone(),
+            auth,
+        })
+    }
+
+    fn oci_reference(&self, digest: Option<&Digest>) -> oci_client::Reference {
+        let r = &self.reference;
+        match (digest.or(r.digest.as_ref()), &r.tag) {
+            (Some(d), _) => oci_client::Reference::with_digest(
+                r.registry.clone(),
+                r.repository.clone(),
+                d.to_string(),
+            ),
+            (None, Some(tag)) => oci_client::Reference::with_tag(
+                r.registry.clone(),
+                r.repository.clone(),
+                tag.clone(),
+            ),
+            (None, None) => unreachable!("a parsed reference has a tag or a digest"),
+        }
+    }
+
+    fn error(&self, reason: String) -> Error {
+        Error::Registry {
+            registry: self.reference.registry.clone(),
+            reason,
+        }
+    }
+
+    async fn fetch_manifest(&self, reference: &oci_client::Reference) -> Result<Vec<u8>, Error> {
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(reference, &self.auth, media::ACCEPTED_MANIFESTS)
+            .await
+            .map_err(|e| self.error(format!("fetching manifest of {}: {e}", self.reference)))?;
+        if bytes.len() as u64 > MAX_METADATA_SIZE {
+            return Err(Error::TooLarge {
+                what: format!("manifest of {}", self.reference),
+                limit: MAX_METADATA_SIZE,
+                actual: bytes.len() as u64,
+                why: "manifest cap",
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    async fn root(&self) -> Result<Root, Error> {
+        let bytes = self.fetch_manifest(&self.oci_reference(None)).await?;
+        let digest = match &self.reference.digest {
+            Some(d) => {
+                verify_bytes(&format!("manifest of {}", self.reference), &bytes, d)?;
+                d.clone()
+            }
+            None => Digest::sha256_of(&bytes),
+        };
+        Ok(Root { bytes, digest })
+    }
+
+    async fn manifest(&self, digest: &Digest) -> Result<Vec<u8>, Error> {
+        self.fetch_manifest(&self.oci_reference(Some(digest))).await
+    }
+}
+
+/// index.json of an OCI layout, as much as kiln reads of it.
+#[derive(Deserialize)]
+struct LayoutIndex {
+    #[serde(default)]
+    manifests: Vec<LayoutEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LayoutEntry {
+    digest: Digest,
+    size: u64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// manifest.json of a docker-archive.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ArchiveEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+impl LocalSource {
+    fn name(&self, digest: &Digest) -> String {
+        self.names
+            .get(digest)
+            .cloned()
+            .unwrap_or_else(|| format!("blobs/{}/{}", digest.algorithm().name(), digest.hex()))
+    }
+
+    /// An OCI layout (directory or tarball): the index.json entry tagged `tag`, or the
+    /// only entry when no tag is given.
+    fn oci(files: Files, tag: Option<&str>) -> Result<LocalSource, Error> {
+        let origin = files.origin().display().to_string();
+        let index_bytes = files.read("index.json", MAX_METADATA_SIZE)?;
+        let index: LayoutIndex = serde_json::from_slice(&index_bytes)
+            .map_err(|e| Error::invalid(format!("index.json of {origin}"), e.to_string()))?;
+        let tags = || -> String {
+            let tags: Vec<&str> = index
+                .manifests
+                .iter()
+                .filter_map(|m| m.annotations.get(REF_NAME).map(String::as_str))
+                .collect();
+            if tags.is_empty() {
+                "none".into()
+            } else {
+                tags.join(", ")
+            }
+        };
+        let entry = match tag {
+            Some(tag) => index
+                .manifests
+                .iter()
+                .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
+                .ok_or_else(|| {
+                    Error::invalid(&origin, format!("has no tag {tag:?}; its tags: {}", tags()))
+                })?,
+            None => match index.manifests.as_slice() {
+                [only] => only,
+                _ => {
+                    return Err(Error::invalid(
+                        &origin,
+                        format!(
+                            "holds {} images; name one as PATH:TAG (tags: {})",
+                            index.manifests.len(),
+                            tags()
+                        ),
+                    ))
+                }
+            },
+        };
+        let what = format!("manifest {} of {origin}", entry.digest);
+        if entry.size > MAX_METADATA_SIZE {
+            return Err(Error::TooLarge {
+                what,
+                limit: MAX_METADATA_SIZE,
+                actual: entry.size,
+                why: "manifest cap",
+            });
+        }
+        let name = format!(
+            "blobs/{}/{}",
+            entry.digest.algorithm().name(),
+            entry.digest.hex()
+        );
+        let bytes = files.read(&name, MAX_METADATA_SIZE)?;
+        if bytes.len() as u64 != entry.size {
+            return Err(Error::SizeMismatch {
+                what,
+                expected: entry.size,
+                actual: bytes.len() as u64,
+            });
+        }
+        verify_bytes(&what, &bytes, &entry.digest)?;
+        let root = Root {
+            bytes,
+            digest: entry.digest.clone(),
+        };
+        Ok(LocalSource {
+            files,
+            root,
+            names: HashMap::new(),
+        })
+    }
+
+    /// A `docker save` tarball. It has no manifest, so one is made (Docker schema 2) from
+    /// its config and layers; uncompressed layers are identified by their diff_ids, which
+    /// the layer digest check then verifies.
+    fn docker_archive(files: Files, name: Option<&DockerRef>) -> Result<LocalSource, Error> {
+        let origin = files.origin().display().to_string();
+        let bad = |reason: String| Error::invalid(&origin, reason);
+        let entries: Vec<ArchiveEntry> =
+            serde_json::from_slice(&files.read("manifest.json", MAX_METADATA_SIZE)?)
+                .map_err(|e| bad(format!("manifest.json: {e}")))?;
+        let all_tags = || {
+            entries
+                .iter()
+                .flat_map(|e| e.repo_tags.iter().flatten().cloned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let entry = match name {
+            Some(wanted) => entries
+                .iter()
+                .find(|e| {
+                    e.repo_tags.iter().flatten().any(|t| {
+                        DockerRef::parse(t).is_ok_and(|t| {
+                            t.registry == wanted.registry
+                                && t.repository == wanted.repository
+                                && t.tag == wanted.tag
+                        })
+                    })
+                })
+                .ok_or_else(|| {
+                    bad(format!(
+                        "has no image {}; its images: {}",
+                        wanted.familiar(),
+                        all_tags()
+                    ))
+                })?,
+            None => match entries.as_slice() {
+                [only] => only,
+                _ => {
+                    return Err(bad(format!(
+                        "holds {} images; name one as PATH:NAME:TAG ({})",
+                        entries.len(),
+                        all_tags()
+                    )))
+                }
+            },
+        };
+        let config_bytes = files.read(&entry.config, MAX_METADATA_SIZE)?;
+        let config_digest = Digest::sha256_of(&config_bytes);
+        #[derive(Deserialize)]
+        struct RootFs {
+            diff_ids: Vec<Digest>,
+        }
+        #[derive(Deserialize)]
+        struct ConfigRootFs {
+            rootfs: RootFs,
+        }
+        let diff_ids = serde_json::from_slice::<ConfigRootFs>(&config_bytes)
+            .map_err(|e| bad(format!("config {}: {e}", entry.config)))?
+            .rootfs
+            .diff_ids;
+        if diff_ids.len() != entry.layers.len() {
+            return Err(bad(format!(
+                "config has {} diff_ids but manifest.json lists {} layers",
+                diff_ids.len(),
+                entry.layers.len()
+            )));
+        }
+        let mut names = HashMap::from([(config_digest.clone(), entry.config.clone())]);
+        let mut layers = Vec::new();
+        for (layer_name, diff_id) in entry.layers.iter().zip(diff_ids) {
+            let (file, size) = files.open(layer_name)?;
+            let mut reader = file.take(size);
+            let mut magic = [0u8; 4];
+            let got = reader
+                .read(&mut magic)
+                .map_err(Error::io(format!("reading {layer_name} in {origin}")))?;
+            let (media_type, digest) = match &magic[..got] {
+                [0x1f, 0x8b, ..] | [0x28, 0xb5, 0x2f, 0xfd] => {
+                    // Compressed: the blob digest is not in the archive, so compute it.
+                    let (file, _) = files.open(layer_name)?;
+                    let mut hasher = crate::digest::Hasher::new(crate::Algorithm::Sha256);
+                    std::io::copy(&mut file.take(size), &mut hasher)
+                        .map_err(Error::io(format!("reading {layer_name} in {origin}")))?;
+                    let media_type = if magic[0] == 0x1f {
+                        media::DOCKER_LAYER_GZIP
+                    } else {
+                        "application/vnd.oci.image.layer.v1.tar+zstd"
+                    };
+                    (media_type, hasher.finish())
+                }
+                _ => (media::DOCKER_LAYER_TAR, diff_id),
+            };
+            names.insert(digest.clone(), layer_name.clone());
+            layers
+                .push(serde_json::json!({"mediaType": media_type, "size": size, "digest": digest}));
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media::DOCKER_MANIFEST,
+            "config": {"mediaType": media::DOCKER_CONFIG, "size": config_bytes.len(), "digest": config_digest},
+            "layers": layers,
+        });
+        let bytes = serde_json::to_vec(&manifest).expect("a manifest serializes");
+        let root = Root {
+            digest: Digest::sha256_of(&bytes),
+            bytes,
+        };
+        Ok(LocalSource { files, root, names })
+    }
+}
