@@ -692,3 +692,94 @@ fn make_fixtures_survives_kills_and_concurrent_runs() {
     assert_eq!(dir_c, dir_a);
     assert!(!log.contains("building"), "cached run rebuilt: {log}");
 }
+
+#[test]
+fn registry_script_serves_fixtures_until_terminated() {
+    if !require_root("registry_script_serves_fixtures_until_terminated") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+
+    let demo = fixtures().demo();
+    let mut script = Command::new("bash")
+        .arg(kiln_e2e::workspace_root().join("scripts/registry"))
+        .args(["--auth", "kiln:script-password", "demo"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("starting scripts/registry");
+    // The first stdout line is the address, printed once the fixtures are pushed.
+    let stdout = script.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = sender.send(line);
+    });
+    let addr = match receiver.recv_timeout(TOOL_TIMEOUT) {
+        Ok(line) if !line.trim().is_empty() => line.trim().to_owned(),
+        other => {
+            kill_process_group(&script);
+            panic!("scripts/registry printed no address: {other:?}");
+        }
+    };
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+
+    let reference = format!("docker://{addr}/demo:latest");
+    let inspect = |creds: &str| {
+        run_with_timeout(
+            Command::new("skopeo").args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                creds,
+                &reference,
+            ]),
+            TOOL_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let with_creds = inspect("--creds=kiln:script-password");
+    let without_creds = inspect("--no-creds");
+
+    // SIGTERM to the script alone: its trap stops the registry and removes the temp dir.
+    let pid = libc::pid_t::try_from(script.id()).unwrap();
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let output = script.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+
+    assert!(with_creds.status.success(), "{log}");
+    assert_eq!(
+        sha256_digest(&with_creds.stdout),
+        demo.oci_gzip.manifest_digest
+    );
+    assert!(!without_creds.status.success(), "anonymous pull allowed");
+    let storage = log
+        .split_whitespace()
+        .find(|w| w.ends_with("/storage);"))
+        .map(|w| w.trim_start_matches('(').trim_end_matches(");"))
+        .unwrap_or_else(|| panic!("no storage dir in the log: {log}"));
+    let work_dir = Path::new(storage).parent().unwrap();
+    assert!(!work_dir.exists(), "{} left behind", work_dir.display());
+    assert!(
+        run_with_timeout(
+            Command::new("skopeo").args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--no-creds",
+                &reference
+            ]),
+            TOOL_TIMEOUT
+        )
+        .unwrap()
+        .status
+        .code()
+            != Some(0),
+        "registry still serving"
+    );
+}
