@@ -84,7 +84,7 @@ pub fn check_pod(pod: &Pod) -> Vec<ContainerVerdict> {
     let empty = PodSpec::default();
     let spec = pod.spec.as_ref().unwrap_or(&empty);
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let pod_violations = check_pod_level(spec);
+    let pod_violations = check_pod_level(spec, &annotations);
 
     let ephemeral: Vec<Container> = spec
         .ephemeral_containers
@@ -105,7 +105,7 @@ pub fn check_pod(pod: &Pod) -> Vec<ContainerVerdict> {
         for (index, container) in containers.iter().enumerate() {
             let path = format!("spec.{}[{index}]", kind.list());
             let mut violations = pod_violations.clone();
-            violations.extend(check_container(spec, &annotations, container, &path));
+            violations.extend(check_container(spec, container, &path));
             let level = met_level(&violations);
             verdicts.push(ContainerVerdict { name: container.name.clone(), kind, level, violations });
         }
@@ -184,9 +184,24 @@ fn is_windows(spec: &PodSpec) -> bool {
     spec.os.as_ref().is_some_and(|os| os.name == "windows")
 }
 
-fn check_pod_level(spec: &PodSpec) -> Vec<Violation> {
+fn check_pod_level(spec: &PodSpec, annotations: &BTreeMap<String, String>) -> Vec<Violation> {
     use Level::{Baseline, Restricted};
     let mut out = Vec::new();
+    // Any container's AppArmor annotation counts, as in pod-security-admission, even one
+    // naming no container of this pod.
+    for (key, value) in annotations.range(APPARMOR_ANNOTATION_PREFIX.to_owned()..) {
+        if !key.starts_with(APPARMOR_ANNOTATION_PREFIX) {
+            break;
+        }
+        if !(value.is_empty() || value == "runtime/default" || value.starts_with("localhost/")) {
+            out.push(violation(
+                Baseline,
+                "AppArmor",
+                format!("metadata.annotations[{key:?}]"),
+                format!("is {value:?}; allowed: runtime/default, localhost/* or unset"),
+            ));
+        }
+    }
     for (field, value) in [("hostNetwork", spec.host_network), ("hostPID", spec.host_pid), ("hostIPC", spec.host_ipc)] {
         if value == Some(true) {
             out.push(violation(
@@ -298,12 +313,7 @@ fn check_selinux(options: &k8s_openapi::api::core::v1::SELinuxOptions, field: &s
     }
 }
 
-fn check_container(
-    spec: &PodSpec,
-    annotations: &BTreeMap<String, String>,
-    container: &Container,
-    path: &str,
-) -> Vec<Violation> {
+fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Violation> {
     use Level::{Baseline, Restricted};
     let mut out = Vec::new();
     let empty = SecurityContext::default();
@@ -346,17 +356,6 @@ fn check_container(
     }
     if let Some(apparmor) = &context.app_armor_profile {
         check_apparmor_type(&apparmor.type_, &format!("{sc}.appArmorProfile.type"), &mut out);
-    }
-    let annotation = format!("{APPARMOR_ANNOTATION_PREFIX}{}", container.name);
-    if let Some(value) = annotations.get(&annotation) {
-        if !(value.is_empty() || value == "runtime/default" || value.starts_with("localhost/")) {
-            out.push(violation(
-                Baseline,
-                "AppArmor",
-                format!("metadata.annotations[{annotation:?}]"),
-                format!("is {value:?}; allowed: runtime/default, localhost/* or unset"),
-            ));
-        }
     }
     if let Some(selinux) = &context.se_linux_options {
         check_selinux(selinux, &format!("{sc}.seLinuxOptions"), &mut out);
@@ -565,6 +564,144 @@ mod tests {
         assert_eq!(check_pod(&p)[0].level, Level::Baseline);
         p.spec.as_mut().unwrap().host_users = Some(false);
         assert_eq!(check_pod(&p)[0].level, Level::Restricted);
+    }
+
+    #[test]
+    fn apparmor_annotations_count_for_every_container() {
+        let mut p = pod(vec![restricted_container("a"), restricted_container("b")]);
+        p.metadata.annotations = Some(BTreeMap::from([
+            ("container.apparmor.security.beta.kubernetes.io/a".to_owned(), "runtime/default".to_owned()),
+            ("container.apparmor.security.beta.kubernetes.io/gone".to_owned(), "unconfined".to_owned()),
+        ]));
+        let verdicts = check_pod(&p);
+        assert!(verdicts.iter().all(|v| v.level == Level::Privileged));
+        assert_eq!(
+            verdicts[1].violations[0].field,
+            "metadata.annotations[\"container.apparmor.security.beta.kubernetes.io/gone\"]"
+        );
+    }
+
+    /// One change each to a restricted pod, with the level left and the field blamed.
+    #[test]
+    fn single_rule_table() {
+        type Edit = fn(&mut PodSpec);
+        let cases: [(&str, Edit, Level, &str); 12] = [
+            (
+                "privileged",
+                |s| sc(s).privileged = Some(true),
+                Level::Privileged,
+                "containers[0].securityContext.privileged",
+            ),
+            (
+                "host port",
+                |s| {
+                    s.containers[0].ports =
+                        Some(vec![serde_json::from_str(r#"{"containerPort":80,"hostPort":80}"#).unwrap()])
+                },
+                Level::Privileged,
+                "containers[0].ports[0].hostPort",
+            ),
+            (
+                "unsafe sysctl",
+                |s| {
+                    s.security_context =
+                        Some(serde_json::from_str(r#"{"sysctls":[{"name":"kernel.msgmax","value":"1"}]}"#).unwrap())
+                },
+                Level::Privileged,
+                "securityContext.sysctls[0].name",
+            ),
+            (
+                "selinux user",
+                |s| sc(s).se_linux_options = Some(serde_json::from_str(r#"{"user":"root"}"#).unwrap()),
+                Level::Privileged,
+                "containers[0].securityContext.seLinuxOptions.user",
+            ),
+            (
+                "unmasked proc",
+                |s| sc(s).proc_mount = Some("Unmasked".into()),
+                Level::Privileged,
+                "containers[0].securityContext.procMount",
+            ),
+            (
+                "seccomp unconfined",
+                |s| {
+                    sc(s).seccomp_profile = Some(SeccompProfile { type_: "Unconfined".into(), localhost_profile: None })
+                },
+                Level::Privileged,
+                "containers[0].securityContext.seccompProfile.type",
+            ),
+            (
+                "seccomp unset everywhere",
+                |s| sc(s).seccomp_profile = None,
+                Level::Baseline,
+                "containers[0].securityContext.seccompProfile.type",
+            ),
+            (
+                "escalation allowed",
+                |s| sc(s).allow_privilege_escalation = None,
+                Level::Baseline,
+                "containers[0].securityContext.allowPrivilegeEscalation",
+            ),
+            ("root uid", |s| sc(s).run_as_user = Some(0), Level::Baseline, "containers[0].securityContext.runAsUser"),
+            (
+                "drop not ALL",
+                |s| sc(s).capabilities = Some(Capabilities { drop: Some(vec!["NET_RAW".into()]), add: None }),
+                Level::Baseline,
+                "containers[0].securityContext.capabilities.drop",
+            ),
+            (
+                "add NET_BIND_SERVICE only",
+                |s| {
+                    sc(s).capabilities = Some(Capabilities {
+                        drop: Some(vec!["ALL".into()]),
+                        add: Some(vec!["NET_BIND_SERVICE".into()]),
+                    })
+                },
+                Level::Restricted,
+                "",
+            ),
+            (
+                "host probe",
+                |s| {
+                    s.containers[0].liveness_probe =
+                        Some(serde_json::from_str(r#"{"httpGet":{"port":80,"host":"10.0.0.1"}}"#).unwrap())
+                },
+                Level::Privileged,
+                "containers[0].livenessProbe.httpGet.host",
+            ),
+        ];
+        for (what, edit, level, field) in cases {
+            let mut p = pod(vec![restricted_container("a")]);
+            edit(p.spec.as_mut().unwrap());
+            let verdict = &check_pod(&p)[0];
+            assert_eq!(verdict.level, level, "{what}: {:?}", verdict.violations);
+            if !field.is_empty() {
+                assert_eq!(verdict.violations[0].field, format!("spec.{field}"), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn pod_level_seccomp_covers_containers_and_windows_pods_are_exempt() {
+        let mut c = restricted_container("a");
+        c.security_context.as_mut().unwrap().seccomp_profile = None;
+        let mut p = pod(vec![c]);
+        p.spec.as_mut().unwrap().security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        });
+        assert_eq!(check_pod(&p)[0].level, Level::Restricted);
+
+        let mut c = restricted_container("a");
+        let context = c.security_context.as_mut().unwrap();
+        (context.seccomp_profile, context.capabilities, context.allow_privilege_escalation) = (None, None, None);
+        let mut p = pod(vec![c]);
+        p.spec.as_mut().unwrap().os = Some(k8s_openapi::api::core::v1::PodOS { name: "windows".into() });
+        assert_eq!(check_pod(&p)[0].level, Level::Restricted);
+    }
+
+    fn sc(spec: &mut PodSpec) -> &mut SecurityContext {
+        spec.containers[0].security_context.as_mut().unwrap()
     }
 
     #[test]
