@@ -148,3 +148,29 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #[test]
+    fn decimal_ids_parse_exactly_within_bounds(id in any::<u32>()) {
+        let text = id.to_string();
+        let in_bounds = (1000..=2_000_000_000).contains(&id);
+        prop_assert_eq!(kiln_identity::parse_sandbox_id(&text).is_ok(), in_bounds);
+        prop_assert_eq!(kiln_identity::RunAs::parse(text.as_bytes()).ok(), in_bounds.then_some(kiln_identity::RunAs::Id(id)));
+        // No other spelling of the same number is accepted.
+        for other in [format!("0{text}"), format!("+{text}"), format!(" {text}"), format!("{text} "), format!("{id:#x}")] {
+            prop_assert!(kiln_identity::RunAs::parse(other.as_bytes()).is_err(), "{other}");
+        }
+    }
+
+    #[test]
+    fn both_block_forms_agree(start in any::<u32>(), size in 1u32..=u32::MAX, pad in "[ \t]{0,2}") {
+        prop_assume!(start.checked_add(size - 1).is_some());
+        let end = start + (size - 1);
+        let slash = kiln_identity::parse_uid_range(&format!("{pad}{start}/{size}{pad}")).unwrap();
+        let dash = kiln_identity::parse_uid_range(&format!("{start}-{end}")).unwrap();
+        prop_assert_eq!(slash, dash);
+        prop_assert_eq!((slash.start(), slash.size(), slash.end()), (start, size, end));
+        let groups = kiln_identity::parse_supplemental_groups(&format!("{start}-{end},{pad}{slash}")).unwrap();
+        prop_assert_eq!(groups, vec![slash, slash]);
+    }
+}
