@@ -52,9 +52,13 @@
 //! [`build_root_image`] and [`build_identity_layer`] write to a temporary file in the
 //! destination directory, check it with `fsck.erofs` and publish it by rename; a crash
 //! leaves at most a temporary file, never a half-written image under the final name.
+//! [`Cache`] keys root images by manifest digest and [`BUILDER_FORMAT_VERSION`], and
+//! identity layers by root image, uid and gid, with a lock per key so that concurrent
+//! builds of one key build once.
 
 mod apply;
 mod build;
+mod cache;
 mod decode;
 mod error;
 mod identity;
@@ -68,6 +72,7 @@ pub use build::{
     build_identity_layer, build_root_image, fsck, BuildOptions, BuildReport, IdentityLayerReport,
     ImageSummary, Timings,
 };
+pub use cache::{Cache, Cached, BUILDER_FORMAT_VERSION};
 pub use decode::Compression;
 pub use error::{EntryError, EntryName, Error, Result};
 pub use identity::{AccountFile, IdentityInputs, IdentityReport, NodeAttributes, PathDir};
