@@ -5,7 +5,14 @@
 use kiln_identity::{write_sandbox_accounts, AccountFiles};
 use libfuzzer_sys::fuzz_target;
 
-type Input = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, u32, u32);
+type Input = (
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    u32,
+    u32,
+);
 
 fn sandbox_lines(bytes: &[u8]) -> usize {
     bytes
@@ -22,8 +29,15 @@ fuzz_target!(|input: Input| {
     let (passwd, group, gshadow, shadow, uid, gid) = input;
     // Mostly in-bounds ids, so the edit itself gets exercised.
     let (uid, gid) = (1000 + uid % 3000, 1000 + gid % 3000);
-    let files = AccountFiles { passwd, group, gshadow, shadow };
-    let Ok(once) = write_sandbox_accounts(&files, uid, gid, "/bin/sh") else { return };
+    let files = AccountFiles {
+        passwd,
+        group,
+        gshadow,
+        shadow,
+    };
+    let Ok(once) = write_sandbox_accounts(&files, uid, gid, "/bin/sh") else {
+        return;
+    };
     for out in [&once.passwd, &once.group, &once.gshadow, &once.shadow] {
         assert_eq!(sandbox_lines(out), 1, "{}", out.escape_ascii());
     }
@@ -35,6 +49,9 @@ fuzz_target!(|input: Input| {
     };
     // Outputs of inputs near the 1 MiB limit may pass it; that is the only allowed error.
     if let Ok(twice) = write_sandbox_accounts(&again, uid, gid, "/bin/sh") {
-        assert_eq!((&twice.passwd, &twice.group, &twice.gshadow, &twice.shadow), (&once.passwd, &once.group, &once.gshadow, &once.shadow));
+        assert_eq!(
+            (&twice.passwd, &twice.group, &twice.gshadow, &twice.shadow),
+            (&once.passwd, &once.group, &once.gshadow, &once.shadow)
+        );
     }
 });

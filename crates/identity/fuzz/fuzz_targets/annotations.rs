@@ -11,7 +11,9 @@ use kiln_identity::{
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(value) = std::str::from_utf8(data) else { return };
+    let Ok(value) = std::str::from_utf8(data) else {
+        return;
+    };
     let groups = parse_supplemental_groups(value);
     let range = parse_uid_range(value);
     match (&groups, &range) {
@@ -19,10 +21,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(blocks.first(), Some(first));
             for block in blocks {
                 assert!(block.size() >= 1 && block.end() >= block.start());
-                assert_eq!(u64::from(block.end()) - u64::from(block.start()) + 1, u64::from(block.size()));
+                assert_eq!(
+                    u64::from(block.end()) - u64::from(block.start()) + 1,
+                    u64::from(block.size())
+                );
             }
             let printed: Vec<String> = blocks.iter().map(ToString::to_string).collect();
-            assert_eq!(parse_supplemental_groups(&printed.join(",")).as_ref(), Ok(blocks));
+            assert_eq!(
+                parse_supplemental_groups(&printed.join(",")).as_ref(),
+                Ok(blocks)
+            );
         }
         (Err(_), Err(_)) => {}
         _ => panic!("the two annotations disagree about {value:?}"),
@@ -33,6 +41,9 @@ fuzz_target!(|data: &[u8]| {
     ]);
     if let Ok(resolved) = resolve_identity(None, None, &annotations) {
         let first = range.expect("resolution accepted a malformed annotation");
-        assert_eq!((resolved.uid.value, resolved.gid.value), (first.start(), first.start()));
+        assert_eq!(
+            (resolved.uid.value, resolved.gid.value),
+            (first.start(), first.start())
+        );
     }
 });

@@ -8,7 +8,11 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let run_as = RunAs::parse(data);
     if let Ok(value) = run_as {
-        assert_eq!(value.to_string().as_bytes(), data, "accepted a non-canonical spelling");
+        assert_eq!(
+            value.to_string().as_bytes(),
+            data,
+            "accepted a non-canonical spelling"
+        );
     }
     if let Ok(text) = std::str::from_utf8(data) {
         match parse_sandbox_id(text) {
