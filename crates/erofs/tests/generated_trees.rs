@@ -52,6 +52,10 @@ fn size() -> impl Strategy<Value = usize> {
     prop_oneof![
         Just(0usize),
         Just(1),
+        // Around the longest tail that can be inlined (beside a 32- or 64-byte inode).
+        Just(4032),
+        Just(4064),
+        Just(4065),
         Just(4095),
         Just(4096),
         Just(4097),
@@ -240,7 +244,7 @@ fn build(ops: &[Op], big_dir: Option<usize>) {
 proptest! {
     // Every case runs fsck.erofs and a loop mount: keep the count modest (2-core machine).
     #![proptest_config(ProptestConfig {
-        cases: 32,
+        cases: 48,
         max_shrink_iters: 200,
         failure_persistence: None,
         ..ProptestConfig::default()
