@@ -50,9 +50,9 @@
 //!   partial last block fits in one metadata block with the inode and its xattrs, and
 //!   `FLAT_PLAIN` otherwise. Inode records are packed best-fit into metadata blocks, so
 //!   images come out about as small as `mkfs.erofs` makes them. File tails longer than
-//!   4064 bytes are written padded in place while streaming; a spooled tail that turns
-//!   out not to fit (large xattrs or an extended inode) makes `finish` copy that file
-//!   after the metadata ([`ImageStats::relocated_files`]).
+//!   3904 bytes are written padded in place while streaming; a held-back tail that
+//!   turns out not to fit (only with more than 128 bytes of xattrs) makes `finish` copy
+//!   that file after the metadata ([`ImageStats::relocated_files`]).
 //! - Xattrs are stored inline per inode (no shared xattr table) with the EROFS name
 //!   prefixes `user.`, `trusted.`, `security.`, `system.posix_acl_access` and
 //!   `system.posix_acl_default`; values up to 64 KiB - 1, 256 KiB per inode. Note that
@@ -101,7 +101,7 @@ pub use writer::{DataReader, DataRef, FinishedImage, ImageOptions, ImageStats, I
 
 /// Identifies how this crate lays images out: bumped whenever the same tree and data
 /// would produce different bytes, so callers can put it in their cache keys.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Block size of every image this crate writes.
 pub const BLOCK_SIZE: u64 = format::BLOCK_SIZE;

@@ -95,10 +95,12 @@ impl Extent {
     }
 }
 
-/// Longest partial last block that can sit beside an inode (a compact one without
-/// xattrs); longer ones go to the data area padded to a block, so they never need
-/// relocating.
-const MAX_INLINE_TAIL: u64 = BLOCK_SIZE - format::COMPACT_INODE_SIZE as u64;
+/// Longest partial last block held back for inlining: one that still fits beside an
+/// extended inode with up to 128 bytes of xattrs (file capabilities, an SELinux label).
+/// Longer tails go to the data area padded to a block (wasting under 192 bytes each),
+/// so that a file is copied again in `finish` only when larger xattrs leave its tail no
+/// room.
+const MAX_INLINE_TAIL: u64 = BLOCK_SIZE - format::EXTENDED_INODE_SIZE as u64 - 128;
 
 /// Writes one EROFS image. See the crate documentation for the protocol.
 #[derive(Debug)]
@@ -372,7 +374,7 @@ mod tests {
             refs.push((writer.append_data(&data[..], len as u64).unwrap(), data));
         }
         // Data-area blocks after block 0: whole blocks, plus a padded one for a tail too
-        // long to inline (4095): 0 + 0 + 1 + 1 + 1 + 3.
+        // long to hold back (4095): 0 + 0 + 1 + 1 + 1 + 3.
         assert_eq!(writer.next_block, 1 + 6);
         for (data_ref, data) in &refs {
             let mut back = Vec::new();

@@ -52,7 +52,9 @@ fn size() -> impl Strategy<Value = usize> {
     prop_oneof![
         Just(0usize),
         Just(1),
-        // Around the longest tail that can be inlined (beside a 32- or 64-byte inode).
+        // Around the longest tail held back for inlining, and what fits beside an inode.
+        Just(3904),
+        Just(3905),
         Just(4032),
         Just(4064),
         Just(4065),

@@ -197,7 +197,7 @@ fn sample_tree(
             xattrs: vec![Xattr::new("user.huge", pattern(8, 60_000))],
             ..meta(0o600)
         };
-        let kind = add_file(writer, contents, pattern(300, 4000));
+        let kind = add_file(writer, contents, pattern(300, 3000));
         tree.add(root, b"huge-xattr-file", kind, huge.clone())
             .unwrap();
         tree.add(root, b"huge-xattr-dir", NodeKind::Directory, huge)
@@ -224,7 +224,7 @@ fn every_node_kind_and_attribute_survives() {
     let built = finish_and_check(dir, writer, &tree, &contents);
     // uid/gid beyond 16 bits, and an mtime other than the most common one.
     assert_eq!(built.stats.extended_inodes, 2, "{:?}", built.stats);
-    // A 60 kB xattr leaves no room for the 4000-byte file's tail beside its inode.
+    // A 60 kB xattr leaves no room for the 3000-byte file's tail beside its inode.
     assert_eq!(built.stats.relocated_files, 1, "{:?}", built.stats);
 }
 
