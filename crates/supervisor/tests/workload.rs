@@ -1,0 +1,529 @@
+//! Real workloads started through the supervisor as root: the privilege drop seen from
+//! the workload's own /proc/self/status, result types, stdio, PTY, signals and OOM.
+//! Every test skips with a printed reason when not run as root.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_supervisor::{
+    drop_privileges, Identity, Launch, Mode, PrivilegeStep, Privileges, RunAs, RunSpec,
+    StartFailure, Supervisor, SupervisorError, TerminalSize, Workload, WorkloadIo, WorkloadResult,
+};
+
+const UID: u32 = 4242;
+const GID: u32 = 4343;
+
+fn root_or_skip(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipped {test}: dropping to other ids needs root");
+    }
+    root
+}
+
+fn launch(argv: &[&str], io: WorkloadIo) -> Launch {
+    Launch {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: PathBuf::from("/"),
+        privileges: Privileges {
+            uid: UID,
+            gid: GID,
+            groups: vec![],
+        },
+        cgroup: None,
+        io,
+    }
+}
+
+/// Runs to the end with pipes; returns the result, stdout and stderr.
+fn run(launch: &Launch) -> (WorkloadResult, String, String) {
+    let mut workload = Workload::spawn(launch).unwrap();
+    drop(workload.stdin.take());
+    let stderr = workload.stderr.take();
+    let reader = std::thread::spawn(move || read_all(stderr));
+    let out = read_all(workload.stdout.take());
+    let result = workload.wait().unwrap();
+    (result, out, reader.join().unwrap())
+}
+
+fn read_all(stream: Option<std::fs::File>) -> String {
+    let mut text = String::new();
+    stream.unwrap().read_to_string(&mut text).unwrap();
+    text
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+}
+
+fn assert_dropped(status: &str, groups: &str) {
+    assert_eq!(
+        status_field(status, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
+    assert_eq!(
+        status_field(status, "Gid"),
+        format!("{GID}\t{GID}\t{GID}\t{GID}")
+    );
+    assert_eq!(status_field(status, "Groups"), groups);
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(status, set), "0000000000000000", "{set}");
+    }
+    assert_eq!(status_field(status, "NoNewPrivs"), "1");
+}
+
+#[test]
+fn workload_runs_with_exactly_the_target_ids_and_no_capabilities() {
+    if !root_or_skip("privilege drop") {
+        return;
+    }
+    let (result, status, _) = run(&launch(&["cat", "/proc/self/status"], WorkloadIo::Pipes));
+    assert_eq!(result, WorkloadResult::Exited { code: 0 });
+    // Root's own groups are not kept: a numeric identity has none.
+    assert_dropped(&status, "");
+
+    let mut with_groups = launch(&["cat", "/proc/self/status"], WorkloadIo::Pipes);
+    with_groups.privileges.groups = vec![3000, 100];
+    let (_, status, _) = run(&with_groups);
+    assert_dropped(&status, "100 3000");
+}
+
+#[test]
+fn dropping_to_root_is_refused() {
+    let err = drop_privileges(&Privileges {
+        uid: 0,
+        gid: 0,
+        groups: vec![],
+    })
+    .unwrap_err();
+    assert_eq!(err.step, PrivilegeStep::TargetIsRoot);
+}
+
+#[test]
+fn results_are_typed() {
+    if !root_or_skip("workload results") {
+        return;
+    }
+    let result = |argv: &[&str]| run(&launch(argv, WorkloadIo::Pipes)).0;
+    assert_eq!(
+        result(&["sh", "-c", "exit 3"]),
+        WorkloadResult::Exited { code: 3 }
+    );
+    assert_eq!(
+        result(&["sh", "-c", "kill -TERM $$"]),
+        WorkloadResult::Killed { signal: 15 }
+    );
+
+    let failure = |launch: &Launch| match Workload::spawn(launch) {
+        Err(SupervisorError::StartFailed { reason, message }) => (reason, message),
+        other => panic!("expected a start failure, got {other:?}"),
+    };
+    let (reason, message) = failure(&launch(&["/no/such/program"], WorkloadIo::Pipes));
+    assert_eq!(reason, StartFailure::NotFound);
+    assert!(message.contains("/no/such/program"), "{message}");
+    let (reason, message) = failure(&launch(&["no-such-program-kiln"], WorkloadIo::Pipes));
+    assert_eq!(reason, StartFailure::NotFound);
+    assert!(
+        message.contains("not found in the workload's PATH"),
+        "{message}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.path().join("script");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (reason, _) = failure(&launch(&[script.to_str().unwrap()], WorkloadIo::Pipes));
+    assert_eq!(reason, StartFailure::NotExecutable);
+    let start_failed = |reason| WorkloadResult::StartFailed {
+        reason,
+        message: String::new(),
+    };
+    assert_eq!(start_failed(StartFailure::NotFound).exit_code(), 127);
+    assert_eq!(start_failed(StartFailure::NotExecutable).exit_code(), 126);
+
+    let mut bad_cwd = launch(&["true"], WorkloadIo::Pipes);
+    bad_cwd.cwd = PathBuf::from("/no/such/dir");
+    let (reason, message) = failure(&bad_cwd);
+    assert_eq!(
+        reason,
+        StartFailure::Other,
+        "a missing directory is not a missing program"
+    );
+    assert!(
+        message.contains("working directory /no/such/dir"),
+        "{message}"
+    );
+}
+
+#[test]
+fn stdio_streams_are_separate() {
+    if !root_or_skip("stdio") {
+        return;
+    }
+    let mut workload = Workload::spawn(&launch(
+        &["sh", "-c", "tr a-z A-Z; echo oops >&2; exit 4"],
+        WorkloadIo::Pipes,
+    ))
+    .unwrap();
+    let mut stdin = workload.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    drop(stdin);
+    let out = read_all(workload.stdout.take());
+    let err = read_all(workload.stderr.take());
+    assert_eq!((out.as_str(), err.as_str()), ("HELLO\n", "oops\n"));
+    assert_eq!(workload.wait().unwrap(), WorkloadResult::Exited { code: 4 });
+}
+
+#[test]
+fn pty_workloads_get_a_terminal_of_the_asked_size() {
+    if !root_or_skip("pty") {
+        return;
+    }
+    let size = TerminalSize {
+        rows: 33,
+        cols: 101,
+    };
+    let workload = Workload::spawn(&launch(
+        &[
+            "sh",
+            "-c",
+            "stty size; test -t 0 && echo tty; read line; stty size",
+        ],
+        WorkloadIo::Pty(size),
+    ))
+    .unwrap();
+    let mut pty = workload.pty.as_ref().unwrap().try_clone().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("tty") {
+        let n = pty.read(&mut buf).unwrap();
+        seen.extend(&buf[..n]);
+    }
+    workload.resize(TerminalSize { rows: 7, cols: 9 }).unwrap();
+    pty.write_all(b"go\n").unwrap();
+    // The pty reports EIO once the last process holding the terminal is gone.
+    while let Ok(n @ 1..) = pty.read(&mut buf) {
+        seen.extend(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("33 101"), "{text}");
+    assert!(text.contains("7 9"), "{text}");
+    assert_eq!(workload.wait().unwrap(), WorkloadResult::Exited { code: 0 });
+}
+
+#[test]
+fn signals_reach_the_workload() {
+    if !root_or_skip("signals") {
+        return;
+    }
+    let workload = Workload::spawn(&launch(&["sleep", "600"], WorkloadIo::Pipes)).unwrap();
+    workload.signal(libc::SIGINT).unwrap();
+    assert_eq!(
+        workload.wait().unwrap(),
+        WorkloadResult::Killed {
+            signal: libc::SIGINT
+        }
+    );
+}
+
+/// A cgroup v2 mount point whose controllers include memory, if the host has one.
+fn memory_cgroup_v2() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if !right.starts_with("cgroup2 ") {
+            return None;
+        }
+        let mount = PathBuf::from(left.split(' ').nth(4)?);
+        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).ok()?;
+        controllers
+            .split_whitespace()
+            .any(|c| c == "memory")
+            .then_some(mount)
+    })
+}
+
+#[test]
+fn out_of_memory_in_a_cgroup_is_oom_killed() {
+    if !root_or_skip("oom") {
+        return;
+    }
+    let Some(mount) = memory_cgroup_v2() else {
+        eprintln!("skipped oom: no cgroup v2 hierarchy with the memory controller on this host");
+        return;
+    };
+    let enable = std::fs::write(mount.join("cgroup.subtree_control"), "+memory");
+    let cgroup = mount.join(format!("kiln-supervisor-test-{}", std::process::id()));
+    std::fs::create_dir(&cgroup).unwrap();
+    struct Cleanup<'a>(&'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&cgroup);
+    if std::fs::write(cgroup.join("memory.max"), "16M").is_err() {
+        eprintln!(
+            "skipped oom: cannot set memory.max under {} ({enable:?})",
+            mount.display()
+        );
+        return;
+    }
+    let _ = std::fs::write(cgroup.join("memory.swap.max"), "0");
+    let mut oom = launch(
+        &["sh", "-c", "a=x; while :; do a=$a$a; done"],
+        WorkloadIo::Pipes,
+    );
+    oom.cgroup = Some(cgroup.clone());
+    assert_eq!(run(&oom).0, WorkloadResult::OomKilled);
+    // A plain SIGKILL in the same cgroup is not an OOM kill.
+    let mut sleeper = launch(&["sleep", "600"], WorkloadIo::Pipes);
+    sleeper.cgroup = Some(cgroup.clone());
+    let workload = Workload::spawn(&sleeper).unwrap();
+    workload.signal(libc::SIGKILL).unwrap();
+    assert_eq!(
+        workload.wait().unwrap(),
+        WorkloadResult::Killed { signal: 9 }
+    );
+}
+
+#[test]
+fn supervisor_runs_a_spec_as_a_numeric_identity() {
+    if !root_or_skip("supervisor run") {
+        return;
+    }
+    let spec = RunSpec {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo \"$USER $LOGNAME $HOME $SHELL $(id -u):$(id -g) $(pwd)\"".into(),
+        ],
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: Some("/tmp".into()),
+        identity: Identity {
+            run_as: RunAs::Uid,
+            uid: 4242,
+            gid: 4343,
+        },
+        tty: false,
+        terminal: None,
+    };
+    // Process mode: the caller must already be the target uid, and root is not.
+    let err = Supervisor::new(Mode::Process)
+        .spawn(&spec, WorkloadIo::Pipes)
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::WrongUid { .. }), "{err}");
+    let err = Supervisor::new(Mode::Network)
+        .spawn(&spec, WorkloadIo::Pipes)
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::NetworkMode), "{err}");
+
+    // Full mode refuses the identity before preparing anything.
+    let mut bad = spec.clone();
+    bad.identity.uid = 0;
+    let err = Supervisor::new(Mode::Full)
+        .run(&bad, WorkloadIo::Pipes)
+        .unwrap_err();
+    assert!(matches!(err, SupervisorError::IdOutOfRange { .. }), "{err}");
+
+    // start() skips prepare(), so this host's /sandbox is left alone.
+    let user = Supervisor::new(Mode::Full);
+    let sandbox_user =
+        kiln_supervisor::validate_sandbox_user(&spec.identity, &Default::default()).unwrap();
+    let mut workload = user.start(&spec, &sandbox_user, WorkloadIo::Pipes).unwrap();
+    drop(workload.stdin.take());
+    let out = read_all(workload.stdout.take());
+    assert_eq!(out, "4242 4242 /sandbox /bin/sh 4242:4343 /tmp\n");
+    assert_eq!(workload.wait().unwrap(), WorkloadResult::Exited { code: 0 });
+
+    let mut missing = spec.clone();
+    missing.argv = vec!["/no/such/program".into()];
+    let result = user
+        .start(&missing, &sandbox_user, WorkloadIo::Pipes)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(result.start_failure().unwrap().exit_code(), 127);
+}
+
+/// The static binary as the Kubernetes path uses it.
+fn supervisor_binary(mode: &str, uid: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln-supervisor"));
+    command
+        .args(["--mode", mode])
+        .env("SANDBOX_UID", uid)
+        .env("SANDBOX_GID", GID.to_string())
+        .env_remove("KILN_LOG");
+    command
+}
+
+#[test]
+fn binary_exits_with_the_workload_code() {
+    if !root_or_skip("binary") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let writable = dir.path().join("data");
+    let status = |args: &[&str]| {
+        supervisor_binary("full", "4242")
+            .args(["--writable", writable.to_str().unwrap(), "--workdir", "/"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    if Path::new("/sandbox").symlink_metadata().is_ok() {
+        eprintln!("skipped binary: full mode would chown this host's /sandbox");
+        return;
+    }
+    let out = status(&[
+        "--",
+        "sh",
+        "-c",
+        "touch \"$0/file\" && grep -E '^(Uid|CapEff|NoNewPrivs)' /proc/self/status; exit 7",
+        writable.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Uid:\t4242\t4242\t4242\t4242"), "{text}");
+    assert!(text.contains("CapEff:\t0000000000000000"), "{text}");
+    assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+    assert!(writable.join("file").exists());
+
+    let out = status(&["--", "sh", "-c", "kill -KILL $$"]);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let out = status(&["--", "/no/such/program"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    let out = status(&["--", dir.path().to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(126),
+        "a directory is not executable: {out:?}"
+    );
+    let out = supervisor_binary("full", "0")
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses uid 0: {out:?}");
+}
+
+#[test]
+fn binary_forwards_signals() {
+    if !root_or_skip("binary signals") {
+        return;
+    }
+    if Path::new("/sandbox").symlink_metadata().is_ok() {
+        eprintln!("skipped binary signals: full mode would chown this host's /sandbox");
+        return;
+    }
+    let mut child = supervisor_binary("full", "4242")
+        .args([
+            "--workdir",
+            "/",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; while :; do sleep 0.1; done",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+}
+
+#[test]
+fn binary_process_mode_runs_as_the_caller() {
+    if !root_or_skip("binary process mode") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    // As a Kubernetes runtime would start the sidecar agent: already 4242:4343, no
+    // capabilities (setuid from root drops them; the bounding set goes in the workload).
+    let out = supervisor_binary("process", "4242")
+        .args(["--workdir", "/", "--", "sh", "-c", "id -u; id -G"])
+        .gid(GID)
+        .uid(UID)
+        .output()
+        .unwrap();
+    // Without CAP_SETPCAP the bounding set cannot be cleared: a non-empty one is an
+    // error, never silently kept.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(stderr.contains("BoundingSet"), "{stderr}");
+
+    // As runc starts a container with `capabilities: drop: [ALL]`: an empty bounding
+    // set, then the ids.
+    let mut agent = supervisor_binary("process", "4242");
+    agent.args(["--workdir", "/", "--", "cat", "/proc/self/status"]);
+    // SAFETY: only system calls between fork and exec.
+    unsafe {
+        agent.pre_exec(|| {
+            for cap in 0..64 {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            }
+            let ok = libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(GID, GID, GID) == 0
+                && libc::setresuid(UID, UID, UID) == 0;
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let out = agent.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_dropped(&String::from_utf8_lossy(&out.stdout), "");
+
+    let out = supervisor_binary("process", "4242")
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "root is not the process-mode uid: {out:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("process mode runs as uid 4242"));
+}
+
+#[test]
+fn binary_network_mode_enforces_nothing_and_waits() {
+    let mut child = supervisor_binary("network", "4242")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") && stderr.read(&mut byte).unwrap() == 1 {
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line);
+    assert!(line.contains("network mode enforces nothing yet"), "{line}");
+    assert_eq!(child.try_wait().unwrap(), None, "it keeps running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
