@@ -1,0 +1,247 @@
+//! kiln-init: PID 1 of the kiln microVM guest.
+//!
+//! A static binary (`scripts/build-initramfs` packs it as `/init` of an uncompressed cpio
+//! with `/dev/console`) that turns the booted kernel into a sandbox and back off:
+//!
+//! 1. mounts proc, sysfs and devtmpfs in the initramfs, reads the `kiln.*` kernel
+//!    arguments, opens the host channel and sends a hello and `init_started`;
+//! 2. mounts the root image and the identity layer (EROFS, read-only) and the writable
+//!    upper (tmpfs, or an ext4 disk for a persistent sandbox), stacks them into an overlay
+//!    (`lowerdir=identity:root`, `metacopy=on,redirect_dir=on`), moves /dev, /proc, /sys
+//!    into it and switches root (move mount + chroot: the initramfs cannot be pivoted);
+//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, sets the hostname, brings up lo
+//!    and, when asked, eth0 with a static address (ioctls), default route and resolv.conf;
+//! 4. waits for the host's hello and the run spec (session 1), starts it through
+//!    kiln-supervisor (full mode: user check, /sandbox ownership, verified privilege
+//!    drop) in the cgroup `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM
+//!    kill is told apart), pumps stdin/stdout/stderr (or the terminal) over the channel,
+//!    forwards signals (received by init, or sent by the host), and reaps every process;
+//! 5. when the workload ends, kills what it left behind, sends `workload_ended` and the
+//!    result, then `shutdown`, syncs and powers off.
+//!
+//! Any failure before the workload starts is a typed [`kiln_protocol::BootError`] naming
+//! its [`kiln_protocol::BootStep`], sent on the control session and printed on the
+//! console, followed by power-off; a panic in init does the same (step `init_panic`).
+//! Without a channel (the port never appeared) the error goes to the console only.
+//! Boot-phase times are CLOCK_BOOTTIME nanoseconds, so `init_started` is also the time
+//! from kernel start to init.
+//!
+//! # Kernel command line
+//!
+//! | argument | meaning |
+//! |---|---|
+//! | `kiln.root=SERIAL\|/dev/X` | root image (EROFS), by virtio-blk serial or device path; required |
+//! | `kiln.ident=SERIAL\|/dev/X` | identity layer (EROFS) above the root; optional |
+//! | `kiln.upper=tmpfs\|SERIAL\|/dev/X` | writable upper; an ext4 disk keeps `upper/` and `work/` at its top (created when missing); default `tmpfs` |
+//! | `kiln.port=NAME` | virtio-serial port of the channel; default `kiln.0` |
+//! | `kiln.hostname=NAME` | hostname; default `kiln` |
+//! | `kiln.net=ADDR/PREFIX[,GATEWAY[,DNS]]` | configure eth0 (e.g. `10.0.2.15/24,10.0.2.2,10.0.2.3` for QEMU's user network); absent: only lo |
+//!
+//! A disk is best named by serial (`-device virtio-blk-device,drive=root,serial=root`):
+//! virtio-mmio probe order is not the order of the QEMU arguments. An unknown or malformed
+//! `kiln.*` argument is a `command_line` boot error. The kernel also needs
+//! `console=ttyS0 reboot=t panic=-1` (power-off and panics end QEMU with `-no-reboot`)
+//! and, under TCG, `tsc_early_khz=<host TSC kHz> tsc=reliable`: on a busy host the kernel
+//! otherwise fails to calibrate the TSC against the PIT and hangs (see kernels/README.md).
+//!
+//! # Channel
+//!
+//! `-device virtio-serial-device -chardev socket,id=kiln,path=SOCK -device
+//! virtserialport,chardev=kiln,name=kiln.0`, with the host listening on SOCK before QEMU
+//! starts. init waits up to 5 s for the port, and up to 60 s for the host's hello and
+//! `Run` after boot. The host sends Hello (control session), Run (session 1), then stdin
+//! Data/Eof, Signal and Resize frames; init sends Hello, Phase frames and any BootError on
+//! the control session and Data/Eof/Result on session 1.
+
+mod channel;
+mod cmdline;
+mod net;
+mod rootfs;
+mod sys;
+mod workload;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_protocol::{
+    negotiate, BootError, BootPhase, BootStep, Frame, Hello, Message, PhaseTime, RunSpec,
+    CONTROL_SESSION, MAIN_SESSION,
+};
+
+use channel::Channel;
+use cmdline::BootConfig;
+use rootfs::failed;
+
+/// How long the host has to send its hello and the run spec once the guest is up.
+const RUN_SPEC_WAIT: Duration = Duration::from_secs(60);
+
+/// Time since the kernel started in nanoseconds (CLOCK_BOOTTIME, the clock /proc/uptime
+/// reads), usable before /proc is mounted.
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Writes a line to the console (init's stderr is /dev/console).
+fn console(line: &str) {
+    let _ = writeln!(std::io::stderr(), "kiln-init: {line}");
+}
+
+fn software() -> String {
+    format!("kiln-init {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn phase(phase: BootPhase) -> Frame {
+    Frame::new(
+        CONTROL_SESSION,
+        Message::Phase(PhaseTime {
+            phase,
+            boottime_ns: boottime_ns(),
+        }),
+    )
+}
+
+/// Everything between the kernel's hand-over and a root the workload can run in.
+fn boot(config: &BootConfig) -> Result<(), BootError> {
+    let new_root = rootfs::assemble_root(config)?;
+    rootfs::switch_root(&new_root)?;
+    rootfs::mount_runtime_filesystems()?;
+    sys::sethostname(&config.hostname).map_err(|e| {
+        failed(
+            BootStep::Hostname,
+            format!("setting the hostname to {:?}: {e}", config.hostname),
+        )
+    })?;
+    bring_up_network(config)
+}
+
+fn bring_up_network(config: &BootConfig) -> Result<(), BootError> {
+    let fail = |e: std::io::Error| failed(BootStep::Network, e.to_string());
+    net::loopback_up().map_err(fail)?;
+    if let Some(net_config) = &config.net {
+        net::configure("eth0", net_config).map_err(fail)?;
+        if let Some(dns) = net_config.dns {
+            net::write_resolv_conf(Path::new("/"), dns)
+                .map_err(|e| failed(BootStep::Network, format!("writing /etc/resolv.conf: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the host's hello (checking that both speak a common version) and then the
+/// run spec of the main session.
+fn receive_run_spec(channel: &Channel) -> Result<RunSpec, BootError> {
+    let fail = |message: String| failed(BootStep::RunSpec, message);
+    let mut greeted = false;
+    loop {
+        let frame = channel
+            .receive(Some(RUN_SPEC_WAIT))
+            .map_err(|e| fail(format!("reading from the host: {e}")))?
+            .ok_or_else(|| fail("the host closed the channel before sending a run spec".into()))?;
+        match (frame.session, frame.message) {
+            (CONTROL_SESSION, Message::Hello(theirs)) if !greeted => {
+                negotiate(&Hello::ours(software()), &theirs).map_err(|e| fail(e.to_string()))?;
+                greeted = true;
+            }
+            (MAIN_SESSION, Message::Run(spec)) if greeted => return Ok(spec),
+            (session, message) => {
+                return Err(fail(format!(
+                    "expected the host's hello and then a run spec on session {MAIN_SESSION}, \
+                     got {message:?} on session {session}"
+                )))
+            }
+        }
+    }
+}
+
+/// Tells the host and the console that boot failed.
+fn report_boot_error(channel: Option<&Channel>, error: BootError) {
+    console(&format!(
+        "boot failed at step {:?}: {}",
+        error.step, error.message
+    ));
+    if let Some(channel) = channel {
+        if let Err(e) = channel.send(&Frame::new(CONTROL_SESSION, Message::BootError(error))) {
+            console(&format!("cannot report the boot error to the host: {e}"));
+        }
+    }
+}
+
+/// Announces the shutdown, then syncs and powers off.
+fn shutdown(channel: Option<&Channel>) -> ! {
+    if let Some(channel) = channel {
+        let _ = channel.send(&phase(BootPhase::Shutdown));
+    }
+    sys::power_off()
+}
+
+fn main() {
+    let init_started = boottime_ns();
+    if std::process::id() != 1 {
+        eprintln!("kiln-init is the guest's PID 1 and runs only there (it mounts, switches root and powers off)");
+        std::process::exit(2);
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let error = failed(BootStep::InitPanic, info.to_string());
+        console(&format!("panic: {}", error.message));
+        channel::send_from_panic(&Frame::new(CONTROL_SESSION, Message::BootError(error)));
+        sys::power_off();
+    }));
+
+    if let Err(error) = rootfs::mount_kernel_filesystems() {
+        report_boot_error(None, error);
+        shutdown(None);
+    }
+    let config = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| failed(BootStep::CommandLine, format!("reading /proc/cmdline: {e}")))
+        .and_then(|text| {
+            BootConfig::parse(&text).map_err(|e| failed(BootStep::CommandLine, e.to_string()))
+        });
+    // A bad command line is still reported on the default port when that exists.
+    let port = config
+        .as_ref()
+        .map_or(cmdline::DEFAULT_PORT, |c| c.port.as_str());
+    let channel = match Channel::open(port) {
+        Ok(channel) => channel,
+        Err(e) => {
+            console(&format!("no channel to the host: {e}"));
+            if let Err(error) = config {
+                report_boot_error(None, error);
+            }
+            shutdown(None);
+        }
+    };
+    let greeting = [
+        Frame::new(CONTROL_SESSION, Message::Hello(Hello::ours(software()))),
+        Frame::new(
+            CONTROL_SESSION,
+            Message::Phase(PhaseTime {
+                phase: BootPhase::InitStarted,
+                boottime_ns: init_started,
+            }),
+        ),
+    ];
+    for frame in &greeting {
+        if let Err(e) = channel.send(frame) {
+            console(&format!("cannot talk to the host: {e}"));
+            shutdown(None);
+        }
+    }
+    // init lives until power-off; the threads serving the workload borrow the channel.
+    let channel: &'static Channel = Box::leak(Box::new(channel));
+    let outcome = config
+        .and_then(|config| boot(&config))
+        .and_then(|()| receive_run_spec(channel))
+        .and_then(|spec| workload::run(&spec, channel, boottime_ns));
+    match outcome {
+        Err(error) => report_boot_error(Some(channel), error),
+        Ok(outcome) => workload::report(channel, &outcome),
+    }
+    shutdown(Some(channel));
+}

@@ -1,0 +1,179 @@
+//! Thin, checked wrappers over the system calls init needs (mount, chroot, hostname,
+//! reboot) and the sysfs look-ups that find devices by role.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::cmdline::DiskRef;
+
+fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(result: libc::c_int) -> io::Result<()> {
+    if result == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// mount(2). `source` and `data` are optional as in the C API.
+pub fn mount(
+    source: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let to_c = |s: Option<&str>| {
+        s.map(|s| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
+    };
+    let source = to_c(source).transpose()?;
+    let fstype = to_c(fstype).transpose()?;
+    let data = to_c(data).transpose()?;
+    let target = cstring(target)?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
+    check(unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    })
+}
+
+/// Moves the mount at `from` to `to` (MS_MOVE).
+pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
+    let from = from
+        .to_str()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    mount(Some(from), to, None, libc::MS_MOVE, None)
+}
+
+/// chroot(2) into `dir` and chdir to its root.
+pub fn chroot(dir: &Path) -> io::Result<()> {
+    let dir = cstring(dir)?;
+    // SAFETY: dir is a valid C string.
+    check(unsafe { libc::chroot(dir.as_ptr()) })?;
+    std::env::set_current_dir("/")
+}
+
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Flushes every filesystem and powers the machine off. With QEMU's `-no-reboot` and the
+/// kernel's `reboot=t`, this ends the VMM process. Never returns.
+pub fn power_off() -> ! {
+    // SAFETY: plain system calls without pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+        // Only reachable if reboot(2) is refused; PID 1 exiting panics the kernel, and
+        // `panic=-1` turns that into a reboot, which -no-reboot turns into an exit.
+        libc::_exit(1)
+    }
+}
+
+/// Polls `find` every 10 ms until it yields a value or `limit` passes. Devices announced by
+/// the host (virtio-serial ports) appear asynchronously after the kernel hands over to init.
+pub fn wait_for<T>(limit: Duration, mut find: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(found) = find() {
+            return Some(found);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The device node of `disk`: an explicit path, or the virtio-blk disk whose
+/// `/sys/block/<name>/serial` equals the serial.
+pub fn find_disk(disk: &DiskRef, sys: &Path, dev: &Path) -> Option<PathBuf> {
+    match disk {
+        DiskRef::Path(path) => Some(PathBuf::from(path)).filter(|p| p.exists()),
+        DiskRef::Serial(serial) => {
+            let name = find_in_class(&sys.join("block"), "serial", serial)?;
+            Some(dev.join(name)).filter(|p| p.exists())
+        }
+    }
+}
+
+/// The device node of the virtio-serial port named `port` (`/sys/class/virtio-ports/*/name`).
+pub fn find_port(port: &str, sys: &Path, dev: &Path) -> Option<PathBuf> {
+    let name = find_in_class(&sys.join("class/virtio-ports"), "name", port)?;
+    Some(dev.join(name)).filter(|p| p.exists())
+}
+
+/// The entry of `class_dir` whose `attribute` file holds `value` (trailing newline ignored).
+fn find_in_class(class_dir: &Path, attribute: &str, value: &str) -> Option<String> {
+    std::fs::read_dir(class_dir)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let content = std::fs::read(entry.path().join(attribute)).ok()?;
+            let content = content.strip_suffix(b"\n").unwrap_or(&content);
+            (content == value.as_bytes()).then(|| entry.file_name().to_string_lossy().into_owned())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_and_ports_are_found_by_their_sysfs_attribute() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sys, dev) = (dir.path().join("sys"), dir.path().join("dev"));
+        for (name, serial) in [("vda", "ident"), ("vdb", "root")] {
+            std::fs::create_dir_all(sys.join("block").join(name)).unwrap();
+            std::fs::write(
+                sys.join("block").join(name).join("serial"),
+                format!("{serial}\n"),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(sys.join("class/virtio-ports/vport0p1")).unwrap();
+        std::fs::write(sys.join("class/virtio-ports/vport0p1/name"), "kiln.0\n").unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        for node in ["vda", "vdb", "vport0p1"] {
+            std::fs::write(dev.join(node), "").unwrap();
+        }
+
+        assert_eq!(
+            find_disk(&DiskRef::Serial("root".into()), &sys, &dev),
+            Some(dev.join("vdb"))
+        );
+        assert_eq!(
+            find_disk(&DiskRef::Serial("upper".into()), &sys, &dev),
+            None
+        );
+        assert_eq!(find_port("kiln.0", &sys, &dev), Some(dev.join("vport0p1")));
+        assert_eq!(find_port("kiln.1", &sys, &dev), None);
+    }
+
+    #[test]
+    fn wait_for_gives_up_after_the_limit() {
+        assert_eq!(wait_for::<()>(Duration::from_millis(30), || None), None);
+        let mut calls = 0;
+        assert_eq!(
+            wait_for(Duration::from_secs(5), || {
+                calls += 1;
+                (calls == 3).then_some(calls)
+            }),
+            Some(3)
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! The guest kernel (scripts/build-kernel) and kiln-init's initramfs
+//! (scripts/build-initramfs) boot under QEMU TCG, and init speaks the kiln protocol on the
+//! virtio-serial channel: a boot that cannot mount its root reports a typed boot error
+//! naming that step, a busybox EROFS root runs a workload as a numeric uid with its
+//! streams and exit code carried over the channel, and each time the VM powers itself off.
+
+use std::io::ErrorKind;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{run_with_timeout, workspace_root};
+use kiln_protocol::{
+    read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
+    RunAs, RunSpec, Stream, WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
+};
+use kiln_vm::qemu::Qemu;
+use kiln_vm::{Accel, Backend, Channel, Disk, Network, VmSpec};
+
+/// Building the kernel from scratch takes 4-10 minutes on two busy cores.
+const KERNEL_BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+const INITRAMFS_BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// A failing boot takes about 5 s under TCG; the rest is slack for a loaded machine.
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+
+struct GuestFiles {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// Runs one of the build scripts and returns the path it prints.
+fn build(script: &str, timeout: Duration) -> PathBuf {
+    let mut command = Command::new(workspace_root().join("scripts").join(script));
+    // The initramfs build runs cargo; a target dir of its own keeps it off the lock of
+    // the cargo that runs this test.
+    let target = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("guest-boot-target");
+    command.env("CARGO_TARGET_DIR", target);
+    let output = run_with_timeout(&mut command, timeout).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        output.status.success(),
+        "scripts/{script} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
+    assert!(
+        path.is_file(),
+        "scripts/{script} printed {}, which is not a file",
+        path.display()
+    );
+    path
+}
+
+fn guest_files() -> &'static GuestFiles {
+    static FILES: OnceLock<GuestFiles> = OnceLock::new();
+    FILES.get_or_init(|| GuestFiles {
+        kernel: build("build-kernel", KERNEL_BUILD_TIMEOUT),
+        initramfs: build("build-initramfs", INITRAMFS_BUILD_TIMEOUT),
+    })
+}
+
+/// The host's TSC rate in kHz, measured against the monotonic clock. Under TCG the guest's
+/// TSC is the host's; on a busy host the guest kernel cannot calibrate it against the PIT
+/// and hangs, so it is told the rate (`tsc_early_khz=`) and to trust it (`tsc=reliable`).
+fn host_tsc_khz() -> u64 {
+    // SAFETY: RDTSC has no preconditions on x86_64.
+    let rdtsc = || unsafe { std::arch::x86_64::_rdtsc() };
+    let (start, tsc_start) = (Instant::now(), rdtsc());
+    thread::sleep(Duration::from_millis(50));
+    let (elapsed, ticks) = (start.elapsed(), rdtsc() - tsc_start);
+    (ticks as u128 * 1_000_000 / elapsed.as_micros()) as u64 / 1000
+}
+
+/// Waits for QEMU to connect to the channel socket.
+fn accept_until(listener: &UnixListener, deadline: Instant) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("QEMU did not connect to the channel socket: {e}"),
+        }
+    }
+}
+
+/// Every frame the guest sends until QEMU closes the channel.
+fn frames_until_eof(mut stream: UnixStream, deadline: Instant) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(left)).unwrap();
+        match read_frame(&mut stream) {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => return frames,
+            Err(e) => panic!(
+                "reading the channel after {} frames {frames:?}: {e}",
+                frames.len()
+            ),
+        }
+    }
+}
+
+/// What a boot left behind: every frame the guest sent and the serial console.
+struct Boot {
+    frames: Vec<Frame>,
+    console: String,
+}
+
+impl Boot {
+    fn control(&self) -> Vec<&Message> {
+        self.frames
+            .iter()
+            .filter(|f| f.session == CONTROL_SESSION)
+            .map(|f| &f.message)
+            .collect()
+    }
+
+    fn phases(&self) -> Vec<BootPhase> {
+        self.control()
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Phase(p) => Some(p.phase),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn boot_errors(&self) -> Vec<&BootError> {
+        self.control()
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::BootError(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The bytes of one stream of the main session, and whether its end came.
+    fn stream(&self, stream: Stream) -> (String, bool) {
+        let mut bytes = Vec::new();
+        let mut ended = false;
+        for frame in self.frames.iter().filter(|f| f.session == MAIN_SESSION) {
+            match &frame.message {
+                Message::Data {
+                    stream: s,
+                    bytes: b,
+                } if *s == stream => bytes.extend_from_slice(b),
+                Message::Eof { stream: s } if *s == stream => ended = true,
+                _ => {}
+            }
+        }
+        (String::from_utf8_lossy(&bytes).into_owned(), ended)
+    }
+}
+
+/// Boots the guest with `cmdline` (besides the TSC arguments) and `disks`, sends `to_guest`
+/// once QEMU connects to the channel, and collects what comes back until QEMU exits by
+/// itself; panics if it does not within the deadline (QEMU is killed then).
+fn boot(cmdline: &[&str], disks: Vec<Disk>, to_guest: &[Frame]) -> Boot {
+    let files = guest_files();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("channel.sock");
+    let console_log = dir.path().join("console.log");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut args = vec![
+        format!("tsc_early_khz={}", host_tsc_khz()),
+        "tsc=reliable".into(),
+    ];
+    args.extend(cmdline.iter().map(|a| a.to_string()));
+    let spec = VmSpec {
+        kernel: files.kernel.clone(),
+        initramfs: files.initramfs.clone(),
+        cmdline: args,
+        disks,
+        cpus: 1,
+        memory_mib: 256,
+        network: Network::None,
+        channel: Channel {
+            socket: socket.clone(),
+            port_name: "kiln.0".into(),
+        },
+        console_log: console_log.clone(),
+        accel: Accel::Tcg,
+    };
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    // VmProcess kills QEMU when dropped, so a failed assertion leaves nothing behind.
+    let mut vm = Qemu::default().start(&spec).expect("starting QEMU");
+    let mut stream = accept_until(&listener, deadline);
+    for frame in to_guest {
+        write_frame(&mut stream, frame).expect("writing to the guest");
+    }
+    let frames = frames_until_eof(stream, deadline);
+    let status = vm.wait_until(deadline).expect("waiting for QEMU");
+    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+    assert!(
+        status.is_some(),
+        "QEMU (pid {}) did not exit by itself within {BOOT_DEADLINE:?}; console:\n{console}",
+        vm.pid()
+    );
+    Boot { frames, console }
+}
+
+#[test]
+fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
+    // The root is named but no disk is attached.
+    let boot = boot(&["kiln.root=root", "kiln.upper=tmpfs"], Vec::new(), &[]);
+    let (frames, control) = (&boot.frames, boot.control());
+    assert!(
+        matches!(control.first(), Some(Message::Hello(h)) if h.software.starts_with("kiln-init")),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(control.get(1), Some(Message::Phase(p)) if p.phase == BootPhase::InitStarted && p.boottime_ns > 0),
+        "{frames:?}"
+    );
+    let errors = boot.boot_errors();
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one boot error expected: {frames:?}\nconsole:\n{}",
+        boot.console
+    );
+    assert_eq!(errors[0].step, BootStep::MountRoot, "{frames:?}");
+    assert!(
+        errors[0].message.contains("\"root\""),
+        "the error names the missing disk: {:?}",
+        errors[0]
+    );
+    assert_eq!(
+        boot.phases(),
+        [BootPhase::InitStarted, BootPhase::Shutdown],
+        "{frames:?}"
+    );
+    assert!(
+        boot.console.contains("boot failed at step MountRoot"),
+        "console:\n{}",
+        boot.console
+    );
+}
+
+/// A root image holding static busybox, its account files and /sandbox, made by
+/// mkfs.erofs.
+fn busybox_root(dir: &Path) -> PathBuf {
+    let tree = dir.join("tree");
+    for sub in ["bin", "etc", "sandbox", "proc", "sys", "dev", "tmp", "run"] {
+        std::fs::create_dir_all(tree.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static is installed");
+    for applet in ["sh", "id", "echo", "cat", "ls", "stat"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(tree.join("etc/group"), "root:x:0:\n").unwrap();
+    let image = dir.join("root.erofs");
+    let output = run_with_timeout(
+        Command::new("mkfs.erofs").arg(&image).arg(&tree),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        output.status.success(),
+        "mkfs.erofs: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    image
+}
+
+#[test]
+fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
+    if !Path::new("/bin/busybox").is_file() {
+        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    let spec = RunSpec {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "id -u; id -g; id -G; stat -c %u:%g /sandbox; pwd; cat; echo oops >&2; exit 3".into(),
+        ],
+        env: vec!["GREETING=hi".into()],
+        cwd: None,
+        identity: Identity {
+            run_as: RunAs::Uid,
+            uid: 10001,
+            gid: 10001,
+        },
+        tty: false,
+        terminal: None,
+    };
+    let to_guest = [
+        Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        ),
+        Frame::new(MAIN_SESSION, Message::Run(spec)),
+        Frame::new(
+            MAIN_SESSION,
+            Message::Data {
+                stream: Stream::Stdin,
+                bytes: b"from the host\n".to_vec(),
+            },
+        ),
+        Frame::new(
+            MAIN_SESSION,
+            Message::Eof {
+                stream: Stream::Stdin,
+            },
+        ),
+    ];
+    let disk = Disk {
+        id: "root".into(),
+        path: root,
+        read_only: true,
+    };
+    let boot = boot(
+        &["kiln.root=root", "kiln.upper=tmpfs", "kiln.hostname=box"],
+        vec![disk],
+        &to_guest,
+    );
+    let frames = &boot.frames;
+    assert!(
+        boot.boot_errors().is_empty(),
+        "{frames:?}\nconsole:\n{}",
+        boot.console
+    );
+    assert_eq!(
+        boot.stream(Stream::Stdout),
+        (
+            "10001\n10001\n10001\n10001:10001\n/sandbox\nfrom the host\n".to_string(),
+            true
+        ),
+        "{frames:?}\nconsole:\n{}",
+        boot.console
+    );
+    assert_eq!(boot.stream(Stream::Stderr), ("oops\n".to_string(), true));
+    let results: Vec<_> = frames
+        .iter()
+        .filter_map(|f| match &f.message {
+            Message::Result(r) if f.session == MAIN_SESSION => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results, [&WorkloadResult::Exited { code: 3 }], "{frames:?}");
+    assert_eq!(
+        boot.phases(),
+        [
+            BootPhase::InitStarted,
+            BootPhase::WorkloadStarted,
+            BootPhase::WorkloadEnded,
+            BootPhase::Shutdown
+        ],
+        "{frames:?}"
+    );
+}
