@@ -7,7 +7,10 @@ mod doctor;
 mod exit;
 mod globals;
 mod identity;
+mod images;
+mod inspect;
 mod kube;
+mod pull;
 
 use std::process::ExitCode;
 
@@ -35,6 +38,16 @@ enum Command {
     Identity(identity::IdentityArgs),
     /// Kubernetes: render the sandbox pod, check it, build the supervisor image.
     Kube(kube::KubeArgs),
+    /// Get an image into the local content store (registry, oci:, oci-archive:, docker-archive:).
+    Pull(pull::PullArgs),
+    /// List the images in the content store.
+    Images(images::ImagesArgs),
+    /// Show a pulled image: manifest digest, platform, run config, layers.
+    Inspect(inspect::InspectArgs),
+    /// Remove an image from the content store (its blobs go with `kiln prune`).
+    Rmi(images::RmiArgs),
+    /// Remove blobs no image refers to and report the bytes freed.
+    Prune(images::PruneArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +62,11 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor::run(&globals, args),
         Command::Identity(args) => identity::run(&globals, args),
         Command::Kube(args) => kube::run(&globals, args),
+        Command::Pull(args) => pull::run(&globals, args),
+        Command::Images(args) => images::images(&globals, args),
+        Command::Inspect(args) => inspect::run(&globals, args),
+        Command::Rmi(args) => images::rmi(&globals, args),
+        Command::Prune(args) => images::prune(&globals, args),
     };
     match result {
         Ok(code) => code,
