@@ -114,9 +114,11 @@ const PRIVILEGE_STEPS: [PrivilegeStep; 13] = [
 
 /// Everything the child touches, built before fork so the child never allocates.
 struct Prepared {
-    argv: Vec<CString>,
+    /// Owns the strings `argv_ptrs` points into.
+    _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
-    envp: Vec<CString>,
+    /// Owns the strings `envp_ptrs` points into.
+    _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
     /// Paths to try in order (PATH search done ahead of time).
     candidates: Vec<CString>,
@@ -160,8 +162,8 @@ impl Prepared {
         Ok(Self {
             argv_ptrs: with_null(&argv),
             envp_ptrs: with_null(&envp),
-            argv,
-            envp,
+            _argv: argv,
+            _envp: envp,
             candidates,
             cwd: cstring("the working directory", launch.cwd.as_os_str().as_bytes())?,
             cgroup_procs: launch
@@ -556,7 +558,6 @@ fn child_main(p: &Prepared, launch: &Launch, child_fds: &[RawFd]) -> ChildFailur
         if saw_eacces && matches!(errno, Errno::ENOENT | Errno::ENOTDIR) {
             errno = Errno::EACCES;
         }
-        let _ = (&p.argv, &p.envp);
         fail(Stage::Exec, 0, errno)
     }
 }
@@ -581,5 +582,45 @@ impl SupervisorError {
             }),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_kill_count_is_read_from_memory_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        std::fs::write(dir.path().join("memory.events"), events).unwrap();
+        assert_eq!(oom_kills(dir.path()).unwrap(), 2);
+        std::fs::write(dir.path().join("memory.events"), "low 0\n").unwrap();
+        assert_eq!(
+            oom_kills(dir.path()).unwrap(),
+            0,
+            "kernels before 4.13 have no oom_kill line"
+        );
+        let err = oom_kills(&dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("memory.events"), "{err}");
+    }
+
+    #[test]
+    fn programs_are_searched_in_the_workload_path() {
+        let env = vec!["PATH=/a::/b".to_owned()];
+        assert_eq!(
+            search_candidates("ls", &env),
+            [
+                PathBuf::from("/a/ls"),
+                PathBuf::from("./ls"),
+                PathBuf::from("/b/ls")
+            ]
+        );
+        assert_eq!(search_candidates("./x", &env), [PathBuf::from("./x")]);
+        assert_eq!(
+            search_candidates("ls", &[]).len(),
+            DEFAULT_PATH.split(':').count()
+        );
+        assert!(search_candidates("", &env).is_empty());
     }
 }

@@ -3,7 +3,7 @@
 //! Every test skips with a printed reason when not run as root.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -526,4 +526,60 @@ fn binary_network_mode_enforces_nothing_and_waits() {
     )
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn binary_full_mode_needs_only_the_kubernetes_combined_capabilities() {
+    if !root_or_skip("binary with the combined topology's capabilities") {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: setpriv (util-linux) is not installed");
+        return;
+    }
+    if Path::new("/sandbox").symlink_metadata().is_ok() {
+        eprintln!("skipped: full mode would chown this host's /sandbox");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let writable = dir.path().join("w");
+    // What kiln-kube's combined agent gets: root, CHOWN SETGID SETPCAP SETUID only,
+    // allowPrivilegeEscalation false (no_new_privs).
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-all,+chown,+setgid,+setpcap,+setuid",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_kiln-supervisor"))
+        .args([
+            "--mode",
+            "full",
+            "--workdir",
+            "/",
+            "--writable",
+            writable.to_str().unwrap(),
+        ])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/status; grep -E '^(Uid|Cap)' /proc/$PPID/status >&2",
+        ])
+        .env("SANDBOX_UID", UID.to_string())
+        .env("SANDBOX_GID", GID.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_dropped(&String::from_utf8_lossy(&out.stdout), "");
+    // The supervisor process itself dropped too once the workload ran.
+    let parent = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        status_field(&parent, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
+    assert_eq!(status_field(&parent, "CapBnd"), "0000000000000000");
+    let meta = std::fs::metadata(&writable).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (UID, GID));
 }
