@@ -1,0 +1,580 @@
+//! `kiln pull`, `images`, `inspect`, `rmi`, `prune` against the fixture images: a real
+//! `docker-registry` (anonymous and htpasswd), OCI layouts and both archive formats.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{fixtures, kiln_bin, require_root, run_with_timeout, Registry};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const KILN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A kiln store and an empty HOME, so no host credentials or state leak in.
+struct Env {
+    root: TempDir,
+    home: TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            root: tempfile::tempdir().unwrap(),
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(kiln_bin());
+        command
+            .arg("--root")
+            .arg(self.root.path())
+            .args(args)
+            .env("HOME", self.home.path())
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("KILN_ROOT");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(&mut self.command(args), KILN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kiln {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs kiln expecting failure with `code`; returns stderr.
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "kiln {args:?}: {stderr}");
+        stderr
+    }
+
+    fn inspect(&self, reference: &str) -> Value {
+        serde_json::from_str(&self.ok(&["--json", "inspect", reference])).unwrap()
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').unwrap();
+        self.root.path().join("store/blobs").join(alg).join(hex)
+    }
+
+    /// Names in the blob directory other than lock files (temp files, blobs).
+    fn blob_dir_names(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.path().join("store/blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect()
+    }
+}
+
+fn layer_digests(inspected: &Value) -> Vec<String> {
+    inspected["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn diff_ids(inspected: &Value) -> Vec<String> {
+    inspected["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["diff_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn registry_ref(addr: &str, repo_tag: &str) -> String {
+    format!("docker://{addr}/{repo_tag}")
+}
+
+#[test]
+fn four_transports_yield_the_same_image() {
+    if !require_root("four_transports_yield_the_same_image") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let registry = Registry::start(None);
+    registry.push(demo, "kiln/demo:latest");
+    let env = Env::new();
+    let refs = [
+        registry_ref(&registry.addr(), "kiln/demo:latest"),
+        format!("oci:{}:{}", demo.oci_gzip.path.display(), demo.oci_gzip.tag),
+        format!(
+            "oci-archive:{}:{}",
+            demo.oci_archive.path.display(),
+            demo.oci_archive.tag
+        ),
+        format!(
+            "docker-archive:{}:{}",
+            demo.docker_archive.path.display(),
+            demo.docker_archive.reference
+        ),
+    ];
+    let inspected: Vec<Value> = refs
+        .iter()
+        .map(|r| {
+            env.ok(&["pull", r]);
+            env.inspect(r)
+        })
+        .collect();
+    for (r, i) in refs.iter().zip(&inspected) {
+        assert_eq!(
+            i["config_digest"],
+            demo.oci_gzip.config_digest.as_str(),
+            "{r}"
+        );
+        assert_eq!(i["platform"], "linux/amd64", "{r}");
+        assert_eq!(diff_ids(i), diff_ids(&inspected[0]), "{r}");
+        assert_eq!(i["config"]["cmd"][0], "/bin/sh", "{r}");
+    }
+    // docker-archive has no manifest of its own (one is made from uncompressed layers), so
+    // only the first three share manifest and layer blobs.
+    for (r, i) in refs.iter().zip(&inspected).take(3) {
+        assert_eq!(
+            i["manifest_digest"],
+            demo.oci_gzip.manifest_digest.as_str(),
+            "{r}"
+        );
+        assert_eq!(layer_digests(i), demo.oci_gzip.layers, "{r}");
+    }
+    assert_eq!(
+        demo.docker_archive.config_digest,
+        demo.oci_gzip.config_digest
+    );
+
+    let images: Value = serde_json::from_str(&env.ok(&["--json", "images"])).unwrap();
+    assert_eq!(images.as_array().unwrap().len(), 4);
+    // Removing three images frees nothing shared with the fourth.
+    for r in &refs[1..] {
+        env.ok(&["rmi", r]);
+    }
+    let pruned: Value = serde_json::from_str(&env.ok(&["--json", "prune"])).unwrap();
+    assert!(pruned["bytes_freed"].as_u64().unwrap() > 0, "{pruned}");
+    for layer in &demo.oci_gzip.layers {
+        assert!(
+            env.blob_path(layer).is_file(),
+            "the registry image still needs {layer}"
+        );
+    }
+    env.fails(&["rmi", &refs[1]], 1);
+    env.ok(&["rmi", &refs[0]]);
+    env.ok(&["prune"]);
+    assert!(
+        env.blob_dir_names().is_empty(),
+        "{:?}",
+        env.blob_dir_names()
+    );
+}
+
+#[test]
+fn gzip_and_zstd_layers() {
+    if !require_root("gzip_and_zstd_layers") {
+        return;
+    }
+    let layers = fixtures().layers();
+    let registry = Registry::start(None);
+    registry.push(&layers.oci_gzip, "kiln/layers:gzip");
+    registry.push(&layers.oci_zstd, "kiln/layers:zstd");
+    let env = Env::new();
+    let mut seen = Vec::new();
+    for (tag, fixture, suffix) in [
+        ("gzip", &layers.oci_gzip, "tar+gzip"),
+        ("zstd", &layers.oci_zstd, "tar+zstd"),
+    ] {
+        let r = registry_ref(&registry.addr(), &format!("kiln/layers:{tag}"));
+        env.ok(&["pull", &r]);
+        let i = env.inspect(&r);
+        assert_eq!(layer_digests(&i), fixture.layers);
+        for layer in i["layers"].as_array().unwrap() {
+            assert!(
+                layer["media_type"].as_str().unwrap().ends_with(suffix),
+                "{layer}"
+            );
+        }
+        seen.push(diff_ids(&i));
+    }
+    assert_eq!(seen[0], seen[1], "both compressions carry the same tars");
+    assert_eq!(seen[0].len(), layers.layer_count);
+}
+
+#[test]
+fn multi_platform_index() {
+    if !require_root("multi_platform_index") {
+        return;
+    }
+    let multiarch = fixtures().multiarch();
+    let registry = Registry::start(None);
+    registry.push(multiarch, "kiln/multi:latest");
+    let env = Env::new();
+    let r = registry_ref(&registry.addr(), "kiln/multi:latest");
+
+    env.ok(&["pull", &r]);
+    let host = env.inspect(&r);
+    assert_eq!(
+        host["manifest_digest"],
+        multiarch.manifest_for("amd64").manifest_digest.as_str()
+    );
+    assert_eq!(host["index_digest"], multiarch.index_digest.as_str());
+    assert_eq!(host["platform"], "linux/amd64");
+
+    env.ok(&["pull", "--platform", "linux/arm64/v8", &r]);
+    let arm = serde_json::from_str::<Value>(&env.ok(&[
+        "--json",
+        "inspect",
+        "--platform",
+        "linux/arm64",
+        &r,
+    ]))
+    .unwrap();
+    assert_eq!(
+        arm["manifest_digest"],
+        multiarch.manifest_for("arm64").manifest_digest.as_str()
+    );
+    assert_eq!(arm["platform"], "linux/arm64/v8");
+
+    let err = env.fails(&["pull", "--platform", "linux/s390x", &r], 1);
+    assert!(
+        err.contains("linux/s390x")
+            && err.contains("linux/amd64")
+            && err.contains("linux/arm64/v8"),
+        "{err}"
+    );
+    let err = env.fails(&["pull", "--platform", "linux", &r], 2);
+    assert!(err.contains("OS/ARCH"), "{err}");
+}
+
+/// A tiny base64 encoder for the docker config's `auth` field.
+fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn htpasswd_registry_with_docker_config_credentials() {
+    if !require_root("htpasswd_registry_with_docker_config_credentials") {
+        return;
+    }
+    assert_eq!(base64(b"kiln:s3cret"), "a2lsbjpzM2NyZXQ=");
+    let demo = fixtures().demo();
+    let registry = Registry::start(Some(("kiln", "s3cret")));
+    registry.push(demo, "kiln/private:latest");
+    let r = registry_ref(&registry.addr(), "kiln/private:latest");
+
+    let env = Env::new();
+    let err = env.fails(&["pull", &r], 1);
+    assert!(err.contains(&registry.addr()), "{err}");
+    assert!(!env.blob_path(&demo.oci_gzip.layers[0]).exists());
+    env.fails(&["pull", "--creds", "kiln:wrong", &r], 1);
+
+    let docker_dir = env.home.path().join(".docker");
+    std::fs::create_dir_all(&docker_dir).unwrap();
+    let config = serde_json::json!({"auths": {registry.addr(): {"auth": base64(b"kiln:s3cret")}}});
+    std::fs::write(docker_dir.join("config.json"), config.to_string()).unwrap();
+    env.ok(&["pull", &r]);
+    assert_eq!(
+        env.inspect(&r)["manifest_digest"],
+        demo.oci_gzip.manifest_digest.as_str()
+    );
+
+    // --creds works without any file.
+    let env2 = Env::new();
+    env2.ok(&["pull", "--creds", "kiln:s3cret", &r]);
+}
+
+#[test]
+fn corrupt_layer_in_registry_is_rejected_and_not_stored() {
+    if !require_root("corrupt_layer_in_registry_is_rejected_and_not_stored") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let registry = Registry::start(None);
+    registry.push(demo, "kiln/corrupt:latest");
+    let layer = &demo.oci_gzip.layers[0];
+    let data = registry.blob_data_path(layer);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&data, bytes).unwrap();
+
+    let env = Env::new();
+    let err = env.fails(
+        &[
+            "pull",
+            &registry_ref(&registry.addr(), "kiln/corrupt:latest"),
+        ],
+        1,
+    );
+    assert!(err.contains(layer.as_str()), "{err}");
+    assert!(!env.blob_path(layer).exists());
+    let images: Value = serde_json::from_str(&env.ok(&["--json", "images"])).unwrap();
+    assert_eq!(images, serde_json::json!([]));
+    assert!(
+        env.blob_dir_names().iter().all(|n| !n.starts_with(".tmp")),
+        "{:?}",
+        env.blob_dir_names()
+    );
+}
+
+#[test]
+fn concurrent_pulls_download_each_blob_once() {
+    if !require_root("concurrent_pulls_download_each_blob_once") {
+        return;
+    }
+    let layers = fixtures().layers();
+    let registry = Registry::start(None);
+    registry.push(layers, "kiln/shared:latest");
+    let env = Env::new();
+    let r = registry_ref(&registry.addr(), "kiln/shared:latest");
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            env.command(&["-q", "pull", &r])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = registry.log();
+    for layer in &layers.oci_gzip.layers {
+        let uri = format!("/v2/kiln/shared/blobs/{layer}");
+        let gets = log
+            .lines()
+            .filter(|l| {
+                l.contains("response completed") && l.contains("method=GET") && l.contains(&uri)
+            })
+            .count();
+        assert_eq!(
+            gets, 1,
+            "blob {layer} fetched {gets} times; registry log:\n{log}"
+        );
+        assert!(env.blob_path(layer).is_file());
+    }
+}
+
+#[test]
+fn pulled_image_works_with_the_registry_stopped() {
+    if !require_root("pulled_image_works_with_the_registry_stopped") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let mut registry = Registry::start(None);
+    registry.push(demo, "kiln/offline:latest");
+    let r = registry_ref(&registry.addr(), "kiln/offline:latest");
+    let env = Env::new();
+    env.ok(&["pull", &r]);
+    registry.stop();
+
+    let i = env.inspect(&r);
+    assert_eq!(i["manifest_digest"], demo.oci_gzip.manifest_digest.as_str());
+    // The default policy (missing) and never both use the store; always needs the registry.
+    let out: Vec<Value> = env
+        .ok(&["--json", "pull", &r])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.last().unwrap()["event"], "in_store");
+    env.ok(&["pull", "--pull", "never", &r]);
+    env.fails(&["pull", "--pull", "always", &r], 1);
+    // The layer blob is there and is what the manifest names.
+    let layer = &demo.oci_gzip.layers[0];
+    let bytes = std::fs::read(env.blob_path(layer)).unwrap();
+    assert_eq!(&kiln_e2e::sha256_digest(&bytes), layer);
+    let err = env.fails(
+        &["pull", "--pull", "never", "docker://127.0.0.1:1/not/pulled"],
+        1,
+    );
+    assert!(err.contains("not in the store"), "{err}");
+}
+
+/// A TCP proxy in front of the registry that forwards responses slowly and can cut every
+/// connection at once, so a test can stop the registry in the middle of a blob.
+struct SlowProxy {
+    port: u16,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SlowProxy {
+    fn start(upstream: String) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (conns, stopped) = (connections.clone(), stop.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                {
+                    let mut c = conns.lock().unwrap();
+                    c.push(client.try_clone().unwrap());
+                    c.push(server.try_clone().unwrap());
+                }
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || pipe(c2, s2, None));
+                thread::spawn(move || pipe(server, client, Some(Duration::from_millis(10))));
+            }
+        });
+        SlowProxy {
+            port,
+            connections,
+            stop,
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every open connection, as a dying server does.
+    fn cut(&self) {
+        for stream in self.connections.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cut();
+        // Wakes the accept loop so it sees `stop`.
+        let _ = TcpStream::connect(self.addr());
+    }
+}
+
+/// Copies `from` to `to` in 8 KiB steps, sleeping `delay` after each.
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Option<Duration>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some(delay) = delay {
+            thread::sleep(delay);
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn temp_size(dir: &Path, hex: &str) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| {
+            e.file_name().to_string_lossy().starts_with(".tmp")
+                && e.file_name().to_string_lossy().ends_with(hex)
+        })
+        .and_then(|e| e.metadata().ok())
+        .map(|m| m.len())
+}
+
+#[test]
+fn registry_killed_mid_blob_then_restarted() {
+    if !require_root("registry_killed_mid_blob_then_restarted") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let mut registry = Registry::start(None);
+    registry.push(demo, "kiln/flaky:latest");
+    let proxy = SlowProxy::start(registry.addr());
+    let r = registry_ref(&proxy.addr(), "kiln/flaky:latest");
+    let env = Env::new();
+    let layer = &demo.oci_gzip.layers[0];
+    let hex = layer.split_once(':').unwrap().1.to_owned();
+    let blob_dir = env.root.path().join("store/blobs/sha256");
+
+    let child = env
+        .command(&["pull", &r])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill once part of the layer (at least 64 KiB, far from its ~1 MiB) is on disk.
+    wait_for(
+        "the layer download to start",
+        Duration::from_secs(120),
+        || temp_size(&blob_dir, &hex).is_some_and(|n| n >= 64 << 10),
+    );
+    registry.stop();
+    proxy.cut();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the pull survived the registry's death: {stderr}"
+    );
+    assert!(!env.blob_path(layer).exists());
+    assert!(
+        temp_size(&blob_dir, &hex).is_none(),
+        "a partial blob was left behind"
+    );
+
+    registry.restart();
+    env.ok(&["pull", &r]);
+    let bytes = std::fs::read(env.blob_path(layer)).unwrap();
+    assert_eq!(&kiln_e2e::sha256_digest(&bytes), layer);
+}
