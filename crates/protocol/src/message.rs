@@ -62,9 +62,10 @@ pub enum Stream {
     Stderr,
 }
 
-/// Version announcement; both sides pick the same version with [`negotiate`].
+/// Version announcement; both sides pick the same version with [`negotiate`]. Unlike
+/// every other message it accepts unknown fields, so that a newer peer's hello can
+/// always be read far enough to negotiate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Hello {
     /// Oldest message-set version the sender speaks.
     pub min_version: u16,

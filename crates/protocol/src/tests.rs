@@ -146,6 +146,23 @@ fn negotiation_picks_the_newest_common_version() {
         negotiate(&hello(1, 9), &hello(5, 2)).is_err(),
         "inverted range"
     );
+
+    // A newer peer's hello with fields this build does not know still decodes.
+    let json = br#"{"min_version":1,"max_version":4,"software":"kiln 9","features":["x"]}"#;
+    let mut bytes = header(0x01, CONTROL_SESSION, json.len() as u32);
+    bytes.extend(json);
+    let Message::Hello(theirs) = decode_frame(&bytes).unwrap().unwrap().0.message else {
+        panic!("not a hello");
+    };
+    assert_eq!(negotiate(&Hello::ours("kiln-init"), &theirs).unwrap(), 1);
+    // Every other message refuses unknown fields.
+    let json = br#"{"signal":15,"extra":1}"#;
+    let mut bytes = header(0x04, MAIN_SESSION, json.len() as u32);
+    bytes.extend(json);
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(ProtocolError::BadPayload { .. })
+    ));
 }
 
 #[test]
