@@ -17,7 +17,8 @@ pub struct Privileges {
 /// The step of [`drop_privileges`] that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrivilegeStep {
-    /// The target uid is 0; the supervisor never runs a workload as root.
+    /// The target uid, gid or a supplementary group is 0; the supervisor never runs a
+    /// workload as root or in the root group.
     TargetIsRoot,
     SetGroups,
     SetGid,
@@ -39,9 +40,36 @@ pub enum PrivilegeStep {
     VerifyNoNewPrivs,
 }
 
+impl PrivilegeStep {
+    /// What the step does, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PrivilegeStep::TargetIsRoot => {
+                "checking the target (uid, gid and groups must not be 0)"
+            }
+            PrivilegeStep::SetGroups => "setgroups",
+            PrivilegeStep::SetGid => "setresgid",
+            PrivilegeStep::BoundingSet => {
+                "clearing the capability bounding set (needs CAP_SETPCAP)"
+            }
+            PrivilegeStep::SetUid => "setresuid",
+            PrivilegeStep::AmbientCapabilities => "clearing the ambient capabilities",
+            PrivilegeStep::CapabilitySets => {
+                "emptying the permitted, effective and inheritable capabilities"
+            }
+            PrivilegeStep::NoNewPrivs => "setting no_new_privs",
+            PrivilegeStep::VerifyIds => "checking the real, effective and saved ids",
+            PrivilegeStep::VerifyGroups => "checking the supplementary groups",
+            PrivilegeStep::VerifyNoRoot => "checking that setuid(0) fails",
+            PrivilegeStep::VerifyCapabilities => "checking that every capability set is empty",
+            PrivilegeStep::VerifyNoNewPrivs => "checking no_new_privs",
+        }
+    }
+}
+
 /// A failed step with its errno (`Errno::UnknownErrno` for a failed check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("dropping privileges failed at {step:?}: {errno}")]
+#[error("dropping privileges failed {}: {}", step.describe(), if *errno == Errno::UnknownErrno { "the check failed" } else { errno.desc() })]
 pub struct PrivilegeError {
     pub step: PrivilegeStep,
     pub errno: Errno,
@@ -54,14 +82,15 @@ const MAX_GROUPS: usize = 256;
 /// Drops to `target`: setgroups (exactly `target.groups`), setgid, clear the capability
 /// bounding set, setuid — all skipped when the process already has the target uid —
 /// then clears ambient, permitted, effective and inheritable capabilities, sets
-/// PR_SET_NO_NEW_PRIVS, and checks the outcome: real, effective and saved ids are the
-/// target, the groups are `target.groups` (when they were set here), setuid(0) fails,
-/// every capability set is empty and no_new_privs is on.
+/// PR_SET_NO_NEW_PRIVS, and checks the outcome: real, effective and saved uid are the
+/// target; so are the three gids and the groups are exactly `target.groups` when they
+/// were set here (else the effective gid is checked: an unprivileged process cannot
+/// change its groups); setuid(0) fails; every capability set is empty; no_new_privs is on.
 ///
 /// Allocation-free, so it may run between fork and exec.
 pub fn drop_privileges(target: &Privileges) -> Result<(), PrivilegeError> {
     let fail = |step| move |errno| PrivilegeError { step, errno };
-    if target.uid == 0 {
+    if target.uid == 0 || target.gid == 0 || target.groups.contains(&0) {
         return Err(fail(PrivilegeStep::TargetIsRoot)(Errno::EINVAL));
     }
     if target.groups.len() > MAX_GROUPS {
