@@ -557,12 +557,22 @@ fn binary_full_mode_needs_only_the_kubernetes_combined_capabilities() {
     }
     let dir = tempfile::tempdir().unwrap();
     let writable = dir.path().join("w");
-    // What kiln-kube's combined agent gets: root, CHOWN SETGID SETPCAP SETUID only,
-    // allowPrivilegeEscalation false (no_new_privs).
+    // A seeded workspace: a 0700 directory of the sandbox user holding a root file, which
+    // root can only reach with DAC_OVERRIDE.
+    std::fs::create_dir_all(writable.join(".ssh")).unwrap();
+    std::fs::write(writable.join(".ssh/key"), "k").unwrap();
+    std::os::unix::fs::chown(writable.join(".ssh"), Some(UID), Some(GID)).unwrap();
+    std::fs::set_permissions(
+        writable.join(".ssh"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    // What kiln-kube's combined agent gets: root, CHOWN DAC_OVERRIDE SETGID SETPCAP
+    // SETUID only, allowPrivilegeEscalation false (no_new_privs).
     let out = Command::new("setpriv")
         .args([
             "--bounding-set",
-            "-all,+chown,+setgid,+setpcap,+setuid",
+            "-all,+chown,+dac_override,+setgid,+setpcap,+setuid",
             "--no-new-privs",
             "--",
         ])
@@ -594,6 +604,8 @@ fn binary_full_mode_needs_only_the_kubernetes_combined_capabilities() {
         format!("{UID}\t{UID}\t{UID}\t{UID}")
     );
     assert_eq!(status_field(&parent, "CapBnd"), "0000000000000000");
-    let meta = std::fs::metadata(&writable).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (UID, GID));
+    for path in [writable.clone(), writable.join(".ssh/key")] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (UID, GID), "{}", path.display());
+    }
 }
