@@ -206,8 +206,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError>
     Ok(Some((decode_payload(header, payload.to_vec())?, end)))
 }
 
-/// Reads one frame. `Ok(None)` when the stream ends cleanly between frames; a stream
-/// ending inside a frame is [`ProtocolError::Truncated`].
+/// Reads one frame from a blocking stream. `Ok(None)` when the stream ends cleanly
+/// between frames; a stream ending inside a frame is [`ProtocolError::Truncated`].
+/// (Non-blocking streams go through [`decode_frame`] on a buffer instead.)
 pub fn read_frame(reader: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
     let mut header_bytes = [0u8; HEADER_LEN];
     let got = read_full(reader, &mut header_bytes)?;

@@ -208,6 +208,59 @@ fn sessions_interleave_on_one_stream() {
 }
 
 #[test]
+fn concurrent_writers_share_a_unix_socket() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+
+    let (host, guest) = UnixStream::pair().unwrap();
+    let guest = Arc::new(Mutex::new(guest));
+    let writers: Vec<_> = (1..=4u32)
+        .map(|session| {
+            let guest = Arc::clone(&guest);
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    let bytes = format!("{session}:{i};").repeat(100).into_bytes();
+                    let frame = Frame::new(
+                        session,
+                        Message::Data {
+                            stream: Stream::Stdout,
+                            bytes,
+                        },
+                    );
+                    write_frame(&mut *guest.lock().unwrap(), &frame).unwrap();
+                }
+                let end = Frame::new(session, Message::Result(WorkloadResult::Exited { code: 0 }));
+                write_frame(&mut *guest.lock().unwrap(), &end).unwrap();
+            })
+        })
+        .collect();
+    let reader = std::thread::spawn(move || {
+        let mut host = host;
+        let mut next = [0u32; 5];
+        let mut ended = 0;
+        while ended < 4 {
+            let frame = read_frame(&mut host).unwrap().unwrap();
+            let session = frame.session as usize;
+            match frame.message {
+                Message::Data { bytes, .. } => {
+                    let expected = format!("{session}:{};", next[session]).repeat(100);
+                    assert_eq!(bytes, expected.as_bytes(), "frames never interleave");
+                    next[session] += 1;
+                }
+                Message::Result(_) => ended += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        next
+    });
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    drop(guest);
+    assert_eq!(reader.join().unwrap()[1..], [200; 4]);
+}
+
+#[test]
 fn long_stream_data_is_split_at_the_limit() {
     let data: Vec<u8> = (0..MAX_PAYLOAD * 2 + 10).map(|i| i as u8).collect();
     let mut wire = Vec::new();
