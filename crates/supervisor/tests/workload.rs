@@ -420,6 +420,17 @@ fn binary_exits_with_the_workload_code() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses uid 0: {out:?}");
+
+    let host_passwd = std::fs::read("/etc/passwd").unwrap();
+    if kiln_identity::lookup_user(&host_passwd, "sandbox")
+        .unwrap()
+        .is_none()
+    {
+        let out = status(&["--run-as", "sandbox", "--", "true"]);
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("has no \"sandbox\" entry"), "{stderr}");
+    }
 }
 
 #[test]
@@ -589,7 +600,10 @@ fn binary_full_mode_needs_only_the_kubernetes_combined_capabilities() {
             "--",
             "sh",
             "-c",
-            "cat /proc/self/status; grep -E '^(Uid|Cap)' /proc/$PPID/status >&2",
+            // The supervisor drops its own ids right after starting the workload.
+            "cat /proc/self/status; for i in $(seq 100); do \
+             grep -q '^Uid:.4242' /proc/$PPID/status && break; sleep 0.1; done; \
+             grep -E '^(Uid|Cap)' /proc/$PPID/status >&2",
         ])
         .env("SANDBOX_UID", UID.to_string())
         .env("SANDBOX_GID", GID.to_string())
