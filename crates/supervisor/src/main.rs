@@ -1,7 +1,8 @@
 //! `kiln-supervisor`: the Kubernetes path's entry point into kiln-supervisor.
 //!
 //! `kiln-supervisor --mode full|process -- CMD [ARG...]` runs CMD as SANDBOX_UID:SANDBOX_GID
-//! (environment), forwards signals to it, reaps orphans (it may be the container's PID 1)
+//! (environment) with the supervisor's environment (USER, LOGNAME, HOME and SHELL replaced
+//! by the sandbox user's), forwards signals to it, reaps orphans (it may be the container's PID 1)
 //! and exits with the workload's code (128 + signal when killed, 127/126 when it could not
 //! start, 125 when the supervisor itself failed). `--mode network` runs nothing: it says
 //! that it enforces nothing yet and waits for SIGTERM or SIGINT.
@@ -21,6 +22,9 @@ use nix::unistd::Pid;
 
 /// Exit code when the supervisor itself fails (Docker's code for a runtime failure).
 const SUPERVISOR_FAILED: u8 = 125;
+
+/// Inherited variables that describe the container's user, not the sandbox user.
+const SESSION_VARIABLES: [&str; 4] = ["USER", "LOGNAME", "HOME", "SHELL"];
 
 /// Signals passed on to the workload.
 const FORWARDED: [Signal; 7] = [
@@ -122,7 +126,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let spec = RunSpec {
         argv: args.command,
-        env: std::env::vars().map(|(k, v)| format!("{k}={v}")).collect(),
+        // The runtime set USER/LOGNAME/HOME/SHELL for the container's user (root in full
+        // mode); the session's values for the sandbox user replace them.
+        env: std::env::vars()
+            .filter(|(k, _)| !SESSION_VARIABLES.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
         cwd: Some(workdir),
         identity: Identity {
             run_as: match args.run_as {

@@ -384,6 +384,9 @@ fn binary_exits_with_the_workload_code() {
         supervisor_binary("full", "4242")
             .args(["--writable", writable.to_str().unwrap(), "--workdir", "/"])
             .args(args)
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("KEPT", "kept")
             .output()
             .unwrap()
     };
@@ -395,7 +398,7 @@ fn binary_exits_with_the_workload_code() {
         "--",
         "sh",
         "-c",
-        "touch \"$0/file\" && grep -E '^(Uid|CapEff|NoNewPrivs)' /proc/self/status; exit 7",
+        "touch \"$0/file\" && grep -E '^(Uid|CapEff|NoNewPrivs)' /proc/self/status; echo \"$HOME $USER $KEPT\"; exit 7",
         writable.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
@@ -403,6 +406,10 @@ fn binary_exits_with_the_workload_code() {
     assert!(text.contains("Uid:\t4242\t4242\t4242\t4242"), "{text}");
     assert!(text.contains("CapEff:\t0000000000000000"), "{text}");
     assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+    assert!(
+        text.contains("/sandbox 4242 kept\n"),
+        "root's HOME is replaced, the rest kept: {text}"
+    );
     assert!(writable.join("file").exists());
 
     let out = status(&["--", "sh", "-c", "kill -KILL $$"]);
