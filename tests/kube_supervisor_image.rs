@@ -134,6 +134,20 @@ fn push_reaches_a_loopback_registry_and_pulls_back_the_same_manifest() {
     let manifest = fs::read(pulled.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap();
     assert_eq!(sha256_digest(&manifest), digest);
 
+    // Pulled back with kiln itself (kiln-image), when this kiln has its `pull` command.
+    let has_pull = run_with_timeout(Command::new(kiln_bin()).args(["pull", "--help"]), TIMEOUT)
+        .is_ok_and(|output| output.status.success());
+    if has_pull {
+        let root = work.path().join("kiln-root");
+        let mut command = Command::new(kiln_bin());
+        command.arg("--root").arg(&root).args(["pull", &source]);
+        let output = run_ok(&mut command, TIMEOUT);
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(stdout.split_whitespace().last(), Some(digest.as_str()), "kiln pull printed: {stdout}");
+    } else {
+        eprintln!("skipping the pull-back with kiln: this kiln has no `pull` command yet");
+    }
+
     // A second push finds the blobs there and still tags the manifest.
     let retag = format!("{}/kiln/kiln-supervisor:again", registry.addr());
     assert_eq!(printed_digest(&kiln_ok(&["--push", &retag])), digest);
