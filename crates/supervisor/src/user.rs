@@ -164,7 +164,7 @@ impl Session {
 }
 
 /// USER, LOGNAME, HOME and SHELL for `user`: from its passwd entry, or for a numeric uid
-/// without one USER=<uid>, HOME=/sandbox, SHELL=/bin/sh. An empty home or shell field
+/// without one `USER=<uid>`, `HOME=/sandbox`, `SHELL=/bin/sh`. An empty home or shell field
 /// falls back the same way (as login does for an empty shell).
 pub fn session_user_and_home(user: &SandboxUser) -> Session {
     let fallback = |value: &str, default: &str| {
