@@ -136,7 +136,7 @@ pub fn run(globals: &Globals, args: KubeArgs) -> CommandResult {
 
 fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
     let file = match &args.config {
-        Some(path) => ConfigFile::load(path).map_err(CommandError::usage)?,
+        Some(path) => ConfigFile::load(path).context("--config").map_err(CommandError::usage)?,
         None => ConfigFile::default(),
     };
     let namespace_json = args.namespace_json.clone();
@@ -146,7 +146,9 @@ fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
 
     let namespace: Option<NamespaceInfo> = match (namespace_json, cluster) {
         (Some(path), _) => {
-            let bytes = kiln_kube::read_bounded(&path, kiln_kube::MAX_NAMESPACE_JSON_SIZE).map_err(usage)?;
+            let bytes = kiln_kube::read_bounded(&path, kiln_kube::MAX_NAMESPACE_JSON_SIZE)
+                .context("--namespace-json")
+                .map_err(CommandError::usage)?;
             let origin = if path.as_os_str() == "-" { "stdin".to_owned() } else { path.display().to_string() };
             Some(kiln_kube::namespace_from_json(&origin, &bytes).map_err(usage)?)
         }
