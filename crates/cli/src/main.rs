@@ -3,6 +3,7 @@
 //! Logic lives in the crates under `crates/`; this binary only turns flags into
 //! calls and results into text (or JSON with `--json`) and exit codes.
 
+mod build;
 mod doctor;
 mod exit;
 mod globals;
@@ -32,6 +33,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build (or reuse) the EROFS root image and sandbox identity layer of an image.
+    Build(build::BuildArgs),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
     /// Sandbox identity: which uid/gid a sandbox runs as, and why.
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
     globals.init_logging();
 
     let result: exit::CommandResult = match cli.command {
+        Command::Build(args) => build::run(&globals, args),
         Command::Doctor(args) => doctor::run(&globals, args),
         Command::Identity(args) => identity::run(&globals, args),
         Command::Kube(args) => kube::run(&globals, args),

@@ -46,7 +46,7 @@ fn concurrent_requests_build_once_and_identity_layers_are_keyed_by_ids() {
     let key_dir = dir
         .path()
         .join(format!("v{BUILDER_FORMAT_VERSION}"))
-        .join(&DIGEST.replace(':', "-"));
+        .join(DIGEST.replace(':', "-"));
     assert_eq!(root_path, &key_dir.join("root.erofs"));
 
     let first = cache.identity_layer(DIGEST, inputs, 10001, 10001).unwrap();

@@ -1,0 +1,225 @@
+//! `kiln build REF`: pulls if needed, then builds (or reuses) the root image and the
+//! sandbox identity layer with kiln-rootfs, and prints their paths and stage timings.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use kiln_image::{PullPolicy, PulledImage, Store};
+use kiln_rootfs::{BuildOptions, Cache, Compression, Layer, Limits, Timings};
+use serde::Serialize;
+
+use crate::exit::{CommandError, CommandResult};
+use crate::globals::Globals;
+use crate::pull::{image_error, parse_reference, progress_renderer, SourceArgs};
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Image reference (as for `kiln pull`); pulled when not in the store.
+    reference: String,
+
+    #[command(flatten)]
+    source: SourceArgs,
+
+    /// Sandbox uid (1000 to 2000000000) [default: 10001].
+    #[arg(long, value_name = "N")]
+    uid: Option<String>,
+
+    /// Sandbox gid (1000 to 2000000000) [default: 10001].
+    #[arg(long, value_name = "N")]
+    gid: Option<String>,
+
+    /// Write one image with the identity baked in instead of root + identity layer.
+    #[arg(long)]
+    merged: bool,
+
+    /// Write the root (or merged) image to FILE instead of the cache.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct BuildOutput {
+    reference: String,
+    manifest_digest: String,
+    /// The root image, or the merged image with --merged.
+    root: PathBuf,
+    root_built: bool,
+    /// The identity layer (absent with --merged).
+    identity: Option<PathBuf>,
+    identity_built: bool,
+    uid: u32,
+    gid: u32,
+    timings: Timings,
+    warnings: Vec<String>,
+}
+
+pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
+    let reference = parse_reference(&args.reference)?;
+    let uid = id_flag(
+        "--uid",
+        args.uid.as_deref(),
+        kiln_identity::DEFAULT_SANDBOX_UID,
+    )?;
+    let gid = id_flag(
+        "--gid",
+        args.gid.as_deref(),
+        kiln_identity::DEFAULT_SANDBOX_GID,
+    )?;
+    let mut options = args.source.options(PullPolicy::Missing)?;
+    options.progress = progress_renderer(globals).filter(|_| !globals.json);
+    let store = Store::open(&globals.root).map_err(image_error)?;
+    let image = kiln_image::pull(&store, &reference, &options).map_err(image_error)?;
+    let digest = image.record.manifest_digest.to_string();
+    let cache = Cache::new(globals.root.join("rootfs"));
+    let limits = Limits::default();
+    let layers = || open_layers(&store, &image);
+
+    let mut output = BuildOutput {
+        reference: image.record.reference.clone(),
+        manifest_digest: digest.clone(),
+        root: PathBuf::new(),
+        root_built: false,
+        identity: None,
+        identity_built: false,
+        uid,
+        gid,
+        timings: Timings::default(),
+        warnings: Vec::new(),
+    };
+    if let Some(path) = &args.output {
+        let options = BuildOptions {
+            limits,
+            merged: args.merged.then_some((uid, gid)),
+        };
+        let report = kiln_rootfs::build_root_image(layers()?, path, &options)?;
+        output.timings = report.timings.clone();
+        output.root = path.clone();
+        output.root_built = true;
+        if let Some(identity) = &report.identity {
+            output.warnings = identity.warnings.clone();
+        } else {
+            let inputs = &report.identity_inputs;
+            add_identity(
+                &mut output,
+                cache.identity_layer(&digest, inputs, uid, gid)?,
+            );
+        }
+    } else if args.merged {
+        let merged = cache.merged_image(&digest, &limits, uid, gid, layers)?;
+        output.root = merged.path;
+        if let Some(report) = merged.built {
+            output.root_built = true;
+            output.timings = report.timings;
+            output.warnings = report.identity.map(|i| i.warnings).unwrap_or_default();
+        }
+    } else {
+        let (root, inputs) = cache.root_image(&digest, &limits, layers)?;
+        output.root = root.path;
+        if let Some(report) = root.built {
+            output.root_built = true;
+            output.timings = report.timings;
+        }
+        add_identity(
+            &mut output,
+            cache.identity_layer(&digest, &inputs, uid, gid)?,
+        );
+    }
+    print(globals, &output)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn add_identity(
+    output: &mut BuildOutput,
+    identity: kiln_rootfs::Cached<kiln_rootfs::IdentityLayerReport>,
+) {
+    output.identity = Some(identity.path);
+    if let Some(report) = identity.built {
+        output.identity_built = true;
+        output.timings.write += report.timings.write;
+        output.timings.verify += report.timings.verify;
+        output.warnings = report.identity.warnings;
+    }
+}
+
+/// Opens the stored blob of every layer, bottom first.
+pub fn open_layers<'a>(store: &Store, image: &PulledImage) -> kiln_rootfs::Result<Vec<Layer<'a>>> {
+    image
+        .layers
+        .iter()
+        .map(|layer| {
+            let file: File =
+                store
+                    .open_blob(&layer.digest)
+                    .map_err(|e| kiln_rootfs::Error::Io {
+                        context: format!("opening layer {}", layer.digest),
+                        source: std::io::Error::other(e),
+                    })?;
+            let compression = match layer.compression {
+                kiln_image::Compression::None => Compression::None,
+                kiln_image::Compression::Gzip => Compression::Gzip,
+                kiln_image::Compression::Zstd => Compression::Zstd,
+            };
+            Ok(Layer::new(layer.digest.to_string(), compression, file))
+        })
+        .collect()
+}
+
+fn id_flag(flag: &str, value: Option<&str>, default: u32) -> Result<u32, CommandError> {
+    match value {
+        None => Ok(default),
+        Some(text) => kiln_identity::parse_sandbox_id(text)
+            .with_context(|| flag.to_owned())
+            .map_err(CommandError::usage),
+    }
+}
+
+fn print(globals: &Globals, output: &BuildOutput) -> anyhow::Result<()> {
+    if globals.json {
+        println!("{}", serde_json::to_string_pretty(output)?);
+        return Ok(());
+    }
+    let state = |built: bool| if built { "built" } else { "cached" };
+    println!(
+        "root      {} ({})",
+        show(&output.root),
+        state(output.root_built)
+    );
+    if let Some(identity) = &output.identity {
+        println!(
+            "identity  {} ({})",
+            show(identity),
+            state(output.identity_built)
+        );
+    }
+    if globals.quiet {
+        return Ok(());
+    }
+    for warning in &output.warnings {
+        eprintln!("kiln: warning: {warning}");
+    }
+    if output.root_built || output.identity_built {
+        let t = &output.timings;
+        println!("stage     seconds");
+        for (stage, time) in [
+            ("decode", t.decode),
+            ("apply", t.apply),
+            ("write", t.write),
+            ("verify", t.verify),
+        ] {
+            println!("{stage:<9} {}", seconds(time));
+        }
+    }
+    Ok(())
+}
+
+fn show(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn seconds(time: Duration) -> String {
+    format!("{:.3}", time.as_secs_f64())
+}
