@@ -4,6 +4,7 @@
 //! calls and results into text (or JSON with `--json`) and exit codes.
 
 mod build;
+mod check;
 mod doctor;
 mod exit;
 mod globals;
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Build (or reuse) the EROFS root image and sandbox identity layer of an image.
     Build(build::BuildArgs),
+    /// Report whether an image can run as a sandbox, and what to fix (exit 1 if not).
+    Check(check::CheckArgs),
     /// Check that this host can run sandboxes, and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
     /// Sandbox identity: which uid/gid a sandbox runs as, and why.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
 
     let result: exit::CommandResult = match cli.command {
         Command::Build(args) => build::run(&globals, args),
+        Command::Check(args) => check::run(&globals, args),
         Command::Doctor(args) => doctor::run(&globals, args),
         Command::Identity(args) => identity::run(&globals, args),
         Command::Kube(args) => kube::run(&globals, args),
