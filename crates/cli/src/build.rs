@@ -168,7 +168,7 @@ pub fn open_layers<'a>(store: &Store, image: &PulledImage) -> kiln_rootfs::Resul
         .collect()
 }
 
-fn id_flag(flag: &str, value: Option<&str>, default: u32) -> Result<u32, CommandError> {
+pub fn id_flag(flag: &str, value: Option<&str>, default: u32) -> Result<u32, CommandError> {
     match value {
         None => Ok(default),
         Some(text) => kiln_identity::parse_sandbox_id(text)

@@ -59,6 +59,7 @@
 mod apply;
 mod build;
 mod cache;
+mod check;
 mod decode;
 mod error;
 mod identity;
@@ -73,6 +74,7 @@ pub use build::{
     ImageSummary, Timings,
 };
 pub use cache::{Cache, Cached, BUILDER_FORMAT_VERSION};
+pub use check::{check_image, check_layers, CheckInput, CheckReport, Finding, Severity};
 pub use decode::Compression;
 pub use error::{EntryError, EntryName, Error, Result};
 pub use identity::{AccountFile, IdentityInputs, IdentityReport, NodeAttributes, PathDir};
