@@ -6,6 +6,9 @@ use std::process::ExitCode;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code for any other failure of kiln itself.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of `kiln run` when kiln itself failed (bad flags, pull, build or boot
+/// failure), as `docker run` uses it; other codes are the workload's.
+pub const EXIT_RUN_FAILURE: u8 = 125;
 
 /// An error that carries the exit code the process should end with.
 #[derive(Debug)]
@@ -38,4 +41,49 @@ pub type CommandResult = Result<ExitCode, CommandError>;
 pub fn report(err: &CommandError) -> ExitCode {
     eprintln!("kiln: error: {:#}", err.error);
     ExitCode::from(err.code)
+}
+
+/// Reports a command-line parse error. `kiln run` exits 125 on bad flags (the workload's
+/// codes own the rest of the range, as with `docker run`); other commands exit 2.
+pub fn parse_failure(err: &clap::Error) -> ExitCode {
+    let _ = err.print();
+    if !err.use_stderr() {
+        return ExitCode::SUCCESS; // --help and --version
+    }
+    if subcommand(std::env::args().skip(1)).as_deref() == Some("run") {
+        ExitCode::from(EXIT_RUN_FAILURE)
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    }
+}
+
+/// The subcommand word of an argument list: the first argument that is neither an
+/// option nor the value of a global option that takes one.
+fn subcommand(args: impl Iterator<Item = String>) -> Option<String> {
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        if arg == "--root" {
+            args.next();
+        } else if !arg.starts_with('-') {
+            return Some(arg);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subcommand;
+
+    fn words(args: &[&str]) -> Option<String> {
+        subcommand(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn finds_the_subcommand_after_global_options() {
+        assert_eq!(words(&["run", "--bogus"]).as_deref(), Some("run"));
+        assert_eq!(words(&["--root", "/r", "-q", "run"]).as_deref(), Some("run"));
+        assert_eq!(words(&["--root=/r", "pull", "x"]).as_deref(), Some("pull"));
+        assert_eq!(words(&["--json"]), None);
+    }
 }

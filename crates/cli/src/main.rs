@@ -13,6 +13,7 @@ mod images;
 mod inspect;
 mod kube;
 mod pull;
+mod run;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,8 @@ enum Command {
     Images(images::ImagesArgs),
     /// Show a pulled image: manifest digest, platform, run config, layers.
     Inspect(inspect::InspectArgs),
+    /// Run an image's command in a new microVM sandbox.
+    Run(run::RunArgs),
     /// Remove an image from the content store (its blobs go with `kiln prune`).
     Rmi(images::RmiArgs),
     /// Remove blobs no image refers to and report the bytes freed.
@@ -57,7 +60,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return exit::parse_failure(&err),
+    };
     let globals = match Globals::from_args(cli.global) {
         Ok(globals) => globals,
         Err(err) => return exit::report(&CommandError::usage(err)),
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => pull::run(&globals, args),
         Command::Images(args) => images::images(&globals, args),
         Command::Inspect(args) => inspect::run(&globals, args),
+        Command::Run(args) => run::run(&globals, args),
         Command::Rmi(args) => images::rmi(&globals, args),
         Command::Prune(args) => images::prune(&globals, args),
     };

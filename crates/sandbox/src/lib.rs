@@ -9,5 +9,7 @@
 
 pub mod launch;
 pub mod options;
+pub mod prepare;
+pub mod run;
 pub mod spec;
 pub mod state;

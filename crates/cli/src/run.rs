@@ -1,0 +1,311 @@
+//! `kiln run`: boot an image as a microVM sandbox and run its command, as `docker run`
+//! would: the workload's exit code becomes kiln's, 125 means kiln itself failed.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use kiln_image::{ImageRef, PullPolicy};
+use kiln_protocol::TerminalSize;
+use kiln_sandbox::launch::{Control, HostIo};
+use kiln_sandbox::options::{parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, validate_name};
+use kiln_sandbox::run::{RunReport, RunRequest};
+use kiln_sandbox::spec::Overrides;
+use kiln_vm::accel::AccelRequest;
+use kiln_vm::Network;
+
+use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
+use crate::globals::Globals;
+use crate::pull::{progress_renderer, SourceArgs};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remove the sandbox (its writable layer and state) when the workload ends.
+    #[arg(long)]
+    rm: bool,
+
+    /// Stream kiln's stdin to the workload (EOF included).
+    #[arg(short, long)]
+    interactive: bool,
+
+    /// Run the workload on a terminal (a PTY in the guest).
+    #[arg(short, long)]
+    tty: bool,
+
+    /// Set an environment variable: KEY=VALUE, or KEY to copy kiln's own (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+
+    /// Read environment variables from a file, one KEY=VALUE per line (repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<PathBuf>,
+
+    /// Working directory of the workload (absolute) [default: the image's, else the user's home].
+    #[arg(short, long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+
+    /// Replace the image's entrypoint (and drop its Cmd); "" clears it.
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+
+    /// Whom the workload runs as: sandbox, or a numeric uid (1000 to 2000000000).
+    #[arg(long, value_name = "sandbox|UID", default_value = "sandbox")]
+    user: String,
+
+    /// Uid of the `sandbox` user written into the image (1000 to 2000000000).
+    #[arg(long, value_name = "N")]
+    uid: Option<String>,
+
+    /// Gid of the `sandbox` group written into the image (1000 to 2000000000).
+    #[arg(long, value_name = "N")]
+    gid: Option<String>,
+
+    /// Virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=1048576))]
+    memory: u32,
+
+    /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
+    #[arg(long, value_name = "MODE", default_value = "user", value_parser = ["user", "none"])]
+    network: String,
+
+    /// Forward a TCP port from host loopback into the guest (repeatable; needs --network user).
+    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
+    publish: Vec<String>,
+
+    /// Stop the sandbox and fail if the workload runs longer than this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<String>,
+
+    /// Name of the sandbox ([A-Za-z0-9._-], up to 128 characters).
+    #[arg(long)]
+    name: Option<String>,
+
+    /// When to contact the image source: always, missing (only when not in the store) or never.
+    #[arg(long = "pull", value_name = "POLICY", default_value = "missing")]
+    pull: String,
+
+    /// Print how long each phase took (on stderr).
+    #[arg(long)]
+    timings: bool,
+
+    /// Accelerator: auto (KVM when it really works here, else TCG), kvm or tcg.
+    #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
+    accel: String,
+
+    /// QEMU binary.
+    #[arg(long, env = "KILN_QEMU", default_value = kiln_vm::qemu::DEFAULT_BINARY, hide = true)]
+    qemu: PathBuf,
+
+    #[command(flatten)]
+    source: SourceArgs,
+
+    /// Image reference (as for `kiln pull`).
+    reference: String,
+
+    /// Command and arguments, replacing the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// Any error before the workload runs is kiln's own: exit code 125, as `docker run`.
+fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
+    CommandError { code: EXIT_RUN_FAILURE, error: error.into() }
+}
+
+pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
+    let terminal = args.tty.then(terminal_size);
+    let request = request(globals, &args, terminal).map_err(kiln_error)?;
+
+    let (control_tx, control_rx) = mpsc::channel();
+    forward_signals(control_tx, args.tty).map_err(kiln_error)?;
+    // Raw mode only when kiln's own stdin is the terminal the user types into.
+    let _raw = (args.tty && args.interactive && std::io::stdin().is_terminal())
+        .then(terminal::RawMode::enable)
+        .transpose()
+        .map_err(kiln_error)?;
+
+    let io = HostIo {
+        stdin: args.interactive.then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        stdout: Box::new(std::io::stdout()),
+        stderr: Box::new(std::io::stderr()),
+    };
+    let quiet = globals.quiet;
+    let notice = move |line: &str| {
+        if !quiet {
+            eprintln!("kiln: {line}");
+        }
+    };
+    let report = kiln_sandbox::run::run(&globals.root, request, io, control_rx, &notice).map_err(kiln_error)?;
+    drop(_raw);
+    if args.timings {
+        print_timings(globals, &report);
+    }
+    let code = report.result.exit_code().clamp(0, 255) as u8;
+    Ok(ExitCode::from(code))
+}
+
+fn request(globals: &Globals, args: &RunArgs, terminal: Option<TerminalSize>) -> anyhow::Result<RunRequest> {
+    let reference = ImageRef::parse(&args.reference)?;
+    let mut pull = args.source.options(PullPolicy::parse(&args.pull)?).map_err(|e| e.error)?;
+    pull.progress = progress_renderer(globals).filter(|_| !globals.json);
+
+    let run_as = kiln_identity::RunAs::parse(args.user.as_bytes()).context("--user")?;
+    let id = |flag: &str, value: &Option<String>, default: u32| -> anyhow::Result<u32> {
+        match value {
+            Some(text) => kiln_identity::parse_sandbox_id(text).with_context(|| flag.to_owned()),
+            None => Ok(default),
+        }
+    };
+    let sandbox_uid = id("--uid", &args.uid, kiln_identity::DEFAULT_SANDBOX_UID)?;
+    let sandbox_gid = id("--gid", &args.gid, kiln_identity::DEFAULT_SANDBOX_GID)?;
+
+    let host_env = |key: &str| std::env::var(key).ok();
+    let mut env = Vec::new();
+    for file in &args.env_files {
+        let contents = std::fs::read(file).with_context(|| format!("--env-file {}", file.display()))?;
+        env.extend(parse_env_file(&file.display().to_string(), &contents, host_env)?);
+    }
+    for assignment in &args.env {
+        env.extend(parse_env_assignment(assignment, host_env)?);
+    }
+
+    let forwards = args.publish.iter().map(|p| parse_port_forward(p)).collect::<Result<Vec<_>, _>>()?;
+    let network = match args.network.as_str() {
+        "none" if !forwards.is_empty() => anyhow::bail!("-p needs --network user (got --network none)"),
+        "none" => Network::None,
+        _ => Network::User { forwards },
+    };
+    if let Some(name) = &args.name {
+        validate_name(name)?;
+    }
+    let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg).context("--accel")?;
+    Ok(RunRequest {
+        reference,
+        pull,
+        overrides: Overrides {
+            entrypoint: args.entrypoint.clone(),
+            cmd: args.command.clone(),
+            env,
+            working_dir: args.workdir.clone(),
+        },
+        run_as,
+        sandbox_uid,
+        sandbox_gid,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        network,
+        timeout: args.timeout.as_deref().map(parse_timeout).transpose()?,
+        name: args.name.clone(),
+        remove: args.rm,
+        terminal,
+        accel,
+        qemu: args.qemu.clone(),
+    })
+}
+
+/// SIGINT and SIGTERM go to the workload (kiln stops the VM if it does not end within
+/// the grace period); SIGWINCH becomes a terminal resize.
+fn forward_signals(control: mpsc::Sender<Control>, tty: bool) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGWINCH])?;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let request = match signal {
+                SIGWINCH if tty => Control::Resize(terminal_size()),
+                SIGWINCH => continue,
+                other => Control::Signal(other),
+            };
+            if control.send(request).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The size of kiln's terminal, or 24x80 when it has none.
+fn terminal_size() -> TerminalSize {
+    terminal::size().unwrap_or(TerminalSize { rows: 24, cols: 80 })
+}
+
+fn print_timings(globals: &Globals, report: &RunReport) {
+    let t = &report.timings;
+    let phases = [
+        ("pull", Some(t.pull)),
+        ("build/cache", Some(t.build)),
+        ("vmm start", t.vm.vmm_start),
+        ("kernel", t.vm.kernel),
+        ("init+supervisor", t.vm.init),
+        ("workload", t.vm.workload),
+        ("shutdown", t.vm.shutdown),
+    ];
+    if globals.json {
+        let map: serde_json::Map<String, serde_json::Value> = phases
+            .iter()
+            .map(|(name, d)| (name.to_string(), d.map(|d| d.as_secs_f64()).into()))
+            .collect();
+        let json = serde_json::json!({ "accel": report.accel.accel.as_str(), "timings_seconds": map });
+        eprintln!("{json}");
+        return;
+    }
+    eprintln!("phase            seconds   (accel: {})", report.accel.accel.as_str());
+    for (name, duration) in phases {
+        let shown = duration.map_or("-".to_owned(), |d: Duration| format!("{:.3}", d.as_secs_f64()));
+        eprintln!("{name:<16} {shown:>7}");
+    }
+}
+
+/// The host terminal: its size and raw mode for `-it`.
+mod terminal {
+    use kiln_protocol::TerminalSize;
+
+    /// The size of the terminal on stdin (or stdout), if there is one.
+    pub fn size() -> Option<TerminalSize> {
+        for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO] {
+            // SAFETY: TIOCGWINSZ fills the winsize struct we own.
+            let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+            if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+                return Some(TerminalSize { rows: ws.ws_row, cols: ws.ws_col });
+            }
+        }
+        None
+    }
+
+    /// Puts stdin's terminal in raw mode (keys go to the workload as typed) until dropped.
+    pub struct RawMode {
+        saved: libc::termios,
+    }
+
+    impl RawMode {
+        pub fn enable() -> std::io::Result<RawMode> {
+            // SAFETY: tcgetattr/tcsetattr on stdin with termios structs we own.
+            unsafe {
+                let mut saved: libc::termios = std::mem::zeroed();
+                if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut raw = saved;
+                libc::cfmakeraw(&mut raw);
+                if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(RawMode { saved })
+            }
+        }
+    }
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            // SAFETY: restores the attributes saved by enable().
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Getting the images a sandbox boots from: the pulled image (kiln-image), its root image
+//! and the identity layer for the sandbox's uid/gid (kiln-rootfs), built or reused.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_image::{ImageRef, PullOptions, PulledImage, Store};
+use kiln_rootfs::{Cache, Layer, Limits};
+
+/// Why the images could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Image(#[from] kiln_image::Error),
+    #[error(transparent)]
+    Build(#[from] kiln_rootfs::Error),
+}
+
+/// The images of one sandbox, ready to boot.
+#[derive(Debug)]
+pub struct PreparedImages {
+    pub image: PulledImage,
+    pub root_image: PathBuf,
+    pub identity_layer: PathBuf,
+    /// True when this call built the root image (false: it was cached).
+    pub root_built: bool,
+    /// Warnings from writing the sandbox user (e.g. another user owns the uid).
+    pub warnings: Vec<String>,
+    /// Resolving and pulling the image.
+    pub pull_time: Duration,
+    /// Building (or finding) the root image and identity layer.
+    pub build_time: Duration,
+}
+
+/// Where kiln-rootfs keeps built images under kiln's root.
+pub fn image_cache(root: &Path) -> Cache {
+    Cache::new(root.join("rootfs"))
+}
+
+/// Pulls `reference` as `options` say and builds or reuses its root image and the
+/// identity layer for `uid`:`gid`.
+pub fn prepare_images(
+    root: &Path,
+    reference: &ImageRef,
+    options: &PullOptions,
+    uid: u32,
+    gid: u32,
+) -> Result<PreparedImages, PrepareError> {
+    let started = Instant::now();
+    let store = Store::open(root)?;
+    let image = kiln_image::pull(&store, reference, options)?;
+    let pull_time = started.elapsed();
+
+    let started = Instant::now();
+    let digest = image.record.manifest_digest.to_string();
+    let cache = image_cache(root);
+    let (root_image, inputs) = cache.root_image(&digest, &Limits::default(), || open_layers(&store, &image))?;
+    let identity = cache.identity_layer(&digest, &inputs, uid, gid)?;
+    let warnings = identity.built.as_ref().map(|r| r.identity.warnings.clone()).unwrap_or_default();
+    Ok(PreparedImages {
+        root_built: root_image.built.is_some(),
+        root_image: root_image.path,
+        identity_layer: identity.path,
+        image,
+        warnings,
+        pull_time,
+        build_time: started.elapsed(),
+    })
+}
+
+/// Opens the stored blob of every layer of `image`, bottom first, for kiln-rootfs.
+pub fn open_layers<'a>(store: &Store, image: &PulledImage) -> kiln_rootfs::Result<Vec<Layer<'a>>> {
+    image
+        .layers
+        .iter()
+        .map(|layer| {
+            let file: File = store.open_blob(&layer.digest).map_err(|e| kiln_rootfs::Error::Io {
+                context: format!("opening layer {}", layer.digest),
+                source: std::io::Error::other(e),
+            })?;
+            let compression = match layer.compression {
+                kiln_image::Compression::None => kiln_rootfs::Compression::None,
+                kiln_image::Compression::Gzip => kiln_rootfs::Compression::Gzip,
+                kiln_image::Compression::Zstd => kiln_rootfs::Compression::Zstd,
+            };
+            Ok(Layer::new(layer.digest.to_string(), compression, file))
+        })
+        .collect()
+}
