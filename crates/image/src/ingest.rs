@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::digest::{Digest, Hasher};
 use crate::media::Compression;
 use crate::store::Store;
-use crate::Error;
+use crate::{Error, MAX_UNCOMPRESSED_LAYER_SIZE};
 
 const CHUNK: usize = 256 << 10;
 /// Chunks queued for the decompressing thread before the download waits for it.
@@ -78,10 +78,19 @@ where
     loop {
         // Never read more than one byte past the descriptor's size.
         let room = (expected.size + 1 - total).min(CHUNK as u64) as usize;
-        let n = reader
-            .read(&mut buf[..room])
-            .await
-            .map_err(Error::io(format!("{}: reading", expected.what)))?;
+        // Network streams yield small pieces: gather a whole chunk so hashing, writing
+        // and handing over to the decompressor happen per chunk, not per piece.
+        let mut n = 0;
+        while n < room {
+            let got = reader
+                .read(&mut buf[n..room])
+                .await
+                .map_err(Error::io(format!("{}: reading", expected.what)))?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+        }
         if n == 0 {
             break;
         }
@@ -187,22 +196,60 @@ fn uncompressed_digest(
     algorithm: crate::Algorithm,
     reader: impl Read,
 ) -> io::Result<Digest> {
-    let mut hasher = Hasher::new(algorithm);
-    match compression {
-        Compression::None => io::copy(
-            &mut io::BufReader::with_capacity(CHUNK, reader),
-            &mut hasher,
-        )?,
-        Compression::Gzip => io::copy(
-            &mut flate2::read::MultiGzDecoder::new(io::BufReader::new(reader)),
-            &mut hasher,
-        )?,
-        Compression::Zstd => io::copy(&mut zstd::stream::read::Decoder::new(reader)?, &mut hasher)?,
-    };
-    Ok(hasher.finish())
+    let mut sink = BoundedHasher::new(algorithm);
+    decompress(compression, reader, &mut sink)?;
+    Ok(sink.hasher.finish())
 }
 
-/// Decompresses on a thread of its own while the download goes on.
+fn decompress(
+    compression: Compression,
+    reader: impl Read,
+    sink: &mut impl Write,
+) -> io::Result<u64> {
+    match compression {
+        Compression::None => io::copy(&mut io::BufReader::with_capacity(CHUNK, reader), sink),
+        Compression::Gzip => io::copy(
+            &mut flate2::read::MultiGzDecoder::new(io::BufReader::new(reader)),
+            sink,
+        ),
+        Compression::Zstd => io::copy(&mut zstd::stream::read::Decoder::new(reader)?, sink),
+    }
+}
+
+/// Hashes at most [`MAX_UNCOMPRESSED_LAYER_SIZE`] bytes, so a decompression bomb ends.
+struct BoundedHasher {
+    hasher: Hasher,
+    written: u64,
+}
+
+impl BoundedHasher {
+    fn new(algorithm: crate::Algorithm) -> BoundedHasher {
+        BoundedHasher {
+            hasher: Hasher::new(algorithm),
+            written: 0,
+        }
+    }
+}
+
+impl Write for BoundedHasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.written += buf.len() as u64;
+        if self.written > MAX_UNCOMPRESSED_LAYER_SIZE {
+            return Err(io::Error::other(format!(
+                "uncompressed layer exceeds {MAX_UNCOMPRESSED_LAYER_SIZE} bytes"
+            )));
+        }
+        self.hasher.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Decompresses on a thread of its own while the download goes on, and hashes the
+/// decompressed bytes on a third, so inflating and hashing run in parallel.
 struct DiffPipe {
     sender: Option<SyncSender<Vec<u8>>>,
     thread: JoinHandle<io::Result<Digest>>,
@@ -212,13 +259,26 @@ impl DiffPipe {
     fn start(compression: Compression, algorithm: crate::Algorithm) -> DiffPipe {
         let (sender, receiver) = sync_channel(PIPE_DEPTH);
         let thread = std::thread::spawn(move || {
+            let (out_sender, out_receiver) = sync_channel::<Vec<u8>>(PIPE_DEPTH);
+            let hashing = std::thread::spawn(move || -> io::Result<Digest> {
+                let mut sink = BoundedHasher::new(algorithm);
+                for chunk in out_receiver {
+                    sink.write_all(&chunk)?;
+                }
+                Ok(sink.hasher.finish())
+            });
             let reader = ChannelReader {
                 receiver,
                 chunk: Vec::new(),
                 pos: 0,
             };
-            let digest = uncompressed_digest(compression, algorithm, reader)?;
-            Ok(digest)
+            let mut writer = io::BufWriter::with_capacity(CHUNK, ChunkSender(out_sender));
+            let decompressed =
+                decompress(compression, reader, &mut writer).and_then(|_| writer.flush());
+            drop(writer);
+            // The hasher's error (a bomb) explains a failed send better than the send does.
+            let digest = hashing.join().expect("the hashing thread does not panic")?;
+            decompressed.map(|_| digest)
         });
         DiffPipe {
             sender: Some(sender),
@@ -241,6 +301,22 @@ impl DiffPipe {
             .join()
             .expect("the decompression thread does not panic")
             .map_err(Error::io(format!("{what}: decompressing")))
+    }
+}
+
+/// Hands each buffered write to the hashing thread.
+struct ChunkSender(SyncSender<Vec<u8>>);
+
+impl Write for ChunkSender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .send(buf.to_vec())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the hashing thread stopped"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -39,6 +39,8 @@ pub use store::{ImageRecord, PruneReport, Store};
 pub const MAX_METADATA_SIZE: u64 = 4 << 20;
 /// Default cap on one (compressed) layer blob: 8 GiB.
 pub const DEFAULT_MAX_LAYER_SIZE: u64 = 8 << 30;
+/// Cap on the uncompressed tar of one layer (64 GiB): ends decompression bombs.
+pub const MAX_UNCOMPRESSED_LAYER_SIZE: u64 = 64 << 30;
 /// Default number of parallel blob downloads.
 pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 4;
 
