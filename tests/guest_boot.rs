@@ -167,10 +167,10 @@ impl Boot {
     }
 }
 
-/// Boots the guest with `cmdline` (besides the TSC arguments) and `disks`, sends `to_guest`
+/// Boots the guest with `cmdline` (besides the TSC arguments), `disks` and `network`, sends `to_guest`
 /// once QEMU connects to the channel, and collects what comes back until QEMU exits by
 /// itself; panics if it does not within the deadline (QEMU is killed then).
-fn boot(cmdline: &[&str], disks: Vec<Disk>, to_guest: &[Frame]) -> Boot {
+fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]) -> Boot {
     let files = guest_files();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("channel.sock");
@@ -188,7 +188,7 @@ fn boot(cmdline: &[&str], disks: Vec<Disk>, to_guest: &[Frame]) -> Boot {
         disks,
         cpus: 1,
         memory_mib: 256,
-        network: Network::None,
+        network,
         channel: Channel {
             socket: socket.clone(),
             port_name: "kiln.0".into(),
@@ -217,7 +217,12 @@ fn boot(cmdline: &[&str], disks: Vec<Disk>, to_guest: &[Frame]) -> Boot {
 #[test]
 fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
     // The root is named but no disk is attached.
-    let boot = boot(&["kiln.root=root", "kiln.upper=tmpfs"], Vec::new(), &[]);
+    let boot = boot(
+        &["kiln.root=root", "kiln.upper=tmpfs"],
+        Vec::new(),
+        Network::None,
+        &[],
+    );
     let (frames, control) = (&boot.frames, boot.control());
     assert!(
         matches!(control.first(), Some(Message::Hello(h)) if h.software.starts_with("kiln-init")),
@@ -252,22 +257,10 @@ fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
     );
 }
 
-/// A root image holding static busybox, its account files and /sandbox, made by
-/// mkfs.erofs.
-fn busybox_root(dir: &Path) -> PathBuf {
-    let tree = dir.join("tree");
-    for sub in ["bin", "etc", "sandbox", "proc", "sys", "dev", "tmp", "run"] {
-        std::fs::create_dir_all(tree.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static is installed");
-    for applet in ["sh", "id", "echo", "cat", "ls", "stat"] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(tree.join("etc/group"), "root:x:0:\n").unwrap();
-    let image = dir.join("root.erofs");
+/// Packs `tree` into the EROFS image `image` with mkfs.erofs.
+fn mkfs_erofs(tree: &Path, image: &Path) -> PathBuf {
     let output = run_with_timeout(
-        Command::new("mkfs.erofs").arg(&image).arg(&tree),
+        Command::new("mkfs.erofs").arg(image).arg(tree),
         Duration::from_secs(120),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -276,7 +269,61 @@ fn busybox_root(dir: &Path) -> PathBuf {
         "mkfs.erofs: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    image
+    image.to_path_buf()
+}
+
+/// A root image holding static busybox, its account files and /sandbox, made by
+/// mkfs.erofs.
+fn busybox_root(dir: &Path) -> PathBuf {
+    let tree = dir.join("tree");
+    for sub in ["bin", "etc", "sandbox", "proc", "sys", "dev", "tmp", "run"] {
+        std::fs::create_dir_all(tree.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static is installed");
+    for applet in [
+        "sh", "id", "echo", "cat", "stat", "hostname", "ifconfig", "route",
+    ] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(tree.join("etc/group"), "root:x:0:\n").unwrap();
+    mkfs_erofs(&tree, &dir.join("root.erofs"))
+}
+
+/// The host's side of a run: hello, the spec, and stdin closed at once.
+fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
+    let spec = RunSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        cwd: None,
+        identity,
+        tty: false,
+        terminal: None,
+    };
+    vec![
+        Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        ),
+        Frame::new(MAIN_SESSION, Message::Run(spec)),
+        Frame::new(
+            MAIN_SESSION,
+            Message::Eof {
+                stream: Stream::Stdin,
+            },
+        ),
+    ]
+}
+
+/// The main session's results.
+fn results(boot: &Boot) -> Vec<&WorkloadResult> {
+    boot.frames
+        .iter()
+        .filter_map(|f| match &f.message {
+            Message::Result(r) if f.session == MAIN_SESSION => Some(r),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -287,50 +334,29 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
     }
     let dir = tempfile::tempdir().unwrap();
     let root = busybox_root(dir.path());
-    let spec = RunSpec {
-        argv: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "id -u; id -g; id -G; stat -c %u:%g /sandbox; pwd; cat; echo oops >&2; exit 3".into(),
-        ],
-        env: vec!["GREETING=hi".into()],
-        cwd: None,
-        identity: Identity {
+    let script = "id -u; id -g; id -G; stat -c %u:%g /sandbox; pwd; cat; echo oops >&2; exit 3";
+    let mut to_guest = run_frames(
+        script,
+        Identity {
             run_as: RunAs::Uid,
             uid: 10001,
             gid: 10001,
         },
-        tty: false,
-        terminal: None,
+    );
+    let stdin = Message::Data {
+        stream: Stream::Stdin,
+        bytes: b"from the host\n".to_vec(),
     };
-    let to_guest = [
-        Frame::new(
-            CONTROL_SESSION,
-            Message::Hello(Hello::ours("guest_boot test")),
-        ),
-        Frame::new(MAIN_SESSION, Message::Run(spec)),
-        Frame::new(
-            MAIN_SESSION,
-            Message::Data {
-                stream: Stream::Stdin,
-                bytes: b"from the host\n".to_vec(),
-            },
-        ),
-        Frame::new(
-            MAIN_SESSION,
-            Message::Eof {
-                stream: Stream::Stdin,
-            },
-        ),
-    ];
+    to_guest.insert(2, Frame::new(MAIN_SESSION, stdin));
     let disk = Disk {
         id: "root".into(),
         path: root,
         read_only: true,
     };
     let boot = boot(
-        &["kiln.root=root", "kiln.upper=tmpfs", "kiln.hostname=box"],
+        &["kiln.root=root", "kiln.upper=tmpfs"],
         vec![disk],
+        Network::None,
         &to_guest,
     );
     let frames = &boot.frames;
@@ -349,14 +375,11 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
         boot.console
     );
     assert_eq!(boot.stream(Stream::Stderr), ("oops\n".to_string(), true));
-    let results: Vec<_> = frames
-        .iter()
-        .filter_map(|f| match &f.message {
-            Message::Result(r) if f.session == MAIN_SESSION => Some(r),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(results, [&WorkloadResult::Exited { code: 3 }], "{frames:?}");
+    assert_eq!(
+        results(&boot),
+        [&WorkloadResult::Exited { code: 3 }],
+        "{frames:?}"
+    );
     assert_eq!(
         boot.phases(),
         [
@@ -367,4 +390,107 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
         ],
         "{frames:?}"
     );
+}
+
+/// An identity layer (EROFS) naming the `sandbox` user and owning /sandbox to it.
+fn identity_layer(dir: &Path) -> PathBuf {
+    let tree = dir.join("ident");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::create_dir_all(tree.join("sandbox")).unwrap();
+    std::fs::write(
+        tree.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:10001:10001:sandbox:/sandbox:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(tree.join("etc/group"), "root:x:0:\nsandbox:x:10001:\n").unwrap();
+    std::os::unix::fs::chown(tree.join("sandbox"), Some(10001), Some(10001)).unwrap();
+    mkfs_erofs(&tree, &dir.join("ident.erofs"))
+}
+
+#[test]
+fn identity_layer_network_and_a_persistent_upper() {
+    if !kiln_e2e::require_root("identity_layer_network_and_a_persistent_upper") {
+        return;
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    let ident = identity_layer(dir.path());
+    let upper = dir.path().join("upper.ext4");
+    kiln_vm::disk::create_upper_disk(&upper, 64).expect("making the ext4 upper");
+    let disks = || {
+        vec![
+            Disk {
+                id: "root".into(),
+                path: root.clone(),
+                read_only: true,
+            },
+            Disk {
+                id: "ident".into(),
+                path: ident.clone(),
+                read_only: true,
+            },
+            Disk {
+                id: "upper".into(),
+                path: upper.clone(),
+                read_only: false,
+            },
+        ]
+    };
+    let cmdline = [
+        "kiln.root=root",
+        "kiln.ident=ident",
+        "kiln.upper=upper",
+        "kiln.hostname=box-1",
+        "kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3",
+    ];
+    let sandbox = Identity {
+        run_as: RunAs::Sandbox,
+        uid: 10001,
+        gid: 10001,
+    };
+    let network = || Network::User {
+        forwards: Vec::new(),
+    };
+
+    let script =
+        "hostname; cat /etc/resolv.conf; ifconfig eth0; route -n; echo kept > /sandbox/note; id -u";
+    let first = boot(&cmdline, disks(), network(), &run_frames(script, sandbox));
+    let frames = &first.frames;
+    assert_eq!(
+        results(&first),
+        [&WorkloadResult::Exited { code: 0 }],
+        "{frames:?}\nconsole:\n{}",
+        first.console
+    );
+    let (out, _) = first.stream(Stream::Stdout);
+    assert!(out.starts_with("box-1\nnameserver 10.0.2.3\n"), "{out}");
+    assert!(
+        out.contains("inet addr:10.0.2.15") && out.contains("Mask:255.255.255.0"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("0.0.0.0") && l.contains("10.0.2.2") && l.contains("UG")),
+        "default route via the gateway: {out}"
+    );
+    assert!(out.ends_with("10001\n"), "{out}");
+
+    // The same upper disk, booted again: what the workload wrote is still there.
+    let second = boot(
+        &cmdline,
+        disks(),
+        network(),
+        &run_frames("cat /sandbox/note; stat -c %u /sandbox/note", sandbox),
+    );
+    assert_eq!(
+        results(&second),
+        [&WorkloadResult::Exited { code: 0 }],
+        "{:?}",
+        second.frames
+    );
+    assert_eq!(second.stream(Stream::Stdout).0, "kept\n10001\n");
 }

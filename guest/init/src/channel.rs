@@ -18,7 +18,7 @@ use kiln_protocol::{read_frame, write_frame, Frame, ProtocolError};
 use crate::sys;
 
 /// How long the host has to announce the channel's port after init starts.
-const PORT_WAIT: Duration = Duration::from_secs(5);
+const PORT_WAIT: Duration = Duration::from_secs(10);
 
 /// The channel's descriptor for the panic hook; -1 before the channel is open.
 static RAW_FD: AtomicI32 = AtomicI32::new(-1);

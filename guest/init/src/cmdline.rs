@@ -129,10 +129,12 @@ impl BootConfig {
                     if value.len() > 64
                         || !value
                             .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b))
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
                     {
+                        // `_` is not a DNS hostname character, but sandbox names (like
+                        // container names) may hold it and the kernel accepts it.
                         return Err(error(
-                            "a hostname is at most 64 characters of [A-Za-z0-9.-]",
+                            "a hostname is at most 64 characters of [A-Za-z0-9._-]",
                         ));
                     }
                     config.hostname = value.to_owned()
@@ -237,7 +239,7 @@ mod tests {
             "kiln.net=10.0.2.15/33",
             "kiln.net=10.0.2.15/24,gateway",
             "kiln.net=10.0.2.15/24,1.1.1.1,2.2.2.2,3.3.3.3",
-            "kiln.hostname=a_b",
+            "kiln.hostname=a/b",
             "kiln.port=a/b",
         ] {
             let err = BootConfig::parse(bad).unwrap_err();

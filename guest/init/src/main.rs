@@ -48,7 +48,7 @@
 //!
 //! `-device virtio-serial-device -chardev socket,id=kiln,path=SOCK -device
 //! virtserialport,chardev=kiln,name=kiln.0`, with the host listening on SOCK before QEMU
-//! starts. init waits up to 5 s for the port, and up to 60 s for the host's hello and
+//! starts. init waits up to 10 s for the port, and up to 60 s for the host's hello and
 //! `Run` after boot. The host sends Hello (control session), Run (session 1), then stdin
 //! Data/Eof, Signal and Resize frames; init sends Hello, Phase frames and any BootError on
 //! the control session and Data/Eof/Result on session 1.
