@@ -162,3 +162,35 @@ fn pax_records_set_attributes_and_xattrs() {
     );
     finish_and_fsck(root);
 }
+
+#[test]
+fn data_of_deleted_and_replaced_files_takes_no_space() {
+    use std::os::unix::fs::MetadataExt;
+    let big = vec![7u8; 4 << 20];
+    let l1 = LayerBuilder::new()
+        .file("deleted", &big)
+        .file("replaced", &big)
+        .tar();
+    let l2 = LayerBuilder::new()
+        .file(".wh.deleted", b"")
+        .file("replaced", b"small now")
+        .tar();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("root.erofs");
+    let layers = [l1, l2];
+    let layers = layers.iter().enumerate().map(|(i, l)| {
+        kiln_rootfs::Layer::new(
+            format!("sha256:l{i}"),
+            kiln_rootfs::Compression::None,
+            &l[..],
+        )
+    });
+    let report =
+        kiln_rootfs::build_root_image(layers, &out, &kiln_rootfs::BuildOptions::default()).unwrap();
+    assert_eq!(report.image.reclaimed_blocks, 2 * (4 << 20) / 4096);
+    let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(
+        allocated < 1 << 20,
+        "{allocated} bytes allocated for 8 MiB of dead data"
+    );
+}
