@@ -1,8 +1,10 @@
 //! The guest kernel (scripts/build-kernel) and kiln-init's initramfs
 //! (scripts/build-initramfs) boot under QEMU TCG, and init speaks the kiln protocol on the
 //! virtio-serial channel: a boot that cannot mount its root reports a typed boot error
-//! naming that step, a busybox EROFS root runs a workload as a numeric uid with its
-//! streams and exit code carried over the channel, and each time the VM powers itself off.
+//! naming that step; a busybox EROFS root runs a workload as a numeric uid with its
+//! streams and exit code carried over the channel, on a terminal, and under a host signal;
+//! an identity layer, an ext4 upper that persists across boots and eth0 work; and each
+//! time the VM powers itself off.
 
 use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,7 +17,8 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{run_with_timeout, workspace_root};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
-    RunAs, RunSpec, Stream, WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
+    RunAs, RunSpec, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
+    MAIN_SESSION,
 };
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Backend, Channel, Disk, Network, VmSpec};
@@ -281,7 +284,7 @@ fn busybox_root(dir: &Path) -> PathBuf {
     }
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static is installed");
     for applet in [
-        "sh", "id", "echo", "cat", "stat", "hostname", "ifconfig", "route",
+        "sh", "id", "echo", "cat", "stat", "hostname", "ifconfig", "route", "tty", "sleep", "stty",
     ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -493,4 +496,64 @@ fn identity_layer_network_and_a_persistent_upper() {
         second.frames
     );
     assert_eq!(second.stream(Stream::Stdout).0, "kept\n10001\n");
+}
+
+#[test]
+fn a_terminal_workload_and_a_signal_from_the_host() {
+    if !Path::new("/bin/busybox").is_file() {
+        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    let disk = || {
+        vec![Disk {
+            id: "root".into(),
+            path: root.clone(),
+            read_only: true,
+        }]
+    };
+    let uid = Identity {
+        run_as: RunAs::Uid,
+        uid: 10001,
+        gid: 10001,
+    };
+
+    // A terminal of the requested size on devpts; output arrives as stdout only.
+    let mut to_guest = run_frames("tty; stty size", uid);
+    if let Message::Run(spec) = &mut to_guest[1].message {
+        spec.tty = true;
+        spec.terminal = Some(TerminalSize {
+            rows: 33,
+            cols: 101,
+        });
+    }
+    let tty = boot(&["kiln.root=root"], disk(), Network::None, &to_guest);
+    assert_eq!(
+        results(&tty),
+        [&WorkloadResult::Exited { code: 0 }],
+        "{:?}\n{}",
+        tty.frames,
+        tty.console
+    );
+    let (out, ended) = tty.stream(Stream::Stdout);
+    assert!(
+        out.starts_with("/dev/pts/") && out.contains("33 101"),
+        "{out:?}"
+    );
+    assert!(ended);
+
+    // The host's SIGTERM reaches the workload (started and exec'd before init reads it).
+    let mut to_guest = run_frames("exec sleep 600", uid);
+    to_guest.push(Frame::new(
+        MAIN_SESSION,
+        Message::Signal(SignalRequest { signal: 15 }),
+    ));
+    let signalled = boot(&["kiln.root=root"], disk(), Network::None, &to_guest);
+    assert_eq!(
+        results(&signalled),
+        [&WorkloadResult::Killed { signal: 15 }],
+        "{:?}",
+        signalled.frames
+    );
 }
