@@ -260,6 +260,15 @@ fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
     );
 }
 
+/// Whether Debian's static busybox is there to make root images of; says so when not.
+fn have_busybox() -> bool {
+    let present = Path::new("/bin/busybox").is_file();
+    if !present {
+        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+    }
+    present
+}
+
 /// Packs `tree` into the EROFS image `image` with mkfs.erofs.
 fn mkfs_erofs(tree: &Path, image: &Path) -> PathBuf {
     let output = run_with_timeout(
@@ -331,8 +340,7 @@ fn results(boot: &Boot) -> Vec<&WorkloadResult> {
 
 #[test]
 fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
-    if !Path::new("/bin/busybox").is_file() {
-        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+    if !have_busybox() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -415,8 +423,7 @@ fn identity_layer_network_and_a_persistent_upper() {
     if !kiln_e2e::require_root("identity_layer_network_and_a_persistent_upper") {
         return;
     }
-    if !Path::new("/bin/busybox").is_file() {
-        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+    if !have_busybox() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -500,8 +507,7 @@ fn identity_layer_network_and_a_persistent_upper() {
 
 #[test]
 fn a_terminal_workload_and_a_signal_from_the_host() {
-    if !Path::new("/bin/busybox").is_file() {
-        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
+    if !have_busybox() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
