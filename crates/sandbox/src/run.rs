@@ -109,6 +109,7 @@ pub fn run(
     notice: &dyn Fn(&str),
 ) -> Result<RunReport, RunError> {
     let guest = GuestImages::locate(root);
+    guest.check()?;
     let qemu = Qemu::with_binary(&request.qemu);
     let prepared = prepare_images(root, &request.reference, &request.pull, request.sandbox_uid, request.sandbox_gid)?;
     for warning in &prepared.warnings {

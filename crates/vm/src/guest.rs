@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::VmError;
+
 /// Environment variable naming the guest kernel to boot instead of `<root>/guest/kernel`.
 pub const KERNEL_ENV: &str = "KILN_KERNEL";
 /// Environment variable naming the initramfs to boot instead of `<root>/guest/initramfs`.
@@ -28,5 +30,21 @@ impl GuestImages {
             kernel: from_env(KERNEL_ENV).unwrap_or_else(|| root.join("guest").join("kernel")),
             initramfs: from_env(INITRAMFS_ENV).unwrap_or_else(|| root.join("guest").join("initramfs")),
         }
+    }
+}
+
+impl GuestImages {
+    /// Fails with the command that builds them when either file is missing.
+    pub fn check(&self) -> Result<(), VmError> {
+        for (what, path) in [("guest kernel", &self.kernel), ("guest initramfs", &self.initramfs)] {
+            if !path.is_file() {
+                return Err(VmError::MissingFile {
+                    what,
+                    path: path.clone(),
+                    hint: "build and install it with `bash scripts/build-guest`, or point KILN_KERNEL / KILN_INITRAMFS at one",
+                });
+            }
+        }
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub mod doctor;
 pub mod guest;
 mod process;
 pub mod qemu;
+pub mod tsc;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -93,7 +94,7 @@ pub enum VmError {
     #[error("cannot start {vmm} ({binary}): {source}")]
     Spawn { vmm: &'static str, binary: PathBuf, source: std::io::Error },
 
-    #[error("{what} not found at {path}: {hint}")]
+    #[error("{what} not found at {path}; {hint}")]
     MissingFile { what: &'static str, path: PathBuf, hint: &'static str },
 
     #[error("invalid VM spec: {0}")]

@@ -61,9 +61,14 @@ impl Qemu {
 
         let kernel = spec.kernel.to_string_lossy();
         let initrd = spec.initramfs.to_string_lossy();
+        let tcg_args = match spec.accel {
+            Accel::Tcg => crate::tsc::tcg_kernel_args().to_vec(),
+            Accel::Kvm => Vec::new(),
+        };
         let cmdline = BASE_CMDLINE
             .iter()
             .map(|s| s.to_string())
+            .chain(tcg_args)
             .chain(spec.cmdline.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
@@ -105,14 +110,7 @@ impl Backend for Qemu {
     }
 
     fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
-        for (what, path, hint) in [
-            ("guest kernel", &spec.kernel, "build it with scripts/build-kernel"),
-            ("guest initramfs", &spec.initramfs, "build it with scripts/build-initramfs"),
-        ] {
-            if !path.is_file() {
-                return Err(VmError::MissingFile { what, path: path.clone(), hint });
-            }
-        }
+        crate::guest::GuestImages { kernel: spec.kernel.clone(), initramfs: spec.initramfs.clone() }.check()?;
         let arguments = self.arguments(spec)?;
         // Start each boot with an empty log; both writers then append to it.
         let log = std::fs::File::create(&spec.console_log)
@@ -211,7 +209,8 @@ mod tests {
             "-accel tcg -cpu max",
             "-m 512M -smp 2",
             "-no-reboot",
-            "-append console=ttyS0 reboot=t panic=-1 quiet kiln.port=kiln.0",
+            "-append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=",
+            "tsc=reliable kiln.port=kiln.0",
             "file=/s/root,,1.erofs,format=raw,if=none,readonly=on",
             "virtio-blk-device,drive=root,serial=root",
             "readonly=off",
@@ -235,7 +234,9 @@ mod tests {
     fn kvm_uses_the_host_cpu() {
         let mut spec = spec();
         spec.accel = Accel::Kvm;
-        assert!(joined(&spec).contains("-accel kvm -cpu host"));
+        let line = joined(&spec);
+        assert!(line.contains("-accel kvm -cpu host"));
+        assert!(!line.contains("tsc_early_khz"), "KVM guests use kvm-clock");
     }
 
     #[test]
@@ -255,6 +256,6 @@ mod tests {
     fn missing_kernel_is_reported_with_a_fix() {
         let err = Qemu::default().start(&spec()).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/k/bzImage") && text.contains("scripts/build-kernel"), "{text}");
+        assert!(text.contains("/k/bzImage") && text.contains("scripts/build-guest"), "{text}");
     }
 }
