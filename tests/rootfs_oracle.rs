@@ -238,26 +238,20 @@ fn compare(fixture: &ImageFixture) {
         TIMEOUT,
     );
     let image = dir.join("out/merged.erofs");
-    let output = run_ok(
-        Command::new("setpriv")
-            .arg(format!("--reuid={NOBODY}"))
-            .arg(format!("--regid={NOBODY}"))
-            .arg("--clear-groups")
-            .arg(kiln_bin())
-            .arg("--root")
-            .arg(dir.join("root"))
-            .arg("build")
-            .arg(format!(
-                "oci:{}:{}",
-                dir.join("layout").display(),
-                fixture.oci_gzip.tag
-            ))
+    let source = format!(
+        "oci:{}:{}",
+        dir.join("layout").display(),
+        fixture.oci_gzip.tag
+    );
+    let ids = ["--uid", &UID.to_string(), "--gid", &GID.to_string()].map(String::from);
+    let output = kiln_as_nobody(dir, |kiln| {
+        kiln.arg("build")
+            .arg(&source)
             .arg("--merged")
             .arg("-o")
             .arg(&image)
-            .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()]),
-        TIMEOUT,
-    );
+            .args(&ids)
+    });
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("merged.erofs"), "{stdout}");
 
@@ -363,10 +357,93 @@ fn compare(fixture: &ImageFixture) {
         (home.uid(), home.gid(), home.mode() & 0o7777),
         (UID, GID, 0o755)
     );
+
+    // The guest's view: the identity layer over the root image with overlayfs must show
+    // exactly the merged image.
+    let output = kiln_as_nobody(dir, |kiln| {
+        kiln.arg("--json").arg("build").arg(&source).args(&ids)
+    });
+    let built: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut mounts = Vec::new();
+    for (name, key) in [("root-mnt", "root"), ("identity-mnt", "identity")] {
+        let path = dir.join(name);
+        fs::create_dir(&path).unwrap();
+        let image = built[key].as_str().unwrap();
+        run_ok(Command::new("fsck.erofs").arg(image), TIMEOUT);
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "erofs", "-o", "loop,ro"])
+                .arg(image)
+                .arg(&path),
+            TIMEOUT,
+        );
+        mounts.push(Mount(path));
+    }
+    let overlay = dir.join("overlay");
+    fs::create_dir(&overlay).unwrap();
+    let lower = format!(
+        "lowerdir={}:{}",
+        dir.join("identity-mnt").display(),
+        dir.join("root-mnt").display()
+    );
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &lower])
+            .arg(&overlay),
+        TIMEOUT,
+    );
+    let _overlay = Mount(overlay.clone());
+    let layered = walk(&overlay);
+    let merged = walk(&mnt);
+    let overlay_differences: Vec<String> = merged
+        .entries
+        .keys()
+        .chain(layered.entries.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|p| merged.entries.get(*p) != layered.entries.get(*p))
+        .map(|p| {
+            format!(
+                "{}: merged {:?} / overlay {:?}",
+                p.display(),
+                merged.entries.get(p),
+                layered.entries.get(p)
+            )
+        })
+        .collect();
+    assert!(
+        overlay_differences.is_empty(),
+        "{}: identity layer over root image differs from the merged image:\n{}",
+        fixture.name,
+        overlay_differences.join("\n")
+    );
+    assert_eq!(
+        merged.hardlinks, layered.hardlinks,
+        "{}: hardlink groups under overlayfs",
+        fixture.name
+    );
+    drop(_overlay);
+    drop(mounts);
     drop(_mount);
 
     // Every image kiln produced passes fsck.erofs (kiln ran it too, before publishing).
     run_ok(Command::new("fsck.erofs").arg(&image), TIMEOUT);
+}
+
+/// Runs kiln as the unprivileged user with `--root DIR/root`.
+fn kiln_as_nobody(
+    dir: &Path,
+    args: impl FnOnce(&mut Command) -> &mut Command,
+) -> std::process::Output {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(kiln_bin())
+        .arg("--root")
+        .arg(dir.join("root"));
+    run_ok(args(&mut command), TIMEOUT)
 }
 
 #[test]
