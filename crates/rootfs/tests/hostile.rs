@@ -6,7 +6,6 @@
 mod support;
 
 use std::io::{self, Read, Write};
-use std::path::Path;
 
 use kiln_erofs::NodeKind;
 use kiln_rootfs::{Compression, EntryError, Error, Limits, RootTree};
@@ -48,10 +47,10 @@ fn base() -> LayerBuilder {
         .file("data/x", b"x")
 }
 
-/// A directory on the host that hostile symlinks point at; it must stay as it is.
-const SENTINEL: &str = "/tmp/kiln-rootfs-hostile-sentinel";
-
-fn cases() -> Vec<Case> {
+/// `sentinel` is a directory on the host that hostile symlinks point at; it must stay
+/// as it is.
+fn cases(sentinel: &str) -> Vec<Case> {
+    let planted = format!("{sentinel}/planted");
     let long = |prefix: &str| format!("{prefix}{}/file", "p".repeat(150));
     let mut pax_desync_long = LayerBuilder::new().pax(&[("size", b"4096")]);
     pax_desync_long = pax_desync_long.file("short-data", b"only a few bytes");
@@ -113,9 +112,9 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "write through a symlink pointing outside",
-            vec![base().symlink("out", SENTINEL).file("out/planted", b"x")],
-            contained(|r| {
-                assert_eq!(found(r, &format!("{SENTINEL}/planted")), file("x"));
+            vec![base().symlink("out", sentinel).file("out/planted", b"x")],
+            contained(move |r| {
+                assert_eq!(found(r, &planted), file("x"));
             }),
         ),
         case(
@@ -236,7 +235,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "whiteout under a symlink pointing outside",
-            vec![base().symlink("out", SENTINEL).file("out/.wh.keep", b"")],
+            vec![base().symlink("out", sentinel).file("out/.wh.keep", b"")],
             contained(|r| {
                 assert_eq!(found(r, "etc/passwd"), file("root:x:0:0::/root:/bin/sh\n"));
             }),
@@ -402,10 +401,10 @@ fn check_rejection(name: &str, err: &Error, entry: &[u8]) {
 
 #[test]
 fn hostile_layers_are_rejected_or_contained() {
-    let sentinel = Path::new(SENTINEL);
-    std::fs::create_dir_all(sentinel).unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let sentinel = host.path();
     std::fs::write(sentinel.join("keep"), b"host file").unwrap();
-    let cases = cases();
+    let cases = cases(sentinel.to_str().unwrap());
     assert!(cases.len() >= 30, "{} cases", cases.len());
     for case in cases {
         match (apply(&case.layers, &case.limits), case.expect) {
