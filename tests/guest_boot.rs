@@ -395,6 +395,7 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
         boot.phases(),
         [
             BootPhase::InitStarted,
+            BootPhase::SupervisorStarted,
             BootPhase::WorkloadStarted,
             BootPhase::WorkloadEnded,
             BootPhase::Shutdown

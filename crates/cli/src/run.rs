@@ -243,7 +243,8 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         ("build/cache", Some(t.build)),
         ("vmm start", t.vm.vmm_start),
         ("kernel", t.vm.kernel),
-        ("init+supervisor", t.vm.init),
+        ("init", t.vm.init),
+        ("supervisor", t.vm.supervisor),
         ("workload", t.vm.workload),
         ("shutdown", t.vm.shutdown),
     ];

@@ -249,6 +249,9 @@ pub struct PhaseTime {
 pub enum BootPhase {
     /// init started (kernel start -> init is this time itself).
     InitStarted,
+    /// The root is assembled and the supervisor starts its checks (user, filesystem,
+    /// privileges).
+    SupervisorStarted,
     /// The workload's process was started.
     WorkloadStarted,
     /// The workload ended.

@@ -435,6 +435,7 @@ fn message() -> impl Strategy<Value = Message> {
     ]);
     let phase = prop::sample::select(vec![
         BootPhase::InitStarted,
+        BootPhase::SupervisorStarted,
         BootPhase::WorkloadStarted,
         BootPhase::WorkloadEnded,
         BootPhase::Shutdown,

@@ -77,8 +77,11 @@ pub struct VmTimings {
     pub vmm_start: Option<Duration>,
     /// Kernel start until init ran (guest clock).
     pub kernel: Option<Duration>,
-    /// init start until the workload started: mounts, supervisor checks, privilege drop.
+    /// init start until the supervisor started: mounts, overlay root, network.
     pub init: Option<Duration>,
+    /// The supervisor's user check, filesystem preparation and privilege drop, until the
+    /// workload started.
+    pub supervisor: Option<Duration>,
     /// The workload's own run time (guest clock).
     pub workload: Option<Duration>,
     /// Workload end until the VM process ended (host clock).
@@ -220,6 +223,7 @@ pub fn launch(
     let outcome = driver.drive(&inbox);
     timings.kernel = driver.boot_times.kernel();
     timings.init = driver.boot_times.init();
+    timings.supervisor = driver.boot_times.supervisor();
     timings.workload = driver.boot_times.workload();
     timings.shutdown = driver.workload_ended_at.map(|t| t.elapsed());
     outcome.map(|result| LaunchOutcome { result, timings })
@@ -291,6 +295,7 @@ fn spawn_control_forwarder(control: Receiver<Control>, events: Sender<Event>) {
 #[derive(Debug, Default)]
 struct BootTimes {
     init_started: Option<u64>,
+    supervisor_started: Option<u64>,
     workload_started: Option<u64>,
     workload_ended: Option<u64>,
 }
@@ -299,6 +304,7 @@ impl BootTimes {
     fn record(&mut self, phase: BootPhase, ns: u64) {
         match phase {
             BootPhase::InitStarted => self.init_started = Some(ns),
+            BootPhase::SupervisorStarted => self.supervisor_started = Some(ns),
             BootPhase::WorkloadStarted => self.workload_started = Some(ns),
             BootPhase::WorkloadEnded => self.workload_ended = Some(ns),
             BootPhase::Shutdown => {}
@@ -310,7 +316,11 @@ impl BootTimes {
     }
 
     fn init(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(self.workload_started?.checked_sub(self.init_started?)?))
+        Some(Duration::from_nanos(self.supervisor_started?.checked_sub(self.init_started?)?))
+    }
+
+    fn supervisor(&self) -> Option<Duration> {
+        Some(Duration::from_nanos(self.workload_started?.checked_sub(self.supervisor_started?)?))
     }
 
     fn workload(&self) -> Option<Duration> {
@@ -530,10 +540,12 @@ mod tests {
     fn boot_times_subtract_guest_clock_readings() {
         let mut times = BootTimes::default();
         times.record(BootPhase::InitStarted, 1_500_000_000);
+        times.record(BootPhase::SupervisorStarted, 1_650_000_000);
         times.record(BootPhase::WorkloadStarted, 1_700_000_000);
         times.record(BootPhase::WorkloadEnded, 1_750_000_000);
         assert_eq!(times.kernel(), Some(Duration::from_millis(1500)));
-        assert_eq!(times.init(), Some(Duration::from_millis(200)));
+        assert_eq!(times.init(), Some(Duration::from_millis(150)));
+        assert_eq!(times.supervisor(), Some(Duration::from_millis(50)));
         assert_eq!(times.workload(), Some(Duration::from_millis(50)));
     }
 

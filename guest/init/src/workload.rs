@@ -98,6 +98,7 @@ pub fn run(
             format!("installing signal forwarding: {e}"),
         )
     })?;
+    send_phase(channel, BootPhase::SupervisorStarted, clock());
     let mut supervisor = Supervisor::new(Mode::Full);
     supervisor.cgroup = Some(create_cgroup()?);
     let user = supervisor
@@ -114,13 +115,7 @@ pub fn run(
         }
     };
     WORKLOAD_PID.store(workload.pid().as_raw(), Ordering::SeqCst);
-    let started = PhaseTime {
-        phase: BootPhase::WorkloadStarted,
-        boottime_ns: clock(),
-    };
-    if let Err(e) = channel.send(&Frame::new(CONTROL_SESSION, Message::Phase(started))) {
-        crate::console(&format!("cannot tell the host the workload started: {e}"));
-    }
+    send_phase(channel, BootPhase::WorkloadStarted, clock());
 
     // Output: pipes give stdout and stderr apart; a terminal gives one stream, stdout.
     let mut pumps = Vec::new();
@@ -288,6 +283,14 @@ fn serve_host(channel: &Channel, workload: &Workload, mut stdin: Option<File>, t
 fn end_of_input(mut input: File, tty: bool) {
     if tty {
         let _ = input.write_all(b"\x04");
+    }
+}
+
+/// Tells the host the guest reached `phase`; a failure is only logged, the run goes on.
+fn send_phase(channel: &Channel, phase: BootPhase, boottime_ns: u64) {
+    let time = PhaseTime { phase, boottime_ns };
+    if let Err(e) = channel.send(&Frame::new(CONTROL_SESSION, Message::Phase(time))) {
+        crate::console(&format!("cannot tell the host about phase {phase:?}: {e}"));
     }
 }
 
