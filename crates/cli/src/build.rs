@@ -1,19 +1,20 @@
 //! `kiln build REF`: pulls if needed, then builds (or reuses) the root image and the
 //! sandbox identity layer with kiln-rootfs, and prints their paths and stage timings.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_image::{PullPolicy, PulledImage, Store};
-use kiln_rootfs::{BuildOptions, Cache, Compression, Layer, Limits, Timings};
+use kiln_image::{PullPolicy, Store};
+use kiln_rootfs::{BuildOptions, Limits, Timings};
 use serde::Serialize;
 
 use crate::exit::{CommandError, CommandResult};
 use crate::globals::Globals;
+use kiln_sandbox::prepare::open_layers;
+
 use crate::pull::{image_error, parse_reference, progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
@@ -74,7 +75,7 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
     let store = Store::open(&globals.root).map_err(image_error)?;
     let image = kiln_image::pull(&store, &reference, &options).map_err(image_error)?;
     let digest = image.record.manifest_digest.to_string();
-    let cache = Cache::new(globals.root.join("rootfs"));
+    let cache = kiln_sandbox::prepare::image_cache(&globals.root);
     let limits = Limits::default();
     let layers = || open_layers(&store, &image);
 
@@ -143,29 +144,6 @@ fn add_identity(
         output.timings.verify += report.timings.verify;
         output.warnings = report.identity.warnings;
     }
-}
-
-/// Opens the stored blob of every layer, bottom first.
-pub fn open_layers<'a>(store: &Store, image: &PulledImage) -> kiln_rootfs::Result<Vec<Layer<'a>>> {
-    image
-        .layers
-        .iter()
-        .map(|layer| {
-            let file: File =
-                store
-                    .open_blob(&layer.digest)
-                    .map_err(|e| kiln_rootfs::Error::Io {
-                        context: format!("opening layer {}", layer.digest),
-                        source: std::io::Error::other(e),
-                    })?;
-            let compression = match layer.compression {
-                kiln_image::Compression::None => Compression::None,
-                kiln_image::Compression::Gzip => Compression::Gzip,
-                kiln_image::Compression::Zstd => Compression::Zstd,
-            };
-            Ok(Layer::new(layer.digest.to_string(), compression, file))
-        })
-        .collect()
 }
 
 pub fn id_flag(flag: &str, value: Option<&str>, default: u32) -> Result<u32, CommandError> {

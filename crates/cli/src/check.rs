@@ -8,7 +8,9 @@ use kiln_image::{PullPolicy, Store};
 use kiln_rootfs::{check_layers, CheckInput, CheckReport, Limits, Severity};
 use serde::Serialize;
 
-use crate::build::{id_flag, open_layers};
+use kiln_sandbox::prepare::open_layers;
+
+use crate::build::id_flag;
 use crate::exit::CommandResult;
 use crate::globals::Globals;
 use crate::pull::{image_error, parse_reference, progress_renderer, SourceArgs};
