@@ -10,11 +10,10 @@ use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{run_with_timeout, workspace_root};
+use kiln_e2e::{guest_files, run_with_timeout};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
     RunAs, RunSpec, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
@@ -23,51 +22,8 @@ use kiln_protocol::{
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Backend, Channel, Disk, Network, VmSpec};
 
-/// Building the kernel from scratch takes 4-10 minutes on two busy cores.
-const KERNEL_BUILD_TIMEOUT: Duration = Duration::from_secs(40 * 60);
-const INITRAMFS_BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A failing boot takes about 5 s under TCG; the rest is slack for a loaded machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
-
-struct GuestFiles {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-}
-
-/// Runs one of the build scripts and returns the path it prints.
-fn build(script: &str, timeout: Duration) -> PathBuf {
-    let mut command = Command::new(workspace_root().join("scripts").join(script));
-    // The initramfs build runs cargo; a target dir of its own keeps it off the lock of
-    // the cargo that runs this test.
-    let target = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("guest-boot-target");
-    command.env("CARGO_TARGET_DIR", target);
-    let output = run_with_timeout(&mut command, timeout).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        output.status.success(),
-        "scripts/{script} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
-    assert!(
-        path.is_file(),
-        "scripts/{script} printed {}, which is not a file",
-        path.display()
-    );
-    path
-}
-
-fn guest_files() -> &'static GuestFiles {
-    static FILES: OnceLock<GuestFiles> = OnceLock::new();
-    FILES.get_or_init(|| GuestFiles {
-        kernel: build("build-kernel", KERNEL_BUILD_TIMEOUT),
-        initramfs: build("build-initramfs", INITRAMFS_BUILD_TIMEOUT),
-    })
-}
 
 /// The host's TSC rate in kHz, measured against the monotonic clock. Under TCG the guest's
 /// TSC is the host's; on a busy host the guest kernel cannot calibrate it against the PIT

@@ -6,6 +6,7 @@
 //! library as `kiln_e2e`.
 
 mod fixtures;
+mod guest;
 mod layer;
 mod process;
 mod registry;
@@ -16,6 +17,7 @@ pub use fixtures::{
     fixtures, DockerArchive, Fixtures, ImageFixture, IndexFixture, OciArchive, OciImage, Platform,
     PlatformManifest, SkopeoSource,
 };
+pub use guest::{guest_files, GuestFiles};
 pub use layer::{read_layer, EntryKind, LayerEntry};
 pub use process::{kill_process_group, run_ok, run_with_timeout, TimedOut};
 pub use registry::Registry;

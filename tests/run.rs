@@ -1,0 +1,402 @@
+//! `kiln run` end to end: real VM boots under TCG of the demo fixture image, through the
+//! `kiln` binary. Covers the workload's identity, exit codes, streams, overrides, the
+//! sandbox state left behind, the network modes, the typed failures (pre-boot refusal,
+//! deadline) and signals to kiln; after each test no QEMU started for its root remains.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{fixtures, guest_files, kiln_bin, require_root, run_with_timeout};
+use tempfile::TempDir;
+
+/// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// One test's fresh kiln root. On drop, asserts (by pid) that no QEMU whose command line
+/// names this root is still running, killing any it finds so later tests are unaffected.
+struct Sandbox {
+    root: TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        Sandbox {
+            root: tempfile::Builder::new()
+                .prefix("kiln-run-test")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// `kiln -q run ARGS` against this root with the test guest files.
+    fn command(&self, args: &[&str]) -> Command {
+        let guest = guest_files();
+        let mut command = Command::new(kiln_bin());
+        command
+            .env("KILN_ROOT", self.root())
+            .env("KILN_KERNEL", &guest.kernel)
+            .env("KILN_INITRAMFS", &guest.initramfs)
+            .arg("-q")
+            .arg("run")
+            .args(args);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(&mut self.command(args), RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Pids of live QEMU processes whose command line mentions this root.
+    fn qemu_pids(&self) -> Vec<u32> {
+        let root = self.root().to_str().unwrap().as_bytes().to_vec();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let is_qemu = cmdline
+                .split(|b| *b == 0)
+                .next()
+                .is_some_and(|argv0| String::from_utf8_lossy(argv0).contains("qemu-system"));
+            if is_qemu && cmdline.windows(root.len()).any(|w| w == root.as_slice()) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Waits up to `limit` for this root's QEMU processes to be gone; returns the leftovers.
+    fn qemu_left_after(&self, limit: Duration) -> Vec<u32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let pids = self.qemu_pids();
+            if pids.is_empty() || Instant::now() >= deadline {
+                return pids;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn sandbox_dirs(&self) -> Vec<PathBuf> {
+        match fs::read_dir(self.root().join("sandboxes")) {
+            Ok(dir) => dir
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().unwrap() != ".names")
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let left = self.qemu_left_after(Duration::from_secs(5));
+        for pid in &left {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
+        if !thread::panicking() {
+            assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
+        }
+    }
+}
+
+fn demo() -> String {
+    let image = &fixtures().demo().oci_gzip;
+    format!("oci:{}:{}", image.path.display(), image.tag)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "{}; stdout: {}; stderr: {}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    )
+}
+
+fn code(output: &Output) -> i32 {
+    output
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("kiln died of a signal: {}", describe(output)))
+}
+
+/// The `key=value` lines a fact script printed, as a map.
+fn facts(stdout: &[u8]) -> std::collections::BTreeMap<String, String> {
+    text(stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+const FACTS_SCRIPT: &str = "echo uid=$(id -u); echo gid=$(id -g); echo groups=$(id -G); \
+    echo user=$(whoami); echo sandbox_owner=$(stat -c %u:%g /sandbox); \
+    touch /sandbox/made && echo made_owner=$(stat -c %u:%g /sandbox/made); \
+    echo pwd=$(pwd); echo from_e=$FROM_E; echo from_file=$FROM_FILE; \
+    echo to-stderr >&2";
+
+#[test]
+fn identity_overrides_and_streams_in_one_boot() {
+    if !require_root("identity_overrides_and_streams_in_one_boot") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let env_file = sandbox.root().join("env");
+    fs::write(&env_file, "FROM_FILE=file value\n").unwrap();
+    let output = sandbox.run(&[
+        "--rm",
+        "-e",
+        "FROM_E=e value",
+        "--env-file",
+        env_file.to_str().unwrap(),
+        "-w",
+        "/tmp",
+        "--entrypoint",
+        "/bin/sh",
+        &demo(),
+        "-c",
+        FACTS_SCRIPT,
+    ]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    let facts = facts(&output.stdout);
+    let expect = [
+        ("uid", "10001"),
+        ("gid", "10001"),
+        ("groups", "10001"),
+        ("user", "sandbox"),
+        ("sandbox_owner", "10001:10001"),
+        ("made_owner", "10001:10001"),
+        ("pwd", "/tmp"),
+        ("from_e", "e value"),
+        ("from_file", "file value"),
+    ];
+    for (key, value) in expect {
+        assert_eq!(
+            facts.get(key).map(String::as_str),
+            Some(value),
+            "{key}: {}",
+            describe(&output)
+        );
+    }
+    assert!(
+        !text(&output.stdout).contains("to-stderr"),
+        "{}",
+        describe(&output)
+    );
+    assert!(
+        text(&output.stderr).contains("to-stderr"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(
+        sandbox.sandbox_dirs(),
+        Vec::<PathBuf>::new(),
+        "--rm left state behind"
+    );
+}
+
+#[test]
+fn image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm() {
+    if !require_root("image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let output = sandbox.run(&["--uid", "2000000000", "--gid", "2000000000", &demo()]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    // The demo image's Cmd prints the identity.
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("uid=2000000000 gid=2000000000 groups=2000000000 user=sandbox"),
+        "{}",
+        describe(&output)
+    );
+    let dirs = sandbox.sandbox_dirs();
+    assert_eq!(dirs.len(), 1, "one sandbox state dir: {dirs:?}");
+    for file in ["sandbox.json", "console.log", "upper.ext4"] {
+        assert!(
+            dirs[0].join(file).is_file(),
+            "{} lacks {file}",
+            dirs[0].display()
+        );
+    }
+}
+
+#[test]
+fn uid_below_the_range_is_refused_before_boot() {
+    if !require_root("uid_below_the_range_is_refused_before_boot") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let output = sandbox.run(&["--rm", "--uid", "999", &demo(), "true"]);
+    assert_eq!(code(&output), 125, "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains("999"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(
+        sandbox.sandbox_dirs(),
+        Vec::<PathBuf>::new(),
+        "no sandbox was created"
+    );
+}
+
+#[test]
+fn exit_codes_follow_the_workload() {
+    if !require_root("exit_codes_follow_the_workload") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let cases: [(&[&str], i32); 4] = [
+        (&["sh", "-c", "exit 42"], 42),
+        (&["sh", "-c", "kill -9 $$"], 137),
+        (&["no-such-command"], 127),
+        (&["/etc/passwd"], 126),
+    ];
+    for (command, expected) in cases {
+        let mut args = vec!["--rm", "--network", "none"];
+        let image = demo();
+        args.push(&image);
+        args.extend_from_slice(command);
+        let output = sandbox.run(&args);
+        assert_eq!(
+            code(&output),
+            expected,
+            "{command:?}: {}",
+            describe(&output)
+        );
+    }
+}
+
+#[test]
+fn stdin_is_read_with_interactive() {
+    if !require_root("stdin_is_read_with_interactive") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let command = sandbox.command(&["--rm", "-i", &demo(), "cat"]);
+    let stdin_file = sandbox.root().join("stdin");
+    fs::write(&stdin_file, "line one\nline two\n").unwrap();
+    // run_with_timeout reads stdin from /dev/null; a shell redirect feeds the file instead.
+    let mut shell = Command::new("sh");
+    shell
+        .arg("-c")
+        .arg("exec \"$@\" < \"$STDIN_FILE\"")
+        .arg("sh")
+        .env("STDIN_FILE", &stdin_file)
+        .arg(command.get_program())
+        .args(command.get_args())
+        .envs(command.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+    let output = run_with_timeout(&mut shell, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert_eq!(
+        text(&output.stdout),
+        "line one\nline two\n",
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn timeout_stops_the_sandbox_with_a_typed_error() {
+    if !require_root("timeout_stops_the_sandbox_with_a_typed_error") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let output = sandbox.run(&["--rm", "--timeout", "2", &demo(), "sleep", "60"]);
+    assert_eq!(code(&output), 125, "{}", describe(&output));
+    assert!(
+        text(&output.stderr).to_lowercase().contains("timeout")
+            || text(&output.stderr).to_lowercase().contains("deadline")
+            || text(&output.stderr).contains("2 s"),
+        "{}",
+        describe(&output)
+    );
+}
+
+/// Starts `kiln run ... sleep 60`, waits until the workload runs (its sandbox exists and
+/// QEMU is up, plus time to boot), then sends `signal` to kiln.
+fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::ExitStatus {
+    let mut child = sandbox
+        .command(&[
+            "--rm",
+            &demo(),
+            "sh",
+            "-c",
+            "touch /sandbox/started; sleep 60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // The workload is running once the guest console shows it, or at least QEMU lives;
+    // under TCG the boot takes a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sandbox.qemu_pids().is_empty() {
+        assert!(Instant::now() < deadline, "QEMU never started");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kiln ended before QEMU started"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_secs(15));
+    // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            kiln_e2e::kill_process_group(&child);
+            panic!("kiln did not exit within 60 s of signal {signal}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_is_forwarded_and_kiln_exits_143() {
+    if !require_root("sigterm_is_forwarded_and_kiln_exits_143") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let status = signal_during_sleep(&sandbox, libc::SIGTERM);
+    assert_eq!(status.code(), Some(143), "{status}");
+}
+
+#[test]
+fn sigkill_of_kiln_leaves_no_qemu() {
+    if !require_root("sigkill_of_kiln_leaves_no_qemu") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let status = signal_during_sleep(&sandbox, libc::SIGKILL);
+    assert_eq!(status.code(), None, "{status}");
+    let left = sandbox.qemu_left_after(Duration::from_secs(10));
+    assert!(left.is_empty(), "QEMU outlived SIGKILLed kiln: {left:?}");
+}
