@@ -219,7 +219,7 @@ async fn pull_async(
                 let digest = Digest::parse(descriptor.digest().as_ref())?;
                 media::check_manifest_descriptor(
                     &format!("manifest {digest} in {what}"),
-                    &descriptor.media_type().to_string(),
+                    descriptor.media_type().as_ref(),
                 )?;
                 let bytes = source.manifest(&digest, descriptor.size()).await?;
                 store.put_verified(&root.digest, &root.bytes)?;
@@ -240,7 +240,7 @@ async fn pull_async(
     let config_descriptor = manifest.config();
     let config_digest = Digest::parse(config_descriptor.digest().as_ref())?;
     let config_what = format!("config {config_digest} of {canonical}");
-    media::check_config(&config_what, &config_descriptor.media_type().to_string())?;
+    media::check_config(&config_what, config_descriptor.media_type().as_ref())?;
     if config_descriptor.size() > MAX_METADATA_SIZE {
         return Err(Error::TooLarge {
             what: config_what,
