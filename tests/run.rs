@@ -4,6 +4,8 @@
 //! deadline) and signals to kiln; after each test no QEMU started for its root remains.
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -399,4 +401,192 @@ fn sigkill_of_kiln_leaves_no_qemu() {
     assert_eq!(status.code(), None, "{status}");
     let left = sandbox.qemu_left_after(Duration::from_secs(10));
     assert!(left.is_empty(), "QEMU outlived SIGKILLed kiln: {left:?}");
+}
+
+#[test]
+fn tty_gives_the_workload_a_terminal() {
+    if !require_root("tty_gives_the_workload_a_terminal") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let output = sandbox.run(&["--rm", "-t", &demo(), "tty"]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert!(
+        text(&output.stdout).trim().starts_with("/dev/pts/"),
+        "{}",
+        describe(&output)
+    );
+}
+
+/// A free TCP port on host loopback (bound, then released for the caller to use).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Serves `body` to every HTTP request on a free loopback port, from a thread that lives
+/// as long as the test process; returns the port.
+fn serve_http(body: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn network_user_reaches_the_host_and_none_does_not() {
+    if !require_root("network_user_reaches_the_host_and_none_does_not") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let port = serve_http("served-by-the-host");
+    // No -T: Debian's busybox 1.35 wget segfaults with it.
+    let fetch = format!("busybox wget -q -O - http://10.0.2.2:{port}/ || echo fetch-failed");
+    let user = sandbox.run(&["--rm", "--network", "user", &demo(), "sh", "-c", &fetch]);
+    assert_eq!(code(&user), 0, "{}", describe(&user));
+    assert!(
+        text(&user.stdout).contains("served-by-the-host"),
+        "{}",
+        describe(&user)
+    );
+    let none = sandbox.run(&["--rm", "--network", "none", &demo(), "sh", "-c", &fetch]);
+    assert_eq!(code(&none), 0, "{}", describe(&none));
+    assert!(
+        !text(&none.stdout).contains("served-by-the-host"),
+        "{}",
+        describe(&none)
+    );
+    assert!(
+        text(&none.stdout).contains("fetch-failed"),
+        "{}",
+        describe(&none)
+    );
+}
+
+#[test]
+fn publish_forwards_a_host_port_into_the_guest() {
+    if !require_root("publish_forwards_a_host_port_into_the_guest") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let host_port = free_port();
+    let publish = format!("{host_port}:8080");
+    // nc serves one connection and exits once the host closes it, ending the workload.
+    let mut child = sandbox
+        .command(&[
+            "--rm",
+            "-p",
+            &publish,
+            &demo(),
+            "sh",
+            "-c",
+            "echo served-by-the-guest | busybox nc -l -p 8080",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // QEMU accepts forwarded connections before the guest listens and then drops them,
+    // so poll until one carries the guest's greeting.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut received = String::new();
+    while Instant::now() < deadline && !received.contains("served-by-the-guest") {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        received.clear();
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", host_port)) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut buf = [0u8; 256];
+            if let Ok(n) = stream.read(&mut buf) {
+                received = String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+    let exit_deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= exit_deadline {
+            kiln_e2e::kill_process_group(&child);
+            child.wait().unwrap();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert!(
+        received.contains("served-by-the-guest"),
+        "the host never got the guest's greeting through -p {publish}; kiln: {status:?}, stderr: {stderr}"
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "stderr: {stderr}");
+}
+
+#[test]
+fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
+    if !require_root("concurrent_runs_of_an_uncached_image_share_one_root_image") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let image = demo();
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let mut command =
+                sandbox.command(&["--rm", "--network", "none", &image, "echo", "done"]);
+            thread::spawn(move || (i, run_with_timeout(&mut command, RUN_TIMEOUT)))
+        })
+        .collect();
+    for run in runs {
+        let (i, output) = run.join().unwrap();
+        let output = output.unwrap_or_else(|e| panic!("run {i}: {e}"));
+        assert_eq!(code(&output), 0, "run {i}: {}", describe(&output));
+        assert_eq!(
+            text(&output.stdout),
+            "done\n",
+            "run {i}: {}",
+            describe(&output)
+        );
+    }
+    let mut root_images = Vec::new();
+    let mut leftovers = Vec::new();
+    for version in fs::read_dir(sandbox.root().join("rootfs"))
+        .unwrap()
+        .flatten()
+    {
+        for image_dir in fs::read_dir(version.path()).unwrap().flatten() {
+            for file in fs::read_dir(image_dir.path()).unwrap().flatten() {
+                let name = file.file_name().into_string().unwrap();
+                if name == "root.erofs" {
+                    root_images.push(file.path());
+                } else if name.starts_with(".tmp-") {
+                    leftovers.push(file.path());
+                }
+            }
+        }
+    }
+    assert_eq!(root_images.len(), 1, "root images: {root_images:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary build files left: {leftovers:?}"
+    );
 }
