@@ -337,6 +337,26 @@ fn timeout_stops_the_sandbox_with_a_typed_error() {
     );
 }
 
+/// Waits up to `limit` for `child` to exit; on expiry kills its process group and returns
+/// None.
+fn wait_with_deadline(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            kiln_e2e::kill_process_group(child);
+            child.wait().unwrap();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Starts `kiln run ... sleep 60`, waits until the workload runs (its sandbox exists and
 /// QEMU is up, plus time to boot), then sends `signal` to kiln.
 fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::ExitStatus {
@@ -368,17 +388,8 @@ fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::
     thread::sleep(Duration::from_secs(15));
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            kiln_e2e::kill_process_group(&child);
-            panic!("kiln did not exit within 60 s of signal {signal}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_with_deadline(&mut child, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("kiln did not exit within 60 s of signal {signal}"))
 }
 
 #[test]
@@ -521,18 +532,7 @@ fn publish_forwards_a_host_port_into_the_guest() {
         }
         thread::sleep(Duration::from_millis(300));
     }
-    let exit_deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= exit_deadline {
-            kiln_e2e::kill_process_group(&child);
-            child.wait().unwrap();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_with_deadline(&mut child, Duration::from_secs(60));
     let mut stderr = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
     assert!(
@@ -588,5 +588,66 @@ fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
     assert!(
         leftovers.is_empty(),
         "temporary build files left: {leftovers:?}"
+    );
+}
+
+/// An OCI layout (built with umoci) whose only layer holds `/hello`: no shell, no binaries.
+fn image_without_binaries(dir: &Path) -> String {
+    let layout = dir.join("layout");
+    let bundle = dir.join("bundle");
+    let image = format!("{}:bare", layout.display());
+    let umoci = |args: &[&str]| {
+        kiln_e2e::run_ok(Command::new("umoci").args(args), Duration::from_secs(60));
+    };
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &image]);
+    umoci(&["unpack", "--image", &image, bundle.to_str().unwrap()]);
+    fs::write(bundle.join("rootfs/hello"), "hi\n").unwrap();
+    umoci(&["repack", "--image", &image, bundle.to_str().unwrap()]);
+    format!("oci:{image}")
+}
+
+#[test]
+fn image_without_the_command_gives_127() {
+    if !require_root("image_without_the_command_gives_127") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let work = tempfile::tempdir().unwrap();
+    let image = image_without_binaries(work.path());
+    let output = sandbox.run(&["--rm", "--network", "none", &image, "sh"]);
+    assert_eq!(code(&output), 127, "{}", describe(&output));
+}
+
+#[test]
+fn a_kernel_panic_is_a_typed_error() {
+    if !require_root("a_kernel_panic_is_a_typed_error") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    // An initramfs with no /init: the kernel finds no root to mount and panics.
+    let tree = sandbox.root().join("initramfs-tree");
+    fs::create_dir_all(tree.join("dev")).unwrap();
+    let cpio = sandbox.root().join("no-init.cpio");
+    let mut command = Command::new("sh");
+    command
+        .current_dir(&tree)
+        .arg("-c")
+        .arg("find . | cpio --quiet -o -H newc > \"$0\"")
+        .arg(&cpio);
+    kiln_e2e::run_ok(&mut command, Duration::from_secs(60));
+    let mut run = sandbox.command(&["--rm", "--network", "none", &demo(), "true"]);
+    run.env("KILN_INITRAMFS", &cpio);
+    let output = run_with_timeout(&mut run, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code(&output), 125, "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains("panic"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(
+        sandbox.sandbox_dirs(),
+        Vec::<PathBuf>::new(),
+        "--rm left state behind"
     );
 }
