@@ -143,6 +143,17 @@ fn code(output: &Output) -> i32 {
         .unwrap_or_else(|| panic!("kiln died of a signal: {}", describe(output)))
 }
 
+/// kiln failed itself (exit 125) with a message naming `what`, and left no sandbox.
+fn assert_kiln_error(sandbox: &Sandbox, output: &Output, what: &str) {
+    assert_eq!(code(output), 125, "{}", describe(output));
+    assert!(text(&output.stderr).contains(what), "{}", describe(output));
+    assert_eq!(
+        sandbox.sandbox_dirs(),
+        Vec::<PathBuf>::new(),
+        "a sandbox was left"
+    );
+}
+
 /// The `key=value` lines a fact script printed, as a map.
 fn facts(stdout: &[u8]) -> std::collections::BTreeMap<String, String> {
     text(stdout)
@@ -251,17 +262,7 @@ fn uid_below_the_range_is_refused_before_boot() {
     }
     let sandbox = Sandbox::new();
     let output = sandbox.run(&["--rm", "--uid", "999", &demo(), "true"]);
-    assert_eq!(code(&output), 125, "{}", describe(&output));
-    assert!(
-        text(&output.stderr).contains("999"),
-        "{}",
-        describe(&output)
-    );
-    assert_eq!(
-        sandbox.sandbox_dirs(),
-        Vec::<PathBuf>::new(),
-        "no sandbox was created"
-    );
+    assert_kiln_error(&sandbox, &output, "999");
 }
 
 #[test]
@@ -639,15 +640,5 @@ fn a_kernel_panic_is_a_typed_error() {
     let mut run = sandbox.command(&["--rm", "--network", "none", &demo(), "true"]);
     run.env("KILN_INITRAMFS", &cpio);
     let output = run_with_timeout(&mut run, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(code(&output), 125, "{}", describe(&output));
-    assert!(
-        text(&output.stderr).contains("panic"),
-        "{}",
-        describe(&output)
-    );
-    assert_eq!(
-        sandbox.sandbox_dirs(),
-        Vec::<PathBuf>::new(),
-        "--rm left state behind"
-    );
+    assert_kiln_error(&sandbox, &output, "panic");
 }
