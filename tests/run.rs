@@ -358,35 +358,33 @@ fn wait_with_deadline(
     }
 }
 
-/// Starts `kiln run ... sleep 60`, waits until the workload runs (its sandbox exists and
-/// QEMU is up, plus time to boot), then sends `signal` to kiln.
+/// Starts `kiln run ... sleep 60`, waits until the workload has printed that it runs,
+/// then sends `signal` to kiln and waits (bounded) for kiln to exit.
 fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::ExitStatus {
     let mut child = sandbox
-        .command(&[
-            "--rm",
-            &demo(),
-            "sh",
-            "-c",
-            "touch /sandbox/started; sleep 60",
-        ])
+        .command(&["--rm", &demo(), "sh", "-c", "echo started; sleep 60"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .process_group(0)
         .spawn()
         .unwrap();
-    // The workload is running once the guest console shows it, or at least QEMU lives;
-    // under TCG the boot takes a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while sandbox.qemu_pids().is_empty() {
-        assert!(Instant::now() < deadline, "QEMU never started");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "kiln ended before QEMU started"
-        );
-        thread::sleep(Duration::from_millis(100));
+    // The workload runs once its first line arrives; the reader thread keeps the pipe
+    // open until kiln exits.
+    let stdout = child.stdout.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let first = lines.next().and_then(Result::ok);
+        let _ = started_tx.send(first);
+        lines.for_each(drop);
+    });
+    let first = started_rx.recv_timeout(Duration::from_secs(120));
+    if first.as_ref().ok().and_then(Option::as_deref) != Some("started") {
+        kiln_e2e::kill_process_group(&child);
+        child.wait().unwrap();
+        panic!("the workload did not start: {first:?}");
     }
-    thread::sleep(Duration::from_secs(15));
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     wait_with_deadline(&mut child, Duration::from_secs(60))
