@@ -550,14 +550,31 @@ fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
     let image = demo();
     let runs: Vec<_> = (0..4)
         .map(|i| {
-            let mut command =
-                sandbox.command(&["--rm", "--network", "none", &image, "echo", "done"]);
+            let mut command = sandbox.command(&[
+                "--json",
+                "--rm",
+                "--timings",
+                "--network",
+                "none",
+                &image,
+                "echo",
+                "done",
+            ]);
             thread::spawn(move || (i, run_with_timeout(&mut command, RUN_TIMEOUT)))
         })
         .collect();
+    let mut builds = 0;
     for run in runs {
         let (i, output) = run.join().unwrap();
         let output = output.unwrap_or_else(|e| panic!("run {i}: {e}"));
+        // --timings --json reports on stderr whether this run built the root image.
+        let report = text(&output.stderr)
+            .lines()
+            .find_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .unwrap_or_else(|| panic!("run {i}: no timings JSON: {}", describe(&output)));
+        if report["root_image_built"] == serde_json::Value::Bool(true) {
+            builds += 1;
+        }
         assert_eq!(code(&output), 0, "run {i}: {}", describe(&output));
         assert_eq!(
             text(&output.stdout),
@@ -583,6 +600,7 @@ fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
             }
         }
     }
+    assert_eq!(builds, 1, "the root image was built {builds} times");
     assert_eq!(root_images.len(), 1, "root images: {root_images:?}");
     assert!(
         leftovers.is_empty(),
@@ -604,6 +622,74 @@ fn image_without_binaries(dir: &Path) -> String {
     fs::write(bundle.join("rootfs/hello"), "hi\n").unwrap();
     umoci(&["repack", "--image", &image, bundle.to_str().unwrap()]);
     format!("oci:{image}")
+}
+
+/// A copy of the demo image whose config sets Entrypoint, Cmd, Env and WorkingDir (umoci).
+fn image_with_run_config(dir: &Path) -> String {
+    let layout = dir.join("configured");
+    let source = &fixtures().demo().oci_gzip;
+    kiln_e2e::run_ok(
+        Command::new("cp").arg("-a").arg(&source.path).arg(&layout),
+        Duration::from_secs(60),
+    );
+    let image = format!("{}:{}", layout.display(), source.tag);
+    kiln_e2e::run_ok(
+        Command::new("umoci").args([
+            "config",
+            "--image",
+            &image,
+            "--config.entrypoint",
+            "/bin/sh",
+            "--config.entrypoint",
+            "-c",
+            "--config.cmd",
+            "echo \"$FROM_IMAGE in $(pwd)\"",
+            "--config.env",
+            "FROM_IMAGE=image value",
+            "--config.workingdir",
+            "/etc",
+        ]),
+        Duration::from_secs(60),
+    );
+    format!("oci:{image}")
+}
+
+#[test]
+fn run_config_comes_from_the_image_and_flags_override_it() {
+    if !require_root("run_config_comes_from_the_image_and_flags_override_it") {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let work = tempfile::tempdir().unwrap();
+    let image = image_with_run_config(work.path());
+    let output = sandbox.run(&["--rm", "--network", "none", &image]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert_eq!(
+        text(&output.stdout),
+        "image value in /etc\n",
+        "{}",
+        describe(&output)
+    );
+
+    // The image's Entrypoint stays when only the command is given; -e and -w override.
+    let output = sandbox.run(&[
+        "--rm",
+        "--network",
+        "none",
+        "-e",
+        "FROM_IMAGE=flag value",
+        "-w",
+        "/tmp",
+        &image,
+        "echo \"$FROM_IMAGE in $(pwd)\"",
+    ]);
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert_eq!(
+        text(&output.stdout),
+        "flag value in /tmp\n",
+        "{}",
+        describe(&output)
+    );
 }
 
 #[test]

@@ -253,11 +253,16 @@ fn print_timings(globals: &Globals, report: &RunReport) {
             .iter()
             .map(|(name, d)| (name.to_string(), d.map(|d| d.as_secs_f64()).into()))
             .collect();
-        let json = serde_json::json!({ "accel": report.accel.accel.as_str(), "timings_seconds": map });
+        let json = serde_json::json!({
+            "accel": report.accel.accel.as_str(),
+            "root_image_built": report.root_image_built,
+            "timings_seconds": map,
+        });
         eprintln!("{json}");
         return;
     }
-    eprintln!("phase            seconds   (accel: {})", report.accel.accel.as_str());
+    let root_image = if report.root_image_built { "built" } else { "cached" };
+    eprintln!("phase            seconds   (accel: {}, root image {root_image})", report.accel.accel.as_str());
     for (name, duration) in phases {
         let shown = duration.map_or("-".to_owned(), |d: Duration| format!("{:.3}", d.as_secs_f64()));
         eprintln!("{name:<16} {shown:>7}");

@@ -64,6 +64,8 @@ pub struct RunTimings {
 #[derive(Debug)]
 pub struct RunReport {
     pub sandbox_id: String,
+    /// True when this run built the root image (false: another run had built it).
+    pub root_image_built: bool,
     pub result: WorkloadResult,
     pub accel: AccelVerdict,
     pub timings: RunTimings,
@@ -131,6 +133,7 @@ pub fn run(
     let (result, vm_timings, id) = outcome?;
     Ok(RunReport {
         sandbox_id: id,
+        root_image_built: prepared.root_built,
         result,
         accel: verdict,
         timings: RunTimings { pull: prepared.pull_time, build: prepared.build_time, vm: vm_timings },
