@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_image::{PullPolicy, Store};
+use kiln_image::{PullPolicy, PulledImage, Store};
 use kiln_rootfs::{BuildOptions, Limits, Timings};
 use serde::Serialize;
 
@@ -17,8 +17,9 @@ use kiln_sandbox::prepare::open_layers;
 
 use crate::pull::{image_error, parse_reference, progress_renderer, SourceArgs};
 
+/// The image and sandbox ids of `kiln build` and `kiln check`.
 #[derive(Debug, Args)]
-pub struct BuildArgs {
+pub struct ImageToBuildArgs {
     /// Image reference (as for `kiln pull`); pulled when not in the store.
     reference: String,
 
@@ -32,6 +33,12 @@ pub struct BuildArgs {
     /// Sandbox gid (1000 to 2000000000) [default: 10001].
     #[arg(long, value_name = "N")]
     gid: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    image: ImageToBuildArgs,
 
     /// Write one image with the identity baked in instead of root + identity layer.
     #[arg(long)]
@@ -59,21 +66,12 @@ struct BuildOutput {
 }
 
 pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
-    let reference = parse_reference(&args.reference)?;
-    let uid = id_flag(
-        "--uid",
-        args.uid.as_deref(),
-        kiln_identity::DEFAULT_SANDBOX_UID,
-    )?;
-    let gid = id_flag(
-        "--gid",
-        args.gid.as_deref(),
-        kiln_identity::DEFAULT_SANDBOX_GID,
-    )?;
-    let mut options = args.source.options(PullPolicy::Missing)?;
-    options.progress = progress_renderer(globals).filter(|_| !globals.json);
-    let store = Store::open(&globals.root).map_err(image_error)?;
-    let image = kiln_image::pull(&store, &reference, &options).map_err(image_error)?;
+    let ImageToBuild {
+        store,
+        image,
+        uid,
+        gid,
+    } = pull_image_to_build(globals, &args.image)?;
     let digest = image.record.manifest_digest.to_string();
     let cache = kiln_sandbox::prepare::image_cache(&globals.root);
     let limits = Limits::default();
@@ -146,13 +144,43 @@ fn add_identity(
     }
 }
 
-pub fn id_flag(flag: &str, value: Option<&str>, default: u32) -> Result<u32, CommandError> {
+/// A `--uid`/`--gid` value for the sandbox user, or `default` when the flag is absent.
+pub fn sandbox_id_flag(flag: &str, value: Option<&str>, default: u32) -> anyhow::Result<u32> {
     match value {
         None => Ok(default),
-        Some(text) => kiln_identity::parse_sandbox_id(text)
-            .with_context(|| flag.to_owned())
-            .map_err(CommandError::usage),
+        Some(text) => kiln_identity::parse_sandbox_id(text).with_context(|| flag.to_owned()),
     }
+}
+
+/// An image pulled (when missing) for building or checking, with the sandbox ids.
+pub struct ImageToBuild {
+    pub store: Store,
+    pub image: PulledImage,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Parses the reference and `--uid`/`--gid` (usage errors), then pulls what is missing.
+pub fn pull_image_to_build(
+    globals: &Globals,
+    args: &ImageToBuildArgs,
+) -> Result<ImageToBuild, CommandError> {
+    let (source, uid, gid) = (&args.source, args.uid.as_deref(), args.gid.as_deref());
+    let reference = parse_reference(&args.reference)?;
+    let uid = sandbox_id_flag("--uid", uid, kiln_identity::DEFAULT_SANDBOX_UID)
+        .map_err(CommandError::usage)?;
+    let gid = sandbox_id_flag("--gid", gid, kiln_identity::DEFAULT_SANDBOX_GID)
+        .map_err(CommandError::usage)?;
+    let mut options = source.options(PullPolicy::Missing)?;
+    options.progress = progress_renderer(globals).filter(|_| !globals.json);
+    let store = Store::open(&globals.root).map_err(image_error)?;
+    let image = kiln_image::pull(&store, &reference, &options).map_err(image_error)?;
+    Ok(ImageToBuild {
+        store,
+        image,
+        uid,
+        gid,
+    })
 }
 
 fn print(globals: &Globals, output: &BuildOutput) -> anyhow::Result<()> {

@@ -4,32 +4,21 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use kiln_image::{PullPolicy, Store};
 use kiln_rootfs::{check_layers, CheckInput, CheckReport, Limits, Severity};
 use serde::Serialize;
 
 use kiln_sandbox::prepare::open_layers;
 
-use crate::build::id_flag;
+use kiln_sandbox::spec::ImageDefaults;
+
+use crate::build::{pull_image_to_build, ImageToBuild, ImageToBuildArgs};
 use crate::exit::CommandResult;
 use crate::globals::Globals;
-use crate::pull::{image_error, parse_reference, progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Image reference (as for `kiln pull`); pulled when not in the store.
-    reference: String,
-
     #[command(flatten)]
-    source: SourceArgs,
-
-    /// Sandbox uid to check collisions against [default: 10001].
-    #[arg(long, value_name = "N")]
-    uid: Option<String>,
-
-    /// Sandbox gid to check collisions against [default: 10001].
-    #[arg(long, value_name = "N")]
-    gid: Option<String>,
+    image: ImageToBuildArgs,
 }
 
 #[derive(Serialize)]
@@ -41,29 +30,18 @@ struct CheckOutput<'a> {
 }
 
 pub fn run(globals: &Globals, args: CheckArgs) -> CommandResult {
-    let reference = parse_reference(&args.reference)?;
-    let uid = id_flag(
-        "--uid",
-        args.uid.as_deref(),
-        kiln_identity::DEFAULT_SANDBOX_UID,
-    )?;
-    let gid = id_flag(
-        "--gid",
-        args.gid.as_deref(),
-        kiln_identity::DEFAULT_SANDBOX_GID,
-    )?;
-    let mut options = args.source.options(PullPolicy::Missing)?;
-    options.progress = progress_renderer(globals).filter(|_| !globals.json);
-    let store = Store::open(&globals.root).map_err(image_error)?;
-    let image = kiln_image::pull(&store, &reference, &options).map_err(image_error)?;
-    let config = image.config.config().as_ref();
+    let ImageToBuild {
+        store,
+        image,
+        uid,
+        gid,
+    } = pull_image_to_build(globals, &args.image)?;
+    let config = ImageDefaults::from_config(&image.config);
     let input = CheckInput {
-        entrypoint: config
-            .and_then(|c| c.entrypoint().clone())
-            .unwrap_or_default(),
-        cmd: config.and_then(|c| c.cmd().clone()).unwrap_or_default(),
-        env: config.and_then(|c| c.env().clone()).unwrap_or_default(),
-        working_dir: config.and_then(|c| c.working_dir().clone()),
+        entrypoint: config.entrypoint,
+        cmd: config.cmd,
+        env: config.env,
+        working_dir: config.working_dir,
         uid,
         gid,
     };

@@ -7,7 +7,7 @@ use kiln_image::Store;
 
 use crate::exit::{CommandError, CommandResult};
 use crate::globals::Globals;
-use crate::pull::{image_error, parse_reference};
+use crate::pull::{image_error, parse_platform, parse_reference};
 
 #[derive(Debug, Args)]
 pub struct ImagesArgs {}
@@ -55,12 +55,7 @@ pub fn images(globals: &Globals, _args: ImagesArgs) -> CommandResult {
 
 pub fn rmi(globals: &Globals, args: RmiArgs) -> CommandResult {
     let reference = parse_reference(&args.reference)?;
-    let platform = args
-        .platform
-        .as_deref()
-        .map(kiln_image::Platform::parse)
-        .transpose()
-        .map_err(CommandError::usage)?;
+    let platform = parse_platform(args.platform.as_deref())?;
     let store = Store::open(&globals.root).map_err(image_error)?;
     let removed = store
         .remove(&reference.canonical(), platform.as_ref())

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::exit::CommandResult;
 use crate::globals::Globals;
-use crate::pull::{image_error, parse_reference};
+use crate::pull::{image_error, parse_platform, parse_reference};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -56,12 +56,7 @@ struct Layer<'a> {
 
 pub fn run(globals: &Globals, args: InspectArgs) -> CommandResult {
     let reference = parse_reference(&args.reference)?;
-    let platform = args
-        .platform
-        .as_deref()
-        .map(kiln_image::Platform::parse)
-        .transpose()
-        .map_err(crate::exit::CommandError::usage)?;
+    let platform = parse_platform(args.platform.as_deref())?;
     let store = Store::open(&globals.root).map_err(image_error)?;
     let image = store
         .resolve(&reference, platform.as_ref())

@@ -59,11 +59,7 @@ pub struct SourceArgs {
 impl SourceArgs {
     /// The platform flag, parsed (bad input is a usage error).
     pub fn platform(&self) -> Result<Option<Platform>, CommandError> {
-        self.platform
-            .as_deref()
-            .map(Platform::parse)
-            .transpose()
-            .map_err(CommandError::usage)
+        parse_platform(self.platform.as_deref())
     }
 
     pub fn options(&self, policy: PullPolicy) -> Result<PullOptions, CommandError> {
@@ -87,6 +83,11 @@ pub fn image_error(err: kiln_image::Error) -> CommandError {
     } else {
         CommandError::failure(err)
     }
+}
+
+/// A `--platform OS/ARCH[/VARIANT]` flag, if given; bad input is a usage error.
+pub fn parse_platform(text: Option<&str>) -> Result<Option<Platform>, CommandError> {
+    text.map(Platform::parse).transpose().map_err(CommandError::usage)
 }
 
 pub fn parse_reference(text: &str) -> Result<ImageRef, CommandError> {

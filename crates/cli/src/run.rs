@@ -18,6 +18,7 @@ use kiln_sandbox::spec::Overrides;
 use kiln_vm::accel::AccelRequest;
 use kiln_vm::Network;
 
+use crate::build::sandbox_id_flag;
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
 use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
@@ -158,14 +159,8 @@ fn request(globals: &Globals, args: &RunArgs, terminal: Option<TerminalSize>) ->
     pull.progress = progress_renderer(globals).filter(|_| !globals.json);
 
     let run_as = kiln_identity::RunAs::parse(args.user.as_bytes()).context("--user")?;
-    let id = |flag: &str, value: &Option<String>, default: u32| -> anyhow::Result<u32> {
-        match value {
-            Some(text) => kiln_identity::parse_sandbox_id(text).with_context(|| flag.to_owned()),
-            None => Ok(default),
-        }
-    };
-    let sandbox_uid = id("--uid", &args.uid, kiln_identity::DEFAULT_SANDBOX_UID)?;
-    let sandbox_gid = id("--gid", &args.gid, kiln_identity::DEFAULT_SANDBOX_GID)?;
+    let sandbox_uid = sandbox_id_flag("--uid", args.uid.as_deref(), kiln_identity::DEFAULT_SANDBOX_UID)?;
+    let sandbox_gid = sandbox_id_flag("--gid", args.gid.as_deref(), kiln_identity::DEFAULT_SANDBOX_GID)?;
 
     let host_env = |key: &str| std::env::var(key).ok();
     let mut env = Vec::new();

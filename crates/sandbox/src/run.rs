@@ -118,7 +118,7 @@ pub fn run(
         notice(&format!("warning: {warning}"));
     }
     let workload = identity(&request.run_as, request.sandbox_uid, request.sandbox_gid);
-    let run_spec = build_run_spec(&image_defaults(&prepared), &request.overrides, workload, request.terminal)?;
+    let run_spec = build_run_spec(&ImageDefaults::from_config(&prepared.image.config), &request.overrides, workload, request.terminal)?;
 
     let verdict = accel::resolve(request.accel, &accel::cache_dir(root), || probe_kvm(&qemu, &guest))?;
     if verdict.accel == Accel::Tcg && request.accel == AccelRequest::Auto && !verdict.cached {
@@ -210,17 +210,6 @@ fn boot_sandbox(
     deadlines.workload = request.timeout;
     let outcome = launch(qemu, &spec, run_spec, deadlines, io, control)?;
     Ok((outcome.result, outcome.timings, sandbox.id().to_owned()))
-}
-
-/// The run-relevant parts of the image's config.
-fn image_defaults(prepared: &PreparedImages) -> ImageDefaults {
-    let Some(config) = prepared.image.config.config() else { return ImageDefaults::default() };
-    ImageDefaults {
-        entrypoint: config.entrypoint().clone().unwrap_or_default(),
-        cmd: config.cmd().clone().unwrap_or_default(),
-        env: config.env().clone().unwrap_or_default(),
-        working_dir: config.working_dir().clone(),
-    }
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working

@@ -12,6 +12,19 @@ pub struct ImageDefaults {
     pub working_dir: Option<String>,
 }
 
+impl ImageDefaults {
+    /// The run fields of an image's config (all empty when it has no `config`).
+    pub fn from_config(config: &oci_spec::image::ImageConfiguration) -> Self {
+        let Some(config) = config.config() else { return Self::default() };
+        Self {
+            entrypoint: config.entrypoint().clone().unwrap_or_default(),
+            cmd: config.cmd().clone().unwrap_or_default(),
+            env: config.env().clone().unwrap_or_default(),
+            working_dir: config.working_dir().clone(),
+        }
+    }
+}
+
 /// What the user changed on the command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
