@@ -145,6 +145,7 @@ fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]
         initramfs: files.initramfs.clone(),
         cmdline: args,
         disks,
+        shares: Vec::new(),
         cpus: 1,
         memory_mib: 256,
         network,

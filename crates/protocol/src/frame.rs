@@ -27,6 +27,7 @@ pub enum Kind {
     Result = 0x05,
     BootError = 0x06,
     Phase = 0x07,
+    Shutdown = 0x08,
     StdinData = 0x10,
     StdoutData = 0x11,
     StderrData = 0x12,
@@ -36,7 +37,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 14] = [
         Kind::Hello,
         Kind::Run,
         Kind::Resize,
@@ -44,6 +45,7 @@ impl Kind {
         Kind::Result,
         Kind::BootError,
         Kind::Phase,
+        Kind::Shutdown,
         Kind::StdinData,
         Kind::StdoutData,
         Kind::StderrData,
@@ -163,6 +165,7 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
         Message::Result(m) => (Kind::Result, json(m)),
         Message::BootError(m) => (Kind::BootError, json(m)),
         Message::Phase(m) => (Kind::Phase, json(m)),
+        Message::Shutdown(m) => (Kind::Shutdown, json(m)),
         Message::Data { stream, bytes } => {
             if bytes.is_empty() {
                 return Err(bad(
@@ -287,6 +290,7 @@ fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolErr
         Kind::Result => Message::Result(from_json(kind, &payload)?),
         Kind::BootError => Message::BootError(from_json(kind, &payload)?),
         Kind::Phase => Message::Phase(from_json(kind, &payload)?),
+        Kind::Shutdown => Message::Shutdown(from_json(kind, &payload)?),
         Kind::StdinData | Kind::StdoutData | Kind::StderrData => {
             if payload.is_empty() {
                 return Err(bad(kind, "data frames are never empty"));

@@ -52,6 +52,10 @@ pub enum Message {
     BootError(BootError),
     /// Guest to host: the guest reached a boot phase.
     Phase(PhaseTime),
+    /// Host to guest, control session: stop the sandbox. The guest sends SIGTERM to every
+    /// session's workload, SIGKILLs what is left after the grace period, reports the main
+    /// session's result, syncs and powers off.
+    Shutdown(ShutdownRequest),
 }
 
 /// One of the three standard streams of a workload.
@@ -149,6 +153,13 @@ pub struct TerminalSize {
 #[serde(deny_unknown_fields)]
 pub struct SignalRequest {
     pub signal: i32,
+}
+
+/// How long the workloads get between SIGTERM and SIGKILL when the sandbox stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    pub grace_ms: u64,
 }
 
 /// How a workload ended.

@@ -100,6 +100,10 @@ fn control_payloads_are_the_documented_json() {
             Message::Resize(TerminalSize { rows: 1, cols: 2 }),
             r#"{"rows":1,"cols":2}"#,
         ),
+        (
+            Message::Shutdown(ShutdownRequest { grace_ms: 10_000 }),
+            r#"{"grace_ms":10000}"#,
+        ),
     ];
     for (message, json) in cases {
         let bytes = encode_frame(&Frame::new(1, message.clone())).unwrap();
@@ -459,6 +463,7 @@ fn message() -> impl Strategy<Value = Message> {
         (step, text()).prop_map(|(step, message)| Message::BootError(BootError { step, message })),
         (phase, any::<u64>())
             .prop_map(|(phase, boottime_ns)| Message::Phase(PhaseTime { phase, boottime_ns })),
+        any::<u64>().prop_map(|grace_ms| Message::Shutdown(ShutdownRequest { grace_ms })),
     ]
 }
 

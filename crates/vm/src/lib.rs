@@ -37,6 +37,20 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+/// A host directory shared with the guest over virtio-9p (QEMU's built-in 9p server in
+/// `mapped-xattr` mode: files the guest creates belong on the host to the user running
+/// the VMM, and the guest's view of their owner and mode is kept in `user.virtfs.*`
+/// extended attributes; see docs/volumes.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// 9p mount tag the guest mounts by (`mount -t 9p TAG`); at most 31 bytes.
+    pub tag: String,
+    /// Absolute path of an existing host directory.
+    pub host_path: PathBuf,
+    /// The VMM refuses writes, whatever the guest mounts.
+    pub read_only: bool,
+}
+
 /// A TCP port on host loopback forwarded to a port in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortForward {
@@ -70,6 +84,8 @@ pub struct VmSpec {
     /// Kernel command line arguments added after the backend's own (console, reboot).
     pub cmdline: Vec<String>,
     pub disks: Vec<Disk>,
+    /// Host directories shared with the guest.
+    pub shares: Vec<Share>,
     pub cpus: u32,
     pub memory_mib: u32,
     pub network: Network,

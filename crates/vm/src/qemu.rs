@@ -85,6 +85,16 @@ impl Qemu {
             push(&["-drive", &drive, "-device", &device]);
         }
 
+        for (index, share) in spec.shares.iter().enumerate() {
+            let fsdev = format!(
+                "local,id=share{index},path={path},security_model=mapped-xattr{ro}",
+                path = escape_option(&share.host_path),
+                ro = if share.read_only { ",readonly=on" } else { "" },
+            );
+            let device = format!("virtio-9p-device,fsdev=share{index},mount_tag={}", share.tag);
+            push(&["-fsdev", &fsdev, "-device", &device]);
+        }
+
         let channel = format!("socket,id=kilnchan,path={}", escape_option(&spec.channel.socket));
         let port = format!("virtserialport,chardev=kilnchan,name={}", spec.channel.port_name);
         push(&["-device", "virtio-serial-device", "-chardev", &channel, "-device", &port]);
@@ -153,6 +163,20 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
             )));
         }
     }
+    for share in &spec.shares {
+        if !valid_id(&share.tag) {
+            return Err(VmError::InvalidSpec(format!(
+                "share tag {:?} must be 1-20 characters of [A-Za-z0-9-]",
+                share.tag
+            )));
+        }
+        if !share.host_path.is_absolute() {
+            return Err(VmError::InvalidSpec(format!(
+                "shared directory {} must be an absolute path",
+                share.host_path.display()
+            )));
+        }
+    }
     if !valid_id(&spec.channel.port_name.replace('.', "-")) {
         return Err(VmError::InvalidSpec(format!(
             "channel port name {:?} must be 1-20 characters of [A-Za-z0-9.-]",
@@ -172,7 +196,7 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Channel, Disk, PortForward};
+    use crate::{Channel, Disk, PortForward, Share};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -182,6 +206,10 @@ mod tests {
             disks: vec![
                 Disk { id: "root".into(), path: "/s/root,1.erofs".into(), read_only: true },
                 Disk { id: "upper".into(), path: "/s/upper.ext4".into(), read_only: false },
+            ],
+            shares: vec![
+                Share { tag: "vol0".into(), host_path: "/h/data,1".into(), read_only: false },
+                Share { tag: "vol1".into(), host_path: "/h/ro".into(), read_only: true },
             ],
             cpus: 2,
             memory_mib: 512,
@@ -218,6 +246,9 @@ mod tests {
             "socket,id=kilnchan,path=/run/x/chan.sock",
             "virtserialport,chardev=kilnchan,name=kiln.0",
             "hostfwd=tcp:127.0.0.1:8080-:80",
+            "-fsdev local,id=share0,path=/h/data,,1,security_model=mapped-xattr -device",
+            "virtio-9p-device,fsdev=share0,mount_tag=vol0",
+            "local,id=share1,path=/h/ro,security_model=mapped-xattr,readonly=on",
         ] {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }
