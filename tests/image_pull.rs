@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use kiln_e2e::{fixtures, kiln_bin, require_root, run_with_timeout, Registry};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -265,26 +266,17 @@ fn multi_platform_index() {
     assert!(err.contains("OS/ARCH"), "{err}");
 }
 
-/// A tiny base64 encoder for the docker config's `auth` field.
-fn base64(input: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// Writes `config` as `~/.docker/config.json` of `env`'s HOME.
+fn write_docker_config(env: &Env, config: &Value) {
+    let docker_dir = env.home.path().join(".docker");
+    std::fs::create_dir_all(&docker_dir).unwrap();
+    std::fs::write(docker_dir.join("config.json"), config.to_string()).unwrap();
+}
+
+/// Docker's config.json `auths` with `user:password` for registry `addr`.
+fn docker_auths(addr: &str, user: &str, password: &str) -> Value {
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    serde_json::json!({"auths": {addr: {"auth": auth}}})
 }
 
 #[test]
@@ -292,7 +284,6 @@ fn htpasswd_registry_with_docker_config_credentials() {
     if !require_root("htpasswd_registry_with_docker_config_credentials") {
         return;
     }
-    assert_eq!(base64(b"kiln:s3cret"), "a2lsbjpzM2NyZXQ=");
     let demo = fixtures().demo();
     let registry = Registry::start(Some(("kiln", "s3cret")));
     registry.push(demo, "kiln/private:latest");
@@ -304,10 +295,7 @@ fn htpasswd_registry_with_docker_config_credentials() {
     assert!(!env.blob_path(&demo.oci_gzip.layers[0]).exists());
     env.fails(&["pull", "--creds", "kiln:wrong", &r], 1);
 
-    let docker_dir = env.home.path().join(".docker");
-    std::fs::create_dir_all(&docker_dir).unwrap();
-    let config = serde_json::json!({"auths": {registry.addr(): {"auth": base64(b"kiln:s3cret")}}});
-    std::fs::write(docker_dir.join("config.json"), config.to_string()).unwrap();
+    write_docker_config(&env, &docker_auths(&registry.addr(), "kiln", "s3cret"));
     env.ok(&["pull", &r]);
     assert_eq!(
         env.inspect(&r)["manifest_digest"],
@@ -317,6 +305,160 @@ fn htpasswd_registry_with_docker_config_credentials() {
     // --creds works without any file.
     let env2 = Env::new();
     env2.ok(&["pull", "--creds", "kiln:s3cret", &r]);
+}
+
+#[test]
+fn bearer_token_registry_with_docker_config_credentials() {
+    if !require_root("bearer_token_registry_with_docker_config_credentials") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let registry = Registry::start_token_auth("kiln", "t0ken");
+    registry.push(demo, "kiln/token:latest");
+    let r = registry_ref(&registry.addr(), "kiln/token:latest");
+
+    // The token server gives anonymous clients a token that grants nothing.
+    let anonymous = Env::new();
+    let err = anonymous.fails(&["pull", &r], 1);
+    assert!(
+        err.contains(&registry.addr()) && err.contains("no credentials were found"),
+        "{err}"
+    );
+
+    let wrong = Env::new();
+    write_docker_config(&wrong, &docker_auths(&registry.addr(), "kiln", "wrong"));
+    let err = wrong.fails(&["pull", &r], 1);
+    assert!(
+        err.contains(&registry.addr())
+            && err.contains("refused the credentials from")
+            && err.contains(".docker/config.json"),
+        "{err}"
+    );
+    assert!(!wrong.blob_path(&demo.oci_gzip.layers[0]).exists());
+
+    let env = Env::new();
+    write_docker_config(&env, &docker_auths(&registry.addr(), "kiln", "t0ken"));
+    env.ok(&["pull", &r]);
+    assert_eq!(
+        env.inspect(&r)["manifest_digest"],
+        demo.oci_gzip.manifest_digest.as_str()
+    );
+    let issued = registry.token_server().unwrap().issued();
+    assert!(
+        issued
+            .iter()
+            .any(|t| t == "kiln repository:kiln/token:pull"),
+        "kiln got no pull token for its user: {issued:?}"
+    );
+}
+
+/// Writes `docker-credential-NAME` into `bin`, a helper speaking the
+/// docker-credential-helpers protocol: `get` reads a server URL on stdin and prints
+/// `{ServerURL, Username, Secret}`. It knows only `server` (with `user`/`secret`) and logs
+/// every call to `bin/calls`; `secret = None` makes it fail as a locked keychain.
+fn credential_helper(bin: &Path, name: &str, server: &str, user: &str, secret: Option<&str>) {
+    let answer = match secret {
+        Some(secret) => format!(
+            "if [ \"$1\" = get ] && [ \"$url\" = '{server}' ]; then\n\
+             \x20   printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{secret}\"}}\\n' \"$url\"\n\
+             \x20   exit 0\n\
+             fi\n\
+             echo 'credentials not found in native keychain'\n"
+        ),
+        None => "echo 'the keychain is locked' >&2\n".to_owned(),
+    };
+    let script = format!(
+        "#!/bin/sh\nread -r url\necho \"{name} $1 $url\" >>'{}'\n{answer}exit 1\n",
+        bin.join("calls").display()
+    );
+    let path = bin.join(format!("docker-credential-{name}"));
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn docker_credential_helpers_and_store() {
+    if !require_root("docker_credential_helpers_and_store") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let registry = Registry::start(Some(("kiln", "h3lper")));
+    registry.push(demo, "kiln/helped:latest");
+    let r = registry_ref(&registry.addr(), "kiln/helped:latest");
+    let addr = registry.addr();
+    let bin = tempfile::tempdir().unwrap();
+    credential_helper(bin.path(), "kiln-good", &addr, "kiln", Some("h3lper"));
+    credential_helper(bin.path(), "kiln-wrong", &addr, "kiln", Some("nope"));
+    credential_helper(
+        bin.path(),
+        "kiln-elsewhere",
+        "other.example:5000",
+        "kiln",
+        Some("h3lper"),
+    );
+    credential_helper(bin.path(), "kiln-locked", &addr, "kiln", None);
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // A fresh store and HOME per config, so every pull asks the registry.
+    let pull = |config: Value| -> (Option<i32>, String) {
+        let env = Env::new();
+        write_docker_config(&env, &config);
+        let out = run_with_timeout(env.command(&["pull", &r]).env("PATH", &path), KILN_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let calls = || std::fs::read_to_string(bin.path().join("calls")).unwrap_or_default();
+
+    let (code, err) = pull(serde_json::json!({"credsStore": "kiln-good"}));
+    assert_eq!(code, Some(0), "credsStore alone: {err}");
+    assert!(
+        calls().contains(&format!("kiln-good get {addr}")),
+        "{}",
+        calls()
+    );
+
+    let (code, err) = pull(serde_json::json!({
+        "credsStore": "kiln-wrong",
+        "credHelpers": {addr.as_str(): "kiln-good"},
+    }));
+    assert_eq!(code, Some(0), "credHelpers over credsStore: {err}");
+    assert!(!calls().contains("kiln-wrong"), "{}", calls());
+
+    // credHelpers for another registry leave this one to credsStore.
+    let (code, err) = pull(serde_json::json!({
+        "credsStore": "kiln-wrong",
+        "credHelpers": {"other.example:5000": "kiln-good"},
+    }));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("refused the credentials from docker-credential-kiln-wrong"),
+        "{err}"
+    );
+
+    // A store with nothing for this registry means anonymous access, which it refuses.
+    let (code, err) = pull(serde_json::json!({"credsStore": "kiln-elsewhere"}));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no credentials were found"), "{err}");
+
+    let (code, err) = pull(serde_json::json!({"credHelpers": {addr.as_str(): "kiln-locked"}}));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("docker-credential-kiln-locked") && err.contains("the keychain is locked"),
+        "{err}"
+    );
+
+    let (code, err) = pull(serde_json::json!({"credsStore": "kiln-missing"}));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("docker-credential-kiln-missing") && err.contains("PATH"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod guest;
 mod layer;
 mod process;
 mod registry;
+mod token_auth;
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,7 @@ pub use guest::{guest_files, GuestFiles};
 pub use layer::{read_layer, EntryKind, LayerEntry};
 pub use process::{kill_process_group, run_ok, run_with_timeout, TimedOut};
 pub use registry::Registry;
+pub use token_auth::TokenServer;
 
 /// The workspace's top directory (the parent of `tests/`).
 pub fn workspace_root() -> &'static Path {

@@ -1,6 +1,6 @@
 //! A real registry for tests: Debian's `docker-registry` (distribution 2.8) on a free
-//! loopback port, storing into a temp dir, optionally behind htpasswd (bcrypt) basic auth.
-//! Images go in with `skopeo copy`.
+//! loopback port, storing into a temp dir, optionally behind htpasswd (bcrypt) basic auth
+//! or bearer-token auth with a token server of our own. Images go in with `skopeo copy`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -14,6 +14,7 @@ use tempfile::TempDir;
 
 use crate::fixtures::SkopeoSource;
 use crate::process::run_ok;
+use crate::token_auth::{TokenServer, TOKEN_ISSUER, TOKEN_SERVICE};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const SKOPEO_TIMEOUT: Duration = Duration::from_secs(600);
@@ -25,6 +26,8 @@ pub struct Registry {
     dir: TempDir,
     port: u16,
     credentials: Option<(String, String)>,
+    /// With token auth: the server that issues the registry's tokens.
+    token_server: Option<TokenServer>,
     child: Option<Child>,
 }
 
@@ -32,6 +35,17 @@ impl Registry {
     /// Starts a registry on 127.0.0.1:<free port>. With `auth = Some((user, password))`
     /// every request needs those basic-auth credentials. Panics when it does not come up.
     pub fn start(auth: Option<(&str, &str)>) -> Registry {
+        Registry::launch(auth, None)
+    }
+
+    /// Starts a registry with bearer-token auth (`auth: token:`): clients get their
+    /// tokens from a [`TokenServer`] that accepts `user`/`password`.
+    pub fn start_token_auth(user: &str, password: &str) -> Registry {
+        Registry::launch(None, Some(TokenServer::start(user, password)))
+    }
+
+    /// `auth` puts the registry behind htpasswd; `token_server` behind token auth instead.
+    fn launch(auth: Option<(&str, &str)>, token_server: Option<TokenServer>) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("kiln-registry.")
             .tempdir()
@@ -48,7 +62,10 @@ impl Registry {
         let mut registry = Registry {
             dir,
             port: 0,
-            credentials: auth.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            credentials: auth
+                .or(token_server.as_ref().map(TokenServer::credentials))
+                .map(|(u, p)| (u.to_owned(), p.to_owned())),
+            token_server,
             child: None,
         };
         for _ in 0..PORT_ATTEMPTS {
@@ -78,6 +95,11 @@ impl Registry {
         self.credentials
             .as_ref()
             .map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// With token auth, the server issuing the tokens.
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token_server.as_ref()
     }
 
     /// skopeo's `docker://127.0.0.1:PORT/REPO:TAG` for `repo_tag`.
@@ -171,7 +193,14 @@ impl Registry {
             self.storage_dir().display(),
             self.addr()
         );
-        if self.credentials.is_some() {
+        if let Some(token_server) = &self.token_server {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    \
+                 issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                token_server.realm(),
+                token_server.cert_path().display()
+            ));
+        } else if self.credentials.is_some() {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
                 self.dir.path().join("htpasswd").display()

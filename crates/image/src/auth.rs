@@ -1,11 +1,13 @@
 //! Registry credentials: `--creds USER:PASS`, then the containers auth file
 //! (`$REGISTRY_AUTH_FILE`, else `$XDG_RUNTIME_DIR/containers/auth.json`), then Docker's
-//! `~/.docker/config.json` with its credential stores and helpers (docker_credential).
-//! Nothing found means anonymous access.
+//! `config.json` (`$DOCKER_CONFIG`, else `~/.docker`) with its `auths`, `credHelpers` and
+//! `credsStore` (docker_credential runs the helpers). Nothing found means anonymous access.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use docker_credential::{CredentialRetrievalError, DockerCredential};
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
@@ -15,40 +17,157 @@ use crate::Error;
 /// The key Docker uses for Docker Hub in config.json.
 const DOCKER_HUB_CONFIG_KEY: &str = "https://index.docker.io/v1/";
 
+/// What a credential helper prints (on stdout, exit status 1) when it has nothing for a
+/// server; docker-credential-helpers' `ErrCredentialsNotFound`.
+const HELPER_NOT_FOUND: &str = "credentials not found";
+
+/// Credentials for one registry and where they came from, for error messages.
+#[derive(Debug)]
+pub(crate) struct Credentials {
+    pub auth: RegistryAuth,
+    /// e.g. `--creds`, `/root/.docker/config.json`, `docker-credential-pass`; None when
+    /// access is anonymous.
+    pub origin: Option<String>,
+}
+
+impl Credentials {
+    fn from(auth: RegistryAuth, origin: impl Into<String>) -> Credentials {
+        Credentials {
+            auth,
+            origin: Some(origin.into()),
+        }
+    }
+
+    fn anonymous() -> Credentials {
+        Credentials {
+            auth: RegistryAuth::Anonymous,
+            origin: None,
+        }
+    }
+
+    /// Why a registry that refused access did so, as far as kiln can tell.
+    pub(crate) fn refusal_hint(&self) -> String {
+        match &self.origin {
+            Some(origin) => format!("the registry refused the credentials from {origin}"),
+            None => "no credentials were found for it; give --creds USER:PASSWORD, or log \
+                     in with `docker login` or `podman login`"
+                .to_owned(),
+        }
+    }
+}
+
 /// Credentials for the registry of `reference`.
 pub(crate) fn credentials(
     reference: &DockerRef,
     creds: Option<&str>,
-) -> Result<RegistryAuth, Error> {
+) -> Result<Credentials, Error> {
     let registry = reference.registry.as_str();
     if let Some(creds) = creds {
         let (user, password) = creds.split_once(':').ok_or_else(|| Error::Credentials {
             registry: registry.to_owned(),
             reason: "--creds must be USER:PASSWORD".into(),
         })?;
-        return Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()));
+        return Ok(Credentials::from(
+            RegistryAuth::Basic(user.to_owned(), password.to_owned()),
+            "--creds",
+        ));
     }
     if let Some(path) = containers_auth_file() {
         if let Some(auth) = from_auth_file(&path, registry)? {
-            return Ok(auth);
+            return Ok(Credentials::from(auth, path.display().to_string()));
         }
     }
+    match docker_config_path() {
+        Some(path) => from_docker_config(&path, registry),
+        None => Ok(Credentials::anonymous()),
+    }
+}
+
+fn docker_config_path() -> Option<PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".docker")))?;
+    Some(dir.join("config.json"))
+}
+
+/// The parts of Docker's config.json that say which helper serves a registry; the lookup
+/// itself is docker_credential's, this only lets errors name the helper.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct DockerHelpers {
+    creds_store: Option<String>,
+    #[serde(default)]
+    cred_helpers: HashMap<String, String>,
+}
+
+/// Looks `registry` up in Docker's config.json at `path` (a missing file is anonymous
+/// access). A helper that has no entry for the registry means anonymous access too; a
+/// helper that cannot be run or fails otherwise is an error naming it.
+fn from_docker_config(path: &Path, registry: &str) -> Result<Credentials, Error> {
+    let bad = |reason: String| Error::Credentials {
+        registry: registry.to_owned(),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::anonymous()),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let helpers: DockerHelpers = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
     let server = if registry == DOCKER_HUB {
         DOCKER_HUB_CONFIG_KEY
     } else {
         registry
     };
-    match docker_credential::get_credential(server) {
-        Ok(docker_credential::DockerCredential::UsernamePassword(user, password)) => {
-            Ok(RegistryAuth::Basic(user, password))
+    // docker_credential asks credHelpers first, then auths, then credsStore.
+    let helper = helpers
+        .cred_helpers
+        .get(server)
+        .filter(|h| !h.is_empty())
+        .or(helpers.creds_store.as_ref())
+        .map(|name| format!("docker-credential-{name}"));
+    let helper_name = || helper.clone().unwrap_or_default();
+    let origin = |from_helper: bool| match (&helper, from_helper) {
+        (Some(helper), true) => format!("{helper} (named in {})", path.display()),
+        _ => path.display().to_string(),
+    };
+    match docker_credential::get_credential_from_reader(bytes.as_slice(), server) {
+        Ok(DockerCredential::UsernamePassword(user, password)) => Ok(Credentials::from(
+            RegistryAuth::Basic(user, password),
+            origin(helper.is_some()),
+        )),
+        Ok(DockerCredential::IdentityToken(token)) => Ok(Credentials::from(
+            RegistryAuth::Bearer(token),
+            origin(helper.is_some()),
+        )),
+        Err(CredentialRetrievalError::NoCredentialConfigured) => Ok(Credentials::anonymous()),
+        Err(CredentialRetrievalError::HelperFailure {
+            helper,
+            stdout,
+            stderr,
+        }) => {
+            if stdout.contains(HELPER_NOT_FOUND) {
+                tracing::debug!("{helper} has no credentials for {server}");
+                return Ok(Credentials::anonymous());
+            }
+            let said = [stderr.trim(), stdout.trim()]
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .unwrap_or("nothing");
+            Err(bad(format!(
+                "credential helper {helper} failed for {server}: {said}"
+            )))
         }
-        Ok(docker_credential::DockerCredential::IdentityToken(token)) => {
-            Ok(RegistryAuth::Bearer(token))
-        }
-        Err(e) => {
-            tracing::debug!("no Docker credentials for {registry}: {e}");
-            Ok(RegistryAuth::Anonymous)
-        }
+        Err(CredentialRetrievalError::HelperCommunicationError) => Err(bad(format!(
+            "could not run credential helper {} (is it on PATH?)",
+            helper_name()
+        ))),
+        Err(CredentialRetrievalError::MalformedHelperResponse) => Err(bad(format!(
+            "credential helper {} did not print {{\"Username\": ..., \"Secret\": ...}} JSON",
+            helper_name()
+        ))),
+        Err(e) => Err(bad(e.to_string())),
     }
 }
 
@@ -148,11 +267,30 @@ mod tests {
     }
 
     #[test]
+    fn docker_config_file_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let none = from_docker_config(&path, "127.0.0.1:5000").unwrap();
+        assert!(matches!(none.auth, RegistryAuth::Anonymous) && none.origin.is_none());
+        std::fs::write(
+            &path,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"dXNlcjpwYTpzcw=="}}}"#,
+        )
+        .unwrap();
+        let found = from_docker_config(&path, "127.0.0.1:5000").unwrap();
+        assert!(matches!(found.auth, RegistryAuth::Basic(..)));
+        assert!(found.refusal_hint().contains("config.json"));
+        std::fs::write(&path, r#"{"credsStore": 7}"#).unwrap();
+        let err = from_docker_config(&path, "127.0.0.1:5000").unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    #[test]
     fn creds_flag_needs_a_colon() {
         let r = DockerRef::parse("127.0.0.1:5000/x").unwrap();
         assert!(credentials(&r, Some("nocolon")).is_err());
         assert!(matches!(
-            credentials(&r, Some("u:p")).unwrap(),
+            credentials(&r, Some("u:p")).unwrap().auth,
             RegistryAuth::Basic(..)
         ));
     }

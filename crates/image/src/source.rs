@@ -6,14 +6,15 @@
 use std::collections::HashMap;
 use std::io::Read;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::Client;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
 
 use crate::archive::Files;
+use crate::auth::Credentials;
 use crate::digest::{verify_bytes, Digest};
 use crate::media;
 use crate::reference::{DockerRef, ImageRef};
@@ -35,7 +36,7 @@ pub(crate) enum Source {
 pub(crate) struct RegistrySource {
     client: Client,
     reference: DockerRef,
-    auth: RegistryAuth,
+    credentials: Credentials,
 }
 
 pub(crate) struct LocalSource {
@@ -102,11 +103,22 @@ impl Source {
     pub(crate) async fn blob(&self, digest: &Digest) -> Result<BlobReader, Error> {
         match self {
             Source::Registry(r) => {
-                let stream = r
+                // The caller hashes every blob (ingest.rs); oci-client would hash a full
+                // (200) response a second time, so ask for the whole blob as a range,
+                // whose (206) stream it hands over as is.
+                let response = r
                     .client
-                    .pull_blob_stream(&r.oci_reference(None), digest.to_string().as_str())
+                    .pull_blob_stream_partial(
+                        &r.oci_reference(None),
+                        digest.to_string().as_str(),
+                        0,
+                        None,
+                    )
                     .await
                     .map_err(|e| r.error(format!("fetching blob {digest}: {e}")))?;
+                let stream = match response {
+                    BlobResponse::Full(stream) | BlobResponse::Partial(stream) => stream,
+                };
                 Ok(Box::new(StreamReader::new(stream.stream)))
             }
             Source::Local(l) => {
@@ -137,11 +149,11 @@ impl RegistrySource {
             max_concurrent_download: options.max_concurrent_downloads.max(1),
             ..ClientConfig::default()
         };
-        let auth = crate::auth::credentials(reference, options.creds.as_deref())?;
+        let credentials = crate::auth::credentials(reference, options.creds.as_deref())?;
         Ok(RegistrySource {
             client: Client::new(config),
             reference: reference.clone(),
-            auth,
+            credentials,
         })
     }
 
@@ -172,9 +184,21 @@ impl RegistrySource {
     async fn fetch_manifest(&self, reference: &oci_client::Reference) -> Result<Vec<u8>, Error> {
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(reference, &self.auth, media::ACCEPTED_MANIFESTS)
+            .pull_manifest_raw(reference, &self.credentials.auth, media::ACCEPTED_MANIFESTS)
             .await
-            .map_err(|e| self.error(format!("fetching manifest of {}: {e}", self.reference)))?;
+            .map_err(|e| {
+                let hint = match e {
+                    OciDistributionError::UnauthorizedError { .. }
+                    | OciDistributionError::AuthenticationFailure(_) => {
+                        format!("; {}", self.credentials.refusal_hint())
+                    }
+                    _ => String::new(),
+                };
+                self.error(format!(
+                    "fetching manifest of {}: {e}{hint}",
+                    self.reference
+                ))
+            })?;
         if bytes.len() as u64 > MAX_METADATA_SIZE {
             return Err(Error::TooLarge {
                 what: format!("manifest of {}", self.reference),
