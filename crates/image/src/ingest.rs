@@ -1,8 +1,10 @@
 //! Streams one blob into the store: digest, size and (for layers) the uncompressed digest
 //! are checked while the bytes arrive; the blob is published only when all of them match.
 
-use std::io::{self, Read, Write};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::fs::File;
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -15,6 +17,9 @@ use crate::{Error, MAX_UNCOMPRESSED_LAYER_SIZE};
 const CHUNK: usize = 256 << 10;
 /// Chunks queued for the decompressing thread before the download waits for it.
 const PIPE_DEPTH: usize = 16;
+/// Written bytes are handed to the kernel's writeback every this many bytes, so the
+/// fsync before publishing finds little left to write.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// What a blob must be.
 #[derive(Debug, Clone)]
@@ -74,8 +79,15 @@ where
         _ => None,
     };
     let mut total: u64 = 0;
-    let mut buf = vec![0u8; CHUNK];
+    let mut written_back: u64 = 0;
+    let mut spare = vec![0u8; CHUNK];
     loop {
+        // Chunks go to the decompressor whole and come back for reuse; without one, a
+        // single buffer serves.
+        let mut buf = match &pipe {
+            Some(pipe) => pipe.buffer(),
+            None => std::mem::take(&mut spare),
+        };
         // Never read more than one byte past the descriptor's size.
         let room = (expected.size + 1 - total).min(CHUNK as u64) as usize;
         // Network streams yield small pieces: gather a whole chunk so hashing, writing
@@ -109,8 +121,13 @@ where
             "{}: writing the temp file",
             expected.what
         )))?;
-        if let Some(pipe) = &mut pipe {
-            pipe.send(chunk);
+        if total - written_back >= WRITEBACK_EVERY {
+            start_writeback(temp.file(), written_back, total);
+            written_back = total;
+        }
+        match &mut pipe {
+            Some(pipe) => pipe.send(buf, n),
+            None => spare = buf,
         }
         progress(total);
     }
@@ -129,6 +146,15 @@ where
             actual,
         });
     }
+    // The data reaches the disk while the decompressor drains; persist() then only
+    // syncs what is left (metadata).
+    let sync = {
+        let file = temp.file().try_clone().map_err(Error::io(format!(
+            "{}: reopening the temp file",
+            expected.what
+        )))?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+    };
     if let Some((diff_id, _)) = &expected.layer {
         let uncompressed = match pipe {
             Some(pipe) => {
@@ -148,6 +174,12 @@ where
         }
         store.record_diff_id(&expected.digest, diff_id)?;
     }
+    sync.await
+        .expect("the sync task does not panic")
+        .map_err(Error::io(format!(
+            "{}: syncing the temp file",
+            expected.what
+        )))?;
     temp.persist(&store.blob_path(&expected.digest))?;
     drop(lock);
     Ok(Outcome::Downloaded)
@@ -190,6 +222,20 @@ async fn check_cached_layer(store: &Store, expected: &Expected) -> Result<(), Er
     Ok(())
 }
 
+/// Asks the kernel to start writing `file`'s bytes `from..to` to disk, without waiting.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for
+    // the call's duration. A failure only means the final fsync has more to do.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// Digest of what `reader` decompresses to: gzip members and zstd frames are all read.
 fn uncompressed_digest(
     compression: Compression,
@@ -197,23 +243,22 @@ fn uncompressed_digest(
     reader: impl Read,
 ) -> io::Result<Digest> {
     let mut sink = BoundedHasher::new(algorithm);
-    decompress(compression, reader, &mut sink)?;
+    let mut decoder = decoder(compression, io::BufReader::with_capacity(CHUNK, reader))?;
+    io::copy(&mut decoder, &mut sink)?;
     Ok(sink.hasher.finish())
 }
 
-fn decompress(
+/// What `reader`'s bytes decompress to. The gzip decoder reads every member and the zstd
+/// one every frame.
+fn decoder<'a>(
     compression: Compression,
-    reader: impl Read,
-    sink: &mut impl Write,
-) -> io::Result<u64> {
-    match compression {
-        Compression::None => io::copy(&mut io::BufReader::with_capacity(CHUNK, reader), sink),
-        Compression::Gzip => io::copy(
-            &mut flate2::read::MultiGzDecoder::new(io::BufReader::new(reader)),
-            sink,
-        ),
-        Compression::Zstd => io::copy(&mut zstd::stream::read::Decoder::new(reader)?, sink),
-    }
+    reader: impl BufRead + 'a,
+) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(match compression {
+        Compression::None => Box::new(reader),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(reader)?),
+    })
 }
 
 /// Hashes at most [`MAX_UNCOMPRESSED_LAYER_SIZE`] bytes, so a decompression bomb ends.
@@ -248,48 +293,94 @@ impl Write for BoundedHasher {
     }
 }
 
+/// A buffer of [`CHUNK`] bytes on its way through the pipeline, of which `len` are data.
+struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// Buffers handed back by the stage that consumed them, for the stage that fills them.
+struct Pool(Receiver<Vec<u8>>);
+
+impl Pool {
+    fn take(&self) -> Vec<u8> {
+        self.0.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK])
+    }
+}
+
 /// Decompresses on a thread of its own while the download goes on, and hashes the
-/// decompressed bytes on a third, so inflating and hashing run in parallel.
+/// decompressed bytes on a third, so inflating and hashing run in parallel. Buffers move
+/// between the stages and come back, so nothing is copied or allocated per chunk.
 struct DiffPipe {
-    sender: Option<SyncSender<Vec<u8>>>,
+    sender: Option<SyncSender<Chunk>>,
+    pool: Pool,
     thread: JoinHandle<io::Result<Digest>>,
 }
 
 impl DiffPipe {
     fn start(compression: Compression, algorithm: crate::Algorithm) -> DiffPipe {
         let (sender, receiver) = sync_channel(PIPE_DEPTH);
+        let (recycle, pool) = channel();
         let thread = std::thread::spawn(move || {
-            let (out_sender, out_receiver) = sync_channel::<Vec<u8>>(PIPE_DEPTH);
+            let (out_sender, out_receiver) = sync_channel::<Chunk>(PIPE_DEPTH);
+            let (out_recycle, out_pool) = channel();
             let hashing = std::thread::spawn(move || -> io::Result<Digest> {
                 let mut sink = BoundedHasher::new(algorithm);
                 for chunk in out_receiver {
-                    sink.write_all(&chunk)?;
+                    sink.write_all(&chunk.buf[..chunk.len])?;
+                    // The decompressor may be done and gone; the buffer is then dropped.
+                    let _ = out_recycle.send(chunk.buf);
                 }
                 Ok(sink.hasher.finish())
             });
             let reader = ChannelReader {
                 receiver,
-                chunk: Vec::new(),
+                recycle,
+                chunk: Chunk {
+                    buf: Vec::new(),
+                    len: 0,
+                },
                 pos: 0,
             };
-            let mut writer = io::BufWriter::with_capacity(CHUNK, ChunkSender(out_sender));
-            let decompressed =
-                decompress(compression, reader, &mut writer).and_then(|_| writer.flush());
-            drop(writer);
+            let decompressed = decoder(compression, reader).and_then(|mut decoder| {
+                let out_pool = Pool(out_pool);
+                loop {
+                    let mut buf = out_pool.take();
+                    // Decoders work on in-memory chunks: no EINTR to retry.
+                    let len = decoder.read(&mut buf)?;
+                    if len == 0 {
+                        return Ok(());
+                    }
+                    if out_sender.send(Chunk { buf, len }).is_err() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the hashing thread stopped",
+                        ));
+                    }
+                }
+            });
+            drop(out_sender);
             // The hasher's error (a bomb) explains a failed send better than the send does.
             let digest = hashing.join().expect("the hashing thread does not panic")?;
             decompressed.map(|_| digest)
         });
         DiffPipe {
             sender: Some(sender),
+            pool: Pool(pool),
             thread,
         }
     }
 
-    fn send(&mut self, chunk: &[u8]) {
+    /// A buffer of [`CHUNK`] bytes to fill and [`send`](Self::send).
+    fn buffer(&self) -> Vec<u8> {
+        self.pool.take()
+    }
+
+    /// Hands the first `len` bytes of `buf` to the decompressor.
+    fn send(&mut self, buf: Vec<u8>, len: usize) {
         if let Some(sender) = &self.sender {
             // The thread stopped early (bad data): its error comes out of finish().
-            if sender.send(chunk.to_vec()).is_err() {
+            if sender.send(Chunk { buf, len }).is_err() {
                 self.sender = None;
             }
         }
@@ -304,43 +395,45 @@ impl DiffPipe {
     }
 }
 
-/// Hands each buffered write to the hashing thread.
-struct ChunkSender(SyncSender<Vec<u8>>);
-
-impl Write for ChunkSender {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .send(buf.to_vec())
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the hashing thread stopped"))?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
+/// The downloaded chunks as one stream for the decoder, read in place; each chunk goes
+/// back to the download when the decoder is done with it.
 struct ChannelReader {
-    receiver: Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
+    receiver: Receiver<Chunk>,
+    recycle: Sender<Vec<u8>>,
+    chunk: Chunk,
     pos: usize,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos == self.chunk.len {
             match self.receiver.recv() {
-                Ok(chunk) => {
-                    self.chunk = chunk;
+                Ok(next) => {
+                    let used = std::mem::replace(&mut self.chunk, next);
+                    if !used.buf.is_empty() {
+                        // The download may be over; the buffer is then dropped.
+                        let _ = self.recycle.send(used.buf);
+                    }
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(&[]),
             }
         }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+        Ok(&self.chunk.buf[self.pos..self.chunk.len])
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.pos = (self.pos + amount).min(self.chunk.len);
     }
 }
 
@@ -395,7 +488,14 @@ mod tests {
     fn multi_member_gzip_and_multi_frame_zstd_verify() {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
-        let big = vec![7u8; 3 * CHUNK + 5];
+        // Incompressible, so the compressed blob spans many chunks and buffers go round.
+        let mut state = 0x2545_f491_u32;
+        let big: Vec<u8> = (0..6 * CHUNK + 5)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 24) as u8
+            })
+            .collect();
         let whole = [&b"first member "[..], &big, b" third"].concat();
         let parts: [&[u8]; 3] = [b"first member ", &big, b" third"];
         for (blob, compression) in [
