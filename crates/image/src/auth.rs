@@ -99,6 +99,36 @@ struct DockerHelpers {
     creds_store: Option<String>,
     #[serde(default)]
     cred_helpers: HashMap<String, String>,
+    #[serde(default)]
+    auths: HashMap<String, DockerAuthEntry>,
+}
+
+/// An `auths` entry; Docker leaves an empty one for registries its credsStore serves.
+#[derive(Deserialize)]
+struct DockerAuthEntry {
+    auth: Option<String>,
+    identitytoken: Option<String>,
+    username: Option<String>,
+}
+
+impl DockerHelpers {
+    /// The helper docker_credential runs for `server`: its credHelpers entry, else
+    /// credsStore unless `auths` has credentials of its own for `registry`.
+    fn helper_for(&self, server: &str, registry: &str) -> Option<String> {
+        if let Some(name) = self.cred_helpers.get(server).filter(|h| !h.is_empty()) {
+            return Some(format!("docker-credential-{name}"));
+        }
+        let in_auths = self.auths.iter().any(|(key, entry)| {
+            key_matches(key, registry)
+                && (entry.auth.is_some()
+                    || entry.identitytoken.is_some()
+                    || entry.username.is_some())
+        });
+        match &self.creds_store {
+            Some(name) if !in_auths => Some(format!("docker-credential-{name}")),
+            _ => None,
+        }
+    }
 }
 
 /// Looks `registry` up in Docker's config.json at `path` (a missing file is anonymous
@@ -120,27 +150,20 @@ fn from_docker_config(path: &Path, registry: &str) -> Result<Credentials, Error>
     } else {
         registry
     };
-    // docker_credential asks credHelpers first, then auths, then credsStore.
-    let helper = helpers
-        .cred_helpers
-        .get(server)
-        .filter(|h| !h.is_empty())
-        .or(helpers.creds_store.as_ref())
-        .map(|name| format!("docker-credential-{name}"));
+    let helper = helpers.helper_for(server, registry);
     let helper_name = || helper.clone().unwrap_or_default();
-    let origin = |from_helper: bool| match (&helper, from_helper) {
-        (Some(helper), true) => format!("{helper} (named in {})", path.display()),
-        _ => path.display().to_string(),
+    let origin = match &helper {
+        Some(helper) => format!("{helper} (named in {})", path.display()),
+        None => path.display().to_string(),
     };
     match docker_credential::get_credential_from_reader(bytes.as_slice(), server) {
         Ok(DockerCredential::UsernamePassword(user, password)) => Ok(Credentials::from(
             RegistryAuth::Basic(user, password),
-            origin(helper.is_some()),
+            origin,
         )),
-        Ok(DockerCredential::IdentityToken(token)) => Ok(Credentials::from(
-            RegistryAuth::Bearer(token),
-            origin(helper.is_some()),
-        )),
+        Ok(DockerCredential::IdentityToken(token)) => {
+            Ok(Credentials::from(RegistryAuth::Bearer(token), origin))
+        }
         Err(CredentialRetrievalError::NoCredentialConfigured) => Ok(Credentials::anonymous()),
         Err(CredentialRetrievalError::HelperFailure {
             helper,
@@ -283,6 +306,24 @@ mod tests {
         std::fs::write(&path, r#"{"credsStore": 7}"#).unwrap();
         let err = from_docker_config(&path, "127.0.0.1:5000").unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn which_helper_serves_a_registry() {
+        let helpers: DockerHelpers = serde_json::from_str(
+            r#"{"credsStore": "store", "credHelpers": {"a.example": "per-registry"},
+                "auths": {"b.example": {"auth": "dXNlcjpwYTpzcw=="}, "c.example": {}}}"#,
+        )
+        .unwrap();
+        let helper = |registry| helpers.helper_for(registry, registry);
+        assert_eq!(
+            helper("a.example").as_deref(),
+            Some("docker-credential-per-registry")
+        );
+        assert_eq!(helper("b.example"), None);
+        for registry in ["c.example", "d.example"] {
+            assert_eq!(helper(registry).as_deref(), Some("docker-credential-store"));
+        }
     }
 
     #[test]
