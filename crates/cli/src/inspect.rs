@@ -1,5 +1,6 @@
-//! `kiln inspect REF`: a pulled image's manifest digest, platform, run config and layers,
-//! read from the store alone (works offline).
+//! `kiln inspect ID|REF`: a sandbox's state as JSON when ID names one; else a pulled
+//! image's manifest digest, platform, run config and layers, read from the store alone
+//! (works offline).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use crate::pull::{image_error, parse_platform, parse_reference};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The image reference, as given to `kiln pull`.
+    /// A sandbox id or name, or an image reference as given to `kiln pull`.
     reference: String,
 
     /// The platform's image when several were pulled (OS/ARCH[/VARIANT]) [default: the host's].
@@ -55,6 +56,9 @@ struct Layer<'a> {
 }
 
 pub fn run(globals: &Globals, args: InspectArgs) -> CommandResult {
+    if let Some(result) = crate::sandbox::inspect(globals, &args.reference) {
+        return result;
+    }
     let reference = parse_reference(&args.reference)?;
     let platform = parse_platform(args.platform.as_deref())?;
     let store = Store::open(&globals.root).map_err(image_error)?;

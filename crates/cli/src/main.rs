@@ -14,6 +14,7 @@ mod inspect;
 mod kube;
 mod pull;
 mod run;
+mod sandbox;
 
 use std::process::ExitCode;
 
@@ -49,7 +50,7 @@ enum Command {
     Pull(pull::PullArgs),
     /// List the images in the content store.
     Images(images::ImagesArgs),
-    /// Show a pulled image: manifest digest, platform, run config, layers.
+    /// Show a sandbox (by id or name) as JSON, or a pulled image: manifest digest, platform, run config, layers.
     Inspect(inspect::InspectArgs),
     /// Run an image's command in a new microVM sandbox.
     Run(run::RunArgs),
@@ -57,6 +58,23 @@ enum Command {
     Rmi(images::RmiArgs),
     /// Remove blobs no image refers to and report the bytes freed.
     Prune(images::PruneArgs),
+    /// Create a sandbox (pull, build, writable disk) without starting it; prints its id.
+    Create(sandbox::CreateArgs),
+    /// Start a created or stopped sandbox in the background.
+    Start(sandbox::StartArgs),
+    /// Stop a running sandbox: SIGTERM, then SIGKILL after the grace period.
+    Stop(sandbox::StopArgs),
+    /// Remove sandboxes and everything they hold.
+    Rm(sandbox::RmArgs),
+    /// List sandboxes.
+    Ps(sandbox::PsArgs),
+    /// Print a sandbox's workload output.
+    Logs(sandbox::LogsArgs),
+    /// Run a command in a running sandbox.
+    Exec(sandbox::ExecArgs),
+    /// A sandbox's monitor process (started by `kiln start`).
+    #[command(hide = true)]
+    Monitor(sandbox::MonitorArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +100,14 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&globals, args),
         Command::Rmi(args) => images::rmi(&globals, args),
         Command::Prune(args) => images::prune(&globals, args),
+        Command::Create(args) => sandbox::create(&globals, args),
+        Command::Start(args) => sandbox::start(&globals, args),
+        Command::Stop(args) => sandbox::stop(&globals, args),
+        Command::Rm(args) => sandbox::rm(&globals, args),
+        Command::Ps(args) => sandbox::ps(&globals, args),
+        Command::Logs(args) => sandbox::logs(&globals, args),
+        Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Monitor(args) => sandbox::monitor(&globals, args),
     };
     match result {
         Ok(code) => code,

@@ -13,6 +13,7 @@ use kiln_image::{ImageRef, PullPolicy};
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::launch::{Control, HostIo};
 use kiln_sandbox::options::{parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, validate_name};
+use kiln_sandbox::lifecycle::CreateRequest;
 use kiln_sandbox::run::{RunReport, RunRequest};
 use kiln_sandbox::spec::Overrides;
 use kiln_vm::accel::AccelRequest;
@@ -29,6 +30,10 @@ pub struct RunArgs {
     #[arg(long)]
     rm: bool,
 
+    /// Start the sandbox detached (create + start) and print its id.
+    #[arg(short, long, conflicts_with_all = ["rm", "interactive", "tty", "timeout", "timings"])]
+    detach: bool,
+
     /// Stream kiln's stdin to the workload (EOF included).
     #[arg(short, long)]
     interactive: bool,
@@ -37,6 +42,21 @@ pub struct RunArgs {
     #[arg(short, long)]
     tty: bool,
 
+    /// Stop the sandbox and fail if the workload runs longer than this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<String>,
+
+    /// Print how long each phase took (on stderr).
+    #[arg(long)]
+    timings: bool,
+
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// The flags of a sandbox's launch, shared by `kiln run` and `kiln create`.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
     /// Set an environment variable: KEY=VALUE, or KEY to copy kiln's own (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -81,10 +101,6 @@ pub struct RunArgs {
     #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
     publish: Vec<String>,
 
-    /// Stop the sandbox and fail if the workload runs longer than this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<String>,
-
     /// Name of the sandbox ([A-Za-z0-9._-], up to 128 characters).
     #[arg(long)]
     name: Option<String>,
@@ -92,10 +108,6 @@ pub struct RunArgs {
     /// When to contact the image source: always, missing (only when not in the store) or never.
     #[arg(long = "pull", value_name = "POLICY", default_value = "missing")]
     pull: String,
-
-    /// Print how long each phase took (on stderr).
-    #[arg(long)]
-    timings: bool,
 
     /// Accelerator: auto (KVM when it really works here, else TCG), kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
@@ -117,27 +129,23 @@ pub struct RunArgs {
 }
 
 /// Any error before the workload runs is kiln's own: exit code 125, as `docker run`.
-fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
+pub fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
     CommandError { code: EXIT_RUN_FAILURE, error: error.into() }
 }
 
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
+    if args.detach {
+        return crate::sandbox::run_detached(globals, &args.sandbox);
+    }
     let terminal = args.tty.then(terminal_size);
-    let request = request(globals, &args, terminal).map_err(kiln_error)?;
-
-    let (control_tx, control_rx) = mpsc::channel();
-    forward_signals(control_tx, args.tty).map_err(kiln_error)?;
-    // Raw mode only when kiln's own stdin is the terminal the user types into.
-    let _raw = (args.tty && args.interactive && std::io::stdin().is_terminal())
-        .then(terminal::RawMode::enable)
-        .transpose()
-        .map_err(kiln_error)?;
-
-    let io = HostIo {
-        stdin: args.interactive.then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
-        stdout: Box::new(std::io::stdout()),
-        stderr: Box::new(std::io::stderr()),
+    let request = RunRequest {
+        sandbox: args.sandbox.create_request(globals).map_err(kiln_error)?,
+        timeout: args.timeout.as_deref().map(parse_timeout).transpose().map_err(kiln_error)?,
+        remove: args.rm,
+        terminal,
     };
+
+    let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let quiet = globals.quiet;
     let notice = move |line: &str| {
         if !quiet {
@@ -153,57 +161,78 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     Ok(ExitCode::from(code))
 }
 
-fn request(globals: &Globals, args: &RunArgs, terminal: Option<TerminalSize>) -> anyhow::Result<RunRequest> {
-    let reference = ImageRef::parse(&args.reference)?;
-    let mut pull = args.source.options(PullPolicy::parse(&args.pull)?).map_err(|e| e.error)?;
-    pull.progress = progress_renderer(globals).filter(|_| !globals.json);
+impl SandboxArgs {
+    /// The library's request for these flags.
+    pub fn create_request(&self, globals: &Globals) -> anyhow::Result<CreateRequest> {
+        let args = self;
+        let reference = ImageRef::parse(&args.reference)?;
+        let mut pull = args.source.options(PullPolicy::parse(&args.pull)?).map_err(|e| e.error)?;
+        pull.progress = progress_renderer(globals).filter(|_| !globals.json);
 
-    let run_as = kiln_identity::RunAs::parse(args.user.as_bytes()).context("--user")?;
-    let sandbox_uid = sandbox_id_flag("--uid", args.uid.as_deref(), kiln_identity::DEFAULT_SANDBOX_UID)?;
-    let sandbox_gid = sandbox_id_flag("--gid", args.gid.as_deref(), kiln_identity::DEFAULT_SANDBOX_GID)?;
+        let run_as = kiln_identity::RunAs::parse(args.user.as_bytes()).context("--user")?;
+        let sandbox_uid = sandbox_id_flag("--uid", args.uid.as_deref(), kiln_identity::DEFAULT_SANDBOX_UID)?;
+        let sandbox_gid = sandbox_id_flag("--gid", args.gid.as_deref(), kiln_identity::DEFAULT_SANDBOX_GID)?;
 
-    let host_env = |key: &str| std::env::var(key).ok();
-    let mut env = Vec::new();
-    for file in &args.env_files {
-        let contents = std::fs::read(file).with_context(|| format!("--env-file {}", file.display()))?;
-        env.extend(parse_env_file(&file.display().to_string(), &contents, host_env)?);
+        let host_env = |key: &str| std::env::var(key).ok();
+        let mut env = Vec::new();
+        for file in &args.env_files {
+            let contents = std::fs::read(file).with_context(|| format!("--env-file {}", file.display()))?;
+            env.extend(parse_env_file(&file.display().to_string(), &contents, host_env)?);
+        }
+        for assignment in &args.env {
+            env.extend(parse_env_assignment(assignment, host_env)?);
+        }
+
+        let forwards = args.publish.iter().map(|p| parse_port_forward(p)).collect::<Result<Vec<_>, _>>()?;
+        let network = match args.network.as_str() {
+            "none" if !forwards.is_empty() => anyhow::bail!("-p needs --network user (got --network none)"),
+            "none" => Network::None,
+            _ => Network::User { forwards },
+        };
+        if let Some(name) = &args.name {
+            validate_name(name)?;
+        }
+        let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg).context("--accel")?;
+        Ok(CreateRequest {
+            reference,
+            pull,
+            overrides: Overrides {
+                entrypoint: args.entrypoint.clone(),
+                cmd: args.command.clone(),
+                env,
+                working_dir: args.workdir.clone(),
+            },
+            run_as,
+            sandbox_uid,
+            sandbox_gid,
+            cpus: args.cpus,
+            memory_mib: args.memory,
+            network,
+            name: args.name.clone(),
+            accel,
+            qemu: args.qemu.clone(),
+        })
     }
-    for assignment in &args.env {
-        env.extend(parse_env_assignment(assignment, host_env)?);
-    }
+}
 
-    let forwards = args.publish.iter().map(|p| parse_port_forward(p)).collect::<Result<Vec<_>, _>>()?;
-    let network = match args.network.as_str() {
-        "none" if !forwards.is_empty() => anyhow::bail!("-p needs --network user (got --network none)"),
-        "none" => Network::None,
-        _ => Network::User { forwards },
+/// Kiln's own stdio for a workload (stdin only with `-i`), with kiln's signals and
+/// terminal resizes forwarded to it, and the terminal in raw mode for `-it` until the
+/// returned guard drops.
+pub fn attach(
+    interactive: bool,
+    tty: bool,
+) -> anyhow::Result<(HostIo, mpsc::Receiver<Control>, Option<terminal::RawMode>)> {
+    let (control_tx, control_rx) = mpsc::channel();
+    forward_signals(control_tx, tty)?;
+    // Raw mode only when kiln's own stdin is the terminal the user types into.
+    let raw = (tty && interactive && std::io::stdin().is_terminal()).then(terminal::RawMode::enable).transpose()?;
+    let io = HostIo {
+        stdin: interactive.then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        stdout: Box::new(std::io::stdout()),
+        stderr: Box::new(std::io::stderr()),
+        guest_events: None,
     };
-    if let Some(name) = &args.name {
-        validate_name(name)?;
-    }
-    let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg).context("--accel")?;
-    Ok(RunRequest {
-        reference,
-        pull,
-        overrides: Overrides {
-            entrypoint: args.entrypoint.clone(),
-            cmd: args.command.clone(),
-            env,
-            working_dir: args.workdir.clone(),
-        },
-        run_as,
-        sandbox_uid,
-        sandbox_gid,
-        cpus: args.cpus,
-        memory_mib: args.memory,
-        network,
-        timeout: args.timeout.as_deref().map(parse_timeout).transpose()?,
-        name: args.name.clone(),
-        remove: args.rm,
-        terminal,
-        accel,
-        qemu: args.qemu.clone(),
-    })
+    Ok((io, control_rx, raw))
 }
 
 /// SIGINT and SIGTERM go to the workload (kiln stops the VM if it does not end within
@@ -227,7 +256,7 @@ fn forward_signals(control: mpsc::Sender<Control>, tty: bool) -> anyhow::Result<
 }
 
 /// The size of kiln's terminal, or 24x80 when it has none.
-fn terminal_size() -> TerminalSize {
+pub fn terminal_size() -> TerminalSize {
     terminal::size().unwrap_or(TerminalSize { rows: 24, cols: 80 })
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::{
     negotiate, read_frame, write_frame, write_stream, BootError, BootPhase, Frame, Hello, Message,
-    ProtocolError, RunSpec, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
+    ProtocolError, RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
     MAIN_SESSION,
 };
 use kiln_vm::{Accel, Backend, VmError, VmProcess, VmSpec};
@@ -54,12 +54,19 @@ impl Deadlines {
 }
 
 /// A request from kiln's side while the workload runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
     /// Forward this signal to the workload (kiln got it, e.g. SIGINT).
     Signal(i32),
     /// The terminal changed size (only meaningful for a tty session).
     Resize(TerminalSize),
+    /// Stop the sandbox: the guest sends SIGTERM to every workload, SIGKILLs what is left
+    /// after `grace`, syncs and powers off. The VM is killed if it has not ended by the
+    /// shutdown deadline after that.
+    Shutdown { grace: Duration },
+    /// Send this frame to the guest unchanged (an exec session's frames, relayed by the
+    /// sandbox's monitor).
+    Guest(Frame),
 }
 
 /// Where the workload's streams go on the host.
@@ -68,6 +75,9 @@ pub struct HostIo {
     pub stdin: Option<Box<dyn Read + Send>>,
     pub stdout: Box<dyn Write + Send>,
     pub stderr: Box<dyn Write + Send>,
+    /// Receives what the guest says beyond the main session's output: its boot-phase
+    /// reports and every frame of another session (exec sessions).
+    pub guest_events: Option<Sender<Frame>>,
 }
 
 /// Durations of the phases of one VM run, as far as they were reached.
@@ -210,6 +220,7 @@ pub fn launch(
         writer,
         io_out: (io.stdout, io.stderr),
         stdin: io.stdin,
+        guest_events: io.guest_events,
         run: Some(run),
         phase: Phase::Boot,
         deadline: Some(Instant::now() + deadlines.boot),
@@ -334,6 +345,7 @@ struct Driver<'a> {
     writer: Arc<Mutex<UnixStream>>,
     io_out: (Box<dyn Write + Send>, Box<dyn Write + Send>),
     stdin: Option<Box<dyn Read + Send>>,
+    guest_events: Option<Sender<Frame>>,
     run: Option<RunSpec>,
     phase: Phase,
     deadline: Option<Instant>,
@@ -420,6 +432,13 @@ impl Driver<'_> {
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), LaunchError> {
+        let for_observer = frame.session > MAIN_SESSION || matches!(frame.message, Message::Phase(_));
+        if let Some(events) = self.guest_events.as_ref().filter(|_| for_observer) {
+            let _ = events.send(frame.clone());
+        }
+        if frame.session > MAIN_SESSION {
+            return Ok(());
+        }
         match frame.message {
             Message::Hello(theirs) => {
                 let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
@@ -482,6 +501,20 @@ impl Driver<'_> {
             }
             (Control::Resize(size), Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 self.send(&Frame::new(MAIN_SESSION, Message::Resize(size)))?;
+            }
+            (Control::Shutdown { grace }, Phase::Workload | Phase::Boot) if self.run.is_none() => {
+                let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+                self.send(&Frame::new(CONTROL_SESSION, Message::Shutdown(ShutdownRequest { grace_ms })))?;
+                self.stop_signal.get_or_insert(libc_signals::SIGTERM);
+                let end = Instant::now() + grace + self.deadlines.shutdown;
+                self.deadline = Some(self.deadline.map_or(end, |d| d.min(end)));
+            }
+            (Control::Shutdown { .. }, Phase::VmmStart | Phase::Boot) => {
+                self.vm.kill()?;
+                return Err(LaunchError::Interrupted { signal: libc_signals::SIGTERM, grace: Duration::ZERO });
+            }
+            (Control::Guest(frame), Phase::Workload | Phase::Boot) if self.run.is_none() => {
+                self.send(&frame)?;
             }
             _ => {}
         }

@@ -51,11 +51,37 @@ pub fn prepare_images(
     let store = Store::open(root)?;
     let image = kiln_image::pull(&store, reference, options)?;
     let pull_time = started.elapsed();
+    let prepared = build_images(root, &store, image, uid, gid, &|_| {})?;
+    Ok(PreparedImages { pull_time, ..prepared })
+}
 
+/// A build step about to run, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStep {
+    /// The root image is not cached and is being built.
+    RootImage,
+    /// The identity layer is being built or found.
+    IdentityLayer,
+}
+
+/// Builds or reuses the root image of `image` (already in `store`) and the identity layer
+/// for `uid`:`gid`; `step` hears of each step before it runs.
+pub fn build_images(
+    root: &Path,
+    store: &Store,
+    image: PulledImage,
+    uid: u32,
+    gid: u32,
+    step: &dyn Fn(BuildStep),
+) -> Result<PreparedImages, PrepareError> {
     let started = Instant::now();
     let digest = image.record.manifest_digest.to_string();
     let cache = image_cache(root);
-    let (root_image, inputs) = cache.root_image(&digest, &Limits::default(), || open_layers(&store, &image))?;
+    let (root_image, inputs) = cache.root_image(&digest, &Limits::default(), || {
+        step(BuildStep::RootImage);
+        open_layers(store, &image)
+    })?;
+    step(BuildStep::IdentityLayer);
     let identity = cache.identity_layer(&digest, &inputs, uid, gid)?;
     let warnings = identity.built.as_ref().map(|r| r.identity.warnings.clone()).unwrap_or_default();
     Ok(PreparedImages {
@@ -64,7 +90,7 @@ pub fn prepare_images(
         identity_layer: identity.path,
         image,
         warnings,
-        pull_time,
+        pull_time: Duration::ZERO,
         build_time: started.elapsed(),
     })
 }

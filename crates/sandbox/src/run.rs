@@ -1,21 +1,20 @@
 //! `kiln run`: one sandbox from image reference to workload result.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use kiln_image::{ImageRef, PullOptions};
 use kiln_protocol::{BootStep, Identity, RunAs, RunSpec, TerminalSize, WorkloadResult};
 use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, VmError, VmSpec};
 use serde::Serialize;
 
-use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, VmTimings};
+use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome, VmTimings};
+use crate::lifecycle::CreateRequest;
 use crate::prepare::{prepare_images, PrepareError, PreparedImages};
-use crate::spec::{build_run_spec, identity, ImageDefaults, Overrides, SpecError};
-use crate::state::{run_dir, SandboxDir, StateError};
+use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
+use crate::state::{now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, RECORD_FILE};
 
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
 pub const UPPER_DISK_MIB: u64 = 8 * 1024;
@@ -26,27 +25,15 @@ const USER_NET: &str = "10.0.2.15/24,10.0.2.2,10.0.2.3";
 /// Name of the host-guest virtio-serial port.
 const CHANNEL_PORT: &str = "kiln.0";
 
-/// Everything `kiln run` needs.
+/// Everything `kiln run` needs: what a detached sandbox is created from, and how this
+/// one run goes.
 pub struct RunRequest {
-    pub reference: ImageRef,
-    pub pull: PullOptions,
-    pub overrides: Overrides,
-    /// Whom the workload runs as.
-    pub run_as: kiln_identity::RunAs,
-    /// Ids of the `sandbox` user written into the image.
-    pub sandbox_uid: u32,
-    pub sandbox_gid: u32,
-    pub cpus: u32,
-    pub memory_mib: u32,
-    pub network: Network,
+    pub sandbox: CreateRequest,
     pub timeout: Option<Duration>,
-    pub name: Option<String>,
     /// Throw the writable layer and the state directory away afterwards.
     pub remove: bool,
     /// A terminal of this size for the workload (`-t`).
     pub terminal: Option<TerminalSize>,
-    pub accel: AccelRequest,
-    pub qemu: PathBuf,
 }
 
 /// Durations of every phase of a run.
@@ -88,19 +75,6 @@ pub enum RunError {
     Io { context: String, source: std::io::Error },
 }
 
-/// What a persistent sandbox's state directory records about its launch.
-#[derive(Serialize)]
-struct LaunchRecord<'a> {
-    id: &'a str,
-    name: Option<&'a str>,
-    reference: &'a str,
-    manifest_digest: String,
-    created_unix: u64,
-    sandbox_uid: u32,
-    sandbox_gid: u32,
-    run: &'a RunSpec,
-}
-
 /// Runs one sandbox. `notice` receives one-line messages for the user (the acceleration
 /// fallback, build warnings); `control` forwards kiln's signals and terminal resizes.
 pub fn run(
@@ -112,74 +86,141 @@ pub fn run(
 ) -> Result<RunReport, RunError> {
     let guest = GuestImages::locate(root);
     guest.check()?;
-    let qemu = Qemu::with_binary(&request.qemu);
-    let prepared = prepare_images(root, &request.reference, &request.pull, request.sandbox_uid, request.sandbox_gid)?;
+    let create = &request.sandbox;
+    let prepared = prepare_images(root, &create.reference, &create.pull, create.sandbox_uid, create.sandbox_gid)?;
     for warning in &prepared.warnings {
         notice(&format!("warning: {warning}"));
     }
-    let workload = identity(&request.run_as, request.sandbox_uid, request.sandbox_gid);
-    let run_spec = build_run_spec(&ImageDefaults::from_config(&prepared.image.config), &request.overrides, workload, request.terminal)?;
+    let run_spec = main_run_spec(create, &prepared, request.terminal)?;
+    let host = Host::new(root, guest, create.accel, &create.qemu, notice)?;
 
-    let verdict = accel::resolve(request.accel, &accel::cache_dir(root), || probe_kvm(&qemu, &guest))?;
-    if verdict.accel == Accel::Tcg && request.accel == AccelRequest::Auto && !verdict.cached {
-        notice(&format!("note: {}", verdict.reason));
-    }
-
-    let sandbox = SandboxDir::create(root, request.name.as_deref())?;
-    let outcome = boot_sandbox(&sandbox, &request, &prepared, &guest, &qemu, &verdict, run_spec, io, control);
+    let sandbox = SandboxDir::create(root, create.name.as_deref())?;
+    let record = sandbox_record(&sandbox, create, &prepared, run_spec);
+    let outcome = sandbox
+        .write_json(RECORD_FILE, &record)
+        .map_err(RunError::from)
+        .and_then(|()| {
+            let upper = if request.remove { Upper::Tmpfs } else { Upper::create(&sandbox)? };
+            boot(&sandbox, &record, &prepared, &host, upper, request.timeout, io, control)
+        });
+    let sandbox_id = sandbox.id().to_owned();
     if request.remove {
         sandbox.remove()?;
     }
-    let (result, vm_timings, id) = outcome?;
+    let outcome = outcome?;
     Ok(RunReport {
-        sandbox_id: id,
+        sandbox_id,
         root_image_built: prepared.root_built,
-        result,
-        accel: verdict,
-        timings: RunTimings { pull: prepared.pull_time, build: prepared.build_time, vm: vm_timings },
+        result: outcome.result,
+        accel: host.verdict,
+        timings: RunTimings { pull: prepared.pull_time, build: prepared.build_time, vm: outcome.timings },
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn boot_sandbox(
-    sandbox: &SandboxDir,
-    request: &RunRequest,
+/// The main workload's run spec: the image's config with the request's overrides.
+pub(crate) fn main_run_spec(
+    request: &CreateRequest,
     prepared: &PreparedImages,
-    guest: &GuestImages,
-    qemu: &Qemu,
-    verdict: &AccelVerdict,
-    run_spec: RunSpec,
-    io: HostIo,
-    control: Receiver<Control>,
-) -> Result<(WorkloadResult, VmTimings, String), RunError> {
-    let io_err = |context: String| move |source| RunError::Io { context, source };
-    let record = LaunchRecord {
-        id: sandbox.id(),
-        name: sandbox.name(),
-        reference: &prepared.image.record.reference,
-        manifest_digest: prepared.image.record.manifest_digest.to_string(),
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    terminal: Option<TerminalSize>,
+) -> Result<RunSpec, SpecError> {
+    let workload = identity(&request.run_as, request.sandbox_uid, request.sandbox_gid);
+    build_run_spec(&ImageDefaults::from_config(&prepared.image.config), &request.overrides, workload, terminal)
+}
+
+/// What `sandbox.json` records about a new sandbox.
+pub(crate) fn sandbox_record(
+    sandbox: &SandboxDir,
+    request: &CreateRequest,
+    prepared: &PreparedImages,
+    run: RunSpec,
+) -> SandboxRecord {
+    SandboxRecord {
+        id: sandbox.id().to_owned(),
+        name: sandbox.name().map(str::to_owned),
+        image: prepared.image.record.clone(),
+        created_unix: now_unix(),
         sandbox_uid: request.sandbox_uid,
         sandbox_gid: request.sandbox_gid,
-        run: &run_spec,
-    };
-    let record_path = sandbox.path().join("sandbox.json");
-    let json = serde_json::to_vec_pretty(&record).expect("launch record serialises");
-    std::fs::File::create(&record_path)
-        .and_then(|mut f| f.write_all(&json))
-        .map_err(io_err(record_path.display().to_string()))?;
+        run,
+        cpus: request.cpus,
+        memory_mib: request.memory_mib,
+        network: NetworkRecord::from(&request.network),
+        accel: match request.accel {
+            AccelRequest::Auto => "auto",
+            AccelRequest::Kvm => "kvm",
+            AccelRequest::Tcg => "tcg",
+        }
+        .to_owned(),
+        qemu: request.qemu.clone(),
+    }
+}
 
+/// The host side of a boot: guest files, the VMM and the accelerator to use.
+pub(crate) struct Host {
+    pub guest: GuestImages,
+    pub qemu: Qemu,
+    pub verdict: AccelVerdict,
+}
+
+impl Host {
+    /// Resolves the accelerator (probing KVM once per host boot); `notice` hears of a
+    /// fallback to TCG the user did not ask for.
+    pub fn new(
+        root: &Path,
+        guest: GuestImages,
+        accel: AccelRequest,
+        qemu: &Path,
+        notice: &dyn Fn(&str),
+    ) -> Result<Host, RunError> {
+        let qemu = Qemu::with_binary(qemu);
+        let verdict = accel::resolve(accel, &accel::cache_dir(root), || probe_kvm(&qemu, &guest))?;
+        if verdict.accel == Accel::Tcg && accel == AccelRequest::Auto && !verdict.cached {
+            notice(&format!("note: {}", verdict.reason));
+        }
+        Ok(Host { guest, qemu, verdict })
+    }
+}
+
+/// The sandbox's writable layer.
+pub(crate) enum Upper {
+    /// In guest memory, gone with the VM (`kiln run --rm`).
+    Tmpfs,
+    /// The sparse ext4 disk in the state directory, kept across boots.
+    Disk(PathBuf),
+}
+
+impl Upper {
+    /// Makes a new sandbox's writable disk.
+    pub fn create(sandbox: &SandboxDir) -> Result<Upper, VmError> {
+        let path = kiln_vm::disk::upper_disk_path(sandbox.path());
+        kiln_vm::disk::create_upper_disk(&path, UPPER_DISK_MIB)?;
+        Ok(Upper::Disk(path))
+    }
+}
+
+/// Boots `sandbox` as `record` says on `upper` and drives its main workload to its end:
+/// the one boot path of `kiln run` and of a detached sandbox's monitor.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn boot(
+    sandbox: &SandboxDir,
+    record: &SandboxRecord,
+    prepared: &PreparedImages,
+    host: &Host,
+    upper: Upper,
+    timeout: Option<Duration>,
+    io: HostIo,
+    control: Receiver<Control>,
+) -> Result<LaunchOutcome, RunError> {
     let mut disks = vec![
         Disk { id: "root".into(), path: prepared.root_image.clone(), read_only: true },
         Disk { id: "ident".into(), path: prepared.identity_layer.clone(), read_only: true },
     ];
-    let upper = if request.remove {
-        "kiln.upper=tmpfs".to_owned()
-    } else {
-        let path = kiln_vm::disk::upper_disk_path(sandbox.path());
-        kiln_vm::disk::create_upper_disk(&path, UPPER_DISK_MIB)?;
-        disks.push(Disk { id: "upper".into(), path, read_only: false });
-        "kiln.upper=upper".to_owned()
+    let upper = match upper {
+        Upper::Tmpfs => "kiln.upper=tmpfs".to_owned(),
+        Upper::Disk(path) => {
+            disks.push(Disk { id: "upper".into(), path, read_only: false });
+            "kiln.upper=upper".to_owned()
+        }
     };
     let hostname = sandbox.name().unwrap_or(sandbox.id());
     let mut cmdline = vec![
@@ -189,28 +230,28 @@ fn boot_sandbox(
         format!("kiln.port={CHANNEL_PORT}"),
         format!("kiln.hostname={hostname}"),
     ];
-    if matches!(request.network, Network::User { .. }) {
+    let network = Network::from(&record.network);
+    if matches!(network, Network::User { .. }) {
         cmdline.push(format!("kiln.net={USER_NET}"));
     }
 
     let run_dir = run_dir()?;
     let spec = VmSpec {
-        kernel: guest.kernel.clone(),
-        initramfs: guest.initramfs.clone(),
+        kernel: host.guest.kernel.clone(),
+        initramfs: host.guest.initramfs.clone(),
         cmdline,
         disks,
         shares: Vec::new(),
-        cpus: request.cpus,
-        memory_mib: request.memory_mib,
-        network: request.network.clone(),
+        cpus: record.cpus,
+        memory_mib: record.memory_mib,
+        network,
         channel: Channel { socket: run_dir.path().join("channel.sock"), port_name: CHANNEL_PORT.into() },
         console_log: sandbox.console_log(),
-        accel: verdict.accel,
+        accel: host.verdict.accel,
     };
-    let mut deadlines = Deadlines::for_accel(verdict.accel);
-    deadlines.workload = request.timeout;
-    let outcome = launch(qemu, &spec, run_spec, deadlines, io, control)?;
-    Ok((outcome.result, outcome.timings, sandbox.id().to_owned()))
+    let mut deadlines = Deadlines::for_accel(host.verdict.accel);
+    deadlines.workload = timeout;
+    Ok(launch(&host.qemu, &spec, record.run.clone(), deadlines, io, control)?)
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
@@ -247,7 +288,12 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         tty: false,
         terminal: None,
     };
-    let io = HostIo { stdin: None, stdout: Box::new(std::io::sink()), stderr: Box::new(std::io::sink()) };
+    let io = HostIo {
+        stdin: None,
+        stdout: Box::new(std::io::sink()),
+        stderr: Box::new(std::io::sink()),
+        guest_events: None,
+    };
     let (_keep_open, control) = mpsc::channel();
     let started = Instant::now();
     match launch(qemu, &spec, probe_spec, deadlines, io, control) {

@@ -1,16 +1,119 @@
 //! A sandbox's state directory under kiln's root, and the short-lived run directory that
 //! holds its sockets.
 //!
-//! Layout: `<root>/sandboxes/<id>/` (0700) holds the sandbox's files (request, console
-//! log, writable disk); `<root>/sandboxes/.names/<name>` holds the id a name points to,
-//! created exclusively so two sandboxes can never share a name.
+//! Layout: `<root>/sandboxes/<id>/` (0700) holds the sandbox's files: `sandbox.json` (the
+//! launch request, [`SandboxRecord`]), `state.json` (its status, [`StateRecord`]), the
+//! console log, the workload's `stdout.log`/`stderr.log`, the writable disk and, while it
+//! runs, the monitor's lock and socket. `<root>/sandboxes/.names/<name>` holds the id a
+//! name points to, created exclusively so two sandboxes can never share a name.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use kiln_image::ImageRecord;
+use kiln_protocol::{RunSpec, WorkloadResult};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
 use crate::options::validate_name;
+
+/// File names inside a sandbox's state directory.
+pub const RECORD_FILE: &str = "sandbox.json";
+pub const STATE_FILE: &str = "state.json";
+pub const STDOUT_LOG: &str = "stdout.log";
+pub const STDERR_LOG: &str = "stderr.log";
+pub const MONITOR_LOG: &str = "monitor.log";
+pub const MONITOR_LOCK: &str = "monitor.lock";
+pub const MONITOR_SOCKET: &str = "monitor.sock";
+
+/// What a sandbox was created from and with (`sandbox.json`); never changes afterwards, so
+/// every start boots the same image (the pinned manifest digest in `image`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub name: Option<String>,
+    /// The image as resolved at creation: reference, manifest digest, config digest.
+    pub image: ImageRecord,
+    pub created_unix: u64,
+    pub sandbox_uid: u32,
+    pub sandbox_gid: u32,
+    /// The main workload's run spec.
+    pub run: RunSpec,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub network: NetworkRecord,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+    pub qemu: PathBuf,
+}
+
+/// The guest's network as stored in a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum NetworkRecord {
+    None,
+    User { forwards: Vec<(u16, u16)> },
+}
+
+impl From<&kiln_vm::Network> for NetworkRecord {
+    fn from(network: &kiln_vm::Network) -> Self {
+        match network {
+            kiln_vm::Network::None => NetworkRecord::None,
+            kiln_vm::Network::User { forwards } => {
+                NetworkRecord::User { forwards: forwards.iter().map(|f| (f.host, f.guest)).collect() }
+            }
+        }
+    }
+}
+
+impl From<&NetworkRecord> for kiln_vm::Network {
+    fn from(network: &NetworkRecord) -> Self {
+        match network {
+            NetworkRecord::None => kiln_vm::Network::None,
+            NetworkRecord::User { forwards } => kiln_vm::Network::User {
+                forwards: forwards.iter().map(|&(host, guest)| kiln_vm::PortForward { host, guest }).collect(),
+            },
+        }
+    }
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    /// Created (or being started): no workload has run yet.
+    Created,
+    /// The monitor runs and the workload started.
+    Running,
+    /// The main workload ended (on its own or stopped).
+    Exited { result: WorkloadResult, exit_code: i32 },
+    /// The sandbox could not boot, or its monitor died.
+    Failed { message: String },
+}
+
+/// A sandbox's status as stored (`state.json`, replaced whole by rename).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    #[serde(flatten)]
+    pub status: Status,
+    /// The monitor process of the last start.
+    pub monitor_pid: Option<u32>,
+    pub started_unix: Option<u64>,
+    pub ended_unix: Option<u64>,
+}
+
+impl StateRecord {
+    pub fn created() -> Self {
+        StateRecord { status: Status::Created, monitor_pid: None, started_unix: None, ended_unix: None }
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
 
 /// Errors about sandbox state.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +126,12 @@ pub enum StateError {
 
     #[error("refusing to use {0}: a sandbox state directory must be a real directory, not a symlink")]
     Symlink(PathBuf),
+
+    #[error("no such sandbox: {0}")]
+    NotFound(String),
+
+    #[error("{path}: not a valid sandbox state file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
 
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -76,6 +185,58 @@ impl SandboxDir {
         Ok(SandboxDir { name: name.map(str::to_owned), ..dir })
     }
 
+    /// The existing sandbox `id_or_name`: an id first, then a name.
+    pub fn open(root: &Path, id_or_name: &str) -> Result<SandboxDir, StateError> {
+        validate_name(id_or_name)?;
+        let sandboxes = root.join("sandboxes");
+        let names_dir = sandboxes.join(".names");
+        let claim = names_dir.join(id_or_name);
+        // `.names` and other dot entries are kiln's own, never a sandbox.
+        let is_id = !id_or_name.starts_with('.') && std::fs::symlink_metadata(sandboxes.join(id_or_name)).is_ok();
+        let id = if is_id {
+            id_or_name.to_owned()
+        } else {
+            match std::fs::read_to_string(&claim) {
+                Ok(id) if validate_name(id.trim()).is_ok() && !id.starts_with('.') => id.trim().to_owned(),
+                Ok(_) => return Err(StateError::Corrupt { path: claim, reason: "not a sandbox id".into() }),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StateError::NotFound(id_or_name.to_owned()))
+                }
+                Err(err) => return Err(io_err(&claim)(err)),
+            }
+        };
+        let path = sandboxes.join(&id);
+        let meta = std::fs::symlink_metadata(&path).map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => StateError::NotFound(id_or_name.to_owned()),
+            _ => io_err(&path)(err),
+        })?;
+        if meta.file_type().is_symlink() || !meta.is_dir() {
+            return Err(StateError::Symlink(path));
+        }
+        let mut dir = SandboxDir { id, name: None, path, names_dir };
+        dir.name = dir.read_json::<SandboxRecord>(RECORD_FILE).ok().and_then(|r| r.name);
+        Ok(dir)
+    }
+
+    /// The ids of every sandbox under `root`, sorted.
+    pub fn list(root: &Path) -> Result<Vec<String>, StateError> {
+        let sandboxes = root.join("sandboxes");
+        let entries = match std::fs::read_dir(&sandboxes) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(io_err(&sandboxes)(err)),
+        };
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&sandboxes))?;
+            if let Some(id) = entry.file_name().to_str().filter(|n| !n.starts_with('.') && validate_name(n).is_ok()) {
+                ids.push(id.to_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -90,6 +251,33 @@ impl SandboxDir {
 
     pub fn console_log(&self) -> PathBuf {
         self.path.join("console.log")
+    }
+
+    /// A file in this directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes `value` as JSON to `name`, through a temporary file and a rename so readers
+    /// see the old or the new contents, never a mix.
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), StateError> {
+        let path = self.file(name);
+        let json = serde_json::to_vec_pretty(value).expect("state records serialise");
+        let mut temp = tempfile::Builder::new().prefix(".state-").tempfile_in(&self.path).map_err(io_err(&path))?;
+        temp.write_all(&json).map_err(io_err(&path))?;
+        temp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
+        Ok(())
+    }
+
+    /// Reads the JSON file `name` (at most 1 MiB).
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T, StateError> {
+        const MAX: u64 = 1 << 20;
+        let path = self.file(name);
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX).read_to_end(&mut bytes))
+            .map_err(io_err(&path))?;
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt { path, reason: e.to_string() })
     }
 
     /// Removes the directory and its name claim. A directory that has become a symlink is
@@ -179,6 +367,57 @@ mod tests {
         std::os::unix::fs::symlink(victim.path(), dir.path()).unwrap();
         assert!(matches!(dir.remove(), Err(StateError::Symlink(_))));
         assert!(victim.path().join("keep").exists());
+    }
+
+    #[test]
+    fn open_finds_ids_and_names_and_refuses_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), Some("named")).unwrap();
+        let state = StateRecord::created();
+        dir.write_json(STATE_FILE, &state).unwrap();
+        assert_eq!(SandboxDir::open(root.path(), dir.id()).unwrap().path(), dir.path());
+        let by_name = SandboxDir::open(root.path(), "named").unwrap();
+        assert_eq!(by_name.id(), dir.id());
+        assert_eq!(by_name.read_json::<StateRecord>(STATE_FILE).unwrap(), state);
+        assert!(matches!(SandboxDir::open(root.path(), "other"), Err(StateError::NotFound(_))));
+        assert!(matches!(SandboxDir::open(root.path(), "../x"), Err(StateError::Name(_))));
+        assert!(matches!(SandboxDir::open(root.path(), ".names"), Err(StateError::NotFound(_))));
+        assert_eq!(SandboxDir::list(root.path()).unwrap(), vec![dir.id().to_owned()]);
+    }
+
+    #[test]
+    fn open_refuses_a_symlinked_state_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        std::fs::remove_dir(dir.path()).unwrap();
+        std::os::unix::fs::symlink(victim.path(), dir.path()).unwrap();
+        assert!(matches!(SandboxDir::open(root.path(), dir.id()), Err(StateError::Symlink(_))));
+    }
+
+    #[test]
+    fn status_records_round_trip() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        let exited = StateRecord {
+            status: Status::Exited { result: WorkloadResult::Killed { signal: 9 }, exit_code: 137 },
+            monitor_pid: None,
+            started_unix: Some(1),
+            ended_unix: Some(2),
+        };
+        dir.write_json(STATE_FILE, &exited).unwrap();
+        assert_eq!(dir.read_json::<StateRecord>(STATE_FILE).unwrap(), exited);
+        let text = std::fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        assert!(text.contains("\"status\": \"exited\""), "{text}");
+        std::fs::write(dir.file(STATE_FILE), b"{").unwrap();
+        assert!(matches!(dir.read_json::<StateRecord>(STATE_FILE), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn network_records_convert_both_ways() {
+        let network = kiln_vm::Network::User { forwards: vec![kiln_vm::PortForward { host: 8080, guest: 80 }] };
+        assert_eq!(kiln_vm::Network::from(&NetworkRecord::from(&network)), network);
+        assert_eq!(kiln_vm::Network::from(&NetworkRecord::None), kiln_vm::Network::None);
     }
 
     #[test]

@@ -1,0 +1,278 @@
+//! Talking to a running sandbox's monitor over `monitor.sock`: stopping it, and exec
+//! sessions (another process in the sandbox, as the sandbox identity).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{
+    negotiate, read_frame, write_frame, write_stream, Frame, Hello, Message, ProtocolError, SessionId,
+    ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
+};
+
+use crate::launch::{Control, HostIo};
+use crate::lifecycle::LifecycleError;
+use crate::monitor::{is_alive, socket_address};
+use crate::run::RunError;
+use crate::spec::{build_run_spec, ImageDefaults, Overrides};
+use crate::state::{SandboxDir, SandboxRecord, StateRecord, STATE_FILE};
+
+/// The session an exec connection runs its command in (one command per connection).
+const EXEC_SESSION: SessionId = 2;
+
+/// After the grace period, how long the guest may take to sync and power off and the
+/// monitor to record the end before `stop` kills the monitor (and with it the VM).
+const STOP_MARGIN: Duration = Duration::from_secs(40);
+
+/// A command to run in a running sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// Program and arguments; must not be empty.
+    pub argv: Vec<String>,
+    /// Added to (or replacing entries of) the main workload's environment.
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory [default: the main workload's].
+    pub workdir: Option<String>,
+    /// A terminal of this size for the command (`-t`).
+    pub terminal: Option<TerminalSize>,
+}
+
+/// Output of an exec session, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The command ended; nothing follows.
+    Exited(WorkloadResult),
+}
+
+/// A running exec session: read its output with [`ExecSession::next`], feed it through
+/// [`ExecSession::input`], or hand both to [`ExecSession::run`].
+pub struct ExecSession {
+    id: String,
+    reader: UnixStream,
+    input: ExecInput,
+}
+
+/// The sending half of an exec session; cheap to clone and usable from any thread.
+#[derive(Clone)]
+pub struct ExecInput {
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+fn channel_err(sandbox_id: &str, err: ProtocolError) -> LifecycleError {
+    LifecycleError::Monitor { id: sandbox_id.to_owned(), message: err.to_string() }
+}
+
+/// Connects to the monitor and exchanges hellos.
+fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
+    let (address, _dir) = socket_address(sandbox)?;
+    let mut stream = UnixStream::connect(&address).map_err(|e| LifecycleError::Monitor {
+        id: sandbox.id().to_owned(),
+        message: format!("connecting to {}: {e}", sandbox.file(crate::state::MONITOR_SOCKET).display()),
+    })?;
+    let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
+    write_frame(&mut stream, &Frame::new(CONTROL_SESSION, Message::Hello(ours.clone())))
+        .map_err(|e| channel_err(sandbox.id(), e))?;
+    match read_frame(&mut stream).map_err(|e| channel_err(sandbox.id(), e))? {
+        Some(Frame { message: Message::Hello(theirs), .. }) => {
+            negotiate(&ours, &theirs).map_err(|e| channel_err(sandbox.id(), e))?;
+            Ok(stream)
+        }
+        Some(other) => Err(LifecycleError::Monitor {
+            id: sandbox.id().to_owned(),
+            message: format!("expected its hello, got {other:?}"),
+        }),
+        None => Err(LifecycleError::NotRunning(sandbox.id().to_owned())),
+    }
+}
+
+/// Asks the monitor to stop the sandbox and waits until it has; kills the monitor (and so
+/// the VM) if it has not ended `grace` + a margin later.
+pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), LifecycleError> {
+    let mut stream = match connect(sandbox) {
+        Ok(stream) => stream,
+        // It ended between the liveness check and the connection.
+        Err(_) if !is_alive(sandbox) => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    let request = Frame::new(CONTROL_SESSION, Message::Shutdown(ShutdownRequest { grace_ms }));
+    write_frame(&mut stream, &request).map_err(|e| channel_err(sandbox.id(), e))?;
+    let deadline = Instant::now() + grace + STOP_MARGIN;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return kill_monitor(sandbox);
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match read_frame(&mut stream) {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(ProtocolError::Io(err))
+                if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                return kill_monitor(sandbox)
+            }
+            Err(_) => break,
+        }
+    }
+    // The connection closes just before the monitor exits and lets go of its lock.
+    wait_until_gone(sandbox, Duration::from_secs(10));
+    Ok(())
+}
+
+/// SIGKILLs a monitor that did not stop; its VM dies with it (PDEATHSIG) and the
+/// sandbox then reads as failed.
+fn kill_monitor(sandbox: &SandboxDir) -> Result<(), LifecycleError> {
+    let state: StateRecord = sandbox.read_json(STATE_FILE)?;
+    if let Some(pid) = state.monitor_pid.and_then(|p| i32::try_from(p).ok()) {
+        tracing::warn!("sandbox {}: the monitor did not stop in time; killing it", sandbox.id());
+        // SAFETY: kill has no memory-safety preconditions; the pid is the monitor's, which
+        // still holds its lock (checked by the caller), so it has not been reused.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_until_gone(sandbox, Duration::from_secs(10));
+    Ok(())
+}
+
+fn wait_until_gone(sandbox: &SandboxDir, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while is_alive(sandbox) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `request` in the sandbox: the main workload's identity and environment, with
+/// the request's additions.
+pub(crate) fn exec(
+    sandbox: &SandboxDir,
+    record: &SandboxRecord,
+    request: ExecRequest,
+) -> Result<ExecSession, LifecycleError> {
+    let defaults = ImageDefaults {
+        entrypoint: Vec::new(),
+        cmd: Vec::new(),
+        env: record.run.env.clone(),
+        working_dir: record.run.cwd.clone(),
+    };
+    let overrides = Overrides { entrypoint: None, cmd: request.argv, env: request.env, working_dir: request.workdir };
+    let spec = build_run_spec(&defaults, &overrides, record.run.identity, request.terminal).map_err(RunError::from)?;
+    let mut stream = connect(sandbox)?;
+    write_frame(&mut stream, &Frame::new(EXEC_SESSION, Message::Run(spec))).map_err(|e| channel_err(sandbox.id(), e))?;
+    let writer = stream.try_clone().map_err(|e| channel_err(sandbox.id(), e.into()))?;
+    Ok(ExecSession {
+        id: sandbox.id().to_owned(),
+        reader: stream,
+        input: ExecInput { writer: Arc::new(Mutex::new(writer)) },
+    })
+}
+
+impl ExecInput {
+    fn send(&self, message: Message) -> Result<(), ProtocolError> {
+        write_frame(&mut *self.writer.lock().expect("exec writer lock"), &Frame::new(EXEC_SESSION, message))
+    }
+
+    /// Bytes for the command's stdin.
+    pub fn stdin(&self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        write_stream(&mut *self.writer.lock().expect("exec writer lock"), EXEC_SESSION, Stream::Stdin, bytes)
+    }
+
+    /// Closes the command's stdin.
+    pub fn close_stdin(&self) -> Result<(), ProtocolError> {
+        self.send(Message::Eof { stream: Stream::Stdin })
+    }
+
+    /// Delivers `signal` to the command.
+    pub fn signal(&self, signal: i32) -> Result<(), ProtocolError> {
+        self.send(Message::Signal(SignalRequest { signal }))
+    }
+
+    /// The command's terminal changed size.
+    pub fn resize(&self, size: TerminalSize) -> Result<(), ProtocolError> {
+        self.send(Message::Resize(size))
+    }
+}
+
+impl ExecSession {
+    /// The sending half, for other threads.
+    pub fn input(&self) -> ExecInput {
+        self.input.clone()
+    }
+
+    /// The next output of the command; blocks. An error when the connection ends before
+    /// the command's result (the sandbox stopped).
+    // Not an Iterator: it ends with a result or an error, never with `None`.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<ExecOutput, LifecycleError> {
+        loop {
+            let frame = read_frame(&mut self.reader).map_err(|e| channel_err(&self.id, e))?;
+            let Some(frame) = frame else {
+                return Err(LifecycleError::Monitor {
+                    id: self.id.clone(),
+                    message: "the sandbox stopped before the command ended".into(),
+                });
+            };
+            if frame.session != EXEC_SESSION {
+                continue;
+            }
+            match frame.message {
+                Message::Data { stream: Stream::Stdout, bytes } => return Ok(ExecOutput::Stdout(bytes)),
+                Message::Data { stream: Stream::Stderr, bytes } => return Ok(ExecOutput::Stderr(bytes)),
+                Message::Result(result) => return Ok(ExecOutput::Exited(result)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs the session to its end: `io.stdin` (if any, else an empty stdin) streams to
+    /// the command, its output to `io.stdout`/`io.stderr`; `control` delivers signals and
+    /// terminal resizes.
+    pub fn run(mut self, io: HostIo, control: Receiver<Control>) -> Result<WorkloadResult, LifecycleError> {
+        let input = self.input();
+        let stdin = io.stdin;
+        std::thread::spawn(move || {
+            if let Some(mut stdin) = stdin {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match stdin.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) if input.stdin(&buf[..n]).is_ok() => {}
+                        Ok(_) => return,
+                        Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+            let _ = input.close_stdin();
+        });
+        let input = self.input();
+        std::thread::spawn(move || {
+            for request in control {
+                let sent = match request {
+                    Control::Signal(signal) => input.signal(signal),
+                    Control::Resize(size) => input.resize(size),
+                    _ => Ok(()),
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        let (mut stdout, mut stderr) = (io.stdout, io.stderr);
+        loop {
+            // A closed host stdout (e.g. `| head`) must not end the session.
+            match self.next()? {
+                ExecOutput::Stdout(bytes) => {
+                    let _ = stdout.write_all(&bytes).and_then(|()| stdout.flush());
+                }
+                ExecOutput::Stderr(bytes) => {
+                    let _ = stderr.write_all(&bytes).and_then(|()| stderr.flush());
+                }
+                ExecOutput::Exited(result) => return Ok(result),
+            }
+        }
+    }
+}

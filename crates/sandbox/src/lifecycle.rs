@@ -1,0 +1,495 @@
+//! Detached sandboxes: create, start, stop, remove, get, list and exec, for the CLI and
+//! the driver API alike.
+//!
+//! A created sandbox is a state directory (see [`crate::state`]) with its launch request
+//! pinned to the image's manifest digest and its own writable disk. `start` runs a
+//! monitor process (`kiln monitor`, [`crate::monitor`]) that owns the VM, so the caller can
+//! exit; everything else talks to that monitor over its unix socket
+//! ([`crate::client`]) or reads the state files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kiln_image::{ImageRef, PullEvent, PullOptions, Store};
+use kiln_protocol::{RunSpec, WorkloadResult};
+use kiln_vm::accel::AccelRequest;
+use kiln_vm::Network;
+use serde::Serialize;
+
+pub use crate::client::{ExecInput, ExecOutput, ExecRequest, ExecSession};
+use crate::launch::console_tail;
+use crate::options::OptionError;
+use crate::prepare::{build_images, BuildStep, PreparedImages};
+use crate::run::{main_run_spec, sandbox_record, RunError, Upper};
+use crate::spec::Overrides;
+pub use crate::state::{NetworkRecord, SandboxRecord, Status};
+use crate::state::{
+    SandboxDir, StateError, StateRecord, MONITOR_LOG, RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
+};
+
+/// Everything a sandbox is created from.
+pub struct CreateRequest {
+    pub reference: ImageRef,
+    pub pull: PullOptions,
+    pub overrides: Overrides,
+    /// Whom the workload runs as.
+    pub run_as: kiln_identity::RunAs,
+    /// Ids of the `sandbox` user written into the image.
+    pub sandbox_uid: u32,
+    pub sandbox_gid: u32,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub network: Network,
+    pub name: Option<String>,
+    pub accel: AccelRequest,
+    pub qemu: PathBuf,
+}
+
+/// What is known about one sandbox.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub status: Status,
+    /// The image reference as given at creation (canonical form).
+    pub reference: String,
+    /// The manifest digest every start boots.
+    pub manifest_digest: String,
+    pub created_unix: u64,
+    pub started_unix: Option<u64>,
+    pub ended_unix: Option<u64>,
+    /// The monitor process while running.
+    pub monitor_pid: Option<u32>,
+    /// The main workload's run spec.
+    pub run: RunSpec,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub network: NetworkRecord,
+    pub state_dir: PathBuf,
+}
+
+/// A step of provisioning a sandbox, reported as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ProvisionEvent {
+    ResolvingImage { reference: String },
+    /// Layer `index` (from 1) of `count`: `downloaded` of `size` bytes.
+    PullingLayer { index: usize, count: usize, digest: String, downloaded: u64, size: u64 },
+    BuildingRootImage,
+    BuildingIdentityLayer,
+    Booting,
+    Running,
+    Exited { result: WorkloadResult, exit_code: i32 },
+}
+
+/// Why a lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("no such sandbox: {0}")]
+    NotFound(String),
+
+    #[error(transparent)]
+    BadId(OptionError),
+
+    #[error("a sandbox named {name:?} already exists (id {id}); pick another name or remove it")]
+    DuplicateName { name: String, id: String },
+
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+
+    #[error("sandbox {0} is running; stop it first (or force the removal)")]
+    Running(String),
+
+    #[error("sandbox {id} did not start: {message}")]
+    StartFailed { id: String, message: String },
+
+    #[error("sandbox {id}: the image it was created from ({digest}) is no longer in the store: {source}")]
+    ImageGone { id: String, digest: String, source: Box<kiln_image::Error> },
+
+    #[error("sandbox {id}: monitor: {message}")]
+    Monitor { id: String, message: String },
+
+    #[error(transparent)]
+    Run(#[from] RunError),
+
+    #[error(transparent)]
+    State(StateError),
+}
+
+impl From<StateError> for LifecycleError {
+    fn from(err: StateError) -> Self {
+        match err {
+            StateError::NotFound(id) => LifecycleError::NotFound(id),
+            StateError::Name(err) => LifecycleError::BadId(err),
+            StateError::DuplicateName { name, id } => LifecycleError::DuplicateName { name, id },
+            other => LifecycleError::State(other),
+        }
+    }
+}
+
+/// How long `start` waits for the monitor to report the workload running: the boot
+/// deadline of a TCG guest plus room for a loaded host.
+const START_WAIT: Duration = Duration::from_secs(300);
+
+/// Pulls the image (as `request.pull` says), builds its root image and identity layer,
+/// and makes the sandbox's state directory, pinned manifest digest and writable disk.
+pub fn create(
+    root: &Path,
+    request: CreateRequest,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<SandboxInfo, LifecycleError> {
+    if let Some(name) = &request.name {
+        crate::options::validate_name(name).map_err(LifecycleError::BadId)?;
+    }
+    events(ProvisionEvent::ResolvingImage { reference: request.reference.canonical() });
+    let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
+    let image = pull_reporting(&store, &request, events)?;
+    let prepared = build_reporting(root, &store, image, request.sandbox_uid, request.sandbox_gid, events)?;
+    let run_spec = main_run_spec(&request, &prepared, None).map_err(RunError::from)?;
+
+    let sandbox = SandboxDir::create(root, request.name.as_deref())?;
+    let record = sandbox_record(&sandbox, &request, &prepared, run_spec);
+    let written = sandbox
+        .write_json(RECORD_FILE, &record)
+        .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
+        .map_err(LifecycleError::from)
+        .and_then(|()| Upper::create(&sandbox).map_err(|e| RunError::from(e).into()));
+    if let Err(err) = written {
+        sandbox.remove()?;
+        return Err(err);
+    }
+    info(&sandbox, record, StateRecord::created())
+}
+
+/// Pulls on a thread of its own so that pull progress reaches `events` on this thread.
+fn pull_reporting(
+    store: &Store,
+    request: &CreateRequest,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<kiln_image::PulledImage, LifecycleError> {
+    let (tx, rx) = mpsc::channel::<PullEvent>();
+    let mut options = request.pull.clone();
+    let theirs = options.progress.take();
+    options.progress = Some(std::sync::Arc::new(move |event: &PullEvent| {
+        if let Some(theirs) = &theirs {
+            theirs(event);
+        }
+        let _ = tx.send(event.clone());
+    }));
+    std::thread::scope(|scope| {
+        let puller = scope.spawn(move || kiln_image::pull(store, &request.reference, &options));
+        let mut layers = LayerCounter::default();
+        for event in rx {
+            if let Some(event) = layers.event(&event) {
+                events(event);
+            }
+        }
+        puller.join().expect("the pull thread does not panic")
+    })
+    .map_err(|e| RunError::Prepare(e.into()).into())
+}
+
+/// Numbers layers in the order the pull reports them.
+#[derive(Default)]
+struct LayerCounter {
+    count: usize,
+    seen: Vec<String>,
+}
+
+impl LayerCounter {
+    fn event(&mut self, event: &PullEvent) -> Option<ProvisionEvent> {
+        let (digest, downloaded, size) = match event {
+            PullEvent::Resolved { layers, .. } => {
+                self.count = *layers;
+                return None;
+            }
+            PullEvent::LayerCached { digest, size } | PullEvent::LayerDone { digest, size } => (digest, *size, *size),
+            PullEvent::LayerStarted { digest, size } => (digest, 0, *size),
+            PullEvent::LayerProgress { digest, downloaded, size } => (digest, *downloaded, *size),
+            _ => return None,
+        };
+        let digest = digest.to_string();
+        let index = match self.seen.iter().position(|d| *d == digest) {
+            Some(i) => i + 1,
+            None => {
+                self.seen.push(digest.clone());
+                self.seen.len()
+            }
+        };
+        Some(ProvisionEvent::PullingLayer { index, count: self.count.max(index), digest, downloaded, size })
+    }
+}
+
+fn build_reporting(
+    root: &Path,
+    store: &Store,
+    image: kiln_image::PulledImage,
+    uid: u32,
+    gid: u32,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<PreparedImages, LifecycleError> {
+    let step = |step: BuildStep| {
+        events(match step {
+            BuildStep::RootImage => ProvisionEvent::BuildingRootImage,
+            BuildStep::IdentityLayer => ProvisionEvent::BuildingIdentityLayer,
+        })
+    };
+    Ok(build_images(root, store, image, uid, gid, &step).map_err(RunError::from)?)
+}
+
+/// The images `record` pins, rebuilt from the store by digest when their cache is gone;
+/// never resolves the reference again.
+pub(crate) fn pinned_images(
+    root: &Path,
+    record: &SandboxRecord,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<PreparedImages, LifecycleError> {
+    let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
+    let image = store.load(record.image.clone()).map_err(|source| LifecycleError::ImageGone {
+        id: record.id.clone(),
+        digest: record.image.manifest_digest.to_string(),
+        source: Box::new(source),
+    })?;
+    build_reporting(root, &store, image, record.sandbox_uid, record.sandbox_gid, events)
+}
+
+/// Boots sandbox `id_or_name` under a new monitor process (`monitor_exe monitor`, the
+/// kiln binary) and returns once its workload runs, or with the boot's error.
+pub fn start(
+    root: &Path,
+    id_or_name: &str,
+    monitor_exe: &Path,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<SandboxInfo, LifecycleError> {
+    let root = std::path::absolute(root).map_err(|e| StateError::Io { path: root.to_path_buf(), source: e })?;
+    let sandbox = SandboxDir::open(&root, id_or_name)?;
+    let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
+    if crate::monitor::is_alive(&sandbox) {
+        return Err(LifecycleError::Running(sandbox.id().to_owned()));
+    }
+    pinned_images(&root, &record, events)?;
+    sandbox.write_json(STATE_FILE, &StateRecord::created())?;
+
+    events(ProvisionEvent::Booting);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(sandbox.file(MONITOR_LOG))
+        .map_err(|e| StateError::Io { path: sandbox.file(MONITOR_LOG), source: e })?;
+    let log_err = log.try_clone().map_err(|e| StateError::Io { path: sandbox.file(MONITOR_LOG), source: e })?;
+    // The monitor daemonizes: this child exits as soon as the daemon holds the lock.
+    let status = Command::new(monitor_exe)
+        .arg("--root")
+        .arg(&root)
+        .arg("monitor")
+        .arg(sandbox.id())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .current_dir("/")
+        .status()
+        .map_err(|e| monitor_err(&sandbox, format!("starting {}: {e}", monitor_exe.display())))?;
+    if !status.success() {
+        return Err(monitor_err(&sandbox, format!("exited ({status}): {}", console_tail(&sandbox.file(MONITOR_LOG)))));
+    }
+
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        let state: StateRecord = sandbox.read_json(STATE_FILE)?;
+        match &state.status {
+            Status::Running | Status::Exited { .. } => {
+                events(ProvisionEvent::Running);
+                if let Status::Exited { result, exit_code } = &state.status {
+                    events(ProvisionEvent::Exited { result: result.clone(), exit_code: *exit_code });
+                }
+                return info(&sandbox, record, state);
+            }
+            Status::Failed { message } => {
+                return Err(LifecycleError::StartFailed { id: sandbox.id().to_owned(), message: message.clone() })
+            }
+            Status::Created if !crate::monitor::is_alive(&sandbox) => {
+                // The monitor writes a final state before it lets go of its lock; read once more.
+                let state: StateRecord = sandbox.read_json(STATE_FILE)?;
+                if state.status != Status::Created {
+                    continue;
+                }
+                let log = console_tail(&sandbox.file(MONITOR_LOG));
+                return Err(monitor_err(&sandbox, format!("ended before the workload started: {log}")));
+            }
+            Status::Created if Instant::now() >= deadline => {
+                return Err(monitor_err(&sandbox, format!("no workload after {} s", START_WAIT.as_secs())));
+            }
+            Status::Created => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn monitor_err(sandbox: &SandboxDir, message: String) -> LifecycleError {
+    LifecycleError::Monitor { id: sandbox.id().to_owned(), message }
+}
+
+/// Stops a running sandbox: its workloads get SIGTERM, then SIGKILL after `grace`, the
+/// guest syncs and powers off. A sandbox that is not running is left as it is.
+pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInfo, LifecycleError> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    if crate::monitor::is_alive(&sandbox) {
+        crate::client::shutdown(&sandbox, grace)?;
+    }
+    get_dir(&sandbox)
+}
+
+/// Removes a sandbox and everything it has; a running one only with `force` (it is
+/// stopped at once, without a grace period).
+pub fn remove(root: &Path, id_or_name: &str, force: bool) -> Result<(), LifecycleError> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    if crate::monitor::is_alive(&sandbox) {
+        if !force {
+            return Err(LifecycleError::Running(sandbox.id().to_owned()));
+        }
+        crate::client::shutdown(&sandbox, Duration::ZERO)?;
+    }
+    Ok(sandbox.remove()?)
+}
+
+/// The sandbox `id_or_name`.
+pub fn get(root: &Path, id_or_name: &str) -> Result<SandboxInfo, LifecycleError> {
+    get_dir(&SandboxDir::open(root, id_or_name)?)
+}
+
+fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, LifecycleError> {
+    let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
+    let state: StateRecord = sandbox.read_json(STATE_FILE)?;
+    info(sandbox, record, state)
+}
+
+/// Every sandbox under `root`, by id. Sandboxes whose state cannot be read (being created
+/// or removed at this moment) are left out.
+pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, LifecycleError> {
+    let mut infos = Vec::new();
+    for id in SandboxDir::list(root)? {
+        match get(root, &id) {
+            Ok(info) => infos.push(info),
+            Err(err) => tracing::debug!("skipping sandbox {id}: {err}"),
+        }
+    }
+    Ok(infos)
+}
+
+/// Starts `request` in the running sandbox `id_or_name`, as the sandbox's identity.
+pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecSession, LifecycleError> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
+    if !crate::monitor::is_alive(&sandbox) {
+        return Err(LifecycleError::NotRunning(sandbox.id().to_owned()));
+    }
+    crate::client::exec(&sandbox, &record, request)
+}
+
+/// Copies the main workload's output so far (`stdout.log`, `stderr.log`) to `stdout` and
+/// `stderr`; with `follow`, keeps copying until the sandbox is no longer running.
+pub fn logs(
+    root: &Path,
+    id_or_name: &str,
+    follow: bool,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<(), LifecycleError> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    let mut streams: [(&str, Option<std::fs::File>, &mut dyn Write); 2] =
+        [(STDOUT_LOG, None, stdout), (STDERR_LOG, None, stderr)];
+    loop {
+        // Checked before copying, so the last round copies everything the workload wrote.
+        let more = follow && crate::monitor::is_alive(&sandbox);
+        for (name, file, out) in streams.iter_mut() {
+            if file.is_none() {
+                *file = std::fs::File::open(sandbox.file(name)).ok();
+            }
+            if let Some(file) = file {
+                let path = sandbox.file(name);
+                std::io::copy(file, out).map_err(|source| StateError::Io { path, source })?;
+                let _ = out.flush();
+            }
+        }
+        if !more {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The info of a sandbox; a `running` state whose monitor is gone reads as failed.
+fn info(sandbox: &SandboxDir, record: SandboxRecord, mut state: StateRecord) -> Result<SandboxInfo, LifecycleError> {
+    if state.status == Status::Running && !crate::monitor::is_alive(sandbox) {
+        // The monitor writes its final state before it lets go of its lock.
+        state = sandbox.read_json(STATE_FILE)?;
+        if state.status == Status::Running {
+            state.status = Status::Failed { message: "the sandbox's monitor process died".into() };
+            state.monitor_pid = None;
+        }
+    }
+    Ok(SandboxInfo {
+        id: record.id,
+        name: record.name,
+        status: state.status,
+        reference: record.image.reference,
+        manifest_digest: record.image.manifest_digest.to_string(),
+        created_unix: record.created_unix,
+        started_unix: state.started_unix,
+        ended_unix: state.ended_unix,
+        monitor_pid: state.monitor_pid,
+        run: record.run,
+        cpus: record.cpus,
+        memory_mib: record.memory_mib,
+        network: record.network,
+        state_dir: sandbox.path().to_path_buf(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(hex: char) -> kiln_image::Digest {
+        format!("sha256:{}", hex.to_string().repeat(64)).parse().unwrap()
+    }
+
+    #[test]
+    fn layers_are_numbered_in_the_order_the_pull_reports_them() {
+        let mut counter = LayerCounter::default();
+        let resolved = PullEvent::Resolved {
+            reference: "r".into(),
+            manifest_digest: digest('0'),
+            platform: "linux/amd64".into(),
+            layers: 2,
+        };
+        assert_eq!(counter.event(&resolved), None);
+        let (a, b) = (digest('a'), digest('b'));
+        let events = [
+            PullEvent::LayerStarted { digest: b.clone(), size: 10 },
+            PullEvent::LayerCached { digest: a.clone(), size: 5 },
+            PullEvent::LayerProgress { digest: b.clone(), downloaded: 4, size: 10 },
+        ];
+        let got: Vec<_> = events.iter().filter_map(|e| counter.event(e)).collect();
+        let layer = |index, digest: &kiln_image::Digest, downloaded, size| ProvisionEvent::PullingLayer {
+            index,
+            count: 2,
+            digest: digest.to_string(),
+            downloaded,
+            size,
+        };
+        assert_eq!(got, vec![layer(1, &b, 0, 10), layer(2, &a, 5, 5), layer(1, &b, 4, 10)]);
+    }
+
+    #[test]
+    fn unknown_and_bad_ids_are_typed_errors() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(matches!(get(root.path(), "nope"), Err(LifecycleError::NotFound(_))));
+        assert!(matches!(get(root.path(), "a/b"), Err(LifecycleError::BadId(_))));
+        assert!(matches!(remove(root.path(), "nope", true), Err(LifecycleError::NotFound(_))));
+        assert!(list(root.path()).unwrap().is_empty());
+    }
+}
