@@ -90,7 +90,7 @@ impl Registry {
         self.port
     }
 
-    /// The basic-auth user and password, when the registry wants them.
+    /// The user and password the registry (or its token server) accepts, when it wants some.
     pub fn credentials(&self) -> Option<(&str, &str)> {
         self.credentials
             .as_ref()
