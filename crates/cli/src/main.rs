@@ -15,6 +15,7 @@ mod kube;
 mod pull;
 mod run;
 mod sandbox;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,8 @@ enum Command {
     Rmi(images::RmiArgs),
     /// Remove blobs no image refers to and report the bytes freed.
     Prune(images::PruneArgs),
+    /// Serve the driver API (gRPC: create, start, stop, delete, get, list, watch, exec) on a unix socket.
+    Serve(serve::ServeArgs),
     /// Create a sandbox (pull, build, writable disk) without starting it; prints its id.
     Create(sandbox::CreateArgs),
     /// Start a created or stopped sandbox in the background.
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&globals, args),
         Command::Rmi(args) => images::rmi(&globals, args),
         Command::Prune(args) => images::prune(&globals, args),
+        Command::Serve(args) => serve::run(&globals, args),
         Command::Create(args) => sandbox::create(&globals, args),
         Command::Start(args) => sandbox::start(&globals, args),
         Command::Stop(args) => sandbox::stop(&globals, args),

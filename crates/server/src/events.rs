@@ -1,10 +1,10 @@
 //! The event hub: every event the server learns of (provisioning progress from Create
 //! and Start, status changes seen by the status watcher) goes to every Watch stream.
 //!
-//! Status events (running, exited, failed, deleted) come from two sources that can see
-//! the same change — the Start call that booted a sandbox and the watcher that polls
-//! the state directories — so the hub drops a status event equal to the last one it
-//! published for that sandbox.
+//! Status events (created, running, exited, failed, deleted) come from two sources that
+//! can see the same change — the RPC that caused it and the watcher that polls the state
+//! directories — so the hub drops a status event equal to the last one it published for
+//! that sandbox.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -41,16 +41,12 @@ impl Hub {
 
     /// Publishes `kind` for the sandbox `id` (empty while a Create has not chosen one).
     pub fn publish(&self, id: &str, name: Option<&str>, kind: Kind) {
-        if is_status(&kind) {
+        if let Some(key) = status_key(&kind) {
             let mut last = self.last_status.lock().expect("hub lock");
-            if last.get(id) == Some(&kind) {
+            if last.get(id) == Some(&key) {
                 return;
             }
-            if matches!(kind, Kind::Deleted(_)) {
-                last.remove(id);
-            } else {
-                last.insert(id.to_owned(), kind.clone());
-            }
+            last.insert(id.to_owned(), key);
         }
         let event = Event {
             sandbox_id: id.to_owned(),
@@ -61,23 +57,18 @@ impl Hub {
         // No receivers is fine: nobody watches.
         let _ = self.sender.send(event);
     }
-
-    /// Records `kind` as a sandbox's known status without publishing it (what the
-    /// server found at start-up is not news).
-    pub fn remember(&self, id: &str, kind: Kind) {
-        self.last_status
-            .lock()
-            .expect("hub lock")
-            .insert(id.to_owned(), kind);
-    }
 }
 
-/// Whether `kind` reports a status (as opposed to progress within one).
-fn is_status(kind: &Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Created(_) | Kind::Running(_) | Kind::Exited(_) | Kind::Failed(_) | Kind::Deleted(_)
-    )
+/// What makes two status events the same news; `None` for progress events. A created
+/// sandbox's details do not matter, only that it is (again) created.
+fn status_key(kind: &Kind) -> Option<Kind> {
+    match kind {
+        Kind::Created(_) => Some(Kind::Created(Default::default())),
+        Kind::Running(_) | Kind::Exited(_) | Kind::Failed(_) | Kind::Deleted(_) => {
+            Some(kind.clone())
+        }
+        _ => None,
+    }
 }
 
 fn now_ms() -> u64 {
@@ -90,7 +81,7 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Booting, Deleted, Running};
+    use crate::proto::{Booting, Deleted, Running, Sandbox};
 
     #[test]
     fn repeated_status_events_are_dropped_progress_is_not() {
@@ -101,16 +92,24 @@ mod tests {
         hub.publish("a", Some("n"), Kind::Running(Running {}));
         hub.publish("a", Some("n"), Kind::Running(Running {}));
         hub.publish("b", None, Kind::Running(Running {}));
-        hub.remember("c", Kind::Running(Running {}));
-        hub.publish("c", None, Kind::Running(Running {}));
         hub.publish("a", None, Kind::Deleted(Deleted {}));
-        hub.publish("a", None, Kind::Running(Running {}));
+        hub.publish("a", None, Kind::Deleted(Deleted {}));
+        let created = |started_unix| {
+            Kind::Created(Sandbox {
+                id: "c".into(),
+                started_unix,
+                ..Default::default()
+            })
+        };
+        hub.publish("c", None, created(0));
+        hub.publish("c", None, created(1));
         let mut seen = Vec::new();
         while let Ok(event) = rx.try_recv() {
             let kind = match event.kind.unwrap() {
                 Kind::Booting(_) => "booting",
                 Kind::Running(_) => "running",
                 Kind::Deleted(_) => "deleted",
+                Kind::Created(_) => "created",
                 other => panic!("unexpected {other:?}"),
             };
             seen.push(format!("{}:{kind}", event.sandbox_id));
@@ -123,7 +122,7 @@ mod tests {
                 "a:running",
                 "b:running",
                 "a:deleted",
-                "a:running"
+                "c:created"
             ]
         );
     }

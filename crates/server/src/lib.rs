@@ -1,11 +1,152 @@
-//! kiln-server serves kiln's sandbox lifecycle (kiln-sandbox) as a gRPC service.
+//! kiln-server serves kiln's sandbox lifecycle (kiln-sandbox's `lifecycle` module) as a
+//! gRPC service — the driver API a gateway uses — on a unix socket that only the
+//! server's own user can reach. The service is defined by
+//! `proto/kiln/driver/v1/driver.proto`; docs/driver-api.md describes it.
+//!
+//! It holds no state of its own beyond memory: sandboxes live in their state directories
+//! under kiln's root and run under their own monitor processes, so a restarted server
+//! simply finds them again (running ones are re-attached, stopped ones stay stopped, one
+//! whose monitor died reads as failed).
+//!
+//! Code generation: the .proto is compiled by `protox`, a protobuf compiler written in
+//! Rust, and turned into tonic code by tonic-prost-build. That keeps `protoc` (and its
+//! version) off the list of things a host must install to build kiln.
 
 pub mod client;
+mod convert;
 mod events;
+mod service;
 pub mod socket;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_vm::accel::AccelRequest;
+use tokio_stream::StreamExt;
+
+use crate::socket::{OwnerSocket, SocketError};
 
 /// The code generated from `proto/kiln/driver/v1/driver.proto`: messages, the server
 /// trait and the client.
 pub mod proto {
     tonic::include_proto!("kiln.driver.v1");
+}
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// kiln's root: the content store and the sandboxes' state.
+    pub root: PathBuf,
+    /// Where to listen.
+    pub socket: PathBuf,
+    /// The kiln executable: started sandboxes run under `kiln monitor`.
+    pub monitor_exe: PathBuf,
+    /// Accelerator for sandboxes created through the API.
+    pub accel: AccelRequest,
+    /// QEMU binary for sandboxes created through the API.
+    pub qemu: PathBuf,
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves until SIGINT or SIGTERM, then removes the socket. `ready` is called with the
+/// socket's path once it accepts connections.
+pub fn run(config: ServerConfig, ready: impl FnOnce(&Path)) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Io {
+            context: "starting the async runtime".into(),
+            source,
+        })?;
+    let outcome = runtime.block_on(async {
+        let mut socket = OwnerSocket::bind(&config.socket)?;
+        let stop = shutdown_signal()?;
+        ready(socket.path());
+        serve(&config, &mut socket, stop).await
+    });
+    // Watch and Exec streams still open end here rather than keep the process alive.
+    runtime.shutdown_background();
+    outcome
+}
+
+/// Resolves on SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let io = |source| ServeError::Io {
+        context: "installing signal handlers".into(),
+        source,
+    };
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(io)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(io)?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// Serves the Driver service on `socket` until `stop` resolves. Connections from
+/// another uid are closed unread.
+pub async fn serve(
+    config: &ServerConfig,
+    socket: &mut OwnerSocket,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let shared = Arc::new(service::Shared {
+        root: config.root.clone(),
+        monitor_exe: config.monitor_exe.clone(),
+        machine: convert::Machine {
+            accel: config.accel,
+            qemu: config.qemu.clone(),
+        },
+        hub: events::Hub::default(),
+    });
+    let mut statuses = service::StatusWatcher::default();
+    // What exists now is the starting point, not news.
+    statuses.poll(&shared).await;
+    let watcher = tokio::spawn(statuses.run(Arc::clone(&shared)));
+
+    let listener = socket.take_listener().map_err(|source| ServeError::Io {
+        context: format!("listening on {}", socket.path().display()),
+        source,
+    })?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).map(|connection| {
+        connection.and_then(|stream| {
+            if socket::same_user(&stream) {
+                Ok(stream)
+            } else {
+                // tonic drops a connection that comes as an error, closing it unread.
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "peer runs as another uid",
+                ))
+            }
+        })
+    });
+    let server = tonic::transport::Server::builder()
+        .add_service(proto::driver_server::DriverServer::new(
+            service::DriverService::new(shared),
+        ))
+        .serve_with_incoming(incoming);
+    // Not a graceful shutdown: Watch streams never end by themselves.
+    let outcome = tokio::select! {
+        outcome = server => outcome,
+        () = stop => Ok(()),
+    };
+    watcher.abort();
+    Ok(outcome?)
 }

@@ -1,0 +1,781 @@
+//! `kiln serve` end to end: the `kiln` binary serving the driver API on a unix socket,
+//! driven by the Rust client generated from crates/server/proto (kiln_server::proto).
+//! Covers the socket's permissions, the refusal of another uid (SO_PEERCRED), the gRPC
+//! error codes, a whole sandbox life with real VM boots under TCG (events in order, stop,
+//! delete) and recovery when the server restarts or a monitor dies. Every test
+//! kills what it started: the server, and any monitor or QEMU naming its root.
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{fixtures, guest_files, kiln_bin, require_root, Registry};
+use kiln_server::proto::driver_client::DriverClient;
+use kiln_server::proto::event::Kind;
+use kiln_server::proto::exec_input;
+use kiln_server::proto::{
+    CreateRequest, DeleteRequest, Event, ExecInput, ExecStart, GetRequest, ListRequest, Network,
+    Sandbox, StartRequest, Status, StopRequest, WatchRequest,
+};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `kiln serve` may take to listen.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One test's kiln root and socket directory. On drop, kills (by pid) every process
+/// whose command line names the root — monitors and QEMU — and, unless the test already
+/// failed, asserts there were none left.
+struct Workspace {
+    dir: TempDir,
+}
+
+impl Workspace {
+    fn new() -> Workspace {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-serve-test")
+            .tempdir()
+            .unwrap();
+        fs::create_dir(dir.path().join("root")).unwrap();
+        Workspace { dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("kiln.sock")
+    }
+
+    /// Starts `kiln serve` on this workspace's socket and root.
+    fn serve(&self) -> Server {
+        Server::start(&self.root(), &self.socket())
+    }
+
+    /// Pids of live processes (other than servers) whose command line names the root.
+    fn processes(&self) -> Vec<(u32, String)> {
+        let root = self.root().as_os_str().as_bytes().to_vec();
+        let mut found = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let serve = words.iter().any(|w| *w == b"serve");
+            if !serve && cmdline.windows(root.len()).any(|w| w == root.as_slice()) {
+                found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+            }
+        }
+        found
+    }
+
+    /// The pid of the monitor of sandbox `id` (`kiln monitor --root ROOT ID`).
+    fn monitor_pid(&self, id: &str) -> u32 {
+        let found: Vec<u32> = self
+            .processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" monitor ") && cmd.trim_end().ends_with(id))
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "one monitor for {id}: {:?}",
+            self.processes()
+        );
+        found[0]
+    }
+
+    fn leftovers_after(&self, limit: Duration) -> Vec<(u32, String)> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = self.processes();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let left = self.leftovers_after(Duration::from_secs(5));
+        for (pid, _) in &left {
+            // SAFETY: kill has no memory-safety preconditions; the pid was just listed.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
+        if !thread::panicking() {
+            assert!(left.is_empty(), "processes left behind: {left:?}");
+        }
+    }
+}
+
+/// A running `kiln serve`; dropping it kills it.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(root: &Path, socket: &Path) -> Server {
+        let guest = guest_files();
+        let log = socket.with_extension(format!("log.{}", unique()));
+        let mut child = Command::new(kiln_bin())
+            .env("KILN_ROOT", root)
+            .env("KILN_KERNEL", &guest.kernel)
+            .env("KILN_INITRAMFS", &guest.initramfs)
+            .args(["-v", "serve", "--socket"])
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .process_group(0)
+            .spawn()
+            .expect("starting kiln serve");
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "kiln serve exited ({status}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kiln serve did not listen within {LISTEN_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Server {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        }
+    }
+
+    async fn client(&self) -> DriverClient<Channel> {
+        kiln_server::client::connect(&self.socket)
+            .await
+            .expect("connecting to kiln serve")
+    }
+
+    /// SIGKILLs the server (its sandboxes' monitors live on in their own sessions).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn demo() -> String {
+    let image = &fixtures().demo().oci_gzip;
+    format!("oci:{}:{}", image.path.display(), image.tag)
+}
+
+/// A sandbox of the demo image whose workload stays up for an hour.
+fn long_lived(image: &str, name: &str) -> CreateRequest {
+    CreateRequest {
+        image: image.to_owned(),
+        name: name.to_owned(),
+        command: vec!["sleep".into(), "3600".into()],
+        network: Network::None as i32,
+        ..CreateRequest::default()
+    }
+}
+
+fn status(sandbox: &Sandbox) -> Status {
+    Status::try_from(sandbox.status).unwrap_or(Status::Unspecified)
+}
+
+/// The next event of `events`, within the boot timeout.
+async fn next_event(events: &mut tonic::Streaming<Event>) -> Event {
+    tokio::time::timeout(BOOT_TIMEOUT, events.message())
+        .await
+        .expect("an event in time")
+        .expect("the watch stream")
+        .expect("the watch stream ended")
+}
+
+/// Reads events until one of kind `want` (by name) arrives; returns the names seen.
+async fn events_until(events: &mut tonic::Streaming<Event>, want: &str) -> Vec<(String, Event)> {
+    let mut seen = Vec::new();
+    loop {
+        let event = next_event(events).await;
+        let name = kind_name(&event);
+        let done = name == want;
+        seen.push((name, event));
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn kind_name(event: &Event) -> String {
+    match event.kind.as_ref().expect("event kind") {
+        Kind::State(_) => "state",
+        Kind::ResolvingImage(_) => "resolving_image",
+        Kind::PullingLayer(_) => "pulling_layer",
+        Kind::BuildingRootImage(_) => "building_root_image",
+        Kind::BuildingIdentityLayer(_) => "building_identity_layer",
+        Kind::Created(_) => "created",
+        Kind::Booting(_) => "booting",
+        Kind::Running(_) => "running",
+        Kind::Exited(_) => "exited",
+        Kind::Failed(_) => "failed",
+        Kind::Deleted(_) => "deleted",
+    }
+    .to_owned()
+}
+
+/// Starts `sandbox` through the API; it reads as running.
+async fn start_running(client: &mut DriverClient<Channel>, sandbox: &str) -> Sandbox {
+    let request = StartRequest {
+        sandbox: sandbox.to_owned(),
+    };
+    let started = client.start(request).await.unwrap().into_inner();
+    assert_eq!(status(&started), Status::Running, "{started:?}");
+    started
+}
+
+/// Stops `sandbox` through the API: it reads as exited, Watch reports the same exit (and
+/// nothing else), and no process of it is left.
+async fn stop_and_see_exit(
+    client: &mut DriverClient<Channel>,
+    events: &mut tonic::Streaming<Event>,
+    sandbox: &str,
+    workspace: &Workspace,
+) {
+    let request = StopRequest {
+        sandbox: sandbox.to_owned(),
+        grace_seconds: 5,
+    };
+    let stopped = client.stop(request).await.unwrap().into_inner();
+    assert_eq!(status(&stopped), Status::Exited, "{stopped:?}");
+    let seen = events_until(events, "exited").await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let Some(Kind::Exited(exit)) = &seen[0].1.kind else {
+        unreachable!()
+    };
+    assert_eq!(Some(exit), stopped.exit.as_ref());
+    let left = workspace.leftovers_after(Duration::from_secs(10));
+    assert!(left.is_empty(), "{left:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The socket
+
+/// What a raw connection attempt as some uid got.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// connect() failed with EACCES (file permissions).
+    ConnectDenied,
+    /// Connected, sent the HTTP/2 preface, and the server closed the connection unread.
+    Closed,
+    /// The server answered the preface (with its HTTP/2 SETTINGS).
+    Answered,
+    Other(i32),
+}
+
+/// Forks a child that (when `uid` is given) drops to that uid and gid, connects to
+/// `socket`, speaks the HTTP/2 client preface and reports what happened as its exit code.
+/// Everything it needs is prepared before fork; the child makes only raw system calls.
+fn probe(socket: &Path, uid: Option<u32>) -> Probe {
+    // HTTP/2 client preface followed by an empty SETTINGS frame.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    // SAFETY: sockaddr_un is plain old data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = socket.as_os_str().as_bytes();
+    assert!(path.len() < addr.sun_path.len());
+    for (slot, byte) in addr.sun_path.iter_mut().zip(path) {
+        *slot = *byte as libc::c_char;
+    }
+    let timeout = libc::timeval {
+        tv_sec: 20,
+        tv_usec: 0,
+    };
+    // SAFETY: the child runs only async-signal-safe system calls on memory prepared above
+    // and leaves with _exit; the parent only waits for it.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            if let Some(uid) = uid {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    libc::_exit(20);
+                }
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                libc::_exit(21);
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+                libc::_exit(if *libc::__errno_location() == libc::EACCES {
+                    10
+                } else {
+                    22
+                });
+            }
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            if libc::send(
+                fd,
+                hello.as_ptr() as *const libc::c_void,
+                hello.len(),
+                libc::MSG_NOSIGNAL,
+            ) < 0
+            {
+                libc::_exit(11);
+            }
+            let mut byte = 0u8;
+            let n = libc::recv(fd, &mut byte as *mut u8 as *mut libc::c_void, 1, 0);
+            libc::_exit(match n {
+                1 => 12,
+                0 => 11,
+                _ if *libc::__errno_location() == libc::ECONNRESET => 11,
+                _ => 23,
+            });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        assert!(libc::WIFEXITED(status), "the probe child died: {status}");
+        match libc::WEXITSTATUS(status) {
+            10 => Probe::ConnectDenied,
+            11 => Probe::Closed,
+            12 => Probe::Answered,
+            other => Probe::Other(other),
+        }
+    }
+}
+
+/// nobody/nogroup on Debian.
+const OTHER_UID: u32 = 65534;
+
+#[test]
+fn socket_is_owner_only_and_another_uid_is_refused() {
+    if !require_root("socket_is_owner_only_and_another_uid_is_refused") {
+        return;
+    }
+    let workspace = Workspace::new();
+    let server = workspace.serve();
+    let socket = workspace.socket();
+    let meta = fs::symlink_metadata(&socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
+    assert_eq!(meta.uid(), 0, "socket owner");
+
+    assert_eq!(probe(&socket, None), Probe::Answered, "the owner is served");
+    // Let the other uid reach the socket file: first through the directory only, where
+    // the socket's own mode stops it; then with the socket opened up too, as a careless
+    // chmod would, where the server's peer-credential check must refuse it.
+    fs::set_permissions(workspace.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    assert_eq!(probe(&socket, Some(OTHER_UID)), Probe::ConnectDenied);
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        probe(&socket, Some(OTHER_UID)),
+        Probe::Closed,
+        "uid {OTHER_UID} was served; log:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        probe(&socket, None),
+        Probe::Answered,
+        "the owner is still served"
+    );
+    assert!(
+        server
+            .log()
+            .contains("refused a connection from another user"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_second_server_on_a_live_socket_and_a_non_socket_path_are_refused() {
+    if !require_root("a_second_server_on_a_live_socket_and_a_non_socket_path_are_refused") {
+        return;
+    }
+    let workspace = Workspace::new();
+    let _server = workspace.serve();
+    let second = Command::new(kiln_bin())
+        .env("KILN_ROOT", workspace.root())
+        .args(["serve", "--socket"])
+        .arg(workspace.socket())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already listening"),
+        "{second:?}"
+    );
+
+    let file = workspace.dir.path().join("file");
+    fs::write(&file, "keep").unwrap();
+    let output = Command::new(kiln_bin())
+        .env("KILN_ROOT", workspace.root())
+        .args(["serve", "--socket"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not a socket"),
+        "{output:?}"
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), "keep");
+}
+
+// ---------------------------------------------------------------------------------------
+// Error codes
+
+/// `result` is an error with `code` whose message contains `naming`.
+fn assert_refused<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    naming: &str,
+) {
+    let err = result.expect_err("refused");
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(naming), "{naming}: {err:?}");
+}
+
+fn get(sandbox: &str) -> GetRequest {
+    GetRequest {
+        sandbox: sandbox.to_owned(),
+    }
+}
+
+#[test]
+fn error_codes_name_the_input() {
+    if !require_root("error_codes_name_the_input") {
+        return;
+    }
+    let workspace = Workspace::new();
+    let server = workspace.serve();
+    runtime().block_on(async {
+        let mut client = server.client().await;
+        let unknown = "0123456789ab";
+        assert_refused(client.get(get(unknown)).await, Code::NotFound, unknown);
+        let start = StartRequest {
+            sandbox: "no-such-box".into(),
+        };
+        assert_refused(client.start(start).await, Code::NotFound, "no-such-box");
+        let delete = DeleteRequest {
+            sandbox: "no-such-box".into(),
+            force: true,
+        };
+        assert_refused(client.delete(delete).await, Code::NotFound, "no-such-box");
+
+        for bad in ["../etc", "", "a b"] {
+            let naming = format!("{bad:?}");
+            assert_refused(client.get(get(bad)).await, Code::InvalidArgument, &naming);
+        }
+        let bad_name = long_lived(&demo(), "bad/name");
+        assert_refused(
+            client.create(bad_name).await,
+            Code::InvalidArgument,
+            "bad/name",
+        );
+        let bad_env = CreateRequest {
+            env: vec!["=x".into()],
+            ..long_lived(&demo(), "")
+        };
+        assert_refused(client.create(bad_env).await, Code::InvalidArgument, "=x");
+        let bad_image = long_lived("oci:", "");
+        assert_refused(
+            client.create(bad_image).await,
+            Code::InvalidArgument,
+            "oci:",
+        );
+
+        let first = client.create(long_lived(&demo(), "twin")).await.unwrap();
+        let first = first.into_inner();
+        assert_eq!(
+            (status(&first), first.name.as_str()),
+            (Status::Created, "twin")
+        );
+        let twin = long_lived(&demo(), "twin");
+        assert_refused(client.create(twin).await, Code::AlreadyExists, "twin");
+
+        // Not running: stop and exec are refused.
+        let stop = StopRequest {
+            sandbox: "twin".into(),
+            grace_seconds: 1,
+        };
+        assert_refused(client.stop(stop).await, Code::FailedPrecondition, "twin");
+        let start = ExecStart {
+            sandbox: "twin".into(),
+            argv: vec!["true".into()],
+            ..ExecStart::default()
+        };
+        let inputs = vec![ExecInput {
+            kind: Some(exec_input::Kind::Start(start)),
+        }];
+        let exec = client.exec(tokio_stream::iter(inputs)).await;
+        assert_refused(exec, Code::FailedPrecondition, &first.id);
+
+        let list = client.list(ListRequest {}).await.unwrap().into_inner();
+        assert_eq!(list.sandboxes.len(), 1, "{list:?}");
+        let delete = DeleteRequest {
+            sandbox: first.id.clone(),
+            force: false,
+        };
+        client.delete(delete).await.unwrap();
+        assert_refused(client.get(get(&first.id)).await, Code::NotFound, &first.id);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// A whole life through gRPC, with real boots
+
+#[test]
+fn create_watch_stop_delete_through_grpc() {
+    if !require_root("create_watch_stop_delete_through_grpc") {
+        return;
+    }
+    let registry = Registry::start(None);
+    let demo = fixtures().demo();
+    registry.push(&demo.oci_gzip, "demo:serve");
+    let reference = format!("{}/demo:serve", registry.addr());
+
+    let workspace = Workspace::new();
+    let server = workspace.serve();
+    runtime().block_on(async {
+        let mut client = server.client().await;
+        let mut events = client
+            .watch(WatchRequest {
+                sandbox: String::new(),
+                initial_state: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+
+        let created = client
+            .create(long_lived(&reference, "life"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status(&created), Status::Created);
+        assert!(
+            created.manifest_digest.starts_with("sha256:"),
+            "{created:?}"
+        );
+        let seen = events_until(&mut events, "created").await;
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        let mut phases = names.clone();
+        phases.dedup();
+        assert_eq!(
+            phases,
+            [
+                "resolving_image",
+                "pulling_layer",
+                "building_root_image",
+                "building_identity_layer",
+                "created"
+            ],
+            "{names:?}"
+        );
+        for (_, event) in &seen {
+            assert_eq!(event.name, "life", "{event:?}");
+        }
+        assert_eq!(seen.last().unwrap().1.sandbox_id, created.id);
+        // Every layer is reported, each ending with all of its bytes.
+        let layers: Vec<_> = seen
+            .iter()
+            .filter_map(|(_, e)| match &e.kind {
+                Some(Kind::PullingLayer(p)) => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        let count = demo.layer_count as u32;
+        for index in 1..=count {
+            let last = layers
+                .iter()
+                .rev()
+                .find(|p| p.index == index)
+                .unwrap_or_else(|| panic!("layer {index}: {layers:?}"));
+            assert_eq!(last.count, count, "{last:?}");
+            assert!(
+                last.size_bytes > 0 && last.downloaded_bytes == last.size_bytes,
+                "{last:?}"
+            );
+        }
+
+        let running = start_running(&mut client, "life").await;
+        assert!(running.started_unix > 0);
+        let seen = events_until(&mut events, "running").await;
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        // Start checks the pinned images first (cached, so at most the check is reported).
+        let (checks, boot) = names.split_at(names.len().saturating_sub(2));
+        assert_eq!(boot, ["booting", "running"], "{names:?}");
+        assert!(
+            checks.iter().all(|n| n.starts_with("building_")),
+            "{names:?}"
+        );
+
+        stop_and_see_exit(&mut client, &mut events, "life", &workspace).await;
+
+        client
+            .delete(DeleteRequest {
+                sandbox: "life".into(),
+                force: false,
+            })
+            .await
+            .unwrap();
+        let seen = events_until(&mut events, "deleted").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let list = client.list(ListRequest {}).await.unwrap().into_inner();
+        assert!(list.sandboxes.is_empty(), "{list:?}");
+        assert!(!workspace
+            .root()
+            .join("sandboxes")
+            .join(&created.id)
+            .exists());
+    });
+}
+
+#[test]
+fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
+    if !require_root("a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors") {
+        return;
+    }
+    let workspace = Workspace::new();
+    let mut server = workspace.serve();
+    let rt = runtime();
+    let (up, idle) = rt.block_on(async {
+        let mut client = server.client().await;
+        let up = client
+            .create(long_lived(&demo(), "up"))
+            .await
+            .unwrap()
+            .into_inner();
+        let idle = client
+            .create(long_lived(&demo(), "idle"))
+            .await
+            .unwrap()
+            .into_inner();
+        start_running(&mut client, &up.id).await;
+        (up, idle)
+    });
+
+    // The server dies; the sandbox's monitor and VM live on.
+    server.kill();
+    workspace.monitor_pid(&up.id);
+    let server = workspace.serve();
+    rt.block_on(async {
+        let mut client = server.client().await;
+        let got = client.get(get("up")).await.unwrap().into_inner();
+        assert_eq!(status(&got), Status::Running, "{got:?}");
+        let got = client.get(get(&idle.id)).await.unwrap().into_inner();
+        assert_eq!(status(&got), Status::Created, "{got:?}");
+
+        let mut events = client
+            .watch(WatchRequest {
+                sandbox: "up".into(),
+                initial_state: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next_event(&mut events).await;
+        let Some(Kind::State(state)) = &first.kind else {
+            panic!("{first:?}")
+        };
+        assert_eq!(status(state), Status::Running);
+
+        // Stop works on the re-attached sandbox, and Watch reports its exit.
+        stop_and_see_exit(&mut client, &mut events, "up", &workspace).await;
+
+        // Booted again, then kill -9 of its monitor: the sandbox is failed, and its QEMU
+        // goes with it.
+        start_running(&mut client, "up").await;
+        let seen = events_until(&mut events, "running").await;
+        let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.last(), Some(&"running"));
+        assert!(
+            !names.contains(&"created"),
+            "a start is not a create: {names:?}"
+        );
+        let monitor = workspace.monitor_pid(&up.id);
+        // SAFETY: kill has no memory-safety preconditions; the pid was just found.
+        unsafe { libc::kill(monitor as libc::pid_t, libc::SIGKILL) };
+        let seen = events_until(&mut events, "failed").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let got = client.get(get("up")).await.unwrap().into_inner();
+        assert_eq!(status(&got), Status::Failed, "{got:?}");
+        assert!(!got.failure.is_empty(), "{got:?}");
+        assert!(
+            workspace
+                .leftovers_after(Duration::from_secs(10))
+                .is_empty(),
+            "{:?}",
+            workspace.processes()
+        );
+
+        for id in [&up.id, &idle.id] {
+            client
+                .delete(DeleteRequest {
+                    sandbox: id.clone(),
+                    force: true,
+                })
+                .await
+                .unwrap();
+        }
+    });
+}
