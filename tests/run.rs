@@ -12,7 +12,10 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{fixtures, guest_files, kiln_bin, require_root, run_with_timeout};
+use kiln_e2e::{
+    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin, qemu_left_after, require_root,
+    run_with_timeout, text,
+};
 use tempfile::TempDir;
 
 /// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
@@ -55,42 +58,9 @@ impl Sandbox {
         run_with_timeout(&mut self.command(args), RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Pids of live QEMU processes whose command line mentions this root.
-    fn qemu_pids(&self) -> Vec<u32> {
-        let root = self.root().to_str().unwrap().as_bytes().to_vec();
-        let mut pids = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let is_qemu = cmdline
-                .split(|b| *b == 0)
-                .next()
-                .is_some_and(|argv0| String::from_utf8_lossy(argv0).contains("qemu-system"));
-            if is_qemu && cmdline.windows(root.len()).any(|w| w == root.as_slice()) {
-                pids.push(pid);
-            }
-        }
-        pids
-    }
-
     /// Waits up to `limit` for this root's QEMU processes to be gone; returns the leftovers.
     fn qemu_left_after(&self, limit: Duration) -> Vec<u32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let pids = self.qemu_pids();
-            if pids.is_empty() || Instant::now() >= deadline {
-                return pids;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        qemu_left_after(self.root(), limit)
     }
 
     fn sandbox_dirs(&self) -> Vec<PathBuf> {
@@ -107,33 +77,8 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let left = self.qemu_left_after(Duration::from_secs(5));
-        for pid in &left {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
-        }
-        if !thread::panicking() {
-            assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
-        }
+        assert_no_qemu_left(self.root());
     }
-}
-
-fn demo() -> String {
-    let image = &fixtures().demo().oci_gzip;
-    format!("oci:{}:{}", image.path.display(), image.tag)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}; stdout: {}; stderr: {}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    )
 }
 
 fn code(output: &Output) -> i32 {
@@ -187,7 +132,7 @@ fn identity_overrides_and_streams_in_one_boot() {
         "/tmp",
         "--entrypoint",
         "/bin/sh",
-        &demo(),
+        &demo_image(),
         "-c",
         FACTS_SCRIPT,
     ]);
@@ -235,7 +180,7 @@ fn image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm() {
         return;
     }
     let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--uid", "2000000000", "--gid", "2000000000", &demo()]);
+    let output = sandbox.run(&["--uid", "2000000000", "--gid", "2000000000", &demo_image()]);
     assert_eq!(code(&output), 0, "{}", describe(&output));
     // The demo image's Cmd prints the identity.
     let stdout = text(&output.stdout);
@@ -261,7 +206,7 @@ fn uid_below_the_range_is_refused_before_boot() {
         return;
     }
     let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--rm", "--uid", "999", &demo(), "true"]);
+    let output = sandbox.run(&["--rm", "--uid", "999", &demo_image(), "true"]);
     assert_kiln_error(&sandbox, &output, "999");
 }
 
@@ -279,7 +224,7 @@ fn exit_codes_follow_the_workload() {
     ];
     for (command, expected) in cases {
         let mut args = vec!["--rm", "--network", "none"];
-        let image = demo();
+        let image = demo_image();
         args.push(&image);
         args.extend_from_slice(command);
         let output = sandbox.run(&args);
@@ -298,7 +243,7 @@ fn stdin_is_read_with_interactive() {
         return;
     }
     let sandbox = Sandbox::new();
-    let command = sandbox.command(&["--rm", "-i", &demo(), "cat"]);
+    let command = sandbox.command(&["--rm", "-i", &demo_image(), "cat"]);
     let stdin_file = sandbox.root().join("stdin");
     fs::write(&stdin_file, "line one\nline two\n").unwrap();
     // run_with_timeout reads stdin from /dev/null; a shell redirect feeds the file instead.
@@ -327,7 +272,7 @@ fn timeout_stops_the_sandbox_with_a_typed_error() {
         return;
     }
     let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--rm", "--timeout", "2", &demo(), "sleep", "60"]);
+    let output = sandbox.run(&["--rm", "--timeout", "2", &demo_image(), "sleep", "60"]);
     assert_eq!(code(&output), 125, "{}", describe(&output));
     assert!(
         text(&output.stderr).to_lowercase().contains("timeout")
@@ -362,7 +307,7 @@ fn wait_with_deadline(
 /// then sends `signal` to kiln and waits (bounded) for kiln to exit.
 fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::ExitStatus {
     let mut child = sandbox
-        .command(&["--rm", &demo(), "sh", "-c", "echo started; sleep 60"])
+        .command(&["--rm", &demo_image(), "sh", "-c", "echo started; sleep 60"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -419,7 +364,7 @@ fn tty_gives_the_workload_a_terminal() {
         return;
     }
     let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--rm", "-t", &demo(), "tty"]);
+    let output = sandbox.run(&["--rm", "-t", &demo_image(), "tty"]);
     assert_eq!(code(&output), 0, "{}", describe(&output));
     assert!(
         text(&output.stdout).trim().starts_with("/dev/pts/"),
@@ -465,14 +410,14 @@ fn network_user_reaches_the_host_and_none_does_not() {
     let port = serve_http("served-by-the-host");
     // No -T: Debian's busybox 1.35 wget segfaults with it.
     let fetch = format!("busybox wget -q -O - http://10.0.2.2:{port}/ || echo fetch-failed");
-    let user = sandbox.run(&["--rm", "--network", "user", &demo(), "sh", "-c", &fetch]);
+    let user = sandbox.run(&["--rm", "--network", "user", &demo_image(), "sh", "-c", &fetch]);
     assert_eq!(code(&user), 0, "{}", describe(&user));
     assert!(
         text(&user.stdout).contains("served-by-the-host"),
         "{}",
         describe(&user)
     );
-    let none = sandbox.run(&["--rm", "--network", "none", &demo(), "sh", "-c", &fetch]);
+    let none = sandbox.run(&["--rm", "--network", "none", &demo_image(), "sh", "-c", &fetch]);
     assert_eq!(code(&none), 0, "{}", describe(&none));
     assert!(
         !text(&none.stdout).contains("served-by-the-host"),
@@ -500,7 +445,7 @@ fn publish_forwards_a_host_port_into_the_guest() {
             "--rm",
             "-p",
             &publish,
-            &demo(),
+            &demo_image(),
             "sh",
             "-c",
             "echo served-by-the-guest | busybox nc -l -p 8080",
@@ -547,7 +492,7 @@ fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
         return;
     }
     let sandbox = Sandbox::new();
-    let image = demo();
+    let image = demo_image();
     let runs: Vec<_> = (0..4)
         .map(|i| {
             let mut command = sandbox.command(&[
@@ -721,7 +666,7 @@ fn a_kernel_panic_is_a_typed_error() {
         .arg("find . | cpio --quiet -o -H newc > \"$0\"")
         .arg(&cpio);
     kiln_e2e::run_ok(&mut command, Duration::from_secs(60));
-    let mut run = sandbox.command(&["--rm", "--network", "none", &demo(), "true"]);
+    let mut run = sandbox.command(&["--rm", "--network", "none", &demo_image(), "true"]);
     run.env("KILN_INITRAMFS", &cpio);
     let output = run_with_timeout(&mut run, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_kiln_error(&sandbox, &output, "panic");

@@ -20,7 +20,10 @@ pub use fixtures::{
 };
 pub use guest::{guest_files, GuestFiles};
 pub use layer::{read_layer, EntryKind, LayerEntry};
-pub use process::{kill_process_group, run_ok, run_with_timeout, TimedOut};
+pub use process::{
+    assert_no_qemu_left, kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout,
+    TimedOut,
+};
 pub use registry::Registry;
 pub use token_auth::TokenServer;
 
@@ -73,4 +76,20 @@ pub fn require_root(test: &str) -> bool {
     }
     eprintln!("skipping {test}: needs root (CI runs the tests as root)");
     false
+}
+
+/// The demo fixture image (gzip OCI layout) as a kiln image reference.
+pub fn demo_image() -> String {
+    let image = &fixtures().demo().oci_gzip;
+    format!("oci:{}:{}", image.path.display(), image.tag)
+}
+
+/// Bytes a command printed, as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A command's status and output, for assertion messages.
+pub fn describe(output: &std::process::Output) -> String {
+    format!("{}; stdout: {}; stderr: {}", output.status, text(&output.stdout), text(&output.stderr))
 }

@@ -105,3 +105,53 @@ pub fn kill_process_group(child: &Child) {
         libc::kill(-pgid, libc::SIGKILL);
     }
 }
+
+/// Pids of live QEMU processes whose command line mentions `path` (e.g. a test's kiln root,
+/// which every sandbox's console log lives under).
+pub fn qemu_pids_mentioning(path: &std::path::Path) -> Vec<u32> {
+    let needle = path.to_str().expect("a UTF-8 path").as_bytes().to_vec();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let is_qemu = cmdline
+            .split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| String::from_utf8_lossy(argv0).contains("qemu-system"));
+        if is_qemu && cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits up to `limit` for the QEMU processes mentioning `path` to end; returns the pids
+/// of those still running.
+pub fn qemu_left_after(path: &std::path::Path, limit: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let pids = qemu_pids_mentioning(path);
+        if pids.is_empty() || Instant::now() >= deadline {
+            return pids;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// For a test's cleanup: gives the QEMU processes mentioning `path` a few seconds to end,
+/// SIGKILLs the rest so later tests are unaffected, and (unless the test already failed)
+/// asserts that none was left.
+pub fn assert_no_qemu_left(path: &std::path::Path) {
+    let left = qemu_left_after(path, Duration::from_secs(5));
+    for pid in &left {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+    }
+    if !thread::panicking() {
+        assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
+    }
+}

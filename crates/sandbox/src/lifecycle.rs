@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use kiln_image::{ImageRef, PullEvent, PullOptions, Store};
 use kiln_protocol::{RunSpec, WorkloadResult};
 use kiln_vm::accel::AccelRequest;
-use kiln_vm::Network;
+use kiln_vm::{GuestImages, Network};
 use serde::Serialize;
 
 pub use crate::client::{ExecInput, ExecOutput, ExecRequest, ExecSession};
@@ -271,6 +271,7 @@ pub fn start(
     if crate::monitor::is_alive(&sandbox) {
         return Err(LifecycleError::Running(sandbox.id().to_owned()));
     }
+    GuestImages::locate(&root).check().map_err(RunError::from)?;
     pinned_images(&root, &record, events)?;
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;
 

@@ -1,0 +1,243 @@
+//! Detached sandboxes end to end through the `kiln` binary, with real VM boots under TCG:
+//! create/start/stop/start/rm keeping the files written in /sandbox, `logs`, `ps`,
+//! `inspect`, `run -d`, a killed monitor, refused ids and names, and a start that keeps
+//! the pinned image after the tag moved. After each test no QEMU or monitor started for
+//! its root remains.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{
+    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin, qemu_pids_mentioning, require_root,
+    run_with_timeout, text,
+};
+use tempfile::TempDir;
+
+/// A boot takes 3-15 s under TCG; a stop without the guest's help waits out its deadline.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// One test's fresh kiln root. On drop, removes every sandbox (stopping it) and asserts
+/// that no QEMU mentioning this root is left, killing any it finds.
+struct Root {
+    dir: TempDir,
+}
+
+impl Root {
+    fn new() -> Root {
+        Root { dir: tempfile::Builder::new().prefix("kiln-lifecycle-test").tempdir().unwrap() }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `kiln -q ARGS` against this root with the test guest files.
+    fn kiln(&self, args: &[&str]) -> Output {
+        let guest = guest_files();
+        let mut command = Command::new(kiln_bin());
+        command
+            .env("KILN_ROOT", self.path())
+            .env("KILN_KERNEL", &guest.kernel)
+            .env("KILN_INITRAMFS", &guest.initramfs)
+            .arg("-q")
+            .args(args);
+        run_with_timeout(&mut command, COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `kiln ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.kiln(args);
+        assert!(output.status.success(), "kiln {args:?}: {}", describe(&output));
+        text(&output.stdout)
+    }
+
+    /// `kiln inspect ID` as JSON.
+    fn inspect(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["inspect", id])).expect("inspect prints JSON")
+    }
+
+    /// Polls `kiln logs ID` until its stdout contains `wanted`.
+    fn wait_for_log(&self, id: &str, wanted: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let logs = self.ok(&["logs", id]);
+            if logs.contains(wanted) {
+                return logs;
+            }
+            assert!(Instant::now() < deadline, "{wanted:?} never appeared in the logs of {id}: {logs}");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Ok(output) = Command::new(kiln_bin()).env("KILN_ROOT", self.path()).args(["-q", "ps", "-a", "--json"]).output() {
+            let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            for sandbox in listed.as_array().into_iter().flatten() {
+                if let Some(id) = sandbox["id"].as_str() {
+                    let _ = Command::new(kiln_bin()).env("KILN_ROOT", self.path()).args(["-q", "rm", "-f", id]).output();
+                }
+            }
+        }
+        assert_no_qemu_left(self.path());
+    }
+}
+
+/// A workload that appends a line to a file in /sandbox each boot, shows the file, and
+/// then stays up.
+const COUNTING_SCRIPT: &str = "echo boot >> /sandbox/boots; echo boots=$(wc -l < /sandbox/boots); \
+    echo to-stderr >&2; exec sleep 100000";
+
+#[test]
+fn create_start_stop_start_rm_keeps_sandbox_files() {
+    if !require_root("create_start_stop_start_rm_keeps_sandbox_files") {
+        return;
+    }
+    let root = Root::new();
+    let id = root.ok(&["create", "--name", "keeper", &demo_image(), "sh", "-c", COUNTING_SCRIPT]).trim().to_owned();
+    assert_eq!(id.len(), 12, "create prints the id: {id:?}");
+    assert!(root.ok(&["ps"]).lines().all(|l| !l.contains(&id)), "a created sandbox is not running");
+    assert!(root.ok(&["ps", "-a"]).contains("created"));
+    let created = root.inspect("keeper");
+    assert_eq!(created["status"], "created");
+    assert_eq!(created["id"], id.as_str());
+    let upper = Path::new(created["state_dir"].as_str().unwrap()).join("upper.ext4");
+    assert!(upper.is_file(), "create made the writable disk");
+
+    root.ok(&["start", "keeper"]);
+    root.wait_for_log("keeper", "boots=1");
+    let running = root.inspect(&id);
+    assert_eq!(running["status"], "running");
+    assert!(running["monitor_pid"].as_u64().is_some());
+    assert!(root.ok(&["ps"]).contains(&id));
+    let stderr = text(&root.kiln(&["logs", "keeper"]).stderr);
+    assert!(stderr.contains("to-stderr"), "stderr.log goes to stderr: {stderr}");
+
+    let refused = root.kiln(&["rm", "keeper"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
+    assert!(text(&refused.stderr).contains("running"), "{}", describe(&refused));
+
+    root.ok(&["stop", "-t", "1", "keeper"]);
+    let stopped = root.inspect("keeper");
+    assert_eq!(stopped["status"], "exited", "{stopped}");
+    assert!(qemu_pids_mentioning(root.path()).is_empty(), "stop leaves no VM");
+    root.ok(&["stop", "keeper"]);
+
+    root.ok(&["start", &id]);
+    let logs = root.wait_for_log(&id, "boots=2");
+    assert!(logs.contains("boots=1\n"), "the log keeps the first boot's output: {logs}");
+
+    root.ok(&["rm", "-f", "keeper"]);
+    assert!(!upper.exists(), "rm removes the state directory");
+    assert_eq!(root.ok(&["ps", "-a", "--json"]).trim(), "[]");
+    let gone = root.kiln(&["inspect", &id]);
+    assert!(!gone.status.success(), "{}", describe(&gone));
+    // The name is free again.
+    root.ok(&["create", "--name", "keeper", &demo_image(), "true"]);
+}
+
+#[test]
+fn a_killed_monitor_reads_failed_and_takes_its_vm_along() {
+    if !require_root("a_killed_monitor_reads_failed_and_takes_its_vm_along") {
+        return;
+    }
+    let root = Root::new();
+    let id = root.ok(&["run", "-d", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]).trim().to_owned();
+    root.wait_for_log(&id, "up");
+    let pid = root.inspect(&id)["monitor_pid"].as_u64().expect("a running sandbox names its monitor");
+    assert!(!qemu_pids_mentioning(root.path()).is_empty());
+    // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !qemu_pids_mentioning(root.path()).is_empty() {
+        assert!(Instant::now() < deadline, "QEMU outlived its monitor");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let listed: serde_json::Value = serde_json::from_str(&root.ok(&["ps", "-a", "--json"])).unwrap();
+    assert_eq!(listed[0]["status"], "failed", "{listed}");
+    assert_eq!(root.inspect(&id)["status"], "failed");
+    assert!(root.ok(&["ps"]).lines().all(|l| !l.contains(&id)), "a failed sandbox is not listed as running");
+    // A failed sandbox can be removed without -f.
+    root.ok(&["rm", &id]);
+}
+
+#[test]
+fn ids_and_names_are_checked() {
+    if !require_root("ids_and_names_are_checked") {
+        return;
+    }
+    let root = Root::new();
+    let first = root.ok(&["create", "--name", "twin", &demo_image(), "true"]).trim().to_owned();
+    let duplicate = root.kiln(&["create", "--name", "twin", &demo_image(), "true"]);
+    assert_eq!(duplicate.status.code(), Some(1), "{}", describe(&duplicate));
+    let message = text(&duplicate.stderr);
+    assert!(message.contains("twin") && message.contains(&first), "{message}");
+
+    for command in [&["start", "../x"][..], &["stop", "a/b"], &["rm", "a b"], &["logs", "../x"], &["exec", "a/b", "true"]] {
+        let output = root.kiln(command);
+        assert_ne!(output.status.code(), Some(0), "{command:?}: {}", describe(&output));
+        assert!(text(&output.stderr).contains("A-Z a-z 0-9"), "{command:?}: {}", describe(&output));
+    }
+    for command in [&["start", "nosuch"][..], &["stop", "nosuch"], &["rm", "nosuch"], &["logs", "nosuch"]] {
+        let output = root.kiln(command);
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {}", describe(&output));
+        assert!(text(&output.stderr).contains("no such sandbox: nosuch"), "{command:?}: {}", describe(&output));
+    }
+    let sandboxes: Vec<_> = fs::read_dir(root.path().join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != ".names")
+        .collect();
+    assert_eq!(sandboxes.len(), 1, "the refused create left nothing behind");
+    // inspect falls back to images for what is not a sandbox.
+    root.ok(&["inspect", &demo_image()]);
+}
+
+#[test]
+fn start_boots_the_pinned_image_after_the_tag_moved() {
+    if !require_root("start_boots_the_pinned_image_after_the_tag_moved") {
+        return;
+    }
+    let root = Root::new();
+    let demo = fixtures().demo();
+    // A layout of our own whose `latest` we can move: the gzip image first.
+    let layout = root.path().join("layout");
+    let copy = Command::new("cp").arg("-a").arg(&demo.oci_gzip.path).arg(&layout).status().unwrap();
+    assert!(copy.success());
+    let reference = format!("oci:{}:latest", layout.display());
+    let id = root.ok(&["create", &reference, "sh", "-c", "echo pinned; exec sleep 100000"]).trim().to_owned();
+    let pinned = demo.oci_gzip.manifest_digest.clone();
+    assert_eq!(root.inspect(&id)["manifest_digest"], pinned.as_str());
+
+    // Move `latest` to the zstd build of the same tree (another manifest digest) and
+    // pull it, so the store's record of the reference now names the new digest.
+    let blobs = demo.oci_zstd.path.join("blobs/sha256");
+    for blob in fs::read_dir(&blobs).unwrap().flatten() {
+        fs::copy(blob.path(), layout.join("blobs/sha256").join(blob.file_name())).unwrap();
+    }
+    fs::copy(demo.oci_zstd.path.join("index.json"), layout.join("index.json")).unwrap();
+    root.ok(&["pull", "--pull", "always", &reference]);
+    let image: serde_json::Value = serde_json::from_str(&root.ok(&["--json", "inspect", &reference])).unwrap();
+    let moved = demo.oci_zstd.manifest_digest.as_str();
+    assert_eq!(image["manifest_digest"], moved);
+    // The built images are gone too: start rebuilds them from the store, by digest.
+    fs::remove_dir_all(root.path().join("rootfs")).unwrap();
+
+    root.ok(&["start", &id]);
+    root.wait_for_log(&id, "pinned");
+    assert_eq!(root.inspect(&id)["manifest_digest"], pinned.as_str());
+    let built: Vec<String> = fs::read_dir(root.path().join("rootfs/v1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let hex = |digest: &str| digest.trim_start_matches("sha256:").to_owned();
+    assert!(built.iter().any(|name| name.contains(&hex(&pinned))), "root image of the pinned digest: {built:?}");
+    assert!(built.iter().all(|name| !name.contains(&hex(moved))), "nothing built for the new tag: {built:?}");
+    root.ok(&["stop", "-t", "1", &id]);
+}
