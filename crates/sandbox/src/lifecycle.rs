@@ -367,6 +367,16 @@ fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, LifecycleError> {
     info(sandbox, record, state)
 }
 
+/// Blocks until sandbox `id_or_name` is not running (its monitor has ended) and returns
+/// how it ended; at once for a sandbox that is not running.
+pub fn wait(root: &Path, id_or_name: &str) -> Result<SandboxInfo, LifecycleError> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    while crate::monitor::is_alive(&sandbox) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    get_dir(&sandbox)
+}
+
 /// Every sandbox under `root`, by id. Sandboxes whose state cannot be read (being created
 /// or removed at this moment) are left out.
 pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, LifecycleError> {
