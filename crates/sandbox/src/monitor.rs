@@ -353,3 +353,34 @@ impl<'a> Router<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_state_path_is_reached_through_the_directory_handle() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("r".repeat(120));
+        let sandbox = SandboxDir::create(&root, None).unwrap();
+        assert!(sandbox.file(MONITOR_SOCKET).as_os_str().len() > SUN_PATH_MAX);
+        let (address, dir) = socket_address(&sandbox).unwrap();
+        assert!(dir.is_some() && address.starts_with("/proc/self/fd"), "{}", address.display());
+        let _listener = UnixListener::bind(&address).unwrap();
+        assert!(sandbox.file(MONITOR_SOCKET).exists(), "the socket is in the state directory");
+        let (again, _dir) = socket_address(&sandbox).unwrap();
+        UnixStream::connect(again).unwrap();
+    }
+
+    #[test]
+    fn the_lock_tells_whether_a_monitor_lives() {
+        let root = tempfile::tempdir().unwrap();
+        let sandbox = SandboxDir::create(root.path(), None).unwrap();
+        assert!(!is_alive(&sandbox));
+        let lock = take_lock(&sandbox).unwrap().expect("a free lock");
+        assert!(is_alive(&sandbox));
+        assert!(take_lock(&sandbox).unwrap().is_none(), "a second monitor is refused");
+        drop(lock);
+        assert!(!is_alive(&sandbox));
+    }
+}
