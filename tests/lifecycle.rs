@@ -167,6 +167,23 @@ fn a_killed_monitor_reads_failed_and_takes_its_vm_along() {
 }
 
 #[test]
+fn logs_follow_until_the_workload_ends() {
+    if !require_root("logs_follow_until_the_workload_ends") {
+        return;
+    }
+    let root = Root::new();
+    let id = root.ok(&["run", "-d", &demo_image(), "sh", "-c", "echo one; sleep 3; echo two; exit 7"]);
+    let id = id.trim();
+    let followed = root.kiln(&["logs", "-f", id]);
+    assert!(followed.status.success(), "{}", describe(&followed));
+    assert_eq!(text(&followed.stdout), "one\ntwo\n");
+    let ended = root.inspect(id);
+    assert_eq!(ended["status"], "exited", "{ended}");
+    assert_eq!(ended["exit_code"], 7, "{ended}");
+    assert!(root.ok(&["ps", "-a"]).contains("exited (7)"));
+}
+
+#[test]
 fn ids_and_names_are_checked() {
     if !require_root("ids_and_names_are_checked") {
         return;
@@ -241,3 +258,4 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
     assert!(built.iter().all(|name| !name.contains(&hex(moved))), "nothing built for the new tag: {built:?}");
     root.ok(&["stop", "-t", "1", &id]);
 }
+
