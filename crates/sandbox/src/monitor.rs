@@ -37,6 +37,9 @@ use crate::state::{
 /// The longest path `sockaddr_un` holds, with its terminating NUL.
 const SUN_PATH_MAX: usize = 107;
 
+/// How long a write to a client may block before the client is dropped.
+const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the monitor of sandbox `id`: takes its lock, detaches (the calling process returns
 /// `Ok` as soon as the detached monitor holds the lock) and boots the sandbox.
 pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
@@ -252,21 +255,15 @@ impl<'a> Router<'a> {
         for event in events {
             match event {
                 RouterEvent::Connected(id, mut stream) => {
+                    // A client that stops reading must not hold up everyone else.
+                    let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
                     let hello = Hello::ours(format!("kiln-monitor {}", env!("CARGO_PKG_VERSION")));
                     if write_frame(&mut stream, &Frame::new(CONTROL_SESSION, Message::Hello(hello))).is_ok() {
                         self.clients.insert(id, Client { stream, sessions: HashMap::new() });
                     }
                 }
                 RouterEvent::FromClient(id, frame) => self.on_client(id, frame),
-                RouterEvent::Disconnected(id) => {
-                    // Nobody is left to read its sessions' output: end them.
-                    if let Some(client) = self.clients.remove(&id) {
-                        for guest in client.sessions.into_values() {
-                            let kill = Message::Signal(SignalRequest { signal: libc::SIGKILL });
-                            let _ = self.control.send(Control::Guest(Frame::new(guest, kill)));
-                        }
-                    }
-                }
+                RouterEvent::Disconnected(id) => self.drop_client(id),
                 RouterEvent::Guest(frame) => self.on_guest(frame)?,
                 RouterEvent::Finished(status) => {
                     let state = StateRecord {
@@ -346,11 +343,25 @@ impl<'a> Router<'a> {
                 if last {
                     client.sessions.remove(&session);
                 }
-                let _ = write_frame(&mut client.stream, &Frame::new(session, frame.message));
+                if write_frame(&mut client.stream, &Frame::new(session, frame.message)).is_err() {
+                    self.drop_client(id);
+                }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Forgets a client that is gone or stuck; nobody is left to read its sessions'
+    /// output, so they are ended.
+    fn drop_client(&mut self, id: u64) {
+        if let Some(client) = self.clients.remove(&id) {
+            let _ = client.stream.shutdown(std::net::Shutdown::Both);
+            for guest in client.sessions.into_values() {
+                let kill = Message::Signal(SignalRequest { signal: libc::SIGKILL });
+                let _ = self.control.send(Control::Guest(Frame::new(guest, kill)));
+            }
+        }
     }
 }
 
