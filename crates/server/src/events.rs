@@ -71,7 +71,8 @@ fn status_key(kind: &Kind) -> Option<Kind> {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, on this host's clock.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

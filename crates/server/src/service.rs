@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_sandbox::lifecycle::{self, ExecOutput, LifecycleError, SandboxInfo, Status};
@@ -82,9 +82,7 @@ impl DriverService {
     }
 
     fn publish_status(&self, info: &SandboxInfo) {
-        self.shared
-            .hub
-            .publish(&info.id, info.name.as_deref(), convert::status_event(info));
+        publish_status(&self.shared, info);
     }
 }
 
@@ -222,7 +220,7 @@ impl Driver for DriverService {
                 let event = proto::Event {
                     sandbox_id: info.id.clone(),
                     name: info.name.clone().unwrap_or_default(),
-                    time_unix_ms: 0,
+                    time_unix_ms: crate::events::now_ms(),
                     kind: Some(Kind::State(convert::sandbox(&info))),
                 };
                 if tx.send(Ok(event)).await.is_err() {
@@ -368,16 +366,18 @@ fn not_running(given: &str, info: &SandboxInfo) -> GrpcStatus {
 
 /// Publishes every status change of the sandboxes under the root: what this server did
 /// not cause (a workload ending, a monitor dying, another kiln process at work) reaches
-/// Watch streams too.
+/// Watch streams too. Every running sandbox also has a thread waiting for its monitor
+/// to end, so that its exit is reported as soon as it happens.
 #[derive(Debug, Default)]
 pub struct StatusWatcher {
     known: HashSet<String>,
+    waiting: Arc<Mutex<HashSet<String>>>,
 }
 
 impl StatusWatcher {
     /// One look at every sandbox; statuses equal to the last published are dropped by
     /// the hub.
-    pub async fn poll(&mut self, shared: &Shared) {
+    pub async fn poll(&mut self, shared: &Arc<Shared>) {
         let root = shared.root.clone();
         let infos = match blocking(move || lifecycle::list(&root)).await {
             Ok(Ok(infos)) => infos,
@@ -390,9 +390,10 @@ impl StatusWatcher {
             // start reports its own progress.
             let starting = info.status == Status::Created && self.known.contains(&info.id);
             if !starting {
-                shared
-                    .hub
-                    .publish(&info.id, info.name.as_deref(), convert::status_event(info));
+                publish_status(shared, info);
+            }
+            if info.status == Status::Running {
+                self.wait_for_end(shared, &info.id);
             }
             now.insert(info.id.clone());
         }
@@ -404,6 +405,28 @@ impl StatusWatcher {
         self.known = now;
     }
 
+    /// Reports how running sandbox `id` ended once its monitor is gone (unless a thread
+    /// already waits for it).
+    fn wait_for_end(&self, shared: &Arc<Shared>, id: &str) {
+        if !self
+            .waiting
+            .lock()
+            .expect("waiting lock")
+            .insert(id.to_owned())
+        {
+            return;
+        }
+        let (shared, waiting, id) = (Arc::clone(shared), Arc::clone(&self.waiting), id.to_owned());
+        std::thread::spawn(move || {
+            match lifecycle::wait(&shared.root, &id) {
+                Ok(ended) if ended.status != Status::Created => publish_status(&shared, &ended),
+                Ok(_) => {}
+                Err(err) => tracing::debug!("waiting for sandbox {id}: {err}"),
+            }
+            waiting.lock().expect("waiting lock").remove(&id);
+        });
+    }
+
     /// Polls forever.
     pub async fn run(mut self, shared: Arc<Shared>) {
         loop {
@@ -411,4 +434,10 @@ impl StatusWatcher {
             self.poll(&shared).await;
         }
     }
+}
+
+fn publish_status(shared: &Shared, info: &SandboxInfo) {
+    shared
+        .hub
+        .publish(&info.id, info.name.as_deref(), convert::status_event(info));
 }
