@@ -234,6 +234,9 @@ pub enum BootStep {
     SwitchRoot,
     /// devpts, /dev/shm, /run, /tmp, cgroup2 inside the new root.
     RuntimeFilesystems,
+    /// A host directory shared over virtio-9p (`kiln.vol=`), mounted or given to the
+    /// sandbox user.
+    MountVolume,
     Hostname,
     /// lo, and eth0 when networking was asked for.
     Network,

@@ -69,6 +69,18 @@ pub struct BootConfig {
     pub hostname: String,
     /// `kiln.net=ADDR/PREFIX[,GATEWAY[,DNS]]`: bring eth0 up; absent means no network.
     pub net: Option<NetConfig>,
+    /// `kiln.vol=TAG,GUESTPATH[,ro]`, repeatable: 9p shares to mount, in order.
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A host directory shared over virtio-9p and where it goes in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// The share's mount tag (QEMU's `mount_tag`).
+    pub tag: String,
+    /// Absolute, normalised path in the sandbox root.
+    pub path: String,
+    pub read_only: bool,
 }
 
 /// A `kiln.*` argument init cannot use.
@@ -91,6 +103,7 @@ impl BootConfig {
             port: DEFAULT_PORT.to_owned(),
             hostname: "kiln".to_owned(),
             net: None,
+            volumes: Vec::new(),
         };
         for arg in cmdline.split_ascii_whitespace() {
             let Some(rest) = arg.strip_prefix("kiln.") else {
@@ -140,15 +153,63 @@ impl BootConfig {
                     config.hostname = value.to_owned()
                 }
                 "net" => config.net = Some(parse_net(value).map_err(|reason| error(&reason))?),
+                "vol" => {
+                    let volume = parse_volume(value).map_err(|reason| error(&reason))?;
+                    if config.volumes.iter().any(|v| v.tag == volume.tag || v.path == volume.path) {
+                        return Err(error("another kiln.vol has the same tag or path"));
+                    }
+                    config.volumes.push(volume)
+                }
                 _ => {
                     return Err(error(
-                        "unknown key; accepted: root, ident, upper, port, hostname, net",
+                        "unknown key; accepted: root, ident, upper, port, hostname, net, vol",
                     ))
                 }
             }
         }
         Ok(config)
     }
+}
+
+/// `TAG,GUESTPATH[,ro]`: TAG of [A-Za-z0-9._-], GUESTPATH absolute and normalised (no
+/// empty, `.` or `..` component, not `/` itself).
+fn parse_volume(value: &str) -> Result<VolumeMount, String> {
+    const ACCEPTED: &str = "expected TAG,GUESTPATH[,ro]";
+    let mut parts = value.split(',');
+    let (tag, path) = match (parts.next(), parts.next()) {
+        (Some(tag), Some(path)) => (tag, path),
+        _ => return Err(ACCEPTED.into()),
+    };
+    let read_only = match parts.next() {
+        None => false,
+        Some("ro") => true,
+        Some(_) => return Err(ACCEPTED.into()),
+    };
+    if parts.next().is_some() {
+        return Err(ACCEPTED.into());
+    }
+    if tag.is_empty()
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(format!("tag {tag:?} is not made of [A-Za-z0-9._-]"));
+    }
+    let normalised = path.len() > 1
+        && path.starts_with('/')
+        && path[1..]
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if !normalised {
+        return Err(format!(
+            "guest path {path:?} is not an absolute, normalised path below /"
+        ));
+    }
+    Ok(VolumeMount {
+        tag: tag.to_owned(),
+        path: path.to_owned(),
+        read_only,
+    })
 }
 
 fn parse_net(value: &str) -> Result<NetConfig, String> {
@@ -224,6 +285,31 @@ mod tests {
     }
 
     #[test]
+    fn volumes_repeat_in_order() {
+        let config =
+            BootConfig::parse("kiln.vol=vol0,/data kiln.vol=vol1,/srv/in,ro").unwrap();
+        assert_eq!(
+            config.volumes,
+            [
+                VolumeMount {
+                    tag: "vol0".into(),
+                    path: "/data".into(),
+                    read_only: false
+                },
+                VolumeMount {
+                    tag: "vol1".into(),
+                    path: "/srv/in".into(),
+                    read_only: true
+                },
+            ]
+        );
+        for twice in ["kiln.vol=a,/x kiln.vol=a,/y", "kiln.vol=a,/x kiln.vol=b,/x"] {
+            let err = BootConfig::parse(twice).unwrap_err();
+            assert!(err.reason.contains("same tag or path"), "{err}");
+        }
+    }
+
+    #[test]
     fn network_without_gateway() {
         let config = BootConfig::parse("kiln.net=192.168.1.2/32").unwrap();
         assert_eq!(config.net.unwrap().gateway, None);
@@ -241,6 +327,17 @@ mod tests {
             "kiln.net=10.0.2.15/24,1.1.1.1,2.2.2.2,3.3.3.3",
             "kiln.hostname=a/b",
             "kiln.port=a/b",
+            "kiln.vol=vol0",
+            "kiln.vol=vol0,data",
+            "kiln.vol=vol0,/",
+            "kiln.vol=vol0,/a/../b",
+            "kiln.vol=vol0,/a/./b",
+            "kiln.vol=vol0,/a//b",
+            "kiln.vol=vol0,/a/",
+            "kiln.vol=vol0,/a,rw",
+            "kiln.vol=vol0,/a,ro,x",
+            "kiln.vol=,/a",
+            "kiln.vol=v/0,/a",
         ] {
             let err = BootConfig::parse(bad).unwrap_err();
             assert_eq!(err.arg, bad, "{err}");

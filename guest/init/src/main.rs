@@ -9,15 +9,19 @@
 //!    upper (tmpfs, or an ext4 disk for a persistent sandbox), stacks them into an overlay
 //!    (`lowerdir=identity:root`, `metacopy=on,redirect_dir=on`), moves /dev, /proc, /sys
 //!    into it and switches root (move mount + chroot: the initramfs cannot be pivoted);
-//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, sets the hostname, brings up lo
-//!    and, when asked, eth0 with a static address (ioctls), default route and resolv.conf;
-//! 4. waits for the host's hello and the run spec (session 1), starts it through
-//!    kiln-supervisor (full mode: user check, /sandbox ownership, verified privilege
-//!    drop) in the cgroup `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM
-//!    kill is told apart), pumps stdin/stdout/stderr (or the terminal) over the channel,
-//!    forwards signals (received by init, or sent by the host), and reaps every process;
-//! 5. when the workload ends, kills what it left behind, sends `workload_ended` and the
-//!    result, then `shutdown`, syncs and powers off.
+//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes, sets the hostname,
+//!    brings up lo and, when asked, eth0 with a static address (ioctls), default route and
+//!    resolv.conf;
+//! 4. waits for the host's hello and the run spec (session 1), gives the read-write
+//!    volumes' roots to the spec's uid:gid, starts the workload through kiln-supervisor
+//!    (full mode: user check, /sandbox ownership, verified privilege drop) in the cgroup
+//!    `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM kill is told apart),
+//!    pumps stdin/stdout/stderr (or the terminal) over the channel, forwards signals
+//!    (received by init, or sent by the host), runs exec sessions the host opens, and
+//!    reaps every process;
+//! 5. when the workload ends (or after the host's `Shutdown`: SIGTERM to every process,
+//!    SIGKILL after the grace period), kills what is left, sends each exec session's
+//!    result, `workload_ended` and the main result, then `shutdown`, syncs and powers off.
 //!
 //! Any failure before the workload starts is a typed [`kiln_protocol::BootError`] naming
 //! its [`kiln_protocol::BootStep`], sent on the control session and printed on the
@@ -36,6 +40,7 @@
 //! | `kiln.port=NAME` | virtio-serial port of the channel; default `kiln.0` |
 //! | `kiln.hostname=NAME` | hostname; default `kiln` |
 //! | `kiln.net=ADDR/PREFIX[,GATEWAY[,DNS]]` | configure eth0 (e.g. `10.0.2.15/24,10.0.2.2,10.0.2.3` for QEMU's user network); absent: only lo |
+//! | `kiln.vol=TAG,GUESTPATH[,ro]` | repeatable: mount the virtio-9p share TAG at GUESTPATH (absolute, normalised), read-only with `ro` |
 //!
 //! A disk is best named by serial (`-device virtio-blk-device,drive=root,serial=root`):
 //! virtio-mmio probe order is not the order of the QEMU arguments. An unknown or malformed
@@ -50,14 +55,17 @@
 //! virtserialport,chardev=kiln,name=kiln.0`, with the host listening on SOCK before QEMU
 //! starts. init waits up to 10 s for the port, and up to 60 s for the host's hello and
 //! `Run` after boot. The host sends Hello (control session), Run (session 1), then stdin
-//! Data/Eof, Signal and Resize frames; init sends Hello, Phase frames and any BootError on
-//! the control session and Data/Eof/Result on session 1.
+//! Data/Eof, Signal and Resize frames, Run frames opening exec sessions (ids >= 2) and
+//! finally, perhaps, Shutdown (control session); init sends Hello, Phase frames and any
+//! BootError on the control session and Data/Eof/Result on each workload session.
 
 mod channel;
 mod cmdline;
 mod net;
 mod rootfs;
+mod session;
 mod sys;
+mod volume;
 mod workload;
 
 use std::io::Write;
@@ -112,6 +120,7 @@ fn boot(config: &BootConfig) -> Result<(), BootError> {
     let new_root = rootfs::assemble_root(config)?;
     rootfs::switch_root(&new_root)?;
     rootfs::mount_runtime_filesystems()?;
+    volume::mount_all(&config.volumes)?;
     sys::sethostname(&config.hostname).map_err(|e| {
         failed(
             BootStep::Hostname,
@@ -135,8 +144,8 @@ fn bring_up_network(config: &BootConfig) -> Result<(), BootError> {
 }
 
 /// Waits for the host's hello (checking that both speak a common version) and then the
-/// run spec of the main session.
-fn receive_run_spec(channel: &Channel) -> Result<RunSpec, BootError> {
+/// run spec of the main session; `None` when the host asks to shut down instead.
+fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
     let fail = |message: String| failed(BootStep::RunSpec, message);
     let mut greeted = false;
     loop {
@@ -149,7 +158,8 @@ fn receive_run_spec(channel: &Channel) -> Result<RunSpec, BootError> {
                 negotiate(&Hello::ours(software()), &theirs).map_err(|e| fail(e.to_string()))?;
                 greeted = true;
             }
-            (MAIN_SESSION, Message::Run(spec)) if greeted => return Ok(spec),
+            (CONTROL_SESSION, Message::Shutdown(_)) => return Ok(None),
+            (MAIN_SESSION, Message::Run(spec)) if greeted => return Ok(Some(spec)),
             (session, message) => {
                 return Err(fail(format!(
                     "expected the host's hello and then a run spec on session {MAIN_SESSION}, \
@@ -158,6 +168,20 @@ fn receive_run_spec(channel: &Channel) -> Result<RunSpec, BootError> {
             }
         }
     }
+}
+
+/// Boots, receives the run spec, gives the read-write volumes to the workload's user and
+/// runs the workload; `None` when the host asked to shut down before sending a spec.
+fn boot_and_run(
+    config: &BootConfig,
+    channel: &'static Channel,
+) -> Result<Option<workload::Outcome>, BootError> {
+    boot(config)?;
+    let Some(spec) = receive_run_spec(channel)? else {
+        return Ok(None);
+    };
+    volume::give_to_user(&config.volumes, spec.identity.uid, spec.identity.gid)?;
+    workload::run(&spec, channel, boottime_ns).map(Some)
 }
 
 /// Tells the host and the console that boot failed.
@@ -235,13 +259,10 @@ fn main() {
     }
     // init lives until power-off; the threads serving the workload borrow the channel.
     let channel: &'static Channel = Box::leak(Box::new(channel));
-    let outcome = config
-        .and_then(|config| boot(&config))
-        .and_then(|()| receive_run_spec(channel))
-        .and_then(|spec| workload::run(&spec, channel, boottime_ns));
-    match outcome {
+    match config.and_then(|config| boot_and_run(&config, channel)) {
         Err(error) => report_boot_error(Some(channel), error),
-        Ok(outcome) => workload::report(channel, &outcome),
+        Ok(Some(outcome)) => workload::report(channel, &outcome),
+        Ok(None) => console("shutdown requested before the workload started"),
     }
     shutdown(Some(channel));
 }

@@ -1,25 +1,19 @@
-//! Running the workload as PID 1: the supervisor starts it, init pumps its streams to and
-//! from the host, forwards signals, reaps every process, and turns the workload's end
-//! into its typed result.
+//! Running the main workload as PID 1: the supervisor prepares the sandbox user and
+//! starts it as session 1 (see [`crate::session`]), init forwards the signals it gets to
+//! it, reaps every process, and turns the workload's end into its typed result.
 
-use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use kiln_protocol::{
-    BootError, BootPhase, BootStep, Frame, Message, PhaseTime, RunSpec, Stream, WorkloadResult,
-    CONTROL_SESSION, MAIN_SESSION, MAX_PAYLOAD,
+    BootError, BootPhase, BootStep, Frame, Message, PhaseTime, RunSpec, WorkloadResult,
+    CONTROL_SESSION, MAIN_SESSION,
 };
-use kiln_supervisor::{io_for_spec, Mode, Supervisor, Workload};
-use nix::errno::Errno;
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::Pid;
+use kiln_supervisor::{Mode, Supervisor};
 
 use crate::channel::Channel;
 use crate::rootfs::failed;
+use crate::session::{Reaped, Sessions};
 
 /// The cgroup the workload runs in: the memory controller's memory.events tells an OOM
 /// kill apart from another SIGKILL.
@@ -82,9 +76,11 @@ pub struct Outcome {
     pub ended_ns: u64,
 }
 
-/// Runs `spec` and returns its result, or the boot error of a supervisor step that failed
-/// before the workload could start. Everything the workload writes has been sent to the
-/// host when this returns; all other processes of the guest are gone.
+/// Runs `spec` as the main session and serves exec sessions and the host's shutdown
+/// while it runs; returns its result, or the boot error of a supervisor step that failed
+/// before it could start. When this returns, every exec session's result and everything
+/// the workload wrote have been sent to the host, and all other processes of the guest
+/// are gone.
 pub fn run(
     spec: &RunSpec,
     channel: &'static Channel,
@@ -104,8 +100,10 @@ pub fn run(
     let user = supervisor
         .prepare(&spec.identity)
         .map_err(supervisor_error)?;
-    let mut workload = match supervisor.start(spec, &user, io_for_spec(spec)) {
-        Ok(workload) => workload,
+    // init lives until power-off; the host-serving thread borrows the sessions.
+    let sessions: &'static Sessions = Box::leak(Box::new(Sessions::new(channel, supervisor)));
+    let pid = match sessions.start_main(spec, &user) {
+        Ok(pid) => pid,
         Err(err) => {
             let result = err.start_failure().ok_or_else(|| supervisor_error(err))?;
             return Ok(Outcome {
@@ -114,176 +112,27 @@ pub fn run(
             });
         }
     };
-    WORKLOAD_PID.store(workload.pid().as_raw(), Ordering::SeqCst);
+    WORKLOAD_PID.store(pid.as_raw(), Ordering::SeqCst);
     send_phase(channel, BootPhase::WorkloadStarted, clock());
+    std::thread::spawn(|| sessions.serve_host());
 
-    // Output: pipes give stdout and stderr apart; a terminal gives one stream, stdout.
-    let mut pumps = Vec::new();
-    let stdin = match workload.pty.take() {
-        Some(pty) => {
-            let input = pty.try_clone().map_err(|e| {
-                failed(
-                    BootStep::SupervisorStart,
-                    format!("cloning the terminal: {e}"),
-                )
-            })?;
-            pumps.push(pump_output(pty, Stream::Stdout, channel));
-            Some(input)
-        }
-        None => {
-            pumps.extend(
-                workload
-                    .stdout
-                    .take()
-                    .map(|out| pump_output(out, Stream::Stdout, channel)),
-            );
-            pumps.extend(
-                workload
-                    .stderr
-                    .take()
-                    .map(|err| pump_output(err, Stream::Stderr, channel)),
-            );
-            workload.stdin.take()
-        }
-    };
-    let workload = Arc::new(workload);
-    let host_input = Arc::clone(&workload);
-    let tty = spec.tty;
-    std::thread::spawn(move || serve_host(channel, &host_input, stdin, tty));
-
-    let result = reap_until_exit(&workload);
-    let ended_ns = clock();
-    WORKLOAD_PID.store(0, Ordering::SeqCst);
-    // The sandbox ends with its workload: what it left running would keep the output
-    // pipes open. SIGKILL to -1 from PID 1 reaches every process but init.
-    // SAFETY: plain system call.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
-    reap_all();
-    for pump in pumps {
-        let _ = pump.join();
-    }
-    Ok(Outcome { result, ended_ns })
-}
-
-/// Reaps every child (orphans are re-parented to PID 1) until the workload's own end.
-fn reap_until_exit(workload: &Workload) -> WorkloadResult {
-    loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(status) if status.pid() == Some(workload.pid()) => {
-                if let Some(result) = workload.result_of(status) {
-                    return result;
-                }
-            }
-            Ok(_) | Err(Errno::EINTR) => {}
-            // ECHILD cannot happen while the workload lives; anything else would spin.
-            Err(errno) => {
-                crate::console(&format!("waiting for the workload: {errno}"));
-                return WorkloadResult::Killed {
+    let result = loop {
+        match sessions.reap_next() {
+            Reaped::Main(result) => break result,
+            Reaped::Other => {}
+            // Cannot happen while the workload lives; anything else would spin.
+            Reaped::None => {
+                crate::console("the workload vanished without an exit status");
+                break WorkloadResult::Killed {
                     signal: libc::SIGKILL,
                 };
             }
         }
-    }
-}
-
-/// Reaps whatever is left until there are no children.
-fn reap_all() {
-    loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Sends everything `source` yields as `stream` data, then its end.
-fn pump_output(mut source: File, stream: Stream, channel: &'static Channel) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buffer = vec![0u8; 64 * 1024.min(MAX_PAYLOAD)];
-        loop {
-            match source.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let data = Message::Data {
-                        stream,
-                        bytes: buffer[..n].to_vec(),
-                    };
-                    if channel.send(&Frame::new(MAIN_SESSION, data)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                // A terminal's master reads EIO once the last slave fd is closed: the end.
-                Err(_) => break,
-            }
-        }
-        let _ = channel.send(&Frame::new(MAIN_SESSION, Message::Eof { stream }));
-    })
-}
-
-/// Serves what the host sends during the run: stdin data and its end, signals, terminal
-/// size changes. Stops when the host closes the channel.
-fn serve_host(channel: &Channel, workload: &Workload, mut stdin: Option<File>, tty: bool) {
-    loop {
-        let frame = match channel.receive(None) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(e) => {
-                crate::console(&format!("reading from the host: {e}"));
-                return;
-            }
-        };
-        if frame.session != MAIN_SESSION {
-            crate::console(&format!(
-                "ignoring a frame for session {}: no such session",
-                frame.session
-            ));
-            continue;
-        }
-        match frame.message {
-            Message::Data {
-                stream: Stream::Stdin,
-                bytes,
-            } => {
-                // A workload that stopped reading closes its stdin; later input is dropped.
-                if let Some(input) = &mut stdin {
-                    if input.write_all(&bytes).is_err() {
-                        stdin = None;
-                    }
-                }
-            }
-            Message::Eof {
-                stream: Stream::Stdin,
-            } => {
-                if let Some(input) = stdin.take() {
-                    end_of_input(input, tty);
-                }
-            }
-            Message::Signal(request) => {
-                if let Err(e) = workload.signal(request.signal) {
-                    crate::console(&format!("forwarding signal {}: {e}", request.signal));
-                }
-            }
-            Message::Resize(size) => {
-                if let Err(e) = workload.resize(size) {
-                    crate::console(&format!("resizing the terminal: {e}"));
-                }
-            }
-            other => crate::console(&format!(
-                "ignoring an unexpected message from the host: {other:?}"
-            )),
-        }
-    }
-}
-
-/// Closes the workload's input: a pipe is closed; a terminal gets its EOF character
-/// (^D ends a canonical-mode read at the start of a line). Dropping this clone of the
-/// terminal's master does not hang it up: the output pump holds the master too.
-fn end_of_input(mut input: File, tty: bool) {
-    if tty {
-        let _ = input.write_all(b"\x04");
-    }
+    };
+    let ended_ns = clock();
+    WORKLOAD_PID.store(0, Ordering::SeqCst);
+    sessions.finish_main();
+    Ok(Outcome { result, ended_ns })
 }
 
 /// Tells the host the guest reached `phase`; a failure is only logged, the run goes on.

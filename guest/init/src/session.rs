@@ -1,0 +1,424 @@
+//! The guest's sessions: the main workload (session 1) and exec sessions (ids >= 2), each
+//! a process started by the supervisor with its own output pumps, input, signals,
+//! terminal and one result; the host-serving thread that routes frames to them; and the
+//! PID-1 reaper that hands every exit status to the session whose process it was.
+//!
+//! One table, behind one lock, holds the live sessions. A process is started while the
+//! lock is held, so the reaper (which takes the lock for every status) can never see the
+//! status of a session's process before the session is in the table.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kiln_protocol::{
+    Frame, Message, RunSpec, SessionId, StartFailure, Stream, TerminalSize, WorkloadResult,
+    CONTROL_SESSION, MAIN_SESSION, MAX_PAYLOAD,
+};
+use kiln_supervisor::{
+    io_for_spec, validate_sandbox_user, RootAccounts, SandboxUser, Supervisor, SupervisorError,
+    Workload,
+};
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::channel::Channel;
+
+/// What the host's input thread hands to a session's stdin writer.
+enum Input {
+    Data(Vec<u8>),
+    End,
+}
+
+/// A running session's process and its plumbing.
+struct Live {
+    workload: Workload,
+    /// A clone of the terminal's master, for resizes (tty sessions only).
+    terminal: Option<File>,
+    /// Input for the session's stdin writer thread; dropping it closes the stdin.
+    input: Option<Sender<Input>>,
+    /// Output pumps: the session's result goes out only after its output ended.
+    pumps: Vec<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Table {
+    live: HashMap<SessionId, Live>,
+    /// False once the main workload ended: no new session starts.
+    accepting: bool,
+    /// A `Shutdown` from the host arrived.
+    shutting_down: bool,
+    /// Threads sending the results of ended exec sessions.
+    finishers: Vec<JoinHandle<()>>,
+    /// The ended main workload's output pumps, drained before its result goes out.
+    main_pumps: Vec<JoinHandle<()>>,
+}
+
+/// What one reaped child was.
+pub enum Reaped {
+    /// The main workload ended with this result.
+    Main(WorkloadResult),
+    /// Another process (an exec session, or an orphan).
+    Other,
+    /// No child is left.
+    None,
+}
+
+/// Every session of the guest.
+pub struct Sessions {
+    table: Mutex<Table>,
+    channel: &'static Channel,
+    supervisor: Supervisor,
+}
+
+/// Sends `message` on `session`, logging a failure (the host may be gone).
+fn send(channel: &Channel, session: SessionId, message: Message) {
+    if let Err(e) = channel.send(&Frame::new(session, message)) {
+        crate::console(&format!("cannot send to the host on session {session}: {e}"));
+    }
+}
+
+impl Sessions {
+    pub fn new(channel: &'static Channel, supervisor: Supervisor) -> Sessions {
+        Sessions {
+            table: Mutex::new(Table {
+                accepting: true,
+                ..Table::default()
+            }),
+            channel,
+            supervisor,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the main workload (session 1) as `user`, already prepared by the
+    /// supervisor. Returns its pid, or why it did not start.
+    pub fn start_main(&self, spec: &RunSpec, user: &SandboxUser) -> Result<Pid, SupervisorError> {
+        let mut table = self.lock();
+        self.start_locked(&mut table, MAIN_SESSION, spec, user)
+    }
+
+    /// Starts `spec` on `session` while the table is locked (see the module doc).
+    fn start_locked(
+        &self,
+        table: &mut Table,
+        session: SessionId,
+        spec: &RunSpec,
+        user: &SandboxUser,
+    ) -> Result<Pid, SupervisorError> {
+        let mut workload = self.supervisor.start(spec, user, io_for_spec(spec))?;
+        let pid = workload.pid();
+        let channel = self.channel;
+        // Pipes give stdout and stderr apart; a terminal gives one stream, stdout.
+        let (input, pumps, terminal) = match &workload.pty {
+            Some(pty) => {
+                let clone = || pty.try_clone().map_err(|e| system("cloning the terminal", e));
+                let (output, input, terminal) = (clone()?, clone()?, clone()?);
+                let pumps = vec![pump_output(output, Stream::Stdout, session, channel)];
+                (input, pumps, Some(terminal))
+            }
+            None => {
+                let pumps = [(workload.stdout.take(), Stream::Stdout), (workload.stderr.take(), Stream::Stderr)]
+                    .into_iter()
+                    .filter_map(|(file, stream)| Some(pump_output(file?, stream, session, channel)))
+                    .collect();
+                let input = workload.stdin.take().ok_or_else(|| {
+                    system("starting the workload", std::io::Error::other("no stdin pipe"))
+                })?;
+                (input, pumps, None)
+            }
+        };
+        let input = Some(stdin_writer(input, spec.tty));
+        table.live.insert(
+            session,
+            Live {
+                workload,
+                terminal,
+                input,
+                pumps,
+            },
+        );
+        Ok(pid)
+    }
+
+    /// Starts an exec session, or answers with a `start_failed` result why it cannot.
+    fn start_exec(&self, session: SessionId, spec: &RunSpec) {
+        let refuse = |message: String| {
+            let result = WorkloadResult::StartFailed {
+                reason: StartFailure::Other,
+                message,
+            };
+            send(self.channel, session, Message::Result(result));
+        };
+        let mut table = self.lock();
+        if !table.accepting {
+            return refuse("the sandbox's main workload has ended".into());
+        }
+        if table.live.contains_key(&session) {
+            return refuse(format!("session {session} is already running a process"));
+        }
+        // Same identity checks as the main workload; /sandbox is already prepared.
+        let started = RootAccounts::read(std::path::Path::new("/"))
+            .and_then(|accounts| validate_sandbox_user(&spec.identity, &accounts))
+            .and_then(|user| self.start_locked(&mut table, session, spec, &user));
+        drop(table);
+        if let Err(err) = started {
+            match err.start_failure() {
+                Some(result) => send(self.channel, session, Message::Result(result)),
+                None => refuse(err.to_string()),
+            }
+        }
+    }
+
+    /// Serves what the host sends after the main workload started: exec runs, stdin
+    /// data and its end, signals, terminal sizes, and shutdown. Returns when the host
+    /// closes the channel.
+    pub fn serve_host(&self) {
+        loop {
+            let frame = match self.channel.receive(None) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => {
+                    crate::console(&format!("reading from the host: {e}"));
+                    return;
+                }
+            };
+            match (frame.session, frame.message) {
+                (CONTROL_SESSION, Message::Shutdown(request)) => {
+                    self.shutdown(Duration::from_millis(request.grace_ms))
+                }
+                (CONTROL_SESSION, other) => crate::console(&format!(
+                    "ignoring an unexpected control message from the host: {other:?}"
+                )),
+                (session, Message::Run(spec)) => self.start_exec(session, &spec),
+                (session, message) => self.deliver(session, message),
+            }
+        }
+    }
+
+    /// Hands a host frame to a live session.
+    fn deliver(&self, session: SessionId, message: Message) {
+        let mut table = self.lock();
+        // A frame for a session that just ended is dropped: its process is gone.
+        let Some(live) = table.live.get_mut(&session) else {
+            return;
+        };
+        match message {
+            Message::Data {
+                stream: Stream::Stdin,
+                bytes,
+            } => {
+                if let Some(input) = &live.input {
+                    let _ = input.send(Input::Data(bytes));
+                }
+            }
+            Message::Eof {
+                stream: Stream::Stdin,
+            } => {
+                if let Some(input) = live.input.take() {
+                    let _ = input.send(Input::End);
+                }
+            }
+            Message::Signal(request) => {
+                if let Err(e) = live.workload.signal(request.signal) {
+                    crate::console(&format!(
+                        "session {session}: forwarding signal {}: {e}",
+                        request.signal
+                    ));
+                }
+            }
+            Message::Resize(size) => {
+                if let Some(terminal) = &live.terminal {
+                    if let Err(e) = resize(terminal, size) {
+                        crate::console(&format!("session {session}: resizing the terminal: {e}"));
+                    }
+                }
+            }
+            other => crate::console(&format!(
+                "session {session}: ignoring an unexpected message from the host: {other:?}"
+            )),
+        }
+    }
+
+    /// The host's `Shutdown`: no new session starts, every process gets SIGTERM now and
+    /// SIGKILL after `grace`. The main workload's end then finishes the sandbox.
+    fn shutdown(&self, grace: Duration) {
+        {
+            let mut table = self.lock();
+            table.accepting = false;
+            table.shutting_down = true;
+        }
+        crate::console(&format!("shutdown requested, grace {} ms", grace.as_millis()));
+        // SIGTERM to -1 from PID 1 reaches every process but init.
+        // SAFETY: plain system call.
+        unsafe { libc::kill(-1, libc::SIGTERM) };
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            // SAFETY: plain system call.
+            unsafe { libc::kill(-1, libc::SIGKILL) };
+        });
+    }
+
+    /// Waits for the next child to end (orphans are re-parented to PID 1) and hands its
+    /// status to its session: an exec session's result is sent once its output ended.
+    pub fn reap_next(&self) -> Reaped {
+        let status = loop {
+            match waitpid(Pid::from_raw(-1), None) {
+                Ok(status) => break status,
+                Err(Errno::EINTR) => {}
+                Err(Errno::ECHILD) => return Reaped::None,
+                Err(errno) => {
+                    crate::console(&format!("waiting for children: {errno}"));
+                    return Reaped::None;
+                }
+            }
+        };
+        let Some(pid) = status.pid().filter(|_| matches!(status, WaitStatus::Exited(..) | WaitStatus::Signaled(..))) else {
+            return Reaped::Other;
+        };
+        let mut table = self.lock();
+        let Some(session) = table
+            .live
+            .iter()
+            .find(|(_, live)| live.workload.pid() == pid)
+            .map(|(id, _)| *id)
+        else {
+            return Reaped::Other;
+        };
+        let live = table.live.remove(&session).expect("found above");
+        let result = live.workload.result_of(status).expect("an end status");
+        if session == MAIN_SESSION {
+            table.accepting = false;
+            table.main_pumps = live.pumps;
+            return Reaped::Main(result);
+        }
+        let channel = self.channel;
+        table.finishers.push(std::thread::spawn(move || {
+            for pump in live.pumps {
+                let _ = pump.join();
+            }
+            send(channel, session, Message::Result(result));
+        }));
+        Reaped::Other
+    }
+
+    /// After the main workload ended: no new session starts; during a shutdown the exec
+    /// sessions get the rest of the grace period to end; then every process left is
+    /// killed and reaped, each exec session's result is sent, and the main session's
+    /// output drained. Its result is the caller's to send.
+    pub fn finish_main(&self) {
+        let shutting_down = {
+            let mut table = self.lock();
+            table.accepting = false;
+            table.shutting_down
+        };
+        if shutting_down {
+            // The shutdown timer kills what ignores SIGTERM.
+            while !self.lock().live.is_empty() {
+                if matches!(self.reap_next(), Reaped::None) {
+                    break;
+                }
+            }
+        }
+        // The sandbox ends with its workload: what is left would keep output pipes open.
+        // SAFETY: plain system call.
+        unsafe { libc::kill(-1, libc::SIGKILL) };
+        while !matches!(self.reap_next(), Reaped::None) {}
+        let (finishers, main_pumps) = {
+            let mut table = self.lock();
+            (std::mem::take(&mut table.finishers), std::mem::take(&mut table.main_pumps))
+        };
+        for thread in finishers.into_iter().chain(main_pumps) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn system(what: &'static str, source: std::io::Error) -> SupervisorError {
+    SupervisorError::StartFailed {
+        reason: StartFailure::Other,
+        message: format!("{what}: {source}"),
+    }
+}
+
+/// Sets the size of the terminal whose master is `terminal` (the kernel then sends the
+/// foreground process group SIGWINCH).
+fn resize(terminal: &File, size: TerminalSize) -> std::io::Result<()> {
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
+    if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &winsize) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A thread writing what the host sends to a session's stdin, so that a process that
+/// does not read cannot stall the frames of other sessions. Its end closes a pipe; a
+/// terminal gets its EOF character instead (^D ends a canonical-mode read at the start of
+/// a line), since closing this clone of the master would not hang it up.
+fn stdin_writer(mut stdin: File, tty: bool) -> Sender<Input> {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for input in receiver {
+            match input {
+                // A process that stopped reading closed its stdin; later input is dropped.
+                Input::Data(bytes) => {
+                    if stdin.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                Input::End => break,
+            }
+        }
+        if tty {
+            let _ = stdin.write_all(b"\x04");
+        }
+    });
+    sender
+}
+
+/// Sends everything `source` yields as `stream` data of `session`, then its end.
+fn pump_output(
+    mut source: File,
+    stream: Stream,
+    session: SessionId,
+    channel: &'static Channel,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 64 * 1024.min(MAX_PAYLOAD)];
+        loop {
+            match source.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let data = Message::Data {
+                        stream,
+                        bytes: buffer[..n].to_vec(),
+                    };
+                    if channel.send(&Frame::new(session, data)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // A terminal's master reads EIO once the last slave fd is closed: the end.
+                Err(_) => break,
+            }
+        }
+        let _ = channel.send(&Frame::new(session, Message::Eof { stream }));
+    })
+}
