@@ -3,24 +3,28 @@
 //! virtio-serial channel: a boot that cannot mount its root reports a typed boot error
 //! naming that step; a busybox EROFS root runs a workload as a numeric uid with its
 //! streams and exit code carried over the channel, on a terminal, and under a host signal;
-//! an identity layer, an ext4 upper that persists across boots and eth0 work; and each
-//! time the VM powers itself off.
+//! an identity layer, an ext4 upper that persists across boots and eth0 work; exec
+//! sessions run side by side with their own streams, terminal and results, a busy session
+//! id is refused, and the host's shutdown ends everything (SIGTERM, then SIGKILL after the
+//! grace period) with the exec results before the main one; and each time the VM powers
+//! itself off.
 
 use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{guest_files, run_with_timeout};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
-    RunAs, RunSpec, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
-    MAIN_SESSION,
+    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
+    WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_vm::qemu::Qemu;
-use kiln_vm::{Accel, Backend, Channel, Disk, Network, VmSpec};
+use kiln_vm::{Accel, Backend, Channel, Disk, Network, Share, VmSpec};
 
 /// A failing boot takes about 5 s under TCG; the rest is slack for a loaded machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -50,25 +54,6 @@ fn accept_until(listener: &UnixListener, deadline: Instant) -> UnixStream {
                 thread::sleep(Duration::from_millis(20))
             }
             Err(e) => panic!("QEMU did not connect to the channel socket: {e}"),
-        }
-    }
-}
-
-/// Every frame the guest sends until QEMU closes the channel.
-fn frames_until_eof(mut stream: UnixStream, deadline: Instant) -> Vec<Frame> {
-    let mut frames = Vec::new();
-    loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left)).unwrap();
-        match read_frame(&mut stream) {
-            Ok(Some(frame)) => frames.push(frame),
-            Ok(None) => return frames,
-            Err(e) => panic!(
-                "reading the channel after {} frames {frames:?}: {e}",
-                frames.len()
-            ),
         }
     }
 }
@@ -110,68 +95,156 @@ impl Boot {
 
     /// The bytes of one stream of the main session, and whether its end came.
     fn stream(&self, stream: Stream) -> (String, bool) {
-        let mut bytes = Vec::new();
-        let mut ended = false;
-        for frame in self.frames.iter().filter(|f| f.session == MAIN_SESSION) {
-            match &frame.message {
-                Message::Data {
-                    stream: s,
-                    bytes: b,
-                } if *s == stream => bytes.extend_from_slice(b),
-                Message::Eof { stream: s } if *s == stream => ended = true,
-                _ => {}
-            }
-        }
-        (String::from_utf8_lossy(&bytes).into_owned(), ended)
+        session_stream(&self.frames, MAIN_SESSION, stream)
     }
 }
 
-/// Boots the guest with `cmdline` (besides the TSC arguments), `disks` and `network`, sends `to_guest`
-/// once QEMU connects to the channel, and collects what comes back until QEMU exits by
-/// itself; panics if it does not within the deadline (QEMU is killed then).
-fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]) -> Boot {
-    let files = guest_files();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("channel.sock");
-    let console_log = dir.path().join("console.log");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let mut args = vec![
-        format!("tsc_early_khz={}", host_tsc_khz()),
-        "tsc=reliable".into(),
-    ];
-    args.extend(cmdline.iter().map(|a| a.to_string()));
-    let spec = VmSpec {
-        kernel: files.kernel.clone(),
-        initramfs: files.initramfs.clone(),
-        cmdline: args,
-        disks,
-        shares: Vec::new(),
-        cpus: 1,
-        memory_mib: 256,
-        network,
-        channel: Channel {
-            socket: socket.clone(),
-            port_name: "kiln.0".into(),
-        },
-        console_log: console_log.clone(),
-        accel: Accel::Tcg,
-    };
-    let deadline = Instant::now() + BOOT_DEADLINE;
-    // VmProcess kills QEMU when dropped, so a failed assertion leaves nothing behind.
-    let mut vm = Qemu::default().start(&spec).expect("starting QEMU");
-    let mut stream = accept_until(&listener, deadline);
-    for frame in to_guest {
-        write_frame(&mut stream, frame).expect("writing to the guest");
+/// The bytes of one stream of `session` in `frames`, and whether its end came.
+fn session_stream(frames: &[Frame], session: SessionId, stream: Stream) -> (String, bool) {
+    let mut bytes = Vec::new();
+    let mut ended = false;
+    for frame in frames.iter().filter(|f| f.session == session) {
+        match &frame.message {
+            Message::Data {
+                stream: s,
+                bytes: b,
+            } if *s == stream => bytes.extend_from_slice(b),
+            Message::Eof { stream: s } if *s == stream => ended = true,
+            _ => {}
+        }
     }
-    let frames = frames_until_eof(stream, deadline);
-    let status = vm.wait_until(deadline).expect("waiting for QEMU");
-    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
-    assert!(
-        status.is_some(),
-        "QEMU (pid {}) did not exit by itself within {BOOT_DEADLINE:?}; console:\n{console}",
-        vm.pid()
-    );
-    Boot { frames, console }
+    (String::from_utf8_lossy(&bytes).into_owned(), ended)
+}
+
+/// The results of `session` in `frames`, with their positions among all frames.
+fn session_results(frames: &[Frame], session: SessionId) -> Vec<(usize, &WorkloadResult)> {
+    frames
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match &f.message {
+            Message::Result(r) if f.session == session => Some((i, r)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A guest being talked to: frames go to it at will, and a reader thread collects every
+/// frame it sends until QEMU closes the channel.
+struct Conversation {
+    stream: UnixStream,
+    received: Arc<Mutex<Vec<Frame>>>,
+    reader: thread::JoinHandle<Result<(), String>>,
+    vm: kiln_vm::VmProcess,
+    console_log: PathBuf,
+    deadline: Instant,
+    _dir: tempfile::TempDir,
+}
+
+impl Conversation {
+    /// Boots the guest with `cmdline` (besides the TSC arguments), `disks`, `shares` and
+    /// `network`, and waits for QEMU to connect to the channel.
+    fn start(cmdline: &[&str], disks: Vec<Disk>, shares: Vec<Share>, network: Network) -> Self {
+        let files = guest_files();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("channel.sock");
+        let console_log = dir.path().join("console.log");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let mut args = vec![
+            format!("tsc_early_khz={}", host_tsc_khz()),
+            "tsc=reliable".into(),
+        ];
+        args.extend(cmdline.iter().map(|a| a.to_string()));
+        let spec = VmSpec {
+            kernel: files.kernel.clone(),
+            initramfs: files.initramfs.clone(),
+            cmdline: args,
+            disks,
+            shares,
+            cpus: 1,
+            memory_mib: 256,
+            network,
+            channel: Channel {
+                socket: socket.clone(),
+                port_name: "kiln.0".into(),
+            },
+            console_log: console_log.clone(),
+            accel: Accel::Tcg,
+        };
+        let deadline = Instant::now() + BOOT_DEADLINE;
+        // VmProcess kills QEMU when dropped, so a failed assertion leaves nothing behind.
+        let vm = Qemu::default().start(&spec).expect("starting QEMU");
+        let stream = accept_until(&listener, deadline);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (mut reading, sink) = (stream.try_clone().unwrap(), Arc::clone(&received));
+        let reader = thread::spawn(move || loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            reading.set_read_timeout(Some(left)).unwrap();
+            match read_frame(&mut reading) {
+                Ok(Some(frame)) => sink.lock().unwrap().push(frame),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("reading the channel: {e}")),
+            }
+        });
+        Conversation {
+            stream,
+            received,
+            reader,
+            vm,
+            console_log,
+            deadline,
+            _dir: dir,
+        }
+    }
+
+    fn send(&mut self, frame: Frame) {
+        write_frame(&mut self.stream, &frame).expect("writing to the guest");
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console_log).unwrap_or_default()
+    }
+
+    /// Waits until the frames received so far satisfy `done`; panics at the deadline.
+    fn wait_for(&self, what: &str, done: impl Fn(&[Frame]) -> bool) {
+        while !done(&self.received.lock().unwrap()) {
+            assert!(
+                Instant::now() < self.deadline && !self.reader.is_finished(),
+                "no {what} from the guest: {:?}\nconsole:\n{}",
+                self.received.lock().unwrap(),
+                self.console()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Collects what comes back until QEMU exits by itself; panics if it does not within
+    /// the deadline (QEMU is killed then).
+    fn finish(mut self) -> Boot {
+        let read = self.reader.join().expect("reader thread");
+        let status = self.vm.wait_until(self.deadline).expect("waiting for QEMU");
+        let console = std::fs::read_to_string(&self.console_log).unwrap_or_default();
+        let frames = std::mem::take(&mut *self.received.lock().unwrap());
+        read.unwrap_or_else(|e| panic!("{e} after {frames:?}"));
+        assert!(
+            status.is_some(),
+            "QEMU (pid {}) did not exit by itself within {BOOT_DEADLINE:?}; console:\n{console}",
+            self.vm.pid()
+        );
+        Boot { frames, console }
+    }
+}
+
+/// Boots the guest with `cmdline` (besides the TSC arguments), `disks` and `network`, sends
+/// `to_guest` once QEMU connects to the channel, and collects what comes back until QEMU
+/// exits by itself.
+fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]) -> Boot {
+    let mut guest = Conversation::start(cmdline, disks, Vec::new(), network);
+    for frame in to_guest {
+        guest.send(frame.clone());
+    }
+    guest.finish()
 }
 
 #[test]
@@ -519,5 +592,207 @@ fn a_terminal_workload_and_a_signal_from_the_host() {
         [&WorkloadResult::Killed { signal: 15 }],
         "{:?}",
         signalled.frames
+    );
+}
+
+/// The run spec of `sh -c script` as uid 10001.
+fn shell_spec(script: &str) -> RunSpec {
+    RunSpec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        cwd: None,
+        identity: Identity {
+            run_as: RunAs::Uid,
+            uid: 10001,
+            gid: 10001,
+        },
+        tty: false,
+        terminal: None,
+    }
+}
+
+/// Boots a busybox root and starts `main` as the main workload with its stdin closed.
+fn start_main(dir: &Path, main: &str) -> Conversation {
+    let disk = Disk {
+        id: "root".into(),
+        path: busybox_root(dir),
+        read_only: true,
+    };
+    let mut guest = Conversation::start(&["kiln.root=root"], vec![disk], Vec::new(), Network::None);
+    guest.send(Frame::new(
+        CONTROL_SESSION,
+        Message::Hello(Hello::ours("guest_boot test")),
+    ));
+    guest.send(Frame::new(MAIN_SESSION, Message::Run(shell_spec(main))));
+    guest.send(Frame::new(
+        MAIN_SESSION,
+        Message::Eof {
+            stream: Stream::Stdin,
+        },
+    ));
+    guest
+}
+
+/// Whether `session` printed `text` on stdout.
+fn printed(session: SessionId, text: &'static str) -> impl Fn(&[Frame]) -> bool {
+    move |frames| {
+        session_stream(frames, session, Stream::Stdout)
+            .0
+            .contains(text)
+    }
+}
+
+#[test]
+fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
+    if !have_busybox() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut guest = start_main(dir.path(), "echo main; exec sleep 600");
+    guest.wait_for("main workload output", printed(MAIN_SESSION, "main"));
+
+    // Four sessions at once, each with its own output, input and exit code.
+    for session in 2..=5 {
+        let script =
+            format!("read line; echo out-$line-{session}; echo err-{session} >&2; exit {session}");
+        guest.send(Frame::new(session, Message::Run(shell_spec(&script))));
+    }
+    for session in (2..=5).rev() {
+        let line = Message::Data {
+            stream: Stream::Stdin,
+            bytes: format!("in{session}\n").into_bytes(),
+        };
+        guest.send(Frame::new(session, line));
+    }
+    // A terminal session, and a long one whose id is then asked for again.
+    let mut tty = shell_spec("tty; stty size");
+    tty.tty = true;
+    tty.terminal = Some(TerminalSize { rows: 30, cols: 90 });
+    guest.send(Frame::new(6, Message::Run(tty)));
+    guest.send(Frame::new(
+        7,
+        Message::Run(shell_spec("echo long; exec sleep 600")),
+    ));
+    guest.wait_for("the long session's output", printed(7, "long"));
+    guest.send(Frame::new(7, Message::Run(shell_spec("echo second"))));
+    guest.wait_for("results of sessions 2-6 and the busy refusal", |frames| {
+        (2..=6).all(|s| !session_results(frames, s).is_empty())
+            && !session_results(frames, 7).is_empty()
+    });
+    guest.send(Frame::new(
+        CONTROL_SESSION,
+        Message::Shutdown(ShutdownRequest { grace_ms: 10_000 }),
+    ));
+    let boot = guest.finish();
+    let frames = &boot.frames;
+
+    for session in 2..=5u32 {
+        let results: Vec<_> = session_results(frames, session)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(
+            results,
+            [&WorkloadResult::Exited {
+                code: session as i32
+            }],
+            "session {session}: {frames:?}"
+        );
+        assert_eq!(
+            session_stream(frames, session, Stream::Stdout),
+            (format!("out-in{session}-{session}\n"), true),
+            "session {session}"
+        );
+        assert_eq!(
+            session_stream(frames, session, Stream::Stderr),
+            (format!("err-{session}\n"), true)
+        );
+    }
+    assert!(
+        matches!(
+            session_results(frames, 6)[..],
+            [(_, WorkloadResult::Exited { code: 0 })]
+        ),
+        "{frames:?}"
+    );
+    let (out, ended) = session_stream(frames, 6, Stream::Stdout);
+    assert!(
+        out.starts_with("/dev/pts/") && out.contains("30 90") && ended,
+        "{out:?}"
+    );
+
+    // Session 7: refused while busy, then ended by the shutdown's SIGTERM, before the
+    // main workload's result.
+    let long = session_results(frames, 7);
+    assert!(
+        matches!(
+            long[..],
+            [
+                (
+                    _,
+                    WorkloadResult::StartFailed {
+                        reason: kiln_protocol::StartFailure::Other,
+                        ..
+                    }
+                ),
+                (_, WorkloadResult::Killed { signal: 15 })
+            ]
+        ),
+        "{long:?}"
+    );
+    assert!(!session_stream(frames, 7, Stream::Stdout)
+        .0
+        .contains("second"));
+    let main = session_results(frames, MAIN_SESSION);
+    assert!(
+        matches!(main[..], [(_, WorkloadResult::Killed { signal: 15 })]),
+        "{main:?}"
+    );
+    assert!(
+        long[1].0 < main[0].0,
+        "exec results come before the main result: {frames:?}"
+    );
+    assert_eq!(
+        boot.phases().last(),
+        Some(&BootPhase::Shutdown),
+        "{frames:?}"
+    );
+
+    assert!(boot.boot_errors().is_empty(), "{frames:?}");
+}
+
+#[test]
+fn a_shutdown_kills_what_ignores_sigterm_after_the_grace_period() {
+    if !have_busybox() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stubborn = "trap '' TERM; echo ready; while :; do sleep 1; done";
+    let mut guest = start_main(dir.path(), stubborn);
+    guest.send(Frame::new(2, Message::Run(shell_spec(stubborn))));
+    guest.wait_for("both workloads ready", |frames| {
+        printed(MAIN_SESSION, "ready")(frames) && printed(2, "ready")(frames)
+    });
+    guest.send(Frame::new(
+        CONTROL_SESSION,
+        Message::Shutdown(ShutdownRequest { grace_ms: 2_000 }),
+    ));
+    let boot = guest.finish();
+    let frames = &boot.frames;
+    let exec = session_results(frames, 2);
+    let main = session_results(frames, MAIN_SESSION);
+    assert!(
+        matches!(exec[..], [(_, WorkloadResult::Killed { signal: 9 })]),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(main[..], [(_, WorkloadResult::Killed { signal: 9 })]),
+        "{frames:?}"
+    );
+    assert!(exec[0].0 < main[0].0, "{frames:?}");
+    assert_eq!(
+        boot.phases().last(),
+        Some(&BootPhase::Shutdown),
+        "{frames:?}"
     );
 }
