@@ -1,8 +1,9 @@
 //! `kiln serve` end to end: the `kiln` binary serving the driver API on a unix socket,
 //! driven by the Rust client generated from crates/server/proto (kiln_server::proto).
 //! Covers the socket's permissions, the refusal of another uid (SO_PEERCRED), the gRPC
-//! error codes, a whole sandbox life with real VM boots under TCG (events in order, stop,
-//! delete) and recovery when the server restarts or a monitor dies. Every test
+//! error codes, a whole sandbox life with real VM boots under TCG (events in order; exec
+//! with stdin, four at once, a signal; stop; delete) and recovery when the server restarts
+//! (re-attached: get, exec, stop, watch) or a monitor dies (failed, no QEMU left). Every test
 //! kills what it started: the server, and any monitor or QEMU naming its root.
 
 use std::fs;
@@ -15,14 +16,17 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{fixtures, guest_files, kiln_bin, require_root, Registry};
+use kiln_server::proto;
 use kiln_server::proto::driver_client::DriverClient;
 use kiln_server::proto::event::Kind;
 use kiln_server::proto::exec_input;
+use kiln_server::proto::exec_output;
 use kiln_server::proto::{
     CreateRequest, DeleteRequest, Event, ExecInput, ExecStart, GetRequest, ListRequest, Network,
-    Sandbox, StartRequest, Status, StopRequest, WatchRequest,
+    Sandbox, StartRequest, Status, StdinEof, StopRequest, WatchRequest,
 };
 use tempfile::TempDir;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -230,6 +234,75 @@ fn long_lived(image: &str, name: &str) -> CreateRequest {
 
 fn status(sandbox: &Sandbox) -> Status {
     Status::try_from(sandbox.status).unwrap_or(Status::Unspecified)
+}
+
+/// The Exec message that starts `argv` in `sandbox`.
+fn exec_start(sandbox: &str, argv: &[&str]) -> ExecInput {
+    let start = ExecStart {
+        sandbox: sandbox.to_owned(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..ExecStart::default()
+    };
+    ExecInput {
+        kind: Some(exec_input::Kind::Start(start)),
+    }
+}
+
+/// What an Exec stream delivered: stdout, stderr and the exit code.
+#[derive(Debug, Default)]
+struct ExecResult {
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+}
+
+impl ExecResult {
+    /// Takes the next message of `outputs`; false once the stream has ended.
+    async fn read(&mut self, outputs: &mut tonic::Streaming<proto::ExecOutput>) -> bool {
+        let output = tokio::time::timeout(BOOT_TIMEOUT, outputs.message())
+            .await
+            .expect("exec output in time")
+            .expect("exec stream");
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        match output.and_then(|o| o.kind) {
+            Some(exec_output::Kind::Stdout(bytes)) => self.stdout.push_str(&text(bytes)),
+            Some(exec_output::Kind::Stderr(bytes)) => self.stderr.push_str(&text(bytes)),
+            Some(exec_output::Kind::Exit(exit)) => self.code = Some(exit.exit_code),
+            None => return false,
+        }
+        true
+    }
+
+    /// Reads `outputs` to its end.
+    async fn finish(
+        mut self,
+        outputs: &mut tonic::Streaming<proto::ExecOutput>,
+    ) -> (String, String, i32) {
+        while self.read(outputs).await {}
+        let code = self.code.expect("the exec stream ended with an exit");
+        (self.stdout, self.stderr, code)
+    }
+}
+
+/// Runs `argv` in the sandbox with `stdin` and returns (stdout, stderr, exit code).
+async fn exec(
+    client: &mut DriverClient<Channel>,
+    sandbox: &str,
+    argv: &[&str],
+    stdin: &[u8],
+) -> (String, String, i32) {
+    let inputs = vec![
+        exec_start(sandbox, argv),
+        ExecInput {
+            kind: Some(exec_input::Kind::Stdin(stdin.to_vec())),
+        },
+        ExecInput {
+            kind: Some(exec_input::Kind::StdinEof(StdinEof {})),
+        },
+    ];
+    let response = client.exec(tokio_stream::iter(inputs)).await;
+    let mut outputs = response.expect("exec").into_inner();
+    ExecResult::default().finish(&mut outputs).await
 }
 
 /// The next event of `events`, within the boot timeout.
@@ -584,8 +657,8 @@ fn error_codes_name_the_input() {
 // A whole life through gRPC, with real boots
 
 #[test]
-fn create_watch_stop_delete_through_grpc() {
-    if !require_root("create_watch_stop_delete_through_grpc") {
+fn create_watch_exec_stop_delete_through_grpc() {
+    if !require_root("create_watch_exec_stop_delete_through_grpc") {
         return;
     }
     let registry = Registry::start(None);
@@ -669,6 +742,53 @@ fn create_watch_stop_delete_through_grpc() {
             "{names:?}"
         );
 
+        let (stdout, stderr, code) = exec(
+            &mut client,
+            &created.id,
+            &["sh", "-c", "cat; id -u; echo oops >&2; exit 3"],
+            b"from stdin\n",
+        )
+        .await;
+        assert_eq!(
+            (stdout.as_str(), stderr.as_str(), code),
+            ("from stdin\n10001\n", "oops\n", 3)
+        );
+
+        // Four Exec streams at once, each with its own output and exit code.
+        let runs: Vec<_> = (1..=4)
+            .map(|n| {
+                let (mut client, id) = (client.clone(), created.id.clone());
+                tokio::spawn(async move {
+                    let script = format!("sleep 1; echo out{n}; echo err{n} >&2; exit {n}");
+                    exec(&mut client, &id, &["sh", "-c", &script], b"").await
+                })
+            })
+            .collect();
+        for (n, run) in (1..=4).zip(runs) {
+            let expected = (format!("out{n}\n"), format!("err{n}\n"), n);
+            assert_eq!(run.await.unwrap(), expected);
+        }
+
+        // An interactive stream: a signal reaches the process once it is ready.
+        let (inputs, rx) = tokio::sync::mpsc::channel(4);
+        let script = "echo ready; exec sleep 60";
+        inputs
+            .send(exec_start("life", &["sh", "-c", script]))
+            .await
+            .unwrap();
+        let response = client.exec(ReceiverStream::new(rx)).await;
+        let mut outputs = response.expect("exec").into_inner();
+        let mut result = ExecResult::default();
+        while !result.stdout.contains("ready") {
+            assert!(result.read(&mut outputs).await, "{result:?}");
+        }
+        let signal = ExecInput {
+            kind: Some(exec_input::Kind::Signal(libc::SIGKILL)),
+        };
+        inputs.send(signal).await.unwrap();
+        let (_, _, code) = result.finish(&mut outputs).await;
+        assert_eq!(code, 128 + libc::SIGKILL);
+
         stop_and_see_exit(&mut client, &mut events, "life", &workspace).await;
 
         client
@@ -724,6 +844,9 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
         assert_eq!(status(&got), Status::Running, "{got:?}");
         let got = client.get(get(&idle.id)).await.unwrap().into_inner();
         assert_eq!(status(&got), Status::Created, "{got:?}");
+        let (stdout, _, code) =
+            exec(&mut client, "up", &["sh", "-c", "echo still here"], b"").await;
+        assert_eq!((stdout.as_str(), code), ("still here\n", 0));
 
         let mut events = client
             .watch(WatchRequest {
