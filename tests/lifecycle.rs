@@ -184,6 +184,22 @@ fn logs_follow_until_the_workload_ends() {
 }
 
 #[test]
+fn a_sandbox_kiln_run_kept_can_be_started_again() {
+    if !require_root("a_sandbox_kiln_run_kept_can_be_started_again") {
+        return;
+    }
+    let root = Root::new();
+    let script = "echo boot >> /sandbox/boots; echo boots=$(wc -l < /sandbox/boots); exit 3";
+    let ran = root.kiln(&["run", "--name", "kept", &demo_image(), "sh", "-c", script]);
+    assert_eq!(ran.status.code(), Some(3), "{}", describe(&ran));
+    let kept = root.inspect("kept");
+    assert_eq!((&kept["status"], &kept["exit_code"]), (&"exited".into(), &3.into()), "{kept}");
+    root.ok(&["start", "kept"]);
+    let logs = root.ok(&["logs", "-f", "kept"]);
+    assert!(logs.contains("boots=2"), "the second boot sees the first one's file: {logs}");
+}
+
+#[test]
 fn ids_and_names_are_checked() {
     if !require_root("ids_and_names_are_checked") {
         return;
@@ -259,3 +275,96 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
     root.ok(&["stop", "-t", "1", &id]);
 }
 
+/// `kiln -q exec ARGS` with `input` on its stdin.
+fn exec_with_input(root: &Root, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let guest = guest_files();
+    let mut child = Command::new(kiln_bin())
+        .env("KILN_ROOT", root.path())
+        .env("KILN_KERNEL", &guest.kernel)
+        .env("KILN_INITRAMFS", &guest.initramfs)
+        .args(["-q", "exec"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + COMMAND_TIMEOUT;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if Instant::now() >= deadline {
+                    // SAFETY: kill has no memory-safety preconditions; the group is the
+                    // child's own and the child is not reaped yet.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    output
+}
+
+#[test]
+fn exec_runs_commands_in_a_running_sandbox() {
+    if !require_root("exec_runs_commands_in_a_running_sandbox") {
+        return;
+    }
+    let root = Root::new();
+    let id = root.ok(&["run", "-d", "--name", "execbox", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]);
+    let id = id.trim();
+    root.wait_for_log(id, "up");
+
+    // Four sessions at once, each with its own output and exit code.
+    let outputs: Vec<(i32, Output)> = thread::scope(|scope| {
+        let handles: Vec<_> = (3..7)
+            .map(|n| {
+                let root = &root;
+                scope.spawn(move || {
+                    let script = format!("sleep 1; echo out-{n}; echo err-{n} >&2; exit {n}");
+                    (n, root.kiln(&["exec", "execbox", "sh", "-c", &script]))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (n, output) in &outputs {
+        assert_eq!(output.status.code(), Some(*n), "{}", describe(output));
+        assert_eq!(text(&output.stdout), format!("out-{n}\n"), "{}", describe(output));
+        assert_eq!(text(&output.stderr), format!("err-{n}\n"), "{}", describe(output));
+    }
+
+    // The sandbox identity, -e and -w, and stdin with -i.
+    let facts = root.ok(&["exec", "-e", "FROM_E=e value", "-w", "/tmp", id, "sh", "-c", "echo $(id -u):$(id -g) $FROM_E $(pwd)"]);
+    assert_eq!(facts, "10001:10001 e value /tmp\n");
+    let echoed = exec_with_input(&root, &["-i", id, "sh", "-c", "cat > /sandbox/kept; cat /sandbox/kept"], b"typed in\n");
+    assert!(echoed.status.success(), "{}", describe(&echoed));
+    assert_eq!(text(&echoed.stdout), "typed in\n");
+    let terminal = root.ok(&["exec", "-t", id, "tty"]);
+    assert!(terminal.starts_with("/dev/pts/"), "-t gives the command a terminal: {terminal:?}");
+    let missing = root.kiln(&["exec", id, "/no/such/program"]);
+    assert_eq!(missing.status.code(), Some(127), "{}", describe(&missing));
+
+    // A file written by exec survives stop/start; exec needs a running sandbox.
+    root.ok(&["stop", "-t", "1", id]);
+    let stopped = root.kiln(&["exec", id, "true"]);
+    assert_eq!(stopped.status.code(), Some(125), "{}", describe(&stopped));
+    assert!(text(&stopped.stderr).contains("not running"), "{}", describe(&stopped));
+    root.ok(&["start", id]);
+    root.wait_for_log(id, "up\nup");
+    assert_eq!(root.ok(&["exec", id, "cat", "/sandbox/kept"]), "typed in\n");
+    root.ok(&["rm", "-f", id]);
+}

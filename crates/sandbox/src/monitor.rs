@@ -26,9 +26,9 @@ use kiln_protocol::{
 use kiln_vm::accel::AccelRequest;
 use kiln_vm::GuestImages;
 
-use crate::launch::{Control, HostIo, LaunchError};
+use crate::launch::{Control, HostIo};
 use crate::lifecycle::{pinned_images, LifecycleError};
-use crate::run::{boot, Host, RunError, Upper};
+use crate::run::{boot, end_status, Host, RunError, Upper};
 use crate::state::{
     now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_LOCK, MONITOR_SOCKET, RECORD_FILE,
     STATE_FILE, STDERR_LOG, STDOUT_LOG,
@@ -83,7 +83,7 @@ pub fn is_alive(sandbox: &SandboxDir) -> bool {
 }
 
 /// The lock file with an exclusive lock held, or `None` when another process holds it.
-fn take_lock(sandbox: &SandboxDir) -> Result<Option<File>, LifecycleError> {
+pub(crate) fn take_lock(sandbox: &SandboxDir) -> Result<Option<File>, StateError> {
     let path = sandbox.file(MONITOR_LOCK);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -98,7 +98,7 @@ fn take_lock(sandbox: &SandboxDir) -> Result<Option<File>, LifecycleError> {
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Ok(None);
         }
-        return Err(StateError::Io { path, source: err }.into());
+        return Err(StateError::Io { path, source: err });
     }
     Ok(Some(file))
 }
@@ -171,18 +171,7 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
         let upper = Upper::Disk(kiln_vm::disk::upper_disk_path(sandbox.path()));
         let outcome = boot(sandbox, record, &prepared, &host, upper, None, io, control_rx);
         let _ = forwarder.join();
-        let status = match outcome {
-            Ok(outcome) => {
-                Status::Exited { exit_code: outcome.result.exit_code(), result: outcome.result }
-            }
-            // Stopped, and the workload outlived the grace period: killed with the VM.
-            Err(RunError::Launch(LaunchError::Interrupted { .. })) => {
-                let result = WorkloadResult::Killed { signal: libc::SIGKILL };
-                Status::Exited { exit_code: result.exit_code(), result }
-            }
-            Err(err) => Status::Failed { message: err.to_string() },
-        };
-        let _ = router_tx.send(RouterEvent::Finished(status));
+        let _ = router_tx.send(RouterEvent::Finished(end_status(&outcome)));
         router.join().expect("the router does not panic")
     })?;
     let _ = std::fs::remove_file(&address);

@@ -12,9 +12,13 @@ use serde::Serialize;
 
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome, VmTimings};
 use crate::lifecycle::CreateRequest;
+use crate::monitor::take_lock;
 use crate::prepare::{prepare_images, PrepareError, PreparedImages};
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
-use crate::state::{now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, RECORD_FILE};
+use crate::state::{
+    now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status, RECORD_FILE,
+    STATE_FILE,
+};
 
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
 pub const UPPER_DISK_MIB: u64 = 8 * 1024;
@@ -96,8 +100,17 @@ pub fn run(
 
     let sandbox = SandboxDir::create(root, create.name.as_deref())?;
     let record = sandbox_record(&sandbox, create, &prepared, run_spec);
+    // This process is the sandbox's monitor while it runs: `start` and `rm` see it alive.
+    let _lock = take_lock(&sandbox)?;
+    let started = StateRecord {
+        status: Status::Running,
+        monitor_pid: Some(std::process::id()),
+        started_unix: Some(now_unix()),
+        ended_unix: None,
+    };
     let outcome = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| sandbox.write_json(STATE_FILE, &started))
         .map_err(RunError::from)
         .and_then(|()| {
             let upper = if request.remove { Upper::Tmpfs } else { Upper::create(&sandbox)? };
@@ -106,6 +119,11 @@ pub fn run(
     let sandbox_id = sandbox.id().to_owned();
     if request.remove {
         sandbox.remove()?;
+    } else {
+        // A kept sandbox can be started again later, like a created one.
+        let ended =
+            StateRecord { status: end_status(&outcome), monitor_pid: None, ended_unix: Some(now_unix()), ..started };
+        sandbox.write_json(STATE_FILE, &ended)?;
     }
     let outcome = outcome?;
     Ok(RunReport {
@@ -115,6 +133,19 @@ pub fn run(
         accel: host.verdict,
         timings: RunTimings { pull: prepared.pull_time, build: prepared.build_time, vm: outcome.timings },
     })
+}
+
+/// How a sandbox ended after a boot: its workload's result, or the boot's failure. A
+/// workload that outlived the grace period of a stop was killed with the VM.
+pub(crate) fn end_status(outcome: &Result<LaunchOutcome, RunError>) -> Status {
+    match outcome {
+        Ok(outcome) => Status::Exited { exit_code: outcome.result.exit_code(), result: outcome.result.clone() },
+        Err(RunError::Launch(LaunchError::Interrupted { .. })) => {
+            let result = WorkloadResult::Killed { signal: 9 };
+            Status::Exited { exit_code: result.exit_code(), result }
+        }
+        Err(err) => Status::Failed { message: err.to_string() },
+    }
 }
 
 /// The main workload's run spec: the image's config with the request's overrides.
