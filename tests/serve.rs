@@ -791,6 +791,11 @@ fn create_watch_exec_stop_delete_through_grpc() {
 
         stop_and_see_exit(&mut client, &mut events, "life", &workspace).await;
 
+        let watch_one = WatchRequest {
+            sandbox: "life".into(),
+            initial_state: false,
+        };
+        let mut life_events = client.watch(watch_one).await.unwrap().into_inner();
         client
             .delete(DeleteRequest {
                 sandbox: "life".into(),
@@ -800,6 +805,10 @@ fn create_watch_exec_stop_delete_through_grpc() {
             .unwrap();
         let seen = events_until(&mut events, "deleted").await;
         assert_eq!(seen.len(), 1, "{seen:?}");
+        // A watch of that one sandbox ends with its deletion.
+        assert_eq!(kind_name(&next_event(&mut life_events).await), "deleted");
+        let end = tokio::time::timeout(BOOT_TIMEOUT, life_events.message()).await;
+        assert!(matches!(end, Ok(Ok(None))), "{end:?}");
         let list = client.list(ListRequest {}).await.unwrap().into_inner();
         assert!(list.sandboxes.is_empty(), "{list:?}");
         assert!(!workspace

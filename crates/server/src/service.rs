@@ -244,7 +244,11 @@ impl Driver for DriverService {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let last = event.is_err();
+                // A watch of one sandbox ends with its deletion.
+                let last = match &event {
+                    Ok(event) => only.is_some() && matches!(event.kind, Some(Kind::Deleted(_))),
+                    Err(_) => true,
+                };
                 if tx.send(event).await.is_err() || last {
                     return;
                 }
