@@ -2,7 +2,7 @@
 //! driven by the Rust client generated from crates/server/proto (kiln_server::proto).
 //! Covers the socket's permissions, the refusal of another uid (SO_PEERCRED), the gRPC
 //! error codes, a whole sandbox life with real VM boots under TCG (events in order; exec
-//! with stdin, four at once, a signal; stop; delete) and recovery when the server restarts
+//! with stdin, four at once, on a tty, a signal; stop; delete) and recovery when the server restarts
 //! (re-attached: get, exec, stop, watch) or a monitor dies (failed, no QEMU left). Every test
 //! kills what it started: the server, and any monitor or QEMU naming its root.
 
@@ -768,6 +768,27 @@ fn create_watch_exec_stop_delete_through_grpc() {
             let expected = (format!("out{n}\n"), format!("err{n}\n"), n);
             assert_eq!(run.await.unwrap(), expected);
         }
+
+        // On a terminal of the given size; stderr comes through the terminal too.
+        let mut start = exec_start(
+            "life",
+            &["sh", "-c", "[ -t 1 ] && echo on-tty; echo err >&2"],
+        );
+        if let Some(exec_input::Kind::Start(start)) = &mut start.kind {
+            start.tty = true;
+            start.terminal = Some(proto::TerminalSize {
+                rows: 30,
+                cols: 100,
+            });
+        }
+        let response = client.exec(tokio_stream::iter(vec![start])).await;
+        let mut outputs = response.expect("exec").into_inner();
+        let (stdout, stderr, code) = ExecResult::default().finish(&mut outputs).await;
+        assert!(
+            stdout.contains("on-tty") && stdout.contains("err"),
+            "{stdout:?}"
+        );
+        assert_eq!((stderr.as_str(), code), ("", 0));
 
         // An interactive stream: a signal reaches the process once it is ready.
         let (inputs, rx) = tokio::sync::mpsc::channel(4);
