@@ -18,11 +18,12 @@ pub struct GlobalArgs {
     json: bool,
 
     /// Print nothing but errors and requested output.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true)]
     quiet: bool,
 
-    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides. Given before
+    /// the command: after `run` or `create`, -v shares a volume, as in docker.
+    #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
 }
 
@@ -44,6 +45,10 @@ impl Globals {
             Some(root) => root,
             None => default_root()?,
         };
+        // Not a clap conflict: -v is not global (it is a volume after run/create).
+        if args.quiet && args.verbose > 0 {
+            bail!("-q and -v contradict each other; give one of them");
+        }
         Ok(Self { root, json: args.json, quiet: args.quiet, verbose: args.verbose })
     }
 

@@ -12,7 +12,9 @@ use clap::Args;
 use kiln_image::{ImageRef, PullPolicy};
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::launch::{Control, HostIo};
-use kiln_sandbox::options::{parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, validate_name};
+use kiln_sandbox::options::{
+    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes, validate_name,
+};
 use kiln_sandbox::lifecycle::CreateRequest;
 use kiln_sandbox::run::{RunReport, RunRequest};
 use kiln_sandbox::spec::Overrides;
@@ -49,6 +51,10 @@ pub struct RunArgs {
     /// Print how long each phase took (on stderr).
     #[arg(long)]
     timings: bool,
+
+    /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
+    #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]", conflicts_with = "detach")]
+    volumes: Vec<String>,
 
     #[command(flatten)]
     sandbox: SandboxArgs,
@@ -143,6 +149,7 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
         timeout: args.timeout.as_deref().map(parse_timeout).transpose().map_err(kiln_error)?,
         remove: args.rm,
         terminal,
+        volumes: parse_volumes(&args.volumes).map_err(kiln_error)?,
     };
 
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;

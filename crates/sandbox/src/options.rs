@@ -1,6 +1,9 @@
 //! Parsing and validating the inputs of a run request.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// A bad value in a run request, naming the input and what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +22,94 @@ pub enum OptionError {
 
     #[error("invalid {what} {value:?}: expected {accepted}")]
     Value { what: &'static str, value: String, accepted: &'static str },
+
+    #[error("invalid volume {value:?}: {reason}; expected HOSTDIR:GUESTDIR[:ro] with HOSTDIR an existing directory and GUESTDIR an absolute path")]
+    Volume { value: String, reason: String },
+}
+
+/// A host directory shared into the sandbox (`-v HOSTDIR:GUESTDIR[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Canonical absolute path of the host directory.
+    pub host: PathBuf,
+    /// Absolute, normalised path in the sandbox.
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// Guest directories a volume may not cover: the root, and the kernel's filesystems that
+/// init mounts and the sandbox needs.
+const RESERVED_GUEST_PATHS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Parses `-v HOSTDIR:GUESTDIR[:ro]` (`:rw` is accepted as the default). HOSTDIR must be
+/// an existing directory, given relative or absolute, and is made canonical (symlinks
+/// resolved now, so the share cannot be redirected later); GUESTDIR must be absolute and
+/// is normalised (`.` and empty components dropped, `..` refused), must not be `/` or
+/// under /proc, /sys, /dev, and may not hold whitespace, commas, quotes or control
+/// characters (it travels on the kernel command line).
+pub fn parse_volume(text: &str) -> Result<Volume, OptionError> {
+    let bad = |reason: String| OptionError::Volume { value: text.to_owned(), reason };
+    let mut fields: Vec<&str> = text.split(':').collect();
+    let read_only = match fields.as_slice() {
+        [_, _] => false,
+        [_, _, "ro"] => true,
+        [_, _, "rw"] => false,
+        [_, _, mode] => return Err(bad(format!("unknown mode {mode:?} (accepted: ro, rw)"))),
+        _ => return Err(bad("expected two or three fields separated by ':' (HOSTDIR may not hold ':')".into())),
+    };
+    fields.truncate(2);
+    let (host, guest) = (fields[0], fields[1]);
+    if host.is_empty() {
+        return Err(bad("the host directory is empty".into()));
+    }
+    let host = std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
+    if !host.is_dir() {
+        return Err(bad(format!("host path {} is not a directory", host.display())));
+    }
+    if host.to_str().is_none() {
+        return Err(bad(format!("host path {} is not valid UTF-8", host.display())));
+    }
+    Ok(Volume { host, guest: normalise_guest_path(guest).map_err(bad)?, read_only })
+}
+
+fn normalise_guest_path(guest: &str) -> Result<String, String> {
+    if !guest.starts_with('/') {
+        return Err(format!("guest path {guest:?} is not absolute"));
+    }
+    if guest.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '"')) {
+        return Err(format!("guest path {guest:?} holds whitespace, a comma, a quote or a control character"));
+    }
+    let mut normal = String::new();
+    for component in guest.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if component == ".." {
+            return Err(format!("guest path {guest:?} has a '..' component"));
+        }
+        normal.push('/');
+        normal.push_str(component);
+    }
+    if normal.is_empty() {
+        return Err("the guest path is the sandbox's root".into());
+    }
+    if RESERVED_GUEST_PATHS.iter().any(|reserved| Path::new(&normal).starts_with(reserved)) {
+        return Err(format!("guest path {normal} is under /proc, /sys or /dev"));
+    }
+    Ok(normal)
+}
+
+/// Parses every `-v` and refuses two volumes at the same guest path.
+pub fn parse_volumes(texts: &[String]) -> Result<Vec<Volume>, OptionError> {
+    let mut volumes: Vec<Volume> = Vec::new();
+    for text in texts {
+        let volume = parse_volume(text)?;
+        if volumes.iter().any(|v| v.guest == volume.guest) {
+            return Err(OptionError::Volume {
+                value: text.clone(),
+                reason: format!("another volume is already mounted at {}", volume.guest),
+            });
+        }
+        volumes.push(volume);
+    }
+    Ok(volumes)
 }
 
 /// Parses `KEY=VALUE`; a bare `KEY` takes its value from `lookup` (kiln's environment)
@@ -163,6 +254,44 @@ mod tests {
         for bad in ["0", "-1", "+5", "1.5", "", "31536001"] {
             assert!(parse_timeout(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().canonicalize().unwrap();
+        std::fs::write(host.join("file"), "").unwrap();
+        std::os::unix::fs::symlink(&host, host.join("link")).unwrap();
+        let h = host.display();
+        assert_eq!(
+            parse_volume(&format!("{h}:/data")).unwrap(),
+            Volume { host: host.clone(), guest: "/data".into(), read_only: false }
+        );
+        let volume = parse_volume(&format!("{h}/link/.:/srv//in/./x/:ro")).unwrap();
+        assert_eq!(volume, Volume { host: host.clone(), guest: "/srv/in/x".into(), read_only: true });
+        assert!(!parse_volume(&format!("{h}:/data:rw")).unwrap().read_only);
+
+        for (bad, names) in [
+            (format!("{h}/missing:/data"), format!("{h}/missing")),
+            (format!("{h}/file:/data"), format!("{h}/file")),
+            (format!("{h}:data"), "\"data\"".to_owned()),
+            (format!("{h}:/"), "root".to_owned()),
+            (format!("{h}:/a/../b"), "'..'".to_owned()),
+            (format!("{h}:/proc/x"), "/proc".to_owned()),
+            (format!("{h}:/dev"), "/dev".to_owned()),
+            (format!("{h}:/a,b"), "comma".to_owned()),
+            (format!("{h}:/a b"), "whitespace".to_owned()),
+            (format!("{h}:/a:rx"), "\"rx\"".to_owned()),
+            (format!("{h}"), "two or three fields".to_owned()),
+            (format!("{h}:/a:ro:x"), "two or three fields".to_owned()),
+            (":/a".to_owned(), "empty".to_owned()),
+        ] {
+            let err = parse_volume(&bad).unwrap_err().to_string();
+            assert!(err.contains(&names), "{bad}: {err}");
+            assert!(err.contains("HOSTDIR:GUESTDIR[:ro]"), "{bad}: {err}");
+        }
+        let twice = [format!("{h}:/a"), format!("{h}/link:/a/")];
+        assert!(parse_volumes(&twice).unwrap_err().to_string().contains("already mounted at /a"));
     }
 
     proptest::proptest! {

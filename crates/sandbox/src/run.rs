@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{BootStep, Identity, RunAs, RunSpec, TerminalSize, WorkloadResult};
 use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
 use kiln_vm::qemu::Qemu;
-use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, VmError, VmSpec};
+use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec};
 use serde::Serialize;
 
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome, VmTimings};
 use crate::lifecycle::CreateRequest;
+use crate::options::Volume;
 use crate::monitor::take_lock;
 use crate::prepare::{prepare_images, PrepareError, PreparedImages};
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
@@ -38,6 +39,8 @@ pub struct RunRequest {
     pub remove: bool,
     /// A terminal of this size for the workload (`-t`).
     pub terminal: Option<TerminalSize>,
+    /// Host directories shared into the sandbox (`-v`).
+    pub volumes: Vec<Volume>,
 }
 
 /// Durations of every phase of a run.
@@ -99,7 +102,8 @@ pub fn run(
     let host = Host::new(root, guest, create.accel, &create.qemu, notice)?;
 
     let sandbox = SandboxDir::create(root, create.name.as_deref())?;
-    let record = sandbox_record(&sandbox, create, &prepared, run_spec);
+    let mut record = sandbox_record(&sandbox, create, &prepared, run_spec);
+    record.volumes = request.volumes;
     // This process is the sandbox's monitor while it runs: `start` and `rm` see it alive.
     let _lock = take_lock(&sandbox)?;
     let started = StateRecord {
@@ -183,7 +187,28 @@ pub(crate) fn sandbox_record(
         }
         .to_owned(),
         qemu: request.qemu.clone(),
+        volumes: Vec::new(),
     }
+}
+
+/// The virtio-9p shares of `volumes` (tags `vol0`, `vol1`, ...) and the `kiln.vol=`
+/// kernel arguments that tell the guest's init where to mount them. A host directory
+/// that is gone since the volume was parsed is an error naming it.
+pub fn volume_shares(volumes: &[Volume]) -> Result<(Vec<Share>, Vec<String>), RunError> {
+    let mut shares = Vec::new();
+    let mut args = Vec::new();
+    for (index, volume) in volumes.iter().enumerate() {
+        if !volume.host.is_dir() {
+            return Err(RunError::Io {
+                context: format!("volume {}:{}", volume.host.display(), volume.guest),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "the host directory is gone"),
+            });
+        }
+        let tag = format!("vol{index}");
+        args.push(format!("kiln.vol={tag},{}{}", volume.guest, if volume.read_only { ",ro" } else { "" }));
+        shares.push(Share { tag, host_path: volume.host.clone(), read_only: volume.read_only });
+    }
+    Ok((shares, args))
 }
 
 /// The host side of a boot: guest files, the VMM and the accelerator to use.
@@ -265,6 +290,8 @@ pub(crate) fn boot(
     if matches!(network, Network::User { .. }) {
         cmdline.push(format!("kiln.net={USER_NET}"));
     }
+    let (shares, volume_args) = volume_shares(&record.volumes)?;
+    cmdline.extend(volume_args);
 
     let run_dir = run_dir()?;
     let spec = VmSpec {
@@ -272,7 +299,7 @@ pub(crate) fn boot(
         initramfs: host.guest.initramfs.clone(),
         cmdline,
         disks,
-        shares: Vec::new(),
+        shares,
         cpus: record.cpus,
         memory_mib: record.memory_mib,
         network,
@@ -346,4 +373,30 @@ fn kvm_failure_line(console_log: &Path) -> Option<String> {
 
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_become_numbered_shares_and_kernel_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = [
+            Volume { host: dir.path().to_owned(), guest: "/data".into(), read_only: false },
+            Volume { host: dir.path().to_owned(), guest: "/srv/in".into(), read_only: true },
+        ];
+        let (shares, args) = volume_shares(&volumes).unwrap();
+        assert_eq!(args, ["kiln.vol=vol0,/data", "kiln.vol=vol1,/srv/in,ro"]);
+        assert_eq!(
+            shares,
+            [
+                Share { tag: "vol0".into(), host_path: dir.path().to_owned(), read_only: false },
+                Share { tag: "vol1".into(), host_path: dir.path().to_owned(), read_only: true },
+            ]
+        );
+        let gone = Volume { host: dir.path().join("gone"), guest: "/x".into(), read_only: false };
+        let err = volume_shares(&[gone]).unwrap_err().to_string();
+        assert!(err.contains("gone:/x"), "{err}");
+    }
 }

@@ -47,6 +47,9 @@ pub struct SandboxRecord {
     /// `auto`, `kvm` or `tcg`.
     pub accel: String,
     pub qemu: PathBuf,
+    /// Host directories shared into the sandbox (absent in records of older kilns).
+    #[serde(default)]
+    pub volumes: Vec<crate::options::Volume>,
 }
 
 /// The guest's network as stored in a record.

@@ -155,7 +155,11 @@ impl BootConfig {
                 "net" => config.net = Some(parse_net(value).map_err(|reason| error(&reason))?),
                 "vol" => {
                     let volume = parse_volume(value).map_err(|reason| error(&reason))?;
-                    if config.volumes.iter().any(|v| v.tag == volume.tag || v.path == volume.path) {
+                    if config
+                        .volumes
+                        .iter()
+                        .any(|v| v.tag == volume.tag || v.path == volume.path)
+                    {
                         return Err(error("another kiln.vol has the same tag or path"));
                     }
                     config.volumes.push(volume)
@@ -286,8 +290,7 @@ mod tests {
 
     #[test]
     fn volumes_repeat_in_order() {
-        let config =
-            BootConfig::parse("kiln.vol=vol0,/data kiln.vol=vol1,/srv/in,ro").unwrap();
+        let config = BootConfig::parse("kiln.vol=vol0,/data kiln.vol=vol1,/srv/in,ro").unwrap();
         assert_eq!(
             config.volumes,
             [

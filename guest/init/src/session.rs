@@ -80,7 +80,9 @@ pub struct Sessions {
 /// Sends `message` on `session`, logging a failure (the host may be gone).
 fn send(channel: &Channel, session: SessionId, message: Message) {
     if let Err(e) = channel.send(&Frame::new(session, message)) {
-        crate::console(&format!("cannot send to the host on session {session}: {e}"));
+        crate::console(&format!(
+            "cannot send to the host on session {session}: {e}"
+        ));
     }
 }
 
@@ -123,18 +125,27 @@ impl Sessions {
         // Pipes give stdout and stderr apart; a terminal gives one stream, stdout.
         let (input, pumps, terminal) = match &workload.pty {
             Some(pty) => {
-                let clone = || pty.try_clone().map_err(|e| system("cloning the terminal", e));
+                let clone = || {
+                    pty.try_clone()
+                        .map_err(|e| system("cloning the terminal", e))
+                };
                 let (output, input, terminal) = (clone()?, clone()?, clone()?);
                 let pumps = vec![pump_output(output, Stream::Stdout, session, channel)];
                 (input, pumps, Some(terminal))
             }
             None => {
-                let pumps = [(workload.stdout.take(), Stream::Stdout), (workload.stderr.take(), Stream::Stderr)]
-                    .into_iter()
-                    .filter_map(|(file, stream)| Some(pump_output(file?, stream, session, channel)))
-                    .collect();
+                let pumps = [
+                    (workload.stdout.take(), Stream::Stdout),
+                    (workload.stderr.take(), Stream::Stderr),
+                ]
+                .into_iter()
+                .filter_map(|(file, stream)| Some(pump_output(file?, stream, session, channel)))
+                .collect();
                 let input = workload.stdin.take().ok_or_else(|| {
-                    system("starting the workload", std::io::Error::other("no stdin pipe"))
+                    system(
+                        "starting the workload",
+                        std::io::Error::other("no stdin pipe"),
+                    )
                 })?;
                 (input, pumps, None)
             }
@@ -259,7 +270,10 @@ impl Sessions {
             table.accepting = false;
             table.shutting_down = true;
         }
-        crate::console(&format!("shutdown requested, grace {} ms", grace.as_millis()));
+        crate::console(&format!(
+            "shutdown requested, grace {} ms",
+            grace.as_millis()
+        ));
         // SIGTERM to -1 from PID 1 reaches every process but init.
         // SAFETY: plain system call.
         unsafe { libc::kill(-1, libc::SIGTERM) };
@@ -284,7 +298,10 @@ impl Sessions {
                 }
             }
         };
-        let Some(pid) = status.pid().filter(|_| matches!(status, WaitStatus::Exited(..) | WaitStatus::Signaled(..))) else {
+        let Some(pid) = status
+            .pid()
+            .filter(|_| matches!(status, WaitStatus::Exited(..) | WaitStatus::Signaled(..)))
+        else {
             return Reaped::Other;
         };
         let mut table = self.lock();
@@ -337,7 +354,10 @@ impl Sessions {
         while !matches!(self.reap_next(), Reaped::None) {}
         let (finishers, main_pumps) = {
             let mut table = self.lock();
-            (std::mem::take(&mut table.finishers), std::mem::take(&mut table.main_pumps))
+            (
+                std::mem::take(&mut table.finishers),
+                std::mem::take(&mut table.main_pumps),
+            )
         };
         for thread in finishers.into_iter().chain(main_pumps) {
             let _ = thread.join();

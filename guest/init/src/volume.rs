@@ -13,17 +13,14 @@ use crate::cmdline::VolumeMount;
 use crate::rootfs::failed;
 use crate::sys::mount;
 
-/// 9p over virtio with the Linux dialect (full POSIX metadata); 512 KiB messages keep
+/// 9p over virtio with the Linux dialect (full POSIX metadata); 256 KiB messages keep
 /// large reads and writes to few round trips.
-const MOUNT_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288";
+const MOUNT_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=262144";
 
 fn volume_error(volume: &VolumeMount, what: &str, e: std::io::Error) -> BootError {
     failed(
         BootStep::MountVolume,
-        format!(
-            "volume {:?} at {}: {what}: {e}",
-            volume.tag, volume.path
-        ),
+        format!("volume {:?} at {}: {what}: {e}", volume.tag, volume.path),
     )
 }
 
