@@ -2,9 +2,10 @@
 //! driven by the Rust client generated from crates/server/proto (kiln_server::proto).
 //! Covers the socket's permissions, the refusal of another uid (SO_PEERCRED), the gRPC
 //! error codes, a whole sandbox life with real VM boots under TCG (events in order; exec
-//! with stdin, four at once, on a tty, a signal; stop; delete) and recovery when the server restarts
-//! (re-attached: get, exec, stop, watch) or a monitor dies (failed, no QEMU left). Every test
-//! kills what it started: the server, and any monitor or QEMU naming its root.
+//! with stdin, four at once, on a tty, a signal; stop; delete) and recovery when the
+//! server restarts (re-attached: get, exec, stop, watch) or a monitor dies (failed, no
+//! QEMU left). Every test kills what it started: the server, and any monitor or QEMU
+//! naming its root.
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -182,6 +183,21 @@ impl Server {
         kiln_server::client::connect(&self.socket)
             .await
             .expect("connecting to kiln serve")
+    }
+
+    /// SIGTERMs the server and waits for it to end.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kiln serve ignored SIGTERM");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILLs the server (its sandboxes' monitors live on in their own sessions).
@@ -485,7 +501,7 @@ fn socket_is_owner_only_and_another_uid_is_refused() {
         return;
     }
     let workspace = Workspace::new();
-    let server = workspace.serve();
+    let mut server = workspace.serve();
     let socket = workspace.socket();
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
@@ -516,6 +532,11 @@ fn socket_is_owner_only_and_another_uid_is_refused() {
         "{}",
         server.log()
     );
+
+    // SIGTERM: the server ends cleanly and takes its socket with it.
+    let status = server.terminate();
+    assert!(status.success(), "{status}: {}", server.log());
+    assert!(!socket.exists());
 }
 
 #[test]
