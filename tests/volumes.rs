@@ -1,7 +1,8 @@
 //! `kiln run -v HOSTDIR:GUESTDIR[:ro]` end to end (real TCG boots of the demo fixture image
 //! through the `kiln` binary): the sandbox user writes to a read-write volume, the file is
-//! the kiln user's on the host and the sandbox user's in the guest, pre-existing host
-//! files keep their host ownership in the guest and stay readable; a read-only volume
+//! the kiln user's on the host (QEMU's 0600/0700 modes, symlinks as plain files) and the
+//! sandbox user's in the guest, pre-existing host files keep their host ownership in the
+//! guest and stay readable; a read-only volume
 //! refuses writes in the guest and stays unchanged on the host; a missing host directory
 //! or a host file is refused before boot.
 
@@ -54,7 +55,9 @@ fn read_write_and_read_only_volumes() {
     let script = "echo made > /data/made.txt; echo made=$?; echo made_owner=$(stat -c %u:%g /data/made.txt); \
         echo root_owner=$(stat -c %u:%g /data); echo host_file=$(cat /data/host.txt); \
         echo host_file_owner=$(stat -c %u:%g /data/host.txt); echo ro_read=$(cat /in/ro.txt); \
-        echo ro_error=$(touch /in/new 2>&1); touch /in/new 2>/dev/null; echo ro_write=$?";
+        echo ro_error=$(touch /in/new 2>&1); touch /in/new 2>/dev/null; echo ro_write=$?; \
+        echo made_mode=$(stat -c %a /data/made.txt); ln -s /etc/passwd /data/link; \
+        echo link=$(readlink /data/link); mkdir /data/sub";
     let (rw_arg, ro_arg) = (format!("{}:/data", rw.path().display()), format!("{}:/in:ro", ro.path().display()));
     let output = kiln_run(
         root.path(),
@@ -82,7 +85,15 @@ fn read_write_and_read_only_volumes() {
     assert_eq!(fs::read_to_string(&made).unwrap(), "made\n");
     let meta = fs::metadata(&made).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (euid, egid), "host owner of a guest-created file");
+    assert_eq!(meta.mode() & 0o7777, 0o600, "QEMU's mapped-xattr host mode of files");
     assert_eq!(fs::metadata(rw.path()).unwrap().uid(), euid, "the volume root keeps its host owner");
+    // A guest symlink is a plain file on the host (its target as content), so it can
+    // never lead a host program elsewhere; the guest sees the symlink.
+    assert_eq!(fact("made_mode"), "644");
+    assert_eq!(fact("link"), "/etc/passwd");
+    assert_eq!(fs::metadata(rw.path().join("sub")).unwrap().mode() & 0o7777, 0o700);
+    let link = fs::symlink_metadata(rw.path().join("link")).unwrap();
+    assert!(link.file_type().is_file(), "{link:?}");
     assert_eq!(names_in(ro.path()), ["ro.txt"]);
     assert_eq!(fs::read_to_string(ro.path().join("ro.txt")).unwrap(), "read only\n");
 }
