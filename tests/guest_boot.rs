@@ -6,8 +6,10 @@
 //! an identity layer, an ext4 upper that persists across boots and eth0 work; exec
 //! sessions run side by side with their own streams, terminal and results, a busy session
 //! id is refused, and the host's shutdown ends everything (SIGTERM, then SIGKILL after the
-//! grace period) with the exec results before the main one; and each time the VM powers
-//! itself off.
+//! grace period) with the exec results before the main one, as does the main workload's
+//! own end; a shutdown before the run spec powers off without a workload; a `kiln.vol=`
+//! without its share is a `mount_volume` boot error; and each time the VM powers itself
+//! off.
 
 use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -794,5 +796,110 @@ fn a_shutdown_kills_what_ignores_sigterm_after_the_grace_period() {
         boot.phases().last(),
         Some(&BootPhase::Shutdown),
         "{frames:?}"
+    );
+}
+
+#[test]
+fn the_main_workload_ending_kills_exec_sessions_first() {
+    if !have_busybox() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Disk {
+        id: "root".into(),
+        path: busybox_root(dir.path()),
+        read_only: true,
+    };
+    let mut guest = Conversation::start(&["kiln.root=root"], vec![disk], Vec::new(), Network::None);
+    guest.send(Frame::new(
+        CONTROL_SESSION,
+        Message::Hello(Hello::ours("guest_boot test")),
+    ));
+    // The main workload ends when its stdin does.
+    guest.send(Frame::new(
+        MAIN_SESSION,
+        Message::Run(shell_spec("cat; exit 4")),
+    ));
+    guest.send(Frame::new(
+        2,
+        Message::Run(shell_spec("echo long; exec sleep 600")),
+    ));
+    guest.wait_for("the exec session's output", printed(2, "long"));
+    guest.send(Frame::new(
+        MAIN_SESSION,
+        Message::Eof {
+            stream: Stream::Stdin,
+        },
+    ));
+    let boot = guest.finish();
+    let frames = &boot.frames;
+    let exec = session_results(frames, 2);
+    let main = session_results(frames, MAIN_SESSION);
+    assert!(
+        matches!(exec[..], [(_, WorkloadResult::Killed { signal: 9 })]),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(main[..], [(_, WorkloadResult::Exited { code: 4 })]),
+        "{frames:?}"
+    );
+    assert!(exec[0].0 < main[0].0, "{frames:?}");
+}
+
+#[test]
+fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boot_error() {
+    if !have_busybox() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    let disk = || {
+        vec![Disk {
+            id: "root".into(),
+            path: root.clone(),
+            read_only: true,
+        }]
+    };
+    let hello = Frame::new(
+        CONTROL_SESSION,
+        Message::Hello(Hello::ours("guest_boot test")),
+    );
+    let shutdown = Frame::new(
+        CONTROL_SESSION,
+        Message::Shutdown(ShutdownRequest { grace_ms: 1_000 }),
+    );
+    let stopped = boot(
+        &["kiln.root=root"],
+        disk(),
+        Network::None,
+        &[hello.clone(), shutdown],
+    );
+    assert!(stopped.boot_errors().is_empty(), "{:?}", stopped.frames);
+    assert!(
+        results(&stopped).is_empty(),
+        "no workload ran: {:?}",
+        stopped.frames
+    );
+    assert_eq!(
+        stopped.phases(),
+        [BootPhase::InitStarted, BootPhase::Shutdown],
+        "{:?}",
+        stopped.frames
+    );
+
+    // kiln.vol names a share QEMU does not have.
+    let missing = boot(
+        &["kiln.root=root", "kiln.vol=vol0,/data"],
+        disk(),
+        Network::None,
+        &[hello],
+    );
+    let errors = missing.boot_errors();
+    assert!(
+        matches!(errors[..], [e] if e.step == BootStep::MountVolume
+            && e.message.contains("\"vol0\"") && e.message.contains("/data")),
+        "{:?}\nconsole:\n{}",
+        missing.frames,
+        missing.console
     );
 }
