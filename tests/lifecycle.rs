@@ -368,3 +368,27 @@ fn exec_runs_commands_in_a_running_sandbox() {
     assert_eq!(root.ok(&["exec", id, "cat", "/sandbox/kept"]), "typed in\n");
     root.ok(&["rm", "-f", id]);
 }
+
+#[test]
+fn volumes_given_at_create_are_shared_at_start() {
+    if !require_root("volumes_given_at_create_are_shared_at_start") {
+        return;
+    }
+    let root = Root::new();
+    let shared = tempfile::tempdir().unwrap();
+    let read_only = tempfile::tempdir().unwrap();
+    fs::write(read_only.path().join("given"), "from the host\n").unwrap();
+    let rw = format!("{}:/data", shared.path().display());
+    let ro = format!("{}:/given:ro", read_only.path().display());
+    let id = root.ok(&["create", "-v", &rw, "-v", &ro, &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]);
+    let id = id.trim();
+    root.ok(&["start", id]);
+    root.wait_for_log(id, "up");
+    root.ok(&["exec", id, "sh", "-c", "echo from the guest > /data/made"]);
+    assert_eq!(fs::read_to_string(shared.path().join("made")).unwrap(), "from the guest\n");
+    assert_eq!(root.ok(&["exec", id, "cat", "/given/given"]), "from the host\n");
+    let refused = root.kiln(&["exec", id, "touch", "/given/new"]);
+    assert_ne!(refused.status.code(), Some(0), "{}", describe(&refused));
+    assert!(!read_only.path().join("new").exists());
+    root.ok(&["rm", "-f", id]);
+}

@@ -52,10 +52,6 @@ pub struct RunArgs {
     #[arg(long)]
     timings: bool,
 
-    /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
-    #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]", conflicts_with = "detach")]
-    volumes: Vec<String>,
-
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -107,6 +103,10 @@ pub struct SandboxArgs {
     #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
     publish: Vec<String>,
 
+    /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
+    #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    volumes: Vec<String>,
+
     /// Name of the sandbox ([A-Za-z0-9._-], up to 128 characters).
     #[arg(long)]
     name: Option<String>,
@@ -149,7 +149,6 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
         timeout: args.timeout.as_deref().map(parse_timeout).transpose().map_err(kiln_error)?,
         remove: args.rm,
         terminal,
-        volumes: parse_volumes(&args.volumes).map_err(kiln_error)?,
     };
 
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
@@ -216,6 +215,7 @@ impl SandboxArgs {
             memory_mib: args.memory,
             network,
             name: args.name.clone(),
+            volumes: parse_volumes(&args.volumes)?,
             accel,
             qemu: args.qemu.clone(),
         })

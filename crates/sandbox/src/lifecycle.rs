@@ -21,7 +21,7 @@ use serde::Serialize;
 
 pub use crate::client::{ExecInput, ExecOutput, ExecRequest, ExecSession};
 use crate::launch::console_tail;
-use crate::options::OptionError;
+use crate::options::{OptionError, Volume};
 use crate::prepare::{build_images, BuildStep, PreparedImages};
 use crate::run::{main_run_spec, sandbox_record, RunError, Upper};
 use crate::spec::Overrides;
@@ -44,6 +44,8 @@ pub struct CreateRequest {
     pub memory_mib: u32,
     pub network: Network,
     pub name: Option<String>,
+    /// Host directories shared into the sandbox (`-v`), at every start.
+    pub volumes: Vec<Volume>,
     pub accel: AccelRequest,
     pub qemu: PathBuf,
 }

@@ -39,8 +39,6 @@ pub struct RunRequest {
     pub remove: bool,
     /// A terminal of this size for the workload (`-t`).
     pub terminal: Option<TerminalSize>,
-    /// Host directories shared into the sandbox (`-v`).
-    pub volumes: Vec<Volume>,
 }
 
 /// Durations of every phase of a run.
@@ -102,8 +100,7 @@ pub fn run(
     let host = Host::new(root, guest, create.accel, &create.qemu, notice)?;
 
     let sandbox = SandboxDir::create(root, create.name.as_deref())?;
-    let mut record = sandbox_record(&sandbox, create, &prepared, run_spec);
-    record.volumes = request.volumes;
+    let record = sandbox_record(&sandbox, create, &prepared, run_spec);
     // This process is the sandbox's monitor while it runs: `start` and `rm` see it alive.
     let _lock = take_lock(&sandbox)?;
     let started = StateRecord {
@@ -187,7 +184,7 @@ pub(crate) fn sandbox_record(
         }
         .to_owned(),
         qemu: request.qemu.clone(),
-        volumes: Vec::new(),
+        volumes: request.volumes.clone(),
     }
 }
 

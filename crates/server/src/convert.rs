@@ -154,6 +154,7 @@ pub fn create_request(
         reference,
         run_as,
         name,
+        volumes: Vec::new(),
         accel: machine.accel,
         qemu: machine.qemu.clone(),
     })
