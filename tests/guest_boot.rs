@@ -613,8 +613,9 @@ fn shell_spec(script: &str) -> RunSpec {
     }
 }
 
-/// Boots a busybox root and starts `main` as the main workload with its stdin closed.
-fn start_main(dir: &Path, main: &str) -> Conversation {
+/// Boots a busybox root and starts `main` as the main workload, its stdin closed unless
+/// `keep_stdin`.
+fn start_main(dir: &Path, main: &str, keep_stdin: bool) -> Conversation {
     let disk = Disk {
         id: "root".into(),
         path: busybox_root(dir),
@@ -626,13 +627,19 @@ fn start_main(dir: &Path, main: &str) -> Conversation {
         Message::Hello(Hello::ours("guest_boot test")),
     ));
     guest.send(Frame::new(MAIN_SESSION, Message::Run(shell_spec(main))));
-    guest.send(Frame::new(
-        MAIN_SESSION,
+    if !keep_stdin {
+        guest.send(stdin_eof(MAIN_SESSION));
+    }
+    guest
+}
+
+fn stdin_eof(session: SessionId) -> Frame {
+    Frame::new(
+        session,
         Message::Eof {
             stream: Stream::Stdin,
         },
-    ));
-    guest
+    )
 }
 
 /// Whether `session` printed `text` on stdout.
@@ -650,7 +657,7 @@ fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut guest = start_main(dir.path(), "echo main; exec sleep 600");
+    let mut guest = start_main(dir.path(), "echo main; exec sleep 600", false);
     guest.wait_for("main workload output", printed(MAIN_SESSION, "main"));
 
     // Four sessions at once, each with its own output, input and exit code.
@@ -770,7 +777,7 @@ fn a_shutdown_kills_what_ignores_sigterm_after_the_grace_period() {
     }
     let dir = tempfile::tempdir().unwrap();
     let stubborn = "trap '' TERM; echo ready; while :; do sleep 1; done";
-    let mut guest = start_main(dir.path(), stubborn);
+    let mut guest = start_main(dir.path(), stubborn, false);
     guest.send(Frame::new(2, Message::Run(shell_spec(stubborn))));
     guest.wait_for("both workloads ready", |frames| {
         printed(MAIN_SESSION, "ready")(frames) && printed(2, "ready")(frames)
@@ -805,32 +812,14 @@ fn the_main_workload_ending_kills_exec_sessions_first() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let disk = Disk {
-        id: "root".into(),
-        path: busybox_root(dir.path()),
-        read_only: true,
-    };
-    let mut guest = Conversation::start(&["kiln.root=root"], vec![disk], Vec::new(), Network::None);
-    guest.send(Frame::new(
-        CONTROL_SESSION,
-        Message::Hello(Hello::ours("guest_boot test")),
-    ));
     // The main workload ends when its stdin does.
-    guest.send(Frame::new(
-        MAIN_SESSION,
-        Message::Run(shell_spec("cat; exit 4")),
-    ));
+    let mut guest = start_main(dir.path(), "cat; exit 4", true);
     guest.send(Frame::new(
         2,
         Message::Run(shell_spec("echo long; exec sleep 600")),
     ));
     guest.wait_for("the exec session's output", printed(2, "long"));
-    guest.send(Frame::new(
-        MAIN_SESSION,
-        Message::Eof {
-            stream: Stream::Stdin,
-        },
-    ));
+    guest.send(stdin_eof(MAIN_SESSION));
     let boot = guest.finish();
     let frames = &boot.frames;
     let exec = session_results(frames, 2);
