@@ -2,10 +2,10 @@
 //! driven by the Rust client generated from crates/server/proto (kiln_server::proto).
 //! Covers the socket's permissions, the refusal of another uid (SO_PEERCRED), the gRPC
 //! error codes, a whole sandbox life with real VM boots under TCG (events in order; exec
-//! with stdin, four at once, on a tty, a signal; stop; delete) and recovery when the
-//! server restarts (re-attached: get, exec, stop, watch) or a monitor dies (failed, no
-//! QEMU left). Every test kills what it started: the server, and any monitor or QEMU
-//! naming its root.
+//! with stdin, four at once, on a tty, a signal; a volume; stop; delete) and recovery
+//! when the server restarts (re-attached: get, exec, stop, watch) or a monitor dies
+//! (failed, no QEMU left). Every test kills what it started: the server, and any monitor
+//! or QEMU naming its root.
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -700,11 +700,18 @@ fn create_watch_exec_stop_delete_through_grpc() {
             .unwrap()
             .into_inner();
 
-        let created = client
-            .create(long_lived(&reference, "life"))
-            .await
-            .unwrap()
-            .into_inner();
+        let shared = workspace.dir.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        let volume = proto::Volume {
+            host_path: shared.to_str().unwrap().to_owned(),
+            guest_path: "/data".into(),
+            read_only: false,
+        };
+        let request = CreateRequest {
+            volumes: vec![volume],
+            ..long_lived(&reference, "life")
+        };
+        let created = client.create(request).await.unwrap().into_inner();
         assert_eq!(status(&created), Status::Created);
         assert!(
             created.manifest_digest.starts_with("sha256:"),
@@ -774,6 +781,13 @@ fn create_watch_exec_stop_delete_through_grpc() {
             (stdout.as_str(), stderr.as_str(), code),
             ("from stdin\n10001\n", "oops\n", 3)
         );
+
+        // The volume: written in the guest, owned on the host by the server's user.
+        let script = ["sh", "-c", "echo from-guest > /data/made"];
+        assert_eq!(exec(&mut client, "life", &script, b"").await.2, 0);
+        let made = shared.join("made");
+        assert_eq!(fs::read_to_string(&made).unwrap(), "from-guest\n");
+        assert_eq!(fs::metadata(&made).unwrap().uid(), 0);
 
         // Four Exec streams at once, each with its own output and exit code.
         let runs: Vec<_> = (1..=4)

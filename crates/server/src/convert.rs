@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use kiln_image::{ImageRef, Platform, PullOptions, PullPolicy};
 use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
 use kiln_sandbox::lifecycle::{self, ExecRequest, LifecycleError, SandboxInfo, Status};
-use kiln_sandbox::options::{parse_env_assignment, parse_port_forward, validate_name};
+use kiln_sandbox::options::{
+    parse_env_assignment, parse_port_forward, parse_volumes, validate_name, Volume,
+};
 use kiln_sandbox::run::RunError;
 use kiln_sandbox::spec::Overrides;
 use kiln_vm::accel::AccelRequest;
@@ -117,6 +119,21 @@ fn network(request: &proto::CreateRequest) -> Result<Network, GrpcStatus> {
     }
 }
 
+/// Volumes by the rules of `-v HOSTDIR:GUESTDIR[:ro]`; the host path must be absolute
+/// (the server's working directory means nothing to its clients).
+fn volumes(volumes: &[proto::Volume]) -> Result<Vec<Volume>, GrpcStatus> {
+    let mut texts = Vec::new();
+    for volume in volumes {
+        if !volume.host_path.starts_with('/') {
+            let reason = "expected an absolute path";
+            return Err(invalid("volumes.host_path", &volume.host_path, reason));
+        }
+        let mode = if volume.read_only { ":ro" } else { "" };
+        texts.push(format!("{}:{}{mode}", volume.host_path, volume.guest_path));
+    }
+    parse_volumes(&texts).map_err(|e| GrpcStatus::invalid_argument(format!("volumes: {e}")))
+}
+
 /// A Create request as the lifecycle wants it.
 pub fn create_request(
     request: proto::CreateRequest,
@@ -154,7 +171,7 @@ pub fn create_request(
         reference,
         run_as,
         name,
-        volumes: Vec::new(),
+        volumes: volumes(&request.volumes)?,
         accel: machine.accel,
         qemu: machine.qemu.clone(),
     })
@@ -446,6 +463,44 @@ mod tests {
             },
             "nonsense",
         );
+    }
+
+    #[test]
+    fn volumes_follow_the_cli_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().to_str().unwrap().to_owned();
+        let volume = |host_path: &str, guest_path: &str| proto::Volume {
+            host_path: host_path.into(),
+            guest_path: guest_path.into(),
+            read_only: true,
+        };
+        let create = proto::CreateRequest {
+            volumes: vec![volume(&host, "/data/")],
+            ..request()
+        };
+        let create = create_request(create, &machine()).unwrap();
+        assert_eq!(create.volumes.len(), 1);
+        assert_eq!(
+            (
+                create.volumes[0].guest.as_str(),
+                create.volumes[0].read_only
+            ),
+            ("/data", true)
+        );
+
+        let missing = format!("{host}/missing");
+        for (bad, naming) in [
+            (volume("relative", "/data"), "relative"),
+            (volume(&missing, "/data"), missing.as_str()),
+            (volume(&host, "/proc/x"), "/proc"),
+            (volume(&host, "data"), "\"data\""),
+        ] {
+            let create = proto::CreateRequest {
+                volumes: vec![bad],
+                ..request()
+            };
+            refused(create, naming);
+        }
     }
 
     #[test]
