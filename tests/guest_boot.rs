@@ -682,11 +682,15 @@ fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
         7,
         Message::Run(shell_spec("echo long; exec sleep 600")),
     ));
+    let mut missing = shell_spec("");
+    missing.argv = vec!["/no/such/command".into()];
+    guest.send(Frame::new(8, Message::Run(missing)));
     guest.wait_for("the long session's output", printed(7, "long"));
     guest.send(Frame::new(7, Message::Run(shell_spec("echo second"))));
     guest.wait_for("results of sessions 2-6 and the busy refusal", |frames| {
         (2..=6).all(|s| !session_results(frames, s).is_empty())
             && !session_results(frames, 7).is_empty()
+            && !session_results(frames, 8).is_empty()
     });
     guest.send(Frame::new(
         CONTROL_SESSION,
@@ -728,6 +732,20 @@ fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
     assert!(
         out.starts_with("/dev/pts/") && out.contains("30 90") && ended,
         "{out:?}"
+    );
+
+    assert!(
+        matches!(
+            session_results(frames, 8)[..],
+            [(
+                _,
+                WorkloadResult::StartFailed {
+                    reason: kiln_protocol::StartFailure::NotFound,
+                    ..
+                }
+            )]
+        ),
+        "{frames:?}"
     );
 
     // Session 7: refused while busy, then ended by the shutdown's SIGTERM, before the

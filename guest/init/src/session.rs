@@ -39,7 +39,7 @@ enum Input {
 /// A running session's process and its plumbing.
 struct Live {
     workload: Workload,
-    /// A clone of the terminal's master, for resizes (tty sessions only).
+    /// The terminal's master, for resizes (tty sessions only).
     terminal: Option<File>,
     /// Input for the session's stdin writer thread; dropping it closes the stdin.
     input: Option<Sender<Input>>,
@@ -123,15 +123,21 @@ impl Sessions {
         let pid = workload.pid();
         let channel = self.channel;
         // Pipes give stdout and stderr apart; a terminal gives one stream, stdout.
-        let (input, pumps, terminal) = match &workload.pty {
-            Some(pty) => {
-                let clone = || {
-                    pty.try_clone()
-                        .map_err(|e| system("cloning the terminal", e))
+        let (input, pumps, terminal) = match workload.pty.take() {
+            Some(terminal) => {
+                let clones = terminal
+                    .try_clone()
+                    .and_then(|o| Ok((o, terminal.try_clone()?)));
+                let (output, input) = match clones {
+                    Ok(clones) => clones,
+                    Err(e) => {
+                        // Not in the table: nobody would ever see its end.
+                        let _ = workload.signal(libc::SIGKILL);
+                        return Err(system("cloning the terminal", e));
+                    }
                 };
-                let (output, input, terminal) = (clone()?, clone()?, clone()?);
                 let pumps = vec![pump_output(output, Stream::Stdout, session, channel)];
-                (input, pumps, Some(terminal))
+                (Some(input), pumps, Some(terminal))
             }
             None => {
                 let pumps = [
@@ -141,16 +147,10 @@ impl Sessions {
                 .into_iter()
                 .filter_map(|(file, stream)| Some(pump_output(file?, stream, session, channel)))
                 .collect();
-                let input = workload.stdin.take().ok_or_else(|| {
-                    system(
-                        "starting the workload",
-                        std::io::Error::other("no stdin pipe"),
-                    )
-                })?;
-                (input, pumps, None)
+                (workload.stdin.take(), pumps, None)
             }
         };
-        let input = Some(stdin_writer(input, spec.tty));
+        let input = input.map(|stdin| stdin_writer(stdin, spec.tty));
         table.live.insert(
             session,
             Live {
