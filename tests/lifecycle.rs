@@ -189,6 +189,31 @@ fn a_sandbox_kiln_run_kept_can_be_started_again() {
         return;
     }
     let root = Root::new();
+    // While `kiln run` runs it in the foreground, the sandbox is running: not startable,
+    // and stop/exec say where it runs.
+    let guest = guest_files();
+    let mut foreground = Command::new(kiln_bin())
+        .env("KILN_ROOT", root.path())
+        .env("KILN_KERNEL", &guest.kernel)
+        .env("KILN_INITRAMFS", &guest.initramfs)
+        .args(["-q", "run", "--name", "fg", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(foreground.stdout.as_mut().unwrap()), &mut first_line)
+        .unwrap();
+    assert_eq!(first_line, "up\n");
+    assert_eq!(root.inspect("fg")["status"], "running");
+    let start = root.kiln(&["start", "fg"]);
+    assert!(text(&start.stderr).contains("is running"), "{}", describe(&start));
+    let stop = root.kiln(&["stop", "fg"]);
+    assert!(text(&stop.stderr).contains("foreground"), "{}", describe(&stop));
+    // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+    unsafe { libc::kill(foreground.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(foreground.wait().unwrap().code(), Some(143));
+    assert_eq!(root.inspect("fg")["exit_code"], 143);
+
     let script = "echo boot >> /sandbox/boots; echo boots=$(wc -l < /sandbox/boots); exit 3";
     let ran = root.kiln(&["run", "--name", "kept", &demo_image(), "sh", "-c", script]);
     assert_eq!(ran.status.code(), Some(3), "{}", describe(&ran));

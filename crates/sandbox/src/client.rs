@@ -68,6 +68,17 @@ fn channel_err(sandbox_id: &str, err: ProtocolError) -> LifecycleError {
 
 /// Connects to the monitor and exchanges hellos.
 fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
+    if !sandbox.file(crate::state::MONITOR_SOCKET).exists() && is_alive(sandbox) {
+        let pid = sandbox.read_json::<StateRecord>(STATE_FILE).ok().and_then(|s| s.monitor_pid);
+        return Err(LifecycleError::Monitor {
+            id: sandbox.id().to_owned(),
+            message: format!(
+                "it runs in the foreground under `kiln run` (pid {}), which has no monitor socket; \
+                 stop it there, or start sandboxes with `kiln start` or `kiln run -d`",
+                pid.map_or("unknown".to_owned(), |p| p.to_string())
+            ),
+        });
+    }
     let (address, _dir) = socket_address(sandbox)?;
     let mut stream = UnixStream::connect(&address).map_err(|e| LifecycleError::Monitor {
         id: sandbox.id().to_owned(),

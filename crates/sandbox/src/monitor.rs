@@ -60,6 +60,7 @@ pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
     let booting = StateRecord { monitor_pid: Some(pid), ..StateRecord::created() };
     sandbox.write_json(STATE_FILE, &booting)?;
     let outcome = serve(root, &sandbox, &record);
+    let _ = std::fs::remove_file(sandbox.file(MONITOR_SOCKET));
     if let Err(err) = &outcome {
         tracing::error!("{err}");
         let failed = StateRecord {
@@ -126,17 +127,18 @@ pub(crate) fn socket_address(sandbox: &SandboxDir) -> Result<(PathBuf, Option<Fi
 
 /// Boots the sandbox and serves clients until the VM is gone.
 fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<(), LifecycleError> {
-    let prepared = pinned_images(root, record, &|_| {})?;
-    let guest = GuestImages::locate(root);
-    guest.check().map_err(RunError::from)?;
-    let accel: AccelRequest = record.accel.parse().unwrap_or_default();
-    let host = Host::new(root, guest, accel, &record.qemu, &|line| tracing::info!("{line}"))?;
-
+    // Listening first: a live monitor without its socket is a foreground `kiln run`.
     let (address, _dir) = socket_address(sandbox)?;
     let _ = std::fs::remove_file(&address);
     let listener = UnixListener::bind(&address).map_err(|e| io_error(sandbox, "listening on monitor.sock", e))?;
     std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| io_error(sandbox, "monitor.sock permissions", e))?;
+
+    let prepared = pinned_images(root, record, &|_| {})?;
+    let guest = GuestImages::locate(root);
+    guest.check().map_err(RunError::from)?;
+    let accel: AccelRequest = record.accel.parse().unwrap_or_default();
+    let host = Host::new(root, guest, accel, &record.qemu, &|line| tracing::info!("{line}"))?;
     let log = |name: &str| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -173,9 +175,7 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
         let _ = forwarder.join();
         let _ = router_tx.send(RouterEvent::Finished(end_status(&outcome)));
         router.join().expect("the router does not panic")
-    })?;
-    let _ = std::fs::remove_file(&address);
-    Ok(())
+    })
 }
 
 enum RouterEvent {
