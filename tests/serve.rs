@@ -2,10 +2,10 @@
 //! driven by the Rust client generated from crates/server/proto (kiln_server::proto).
 //! Covers the socket's permissions, the refusal of another uid (SO_PEERCRED), the gRPC
 //! error codes, a whole sandbox life with real VM boots under TCG (events in order; exec
-//! with stdin, four at once, on a tty, a signal; a volume; stop; delete) and recovery
-//! when the server restarts (re-attached: get, exec, stop, watch) or a monitor dies
-//! (failed, no QEMU left). Every test kills what it started: the server, and any monitor
-//! or QEMU naming its root.
+//! with stdin, four at once, on a tty, a signal, an abandoned one; a volume; stop;
+//! delete) and recovery when the server restarts (re-attached: get, exec, stop, watch) or
+//! a monitor dies (failed, no QEMU left). Every test kills what it started: the server,
+//! and any monitor or QEMU naming its root.
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -844,6 +844,25 @@ fn create_watch_exec_stop_delete_through_grpc() {
         inputs.send(signal).await.unwrap();
         let (_, _, code) = result.finish(&mut outputs).await;
         assert_eq!(code, 128 + libc::SIGKILL);
+
+        // A client that goes away takes its process with it.
+        let (inputs, rx) = tokio::sync::mpsc::channel(4);
+        let script = "echo $$ > /tmp/abandoned; echo ready; exec sleep 600";
+        inputs
+            .send(exec_start("life", &["sh", "-c", script]))
+            .await
+            .unwrap();
+        let response = client.exec(ReceiverStream::new(rx)).await;
+        let mut outputs = response.expect("exec").into_inner();
+        let mut result = ExecResult::default();
+        while !result.stdout.contains("ready") {
+            assert!(result.read(&mut outputs).await, "{result:?}");
+        }
+        drop((inputs, outputs));
+        let check = "p=$(cat /tmp/abandoned); i=0; while [ $i -lt 30 ]; do \
+            kill -0 $p 2>/dev/null || exit 0; sleep 1; i=$((i+1)); done; exit 1";
+        let (_, _, code) = exec(&mut client, "life", &["sh", "-c", check], b"").await;
+        assert_eq!(code, 0, "the abandoned process still runs");
 
         stop_and_see_exit(&mut client, &mut events, "life", &workspace).await;
 

@@ -318,9 +318,22 @@ impl Driver for DriverService {
                 let _ = input.close_stdin();
             }
         });
+        // A client that goes away while its process is silent: nothing fails to send, so
+        // watch the stream itself, until the session ends (`ended` is dropped).
+        let (ended, session_end) = tokio::sync::oneshot::channel::<()>();
+        let (watched, killer) = (tx.clone(), session.input());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = watched.closed() => {
+                    std::thread::spawn(move || killer.signal(libc::SIGKILL));
+                }
+                _ = session_end => {}
+            }
+        });
         // Sandbox to client.
         let killer = session.input();
         std::thread::spawn(move || {
+            let _ended = ended;
             let mut session = session;
             loop {
                 let (output, last) = match session.next() {
