@@ -300,6 +300,29 @@ impl ExecResult {
     }
 }
 
+/// Starts `sh -c SCRIPT` on an interactive Exec stream and reads until it printed
+/// "ready"; returns the input sender, the output stream and what was read so far.
+async fn exec_until_ready(
+    client: &mut DriverClient<Channel>,
+    sandbox: &str,
+    script: &str,
+) -> (
+    tokio::sync::mpsc::Sender<ExecInput>,
+    tonic::Streaming<proto::ExecOutput>,
+    ExecResult,
+) {
+    let (inputs, rx) = tokio::sync::mpsc::channel(4);
+    let start = exec_start(sandbox, &["sh", "-c", script]);
+    inputs.send(start).await.unwrap();
+    let response = client.exec(ReceiverStream::new(rx)).await;
+    let mut outputs = response.expect("exec").into_inner();
+    let mut result = ExecResult::default();
+    while !result.stdout.contains("ready") {
+        assert!(result.read(&mut outputs).await, "{result:?}");
+    }
+    (inputs, outputs, result)
+}
+
 /// Runs `argv` in the sandbox with `stdin` and returns (stdout, stderr, exit code).
 async fn exec(
     client: &mut DriverClient<Channel>,
@@ -826,18 +849,8 @@ fn create_watch_exec_stop_delete_through_grpc() {
         assert_eq!((stderr.as_str(), code), ("", 0));
 
         // An interactive stream: a signal reaches the process once it is ready.
-        let (inputs, rx) = tokio::sync::mpsc::channel(4);
         let script = "echo ready; exec sleep 60";
-        inputs
-            .send(exec_start("life", &["sh", "-c", script]))
-            .await
-            .unwrap();
-        let response = client.exec(ReceiverStream::new(rx)).await;
-        let mut outputs = response.expect("exec").into_inner();
-        let mut result = ExecResult::default();
-        while !result.stdout.contains("ready") {
-            assert!(result.read(&mut outputs).await, "{result:?}");
-        }
+        let (inputs, mut outputs, result) = exec_until_ready(&mut client, "life", script).await;
         let signal = ExecInput {
             kind: Some(exec_input::Kind::Signal(libc::SIGKILL)),
         };
@@ -846,18 +859,8 @@ fn create_watch_exec_stop_delete_through_grpc() {
         assert_eq!(code, 128 + libc::SIGKILL);
 
         // A client that goes away takes its process with it.
-        let (inputs, rx) = tokio::sync::mpsc::channel(4);
         let script = "echo $$ > /tmp/abandoned; echo ready; exec sleep 600";
-        inputs
-            .send(exec_start("life", &["sh", "-c", script]))
-            .await
-            .unwrap();
-        let response = client.exec(ReceiverStream::new(rx)).await;
-        let mut outputs = response.expect("exec").into_inner();
-        let mut result = ExecResult::default();
-        while !result.stdout.contains("ready") {
-            assert!(result.read(&mut outputs).await, "{result:?}");
-        }
+        let (inputs, outputs, _) = exec_until_ready(&mut client, "life", script).await;
         drop((inputs, outputs));
         let check = "p=$(cat /tmp/abandoned); i=0; while [ $i -lt 30 ]; do \
             kill -0 $p 2>/dev/null || exit 0; sleep 1; i=$((i+1)); done; exit 1";
