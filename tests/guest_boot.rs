@@ -674,10 +674,24 @@ fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
         guest.send(Frame::new(session, line));
     }
     // A terminal session, and a long one whose id is then asked for again.
-    let mut tty = shell_spec("tty; stty size");
+    // The terminal session reports its size, waits for a line, and reports it again.
+    let mut tty = shell_spec("tty; stty size; read line; stty size");
     tty.tty = true;
     tty.terminal = Some(TerminalSize { rows: 30, cols: 90 });
     guest.send(Frame::new(6, Message::Run(tty)));
+    guest.wait_for("the terminal's first size", printed(6, "30 90"));
+    guest.send(Frame::new(
+        6,
+        Message::Resize(TerminalSize {
+            rows: 40,
+            cols: 120,
+        }),
+    ));
+    let line = Message::Data {
+        stream: Stream::Stdin,
+        bytes: b"go\n".to_vec(),
+    };
+    guest.send(Frame::new(6, line));
     guest.send(Frame::new(
         7,
         Message::Run(shell_spec("echo long; exec sleep 600")),
@@ -730,7 +744,7 @@ fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
     );
     let (out, ended) = session_stream(frames, 6, Stream::Stdout);
     assert!(
-        out.starts_with("/dev/pts/") && out.contains("30 90") && ended,
+        out.starts_with("/dev/pts/") && out.contains("30 90") && out.contains("40 120") && ended,
         "{out:?}"
     );
 
