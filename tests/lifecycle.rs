@@ -34,8 +34,8 @@ impl Root {
         self.dir.path()
     }
 
-    /// `kiln -q ARGS` against this root with the test guest files.
-    fn kiln(&self, args: &[&str]) -> Output {
+    /// The command `kiln -q ARGS` against this root with the test guest files.
+    fn command(&self, args: &[&str]) -> Command {
         let guest = guest_files();
         let mut command = Command::new(kiln_bin());
         command
@@ -44,7 +44,21 @@ impl Root {
             .env("KILN_INITRAMFS", &guest.initramfs)
             .arg("-q")
             .args(args);
-        run_with_timeout(&mut command, COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+        command
+    }
+
+    /// Runs `kiln -q ARGS` to its end.
+    fn kiln(&self, args: &[&str]) -> Output {
+        run_with_timeout(&mut self.command(args), COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts `kiln -q ARGS` with its stdout piped and returns it with its first line.
+    fn spawn_until_first_line(&self, args: &[&str]) -> (std::process::Child, String) {
+        let mut child = self.command(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line)
+            .unwrap();
+        (child, line)
     }
 
     /// `kiln ARGS`, which must succeed; its stdout.
@@ -75,11 +89,11 @@ impl Root {
 
 impl Drop for Root {
     fn drop(&mut self) {
-        if let Ok(output) = Command::new(kiln_bin()).env("KILN_ROOT", self.path()).args(["-q", "ps", "-a", "--json"]).output() {
+        if let Ok(output) = self.command(&["ps", "-a", "--json"]).output() {
             let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
             for sandbox in listed.as_array().into_iter().flatten() {
                 if let Some(id) = sandbox["id"].as_str() {
-                    let _ = Command::new(kiln_bin()).env("KILN_ROOT", self.path()).args(["-q", "rm", "-f", id]).output();
+                    let _ = self.command(&["rm", "-f", id]).output();
                 }
             }
         }
@@ -191,18 +205,8 @@ fn a_sandbox_kiln_run_kept_can_be_started_again() {
     let root = Root::new();
     // While `kiln run` runs it in the foreground, the sandbox is running: not startable,
     // and stop/exec say where it runs.
-    let guest = guest_files();
-    let mut foreground = Command::new(kiln_bin())
-        .env("KILN_ROOT", root.path())
-        .env("KILN_KERNEL", &guest.kernel)
-        .env("KILN_INITRAMFS", &guest.initramfs)
-        .args(["-q", "run", "--name", "fg", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first_line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(foreground.stdout.as_mut().unwrap()), &mut first_line)
-        .unwrap();
+    let (mut foreground, first_line) =
+        root.spawn_until_first_line(&["run", "--name", "fg", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]);
     assert_eq!(first_line, "up\n");
     assert_eq!(root.inspect("fg")["status"], "running");
     let start = root.kiln(&["start", "fg"]);
@@ -304,12 +308,8 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
 fn exec_with_input(root: &Root, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
-    let guest = guest_files();
-    let mut child = Command::new(kiln_bin())
-        .env("KILN_ROOT", root.path())
-        .env("KILN_KERNEL", &guest.kernel)
-        .env("KILN_INITRAMFS", &guest.initramfs)
-        .args(["-q", "exec"])
+    let mut child = root
+        .command(&["exec"])
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -380,6 +380,12 @@ fn exec_runs_commands_in_a_running_sandbox() {
     assert_eq!(text(&echoed.stdout), "typed in\n");
     let terminal = root.ok(&["exec", "-t", id, "tty"]);
     assert!(terminal.starts_with("/dev/pts/"), "-t gives the command a terminal: {terminal:?}");
+    // kiln's SIGTERM goes to the command, whose death by it becomes 143.
+    let (mut waiting, started) = root.spawn_until_first_line(&["exec", id, "sh", "-c", "echo started; exec sleep 100000"]);
+    assert_eq!(started, "started\n");
+    // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+    unsafe { libc::kill(waiting.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(waiting.wait().unwrap().code(), Some(143));
     let missing = root.kiln(&["exec", id, "/no/such/program"]);
     assert_eq!(missing.status.code(), Some(127), "{}", describe(&missing));
 
