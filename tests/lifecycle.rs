@@ -421,5 +421,13 @@ fn volumes_given_at_create_are_shared_at_start() {
     let refused = root.kiln(&["exec", id, "touch", "/given/new"]);
     assert_ne!(refused.status.code(), Some(0), "{}", describe(&refused));
     assert!(!read_only.path().join("new").exists());
-    root.ok(&["rm", "-f", id]);
+    root.ok(&["stop", id]);
+    // A volume's host directory that is gone fails the start before booting, naming it.
+    let gone = shared.path().to_owned();
+    drop(shared);
+    let refused = root.kiln(&["start", id]);
+    assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
+    assert!(text(&refused.stderr).contains(&gone.display().to_string()), "{}", describe(&refused));
+    assert!(qemu_pids_mentioning(root.path()).is_empty());
+    root.ok(&["rm", id]);
 }

@@ -274,6 +274,8 @@ pub fn start(
         return Err(LifecycleError::Running(sandbox.id().to_owned()));
     }
     GuestImages::locate(&root).check().map_err(RunError::from)?;
+    // A volume's host directory may be gone since create: say so before booting.
+    crate::run::volume_shares(&record.volumes)?;
     pinned_images(&root, &record, events)?;
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;
 
