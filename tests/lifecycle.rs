@@ -258,6 +258,19 @@ fn ids_and_names_are_checked() {
     assert_eq!(sandboxes.len(), 1, "the refused create left nothing behind");
     // inspect falls back to images for what is not a sandbox.
     root.ok(&["inspect", &demo_image()]);
+
+    // rm never deletes through a state directory swapped for a symlink.
+    let victim = tempfile::tempdir().unwrap();
+    fs::write(victim.path().join("keep"), "x").unwrap();
+    let state_dir = root.path().join("sandboxes").join(&first);
+    fs::rename(&state_dir, root.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(victim.path(), &state_dir).unwrap();
+    let refused = root.kiln(&["rm", "-f", "twin"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
+    assert!(text(&refused.stderr).contains("symlink"), "{}", describe(&refused));
+    assert!(victim.path().join("keep").exists());
+    fs::remove_file(&state_dir).unwrap();
+    fs::rename(root.path().join("moved"), &state_dir).unwrap();
 }
 
 #[test]
