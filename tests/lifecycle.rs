@@ -444,3 +444,22 @@ fn volumes_given_at_create_are_shared_at_start() {
     assert!(qemu_pids_mentioning(root.path()).is_empty());
     root.ok(&["rm", id]);
 }
+
+#[test]
+fn start_names_the_pinned_digest_when_its_image_is_gone() {
+    if !require_root("start_names_the_pinned_digest_when_its_image_is_gone") {
+        return;
+    }
+    let root = Root::new();
+    let id = root.ok(&["create", &demo_image(), "true"]);
+    let id = id.trim();
+    root.ok(&["rmi", &demo_image()]);
+    root.ok(&["prune"]);
+    fs::remove_dir_all(root.path().join("rootfs")).unwrap();
+    let refused = root.kiln(&["start", id]);
+    assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
+    let pinned = &fixtures().demo().oci_gzip.manifest_digest;
+    assert!(text(&refused.stderr).contains(pinned.as_str()), "{}", describe(&refused));
+    assert!(qemu_pids_mentioning(root.path()).is_empty());
+    assert_eq!(root.inspect(id)["status"], "created", "a refused start changes nothing");
+}
