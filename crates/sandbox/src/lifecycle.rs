@@ -109,8 +109,8 @@ pub enum LifecycleError {
     #[error("sandbox {id} did not start: {message}")]
     StartFailed { id: String, message: String },
 
-    #[error("sandbox {id}: the image it was created from ({digest}) is no longer in the store: {source}")]
-    ImageGone { id: String, digest: String, source: Box<kiln_image::Error> },
+    #[error("sandbox {id}: the image it was created from ({digest}) is no longer in the store ({reason}); pull that digest again or remove the sandbox")]
+    ImageGone { id: String, digest: String, reason: String },
 
     #[error("sandbox {id}: monitor: {message}")]
     Monitor { id: String, message: String },
@@ -254,7 +254,7 @@ pub(crate) fn pinned_images(
     let image = store.load(record.image.clone()).map_err(|source| LifecycleError::ImageGone {
         id: record.id.clone(),
         digest: record.image.manifest_digest.to_string(),
-        source: Box::new(source),
+        reason: source.to_string(),
     })?;
     build_reporting(root, &store, image, record.sandbox_uid, record.sandbox_gid, events)
 }
