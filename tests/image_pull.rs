@@ -720,3 +720,155 @@ fn registry_killed_mid_blob_then_restarted() {
     let bytes = std::fs::read(env.blob_path(layer)).unwrap();
     assert_eq!(&kiln_e2e::sha256_digest(&bytes), layer);
 }
+
+#[test]
+fn image_pulled_by_tag_is_found_by_digest_offline() {
+    if !require_root("image_pulled_by_tag_is_found_by_digest_offline") {
+        return;
+    }
+    let demo = fixtures().demo();
+    let multiarch = fixtures().multiarch();
+    let mut registry = Registry::start(None);
+    registry.push(demo, "kiln/bydigest:latest");
+    registry.push(multiarch, "kiln/bydigest-multi:latest");
+    let env = Env::new();
+    env.ok(&[
+        "pull",
+        &registry_ref(&registry.addr(), "kiln/bydigest:latest"),
+    ]);
+    env.ok(&[
+        "pull",
+        &registry_ref(&registry.addr(), "kiln/bydigest-multi:latest"),
+    ]);
+    registry.stop();
+
+    let manifest = demo.oci_gzip.manifest_digest.as_str();
+    let by_digest = registry_ref(&registry.addr(), &format!("kiln/bydigest@{manifest}"));
+    // The default policy (missing) finds it in the store: the registry is gone.
+    let printed = env.ok(&["pull", &by_digest]);
+    assert!(printed.contains(manifest), "{printed}");
+    env.ok(&["pull", "--pull", "never", &by_digest]);
+    let inspected = env.inspect(&by_digest);
+    assert_eq!(inspected["manifest_digest"], manifest);
+    assert_eq!(
+        inspected["config_digest"],
+        demo.oci_gzip.config_digest.as_str()
+    );
+
+    // An index digest picks the host's platform from what was pulled.
+    let index = registry_ref(
+        &registry.addr(),
+        &format!("kiln/bydigest-multi@{}", multiarch.index_digest),
+    );
+    assert_eq!(
+        env.inspect(&index)["manifest_digest"],
+        multiarch.manifest_for("amd64").manifest_digest.as_str()
+    );
+
+    // The digest of another repository, or one never pulled, is not in the store.
+    let elsewhere = registry_ref(&registry.addr(), &format!("kiln/other@{manifest}"));
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let never_pulled = registry_ref(&registry.addr(), &format!("kiln/bydigest@{unknown}"));
+    for r in [&elsewhere, &never_pulled] {
+        let err = env.fails(&["pull", "--pull", "never", r], 1);
+        assert!(
+            err.contains("not in the store") && err.contains(r.trim_start_matches("docker://")),
+            "{err}"
+        );
+    }
+}
+
+/// A hostile registry on loopback: `/v2/` answers 200; a manifest GET for tag `sized`
+/// gets a 5 MiB document with its Content-Length, for any other tag an endless one
+/// without a length. docker-registry cannot play this part: distribution 2.8 refuses to
+/// store or serve a manifest over 4 MiB. Returns the address and a counter of the
+/// manifest bytes written before the client hung up.
+fn oversize_manifest_server() -> (String, Arc<Mutex<u64>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let written: Arc<Mutex<u64>> = Arc::default();
+    let counter = written.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                let json = "Content-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n";
+                if !path.contains("/manifests/") {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                    );
+                    return;
+                }
+                let chunk = [b' '; 64 << 10];
+                let (header, limit) = if path.ends_with("/sized") {
+                    (
+                        format!(
+                            "HTTP/1.1 200 OK\r\n{json}Content-Length: {}\r\n\r\n",
+                            5u64 << 20
+                        ),
+                        Some(5u64 << 20),
+                    )
+                } else {
+                    (format!("HTTP/1.1 200 OK\r\n{json}\r\n"), None)
+                };
+                if stream.write_all(header.as_bytes()).is_err() || stream.write_all(b"{").is_err() {
+                    return;
+                }
+                let mut sent = 1u64;
+                while limit.is_none_or(|l| sent < l) {
+                    if stream.write_all(&chunk).is_err() {
+                        break;
+                    }
+                    sent += chunk.len() as u64;
+                    *counter.lock().unwrap() += chunk.len() as u64;
+                }
+            });
+        }
+    });
+    (addr, written)
+}
+
+#[test]
+fn oversize_manifest_is_refused_at_the_cap() {
+    let (addr, written) = oversize_manifest_server();
+    let env = Env::new();
+    let cap = (4u64 << 20).to_string();
+    // With a Content-Length over the cap, kiln refuses before reading the body.
+    let err = env.fails(&["pull", &format!("docker://{addr}/kiln/huge:sized")], 1);
+    assert!(
+        err.contains("manifest cap")
+            && err.contains(&cap)
+            && err.contains(&(5u64 << 20).to_string()),
+        "{err}"
+    );
+    // Without one, kiln stops reading past the cap: an endless manifest ends in an error.
+    let endless = format!("docker://{addr}/kiln/huge@sha256:{}", "a".repeat(64));
+    for r in [format!("docker://{addr}/kiln/huge:endless"), endless] {
+        let err = env.fails(&["pull", &r], 1);
+        assert!(
+            err.contains("manifest cap") && err.contains(&cap),
+            "{r}: {err}"
+        );
+    }
+    assert!(
+        *written.lock().unwrap() > 4 << 20,
+        "the server did send more than the cap"
+    );
+    assert!(
+        env.blob_dir_names().is_empty(),
+        "{:?}",
+        env.blob_dir_names()
+    );
+}

@@ -8,12 +8,12 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_kube::pss::{self, ContainerVerdict};
 use kiln_kube::{
-    ConfigFile, ConfigOverrides, Credentials, KubeError, NamespaceInfo, OciTarget, PushTarget, SandboxConfig, Topology,
-    WorkspaceConfig,
+    ConfigFile, ConfigOverrides, KubeError, NamespaceInfo, OciTarget, SandboxConfig, Topology, WorkspaceConfig,
 };
 
 use crate::exit::{CommandError, CommandResult};
 use crate::globals::Globals;
+use crate::pull::image_error;
 
 #[derive(Debug, Args)]
 pub struct KubeArgs {
@@ -50,9 +50,15 @@ struct SupervisorImageArgs {
     #[arg(long, value_name = "REF")]
     push: Option<String>,
 
-    /// Registry credentials for --push, USER:PASSWORD.
+    /// Registry credentials for --push, USER:PASSWORD, overriding ~/.docker/config.json and
+    /// containers auth files (as for `kiln pull`).
     #[arg(long, env = "KILN_REGISTRY_CREDS", value_name = "USER:PASSWORD", requires = "push")]
     creds: Option<String>,
+
+    /// Reach this registry (HOST or HOST:PORT) over plain HTTP or unverified TLS; loopback
+    /// registries need no flag (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST", requires = "push")]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -186,26 +192,24 @@ fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
 
 fn supervisor_image(globals: &Globals, args: SupervisorImageArgs) -> CommandResult {
     let output = args.output.as_deref().map(OciTarget::parse).transpose().map_err(CommandError::usage)?;
-    let push = args.push.as_deref().map(PushTarget::parse).transpose().map_err(CommandError::usage)?;
-    let credentials = match &args.creds {
-        Some(creds) => {
-            let (username, password) = creds
-                .split_once(':')
-                .ok_or_else(|| CommandError::usage(anyhow::anyhow!("invalid --creds: expected USER:PASSWORD")))?;
-            Some(Credentials { username: username.to_owned(), password: password.to_owned() })
+    let push = args.push.as_deref().map(kiln_kube::parse_push_target).transpose().map_err(CommandError::usage)?;
+    if let Some(creds) = &args.creds {
+        if !creds.contains(':') {
+            return Err(CommandError::usage(anyhow::anyhow!("invalid --creds: expected USER:PASSWORD")));
         }
-        None => None,
-    };
+    }
     let image = kiln_kube::build_supervisor_image(&args.supervisor, &args.busybox).map_err(usage)?;
     if let Some(target) = &output {
-        kiln_kube::write_oci_layout(&image, target).map_err(CommandError::failure)?;
+        kiln_image::write_oci_layout(&image, &target.dir, &target.tag).map_err(image_error)?;
     }
     if let Some(target) = &push {
-        kiln_kube::push_image(&image, target, credentials.as_ref()).map_err(CommandError::failure)?;
+        let options =
+            kiln_image::PushOptions { creds: args.creds.clone(), insecure_registries: args.insecure_registries.clone() };
+        kiln_image::push(&image, target, &options).map_err(image_error)?;
     }
     if globals.json {
         let summary = serde_json::json!({
-            "manifest_digest": image.manifest_digest,
+            "manifest_digest": image.manifest_digest().to_string(),
             "oci_layout": output.as_ref().map(|t| format!("oci:{}:{}", t.dir.display(), t.tag)),
             "pushed": push.as_ref().map(|t| t.to_string()),
         });
@@ -217,7 +221,7 @@ fn supervisor_image(globals: &Globals, args: SupervisorImageArgs) -> CommandResu
         if let Some(target) = &push {
             println!("pushed {target}");
         }
-        println!("manifest {}", image.manifest_digest);
+        println!("manifest {}", image.manifest_digest());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -227,9 +231,7 @@ fn usage(err: KubeError) -> CommandError {
     match err {
         KubeError::Cluster { .. }
         | KubeError::Yaml(_)
-        | KubeError::Image(_)
-        | KubeError::OciLayout { .. }
-        | KubeError::Push { .. } => CommandError::failure(err),
+        | KubeError::Image(_) => CommandError::failure(err),
         _ => CommandError::usage(err),
     }
 }

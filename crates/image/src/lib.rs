@@ -7,6 +7,9 @@
 //!   a pulled image offline; [`Store::open_blob`] opens a verified blob.
 //! - [`pull`] fetches an image (registry access through oci-client, formats through
 //!   oci-spec) and returns a [`PulledImage`].
+//! - [`OciImage`] is an image to write out: built from a config and layers, or taken from
+//!   the store; [`write_oci_layout`] writes it as an OCI image layout, [`push`] uploads it
+//!   to a registry with the same credential and plain-HTTP rules as a pull.
 //!
 //! Nothing unverified is ever visible in the store: every manifest, index, config and layer
 //! is checked against its digest (sha256 or sha512) while it streams into a temp file, the
@@ -21,9 +24,11 @@ mod archive;
 mod auth;
 mod digest;
 mod ingest;
+mod layout;
 mod media;
 mod platform;
 mod pull;
+mod push;
 mod reference;
 mod source;
 mod store;
@@ -31,7 +36,9 @@ mod store;
 pub use digest::{Algorithm, Digest};
 pub use media::Compression;
 pub use platform::Platform;
+pub use layout::{is_tag, write_oci_layout, NewLayer, OciImage};
 pub use pull::{pull, LayerInfo, ProgressFn, PullEvent, PullOptions, PullPolicy, PulledImage};
+pub use push::{push, PushOptions};
 pub use reference::{DockerRef, ImageRef};
 pub use store::{ImageRecord, PruneReport, Store};
 

@@ -428,16 +428,61 @@ impl Store {
         platform: Option<&Platform>,
     ) -> Result<PulledImage, Error> {
         let canonical = reference.canonical();
-        let record = self
-            .find(&canonical, platform)?
-            .ok_or_else(|| Error::NotInStore {
-                reference: canonical.clone(),
-                hint: match platform {
-                    Some(p) => format!(" for platform {p}; pull it first"),
-                    None => "; pull it first".into(),
-                },
-            })?;
+        let found = match self.find(&canonical, platform)? {
+            Some(record) => Some(record),
+            None => self.find_by_digest(reference, platform)?,
+        };
+        let record = found.ok_or_else(|| Error::NotInStore {
+            reference: canonical.clone(),
+            hint: match platform {
+                Some(p) => format!(" for platform {p}; pull it first"),
+                None => "; pull it first".into(),
+            },
+        })?;
         self.load(record)
+    }
+
+    /// For `REPOSITORY@DIGEST`: an image of the same registry and repository pulled under
+    /// another reference (a tag) whose manifest, or index, is `DIGEST`. The store holds
+    /// what a digest names, so no network is needed. The record comes back under the
+    /// digest reference.
+    fn find_by_digest(
+        &self,
+        reference: &ImageRef,
+        platform: Option<&Platform>,
+    ) -> Result<Option<ImageRecord>, Error> {
+        let ImageRef::Docker(wanted) = reference else {
+            return Ok(None);
+        };
+        let Some(digest) = &wanted.digest else {
+            return Ok(None);
+        };
+        let same_repository = |record: &ImageRecord| {
+            matches!(
+                ImageRef::parse(&record.reference),
+                Ok(ImageRef::Docker(r)) if r.registry == wanted.registry && r.repository == wanted.repository
+            )
+        };
+        let host = Platform::host();
+        let accepts = |record: &ImageRecord| platform.unwrap_or(&host).accepts(&record.platform);
+        let candidates: Vec<ImageRecord> = self
+            .images()?
+            .into_iter()
+            .filter(|r| same_repository(r))
+            .collect();
+        // A manifest digest names one platform's image; an index digest needs the pick.
+        let found = candidates
+            .iter()
+            .find(|r| &r.manifest_digest == digest && (platform.is_none() || accepts(r)))
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .find(|r| r.index_digest.as_ref() == Some(digest) && accepts(r))
+            });
+        Ok(found.map(|record| ImageRecord {
+            reference: reference.canonical(),
+            ..record.clone()
+        }))
     }
 
     /// Reads a record's manifest and config and checks its layers are all present.

@@ -8,7 +8,8 @@ use std::io::Read;
 
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
-use oci_client::Client;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, RegistryOperation};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
@@ -21,6 +22,9 @@ use crate::reference::{DockerRef, ImageRef};
 use crate::{Error, PullOptions, MAX_METADATA_SIZE};
 
 pub(crate) type BlobReader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// How much of a registry's error document goes into an error message.
+const ERROR_BODY_SHOWN: usize = 1024;
 
 /// The document a reference points at, verified.
 pub(crate) struct Root {
@@ -35,6 +39,11 @@ pub(crate) enum Source {
 
 pub(crate) struct RegistrySource {
     client: Client,
+    /// Manifests are fetched with this rather than oci-client, which reads a whole
+    /// response before kiln could apply its cap; kiln stops reading past the cap.
+    http: reqwest::Client,
+    /// `http://` or `https://`, as oci-client speaks to the registry.
+    scheme: &'static str,
     reference: DockerRef,
     credentials: Credentials,
 }
@@ -129,29 +138,63 @@ impl Source {
     }
 }
 
+/// Whether the registry of `reference` is spoken to over plain HTTP, and whether its TLS
+/// certificate goes unverified (named by `--insecure-registry`). Also installs the TLS
+/// crypto provider, which reqwest is built without; ring is the one kiln ships.
+fn transport(reference: &DockerRef, insecure_registries: &[String]) -> (bool, bool) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let insecure = insecure_registries
+        .iter()
+        .any(|h| h == &reference.registry || h == reference.host());
+    (insecure || reference.is_loopback(), insecure)
+}
+
+/// An oci-client for the registry of `reference` and the credentials for it, by the same
+/// rules for pull and push: loopback registries and `insecure_registries` (HOST or
+/// HOST:PORT) over plain HTTP, the latter also with unverified TLS; every other over HTTPS.
+pub(crate) fn registry_client(
+    reference: &DockerRef,
+    creds: Option<&str>,
+    insecure_registries: &[String],
+    max_concurrent: usize,
+) -> Result<(Client, Credentials), Error> {
+    let (plain_http, insecure) = transport(reference, insecure_registries);
+    let config = ClientConfig {
+        protocol: if plain_http {
+            ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        },
+        accept_invalid_certificates: insecure,
+        platform_resolver: None,
+        max_concurrent_download: max_concurrent.max(1),
+        max_concurrent_upload: max_concurrent.max(1),
+        ..ClientConfig::default()
+    };
+    let credentials = crate::auth::credentials(reference, creds)?;
+    Ok((Client::new(config), credentials))
+}
+
 impl RegistrySource {
     fn new(reference: &DockerRef, options: &PullOptions) -> Result<RegistrySource, Error> {
-        // reqwest is built without a default crypto provider; ring is the one kiln ships.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let insecure = options
-            .insecure_registries
-            .iter()
-            .any(|h| h == &reference.registry || h == reference.host());
-        let plain_http = insecure || reference.is_loopback();
-        let config = ClientConfig {
-            protocol: if plain_http {
-                ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            accept_invalid_certificates: insecure,
-            platform_resolver: None,
-            max_concurrent_download: options.max_concurrent_downloads.max(1),
-            ..ClientConfig::default()
-        };
-        let credentials = crate::auth::credentials(reference, options.creds.as_deref())?;
+        let (client, credentials) = registry_client(
+            reference,
+            options.creds.as_deref(),
+            &options.insecure_registries,
+            options.max_concurrent_downloads,
+        )?;
+        let (plain_http, insecure) = transport(reference, &options.insecure_registries);
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(insecure)
+            .build()
+            .map_err(|e| Error::Registry {
+                registry: reference.registry.clone(),
+                reason: format!("setting up the HTTP client: {e}"),
+            })?;
         Ok(RegistrySource {
-            client: Client::new(config),
+            client,
+            http,
+            scheme: if plain_http { "http" } else { "https" },
             reference: reference.clone(),
             credentials,
         })
@@ -181,10 +224,14 @@ impl RegistrySource {
         }
     }
 
+    /// GETs a manifest or index, reading at most [`MAX_METADATA_SIZE`] bytes of it:
+    /// oci-client authenticates (and caches the token for the blob fetches), kiln reads.
     async fn fetch_manifest(&self, reference: &oci_client::Reference) -> Result<Vec<u8>, Error> {
-        let (bytes, _) = self
+        let what = format!("manifest of {}", self.reference);
+        let fail = |reason: String| self.error(format!("fetching {what}: {reason}"));
+        let token = self
             .client
-            .pull_manifest_raw(reference, &self.credentials.auth, media::ACCEPTED_MANIFESTS)
+            .auth(reference, &self.credentials.auth, RegistryOperation::Pull)
             .await
             .map_err(|e| {
                 let hint = match e {
@@ -194,20 +241,67 @@ impl RegistrySource {
                     }
                     _ => String::new(),
                 };
-                self.error(format!(
-                    "fetching manifest of {}: {e}{hint}",
-                    self.reference
-                ))
+                fail(format!("{e}{hint}"))
             })?;
-        if bytes.len() as u64 > MAX_METADATA_SIZE {
-            return Err(Error::TooLarge {
-                what: format!("manifest of {}", self.reference),
-                limit: MAX_METADATA_SIZE,
-                actual: bytes.len() as u64,
-                why: "manifest cap",
-            });
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{}",
+            self.scheme,
+            reference.resolve_registry(),
+            reference.repository(),
+            reference
+                .digest()
+                .or(reference.tag())
+                .expect("kiln's references have a tag or a digest")
+        );
+        let mut request = self.http.get(&url).header(
+            reqwest::header::ACCEPT,
+            media::ACCEPTED_MANIFESTS.join(", "),
+        );
+        request = match (token, &self.credentials.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, RegistryAuth::Anonymous) => request,
+        };
+        let mut response = request.send().await.map_err(|e| fail(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            let hint = if matches!(status.as_u16(), 401 | 403) {
+                format!("; {}", self.credentials.refusal_hint())
+            } else {
+                String::new()
+            };
+            let mut said = Vec::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                said.extend_from_slice(&chunk);
+                if said.len() >= ERROR_BODY_SHOWN {
+                    break;
+                }
+            }
+            said.truncate(ERROR_BODY_SHOWN);
+            return Err(fail(format!(
+                "HTTP {status} from {url}: {}{hint}",
+                String::from_utf8_lossy(&said).trim()
+            )));
         }
-        Ok(bytes.to_vec())
+        let too_large = |actual: u64| Error::TooLarge {
+            what: what.clone(),
+            limit: MAX_METADATA_SIZE,
+            actual,
+            why: "manifest cap; reading stopped there",
+        };
+        if let Some(length) = response.content_length().filter(|&n| n > MAX_METADATA_SIZE) {
+            return Err(too_large(length));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| fail(e.to_string()))? {
+            let total = (bytes.len() + chunk.len()) as u64;
+            if total > MAX_METADATA_SIZE {
+                return Err(too_large(total));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
     }
 
     async fn root(&self) -> Result<Root, Error> {

@@ -51,14 +51,6 @@ pub enum KubeError {
     #[error("building the supervisor image: {0}")]
     Image(String),
 
-    /// Writing the OCI image layout failed.
-    #[error("OCI image layout {path}: {message}")]
-    OciLayout { path: String, message: String },
-
-    /// Pushing to a registry failed.
-    #[error("pushing to {reference}: {message}")]
-    Push { reference: String, message: String },
-
     /// Serialising the pod failed.
     #[error("printing the pod as YAML: {0}")]
     Yaml(String),

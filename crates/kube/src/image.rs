@@ -1,19 +1,14 @@
 //! The supervisor image: one reproducible layer holding the static kiln-supervisor at
 //! [`SUPERVISOR_PATH_IN_IMAGE`] and a static busybox at [`BUSYBOX_PATH_IN_IMAGE`] (whose
-//! `cp` the pod's install-supervisor init container uses), written as an OCI image layout.
-//!
-//! The layout is written here with oci-spec types because kiln-image had no layout writer
-//! when this was built; it should move there once it has one.
+//! `cp` the pod's install-supervisor init container uses). This module makes the layer and
+//! the config; kiln-image writes the OCI layout and pushes.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use flate2::write::GzEncoder;
-use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, DescriptorBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
-    ImageManifestBuilder, MediaType, OciLayoutBuilder, Os, RootFsBuilder, Sha256Digest,
-};
+use kiln_image::{DockerRef, NewLayer, OciImage};
+use oci_spec::image::{Arch, ConfigBuilder, ImageConfigurationBuilder, Os, RootFsBuilder};
 use sha2::{Digest, Sha256};
 
 use crate::render::{BUSYBOX_PATH_IN_IMAGE, SUPERVISOR_PATH_IN_IMAGE};
@@ -21,16 +16,6 @@ use crate::KubeError;
 
 /// Largest binary put into the image.
 pub const MAX_BINARY_SIZE: u64 = 256 << 20;
-
-/// A built image: its blobs by digest, and the manifest that ties them together.
-#[derive(Debug, Clone)]
-pub struct SupervisorImage {
-    /// `sha256:<hex>` of the manifest.
-    pub manifest_digest: String,
-    pub manifest: Vec<u8>,
-    /// Config and layer, in that order: `(digest, bytes)`.
-    pub blobs: Vec<(String, Vec<u8>)>,
-}
 
 /// Where `-o oci:DIR[:TAG]` writes: a directory and the tag recorded in its index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,24 +35,36 @@ impl OciTarget {
         };
         let rest = text.strip_prefix("oci:").ok_or_else(invalid)?;
         let (dir, tag) = rest.split_once(':').unwrap_or((rest, "latest"));
-        if dir.is_empty() || !is_tag(tag) {
+        if dir.is_empty() || !kiln_image::is_tag(tag) {
             return Err(invalid());
         }
         Ok(Self { dir: PathBuf::from(dir), tag: tag.to_owned() })
     }
 }
 
-/// An OCI tag: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
-pub(crate) fn is_tag(tag: &str) -> bool {
-    let bytes = tag.as_bytes();
-    (1..=128).contains(&bytes.len())
-        && (bytes[0].is_ascii_alphanumeric() || bytes[0] == b'_')
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+/// Parses a `--push` destination `HOST[:PORT]/REPOSITORY[:TAG]` (tag `latest` when
+/// absent). It must name its registry (a first component with a `.` or `:`, or
+/// `localhost`): a push never guesses a default registry.
+pub fn parse_push_target(text: &str) -> Result<DockerRef, KubeError> {
+    let invalid = |why: String| KubeError::InvalidSetting {
+        key: "--push".to_owned(),
+        value: text.to_owned(),
+        accepted: format!("HOST[:PORT]/REPOSITORY[:TAG] with an explicit registry host ({why})"),
+    };
+    let name = text.strip_prefix("docker://").unwrap_or(text);
+    let first = name.split_once('/').map_or("", |(first, _)| first);
+    if !(first.contains('.') || first.contains(':') || first == "localhost") {
+        return Err(invalid("the first component is not a host".to_owned()));
+    }
+    if name.contains('@') {
+        return Err(invalid("a digest cannot be pushed to; give a tag".to_owned()));
+    }
+    DockerRef::parse(name).map_err(|e| invalid(e.to_string()))
 }
 
 /// Builds the image from the two static binaries. Each must be a statically linked
 /// x86_64 ELF executable: the image has no libc or loader for anything else.
-pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<SupervisorImage, KubeError> {
+pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<OciImage, KubeError> {
     let supervisor_bytes = read_static_binary(supervisor)?;
     let busybox_bytes = read_static_binary(busybox)?;
 
@@ -94,84 +91,12 @@ pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<Super
         .rootfs(RootFsBuilder::default().typ("layers").diff_ids(vec![diff_id]).build().map_err(spec_err)?)
         .build()
         .map_err(spec_err)?;
-    let config = config.to_string().map_err(spec_err)?.into_bytes();
-
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .config(descriptor(MediaType::ImageConfig, &config)?)
-        .layers(vec![descriptor(MediaType::ImageLayerGzip, &layer)?])
-        .build()
-        .map_err(spec_err)?;
-    let manifest = manifest.to_string().map_err(spec_err)?.into_bytes();
-    Ok(SupervisorImage {
-        manifest_digest: sha256(&manifest),
-        manifest,
-        blobs: vec![(sha256(&config), config), (sha256(&layer), layer)],
-    })
-}
-
-/// Writes `image` as an OCI image layout at `target.dir`, which must not exist yet. The
-/// layout is built in a temporary directory beside it and renamed into place, so a
-/// failure never leaves a half-written layout.
-pub fn write_oci_layout(image: &SupervisorImage, target: &OciTarget) -> Result<(), KubeError> {
-    let dir = &target.dir;
-    let fail = |message: String| KubeError::OciLayout { path: dir.display().to_string(), message };
-    if std::fs::symlink_metadata(dir).is_ok() {
-        return Err(fail("already exists; give a new directory".to_owned()));
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = dir.file_name().ok_or_else(|| fail("has no final component".to_owned()))?;
-    let temp = parent.join(format!(".{}.kiln-tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = write_layout_files(image, &target.tag, &temp).and_then(|()| std::fs::rename(&temp, dir));
-    if let Err(err) = result {
-        let _ = std::fs::remove_dir_all(&temp);
-        return Err(fail(err.to_string()));
-    }
-    Ok(())
-}
-
-fn write_layout_files(image: &SupervisorImage, tag: &str, dir: &Path) -> std::io::Result<()> {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs)?;
-    let hex = |digest: &str| digest.trim_start_matches("sha256:").to_owned();
-    for (digest, bytes) in &image.blobs {
-        std::fs::write(blobs.join(hex(digest)), bytes)?;
-    }
-    std::fs::write(blobs.join(hex(&image.manifest_digest)), &image.manifest)?;
-    let to_io = |e: oci_spec::OciSpecError| std::io::Error::other(e.to_string());
-    let mut manifest = descriptor(MediaType::ImageManifest, &image.manifest).map_err(std::io::Error::other)?;
-    manifest.set_annotations(Some(HashMap::from([("org.opencontainers.image.ref.name".to_owned(), tag.to_owned())])));
-    let index = ImageIndexBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageIndex)
-        .manifests(vec![manifest])
-        .build()
-        .map_err(to_io)?;
-    std::fs::write(dir.join("index.json"), index.to_string().map_err(to_io)?)?;
-    let layout = OciLayoutBuilder::default().image_layout_version("1.0.0").build().map_err(to_io)?;
-    std::fs::write(dir.join("oci-layout"), layout.to_string().map_err(to_io)?)?;
-    Ok(())
-}
-
-fn descriptor(media_type: MediaType, bytes: &[u8]) -> Result<Descriptor, KubeError> {
-    let digest: Sha256Digest = sha256(bytes)
-        .trim_start_matches("sha256:")
-        .parse()
-        .map_err(|e: oci_spec::OciSpecError| KubeError::Image(e.to_string()))?;
-    DescriptorBuilder::default()
-        .media_type(media_type)
-        .size(bytes.len() as u64)
-        .digest(digest)
-        .build()
-        .map_err(|e| KubeError::Image(e.to_string()))
+    let layer = NewLayer { media_type: "application/vnd.oci.image.layer.v1.tar+gzip".to_owned(), bytes: layer };
+    OciImage::build(&config, vec![layer]).map_err(|e| KubeError::Image(e.to_string()))
 }
 
 /// `sha256:<hex>` of `bytes`.
-pub(crate) fn sha256(bytes: &[u8]) -> String {
+fn sha256(bytes: &[u8]) -> String {
     let hash = Sha256::digest(bytes);
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
@@ -271,6 +196,16 @@ mod tests {
         assert_eq!(OciTarget::parse("oci:out:v1.2").unwrap(), OciTarget { dir: "out".into(), tag: "v1.2".into() });
         for bad in ["/tmp/x", "oci:", "oci:x:", "oci:x:-bad", "docker://x"] {
             assert!(OciTarget::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn push_targets() {
+        let t = parse_push_target("127.0.0.1:5000/kiln/kiln-supervisor:0.1").unwrap();
+        assert_eq!(t.to_string(), "127.0.0.1:5000/kiln/kiln-supervisor:0.1");
+        assert_eq!(parse_push_target("docker://registry.example/sup").unwrap().tag.as_deref(), Some("latest"));
+        for bad in ["kiln-supervisor:1", "library/x", "r.example/X", "r.example/x@sha256:00", "r.example/", "r.example/x:"] {
+            assert!(parse_push_target(bad).is_err(), "{bad}");
         }
     }
 

@@ -13,7 +13,6 @@ mod error;
 mod image;
 mod namespace;
 pub mod pss;
-mod push;
 mod render;
 
 use std::io::Read;
@@ -24,9 +23,8 @@ pub use config::{
     MAX_CONFIG_SIZE, RESERVED_ENV,
 };
 pub use error::KubeError;
-pub use image::{build_supervisor_image, write_oci_layout, OciTarget, SupervisorImage, MAX_BINARY_SIZE};
+pub use image::{build_supervisor_image, parse_push_target, OciTarget, MAX_BINARY_SIZE};
 pub use namespace::{namespace_from_cluster, namespace_from_json, NamespaceInfo, MAX_NAMESPACE_JSON_SIZE};
-pub use push::{push_image, Credentials, PushTarget};
 pub use render::{
     pod_to_yaml, render_pod, RenderedPod, BUSYBOX_PATH_IN_IMAGE, DEFAULT_NETWORK_UID, GID_SOURCE_ANNOTATION,
     NETWORK_UID_SOURCE_ANNOTATION, SUPERVISOR_PATH_IN_IMAGE, TOPOLOGY_LABEL, UID_SOURCE_ANNOTATION,
