@@ -125,3 +125,39 @@ fn push_to_an_htpasswd_registry_needs_its_credentials() {
         digest.to_string()
     );
 }
+
+#[test]
+fn push_to_a_token_auth_registry_gets_a_push_token() {
+    if !require_root("push_to_a_token_auth_registry_gets_a_push_token") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (store, pulled) = stored_demo(&work.path().join("root"));
+    let image = OciImage::from_store(&store, &pulled).unwrap();
+    let registry = Registry::start_token_auth("kiln", "t0ken");
+    let target =
+        kiln_image::DockerRef::parse(&format!("{}/kiln/token:v1", registry.addr())).unwrap();
+
+    let anonymous = kiln_image::push(&image, &target, &PushOptions::default()).unwrap_err();
+    assert!(
+        anonymous.to_string().contains("no credentials were found"),
+        "{anonymous}"
+    );
+    let options = PushOptions {
+        creds: Some("kiln:t0ken".to_owned()),
+        insecure_registries: Vec::new(),
+    };
+    let digest = kiln_image::push(&image, &target, &options).unwrap();
+    let source = registry.docker_ref("kiln/token:v1");
+    assert_eq!(
+        skopeo_digest(&registry, &source, Some("kiln:t0ken")),
+        digest.to_string()
+    );
+    let issued = registry.token_server().unwrap().issued();
+    assert!(
+        issued
+            .iter()
+            .any(|t| t == "kiln repository:kiln/token:pull,push"),
+        "no push token for kiln's user: {issued:?}"
+    );
+}
