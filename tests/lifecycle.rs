@@ -155,13 +155,27 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
 }
 
 #[test]
-fn a_killed_monitor_reads_failed_and_takes_its_vm_along() {
-    if !require_root("a_killed_monitor_reads_failed_and_takes_its_vm_along") {
+fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
+    if !require_root("a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed") {
         return;
     }
     let root = Root::new();
     let id = root.ok(&["run", "-d", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]).trim().to_owned();
     root.wait_for_log(&id, "up");
+
+    // A plain SIGTERM to the monitor stops the sandbox as `kiln stop` does.
+    let pid = root.inspect(&id)["monitor_pid"].as_u64().expect("a running sandbox names its monitor");
+    // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while root.inspect(&id)["status"] == "running" {
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the sandbox");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let stopped = root.inspect(&id);
+    assert_eq!((&stopped["status"], &stopped["exit_code"]), (&"exited".into(), &143.into()), "{stopped}");
+
+    root.ok(&["start", &id]);
     let pid = root.inspect(&id)["monitor_pid"].as_u64().expect("a running sandbox names its monitor");
     assert!(!qemu_pids_mentioning(root.path()).is_empty());
     // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.

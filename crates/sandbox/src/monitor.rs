@@ -152,6 +152,7 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
     let (control_tx, control_rx) = mpsc::channel();
     let (guest_tx, guest_rx) = mpsc::channel::<Frame>();
     let (router_tx, router_rx) = mpsc::channel::<RouterEvent>();
+    stop_on_termination(control_tx.clone()).map_err(|e| io_error(sandbox, "signal handlers", e))?;
     spawn_acceptor(listener, router_tx.clone());
 
     std::thread::scope(|scope| {
@@ -176,6 +177,52 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
         let _ = router_tx.send(RouterEvent::Finished(end_status(&outcome)));
         router.join().expect("the router does not panic")
     })
+}
+
+/// How long the workloads get when the monitor itself is told to terminate.
+const TERMINATION_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The write end of the pipe the termination handler wakes the stopping thread through.
+static TERMINATION_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_termination_signal(_: libc::c_int) {
+    let fd = TERMINATION_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; the byte lives in static memory.
+    unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+}
+
+/// SIGTERM, SIGINT or SIGHUP to the monitor (a host shutdown, a plain `kill`) stops the
+/// sandbox as `kiln stop` does, instead of killing the VM with the monitor. Handlers are
+/// reset at exec, so the VMM is unaffected.
+fn stop_on_termination(control: Sender<Control>) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    TERMINATION_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only calls write(2); the sigaction struct is ours.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_termination_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        // SAFETY: reading into a buffer we own from the pipe's read end, which we own.
+        while unsafe { libc::read(fds[0], byte.as_mut_ptr().cast(), 1) } == 1 {
+            tracing::warn!("terminated: stopping the sandbox");
+            if control.send(Control::Shutdown { grace: TERMINATION_GRACE }).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 enum RouterEvent {
