@@ -44,6 +44,8 @@ pub(crate) struct RegistrySource {
     http: reqwest::Client,
     /// `http://` or `https://`, as oci-client speaks to the registry.
     scheme: &'static str,
+    /// The bearer token oci-client got for pulling (None: basic or no auth), asked once.
+    token: tokio::sync::OnceCell<Option<String>>,
     reference: DockerRef,
     credentials: Credentials,
 }
@@ -195,6 +197,7 @@ impl RegistrySource {
             client,
             http,
             scheme: if plain_http { "http" } else { "https" },
+            token: tokio::sync::OnceCell::new(),
             reference: reference.clone(),
             credentials,
         })
@@ -230,8 +233,11 @@ impl RegistrySource {
         let what = format!("manifest of {}", self.reference);
         let fail = |reason: String| self.error(format!("fetching {what}: {reason}"));
         let token = self
-            .client
-            .auth(reference, &self.credentials.auth, RegistryOperation::Pull)
+            .token
+            .get_or_try_init(|| {
+                self.client
+                    .auth(reference, &self.credentials.auth, RegistryOperation::Pull)
+            })
             .await
             .map_err(|e| {
                 let hint = match e {
@@ -257,7 +263,7 @@ impl RegistrySource {
             reqwest::header::ACCEPT,
             media::ACCEPTED_MANIFESTS.join(", "),
         );
-        request = match (token, &self.credentials.auth) {
+        request = match (token.clone(), &self.credentials.auth) {
             (Some(token), _) => request.bearer_auth(token),
             (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
             (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
