@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use flate2::write::GzEncoder;
 use kiln_image::{DockerRef, NewLayer, OciImage};
 use oci_spec::image::{Arch, ConfigBuilder, ImageConfigurationBuilder, Os, RootFsBuilder};
-use sha2::{Digest, Sha256};
 
 use crate::render::{BUSYBOX_PATH_IN_IMAGE, SUPERVISOR_PATH_IN_IMAGE};
 use crate::KubeError;
@@ -71,7 +70,7 @@ pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<OciIm
     let layer_tar =
         layer_tar(&[(SUPERVISOR_PATH_IN_IMAGE, &supervisor_bytes), (BUSYBOX_PATH_IN_IMAGE, &busybox_bytes)])
             .map_err(|e| KubeError::Image(format!("writing the layer: {e}")))?;
-    let diff_id = sha256(&layer_tar);
+    let diff_id = kiln_image::Digest::sha256_of(&layer_tar).to_string();
     // Header mtime 0 and no file name: the same binaries always give the same digest.
     let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
     gzip.write_all(&layer_tar).map_err(|e| KubeError::Image(format!("compressing the layer: {e}")))?;
@@ -93,13 +92,6 @@ pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<OciIm
         .map_err(spec_err)?;
     let layer = NewLayer { media_type: "application/vnd.oci.image.layer.v1.tar+gzip".to_owned(), bytes: layer };
     OciImage::build(&config, vec![layer]).map_err(|e| KubeError::Image(e.to_string()))
-}
-
-/// `sha256:<hex>` of `bytes`.
-fn sha256(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
 }
 
 /// A tar of `files` (absolute paths in the image) with their parent directories, owned
