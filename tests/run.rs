@@ -467,7 +467,7 @@ fn publish_forwards_a_host_port_into_the_guest() {
         received.clear();
         if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", host_port)) {
             stream
-                .set_read_timeout(Some(Duration::from_secs(2)))
+                .set_read_timeout(Some(Duration::from_secs(10)))
                 .unwrap();
             let mut buf = [0u8; 256];
             if let Ok(n) = stream.read(&mut buf) {
