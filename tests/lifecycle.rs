@@ -460,19 +460,24 @@ fn volumes_given_at_create_are_shared_at_start() {
 }
 
 #[test]
-fn start_names_the_pinned_digest_when_its_image_is_gone() {
-    if !require_root("start_names_the_pinned_digest_when_its_image_is_gone") {
+fn prune_keeps_a_pinned_image_and_start_names_it_when_it_is_gone() {
+    if !require_root("prune_keeps_a_pinned_image_and_start_names_it_when_it_is_gone") {
         return;
     }
     let root = Root::new();
     let id = root.ok(&["create", &demo_image(), "true"]);
     let id = id.trim();
+    let pinned = &fixtures().demo().oci_gzip.manifest_digest;
+    let manifest_blob = root.path().join("store/blobs/sha256").join(pinned.trim_start_matches("sha256:"));
+    // rmi + prune keep what a sandbox is pinned to.
     root.ok(&["rmi", &demo_image()]);
     root.ok(&["prune"]);
+    assert!(manifest_blob.is_file(), "prune removed the pinned image's manifest");
+    // A store lost some other way: start refuses, naming the digest.
+    fs::remove_dir_all(root.path().join("store")).unwrap();
     fs::remove_dir_all(root.path().join("rootfs")).unwrap();
     let refused = root.kiln(&["start", id]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
-    let pinned = &fixtures().demo().oci_gzip.manifest_digest;
     assert!(text(&refused.stderr).contains(pinned.as_str()), "{}", describe(&refused));
     assert!(qemu_pids_mentioning(root.path()).is_empty());
     assert_eq!(root.inspect(id)["status"], "created", "a refused start changes nothing");

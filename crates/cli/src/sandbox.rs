@@ -96,7 +96,7 @@ pub struct MonitorArgs {
 }
 
 /// Bad ids are the user's to fix (exit 2); everything else is a failure (exit 1).
-fn lifecycle_error(err: LifecycleError) -> CommandError {
+pub(crate) fn lifecycle_error(err: LifecycleError) -> CommandError {
     match err {
         LifecycleError::BadId(_) => CommandError::usage(err),
         other => CommandError::failure(other),

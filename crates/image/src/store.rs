@@ -292,11 +292,13 @@ impl Store {
         Ok(removed)
     }
 
-    /// Removes every blob no image record refers to, with its lock and diff id files.
-    pub fn prune(&self) -> Result<PruneReport, Error> {
+    /// Removes every blob that neither an image record of the store nor one of `pinned`
+    /// (images that outlive their record, e.g. those sandboxes were created from) refers
+    /// to, with its lock and diff id files.
+    pub fn prune(&self, pinned: &[ImageRecord]) -> Result<PruneReport, Error> {
         let _gc = self.lock_gc(true)?;
         let mut keep = std::collections::HashSet::new();
-        for record in self.images()? {
+        for record in self.images()?.into_iter().chain(pinned.iter().cloned()) {
             keep.extend(record.own_blobs().cloned());
             // A record whose manifest cannot be read keeps only what it names directly.
             if let Ok(bytes) = self.read_blob(&record.manifest_digest, crate::MAX_METADATA_SIZE) {
@@ -475,7 +477,7 @@ mod tests {
         assert_eq!(arm.unwrap().platform.to_string(), "linux/arm64/v8");
         assert!(store.find("oci:/y", None).unwrap().is_none());
 
-        let report = store.prune().unwrap();
+        let report = store.prune(&[]).unwrap();
         assert_eq!(
             report,
             PruneReport {
@@ -484,8 +486,11 @@ mod tests {
             }
         );
         assert!(!store.has_blob(&orphan) && store.has_blob(&layer));
+        let pinned = store.images().unwrap();
         assert_eq!(store.remove("oci:/x:1", None).unwrap(), 2);
-        assert_eq!(store.prune().unwrap().blobs_removed, 3);
+        assert_eq!(store.prune(&pinned).unwrap().blobs_removed, 0);
+        assert!(store.has_blob(&layer), "a pinned image keeps its blobs without its record");
+        assert_eq!(store.prune(&[]).unwrap().blobs_removed, 3);
         assert!(!store.has_blob(&layer));
     }
 

@@ -394,6 +394,20 @@ pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, LifecycleError> {
     Ok(infos)
 }
 
+/// Removes the content store's blobs that no image record and no sandbox needs: a
+/// sandbox keeps the image it is pinned to even after `kiln rmi`, so it can always start.
+pub fn prune_images(root: &Path) -> Result<kiln_image::PruneReport, LifecycleError> {
+    let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
+    let mut pinned = Vec::new();
+    for id in SandboxDir::list(root)? {
+        // A sandbox being created or removed right now has no record to pin yet.
+        if let Ok(record) = SandboxDir::open(root, &id).and_then(|dir| dir.read_json::<SandboxRecord>(RECORD_FILE)) {
+            pinned.push(record.image);
+        }
+    }
+    Ok(store.prune(&pinned).map_err(|e| RunError::Prepare(e.into()))?)
+}
+
 /// Starts `request` in the running sandbox `id_or_name`, as the sandbox's identity.
 pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecSession, LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
