@@ -51,10 +51,11 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
         }
     })
     .map_err(|err| match err {
-        // The path the user gave is unusable: their input to fix.
+        // Another server listening, or the system refusing: not a bad argument.
         ServeError::Socket(SocketError::Io { .. } | SocketError::InUse(_)) => {
             CommandError::failure(err)
         }
+        // The path the user gave is unusable: their input to fix.
         ServeError::Socket(_) => CommandError::usage(err),
         other => CommandError::failure(other),
     })?;
