@@ -375,9 +375,7 @@ fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, LifecycleError> {
 /// how it ended; at once for a sandbox that is not running.
 pub fn wait(root: &Path, id_or_name: &str) -> Result<SandboxInfo, LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    while crate::monitor::is_alive(&sandbox) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::monitor::wait_until_ended(&sandbox)?;
     get_dir(&sandbox)
 }
 

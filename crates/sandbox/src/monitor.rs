@@ -83,6 +83,28 @@ pub fn is_alive(sandbox: &SandboxDir) -> bool {
     held && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
+/// Blocks until no monitor holds the sandbox's lock: the monitor's lock is released only
+/// by its end, so this wakes exactly then, without polling.
+pub(crate) fn wait_until_ended(sandbox: &SandboxDir) -> Result<(), StateError> {
+    let path = sandbox.file(MONITOR_LOCK);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        // Never started: nothing to wait for.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StateError::Io { path, source }),
+    };
+    loop {
+        // SAFETY: flock on a descriptor we own; the shared lock goes with `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(StateError::Io { path, source: err });
+        }
+    }
+}
+
 /// The lock file with an exclusive lock held, or `None` when another process holds it.
 pub(crate) fn take_lock(sandbox: &SandboxDir) -> Result<Option<File>, StateError> {
     let path = sandbox.file(MONITOR_LOCK);
@@ -429,5 +451,21 @@ mod tests {
         assert!(take_lock(&sandbox).unwrap().is_none(), "a second monitor is refused");
         drop(lock);
         assert!(!is_alive(&sandbox));
+    }
+
+    #[test]
+    fn waiting_ends_when_the_lock_is_released() {
+        let root = tempfile::tempdir().unwrap();
+        let sandbox = SandboxDir::create(root.path(), None).unwrap();
+        wait_until_ended(&sandbox).expect("no lock file: nothing to wait for");
+        let lock = take_lock(&sandbox).unwrap().expect("a free lock");
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| tx.send(wait_until_ended(&sandbox).is_ok()).unwrap());
+            let early = rx.recv_timeout(std::time::Duration::from_millis(200));
+            assert!(early.is_err(), "the wait ended while the lock was held");
+            drop(lock);
+            assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(10)), Ok(true));
+        });
     }
 }
