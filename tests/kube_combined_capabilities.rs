@@ -28,7 +28,10 @@ fn static_supervisor() -> PathBuf {
     if let Some(path) = std::env::var_os("KILN_SUPERVISOR_BIN") {
         return PathBuf::from(path);
     }
-    let output = run_ok(&mut Command::new(workspace_root().join("scripts/build-supervisor")), BUILD_TIMEOUT);
+    let output = run_ok(
+        &mut Command::new(workspace_root().join("scripts/build-supervisor")),
+        BUILD_TIMEOUT,
+    );
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
@@ -54,7 +57,10 @@ fn rendered_capabilities() -> Vec<String> {
     ]);
     let pod: Value = serde_json::from_slice(&run_ok(&mut command, TIMEOUT).stdout).unwrap();
     let agent = &pod["spec"]["containers"][0];
-    assert_eq!(agent["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        agent["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
     agent["securityContext"]["capabilities"]["add"]
         .as_array()
         .unwrap()
@@ -138,7 +144,11 @@ fn run_supervisor(root: &Path, keep: &[String]) -> Output {
         "cap_bpf",
         "cap_checkpoint_restore",
     ];
-    let drop: Vec<&str> = all.iter().copied().filter(|c| !keep.iter().any(|k| k == c)).collect();
+    let drop: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|c| !keep.iter().any(|k| k == c))
+        .collect();
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--pid", "--fork"])
@@ -168,14 +178,30 @@ fn combined_agent_capabilities_are_needed_and_enough() {
     reset_sandbox(&root);
     let output = run_supervisor(&root, &keep);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{keep:?}: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{keep:?}: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[..3], [UID.to_string(), GID.to_string(), GID.to_string()], "{stdout}");
+    assert_eq!(
+        lines[..3],
+        [UID.to_string(), GID.to_string(), GID.to_string()],
+        "{stdout}"
+    );
     for field in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert!(lines.contains(&format!("{field}:\t0000000000000000").as_str()), "{field}: {stdout}");
+        assert!(
+            lines.contains(&format!("{field}:\t0000000000000000").as_str()),
+            "{field}: {stdout}"
+        );
     }
     assert!(lines.contains(&"NoNewPrivs:\t1"), "{stdout}");
-    for path in ["sandbox", "sandbox/from-image", "sandbox/.ssh", "sandbox/.ssh/key"] {
+    for path in [
+        "sandbox",
+        "sandbox/from-image",
+        "sandbox/.ssh",
+        "sandbox/.ssh/key",
+    ] {
         let meta = fs::symlink_metadata(root.join(path)).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (UID, GID), "{path}");
     }
@@ -185,8 +211,15 @@ fn combined_agent_capabilities_are_needed_and_enough() {
         let fewer: Vec<String> = keep.iter().filter(|c| *c != missing).cloned().collect();
         let output = run_supervisor(&root, &fewer);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(125), "without {missing} the supervisor must fail: {stderr}");
-        assert!(output.stdout.is_empty(), "without {missing} no workload runs");
+        assert_eq!(
+            output.status.code(),
+            Some(125),
+            "without {missing} the supervisor must fail: {stderr}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "without {missing} no workload runs"
+        );
         eprintln!("without {missing}: {}", stderr.trim());
     }
 }

@@ -52,9 +52,19 @@ const NAMESPACE: &str = r#"{
 /// Runs `kiln kube render ARGS` with `stdin` on standard input.
 fn render(args: &[&str], stdin: &str) -> Output {
     let mut command = Command::new(kiln_bin());
-    command.args(["kube", "render"]).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .args(["kube", "render"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = command.spawn().expect("starting kiln");
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     // wait_with_output has no deadline; kiln render never blocks on anything but stdin.
     child.wait_with_output().unwrap()
 }
@@ -72,7 +82,11 @@ fn stderr(output: &Output) -> String {
 /// Checks the exit code, that stderr mentions `needle`, and that no pod was printed.
 fn assert_fails(output: &Output, code: i32, needle: &str) {
     assert_eq!(output.status.code(), Some(code), "{}", stderr(output));
-    assert!(stderr(output).contains(needle), "expected {needle:?} in: {}", stderr(output));
+    assert!(
+        stderr(output).contains(needle),
+        "expected {needle:?} in: {}",
+        stderr(output)
+    );
     assert!(output.stdout.is_empty(), "no output on failure");
 }
 
@@ -101,33 +115,71 @@ fn config_flags_and_stdin_namespace_give_the_golden_pod() {
     );
     assert!(output.status.success(), "{}", stderr(&output));
     let golden = workspace_root().join("crates/kube/tests/golden/sidecar-scc.yaml");
-    assert_eq!(String::from_utf8(output.stdout).unwrap(), fs::read_to_string(golden).unwrap());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        fs::read_to_string(golden).unwrap()
+    );
 }
 
 #[test]
 fn check_and_json_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), CONFIG);
-    let output = render(&["--config", &config, "--namespace", "team-a", "--check"], "");
+    let output = render(
+        &["--config", &config, "--namespace", "team-a", "--check"],
+        "",
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.starts_with("pod meets: baseline\n"), "{text}");
     assert!(text.contains("container agent: baseline\n"), "{text}");
     assert!(
-        text.contains("  not restricted: Capabilities: spec.containers[0].securityContext.capabilities.add"),
+        text.contains(
+            "  not restricted: Capabilities: spec.containers[0].securityContext.capabilities.add"
+        ),
         "{text}"
     );
 
-    let output =
-        render(&["--json", "--config", &config, "--namespace", "team-a", "--topology", "sidecar", "--check"], "");
+    let output = render(
+        &[
+            "--json",
+            "--config",
+            &config,
+            "--namespace",
+            "team-a",
+            "--topology",
+            "sidecar",
+            "--check",
+        ],
+        "",
+    );
     let verdicts: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let levels: Vec<&str> = verdicts.as_array().unwrap().iter().map(|v| v["level"].as_str().unwrap()).collect();
+    let levels: Vec<&str> = verdicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["level"].as_str().unwrap())
+        .collect();
     assert_eq!(levels, ["restricted"; 4]);
 
-    let output = render(&["--json", "--config", &config, "--namespace", "team-a", "--uid", "5000"], "");
+    let output = render(
+        &[
+            "--json",
+            "--config",
+            &config,
+            "--namespace",
+            "team-a",
+            "--uid",
+            "5000",
+        ],
+        "",
+    );
     let pod: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(pod["kind"], "Pod");
-    assert_eq!(pod["metadata"]["annotations"]["kiln/sandbox-uid-source"], "config");
+    assert_eq!(
+        pod["metadata"]["annotations"]["kiln/sandbox-uid-source"],
+        "config"
+    );
     assert_eq!(pod["spec"]["containers"][0]["env"][0]["value"], "5000");
 }
 
@@ -144,10 +196,30 @@ fn bad_input_exits_2_naming_it() {
     assert_fails(&output, 2, "openshift.io/sa.scc.supplemental-groups");
 
     let single = NAMESPACE.replace("\"1000680000/10000\"", "\"1000680000/1\"");
-    let output = render(&["--config", &config, "--namespace-json", "-", "--topology", "sidecar"], &single);
+    let output = render(
+        &[
+            "--config",
+            &config,
+            "--namespace-json",
+            "-",
+            "--topology",
+            "sidecar",
+        ],
+        &single,
+    );
     assert_fails(&output, 2, "network sidecar uid");
 
-    let output = render(&["--config", &config, "--namespace", "team-a", "--uid", "0123"], "");
+    let output = render(
+        &[
+            "--config",
+            &config,
+            "--namespace",
+            "team-a",
+            "--uid",
+            "0123",
+        ],
+        "",
+    );
     assert_fails(&output, 2, "--uid");
 }
 
@@ -155,7 +227,11 @@ fn bad_input_exits_2_naming_it() {
 fn failed_cluster_read_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), CONFIG);
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let kubeconfig = dir.path().join("kubeconfig");
     fs::write(
         &kubeconfig,
@@ -167,7 +243,15 @@ fn failed_cluster_read_exits_1() {
     )
     .unwrap();
     let mut command = Command::new(kiln_bin());
-    command.args(["kube", "render", "--config", &config, "--namespace", "team-a", "--cluster"]);
+    command.args([
+        "kube",
+        "render",
+        "--config",
+        &config,
+        "--namespace",
+        "team-a",
+        "--cluster",
+    ]);
     command.env("KUBECONFIG", &kubeconfig);
     let output = run_with_timeout(&mut command, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_fails(&output, 1, "reading namespace \"team-a\" from the cluster");

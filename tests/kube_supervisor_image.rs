@@ -29,20 +29,31 @@ fn kiln(args: &[&str]) -> Output {
 
 fn kiln_with(supervisor: &Path, args: &[&str]) -> Output {
     let mut command = Command::new(kiln_bin());
-    command.args(["kube", "supervisor-image", "--busybox", BUSYBOX]).arg("--supervisor").arg(supervisor);
+    command
+        .args(["kube", "supervisor-image", "--busybox", BUSYBOX])
+        .arg("--supervisor")
+        .arg(supervisor);
     command.args(args).env_remove("KILN_REGISTRY_CREDS");
     run_with_timeout(&mut command, TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn kiln_ok(args: &[&str]) -> String {
     let output = kiln(args);
-    assert!(output.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "kiln {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).unwrap()
 }
 
 /// The `manifest sha256:...` line kiln prints.
 fn printed_digest(stdout: &str) -> String {
-    stdout.lines().find_map(|l| l.strip_prefix("manifest ")).expect("a manifest line").to_owned()
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("manifest "))
+        .expect("a manifest line")
+        .to_owned()
 }
 
 fn skopeo(args: &[&str]) -> Vec<u8> {
@@ -67,17 +78,26 @@ fn layout_unpacks_with_umoci_and_its_busybox_installs_the_supervisor() {
     let layout = work.path().join("layout");
     let stdout = kiln_ok(&["-o", &format!("oci:{}:v1", layout.display())]);
     let digest = printed_digest(&stdout);
-    assert_eq!(skopeo_digest(&format!("oci:{}:v1", layout.display()), &[]), digest);
+    assert_eq!(
+        skopeo_digest(&format!("oci:{}:v1", layout.display()), &[]),
+        digest
+    );
 
     // The same inputs give the same image.
     let again = work.path().join("again");
-    assert_eq!(printed_digest(&kiln_ok(&["-o", &format!("oci:{}:v1", again.display())])), digest);
+    assert_eq!(
+        printed_digest(&kiln_ok(&["-o", &format!("oci:{}:v1", again.display())])),
+        digest
+    );
 
     // Writing over an existing layout is refused, and leaves it alone.
     let output = kiln(&["-o", &format!("oci:{}:v2", layout.display())]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("already exists"));
-    assert_eq!(skopeo_digest(&format!("oci:{}:v1", layout.display()), &[]), digest);
+    assert_eq!(
+        skopeo_digest(&format!("oci:{}:v1", layout.display()), &[]),
+        digest
+    );
 
     let bundle = work.path().join("bundle");
     run_ok(
@@ -88,23 +108,45 @@ fn layout_unpacks_with_umoci_and_its_busybox_installs_the_supervisor() {
         TIMEOUT,
     );
     let rootfs = bundle.join("rootfs");
-    for (inside, original) in [("kiln-supervisor", supervisor()), ("bin/busybox", PathBuf::from(BUSYBOX))] {
+    for (inside, original) in [
+        ("kiln-supervisor", supervisor()),
+        ("bin/busybox", PathBuf::from(BUSYBOX)),
+    ] {
         let unpacked = rootfs.join(inside);
-        assert_eq!(fs::read(&unpacked).unwrap(), fs::read(&original).unwrap(), "{inside}");
-        assert_eq!(fs::metadata(&unpacked).unwrap().permissions().mode() & 0o7777, 0o755, "{inside}");
+        assert_eq!(
+            fs::read(&unpacked).unwrap(),
+            fs::read(&original).unwrap(),
+            "{inside}"
+        );
+        assert_eq!(
+            fs::metadata(&unpacked).unwrap().permissions().mode() & 0o7777,
+            0o755,
+            "{inside}"
+        );
     }
-    let config: Value = serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["process"]["args"][0], "/kiln-supervisor");
 
     // What the pod's install-supervisor init container runs, with the image's own busybox.
     let installed = work.path().join("kiln-bin/kiln-supervisor");
     fs::create_dir(installed.parent().unwrap()).unwrap();
     run_ok(
-        Command::new(rootfs.join("bin/busybox")).arg("cp").arg(rootfs.join("kiln-supervisor")).arg(&installed),
+        Command::new(rootfs.join("bin/busybox"))
+            .arg("cp")
+            .arg(rootfs.join("kiln-supervisor"))
+            .arg(&installed),
         TIMEOUT,
     );
-    assert_eq!(fs::read(&installed).unwrap(), fs::read(supervisor()).unwrap());
-    assert_ne!(fs::metadata(&installed).unwrap().permissions().mode() & 0o111, 0, "installed supervisor is executable");
+    assert_eq!(
+        fs::read(&installed).unwrap(),
+        fs::read(supervisor()).unwrap()
+    );
+    assert_ne!(
+        fs::metadata(&installed).unwrap().permissions().mode() & 0o111,
+        0,
+        "installed supervisor is executable"
+    );
 }
 
 #[test]
@@ -129,9 +171,15 @@ fn push_reaches_a_loopback_registry_and_pulls_back_the_same_manifest() {
         &source,
         &format!("oci:{}:test", pulled.display()),
     ]);
-    let index: Value = serde_json::from_slice(&fs::read(pulled.join("index.json")).unwrap()).unwrap();
+    let index: Value =
+        serde_json::from_slice(&fs::read(pulled.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"][0]["digest"], digest.as_str());
-    let manifest = fs::read(pulled.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap();
+    let manifest = fs::read(
+        pulled
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .unwrap();
     assert_eq!(sha256_digest(&manifest), digest);
 
     // Pulled back with kiln itself (kiln-image), when this kiln has its `pull` command.
@@ -143,7 +191,11 @@ fn push_reaches_a_loopback_registry_and_pulls_back_the_same_manifest() {
         command.arg("--root").arg(&root).args(["pull", &source]);
         let output = run_ok(&mut command, TIMEOUT);
         let stdout = String::from_utf8(output.stdout).unwrap();
-        assert_eq!(stdout.split_whitespace().last(), Some(digest.as_str()), "kiln pull printed: {stdout}");
+        assert_eq!(
+            stdout.split_whitespace().last(),
+            Some(digest.as_str()),
+            "kiln pull printed: {stdout}"
+        );
     } else {
         eprintln!("skipping the pull-back with kiln: this kiln has no `pull` command yet");
     }
@@ -165,12 +217,26 @@ fn push_with_basic_auth_needs_credentials() {
     assert!(stderr.contains("--creds"), "{stderr}");
 
     let output = kiln(&["--push", &reference, "--creds", "kiln:wrong"]);
-    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let digest = printed_digest(&kiln_ok(&["--push", &reference, "--creds", "kiln:s3cret"]));
     let authfile = registry.empty_auth_file();
-    let args = ["--tls-verify=false", "--authfile", path_str(&authfile), "--creds", "kiln:s3cret"];
-    assert_eq!(skopeo_digest(&format!("docker://{reference}"), &args), digest);
+    let args = [
+        "--tls-verify=false",
+        "--authfile",
+        path_str(&authfile),
+        "--creds",
+        "kiln:s3cret",
+    ];
+    assert_eq!(
+        skopeo_digest(&format!("docker://{reference}"), &args),
+        digest
+    );
 }
 
 #[test]
@@ -181,7 +247,11 @@ fn bad_inputs_are_usage_errors() {
     let out = format!("oci:{}", work.path().join("out").display());
     for (binary, args, needle) in [
         (supervisor(), vec!["-o", "/tmp/no-oci-prefix"], "oci:DIR"),
-        (supervisor(), vec!["--push", "kiln-supervisor:1"], "explicit registry host"),
+        (
+            supervisor(),
+            vec!["--push", "kiln-supervisor:1"],
+            "explicit registry host",
+        ),
         (script.clone(), vec!["-o", &out], "not an ELF file"),
         (kiln_bin(), vec!["-o", &out], "dynamically linked"),
     ] {
@@ -190,5 +260,8 @@ fn bad_inputs_are_usage_errors() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
-    assert!(!work.path().join("out").exists(), "nothing is written on bad input");
+    assert!(
+        !work.path().join("out").exists(),
+        "nothing is written on bad input"
+    );
 }

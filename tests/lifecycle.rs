@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin, qemu_pids_mentioning, require_root,
-    run_with_timeout, text,
+    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin,
+    qemu_pids_mentioning, require_root, run_with_timeout, text,
 };
 use tempfile::TempDir;
 
@@ -27,7 +27,12 @@ struct Root {
 
 impl Root {
     fn new() -> Root {
-        Root { dir: tempfile::Builder::new().prefix("kiln-lifecycle-test").tempdir().unwrap() }
+        Root {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-lifecycle-test")
+                .tempdir()
+                .unwrap(),
+        }
     }
 
     fn path(&self) -> &Path {
@@ -54,17 +59,28 @@ impl Root {
 
     /// Starts `kiln -q ARGS` with its stdout piped and returns it with its first line.
     fn spawn_until_first_line(&self, args: &[&str]) -> (std::process::Child, String) {
-        let mut child = self.command(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line)
+        let mut child = self
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
         (child, line)
     }
 
     /// `kiln ARGS`, which must succeed; its stdout.
     fn ok(&self, args: &[&str]) -> String {
         let output = self.kiln(args);
-        assert!(output.status.success(), "kiln {args:?}: {}", describe(&output));
+        assert!(
+            output.status.success(),
+            "kiln {args:?}: {}",
+            describe(&output)
+        );
         text(&output.stdout)
     }
 
@@ -81,7 +97,10 @@ impl Root {
             if logs.contains(wanted) {
                 return logs;
             }
-            assert!(Instant::now() < deadline, "{wanted:?} never appeared in the logs of {id}: {logs}");
+            assert!(
+                Instant::now() < deadline,
+                "{wanted:?} never appeared in the logs of {id}: {logs}"
+            );
             thread::sleep(Duration::from_millis(200));
         }
     }
@@ -90,7 +109,8 @@ impl Root {
 impl Drop for Root {
     fn drop(&mut self) {
         if let Ok(output) = self.command(&["ps", "-a", "--json"]).output() {
-            let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            let listed: serde_json::Value =
+                serde_json::from_slice(&output.stdout).unwrap_or_default();
             for sandbox in listed.as_array().into_iter().flatten() {
                 if let Some(id) = sandbox["id"].as_str() {
                     let _ = self.command(&["rm", "-f", id]).output();
@@ -112,9 +132,23 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
         return;
     }
     let root = Root::new();
-    let id = root.ok(&["create", "--name", "keeper", &demo_image(), "sh", "-c", COUNTING_SCRIPT]).trim().to_owned();
+    let id = root
+        .ok(&[
+            "create",
+            "--name",
+            "keeper",
+            &demo_image(),
+            "sh",
+            "-c",
+            COUNTING_SCRIPT,
+        ])
+        .trim()
+        .to_owned();
     assert_eq!(id.len(), 12, "create prints the id: {id:?}");
-    assert!(root.ok(&["ps"]).lines().all(|l| !l.contains(&id)), "a created sandbox is not running");
+    assert!(
+        root.ok(&["ps"]).lines().all(|l| !l.contains(&id)),
+        "a created sandbox is not running"
+    );
     assert!(root.ok(&["ps", "-a"]).contains("created"));
     let created = root.inspect("keeper");
     assert_eq!(created["status"], "created");
@@ -129,21 +163,34 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
     assert!(running["monitor_pid"].as_u64().is_some());
     assert!(root.ok(&["ps"]).contains(&id));
     let stderr = text(&root.kiln(&["logs", "keeper"]).stderr);
-    assert!(stderr.contains("to-stderr"), "stderr.log goes to stderr: {stderr}");
+    assert!(
+        stderr.contains("to-stderr"),
+        "stderr.log goes to stderr: {stderr}"
+    );
 
     let refused = root.kiln(&["rm", "keeper"]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
-    assert!(text(&refused.stderr).contains("running"), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains("running"),
+        "{}",
+        describe(&refused)
+    );
 
     root.ok(&["stop", "-t", "1", "keeper"]);
     let stopped = root.inspect("keeper");
     assert_eq!(stopped["status"], "exited", "{stopped}");
-    assert!(qemu_pids_mentioning(root.path()).is_empty(), "stop leaves no VM");
+    assert!(
+        qemu_pids_mentioning(root.path()).is_empty(),
+        "stop leaves no VM"
+    );
     root.ok(&["stop", "keeper"]);
 
     root.ok(&["start", &id]);
     let logs = root.wait_for_log(&id, "boots=2");
-    assert!(logs.contains("boots=1\n"), "the log keeps the first boot's output: {logs}");
+    assert!(
+        logs.contains("boots=1\n"),
+        "the log keeps the first boot's output: {logs}"
+    );
 
     root.ok(&["rm", "-f", "keeper"]);
     assert!(!upper.exists(), "rm removes the state directory");
@@ -160,23 +207,44 @@ fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
         return;
     }
     let root = Root::new();
-    let id = root.ok(&["run", "-d", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]).trim().to_owned();
+    let id = root
+        .ok(&[
+            "run",
+            "-d",
+            &demo_image(),
+            "sh",
+            "-c",
+            "echo up; exec sleep 100000",
+        ])
+        .trim()
+        .to_owned();
     root.wait_for_log(&id, "up");
 
     // A plain SIGTERM to the monitor stops the sandbox as `kiln stop` does.
-    let pid = root.inspect(&id)["monitor_pid"].as_u64().expect("a running sandbox names its monitor");
+    let pid = root.inspect(&id)["monitor_pid"]
+        .as_u64()
+        .expect("a running sandbox names its monitor");
     // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(60);
     while root.inspect(&id)["status"] == "running" {
-        assert!(Instant::now() < deadline, "SIGTERM did not stop the sandbox");
+        assert!(
+            Instant::now() < deadline,
+            "SIGTERM did not stop the sandbox"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     let stopped = root.inspect(&id);
-    assert_eq!((&stopped["status"], &stopped["exit_code"]), (&"exited".into(), &143.into()), "{stopped}");
+    assert_eq!(
+        (&stopped["status"], &stopped["exit_code"]),
+        (&"exited".into(), &143.into()),
+        "{stopped}"
+    );
 
     root.ok(&["start", &id]);
-    let pid = root.inspect(&id)["monitor_pid"].as_u64().expect("a running sandbox names its monitor");
+    let pid = root.inspect(&id)["monitor_pid"]
+        .as_u64()
+        .expect("a running sandbox names its monitor");
     assert!(!qemu_pids_mentioning(root.path()).is_empty());
     // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
@@ -186,10 +254,14 @@ fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
         assert!(Instant::now() < deadline, "QEMU outlived its monitor");
         thread::sleep(Duration::from_millis(100));
     }
-    let listed: serde_json::Value = serde_json::from_str(&root.ok(&["ps", "-a", "--json"])).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&root.ok(&["ps", "-a", "--json"])).unwrap();
     assert_eq!(listed[0]["status"], "failed", "{listed}");
     assert_eq!(root.inspect(&id)["status"], "failed");
-    assert!(root.ok(&["ps"]).lines().all(|l| !l.contains(&id)), "a failed sandbox is not listed as running");
+    assert!(
+        root.ok(&["ps"]).lines().all(|l| !l.contains(&id)),
+        "a failed sandbox is not listed as running"
+    );
     // A failed sandbox can be removed without -f.
     root.ok(&["rm", &id]);
 }
@@ -200,7 +272,14 @@ fn logs_follow_until_the_workload_ends() {
         return;
     }
     let root = Root::new();
-    let id = root.ok(&["run", "-d", &demo_image(), "sh", "-c", "echo one; sleep 3; echo two; exit 7"]);
+    let id = root.ok(&[
+        "run",
+        "-d",
+        &demo_image(),
+        "sh",
+        "-c",
+        "echo one; sleep 3; echo two; exit 7",
+    ]);
     let id = id.trim();
     let followed = root.kiln(&["logs", "-f", id]);
     assert!(followed.status.success(), "{}", describe(&followed));
@@ -219,14 +298,29 @@ fn a_sandbox_kiln_run_kept_can_be_started_again() {
     let root = Root::new();
     // While `kiln run` runs it in the foreground, the sandbox is running: not startable,
     // and stop/exec say where it runs.
-    let (mut foreground, first_line) =
-        root.spawn_until_first_line(&["run", "--name", "fg", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]);
+    let (mut foreground, first_line) = root.spawn_until_first_line(&[
+        "run",
+        "--name",
+        "fg",
+        &demo_image(),
+        "sh",
+        "-c",
+        "echo up; exec sleep 100000",
+    ]);
     assert_eq!(first_line, "up\n");
     assert_eq!(root.inspect("fg")["status"], "running");
     let start = root.kiln(&["start", "fg"]);
-    assert!(text(&start.stderr).contains("is running"), "{}", describe(&start));
+    assert!(
+        text(&start.stderr).contains("is running"),
+        "{}",
+        describe(&start)
+    );
     let stop = root.kiln(&["stop", "fg"]);
-    assert!(text(&stop.stderr).contains("foreground"), "{}", describe(&stop));
+    assert!(
+        text(&stop.stderr).contains("foreground"),
+        "{}",
+        describe(&stop)
+    );
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     unsafe { libc::kill(foreground.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(foreground.wait().unwrap().code(), Some(143));
@@ -236,10 +330,17 @@ fn a_sandbox_kiln_run_kept_can_be_started_again() {
     let ran = root.kiln(&["run", "--name", "kept", &demo_image(), "sh", "-c", script]);
     assert_eq!(ran.status.code(), Some(3), "{}", describe(&ran));
     let kept = root.inspect("kept");
-    assert_eq!((&kept["status"], &kept["exit_code"]), (&"exited".into(), &3.into()), "{kept}");
+    assert_eq!(
+        (&kept["status"], &kept["exit_code"]),
+        (&"exited".into(), &3.into()),
+        "{kept}"
+    );
     root.ok(&["start", "kept"]);
     let logs = root.ok(&["logs", "-f", "kept"]);
-    assert!(logs.contains("boots=2"), "the second boot sees the first one's file: {logs}");
+    assert!(
+        logs.contains("boots=2"),
+        "the second boot sees the first one's file: {logs}"
+    );
 }
 
 #[test]
@@ -248,21 +349,56 @@ fn ids_and_names_are_checked() {
         return;
     }
     let root = Root::new();
-    let first = root.ok(&["create", "--name", "twin", &demo_image(), "true"]).trim().to_owned();
+    let first = root
+        .ok(&["create", "--name", "twin", &demo_image(), "true"])
+        .trim()
+        .to_owned();
     let duplicate = root.kiln(&["create", "--name", "twin", &demo_image(), "true"]);
     assert_eq!(duplicate.status.code(), Some(1), "{}", describe(&duplicate));
     let message = text(&duplicate.stderr);
-    assert!(message.contains("twin") && message.contains(&first), "{message}");
+    assert!(
+        message.contains("twin") && message.contains(&first),
+        "{message}"
+    );
 
-    for command in [&["start", "../x"][..], &["stop", "a/b"], &["rm", "a b"], &["logs", "../x"], &["exec", "a/b", "true"]] {
+    for command in [
+        &["start", "../x"][..],
+        &["stop", "a/b"],
+        &["rm", "a b"],
+        &["logs", "../x"],
+        &["exec", "a/b", "true"],
+    ] {
         let output = root.kiln(command);
-        assert_ne!(output.status.code(), Some(0), "{command:?}: {}", describe(&output));
-        assert!(text(&output.stderr).contains("A-Z a-z 0-9"), "{command:?}: {}", describe(&output));
+        assert_ne!(
+            output.status.code(),
+            Some(0),
+            "{command:?}: {}",
+            describe(&output)
+        );
+        assert!(
+            text(&output.stderr).contains("A-Z a-z 0-9"),
+            "{command:?}: {}",
+            describe(&output)
+        );
     }
-    for command in [&["start", "nosuch"][..], &["stop", "nosuch"], &["rm", "nosuch"], &["logs", "nosuch"]] {
+    for command in [
+        &["start", "nosuch"][..],
+        &["stop", "nosuch"],
+        &["rm", "nosuch"],
+        &["logs", "nosuch"],
+    ] {
         let output = root.kiln(command);
-        assert_eq!(output.status.code(), Some(1), "{command:?}: {}", describe(&output));
-        assert!(text(&output.stderr).contains("no such sandbox: nosuch"), "{command:?}: {}", describe(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{command:?}: {}",
+            describe(&output)
+        );
+        assert!(
+            text(&output.stderr).contains("no such sandbox: nosuch"),
+            "{command:?}: {}",
+            describe(&output)
+        );
     }
     let sandboxes: Vec<_> = fs::read_dir(root.path().join("sandboxes"))
         .unwrap()
@@ -281,7 +417,11 @@ fn ids_and_names_are_checked() {
     std::os::unix::fs::symlink(victim.path(), &state_dir).unwrap();
     let refused = root.kiln(&["rm", "-f", "twin"]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
-    assert!(text(&refused.stderr).contains("symlink"), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains("symlink"),
+        "{}",
+        describe(&refused)
+    );
     assert!(victim.path().join("keep").exists());
     fs::remove_file(&state_dir).unwrap();
     fs::rename(root.path().join("moved"), &state_dir).unwrap();
@@ -296,10 +436,24 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
     let demo = fixtures().demo();
     // A layout of our own whose `latest` we can move: the gzip image first.
     let layout = root.path().join("layout");
-    let copy = Command::new("cp").arg("-a").arg(&demo.oci_gzip.path).arg(&layout).status().unwrap();
+    let copy = Command::new("cp")
+        .arg("-a")
+        .arg(&demo.oci_gzip.path)
+        .arg(&layout)
+        .status()
+        .unwrap();
     assert!(copy.success());
     let reference = format!("oci:{}:latest", layout.display());
-    let id = root.ok(&["create", &reference, "sh", "-c", "echo pinned; exec sleep 100000"]).trim().to_owned();
+    let id = root
+        .ok(&[
+            "create",
+            &reference,
+            "sh",
+            "-c",
+            "echo pinned; exec sleep 100000",
+        ])
+        .trim()
+        .to_owned();
     let pinned = demo.oci_gzip.manifest_digest.clone();
     assert_eq!(root.inspect(&id)["manifest_digest"], pinned.as_str());
 
@@ -307,11 +461,20 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
     // pull it, so the store's record of the reference now names the new digest.
     let blobs = demo.oci_zstd.path.join("blobs/sha256");
     for blob in fs::read_dir(&blobs).unwrap().flatten() {
-        fs::copy(blob.path(), layout.join("blobs/sha256").join(blob.file_name())).unwrap();
+        fs::copy(
+            blob.path(),
+            layout.join("blobs/sha256").join(blob.file_name()),
+        )
+        .unwrap();
     }
-    fs::copy(demo.oci_zstd.path.join("index.json"), layout.join("index.json")).unwrap();
+    fs::copy(
+        demo.oci_zstd.path.join("index.json"),
+        layout.join("index.json"),
+    )
+    .unwrap();
     root.ok(&["pull", "--pull", "always", &reference]);
-    let image: serde_json::Value = serde_json::from_str(&root.ok(&["--json", "inspect", &reference])).unwrap();
+    let image: serde_json::Value =
+        serde_json::from_str(&root.ok(&["--json", "inspect", &reference])).unwrap();
     let moved = demo.oci_zstd.manifest_digest.as_str();
     assert_eq!(image["manifest_digest"], moved);
     // The built images are gone too: start rebuilds them from the store, by digest.
@@ -326,8 +489,14 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     let hex = |digest: &str| digest.trim_start_matches("sha256:").to_owned();
-    assert!(built.iter().any(|name| name.contains(&hex(&pinned))), "root image of the pinned digest: {built:?}");
-    assert!(built.iter().all(|name| !name.contains(&hex(moved))), "nothing built for the new tag: {built:?}");
+    assert!(
+        built.iter().any(|name| name.contains(&hex(&pinned))),
+        "root image of the pinned digest: {built:?}"
+    );
+    assert!(
+        built.iter().all(|name| !name.contains(&hex(moved))),
+        "nothing built for the new tag: {built:?}"
+    );
     root.ok(&["stop", "-t", "1", &id]);
 }
 
@@ -376,7 +545,16 @@ fn exec_runs_commands_in_a_running_sandbox() {
         return;
     }
     let root = Root::new();
-    let id = root.ok(&["run", "-d", "--name", "execbox", &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]);
+    let id = root.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "execbox",
+        &demo_image(),
+        "sh",
+        "-c",
+        "echo up; exec sleep 100000",
+    ]);
     let id = id.trim();
     root.wait_for_log(id, "up");
 
@@ -395,20 +573,54 @@ fn exec_runs_commands_in_a_running_sandbox() {
     });
     for (n, output) in &outputs {
         assert_eq!(output.status.code(), Some(*n), "{}", describe(output));
-        assert_eq!(text(&output.stdout), format!("out-{n}\n"), "{}", describe(output));
-        assert_eq!(text(&output.stderr), format!("err-{n}\n"), "{}", describe(output));
+        assert_eq!(
+            text(&output.stdout),
+            format!("out-{n}\n"),
+            "{}",
+            describe(output)
+        );
+        assert_eq!(
+            text(&output.stderr),
+            format!("err-{n}\n"),
+            "{}",
+            describe(output)
+        );
     }
 
     // The sandbox identity, -e and -w, and stdin with -i.
-    let facts = root.ok(&["exec", "-e", "FROM_E=e value", "-w", "/tmp", id, "sh", "-c", "echo $(id -u):$(id -g) $FROM_E $(pwd)"]);
+    let facts = root.ok(&[
+        "exec",
+        "-e",
+        "FROM_E=e value",
+        "-w",
+        "/tmp",
+        id,
+        "sh",
+        "-c",
+        "echo $(id -u):$(id -g) $FROM_E $(pwd)",
+    ]);
     assert_eq!(facts, "10001:10001 e value /tmp\n");
-    let echoed = exec_with_input(&root, &["-i", id, "sh", "-c", "cat > /sandbox/kept; cat /sandbox/kept"], b"typed in\n");
+    let echoed = exec_with_input(
+        &root,
+        &[
+            "-i",
+            id,
+            "sh",
+            "-c",
+            "cat > /sandbox/kept; cat /sandbox/kept",
+        ],
+        b"typed in\n",
+    );
     assert!(echoed.status.success(), "{}", describe(&echoed));
     assert_eq!(text(&echoed.stdout), "typed in\n");
     let terminal = root.ok(&["exec", "-t", id, "tty"]);
-    assert!(terminal.starts_with("/dev/pts/"), "-t gives the command a terminal: {terminal:?}");
+    assert!(
+        terminal.starts_with("/dev/pts/"),
+        "-t gives the command a terminal: {terminal:?}"
+    );
     // kiln's SIGTERM goes to the command, whose death by it becomes 143.
-    let (mut waiting, started) = root.spawn_until_first_line(&["exec", id, "sh", "-c", "echo started; exec sleep 100000"]);
+    let (mut waiting, started) =
+        root.spawn_until_first_line(&["exec", id, "sh", "-c", "echo started; exec sleep 100000"]);
     assert_eq!(started, "started\n");
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     unsafe { libc::kill(waiting.id() as libc::pid_t, libc::SIGTERM) };
@@ -420,7 +632,11 @@ fn exec_runs_commands_in_a_running_sandbox() {
     root.ok(&["stop", "-t", "1", id]);
     let stopped = root.kiln(&["exec", id, "true"]);
     assert_eq!(stopped.status.code(), Some(125), "{}", describe(&stopped));
-    assert!(text(&stopped.stderr).contains("not running"), "{}", describe(&stopped));
+    assert!(
+        text(&stopped.stderr).contains("not running"),
+        "{}",
+        describe(&stopped)
+    );
     root.ok(&["start", id]);
     root.wait_for_log(id, "up\nup");
     assert_eq!(root.ok(&["exec", id, "cat", "/sandbox/kept"]), "typed in\n");
@@ -438,13 +654,29 @@ fn volumes_given_at_create_are_shared_at_start() {
     fs::write(read_only.path().join("given"), "from the host\n").unwrap();
     let rw = format!("{}:/data", shared.path().display());
     let ro = format!("{}:/given:ro", read_only.path().display());
-    let id = root.ok(&["create", "-v", &rw, "-v", &ro, &demo_image(), "sh", "-c", "echo up; exec sleep 100000"]);
+    let id = root.ok(&[
+        "create",
+        "-v",
+        &rw,
+        "-v",
+        &ro,
+        &demo_image(),
+        "sh",
+        "-c",
+        "echo up; exec sleep 100000",
+    ]);
     let id = id.trim();
     root.ok(&["start", id]);
     root.wait_for_log(id, "up");
     root.ok(&["exec", id, "sh", "-c", "echo from the guest > /data/made"]);
-    assert_eq!(fs::read_to_string(shared.path().join("made")).unwrap(), "from the guest\n");
-    assert_eq!(root.ok(&["exec", id, "cat", "/given/given"]), "from the host\n");
+    assert_eq!(
+        fs::read_to_string(shared.path().join("made")).unwrap(),
+        "from the guest\n"
+    );
+    assert_eq!(
+        root.ok(&["exec", id, "cat", "/given/given"]),
+        "from the host\n"
+    );
     let refused = root.kiln(&["exec", id, "touch", "/given/new"]);
     assert_ne!(refused.status.code(), Some(0), "{}", describe(&refused));
     assert!(!read_only.path().join("new").exists());
@@ -454,7 +686,11 @@ fn volumes_given_at_create_are_shared_at_start() {
     drop(shared);
     let refused = root.kiln(&["start", id]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
-    assert!(text(&refused.stderr).contains(&gone.display().to_string()), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains(&gone.display().to_string()),
+        "{}",
+        describe(&refused)
+    );
     assert!(qemu_pids_mentioning(root.path()).is_empty());
     root.ok(&["rm", id]);
 }
@@ -468,17 +704,31 @@ fn prune_keeps_a_pinned_image_and_start_names_it_when_it_is_gone() {
     let id = root.ok(&["create", &demo_image(), "true"]);
     let id = id.trim();
     let pinned = &fixtures().demo().oci_gzip.manifest_digest;
-    let manifest_blob = root.path().join("store/blobs/sha256").join(pinned.trim_start_matches("sha256:"));
+    let manifest_blob = root
+        .path()
+        .join("store/blobs/sha256")
+        .join(pinned.trim_start_matches("sha256:"));
     // rmi + prune keep what a sandbox is pinned to.
     root.ok(&["rmi", &demo_image()]);
     root.ok(&["prune"]);
-    assert!(manifest_blob.is_file(), "prune removed the pinned image's manifest");
+    assert!(
+        manifest_blob.is_file(),
+        "prune removed the pinned image's manifest"
+    );
     // A store lost some other way: start refuses, naming the digest.
     fs::remove_dir_all(root.path().join("store")).unwrap();
     fs::remove_dir_all(root.path().join("rootfs")).unwrap();
     let refused = root.kiln(&["start", id]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
-    assert!(text(&refused.stderr).contains(pinned.as_str()), "{}", describe(&refused));
+    assert!(
+        text(&refused.stderr).contains(pinned.as_str()),
+        "{}",
+        describe(&refused)
+    );
     assert!(qemu_pids_mentioning(root.path()).is_empty());
-    assert_eq!(root.inspect(id)["status"], "created", "a refused start changes nothing");
+    assert_eq!(
+        root.inspect(id)["status"],
+        "created",
+        "a refused start changes nothing"
+    );
 }

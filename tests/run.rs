@@ -13,8 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin, qemu_left_after, require_root,
-    run_with_timeout, text,
+    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin, qemu_left_after,
+    require_root, run_with_timeout, text,
 };
 use tempfile::TempDir;
 
@@ -410,14 +410,30 @@ fn network_user_reaches_the_host_and_none_does_not() {
     let port = serve_http("served-by-the-host");
     // No -T: Debian's busybox 1.35 wget segfaults with it.
     let fetch = format!("busybox wget -q -O - http://10.0.2.2:{port}/ || echo fetch-failed");
-    let user = sandbox.run(&["--rm", "--network", "user", &demo_image(), "sh", "-c", &fetch]);
+    let user = sandbox.run(&[
+        "--rm",
+        "--network",
+        "user",
+        &demo_image(),
+        "sh",
+        "-c",
+        &fetch,
+    ]);
     assert_eq!(code(&user), 0, "{}", describe(&user));
     assert!(
         text(&user.stdout).contains("served-by-the-host"),
         "{}",
         describe(&user)
     );
-    let none = sandbox.run(&["--rm", "--network", "none", &demo_image(), "sh", "-c", &fetch]);
+    let none = sandbox.run(&[
+        "--rm",
+        "--network",
+        "none",
+        &demo_image(),
+        "sh",
+        "-c",
+        &fetch,
+    ]);
     assert_eq!(code(&none), 0, "{}", describe(&none));
     assert!(
         !text(&none.stdout).contains("served-by-the-host"),

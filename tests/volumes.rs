@@ -13,7 +13,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use kiln_e2e::{assert_no_qemu_left, demo_image, describe, guest_files, kiln_bin, run_with_timeout, text};
+use kiln_e2e::{
+    assert_no_qemu_left, demo_image, describe, guest_files, kiln_bin, run_with_timeout, text,
+};
 
 /// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -22,7 +24,10 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 fn kiln_run(root: &Path, args: &[&str]) -> Output {
     let guest = guest_files();
     let mut command = Command::new(kiln_bin());
-    command.env("KILN_ROOT", root).env("KILN_KERNEL", &guest.kernel).env("KILN_INITRAMFS", &guest.initramfs);
+    command
+        .env("KILN_ROOT", root)
+        .env("KILN_KERNEL", &guest.kernel)
+        .env("KILN_INITRAMFS", &guest.initramfs);
     command.args(["-q", "run"]).args(args);
     let output = run_with_timeout(&mut command, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_no_qemu_left(root);
@@ -31,12 +36,18 @@ fn kiln_run(root: &Path, args: &[&str]) -> Output {
 
 /// The `key=value` lines of `stdout`.
 fn facts(stdout: &[u8]) -> BTreeMap<String, String> {
-    text(stdout).lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+    text(stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect()
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
 }
@@ -46,7 +57,11 @@ fn read_write_and_read_only_volumes() {
     let root = tempfile::tempdir().unwrap();
     let (rw, ro) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     fs::write(rw.path().join("host.txt"), "from the host\n").unwrap();
-    fs::set_permissions(rw.path().join("host.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::set_permissions(
+        rw.path().join("host.txt"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     fs::write(ro.path().join("ro.txt"), "read only\n").unwrap();
     fs::set_permissions(ro.path().join("ro.txt"), fs::Permissions::from_mode(0o644)).unwrap();
     // Wide open on the host, so that only the read-only mount can refuse the write.
@@ -58,14 +73,33 @@ fn read_write_and_read_only_volumes() {
         echo ro_error=$(touch /in/new 2>&1); touch /in/new 2>/dev/null; echo ro_write=$?; \
         echo made_mode=$(stat -c %a /data/made.txt); ln -s /etc/passwd /data/link; \
         echo link=$(readlink /data/link); mkdir /data/sub";
-    let (rw_arg, ro_arg) = (format!("{}:/data", rw.path().display()), format!("{}:/in:ro", ro.path().display()));
+    let (rw_arg, ro_arg) = (
+        format!("{}:/data", rw.path().display()),
+        format!("{}:/in:ro", ro.path().display()),
+    );
     let output = kiln_run(
         root.path(),
-        &["--rm", "-v", &rw_arg, "-v", &ro_arg, "--entrypoint", "/bin/sh", &demo_image(), "-c", script],
+        &[
+            "--rm",
+            "-v",
+            &rw_arg,
+            "-v",
+            &ro_arg,
+            "--entrypoint",
+            "/bin/sh",
+            &demo_image(),
+            "-c",
+            script,
+        ],
     );
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let facts = facts(&output.stdout);
-    let fact = |key: &str| facts.get(key).map(String::as_str).unwrap_or_else(|| panic!("no {key}: {}", describe(&output)));
+    let fact = |key: &str| {
+        facts
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no {key}: {}", describe(&output)))
+    };
     // SAFETY: plain system calls.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
 
@@ -77,25 +111,51 @@ fn read_write_and_read_only_volumes() {
     assert_eq!(fact("host_file"), "from the host");
     assert_eq!(fact("host_file_owner"), format!("{euid}:{egid}"));
     assert_eq!(fact("ro_read"), "read only");
-    assert_ne!(fact("ro_write"), "0", "a write to a read-only volume succeeded");
-    assert!(fact("ro_error").contains("Read-only file system"), "{}", describe(&output));
+    assert_ne!(
+        fact("ro_write"),
+        "0",
+        "a write to a read-only volume succeeded"
+    );
+    assert!(
+        fact("ro_error").contains("Read-only file system"),
+        "{}",
+        describe(&output)
+    );
 
     // On the host: the file is there, owned by whoever ran kiln, never the guest's uid.
     let made = rw.path().join("made.txt");
     assert_eq!(fs::read_to_string(&made).unwrap(), "made\n");
     let meta = fs::metadata(&made).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (euid, egid), "host owner of a guest-created file");
-    assert_eq!(meta.mode() & 0o7777, 0o600, "QEMU's mapped-xattr host mode of files");
-    assert_eq!(fs::metadata(rw.path()).unwrap().uid(), euid, "the volume root keeps its host owner");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (euid, egid),
+        "host owner of a guest-created file"
+    );
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o600,
+        "QEMU's mapped-xattr host mode of files"
+    );
+    assert_eq!(
+        fs::metadata(rw.path()).unwrap().uid(),
+        euid,
+        "the volume root keeps its host owner"
+    );
     // A guest symlink is a plain file on the host (its target as content), so it can
     // never lead a host program elsewhere; the guest sees the symlink.
     assert_eq!(fact("made_mode"), "644");
     assert_eq!(fact("link"), "/etc/passwd");
-    assert_eq!(fs::metadata(rw.path().join("sub")).unwrap().mode() & 0o7777, 0o700);
+    assert_eq!(
+        fs::metadata(rw.path().join("sub")).unwrap().mode() & 0o7777,
+        0o700
+    );
     let link = fs::symlink_metadata(rw.path().join("link")).unwrap();
     assert!(link.file_type().is_file(), "{link:?}");
     assert_eq!(names_in(ro.path()), ["ro.txt"]);
-    assert_eq!(fs::read_to_string(ro.path().join("ro.txt")).unwrap(), "read only\n");
+    assert_eq!(
+        fs::read_to_string(ro.path().join("ro.txt")).unwrap(),
+        "read only\n"
+    );
 }
 
 #[test]
@@ -109,10 +169,25 @@ fn a_missing_host_directory_or_a_host_file_is_refused_before_boot() {
         let output = kiln_run(root.path(), &["--rm", "-v", &volume, &demo_image(), "true"]);
         assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
         let stderr = text(&output.stderr);
-        assert!(stderr.contains(&host.display().to_string()), "{}", describe(&output));
-        assert!(stderr.contains("HOSTDIR:GUESTDIR[:ro]"), "{}", describe(&output));
+        assert!(
+            stderr.contains(&host.display().to_string()),
+            "{}",
+            describe(&output)
+        );
+        assert!(
+            stderr.contains("HOSTDIR:GUESTDIR[:ro]"),
+            "{}",
+            describe(&output)
+        );
         let sandboxes = root.path().join("sandboxes");
-        let left: Vec<String> = if sandboxes.exists() { names_in(&sandboxes) } else { Vec::new() };
-        assert!(left.iter().all(|n| n == ".names"), "a sandbox was left: {left:?}");
+        let left: Vec<String> = if sandboxes.exists() {
+            names_in(&sandboxes)
+        } else {
+            Vec::new()
+        };
+        assert!(
+            left.iter().all(|n| n == ".names"),
+            "a sandbox was left: {left:?}"
+        );
     }
 }

@@ -21,8 +21,8 @@ pub use fixtures::{
 pub use guest::{guest_files, GuestFiles};
 pub use layer::{read_layer, EntryKind, LayerEntry};
 pub use process::{
-    assert_no_qemu_left, kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout,
-    TimedOut,
+    assert_no_qemu_left, kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok,
+    run_with_timeout, TimedOut,
 };
 pub use registry::Registry;
 pub use token_auth::TokenServer;
@@ -91,5 +91,10 @@ pub fn text(bytes: &[u8]) -> String {
 
 /// A command's status and output, for assertion messages.
 pub fn describe(output: &std::process::Output) -> String {
-    format!("{}; stdout: {}; stderr: {}", output.status, text(&output.stdout), text(&output.stderr))
+    format!(
+        "{}; stdout: {}; stderr: {}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    )
 }

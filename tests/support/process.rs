@@ -112,7 +112,11 @@ pub fn qemu_pids_mentioning(path: &std::path::Path) -> Vec<u32> {
     let needle = path.to_str().expect("a UTF-8 path").as_bytes().to_vec();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -122,7 +126,11 @@ pub fn qemu_pids_mentioning(path: &std::path::Path) -> Vec<u32> {
             .split(|b| *b == 0)
             .next()
             .is_some_and(|argv0| String::from_utf8_lossy(argv0).contains("qemu-system"));
-        if is_qemu && cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
+        if is_qemu
+            && cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
+        {
             pids.push(pid);
         }
     }

@@ -27,5 +27,9 @@ pub fn run(globals: &Globals, args: DoctorArgs) -> CommandResult {
             }
         }
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

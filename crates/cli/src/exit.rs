@@ -20,12 +20,18 @@ pub struct CommandError {
 impl CommandError {
     /// Bad input from the user: exit code 2.
     pub fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: EXIT_USAGE, error: error.into() }
+        Self {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
     }
 
     /// A failure that is not the user's input: exit code 1.
     pub fn failure(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: EXIT_FAILURE, error: error.into() }
+        Self {
+            code: EXIT_FAILURE,
+            error: error.into(),
+        }
     }
 }
 
@@ -82,7 +88,10 @@ mod tests {
     #[test]
     fn finds_the_subcommand_after_global_options() {
         assert_eq!(words(&["run", "--bogus"]).as_deref(), Some("run"));
-        assert_eq!(words(&["--root", "/r", "-q", "run"]).as_deref(), Some("run"));
+        assert_eq!(
+            words(&["--root", "/r", "-q", "run"]).as_deref(),
+            Some("run")
+        );
         assert_eq!(words(&["--root=/r", "pull", "x"]).as_deref(), Some("pull"));
         assert_eq!(words(&["--json"]), None);
     }

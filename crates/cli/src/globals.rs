@@ -49,7 +49,12 @@ impl Globals {
         if args.quiet && args.verbose > 0 {
             bail!("-q and -v contradict each other; give one of them");
         }
-        Ok(Self { root, json: args.json, quiet: args.quiet, verbose: args.verbose })
+        Ok(Self {
+            root,
+            json: args.json,
+            quiet: args.quiet,
+            verbose: args.verbose,
+        })
     }
 
     /// Logs go to stderr; RUST_LOG wins over -v/-q.
@@ -79,8 +84,8 @@ fn default_root() -> anyhow::Result<PathBuf> {
             return Ok(xdg.join("kiln"));
         }
     }
-    let home = std::env::var_os("HOME")
-        .filter(|v| !v.is_empty())
-        .context("cannot find a default --root: neither XDG_CACHE_HOME nor HOME is set; pass --root DIR")?;
+    let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).context(
+        "cannot find a default --root: neither XDG_CACHE_HOME nor HOME is set; pass --root DIR",
+    )?;
     Ok(PathBuf::from(home).join(".cache").join("kiln"))
 }

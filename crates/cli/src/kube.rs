@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_kube::pss::{self, ContainerVerdict};
 use kiln_kube::{
-    ConfigFile, ConfigOverrides, KubeError, NamespaceInfo, OciTarget, SandboxConfig, Topology, WorkspaceConfig,
+    ConfigFile, ConfigOverrides, KubeError, NamespaceInfo, OciTarget, SandboxConfig, Topology,
+    WorkspaceConfig,
 };
 
 use crate::exit::{CommandError, CommandResult};
@@ -52,7 +53,12 @@ struct SupervisorImageArgs {
 
     /// Registry credentials for --push, USER:PASSWORD, overriding ~/.docker/config.json and
     /// containers auth files (as for `kiln pull`).
-    #[arg(long, env = "KILN_REGISTRY_CREDS", value_name = "USER:PASSWORD", requires = "push")]
+    #[arg(
+        long,
+        env = "KILN_REGISTRY_CREDS",
+        value_name = "USER:PASSWORD",
+        requires = "push"
+    )]
     creds: Option<String>,
 
     /// Reach this registry (HOST or HOST:PORT) over plain HTTP or unverified TLS; loopback
@@ -142,7 +148,9 @@ pub fn run(globals: &Globals, args: KubeArgs) -> CommandResult {
 
 fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
     let file = match &args.config {
-        Some(path) => ConfigFile::load(path).context("--config").map_err(CommandError::usage)?,
+        Some(path) => ConfigFile::load(path)
+            .context("--config")
+            .map_err(CommandError::usage)?,
         None => ConfigFile::default(),
     };
     let namespace_json = args.namespace_json.clone();
@@ -155,7 +163,11 @@ fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
             let bytes = kiln_kube::read_bounded(&path, kiln_kube::MAX_NAMESPACE_JSON_SIZE)
                 .context("--namespace-json")
                 .map_err(CommandError::usage)?;
-            let origin = if path.as_os_str() == "-" { "stdin".to_owned() } else { path.display().to_string() };
+            let origin = if path.as_os_str() == "-" {
+                "stdin".to_owned()
+            } else {
+                path.display().to_string()
+            };
             Some(kiln_kube::namespace_from_json(&origin, &bytes).map_err(usage)?)
         }
         (None, true) => {
@@ -185,26 +197,44 @@ fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
     } else if globals.json {
         println!("{}", serde_json::to_string_pretty(&rendered.pod)?);
     } else {
-        print!("{}", kiln_kube::pod_to_yaml(&rendered.pod).map_err(CommandError::failure)?);
+        print!(
+            "{}",
+            kiln_kube::pod_to_yaml(&rendered.pod).map_err(CommandError::failure)?
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn supervisor_image(globals: &Globals, args: SupervisorImageArgs) -> CommandResult {
-    let output = args.output.as_deref().map(OciTarget::parse).transpose().map_err(CommandError::usage)?;
-    let push = args.push.as_deref().map(kiln_kube::parse_push_target).transpose().map_err(CommandError::usage)?;
+    let output = args
+        .output
+        .as_deref()
+        .map(OciTarget::parse)
+        .transpose()
+        .map_err(CommandError::usage)?;
+    let push = args
+        .push
+        .as_deref()
+        .map(kiln_kube::parse_push_target)
+        .transpose()
+        .map_err(CommandError::usage)?;
     if let Some(creds) = &args.creds {
         if !creds.contains(':') {
-            return Err(CommandError::usage(anyhow::anyhow!("invalid --creds: expected USER:PASSWORD")));
+            return Err(CommandError::usage(anyhow::anyhow!(
+                "invalid --creds: expected USER:PASSWORD"
+            )));
         }
     }
-    let image = kiln_kube::build_supervisor_image(&args.supervisor, &args.busybox).map_err(usage)?;
+    let image =
+        kiln_kube::build_supervisor_image(&args.supervisor, &args.busybox).map_err(usage)?;
     if let Some(target) = &output {
         kiln_image::write_oci_layout(&image, &target.dir, &target.tag).map_err(image_error)?;
     }
     if let Some(target) = &push {
-        let options =
-            kiln_image::PushOptions { creds: args.creds.clone(), insecure_registries: args.insecure_registries.clone() };
+        let options = kiln_image::PushOptions {
+            creds: args.creds.clone(),
+            insecure_registries: args.insecure_registries.clone(),
+        };
         kiln_image::push(&image, target, &options).map_err(image_error)?;
     }
     if globals.json {
@@ -229,9 +259,9 @@ fn supervisor_image(globals: &Globals, args: SupervisorImageArgs) -> CommandResu
 /// Bad input (configuration, namespace object, annotations) exits 2; the rest 1.
 fn usage(err: KubeError) -> CommandError {
     match err {
-        KubeError::Cluster { .. }
-        | KubeError::Yaml(_)
-        | KubeError::Image(_) => CommandError::failure(err),
+        KubeError::Cluster { .. } | KubeError::Yaml(_) | KubeError::Image(_) => {
+            CommandError::failure(err)
+        }
         _ => CommandError::usage(err),
     }
 }
@@ -245,9 +275,11 @@ fn overrides(args: RenderArgs) -> Result<ConfigOverrides, CommandError> {
     };
     let mut env = BTreeMap::new();
     for assignment in &args.env {
-        let (key, value) = assignment
-            .split_once('=')
-            .ok_or_else(|| CommandError::usage(anyhow::anyhow!("invalid --env {assignment:?}: expected KEY=VALUE")))?;
+        let (key, value) = assignment.split_once('=').ok_or_else(|| {
+            CommandError::usage(anyhow::anyhow!(
+                "invalid --env {assignment:?}: expected KEY=VALUE"
+            ))
+        })?;
         env.insert(key.to_owned(), value.to_owned());
     }
     let settings = ConfigFile {
@@ -257,14 +289,26 @@ fn overrides(args: RenderArgs) -> Result<ConfigOverrides, CommandError> {
         command: (!args.command.is_empty()).then_some(args.command),
         sandbox_uid: id("--uid", args.uid)?,
         sandbox_gid: id("--gid", args.gid)?,
-        supervisor_topology: args.topology.as_deref().map(Topology::parse).transpose().map_err(CommandError::usage)?,
+        supervisor_topology: args
+            .topology
+            .as_deref()
+            .map(Topology::parse)
+            .transpose()
+            .map_err(CommandError::usage)?,
         supervisor_image: args.supervisor_image,
         runtime_class: args.runtime_class,
-        workspace: args.workspace_size.map(|size| WorkspaceConfig { size, storage_class: None }),
+        workspace: args.workspace_size.map(|size| WorkspaceConfig {
+            size,
+            storage_class: None,
+        }),
         resources: None,
         env: (!env.is_empty()).then_some(env),
     };
-    Ok(ConfigOverrides { settings, storage_class: args.storage_class, no_workspace: args.no_workspace })
+    Ok(ConfigOverrides {
+        settings,
+        storage_class: args.storage_class,
+        no_workspace: args.no_workspace,
+    })
 }
 
 fn print_verdicts(verdicts: &[ContainerVerdict]) {

@@ -87,7 +87,9 @@ pub fn image_error(err: kiln_image::Error) -> CommandError {
 
 /// A `--platform OS/ARCH[/VARIANT]` flag, if given; bad input is a usage error.
 pub fn parse_platform(text: Option<&str>) -> Result<Option<Platform>, CommandError> {
-    text.map(Platform::parse).transpose().map_err(CommandError::usage)
+    text.map(Platform::parse)
+        .transpose()
+        .map_err(CommandError::usage)
 }
 
 pub fn parse_reference(text: &str) -> Result<ImageRef, CommandError> {

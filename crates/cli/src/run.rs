@@ -12,10 +12,11 @@ use clap::Args;
 use kiln_image::{ImageRef, PullPolicy};
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::launch::{Control, HostIo};
-use kiln_sandbox::options::{
-    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes, validate_name,
-};
 use kiln_sandbox::lifecycle::CreateRequest;
+use kiln_sandbox::options::{
+    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes,
+    validate_name,
+};
 use kiln_sandbox::run::{RunReport, RunRequest};
 use kiln_sandbox::spec::Overrides;
 use kiln_vm::accel::AccelRequest;
@@ -136,7 +137,10 @@ pub struct SandboxArgs {
 
 /// Any error before the workload runs is kiln's own: exit code 125, as `docker run`.
 pub fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
-    CommandError { code: EXIT_RUN_FAILURE, error: error.into() }
+    CommandError {
+        code: EXIT_RUN_FAILURE,
+        error: error.into(),
+    }
 }
 
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
@@ -146,7 +150,12 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     let terminal = args.tty.then(terminal_size);
     let request = RunRequest {
         sandbox: args.sandbox.create_request(globals).map_err(kiln_error)?,
-        timeout: args.timeout.as_deref().map(parse_timeout).transpose().map_err(kiln_error)?,
+        timeout: args
+            .timeout
+            .as_deref()
+            .map(parse_timeout)
+            .transpose()
+            .map_err(kiln_error)?,
         remove: args.rm,
         terminal,
     };
@@ -158,7 +167,8 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
             eprintln!("kiln: {line}");
         }
     };
-    let report = kiln_sandbox::run::run(&globals.root, request, io, control_rx, &notice).map_err(kiln_error)?;
+    let report = kiln_sandbox::run::run(&globals.root, request, io, control_rx, &notice)
+        .map_err(kiln_error)?;
     drop(_raw);
     if args.timings {
         print_timings(globals, &report);
@@ -172,33 +182,59 @@ impl SandboxArgs {
     pub fn create_request(&self, globals: &Globals) -> anyhow::Result<CreateRequest> {
         let args = self;
         let reference = ImageRef::parse(&args.reference)?;
-        let mut pull = args.source.options(PullPolicy::parse(&args.pull)?).map_err(|e| e.error)?;
+        let mut pull = args
+            .source
+            .options(PullPolicy::parse(&args.pull)?)
+            .map_err(|e| e.error)?;
         pull.progress = progress_renderer(globals).filter(|_| !globals.json);
 
         let run_as = kiln_identity::RunAs::parse(args.user.as_bytes()).context("--user")?;
-        let sandbox_uid = sandbox_id_flag("--uid", args.uid.as_deref(), kiln_identity::DEFAULT_SANDBOX_UID)?;
-        let sandbox_gid = sandbox_id_flag("--gid", args.gid.as_deref(), kiln_identity::DEFAULT_SANDBOX_GID)?;
+        let sandbox_uid = sandbox_id_flag(
+            "--uid",
+            args.uid.as_deref(),
+            kiln_identity::DEFAULT_SANDBOX_UID,
+        )?;
+        let sandbox_gid = sandbox_id_flag(
+            "--gid",
+            args.gid.as_deref(),
+            kiln_identity::DEFAULT_SANDBOX_GID,
+        )?;
 
         let host_env = |key: &str| std::env::var(key).ok();
         let mut env = Vec::new();
         for file in &args.env_files {
-            let contents = std::fs::read(file).with_context(|| format!("--env-file {}", file.display()))?;
-            env.extend(parse_env_file(&file.display().to_string(), &contents, host_env)?);
+            let contents =
+                std::fs::read(file).with_context(|| format!("--env-file {}", file.display()))?;
+            env.extend(parse_env_file(
+                &file.display().to_string(),
+                &contents,
+                host_env,
+            )?);
         }
         for assignment in &args.env {
             env.extend(parse_env_assignment(assignment, host_env)?);
         }
 
-        let forwards = args.publish.iter().map(|p| parse_port_forward(p)).collect::<Result<Vec<_>, _>>()?;
+        let forwards = args
+            .publish
+            .iter()
+            .map(|p| parse_port_forward(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let network = match args.network.as_str() {
-            "none" if !forwards.is_empty() => anyhow::bail!("-p needs --network user (got --network none)"),
+            "none" if !forwards.is_empty() => {
+                anyhow::bail!("-p needs --network user (got --network none)")
+            }
             "none" => Network::None,
             _ => Network::User { forwards },
         };
         if let Some(name) = &args.name {
             validate_name(name)?;
         }
-        let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg).context("--accel")?;
+        let accel: AccelRequest = args
+            .accel
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("--accel")?;
         Ok(CreateRequest {
             reference,
             pull,
@@ -232,7 +268,9 @@ pub fn attach(
     let (control_tx, control_rx) = mpsc::channel();
     forward_signals(control_tx, tty)?;
     // Raw mode only when kiln's own stdin is the terminal the user types into.
-    let raw = (tty && interactive && std::io::stdin().is_terminal()).then(terminal::RawMode::enable).transpose()?;
+    let raw = (tty && interactive && std::io::stdin().is_terminal())
+        .then(terminal::RawMode::enable)
+        .transpose()?;
     let io = HostIo {
         stdin: interactive.then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
         stdout: Box::new(std::io::stdout()),
@@ -292,10 +330,19 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         eprintln!("{json}");
         return;
     }
-    let root_image = if report.root_image_built { "built" } else { "cached" };
-    eprintln!("phase            seconds   (accel: {}, root image {root_image})", report.accel.accel.as_str());
+    let root_image = if report.root_image_built {
+        "built"
+    } else {
+        "cached"
+    };
+    eprintln!(
+        "phase            seconds   (accel: {}, root image {root_image})",
+        report.accel.accel.as_str()
+    );
     for (name, duration) in phases {
-        let shown = duration.map_or("-".to_owned(), |d: Duration| format!("{:.3}", d.as_secs_f64()));
+        let shown = duration.map_or("-".to_owned(), |d: Duration| {
+            format!("{:.3}", d.as_secs_f64())
+        });
         eprintln!("{name:<16} {shown:>7}");
     }
 }
@@ -310,7 +357,10 @@ mod terminal {
             // SAFETY: TIOCGWINSZ fills the winsize struct we own.
             let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
             if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
-                return Some(TerminalSize { rows: ws.ws_row, cols: ws.ws_col });
+                return Some(TerminalSize {
+                    rows: ws.ws_row,
+                    cols: ws.ws_col,
+                });
             }
         }
         None

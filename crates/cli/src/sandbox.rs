@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use kiln_sandbox::lifecycle::{self, ExecRequest, LifecycleError, ProvisionEvent, SandboxInfo, Status};
+use kiln_sandbox::lifecycle::{
+    self, ExecRequest, LifecycleError, ProvisionEvent, SandboxInfo, Status,
+};
 use kiln_sandbox::options::parse_env_assignment;
 
 use crate::exit::{CommandError, CommandResult};
@@ -28,7 +30,12 @@ pub struct StartArgs {
 #[derive(Debug, Args)]
 pub struct StopArgs {
     /// Seconds the workloads get after SIGTERM before they are killed.
-    #[arg(short = 't', long = "time", value_name = "SECONDS", default_value_t = 10)]
+    #[arg(
+        short = 't',
+        long = "time",
+        value_name = "SECONDS",
+        default_value_t = 10
+    )]
     time: u64,
 
     /// Sandbox id or name.
@@ -115,7 +122,9 @@ fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
             ProvisionEvent::BuildingIdentityLayer => "preparing the identity layer".to_owned(),
             ProvisionEvent::Booting => "booting".to_owned(),
             ProvisionEvent::Running => "running".to_owned(),
-            ProvisionEvent::Exited { exit_code, .. } => format!("the workload already exited ({exit_code})"),
+            ProvisionEvent::Exited { exit_code, .. } => {
+                format!("the workload already exited ({exit_code})")
+            }
         };
         eprintln!("kiln: {line}");
     }
@@ -131,17 +140,23 @@ fn print_info(globals: &Globals, info: &SandboxInfo) -> CommandResult {
 }
 
 pub fn create(globals: &Globals, args: CreateArgs) -> CommandResult {
-    let request = args.sandbox.create_request(globals).map_err(CommandError::usage)?;
-    let info = lifecycle::create(&globals.root, request, &progress(globals)).map_err(lifecycle_error)?;
+    let request = args
+        .sandbox
+        .create_request(globals)
+        .map_err(CommandError::usage)?;
+    let info =
+        lifecycle::create(&globals.root, request, &progress(globals)).map_err(lifecycle_error)?;
     print_info(globals, &info)
 }
 
 fn monitor_exe() -> Result<PathBuf, CommandError> {
-    std::env::current_exe().map_err(|e| CommandError::failure(anyhow::anyhow!("finding the kiln executable: {e}")))
+    std::env::current_exe()
+        .map_err(|e| CommandError::failure(anyhow::anyhow!("finding the kiln executable: {e}")))
 }
 
 pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
-    let info = lifecycle::start(&globals.root, &args.id, &monitor_exe()?, &progress(globals)).map_err(lifecycle_error)?;
+    let info = lifecycle::start(&globals.root, &args.id, &monitor_exe()?, &progress(globals))
+        .map_err(lifecycle_error)?;
     print_info(globals, &info)
 }
 
@@ -150,13 +165,14 @@ pub fn run_detached(globals: &Globals, args: &SandboxArgs) -> CommandResult {
     let request = args.create_request(globals).map_err(kiln_error)?;
     let events = progress(globals);
     let created = lifecycle::create(&globals.root, request, &events).map_err(kiln_error)?;
-    let info = lifecycle::start(&globals.root, &created.id, &monitor_exe()?, &events).map_err(kiln_error)?;
+    let info = lifecycle::start(&globals.root, &created.id, &monitor_exe()?, &events)
+        .map_err(kiln_error)?;
     print_info(globals, &info)
 }
 
 pub fn stop(globals: &Globals, args: StopArgs) -> CommandResult {
-    let info =
-        lifecycle::stop(&globals.root, &args.id, Duration::from_secs(args.time)).map_err(lifecycle_error)?;
+    let info = lifecycle::stop(&globals.root, &args.id, Duration::from_secs(args.time))
+        .map_err(lifecycle_error)?;
     print_info(globals, &info)
 }
 
@@ -180,7 +196,10 @@ pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
         println!("{}", serde_json::to_string_pretty(&sandboxes)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<14} {:<20} {:<14} {:<40} COMMAND", "ID", "NAME", "STATUS", "IMAGE");
+    println!(
+        "{:<14} {:<20} {:<14} {:<40} COMMAND",
+        "ID", "NAME", "STATUS", "IMAGE"
+    );
     for s in &sandboxes {
         let status = match &s.status {
             Status::Created => "created".to_owned(),
@@ -189,14 +208,28 @@ pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
             Status::Failed { .. } => "failed".to_owned(),
         };
         let name = s.name.as_deref().unwrap_or("-");
-        println!("{:<14} {:<20} {:<14} {:<40} {}", s.id, name, status, s.reference, s.run.argv.join(" "));
+        println!(
+            "{:<14} {:<20} {:<14} {:<40} {}",
+            s.id,
+            name,
+            status,
+            s.reference,
+            s.run.argv.join(" ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    lifecycle::logs(&globals.root, &args.id, args.follow, &mut stdout, &mut stderr).map_err(lifecycle_error)?;
+    lifecycle::logs(
+        &globals.root,
+        &args.id,
+        args.follow,
+        &mut stdout,
+        &mut stderr,
+    )
+    .map_err(lifecycle_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -229,10 +262,14 @@ pub fn monitor(globals: &Globals, args: MonitorArgs) -> CommandResult {
 pub fn inspect(globals: &Globals, id: &str) -> Option<CommandResult> {
     kiln_sandbox::options::validate_name(id).ok()?;
     match lifecycle::get(&globals.root, id) {
-        Ok(info) => Some(serde_json::to_string_pretty(&info).map_err(CommandError::from).map(|json| {
-            println!("{json}");
-            ExitCode::SUCCESS
-        })),
+        Ok(info) => Some(
+            serde_json::to_string_pretty(&info)
+                .map_err(CommandError::from)
+                .map(|json| {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }),
+        ),
         Err(LifecycleError::NotFound(_)) => None,
         Err(err) => Some(Err(lifecycle_error(err))),
     }

@@ -34,9 +34,9 @@ mod source;
 mod store;
 
 pub use digest::{Algorithm, Digest};
+pub use layout::{is_tag, write_oci_layout, NewLayer, OciImage};
 pub use media::Compression;
 pub use platform::Platform;
-pub use layout::{is_tag, write_oci_layout, NewLayer, OciImage};
 pub use pull::{pull, LayerInfo, ProgressFn, PullEvent, PullOptions, PullPolicy, PulledImage};
 pub use push::{push, PushOptions};
 pub use reference::{DockerRef, ImageRef};

@@ -489,7 +489,10 @@ mod tests {
         let pinned = store.images().unwrap();
         assert_eq!(store.remove("oci:/x:1", None).unwrap(), 2);
         assert_eq!(store.prune(&pinned).unwrap().blobs_removed, 0);
-        assert!(store.has_blob(&layer), "a pinned image keeps its blobs without its record");
+        assert!(
+            store.has_blob(&layer),
+            "a pinned image keeps its blobs without its record"
+        );
         assert_eq!(store.prune(&[]).unwrap().blobs_removed, 3);
         assert!(!store.has_blob(&layer));
     }

@@ -31,7 +31,11 @@ impl Topology {
         match value {
             "combined" => Ok(Self::Combined),
             "sidecar" => Ok(Self::Sidecar),
-            _ => Err(invalid("supervisor_topology", value, "\"combined\" or \"sidecar\"")),
+            _ => Err(invalid(
+                "supervisor_topology",
+                value,
+                "\"combined\" or \"sidecar\"",
+            )),
         }
     }
 }
@@ -149,14 +153,23 @@ impl SandboxConfig {
         };
         let image = required(flags.image.or(file.image), "image", "--image")?;
         let name = required(flags.name.or(file.name), "name", "--name")?;
-        let supervisor_image =
-            required(flags.supervisor_image.or(file.supervisor_image), "supervisor_image", "--supervisor-image")?;
+        let supervisor_image = required(
+            flags.supervisor_image.or(file.supervisor_image),
+            "supervisor_image",
+            "--supervisor-image",
+        )?;
         let command = flags
             .command
             .or(file.command)
-            .ok_or(KubeError::MissingSetting { key: "command", flag: "-- COMMAND..." })?;
+            .ok_or(KubeError::MissingSetting {
+                key: "command",
+                flag: "-- COMMAND...",
+            })?;
 
-        let file_class = file.workspace.as_ref().and_then(|w| w.storage_class.clone());
+        let file_class = file
+            .workspace
+            .as_ref()
+            .and_then(|w| w.storage_class.clone());
         let workspace = match flags.workspace.or(file.workspace) {
             _ if overrides.no_workspace => None,
             Some(workspace) => Some(WorkspaceConfig {
@@ -183,7 +196,10 @@ impl SandboxConfig {
             command,
             sandbox_uid: flags.sandbox_uid.or(file.sandbox_uid),
             sandbox_gid: flags.sandbox_gid.or(file.sandbox_gid),
-            topology: flags.supervisor_topology.or(file.supervisor_topology).unwrap_or(Topology::Combined),
+            topology: flags
+                .supervisor_topology
+                .or(file.supervisor_topology)
+                .unwrap_or(Topology::Combined),
             supervisor_image,
             runtime_class: flags.runtime_class.or(file.runtime_class),
             workspace,
@@ -217,11 +233,16 @@ impl SandboxConfig {
                 check_dns_subdomain("workspace.storage_class", class)?;
             }
         }
-        for (section, amounts) in [("requests", &self.resources.requests), ("limits", &self.resources.limits)] {
+        for (section, amounts) in [
+            ("requests", &self.resources.requests),
+            ("limits", &self.resources.limits),
+        ] {
             let Some(amounts) = amounts else { continue };
-            for (key, value) in
-                [("cpu", &amounts.cpu), ("memory", &amounts.memory), ("ephemeral-storage", &amounts.ephemeral_storage)]
-            {
+            for (key, value) in [
+                ("cpu", &amounts.cpu),
+                ("memory", &amounts.memory),
+                ("ephemeral-storage", &amounts.ephemeral_storage),
+            ] {
                 if let Some(value) = value {
                     check_quantity(&format!("resources.{section}.{key}"), value)?;
                 }
@@ -235,12 +256,23 @@ impl SandboxConfig {
 }
 
 fn invalid(key: &str, value: &str, accepted: &str) -> KubeError {
-    KubeError::InvalidSetting { key: key.to_owned(), value: value.to_owned(), accepted: accepted.to_owned() }
+    KubeError::InvalidSetting {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        accepted: accepted.to_owned(),
+    }
 }
 
 fn check_image(key: &str, value: &str) -> Result<(), KubeError> {
-    if value.is_empty() || value.len() > 4096 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(key, value, "an image reference without spaces or control characters"));
+    if value.is_empty()
+        || value.len() > 4096
+        || value.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            key,
+            value,
+            "an image reference without spaces or control characters",
+        ));
     }
     Ok(())
 }
@@ -249,7 +281,11 @@ fn check_image(key: &str, value: &str) -> Result<(), KubeError> {
 /// derive from the sandbox name.
 fn check_dns_label(key: &str, value: &str) -> Result<(), KubeError> {
     if !is_dns_label(value) {
-        return Err(invalid(key, value, "1-63 characters of a-z 0-9 '-', starting and ending with a letter or digit"));
+        return Err(invalid(
+            key,
+            value,
+            "1-63 characters of a-z 0-9 '-', starting and ending with a letter or digit",
+        ));
     }
     Ok(())
 }
@@ -257,7 +293,9 @@ fn check_dns_label(key: &str, value: &str) -> Result<(), KubeError> {
 fn is_dns_label(value: &str) -> bool {
     let bytes = value.as_bytes();
     (1..=63).contains(&bytes.len())
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -265,7 +303,11 @@ fn is_dns_label(value: &str) -> bool {
 /// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
 fn check_dns_subdomain(key: &str, value: &str) -> Result<(), KubeError> {
     if value.len() > 253 || !value.split('.').all(is_dns_label) {
-        return Err(invalid(key, value, "at most 253 characters of dot-separated labels of a-z 0-9 '-'"));
+        return Err(invalid(
+            key,
+            value,
+            "at most 253 characters of dot-separated labels of a-z 0-9 '-'",
+        ));
     }
     Ok(())
 }
@@ -273,8 +315,13 @@ fn check_dns_subdomain(key: &str, value: &str) -> Result<(), KubeError> {
 /// A Kubernetes quantity in the plain form: a positive decimal number with an optional
 /// binary (Ki..Ei) or decimal (m, k, M..E) suffix. Exponent notation is not accepted.
 fn check_quantity(key: &str, value: &str) -> Result<(), KubeError> {
-    const SUFFIXES: [&str; 13] = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E"];
-    let number = SUFFIXES.iter().find_map(|s| value.strip_suffix(s)).unwrap_or(value);
+    const SUFFIXES: [&str; 13] = [
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E",
+    ];
+    let number = SUFFIXES
+        .iter()
+        .find_map(|s| value.strip_suffix(s))
+        .unwrap_or(value);
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     let ok = !whole.is_empty()
@@ -297,7 +344,9 @@ fn check_env(key: &str, value: &str) -> Result<(), KubeError> {
     let bytes = key.as_bytes();
     let name_ok = !bytes.is_empty()
         && !bytes[0].is_ascii_digit()
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if !name_ok {
         return Err(invalid(
             &format!("env.{key}"),
@@ -345,19 +394,40 @@ mod tests {
         let file = ConfigFile::parse("t.toml", FULL).unwrap();
         let settings = ConfigFile {
             name: Some("other".into()),
-            env: Some(BTreeMap::from([("LANG".into(), "C".into()), ("EXTRA".into(), "1".into())])),
+            env: Some(BTreeMap::from([
+                ("LANG".into(), "C".into()),
+                ("EXTRA".into(), "1".into()),
+            ])),
             ..Default::default()
         };
-        let overrides = ConfigOverrides { settings, storage_class: Some("slow".into()), no_workspace: false };
+        let overrides = ConfigOverrides {
+            settings,
+            storage_class: Some("slow".into()),
+            no_workspace: false,
+        };
         let config = SandboxConfig::resolve(file, overrides).unwrap();
         assert_eq!(config.name, "other");
         assert_eq!(config.sandbox_uid, Some(5000));
         assert_eq!(config.sandbox_gid, None);
         assert_eq!(config.topology, Topology::Sidecar);
-        assert_eq!(config.workspace, Some(WorkspaceConfig { size: "10Gi".into(), storage_class: Some("slow".into()) }));
+        assert_eq!(
+            config.workspace,
+            Some(WorkspaceConfig {
+                size: "10Gi".into(),
+                storage_class: Some("slow".into())
+            })
+        );
         assert_eq!(config.env.get("LANG").map(String::as_str), Some("C"));
         assert_eq!(config.env.len(), 2);
-        assert_eq!(config.resources.limits.unwrap().ephemeral_storage.as_deref(), Some("2Gi"));
+        assert_eq!(
+            config
+                .resources
+                .limits
+                .unwrap()
+                .ephemeral_storage
+                .as_deref(),
+            Some("2Gi")
+        );
     }
 
     #[test]
@@ -375,9 +445,13 @@ mod tests {
 
     #[test]
     fn wrong_types_and_values_are_errors() {
-        let err = ConfigFile::parse("k.toml", "supervisor_topology = \"both\"").unwrap_err().to_string();
+        let err = ConfigFile::parse("k.toml", "supervisor_topology = \"both\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("both") && err.contains("combined"), "{err}");
-        let err = ConfigFile::parse("k.toml", "sandbox_uid = -1").unwrap_err().to_string();
+        let err = ConfigFile::parse("k.toml", "sandbox_uid = -1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sandbox_uid") || err.contains("-1"), "{err}");
     }
 
@@ -389,33 +463,53 @@ mod tests {
             command: Some(vec!["sh".into()]),
             ..Default::default()
         };
-        ConfigOverrides { settings, ..Default::default() }
+        ConfigOverrides {
+            settings,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn missing_required_settings_name_key_and_flag() {
         let mut overrides = minimal();
         overrides.settings.supervisor_image = None;
-        let err = SandboxConfig::resolve(ConfigFile::default(), overrides).unwrap_err().to_string();
-        assert!(err.contains("supervisor_image") && err.contains("--supervisor-image"), "{err}");
+        let err = SandboxConfig::resolve(ConfigFile::default(), overrides)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("supervisor_image") && err.contains("--supervisor-image"),
+            "{err}"
+        );
     }
 
     #[test]
     fn defaults_are_combined_without_workspace() {
         let config = SandboxConfig::resolve(ConfigFile::default(), minimal()).unwrap();
-        assert_eq!((config.topology, config.workspace, config.namespace), (Topology::Combined, None, None));
+        assert_eq!(
+            (config.topology, config.workspace, config.namespace),
+            (Topology::Combined, None, None)
+        );
     }
 
     #[test]
     fn no_workspace_flag_drops_the_files_workspace() {
         let file = ConfigFile::parse("t.toml", FULL).unwrap();
-        let config =
-            SandboxConfig::resolve(file, ConfigOverrides { no_workspace: true, ..Default::default() }).unwrap();
+        let config = SandboxConfig::resolve(
+            file,
+            ConfigOverrides {
+                no_workspace: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(config.workspace, None);
     }
 
     fn size(size: &str) -> WorkspaceConfig {
-        WorkspaceConfig { size: size.into(), storage_class: None }
+        WorkspaceConfig {
+            size: size.into(),
+            storage_class: None,
+        }
     }
 
     #[test]
@@ -426,18 +520,36 @@ mod tests {
             (|o| o.settings.namespace = Some("-x".into()), "namespace"),
             (|o| o.settings.image = Some("a b".into()), "image"),
             (|o| o.settings.command = Some(vec![]), "command"),
-            (|o| o.settings.runtime_class = Some("Kata".into()), "runtime_class"),
-            (|o| o.settings.workspace = Some(size("10 GB")), "workspace.size"),
+            (
+                |o| o.settings.runtime_class = Some("Kata".into()),
+                "runtime_class",
+            ),
+            (
+                |o| o.settings.workspace = Some(size("10 GB")),
+                "workspace.size",
+            ),
             (|o| o.settings.workspace = Some(size("0")), "workspace.size"),
-            (|o| o.storage_class = Some("x".into()), "workspace.storage_class"),
-            (|o| o.settings.env = Some(BTreeMap::from([("1X".into(), "v".into())])), "env.1X"),
-            (|o| o.settings.env = Some(BTreeMap::from([("SANDBOX_UID".into(), "0".into())])), "env.SANDBOX_UID"),
+            (
+                |o| o.storage_class = Some("x".into()),
+                "workspace.storage_class",
+            ),
+            (
+                |o| o.settings.env = Some(BTreeMap::from([("1X".into(), "v".into())])),
+                "env.1X",
+            ),
+            (
+                |o| o.settings.env = Some(BTreeMap::from([("SANDBOX_UID".into(), "0".into())])),
+                "env.SANDBOX_UID",
+            ),
         ];
         for (edit, key) in cases {
             let mut overrides = minimal();
             edit(&mut overrides);
             let err = SandboxConfig::resolve(ConfigFile::default(), overrides).unwrap_err();
-            assert!(matches!(&err, KubeError::InvalidSetting { key: k, .. } if k == key), "{key}: {err}");
+            assert!(
+                matches!(&err, KubeError::InvalidSetting { key: k, .. } if k == key),
+                "{key}: {err}"
+            );
         }
     }
 
@@ -446,7 +558,9 @@ mod tests {
         for ok in ["1", "500m", "1.5Gi", "10G", "0.5", "128Mi", "1E"] {
             check_quantity("q", ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["", "0", "0Gi", "-1", "1.", ".5", "1e3", "1 Gi", "Gi", "1GiB", "1.5.1"] {
+        for bad in [
+            "", "0", "0Gi", "-1", "1.", ".5", "1e3", "1 Gi", "Gi", "1GiB", "1.5.1",
+        ] {
             assert!(check_quantity("q", bad).is_err(), "{bad}");
         }
     }

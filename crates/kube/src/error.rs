@@ -10,11 +10,18 @@ pub enum KubeError {
 
     /// A setting that neither the file nor a flag gives.
     #[error("no {key} given: set `{key}` in the configuration file or pass {flag}")]
-    MissingSetting { key: &'static str, flag: &'static str },
+    MissingSetting {
+        key: &'static str,
+        flag: &'static str,
+    },
 
     /// A setting whose value is not accepted.
     #[error("invalid {key} {value:?}: expected {accepted}")]
-    InvalidSetting { key: String, value: String, accepted: String },
+    InvalidSetting {
+        key: String,
+        value: String,
+        accepted: String,
+    },
 
     /// A file that cannot be read or is larger than accepted.
     #[error("{path}: {message}")]
@@ -29,7 +36,11 @@ pub enum KubeError {
         "the configuration names namespace {configured:?} but the namespace object from {origin} is {actual:?}; \
          its SCC annotations would not apply to the pod"
     )]
-    NamespaceMismatch { configured: String, actual: String, origin: String },
+    NamespaceMismatch {
+        configured: String,
+        actual: String,
+        origin: String,
+    },
 
     /// Reading the namespace from the cluster failed.
     #[error("reading namespace {namespace:?} from the cluster (current kubeconfig): {message}")]

@@ -30,14 +30,18 @@ impl OciTarget {
         let invalid = || KubeError::InvalidSetting {
             key: "output".to_owned(),
             value: text.to_owned(),
-            accepted: "oci:DIR or oci:DIR:TAG (an OCI image layout directory and optional tag)".to_owned(),
+            accepted: "oci:DIR or oci:DIR:TAG (an OCI image layout directory and optional tag)"
+                .to_owned(),
         };
         let rest = text.strip_prefix("oci:").ok_or_else(invalid)?;
         let (dir, tag) = rest.split_once(':').unwrap_or((rest, "latest"));
         if dir.is_empty() || !kiln_image::is_tag(tag) {
             return Err(invalid());
         }
-        Ok(Self { dir: PathBuf::from(dir), tag: tag.to_owned() })
+        Ok(Self {
+            dir: PathBuf::from(dir),
+            tag: tag.to_owned(),
+        })
     }
 }
 
@@ -56,7 +60,9 @@ pub fn parse_push_target(text: &str) -> Result<DockerRef, KubeError> {
         return Err(invalid("the first component is not a host".to_owned()));
     }
     if name.contains('@') {
-        return Err(invalid("a digest cannot be pushed to; give a tag".to_owned()));
+        return Err(invalid(
+            "a digest cannot be pushed to; give a tag".to_owned(),
+        ));
     }
     DockerRef::parse(name).map_err(|e| invalid(e.to_string()))
 }
@@ -67,14 +73,19 @@ pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<OciIm
     let supervisor_bytes = read_static_binary(supervisor)?;
     let busybox_bytes = read_static_binary(busybox)?;
 
-    let layer_tar =
-        layer_tar(&[(SUPERVISOR_PATH_IN_IMAGE, &supervisor_bytes), (BUSYBOX_PATH_IN_IMAGE, &busybox_bytes)])
-            .map_err(|e| KubeError::Image(format!("writing the layer: {e}")))?;
+    let layer_tar = layer_tar(&[
+        (SUPERVISOR_PATH_IN_IMAGE, &supervisor_bytes),
+        (BUSYBOX_PATH_IN_IMAGE, &busybox_bytes),
+    ])
+    .map_err(|e| KubeError::Image(format!("writing the layer: {e}")))?;
     let diff_id = kiln_image::Digest::sha256_of(&layer_tar).to_string();
     // Header mtime 0 and no file name: the same binaries always give the same digest.
     let mut gzip = GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gzip.write_all(&layer_tar).map_err(|e| KubeError::Image(format!("compressing the layer: {e}")))?;
-    let layer = gzip.finish().map_err(|e| KubeError::Image(format!("compressing the layer: {e}")))?;
+    gzip.write_all(&layer_tar)
+        .map_err(|e| KubeError::Image(format!("compressing the layer: {e}")))?;
+    let layer = gzip
+        .finish()
+        .map_err(|e| KubeError::Image(format!("compressing the layer: {e}")))?;
 
     let spec_err = |e: oci_spec::OciSpecError| KubeError::Image(e.to_string());
     let config = ImageConfigurationBuilder::default()
@@ -87,10 +98,19 @@ pub fn build_supervisor_image(supervisor: &Path, busybox: &Path) -> Result<OciIm
                 .build()
                 .map_err(spec_err)?,
         )
-        .rootfs(RootFsBuilder::default().typ("layers").diff_ids(vec![diff_id]).build().map_err(spec_err)?)
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers")
+                .diff_ids(vec![diff_id])
+                .build()
+                .map_err(spec_err)?,
+        )
         .build()
         .map_err(spec_err)?;
-    let layer = NewLayer { media_type: "application/vnd.oci.image.layer.v1.tar+gzip".to_owned(), bytes: layer };
+    let layer = NewLayer {
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".to_owned(),
+        bytes: layer,
+    };
     OciImage::build(&config, vec![layer]).map_err(|e| KubeError::Image(e.to_string()))
 }
 
@@ -101,7 +121,12 @@ fn layer_tar(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
     for (path, bytes) in files {
         let relative = path.trim_start_matches('/');
         let mut prefix = String::new();
-        for component in relative.split('/').collect::<Vec<_>>().split_last().map_or(&[][..], |(_, dirs)| dirs) {
+        for component in relative
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, dirs)| dirs)
+        {
             prefix.push_str(component);
             prefix.push('/');
             if !entries.iter().any(|(p, _)| *p == prefix) {
@@ -148,9 +173,21 @@ fn read_static_binary(path: &Path) -> Result<Vec<u8>, KubeError> {
 
 fn check_static_elf(bytes: &[u8]) -> Result<(), String> {
     const PT_INTERP: u32 = 3;
-    let u16_at = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u16_at = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     if bytes.get(..4) != Some(b"\x7fELF") {
         return Err("not an ELF file".to_owned());
     }
@@ -168,9 +205,13 @@ fn check_static_elf(bytes: &[u8]) -> Result<(), String> {
         return Err("truncated ELF header".to_owned());
     };
     for index in 0..usize::from(phnum) {
-        let at = usize::try_from(phoff).ok().and_then(|o| o.checked_add(index * usize::from(phentsize)));
+        let at = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(index * usize::from(phentsize)));
         match at.and_then(u32_at) {
-            Some(PT_INTERP) => return Err("dynamically linked (it names a program interpreter)".to_owned()),
+            Some(PT_INTERP) => {
+                return Err("dynamically linked (it names a program interpreter)".to_owned())
+            }
             Some(_) => {}
             None => return Err("truncated program headers".to_owned()),
         }
@@ -184,8 +225,20 @@ mod tests {
 
     #[test]
     fn oci_targets() {
-        assert_eq!(OciTarget::parse("oci:/tmp/x").unwrap(), OciTarget { dir: "/tmp/x".into(), tag: "latest".into() });
-        assert_eq!(OciTarget::parse("oci:out:v1.2").unwrap(), OciTarget { dir: "out".into(), tag: "v1.2".into() });
+        assert_eq!(
+            OciTarget::parse("oci:/tmp/x").unwrap(),
+            OciTarget {
+                dir: "/tmp/x".into(),
+                tag: "latest".into()
+            }
+        );
+        assert_eq!(
+            OciTarget::parse("oci:out:v1.2").unwrap(),
+            OciTarget {
+                dir: "out".into(),
+                tag: "v1.2".into()
+            }
+        );
         for bad in ["/tmp/x", "oci:", "oci:x:", "oci:x:-bad", "docker://x"] {
             assert!(OciTarget::parse(bad).is_err(), "{bad}");
         }
@@ -195,19 +248,38 @@ mod tests {
     fn push_targets() {
         let t = parse_push_target("127.0.0.1:5000/kiln/kiln-supervisor:0.1").unwrap();
         assert_eq!(t.to_string(), "127.0.0.1:5000/kiln/kiln-supervisor:0.1");
-        assert_eq!(parse_push_target("docker://registry.example/sup").unwrap().tag.as_deref(), Some("latest"));
-        for bad in ["kiln-supervisor:1", "library/x", "r.example/X", "r.example/x@sha256:00", "r.example/", "r.example/x:"] {
+        assert_eq!(
+            parse_push_target("docker://registry.example/sup")
+                .unwrap()
+                .tag
+                .as_deref(),
+            Some("latest")
+        );
+        for bad in [
+            "kiln-supervisor:1",
+            "library/x",
+            "r.example/X",
+            "r.example/x@sha256:00",
+            "r.example/",
+            "r.example/x:",
+        ] {
             assert!(parse_push_target(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn elf_checks() {
-        assert!(check_static_elf(b"#!/bin/sh\n").unwrap_err().contains("not an ELF"));
+        assert!(check_static_elf(b"#!/bin/sh\n")
+            .unwrap_err()
+            .contains("not an ELF"));
         // This test binary is dynamically linked (the default for the gnu target).
         let own = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert!(check_static_elf(&own).unwrap_err().contains("dynamically linked"));
-        assert!(check_static_elf(&own[..40]).unwrap_err().contains("truncated"));
+        assert!(check_static_elf(&own)
+            .unwrap_err()
+            .contains("dynamically linked"));
+        assert!(check_static_elf(&own[..40])
+            .unwrap_err()
+            .contains("truncated"));
         let busybox = Path::new("/bin/busybox");
         if busybox.is_file() {
             // Debian's busybox-static.
@@ -218,10 +290,16 @@ mod tests {
     #[test]
     fn layer_tar_lists_parents_first_and_is_reproducible() {
         let tar = layer_tar(&[("/kiln-supervisor", b"a"), ("/bin/busybox", b"bb")]).unwrap();
-        assert_eq!(tar, layer_tar(&[("/kiln-supervisor", b"a"), ("/bin/busybox", b"bb")]).unwrap());
+        assert_eq!(
+            tar,
+            layer_tar(&[("/kiln-supervisor", b"a"), ("/bin/busybox", b"bb")]).unwrap()
+        );
         let mut archive = tar::Archive::new(&tar[..]);
-        let paths: Vec<String> =
-            archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        let paths: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
         assert_eq!(paths, ["bin/", "bin/busybox", "kiln-supervisor"]);
     }
 }

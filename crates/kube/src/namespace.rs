@@ -24,11 +24,19 @@ pub struct NamespaceInfo {
 
 impl NamespaceInfo {
     fn from_object(namespace: Namespace, origin: &str) -> Result<Self, KubeError> {
-        let name = namespace.metadata.name.filter(|n| !n.is_empty()).ok_or_else(|| KubeError::NamespaceObject {
+        let name = namespace
+            .metadata
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| KubeError::NamespaceObject {
+                origin: origin.to_owned(),
+                message: "metadata.name is missing".to_owned(),
+            })?;
+        Ok(Self {
+            name,
+            annotations: namespace.metadata.annotations.unwrap_or_default(),
             origin: origin.to_owned(),
-            message: "metadata.name is missing".to_owned(),
-        })?;
-        Ok(Self { name, annotations: namespace.metadata.annotations.unwrap_or_default(), origin: origin.to_owned() })
+        })
     }
 }
 
@@ -46,17 +54,25 @@ pub fn namespace_from_json(origin: &str, json: &[u8]) -> Result<NamespaceInfo, K
 /// ~/.kube/config, else the in-cluster service account). Any failure is an error: the
 /// caller must not fall back to defaults, or the pod would get ids the SCC rejects.
 pub fn namespace_from_cluster(name: &str) -> Result<NamespaceInfo, KubeError> {
-    let fail = |message: String| KubeError::Cluster { namespace: name.to_owned(), message };
+    let fail = |message: String| KubeError::Cluster {
+        namespace: name.to_owned(),
+        message,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| fail(format!("starting the async runtime: {e}")))?;
     let namespace = runtime.block_on(async {
-        let client = kube::Client::try_default().await.map_err(|e| fail(error_chain(&e)))?;
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
         let api: kube::Api<Namespace> = kube::Api::all(client);
         match tokio::time::timeout(CLUSTER_TIMEOUT, api.get(name)).await {
             Ok(result) => result.map_err(|e| fail(error_chain(&e))),
-            Err(_) => Err(fail(format!("no answer within {} s", CLUSTER_TIMEOUT.as_secs()))),
+            Err(_) => Err(fail(format!(
+                "no answer within {} s",
+                CLUSTER_TIMEOUT.as_secs()
+            ))),
         }
     })?;
     NamespaceInfo::from_object(namespace, "cluster")
@@ -98,7 +114,9 @@ mod tests {
             br#"{"apiVersion":"v1","kind":"Namespace","metadata":{}}"#,
             br#"not json"#,
         ] {
-            let err = namespace_from_json("ns.json", json).unwrap_err().to_string();
+            let err = namespace_from_json("ns.json", json)
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("namespace object from ns.json: "), "{err}");
         }
     }

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{
-    Container, HTTPGetAction, LifecycleHandler, Pod, PodSpec, Probe, SecurityContext, TCPSocketAction,
+    Container, HTTPGetAction, LifecycleHandler, Pod, PodSpec, Probe, SecurityContext,
+    TCPSocketAction,
 };
 use serde::Serialize;
 
@@ -92,11 +93,16 @@ pub fn check_pod(pod: &Pod) -> Vec<ContainerVerdict> {
         .flatten()
         .map(|c| {
             // Same fields under the same names; Container ignores targetContainerName.
-            serde_json::to_value(c).and_then(serde_json::from_value).unwrap_or_default()
+            serde_json::to_value(c)
+                .and_then(serde_json::from_value)
+                .unwrap_or_default()
         })
         .collect();
     let lists: [(ContainerKind, &[Container]); 3] = [
-        (ContainerKind::InitContainer, spec.init_containers.as_deref().unwrap_or_default()),
+        (
+            ContainerKind::InitContainer,
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
         (ContainerKind::Container, &spec.containers),
         (ContainerKind::EphemeralContainer, &ephemeral),
     ];
@@ -107,7 +113,12 @@ pub fn check_pod(pod: &Pod) -> Vec<ContainerVerdict> {
             let mut violations = pod_violations.clone();
             violations.extend(check_container(spec, container, &path));
             let level = met_level(&violations);
-            verdicts.push(ContainerVerdict { name: container.name.clone(), kind, level, violations });
+            verdicts.push(ContainerVerdict {
+                name: container.name.clone(),
+                kind,
+                level,
+                violations,
+            });
         }
     }
     verdicts
@@ -115,7 +126,11 @@ pub fn check_pod(pod: &Pod) -> Vec<ContainerVerdict> {
 
 /// The lowest level over all verdicts: what the whole pod meets.
 pub fn pod_level(verdicts: &[ContainerVerdict]) -> Level {
-    verdicts.iter().map(|v| v.level).min().unwrap_or(Level::Restricted)
+    verdicts
+        .iter()
+        .map(|v| v.level)
+        .min()
+        .unwrap_or(Level::Restricted)
 }
 
 fn met_level(violations: &[Violation]) -> Level {
@@ -157,7 +172,13 @@ const SAFE_SYSCTLS: [&str; 14] = [
     "net.ipv4.tcp_slow_start_after_idle",
     "net.ipv4.tcp_notsent_lowat",
 ];
-const SELINUX_TYPES: [&str; 5] = ["", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"];
+const SELINUX_TYPES: [&str; 5] = [
+    "",
+    "container_t",
+    "container_init_t",
+    "container_kvm_t",
+    "container_engine_t",
+];
 const RESTRICTED_VOLUME_SOURCES: [&str; 9] = [
     "configMap",
     "csi",
@@ -171,8 +192,18 @@ const RESTRICTED_VOLUME_SOURCES: [&str; 9] = [
 ];
 const APPARMOR_ANNOTATION_PREFIX: &str = "container.apparmor.security.beta.kubernetes.io/";
 
-fn violation(level: Level, rule: &'static str, field: impl Into<String>, detail: impl Into<String>) -> Violation {
-    Violation { level, rule, field: field.into(), detail: detail.into() }
+fn violation(
+    level: Level,
+    rule: &'static str,
+    field: impl Into<String>,
+    detail: impl Into<String>,
+) -> Violation {
+    Violation {
+        level,
+        rule,
+        field: field.into(),
+        detail: detail.into(),
+    }
 }
 
 /// Pods in a user namespace (`hostUsers: false`) may run as uid 0 inside it.
@@ -202,7 +233,11 @@ fn check_pod_level(spec: &PodSpec, annotations: &BTreeMap<String, String>) -> Ve
             ));
         }
     }
-    for (field, value) in [("hostNetwork", spec.host_network), ("hostPID", spec.host_pid), ("hostIPC", spec.host_ipc)] {
+    for (field, value) in [
+        ("hostNetwork", spec.host_network),
+        ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
+    ] {
         if value == Some(true) {
             out.push(violation(
                 Baseline,
@@ -215,16 +250,27 @@ fn check_pod_level(spec: &PodSpec, annotations: &BTreeMap<String, String>) -> Ve
     for (index, volume) in spec.volumes.iter().flatten().enumerate() {
         let field = format!("spec.volumes[{index}]");
         if volume.host_path.is_some() {
-            out.push(violation(Baseline, "HostPath Volumes", format!("{field}.hostPath"), "is set; allowed: unset"));
+            out.push(violation(
+                Baseline,
+                "HostPath Volumes",
+                format!("{field}.hostPath"),
+                "is set; allowed: unset",
+            ));
         }
-        let sources = serde_json::to_value(volume).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
+        let sources = serde_json::to_value(volume)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
         for source in sources.keys().filter(|k| *k != "name" && *k != "hostPath") {
             if !RESTRICTED_VOLUME_SOURCES.contains(&source.as_str()) {
                 out.push(violation(
                     Restricted,
                     "Volume Types",
                     format!("{field}.{source}"),
-                    format!("is set; allowed volume sources: {}", RESTRICTED_VOLUME_SOURCES.join(", ")),
+                    format!(
+                        "is set; allowed volume sources: {}",
+                        RESTRICTED_VOLUME_SOURCES.join(", ")
+                    ),
                 ));
             }
         }
@@ -233,11 +279,25 @@ fn check_pod_level(spec: &PodSpec, annotations: &BTreeMap<String, String>) -> Ve
         return out;
     };
     let prefix = "spec.securityContext";
-    if context.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
-        out.push(violation(Baseline, "HostProcess", format!("{prefix}.windowsOptions.hostProcess"), "is true"));
+    if context
+        .windows_options
+        .as_ref()
+        .and_then(|w| w.host_process)
+        == Some(true)
+    {
+        out.push(violation(
+            Baseline,
+            "HostProcess",
+            format!("{prefix}.windowsOptions.hostProcess"),
+            "is true",
+        ));
     }
     if let Some(apparmor) = &context.app_armor_profile {
-        check_apparmor_type(&apparmor.type_, &format!("{prefix}.appArmorProfile.type"), &mut out);
+        check_apparmor_type(
+            &apparmor.type_,
+            &format!("{prefix}.appArmorProfile.type"),
+            &mut out,
+        );
     }
     if let Some(selinux) = &context.se_linux_options {
         check_selinux(selinux, &format!("{prefix}.seLinuxOptions"), &mut out);
@@ -294,7 +354,11 @@ fn check_apparmor_type(value: &str, field: &str, out: &mut Vec<Violation>) {
     }
 }
 
-fn check_selinux(options: &k8s_openapi::api::core::v1::SELinuxOptions, field: &str, out: &mut Vec<Violation>) {
+fn check_selinux(
+    options: &k8s_openapi::api::core::v1::SELinuxOptions,
+    field: &str,
+    out: &mut Vec<Violation>,
+) {
     let kind = options.type_.as_deref().unwrap_or_default();
     if !SELINUX_TYPES.contains(&kind) {
         out.push(violation(
@@ -308,7 +372,12 @@ fn check_selinux(options: &k8s_openapi::api::core::v1::SELinuxOptions, field: &s
     }
     for (name, value) in [("user", &options.user), ("role", &options.role)] {
         if value.as_deref().is_some_and(|v| !v.is_empty()) {
-            out.push(violation(Level::Baseline, "SELinux", format!("{field}.{name}"), "is set; allowed: unset"));
+            out.push(violation(
+                Level::Baseline,
+                "SELinux",
+                format!("{field}.{name}"),
+                "is set; allowed: unset",
+            ));
         }
     }
 }
@@ -322,8 +391,18 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
     let pod_context = spec.security_context.clone().unwrap_or_default();
 
     // Baseline.
-    if context.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
-        out.push(violation(Baseline, "HostProcess", format!("{sc}.windowsOptions.hostProcess"), "is true"));
+    if context
+        .windows_options
+        .as_ref()
+        .and_then(|w| w.host_process)
+        == Some(true)
+    {
+        out.push(violation(
+            Baseline,
+            "HostProcess",
+            format!("{sc}.windowsOptions.hostProcess"),
+            "is true",
+        ));
     }
     if context.privileged == Some(true) {
         out.push(violation(
@@ -335,13 +414,19 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
     }
     let capabilities = context.capabilities.clone().unwrap_or_default();
     let added = capabilities.add.unwrap_or_default();
-    let beyond: Vec<&String> = added.iter().filter(|c| !BASELINE_CAPABILITIES.contains(&c.as_str())).collect();
+    let beyond: Vec<&String> = added
+        .iter()
+        .filter(|c| !BASELINE_CAPABILITIES.contains(&c.as_str()))
+        .collect();
     if !beyond.is_empty() {
         out.push(violation(
             Baseline,
             "Capabilities",
             format!("{sc}.capabilities.add"),
-            format!("adds {beyond:?}; allowed: {}", BASELINE_CAPABILITIES.join(", ")),
+            format!(
+                "adds {beyond:?}; allowed: {}",
+                BASELINE_CAPABILITIES.join(", ")
+            ),
         ));
     }
     for (index, port) in container.ports.iter().flatten().enumerate() {
@@ -355,7 +440,11 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
         }
     }
     if let Some(apparmor) = &context.app_armor_profile {
-        check_apparmor_type(&apparmor.type_, &format!("{sc}.appArmorProfile.type"), &mut out);
+        check_apparmor_type(
+            &apparmor.type_,
+            &format!("{sc}.appArmorProfile.type"),
+            &mut out,
+        );
     }
     if let Some(selinux) = &context.se_linux_options {
         check_selinux(selinux, &format!("{sc}.seLinuxOptions"), &mut out);
@@ -364,9 +453,19 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
     if proc_mount != "Default" {
         let detail = format!("is {proc_mount:?}; allowed: Default or unset");
         if !in_user_namespace(spec) {
-            out.push(violation(Baseline, "/proc Mount Type", format!("{sc}.procMount"), detail.clone()));
+            out.push(violation(
+                Baseline,
+                "/proc Mount Type",
+                format!("{sc}.procMount"),
+                detail.clone(),
+            ));
         }
-        out.push(violation(Restricted, "/proc Mount Type", format!("{sc}.procMount"), detail));
+        out.push(violation(
+            Restricted,
+            "/proc Mount Type",
+            format!("{sc}.procMount"),
+            detail,
+        ));
     }
     let container_seccomp = context.seccomp_profile.as_ref().map(|s| s.type_.as_str());
     if container_seccomp == Some("Unconfined") {
@@ -386,7 +485,10 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
             Restricted,
             "Privilege Escalation",
             format!("{sc}.allowPrivilegeEscalation"),
-            format!("is {}; allowed: false", show(context.allow_privilege_escalation)),
+            format!(
+                "is {}; allowed: false",
+                show(context.allow_privilege_escalation)
+            ),
         ));
     }
     if !in_user_namespace(spec) {
@@ -415,9 +517,14 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
         }
     }
     if !windows {
-        let pod_seccomp = pod_context.seccomp_profile.as_ref().map(|s| s.type_.as_str());
+        let pod_seccomp = pod_context
+            .seccomp_profile
+            .as_ref()
+            .map(|s| s.type_.as_str());
         let effective = container_seccomp.or(pod_seccomp);
-        if !matches!(effective, Some("RuntimeDefault" | "Localhost")) && container_seccomp != Some("Unconfined") {
+        if !matches!(effective, Some("RuntimeDefault" | "Localhost"))
+            && container_seccomp != Some("Unconfined")
+        {
             out.push(violation(
                 Restricted,
                 "Seccomp",
@@ -434,7 +541,10 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
                 Restricted,
                 "Capabilities",
                 format!("{sc}.capabilities.drop"),
-                format!("is {}; must include ALL", show(context.capabilities.as_ref().and_then(|c| c.drop.as_ref()))),
+                format!(
+                    "is {}; must include ALL",
+                    show(context.capabilities.as_ref().and_then(|c| c.drop.as_ref()))
+                ),
             ));
         }
         let not_allowed: Vec<&String> = added.iter().filter(|c| *c != "NET_BIND_SERVICE").collect();
@@ -453,9 +563,12 @@ fn check_container(spec: &PodSpec, container: &Container, path: &str) -> Vec<Vio
 /// Baseline "Host Probes / Lifecycle Hooks": no `host` in probes or lifecycle handlers.
 fn check_host_fields(container: &Container, path: &str, out: &mut Vec<Violation>) {
     fn probe(p: &Option<Probe>) -> Option<(Option<&HTTPGetAction>, Option<&TCPSocketAction>)> {
-        p.as_ref().map(|p| (p.http_get.as_ref(), p.tcp_socket.as_ref()))
+        p.as_ref()
+            .map(|p| (p.http_get.as_ref(), p.tcp_socket.as_ref()))
     }
-    fn handler(h: Option<&LifecycleHandler>) -> Option<(Option<&HTTPGetAction>, Option<&TCPSocketAction>)> {
+    fn handler(
+        h: Option<&LifecycleHandler>,
+    ) -> Option<(Option<&HTTPGetAction>, Option<&TCPSocketAction>)> {
         h.map(|h| (h.http_get.as_ref(), h.tcp_socket.as_ref()))
     }
     let lifecycle = container.lifecycle.as_ref();
@@ -463,11 +576,19 @@ fn check_host_fields(container: &Container, path: &str, out: &mut Vec<Violation>
         ("livenessProbe", probe(&container.liveness_probe)),
         ("readinessProbe", probe(&container.readiness_probe)),
         ("startupProbe", probe(&container.startup_probe)),
-        ("lifecycle.postStart", handler(lifecycle.and_then(|l| l.post_start.as_ref()))),
-        ("lifecycle.preStop", handler(lifecycle.and_then(|l| l.pre_stop.as_ref()))),
+        (
+            "lifecycle.postStart",
+            handler(lifecycle.and_then(|l| l.post_start.as_ref())),
+        ),
+        (
+            "lifecycle.preStop",
+            handler(lifecycle.and_then(|l| l.pre_stop.as_ref())),
+        ),
     ];
     for (name, actions) in places {
-        let Some((http_get, tcp_socket)) = actions else { continue };
+        let Some((http_get, tcp_socket)) = actions else {
+            continue;
+        };
         let hosts = [
             ("httpGet", http_get.and_then(|a| a.host.as_ref())),
             ("tcpSocket", tcp_socket.and_then(|a| a.host.as_ref())),
@@ -500,8 +621,14 @@ mod tests {
             security_context: Some(SecurityContext {
                 run_as_non_root: Some(true),
                 allow_privilege_escalation: Some(false),
-                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    add: None,
+                }),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -509,21 +636,43 @@ mod tests {
     }
 
     fn pod(containers: Vec<Container>) -> Pod {
-        Pod { spec: Some(PodSpec { containers, ..Default::default() }), ..Default::default() }
+        Pod {
+            spec: Some(PodSpec {
+                containers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn restricted_container_meets_restricted() {
         let verdicts = check_pod(&pod(vec![restricted_container("a")]));
-        assert_eq!(verdicts[0].level, Level::Restricted, "{:?}", verdicts[0].violations);
+        assert_eq!(
+            verdicts[0].level,
+            Level::Restricted,
+            "{:?}",
+            verdicts[0].violations
+        );
     }
 
     #[test]
     fn default_container_meets_baseline_only() {
-        let verdicts = check_pod(&pod(vec![Container { name: "a".into(), ..Default::default() }]));
+        let verdicts = check_pod(&pod(vec![Container {
+            name: "a".into(),
+            ..Default::default()
+        }]));
         assert_eq!(verdicts[0].level, Level::Baseline);
         let rules: Vec<&str> = verdicts[0].violations.iter().map(|v| v.rule).collect();
-        assert_eq!(rules, ["Privilege Escalation", "Running as Non-root", "Seccomp", "Capabilities"]);
+        assert_eq!(
+            rules,
+            [
+                "Privilege Escalation",
+                "Running as Non-root",
+                "Seccomp",
+                "Capabilities"
+            ]
+        );
     }
 
     #[test]
@@ -539,18 +688,26 @@ mod tests {
         c.security_context.as_mut().unwrap().run_as_non_root = None;
         let mut p = pod(vec![c]);
         p.spec.as_mut().unwrap().security_context =
-            Some(k8s_openapi::api::core::v1::PodSecurityContext { run_as_non_root: Some(true), ..Default::default() });
+            Some(k8s_openapi::api::core::v1::PodSecurityContext {
+                run_as_non_root: Some(true),
+                ..Default::default()
+            });
         assert_eq!(check_pod(&p)[0].level, Level::Restricted);
     }
 
     #[test]
     fn capabilities_beyond_the_default_set_break_baseline() {
         let mut c = restricted_container("a");
-        c.security_context.as_mut().unwrap().capabilities =
-            Some(Capabilities { drop: Some(vec!["ALL".into()]), add: Some(vec!["SYS_ADMIN".into()]) });
+        c.security_context.as_mut().unwrap().capabilities = Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: Some(vec!["SYS_ADMIN".into()]),
+        });
         let verdict = &check_pod(&pod(vec![c]))[0];
         assert_eq!(verdict.level, Level::Privileged);
-        assert_eq!(verdict.violations[0].field, "spec.containers[0].securityContext.capabilities.add");
+        assert_eq!(
+            verdict.violations[0].field,
+            "spec.containers[0].securityContext.capabilities.add"
+        );
         assert_eq!(verdict.violations[0].rule, "Capabilities");
     }
 
@@ -570,8 +727,14 @@ mod tests {
     fn apparmor_annotations_count_for_every_container() {
         let mut p = pod(vec![restricted_container("a"), restricted_container("b")]);
         p.metadata.annotations = Some(BTreeMap::from([
-            ("container.apparmor.security.beta.kubernetes.io/a".to_owned(), "runtime/default".to_owned()),
-            ("container.apparmor.security.beta.kubernetes.io/gone".to_owned(), "unconfined".to_owned()),
+            (
+                "container.apparmor.security.beta.kubernetes.io/a".to_owned(),
+                "runtime/default".to_owned(),
+            ),
+            (
+                "container.apparmor.security.beta.kubernetes.io/gone".to_owned(),
+                "unconfined".to_owned(),
+            ),
         ]));
         let verdicts = check_pod(&p);
         assert!(verdicts.iter().all(|v| v.level == Level::Privileged));
@@ -595,8 +758,10 @@ mod tests {
             (
                 "host port",
                 |s| {
-                    s.containers[0].ports =
-                        Some(vec![serde_json::from_str(r#"{"containerPort":80,"hostPort":80}"#).unwrap()])
+                    s.containers[0].ports = Some(vec![serde_json::from_str(
+                        r#"{"containerPort":80,"hostPort":80}"#,
+                    )
+                    .unwrap()])
                 },
                 Level::Privileged,
                 "containers[0].ports[0].hostPort",
@@ -604,15 +769,22 @@ mod tests {
             (
                 "unsafe sysctl",
                 |s| {
-                    s.security_context =
-                        Some(serde_json::from_str(r#"{"sysctls":[{"name":"kernel.msgmax","value":"1"}]}"#).unwrap())
+                    s.security_context = Some(
+                        serde_json::from_str(
+                            r#"{"sysctls":[{"name":"kernel.msgmax","value":"1"}]}"#,
+                        )
+                        .unwrap(),
+                    )
                 },
                 Level::Privileged,
                 "securityContext.sysctls[0].name",
             ),
             (
                 "selinux user",
-                |s| sc(s).se_linux_options = Some(serde_json::from_str(r#"{"user":"root"}"#).unwrap()),
+                |s| {
+                    sc(s).se_linux_options =
+                        Some(serde_json::from_str(r#"{"user":"root"}"#).unwrap())
+                },
                 Level::Privileged,
                 "containers[0].securityContext.seLinuxOptions.user",
             ),
@@ -625,7 +797,10 @@ mod tests {
             (
                 "seccomp unconfined",
                 |s| {
-                    sc(s).seccomp_profile = Some(SeccompProfile { type_: "Unconfined".into(), localhost_profile: None })
+                    sc(s).seccomp_profile = Some(SeccompProfile {
+                        type_: "Unconfined".into(),
+                        localhost_profile: None,
+                    })
                 },
                 Level::Privileged,
                 "containers[0].securityContext.seccompProfile.type",
@@ -642,10 +817,20 @@ mod tests {
                 Level::Baseline,
                 "containers[0].securityContext.allowPrivilegeEscalation",
             ),
-            ("root uid", |s| sc(s).run_as_user = Some(0), Level::Baseline, "containers[0].securityContext.runAsUser"),
+            (
+                "root uid",
+                |s| sc(s).run_as_user = Some(0),
+                Level::Baseline,
+                "containers[0].securityContext.runAsUser",
+            ),
             (
                 "drop not ALL",
-                |s| sc(s).capabilities = Some(Capabilities { drop: Some(vec!["NET_RAW".into()]), add: None }),
+                |s| {
+                    sc(s).capabilities = Some(Capabilities {
+                        drop: Some(vec!["NET_RAW".into()]),
+                        add: None,
+                    })
+                },
                 Level::Baseline,
                 "containers[0].securityContext.capabilities.drop",
             ),
@@ -663,8 +848,10 @@ mod tests {
             (
                 "host probe",
                 |s| {
-                    s.containers[0].liveness_probe =
-                        Some(serde_json::from_str(r#"{"httpGet":{"port":80,"host":"10.0.0.1"}}"#).unwrap())
+                    s.containers[0].liveness_probe = Some(
+                        serde_json::from_str(r#"{"httpGet":{"port":80,"host":"10.0.0.1"}}"#)
+                            .unwrap(),
+                    )
                 },
                 Level::Privileged,
                 "containers[0].livenessProbe.httpGet.host",
@@ -676,7 +863,11 @@ mod tests {
             let verdict = &check_pod(&p)[0];
             assert_eq!(verdict.level, level, "{what}: {:?}", verdict.violations);
             if !field.is_empty() {
-                assert_eq!(verdict.violations[0].field, format!("spec.{field}"), "{what}");
+                assert_eq!(
+                    verdict.violations[0].field,
+                    format!("spec.{field}"),
+                    "{what}"
+                );
             }
         }
     }
@@ -686,17 +877,27 @@ mod tests {
         let mut c = restricted_container("a");
         c.security_context.as_mut().unwrap().seccomp_profile = None;
         let mut p = pod(vec![c]);
-        p.spec.as_mut().unwrap().security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
-            ..Default::default()
-        });
+        p.spec.as_mut().unwrap().security_context =
+            Some(k8s_openapi::api::core::v1::PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..Default::default()
+            });
         assert_eq!(check_pod(&p)[0].level, Level::Restricted);
 
         let mut c = restricted_container("a");
         let context = c.security_context.as_mut().unwrap();
-        (context.seccomp_profile, context.capabilities, context.allow_privilege_escalation) = (None, None, None);
+        (
+            context.seccomp_profile,
+            context.capabilities,
+            context.allow_privilege_escalation,
+        ) = (None, None, None);
         let mut p = pod(vec![c]);
-        p.spec.as_mut().unwrap().os = Some(k8s_openapi::api::core::v1::PodOS { name: "windows".into() });
+        p.spec.as_mut().unwrap().os = Some(k8s_openapi::api::core::v1::PodOS {
+            name: "windows".into(),
+        });
         assert_eq!(check_pod(&p)[0].level, Level::Restricted);
     }
 
@@ -712,7 +913,11 @@ mod tests {
             serde_json::from_str(r#"{"name":"h","hostPath":{"path":"/"}}"#).unwrap(),
         ]);
         let verdict = &check_pod(&p)[0];
-        let fields: Vec<&str> = verdict.violations.iter().map(|v| v.field.as_str()).collect();
+        let fields: Vec<&str> = verdict
+            .violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
         assert_eq!(fields, ["spec.volumes[0].nfs", "spec.volumes[1].hostPath"]);
         assert_eq!(verdict.level, Level::Privileged);
     }

@@ -15,14 +15,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimTemplate, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kiln_identity::{
-    resolve_identity, IdSource, ResolvedId, ResolvedIdentity, KUBERNETES_MAX_ID, SANDBOX_HOME, UID_RANGE_ANNOTATION,
+    resolve_identity, IdSource, ResolvedId, ResolvedIdentity, KUBERNETES_MAX_ID, SANDBOX_HOME,
+    UID_RANGE_ANNOTATION,
 };
 
 use crate::{KubeError, NamespaceInfo, ResourceAmounts, SandboxConfig, Topology};
@@ -45,7 +47,8 @@ pub const NETWORK_UID_SOURCE_ANNOTATION: &str = "kiln/network-uid-source";
 
 /// Capabilities the combined agent container keeps, all needed by `kiln-supervisor
 /// --mode full` before it drops to the sandbox ids (docs/kubernetes.md justifies each).
-pub const COMBINED_CAPABILITIES: [&str; 5] = ["CHOWN", "DAC_OVERRIDE", "SETGID", "SETPCAP", "SETUID"];
+pub const COMBINED_CAPABILITIES: [&str; 5] =
+    ["CHOWN", "DAC_OVERRIDE", "SETGID", "SETPCAP", "SETUID"];
 
 const BIN_VOLUME: &str = "kiln-bin";
 const BIN_DIR: &str = "/kiln/bin";
@@ -67,7 +70,10 @@ pub struct RenderedPod {
 /// Renders the pod for `config` in `namespace` (whose annotations decide the ids when
 /// the configuration does not). Without a namespace object the configuration must name
 /// the namespace, and only configured or default ids are used.
-pub fn render_pod(config: &SandboxConfig, namespace: Option<&NamespaceInfo>) -> Result<RenderedPod, KubeError> {
+pub fn render_pod(
+    config: &SandboxConfig,
+    namespace: Option<&NamespaceInfo>,
+) -> Result<RenderedPod, KubeError> {
     let namespace_name = match (&config.namespace, namespace) {
         (Some(configured), Some(ns)) if *configured != ns.name => {
             return Err(KubeError::NamespaceMismatch {
@@ -95,7 +101,10 @@ pub fn render_pod(config: &SandboxConfig, namespace: Option<&NamespaceInfo>) -> 
 
     let uid = i64::from(identity.uid.value);
     let gid = i64::from(identity.gid.value);
-    let supervisor_env = vec![env("SANDBOX_UID", identity.uid.value), env("SANDBOX_GID", identity.gid.value)];
+    let supervisor_env = vec![
+        env("SANDBOX_UID", identity.uid.value),
+        env("SANDBOX_GID", identity.gid.value),
+    ];
 
     let mut init_containers = Vec::new();
     if let Some(network) = network_uid {
@@ -179,12 +188,18 @@ pub fn render_pod(config: &SandboxConfig, namespace: Option<&NamespaceInfo>) -> 
             // object to apply) and deletes it with the pod.
             ephemeral: Some(EphemeralVolumeSource {
                 volume_claim_template: Some(PersistentVolumeClaimTemplate {
-                    metadata: Some(ObjectMeta { labels: Some(labels(config)), ..Default::default() }),
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels(config)),
+                        ..Default::default()
+                    }),
                     spec: PersistentVolumeClaimSpec {
                         access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
                         storage_class_name: workspace.storage_class.clone(),
                         resources: Some(VolumeResourceRequirements {
-                            requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(workspace.size.clone()))])),
+                            requests: Some(BTreeMap::from([(
+                                "storage".to_owned(),
+                                Quantity(workspace.size.clone()),
+                            )])),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -209,11 +224,20 @@ pub fn render_pod(config: &SandboxConfig, namespace: Option<&NamespaceInfo>) -> 
     }
 
     let mut pod_annotations = BTreeMap::from([
-        (UID_SOURCE_ANNOTATION.to_owned(), identity.uid.source.to_string()),
-        (GID_SOURCE_ANNOTATION.to_owned(), identity.gid.source.to_string()),
+        (
+            UID_SOURCE_ANNOTATION.to_owned(),
+            identity.uid.source.to_string(),
+        ),
+        (
+            GID_SOURCE_ANNOTATION.to_owned(),
+            identity.gid.source.to_string(),
+        ),
     ]);
     if let Some(network) = network_uid {
-        pod_annotations.insert(NETWORK_UID_SOURCE_ANNOTATION.to_owned(), network.source.to_string());
+        pod_annotations.insert(
+            NETWORK_UID_SOURCE_ANNOTATION.to_owned(),
+            network.source.to_string(),
+        );
     }
 
     let pod = Pod {
@@ -242,7 +266,12 @@ pub fn render_pod(config: &SandboxConfig, namespace: Option<&NamespaceInfo>) -> 
         status: None,
     };
     let warnings = identity.warnings.clone();
-    Ok(RenderedPod { pod, identity, network_uid, warnings })
+    Ok(RenderedPod {
+        pod,
+        identity,
+        network_uid,
+        warnings,
+    })
 }
 
 /// Prints a pod as YAML for `kubectl apply -f -`.
@@ -283,10 +312,16 @@ fn network_uid(identity: &ResolvedIdentity) -> Result<ResolvedId, KubeError> {
 
 fn labels(config: &SandboxConfig) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "kiln-sandbox".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "kiln-sandbox".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), config.name.clone()),
         ("app.kubernetes.io/managed-by".to_owned(), "kiln".to_owned()),
-        (TOPOLOGY_LABEL.to_owned(), config.topology.as_str().to_owned()),
+        (
+            TOPOLOGY_LABEL.to_owned(),
+            config.topology.as_str().to_owned(),
+        ),
     ])
 }
 
@@ -309,7 +344,10 @@ fn non_root_context(uid: i64, gid: i64, read_only_root: bool) -> SecurityContext
         run_as_group: Some(gid),
         run_as_non_root: Some(true),
         allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities { drop: Some(strings(&["ALL"])), add: None }),
+        capabilities: Some(Capabilities {
+            drop: Some(strings(&["ALL"])),
+            add: None,
+        }),
         read_only_root_filesystem: read_only_root.then_some(true),
         seccomp_profile: Some(runtime_default_seccomp()),
         ..Default::default()
@@ -325,33 +363,50 @@ fn combined_agent_context() -> SecurityContext {
         run_as_group: Some(0),
         run_as_non_root: Some(false),
         allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities { drop: Some(strings(&["ALL"])), add: Some(strings(&COMBINED_CAPABILITIES)) }),
+        capabilities: Some(Capabilities {
+            drop: Some(strings(&["ALL"])),
+            add: Some(strings(&COMBINED_CAPABILITIES)),
+        }),
         seccomp_profile: Some(runtime_default_seccomp()),
         ..Default::default()
     }
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {
-    SeccompProfile { type_: "RuntimeDefault".to_owned(), localhost_profile: None }
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
+    }
 }
 
 fn resources(config: &SandboxConfig) -> Option<ResourceRequirements> {
     let amounts = |a: &Option<ResourceAmounts>| {
         let a = a.as_ref()?;
-        let map: BTreeMap<String, Quantity> =
-            [("cpu", &a.cpu), ("memory", &a.memory), ("ephemeral-storage", &a.ephemeral_storage)]
-                .into_iter()
-                .filter_map(|(k, v)| Some((k.to_owned(), Quantity(v.clone()?))))
-                .collect();
+        let map: BTreeMap<String, Quantity> = [
+            ("cpu", &a.cpu),
+            ("memory", &a.memory),
+            ("ephemeral-storage", &a.ephemeral_storage),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_owned(), Quantity(v.clone()?))))
+        .collect();
         (!map.is_empty()).then_some(map)
     };
     let requests = amounts(&config.resources.requests);
     let limits = amounts(&config.resources.limits);
-    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements { requests, limits, ..Default::default() })
+    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements {
+        requests,
+        limits,
+        ..Default::default()
+    })
 }
 
 fn env(name: &str, value: u32) -> EnvVar {
-    EnvVar { name: name.to_owned(), value: Some(value.to_string()), ..Default::default() }
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_string()),
+        ..Default::default()
+    }
 }
 
 fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {

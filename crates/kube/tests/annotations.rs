@@ -7,7 +7,8 @@ mod support;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kiln_identity::IdentityError;
 use kiln_kube::{
-    pod_to_yaml, render_pod, KubeError, GID_SOURCE_ANNOTATION, NETWORK_UID_SOURCE_ANNOTATION, UID_SOURCE_ANNOTATION,
+    pod_to_yaml, render_pod, KubeError, GID_SOURCE_ANNOTATION, NETWORK_UID_SOURCE_ANNOTATION,
+    UID_SOURCE_ANNOTATION,
 };
 use support::{config, kubernetes_validate, namespace, validate};
 
@@ -26,11 +27,21 @@ struct Ids {
 
 fn container<'a>(pod: &'a Pod, name: &str) -> &'a Container {
     let spec = pod.spec.as_ref().unwrap();
-    spec.containers.iter().chain(spec.init_containers.iter().flatten()).find(|c| c.name == name).unwrap()
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .unwrap()
 }
 
 fn env(container: &Container, name: &str) -> String {
-    container.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone()).unwrap()
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+        .unwrap()
 }
 
 /// Reads the ids back out of the pod, checking that every place agrees.
@@ -42,13 +53,27 @@ fn ids(pod: &Pod) -> Ids {
     let agent = container(pod, "agent");
     let uid: i64 = env(agent, "SANDBOX_UID").parse().unwrap();
     assert_eq!(env(agent, "SANDBOX_GID"), gid.to_string());
-    let install = container(pod, "install-supervisor").security_context.as_ref().unwrap();
-    assert_eq!((install.run_as_user, install.run_as_group), (Some(uid), Some(gid)));
-    let network = spec.init_containers.iter().flatten().find(|c| c.name == "network").map(|c| {
-        let context = c.security_context.as_ref().unwrap();
-        assert_eq!(context.run_as_user, context.run_as_group);
-        (context.run_as_user.unwrap(), annotations[NETWORK_UID_SOURCE_ANNOTATION].clone())
-    });
+    let install = container(pod, "install-supervisor")
+        .security_context
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (install.run_as_user, install.run_as_group),
+        (Some(uid), Some(gid))
+    );
+    let network = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "network")
+        .map(|c| {
+            let context = c.security_context.as_ref().unwrap();
+            assert_eq!(context.run_as_user, context.run_as_group);
+            (
+                context.run_as_user.unwrap(),
+                annotations[NETWORK_UID_SOURCE_ANNOTATION].clone(),
+            )
+        });
     Ids {
         uid,
         uid_source: annotations[UID_SOURCE_ANNOTATION].clone(),
@@ -58,7 +83,13 @@ fn ids(pod: &Pod) -> Ids {
     }
 }
 
-fn expect(uid: i64, uid_source: &str, gid: i64, gid_source: &str, network: Option<(i64, &str)>) -> Ids {
+fn expect(
+    uid: i64,
+    uid_source: &str,
+    gid: i64,
+    gid_source: &str,
+    network: Option<(i64, &str)>,
+) -> Ids {
     Ids {
         uid,
         uid_source: uid_source.to_owned(),
@@ -78,14 +109,26 @@ fn accepted_annotations_give_ids_and_record_sources() {
             Some("1000680000/10000"),
             Some("1000690000/10000"),
             "sidecar",
-            expect(1000680000, UID_RANGE, 1000690000, GROUPS, Some((1000689999, UID_RANGE))),
+            expect(
+                1000680000,
+                UID_RANGE,
+                1000690000,
+                GROUPS,
+                Some((1000689999, UID_RANGE)),
+            ),
         ),
         (
             "start-end",
             Some("1000680000-1000689999"),
             Some("1000690000-1000699999"),
             "sidecar",
-            expect(1000680000, UID_RANGE, 1000690000, GROUPS, Some((1000689999, UID_RANGE))),
+            expect(
+                1000680000,
+                UID_RANGE,
+                1000690000,
+                GROUPS,
+                Some((1000689999, UID_RANGE)),
+            ),
         ),
         (
             "several supplemental blocks: the first gives the gid",
@@ -99,16 +142,34 @@ fn accepted_annotations_give_ids_and_record_sources() {
             None,
             Some("1000700000/100"),
             "sidecar",
-            expect(10001, "default", 1000700000, GROUPS, Some((10000, "default"))),
+            expect(
+                10001,
+                "default",
+                1000700000,
+                GROUPS,
+                Some((10000, "default")),
+            ),
         ),
         (
             "supplemental absent: gid from the uid range",
             Some("1000680000/10000"),
             None,
             "sidecar",
-            expect(1000680000, UID_RANGE, 1000680000, UID_RANGE, Some((1000689999, UID_RANGE))),
+            expect(
+                1000680000,
+                UID_RANGE,
+                1000680000,
+                UID_RANGE,
+                Some((1000689999, UID_RANGE)),
+            ),
         ),
-        ("both absent", None, None, "sidecar", expect(10001, "default", 10001, "default", Some((10000, "default")))),
+        (
+            "both absent",
+            None,
+            None,
+            "sidecar",
+            expect(10001, "default", 10001, "default", Some((10000, "default"))),
+        ),
         (
             "size 1 is enough for combined",
             Some("1000680000/1"),
@@ -121,20 +182,28 @@ fn accepted_annotations_give_ids_and_record_sources() {
             Some("1000680000/2"),
             None,
             "sidecar",
-            expect(1000680000, UID_RANGE, 1000680000, UID_RANGE, Some((1000680001, UID_RANGE))),
+            expect(
+                1000680000,
+                UID_RANGE,
+                1000680000,
+                UID_RANGE,
+                Some((1000680001, UID_RANGE)),
+            ),
         ),
     ];
     let validator = kubernetes_validate();
     let dir = tempfile::tempdir().unwrap();
     for (index, (what, uid_range, groups, topology, expected)) in cases.into_iter().enumerate() {
         let ns = namespace(uid_range, groups);
-        let rendered = render_pod(&config(topology, ""), Some(&ns)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let rendered =
+            render_pod(&config(topology, ""), Some(&ns)).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(ids(&rendered.pod), expected, "{what}");
         if let Some(binary) = &validator {
             let file = dir.path().join(format!("{index}.yaml"));
             std::fs::write(&file, pod_to_yaml(&rendered.pod).unwrap()).unwrap();
             for version in ["1.29.0", "1.37.0"] {
-                validate(binary, version, &file).unwrap_or_else(|text| panic!("{what} on {version}: {text}"));
+                validate(binary, version, &file)
+                    .unwrap_or_else(|text| panic!("{what} on {version}: {text}"));
             }
         }
     }
@@ -143,9 +212,25 @@ fn accepted_annotations_give_ids_and_record_sources() {
 #[test]
 fn explicit_ids_win_and_annotations_still_give_the_network_uid() {
     let ns = namespace(Some("1000680000/10000"), Some("1000690000/10000"));
-    let pod =
-        render_pod(&config("sidecar", "sandbox_uid = 1000680007\nsandbox_gid = 1000690003\n"), Some(&ns)).unwrap().pod;
-    assert_eq!(ids(&pod), expect(1000680007, "config", 1000690003, "config", Some((1000689999, UID_RANGE))));
+    let pod = render_pod(
+        &config(
+            "sidecar",
+            "sandbox_uid = 1000680007\nsandbox_gid = 1000690003\n",
+        ),
+        Some(&ns),
+    )
+    .unwrap()
+    .pod;
+    assert_eq!(
+        ids(&pod),
+        expect(
+            1000680007,
+            "config",
+            1000690003,
+            "config",
+            Some((1000689999, UID_RANGE))
+        )
+    );
 }
 
 fn identity_error(err: KubeError) -> IdentityError {
@@ -172,7 +257,9 @@ fn malformed_annotations_are_errors_never_defaults() {
                 let err = render_pod(&config(topology, extra), Some(&ns)).unwrap_err();
                 let message = err.to_string();
                 match identity_error(err) {
-                    IdentityError::InvalidAnnotation { annotation, .. } => assert_eq!(annotation, bad, "{message}"),
+                    IdentityError::InvalidAnnotation { annotation, .. } => {
+                        assert_eq!(annotation, bad, "{message}")
+                    }
                     other => panic!("{uid_range:?} {groups:?}: {other}"),
                 }
                 assert!(message.contains(bad), "{message}");
@@ -184,8 +271,12 @@ fn malformed_annotations_are_errors_never_defaults() {
 #[test]
 fn size_zero_is_malformed() {
     for (uid_range, groups) in [(Some("1000680000/0"), None), (None, Some("1000690000/0"))] {
-        let err = render_pod(&config("combined", ""), Some(&namespace(uid_range, groups))).unwrap_err();
-        assert!(matches!(identity_error(err), IdentityError::InvalidAnnotation { .. }));
+        let err =
+            render_pod(&config("combined", ""), Some(&namespace(uid_range, groups))).unwrap_err();
+        assert!(matches!(
+            identity_error(err),
+            IdentityError::InvalidAnnotation { .. }
+        ));
     }
 }
 
@@ -195,10 +286,16 @@ fn size_one_with_sidecar_is_an_error() {
     let err = render_pod(&config("sidecar", ""), Some(&ns)).unwrap_err();
     assert!(matches!(err, KubeError::NetworkUid(_)), "{err}");
     let message = err.to_string();
-    assert!(message.contains("1000680000/1") && message.contains("combined"), "{message}");
+    assert!(
+        message.contains("1000680000/1") && message.contains("combined"),
+        "{message}"
+    );
     // The same with the start-end form.
     let ns = namespace(Some("1000680000-1000680000"), None);
-    assert!(matches!(render_pod(&config("sidecar", ""), Some(&ns)), Err(KubeError::NetworkUid(_))));
+    assert!(matches!(
+        render_pod(&config("sidecar", ""), Some(&ns)),
+        Err(KubeError::NetworkUid(_))
+    ));
 }
 
 #[test]
@@ -213,18 +310,28 @@ fn values_over_the_kubernetes_limit_are_errors() {
     ] {
         let ns = namespace(uid_range, groups);
         let err = render_pod(&config("combined", ""), Some(&ns)).unwrap_err();
-        assert!(matches!(err, KubeError::Identity(_)), "{uid_range:?} {groups:?}: {err}");
+        assert!(
+            matches!(err, KubeError::Identity(_)),
+            "{uid_range:?} {groups:?}: {err}"
+        );
     }
     // A block that starts in range but ends above 2^31-1 cannot give the network uid.
     let ns = namespace(Some("2000000000/200000000"), None);
     render_pod(&config("combined", ""), Some(&ns)).unwrap();
     let err = render_pod(&config("sidecar", ""), Some(&ns)).unwrap_err();
-    assert!(matches!(err, KubeError::NetworkUid(_)) && err.to_string().contains("2147483647"), "{err}");
+    assert!(
+        matches!(err, KubeError::NetworkUid(_)) && err.to_string().contains("2147483647"),
+        "{err}"
+    );
 }
 
 #[test]
 fn network_uid_must_differ_from_the_sandbox_uid() {
-    let err = render_pod(&config("sidecar", "sandbox_uid = 10000\n"), Some(&namespace(None, None))).unwrap_err();
+    let err = render_pod(
+        &config("sidecar", "sandbox_uid = 10000\n"),
+        Some(&namespace(None, None)),
+    )
+    .unwrap_err();
     assert!(matches!(err, KubeError::NetworkUid(_)), "{err}");
     let ns = namespace(Some("1000680000/10000"), None);
     let err = render_pod(&config("sidecar", "sandbox_uid = 1000689999\n"), Some(&ns)).unwrap_err();
@@ -233,8 +340,21 @@ fn network_uid_must_differ_from_the_sandbox_uid() {
 
 #[test]
 fn namespace_object_and_configuration_must_agree() {
-    let err = render_pod(&config("combined", "namespace = \"team-b\"\n"), Some(&namespace(None, None))).unwrap_err();
+    let err = render_pod(
+        &config("combined", "namespace = \"team-b\"\n"),
+        Some(&namespace(None, None)),
+    )
+    .unwrap_err();
     assert!(matches!(err, KubeError::NamespaceMismatch { .. }), "{err}");
     let err = render_pod(&config("combined", ""), None).unwrap_err();
-    assert!(matches!(err, KubeError::MissingSetting { key: "namespace", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            KubeError::MissingSetting {
+                key: "namespace",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -19,9 +19,17 @@ fn kubeconfig(server: &str) -> String {
 fn failed_cluster_reads_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     // A loopback port with nothing listening: bind to learn a free one, then close it.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let unreachable = dir.path().join("unreachable.yaml");
-    std::fs::write(&unreachable, kubeconfig(&format!("https://127.0.0.1:{port}"))).unwrap();
+    std::fs::write(
+        &unreachable,
+        kubeconfig(&format!("https://127.0.0.1:{port}")),
+    )
+    .unwrap();
     let missing = dir.path().join("missing.yaml");
     let garbage = dir.path().join("garbage.yaml");
     std::fs::write(&garbage, "this: [is not a kubeconfig").unwrap();
@@ -30,8 +38,14 @@ fn failed_cluster_reads_are_errors() {
         std::env::set_var("KUBECONFIG", config);
         let err = namespace_from_cluster("team-a").unwrap_err();
         let message = err.to_string();
-        assert!(matches!(err, KubeError::Cluster { ref namespace, .. } if namespace == "team-a"), "{message}");
-        assert!(message.starts_with("reading namespace \"team-a\" from the cluster"), "{message}");
+        assert!(
+            matches!(err, KubeError::Cluster { ref namespace, .. } if namespace == "team-a"),
+            "{message}"
+        );
+        assert!(
+            message.starts_with("reading namespace \"team-a\" from the cluster"),
+            "{message}"
+        );
         eprintln!("{}: {message}", config.display());
     }
 }

@@ -30,15 +30,25 @@ struct Case {
 fn cases() -> Vec<Case> {
     let scc = || Some(namespace(Some(SCC_UID_RANGE), Some(SCC_GROUPS)));
     vec![
-        Case { name: "combined-default", config: config("combined", "namespace = \"team-a\"\n"), namespace: None },
+        Case {
+            name: "combined-default",
+            config: config("combined", "namespace = \"team-a\"\n"),
+            namespace: None,
+        },
         Case {
             name: "combined-scc",
-            config: config("combined", &format!("[env]\nLANG = \"C.UTF-8\"\n{WORKSPACE}{RESOURCES}")),
+            config: config(
+                "combined",
+                &format!("[env]\nLANG = \"C.UTF-8\"\n{WORKSPACE}{RESOURCES}"),
+            ),
             namespace: scc(),
         },
         Case {
             name: "combined-runtime-class",
-            config: config("combined", &format!("runtime_class = \"gvisor\"\nsandbox_uid = 5000\n{WORKSPACE}")),
+            config: config(
+                "combined",
+                &format!("runtime_class = \"gvisor\"\nsandbox_uid = 5000\n{WORKSPACE}"),
+            ),
             namespace: Some(namespace(None, None)),
         },
         Case {
@@ -48,12 +58,18 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "sidecar-scc",
-            config: config("sidecar", &format!("[env]\nLANG = \"C.UTF-8\"\n{WORKSPACE}{RESOURCES}")),
+            config: config(
+                "sidecar",
+                &format!("[env]\nLANG = \"C.UTF-8\"\n{WORKSPACE}{RESOURCES}"),
+            ),
             namespace: scc(),
         },
         Case {
             name: "sidecar-runtime-class",
-            config: config("sidecar", "runtime_class = \"kata\"\nsandbox_uid = 1000680005\nsandbox_gid = 1000700001\n"),
+            config: config(
+                "sidecar",
+                "runtime_class = \"kata\"\nsandbox_uid = 1000680005\nsandbox_gid = 1000700001\n",
+            ),
             namespace: scc(),
         },
     ]
@@ -79,18 +95,31 @@ fn rendered_pods_match_golden_files() {
             std::fs::write(&path, &yaml).unwrap();
             continue;
         }
-        let expected = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}; regenerate with KILN_UPDATE_GOLDEN=1", path.display()));
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; regenerate with KILN_UPDATE_GOLDEN=1",
+                path.display()
+            )
+        });
         if expected != yaml {
-            mismatches.push(format!("{}:\n--- expected\n{expected}\n--- rendered\n{yaml}", path.display()));
+            mismatches.push(format!(
+                "{}:\n--- expected\n{expected}\n--- rendered\n{yaml}",
+                path.display()
+            ));
         }
     }
-    assert!(mismatches.is_empty(), "golden mismatch (KILN_UPDATE_GOLDEN=1 regenerates):\n{}", mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "golden mismatch (KILN_UPDATE_GOLDEN=1 regenerates):\n{}",
+        mismatches.join("\n")
+    );
 }
 
 #[test]
 fn every_rendered_pod_validates_strictly_on_oldest_and_newest_kubernetes() {
-    let Some(binary) = kubernetes_validate() else { return };
+    let Some(binary) = kubernetes_validate() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for case in cases() {
         let file = dir.path().join(format!("{}.yaml", case.name));
@@ -107,19 +136,31 @@ fn every_rendered_pod_validates_strictly_on_oldest_and_newest_kubernetes() {
     let bogus = dir.path().join("bogus.yaml");
     std::fs::write(
         &bogus,
-        rendered_yaml(sidecar).replace("  restartPolicy: Never\n", "  restartPolicy: Never\n  bogus: 1\n"),
+        rendered_yaml(sidecar).replace(
+            "  restartPolicy: Never\n",
+            "  restartPolicy: Never\n  bogus: 1\n",
+        ),
     )
     .unwrap();
-    assert!(validate(&binary, "1.37.0", &bogus).unwrap_err().contains("bogus"));
+    assert!(validate(&binary, "1.37.0", &bogus)
+        .unwrap_err()
+        .contains("bogus"));
     let file = dir.path().join("sidecar.yaml");
     std::fs::write(&file, rendered_yaml(sidecar)).unwrap();
-    assert!(validate(&binary, "1.27.0", &file).unwrap_err().contains("restartPolicy"));
+    assert!(validate(&binary, "1.27.0", &file)
+        .unwrap_err()
+        .contains("restartPolicy"));
 }
 
 #[test]
 fn sidecar_pods_meet_restricted_in_every_container() {
-    for case in cases().into_iter().filter(|c| c.name.starts_with("sidecar")) {
-        let pod = render_pod(&case.config, case.namespace.as_ref()).unwrap().pod;
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.name.starts_with("sidecar"))
+    {
+        let pod = render_pod(&case.config, case.namespace.as_ref())
+            .unwrap()
+            .pod;
         let verdicts = pss::check_pod(&pod);
         let names: Vec<&str> = verdicts.iter().map(|v| v.name.as_str()).collect();
         let expected: &[&str] = if case.config.workspace.is_some() {
@@ -129,7 +170,14 @@ fn sidecar_pods_meet_restricted_in_every_container() {
         };
         assert_eq!(names, expected, "{}", case.name);
         for verdict in &verdicts {
-            assert_eq!(verdict.level, Level::Restricted, "{} {}: {:?}", case.name, verdict.name, verdict.violations);
+            assert_eq!(
+                verdict.level,
+                Level::Restricted,
+                "{} {}: {:?}",
+                case.name,
+                verdict.name,
+                verdict.violations
+            );
         }
         assert_eq!(pss::pod_level(&verdicts), Level::Restricted);
     }
@@ -137,27 +185,58 @@ fn sidecar_pods_meet_restricted_in_every_container() {
 
 #[test]
 fn combined_agent_meets_baseline_and_the_checker_says_why_not_restricted() {
-    for case in cases().into_iter().filter(|c| c.name.starts_with("combined")) {
-        let pod = render_pod(&case.config, case.namespace.as_ref()).unwrap().pod;
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.name.starts_with("combined"))
+    {
+        let pod = render_pod(&case.config, case.namespace.as_ref())
+            .unwrap()
+            .pod;
         let verdicts = pss::check_pod(&pod);
         for verdict in verdicts.iter().filter(|v| v.name != "agent") {
-            assert_eq!(verdict.level, Level::Restricted, "{} {}: {:?}", case.name, verdict.name, verdict.violations);
+            assert_eq!(
+                verdict.level,
+                Level::Restricted,
+                "{} {}: {:?}",
+                case.name,
+                verdict.name,
+                verdict.violations
+            );
         }
         let agent = verdicts.iter().find(|v| v.name == "agent").unwrap();
         assert_eq!(agent.level, Level::Baseline, "{}", case.name);
-        let reasons: Vec<(Level, &str, &str)> =
-            agent.violations.iter().map(|v| (v.level, v.rule, v.field.as_str())).collect();
+        let reasons: Vec<(Level, &str, &str)> = agent
+            .violations
+            .iter()
+            .map(|v| (v.level, v.rule, v.field.as_str()))
+            .collect();
         assert_eq!(
             reasons,
             [
-                (Level::Restricted, "Running as Non-root", "spec.containers[0].securityContext.runAsNonRoot"),
-                (Level::Restricted, "Running as Non-root user", "spec.containers[0].securityContext.runAsUser"),
-                (Level::Restricted, "Capabilities", "spec.containers[0].securityContext.capabilities.add"),
+                (
+                    Level::Restricted,
+                    "Running as Non-root",
+                    "spec.containers[0].securityContext.runAsNonRoot"
+                ),
+                (
+                    Level::Restricted,
+                    "Running as Non-root user",
+                    "spec.containers[0].securityContext.runAsUser"
+                ),
+                (
+                    Level::Restricted,
+                    "Capabilities",
+                    "spec.containers[0].securityContext.capabilities.add"
+                ),
             ],
             "{}",
             case.name
         );
-        assert!(agent.violations[2].detail.contains("SETUID"), "{}", agent.violations[2].detail);
+        assert!(
+            agent.violations[2].detail.contains("SETUID"),
+            "{}",
+            agent.violations[2].detail
+        );
         assert_eq!(pss::pod_level(&verdicts), Level::Baseline);
     }
 }

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
-    negotiate, read_frame, write_frame, write_stream, Frame, Hello, Message, ProtocolError, SessionId,
-    ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
+    negotiate, read_frame, write_frame, write_stream, Frame, Hello, Message, ProtocolError,
+    SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult,
+    CONTROL_SESSION,
 };
 
 use crate::launch::{Control, HostIo};
@@ -63,13 +64,19 @@ pub struct ExecInput {
 }
 
 fn channel_err(sandbox_id: &str, err: ProtocolError) -> LifecycleError {
-    LifecycleError::Monitor { id: sandbox_id.to_owned(), message: err.to_string() }
+    LifecycleError::Monitor {
+        id: sandbox_id.to_owned(),
+        message: err.to_string(),
+    }
 }
 
 /// Connects to the monitor and exchanges hellos.
 fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
     if !sandbox.file(crate::state::MONITOR_SOCKET).exists() && is_alive(sandbox) {
-        let pid = sandbox.read_json::<StateRecord>(STATE_FILE).ok().and_then(|s| s.monitor_pid);
+        let pid = sandbox
+            .read_json::<StateRecord>(STATE_FILE)
+            .ok()
+            .and_then(|s| s.monitor_pid);
         return Err(LifecycleError::Monitor {
             id: sandbox.id().to_owned(),
             message: format!(
@@ -82,13 +89,22 @@ fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
     let (address, _dir) = socket_address(sandbox)?;
     let mut stream = UnixStream::connect(&address).map_err(|e| LifecycleError::Monitor {
         id: sandbox.id().to_owned(),
-        message: format!("connecting to {}: {e}", sandbox.file(crate::state::MONITOR_SOCKET).display()),
+        message: format!(
+            "connecting to {}: {e}",
+            sandbox.file(crate::state::MONITOR_SOCKET).display()
+        ),
     })?;
     let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
-    write_frame(&mut stream, &Frame::new(CONTROL_SESSION, Message::Hello(ours.clone())))
-        .map_err(|e| channel_err(sandbox.id(), e))?;
+    write_frame(
+        &mut stream,
+        &Frame::new(CONTROL_SESSION, Message::Hello(ours.clone())),
+    )
+    .map_err(|e| channel_err(sandbox.id(), e))?;
     match read_frame(&mut stream).map_err(|e| channel_err(sandbox.id(), e))? {
-        Some(Frame { message: Message::Hello(theirs), .. }) => {
+        Some(Frame {
+            message: Message::Hello(theirs),
+            ..
+        }) => {
             negotiate(&ours, &theirs).map_err(|e| channel_err(sandbox.id(), e))?;
             Ok(stream)
         }
@@ -110,7 +126,10 @@ pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Life
         Err(err) => return Err(err),
     };
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-    let request = Frame::new(CONTROL_SESSION, Message::Shutdown(ShutdownRequest { grace_ms }));
+    let request = Frame::new(
+        CONTROL_SESSION,
+        Message::Shutdown(ShutdownRequest { grace_ms }),
+    );
     write_frame(&mut stream, &request).map_err(|e| channel_err(sandbox.id(), e))?;
     let deadline = Instant::now() + grace + STOP_MARGIN;
     loop {
@@ -123,7 +142,10 @@ pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Life
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(ProtocolError::Io(err))
-                if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
             {
                 return kill_monitor(sandbox)
             }
@@ -140,7 +162,10 @@ pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Life
 fn kill_monitor(sandbox: &SandboxDir) -> Result<(), LifecycleError> {
     let state: StateRecord = sandbox.read_json(STATE_FILE)?;
     if let Some(pid) = state.monitor_pid.and_then(|p| i32::try_from(p).ok()) {
-        tracing::warn!("sandbox {}: the monitor did not stop in time; killing it", sandbox.id());
+        tracing::warn!(
+            "sandbox {}: the monitor did not stop in time; killing it",
+            sandbox.id()
+        );
         // SAFETY: kill has no memory-safety preconditions; the pid is the monitor's, which
         // still holds its lock (checked by the caller), so it has not been reused.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -169,31 +194,52 @@ pub(crate) fn exec(
         env: record.run.env.clone(),
         working_dir: record.run.cwd.clone(),
     };
-    let overrides = Overrides { entrypoint: None, cmd: request.argv, env: request.env, working_dir: request.workdir };
-    let spec = build_run_spec(&defaults, &overrides, record.run.identity, request.terminal).map_err(RunError::from)?;
+    let overrides = Overrides {
+        entrypoint: None,
+        cmd: request.argv,
+        env: request.env,
+        working_dir: request.workdir,
+    };
+    let spec = build_run_spec(&defaults, &overrides, record.run.identity, request.terminal)
+        .map_err(RunError::from)?;
     let mut stream = connect(sandbox)?;
-    write_frame(&mut stream, &Frame::new(EXEC_SESSION, Message::Run(spec))).map_err(|e| channel_err(sandbox.id(), e))?;
-    let writer = stream.try_clone().map_err(|e| channel_err(sandbox.id(), e.into()))?;
+    write_frame(&mut stream, &Frame::new(EXEC_SESSION, Message::Run(spec)))
+        .map_err(|e| channel_err(sandbox.id(), e))?;
+    let writer = stream
+        .try_clone()
+        .map_err(|e| channel_err(sandbox.id(), e.into()))?;
     Ok(ExecSession {
         id: sandbox.id().to_owned(),
         reader: stream,
-        input: ExecInput { writer: Arc::new(Mutex::new(writer)) },
+        input: ExecInput {
+            writer: Arc::new(Mutex::new(writer)),
+        },
     })
 }
 
 impl ExecInput {
     fn send(&self, message: Message) -> Result<(), ProtocolError> {
-        write_frame(&mut *self.writer.lock().expect("exec writer lock"), &Frame::new(EXEC_SESSION, message))
+        write_frame(
+            &mut *self.writer.lock().expect("exec writer lock"),
+            &Frame::new(EXEC_SESSION, message),
+        )
     }
 
     /// Bytes for the command's stdin.
     pub fn stdin(&self, bytes: &[u8]) -> Result<(), ProtocolError> {
-        write_stream(&mut *self.writer.lock().expect("exec writer lock"), EXEC_SESSION, Stream::Stdin, bytes)
+        write_stream(
+            &mut *self.writer.lock().expect("exec writer lock"),
+            EXEC_SESSION,
+            Stream::Stdin,
+            bytes,
+        )
     }
 
     /// Closes the command's stdin.
     pub fn close_stdin(&self) -> Result<(), ProtocolError> {
-        self.send(Message::Eof { stream: Stream::Stdin })
+        self.send(Message::Eof {
+            stream: Stream::Stdin,
+        })
     }
 
     /// Delivers `signal` to the command.
@@ -230,8 +276,14 @@ impl ExecSession {
                 continue;
             }
             match frame.message {
-                Message::Data { stream: Stream::Stdout, bytes } => return Ok(ExecOutput::Stdout(bytes)),
-                Message::Data { stream: Stream::Stderr, bytes } => return Ok(ExecOutput::Stderr(bytes)),
+                Message::Data {
+                    stream: Stream::Stdout,
+                    bytes,
+                } => return Ok(ExecOutput::Stdout(bytes)),
+                Message::Data {
+                    stream: Stream::Stderr,
+                    bytes,
+                } => return Ok(ExecOutput::Stderr(bytes)),
                 Message::Result(result) => return Ok(ExecOutput::Exited(result)),
                 _ => {}
             }
@@ -241,7 +293,11 @@ impl ExecSession {
     /// Runs the session to its end: `io.stdin` (if any, else an empty stdin) streams to
     /// the command, its output to `io.stdout`/`io.stderr`; `control` delivers signals and
     /// terminal resizes.
-    pub fn run(mut self, io: HostIo, control: Receiver<Control>) -> Result<WorkloadResult, LifecycleError> {
+    pub fn run(
+        mut self,
+        io: HostIo,
+        control: Receiver<Control>,
+    ) -> Result<WorkloadResult, LifecycleError> {
         let input = self.input();
         let stdin = io.stdin;
         std::thread::spawn(move || {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::{
     negotiate, read_frame, write_frame, write_stream, BootError, BootPhase, Frame, Hello, Message,
-    ProtocolError, RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
-    MAIN_SESSION,
+    ProtocolError, RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult,
+    CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_vm::{Accel, Backend, VmError, VmProcess, VmSpec};
 use serde::Serialize;
@@ -132,16 +132,27 @@ pub enum LaunchError {
     Vm(#[from] VmError),
 
     #[error("deadline for {phase} expired after {:.1} s{}", .after.as_secs_f64(), console_note(.console_tail))]
-    Deadline { phase: Phase, after: Duration, console_tail: String },
+    Deadline {
+        phase: Phase,
+        after: Duration,
+        console_tail: String,
+    },
 
     #[error("guest boot failed at step {:?}: {}{}", .error.step, .error.message, console_note(.console_tail))]
-    Boot { error: BootError, console_tail: String },
+    Boot {
+        error: BootError,
+        console_tail: String,
+    },
 
     #[error("the guest kernel panicked during {phase}{}", console_note(.console_tail))]
     GuestPanic { phase: Phase, console_tail: String },
 
     #[error("the VM exited ({status}) during {phase} without a result{}", console_note(.console_tail))]
-    VmExited { phase: Phase, status: String, console_tail: String },
+    VmExited {
+        phase: Phase,
+        status: String,
+        console_tail: String,
+    },
 
     #[error("host-guest channel failed during {phase}: {source}")]
     Channel { phase: Phase, source: ProtocolError },
@@ -150,7 +161,10 @@ pub enum LaunchError {
     Interrupted { signal: i32, grace: Duration },
 
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 fn console_note(tail: &str) -> String {
@@ -167,12 +181,15 @@ const CONSOLE_TAIL_LINES: usize = 25;
 /// The last lines of the console log, read with a bounded amount of memory.
 pub fn console_tail(path: &Path) -> String {
     const MAX_BYTES: u64 = 64 * 1024;
-    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(MAX_BYTES);
     let mut bytes = Vec::new();
     use std::io::Seek;
-    if file.seek(std::io::SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
+    if file.seek(std::io::SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err()
+    {
         return String::new();
     }
     let text = String::from_utf8_lossy(&bytes);
@@ -198,18 +215,36 @@ pub fn launch(
 ) -> Result<LaunchOutcome, LaunchError> {
     let io_err = |context: String| move |source| LaunchError::Io { context, source };
     let socket = &spec.channel.socket;
-    let listener = UnixListener::bind(socket).map_err(io_err(format!("listening on {}", socket.display())))?;
-    listener.set_nonblocking(true).map_err(io_err("channel socket".into()))?;
+    let listener =
+        UnixListener::bind(socket).map_err(io_err(format!("listening on {}", socket.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("channel socket".into()))?;
 
     let started = Instant::now();
     let mut vm = backend.start(spec)?;
-    let stream = accept(&listener, &mut vm, spec, started + deadlines.connect, deadlines.connect)?;
-    let mut timings = VmTimings { vmm_start: Some(started.elapsed()), ..VmTimings::default() };
+    let stream = accept(
+        &listener,
+        &mut vm,
+        spec,
+        started + deadlines.connect,
+        deadlines.connect,
+    )?;
+    let mut timings = VmTimings {
+        vmm_start: Some(started.elapsed()),
+        ..VmTimings::default()
+    };
     drop(listener);
     let _ = std::fs::remove_file(socket);
 
-    stream.set_nonblocking(false).map_err(io_err("channel socket".into()))?;
-    let writer = Arc::new(Mutex::new(stream.try_clone().map_err(io_err("channel socket".into()))?));
+    stream
+        .set_nonblocking(false)
+        .map_err(io_err("channel socket".into()))?;
+    let writer = Arc::new(Mutex::new(
+        stream
+            .try_clone()
+            .map_err(io_err("channel socket".into()))?,
+    ));
     let (events, inbox) = mpsc::channel();
     spawn_reader(stream, events.clone());
     spawn_control_forwarder(control, events.clone());
@@ -252,7 +287,12 @@ fn accept(
         match listener.accept() {
             Ok((stream, _)) => return Ok(stream),
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(source) => return Err(LaunchError::Io { context: "accepting the VMM's channel".into(), source }),
+            Err(source) => {
+                return Err(LaunchError::Io {
+                    context: "accepting the VMM's channel".into(),
+                    source,
+                })
+            }
         }
         if let Some(status) = vm.try_wait()? {
             return Err(exited(Phase::VmmStart, status, spec));
@@ -272,9 +312,16 @@ fn accept(
 fn exited(phase: Phase, status: std::process::ExitStatus, spec: &VmSpec) -> LaunchError {
     let console_tail = console_tail(&spec.console_log);
     if console_tail.contains("Kernel panic") {
-        LaunchError::GuestPanic { phase, console_tail }
+        LaunchError::GuestPanic {
+            phase,
+            console_tail,
+        }
     } else {
-        LaunchError::VmExited { phase, status: status.to_string(), console_tail }
+        LaunchError::VmExited {
+            phase,
+            status: status.to_string(),
+            console_tail,
+        }
     }
 }
 
@@ -327,15 +374,22 @@ impl BootTimes {
     }
 
     fn init(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(self.supervisor_started?.checked_sub(self.init_started?)?))
+        Some(Duration::from_nanos(
+            self.supervisor_started?.checked_sub(self.init_started?)?,
+        ))
     }
 
     fn supervisor(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(self.workload_started?.checked_sub(self.supervisor_started?)?))
+        Some(Duration::from_nanos(
+            self.workload_started?
+                .checked_sub(self.supervisor_started?)?,
+        ))
     }
 
     fn workload(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(self.workload_ended?.checked_sub(self.workload_started?)?))
+        Some(Duration::from_nanos(
+            self.workload_ended?.checked_sub(self.workload_started?)?,
+        ))
     }
 }
 
@@ -361,7 +415,9 @@ impl Driver<'_> {
     fn drive(&mut self, inbox: &Receiver<Event>) -> Result<WorkloadResult, LaunchError> {
         loop {
             let wait = match self.deadline {
-                Some(deadline) => deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)),
+                Some(deadline) => deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50)),
                 None => Duration::from_millis(50),
             };
             match inbox.recv_timeout(wait) {
@@ -373,7 +429,10 @@ impl Driver<'_> {
                 }
                 Ok(Event::ChannelError(source)) => {
                     self.vm.kill()?;
-                    return Err(LaunchError::Channel { phase: self.phase, source });
+                    return Err(LaunchError::Channel {
+                        phase: self.phase,
+                        source,
+                    });
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -395,11 +454,17 @@ impl Driver<'_> {
         self.vm.kill()?;
         if let Some(result) = self.result.take() {
             // The workload finished; only the power-off was slow.
-            tracing::warn!("the guest did not power off within {:?}; killed it", self.deadlines.shutdown);
+            tracing::warn!(
+                "the guest did not power off within {:?}; killed it",
+                self.deadlines.shutdown
+            );
             return Ok(result);
         }
         if let Some(signal) = self.stop_signal {
-            return Err(LaunchError::Interrupted { signal, grace: self.deadlines.stop_grace });
+            return Err(LaunchError::Interrupted {
+                signal,
+                grace: self.deadlines.stop_grace,
+            });
         }
         Err(LaunchError::Deadline {
             phase: self.phase,
@@ -428,11 +493,15 @@ impl Driver<'_> {
 
     fn send(&self, frame: &Frame) -> Result<(), LaunchError> {
         let mut writer = self.writer.lock().expect("channel writer lock");
-        write_frame(&mut *writer, frame).map_err(|source| LaunchError::Channel { phase: self.phase, source })
+        write_frame(&mut *writer, frame).map_err(|source| LaunchError::Channel {
+            phase: self.phase,
+            source,
+        })
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), LaunchError> {
-        let for_observer = frame.session > MAIN_SESSION || matches!(frame.message, Message::Phase(_));
+        let for_observer =
+            frame.session > MAIN_SESSION || matches!(frame.message, Message::Phase(_));
         if let Some(events) = self.guest_events.as_ref().filter(|_| for_observer) {
             let _ = events.send(frame.clone());
         }
@@ -442,7 +511,10 @@ impl Driver<'_> {
         match frame.message {
             Message::Hello(theirs) => {
                 let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
-                negotiate(&ours, &theirs).map_err(|source| LaunchError::Channel { phase: self.phase, source })?;
+                negotiate(&ours, &theirs).map_err(|source| LaunchError::Channel {
+                    phase: self.phase,
+                    source,
+                })?;
                 self.send(&Frame::new(CONTROL_SESSION, Message::Hello(ours)))?;
                 let run = self.run.take().expect("one hello per boot");
                 self.send(&Frame::new(MAIN_SESSION, Message::Run(run)))?;
@@ -461,15 +533,26 @@ impl Driver<'_> {
             }
             Message::BootError(error) => {
                 // Give init a moment to power off by itself, then make sure it is gone.
-                if self.vm.wait_until(Instant::now() + Duration::from_secs(5))?.is_none() {
+                if self
+                    .vm
+                    .wait_until(Instant::now() + Duration::from_secs(5))?
+                    .is_none()
+                {
                     self.vm.kill()?;
                 }
                 let console_tail = console_tail(&self.spec.console_log);
-                return Err(LaunchError::Boot { error, console_tail });
+                return Err(LaunchError::Boot {
+                    error,
+                    console_tail,
+                });
             }
             Message::Data { stream, bytes } if frame.session == MAIN_SESSION => {
                 let (out, err) = &mut self.io_out;
-                let sink: &mut dyn Write = if stream == Stream::Stderr { err.as_mut() } else { out.as_mut() };
+                let sink: &mut dyn Write = if stream == Stream::Stderr {
+                    err.as_mut()
+                } else {
+                    out.as_mut()
+                };
                 // A closed host stdout (e.g. `| head`) must not abort the run.
                 let _ = sink.write_all(&bytes).and_then(|_| sink.flush());
             }
@@ -479,7 +562,10 @@ impl Driver<'_> {
                 self.result = Some(result);
                 self.enter(Phase::Shutdown, Some(self.deadlines.shutdown));
             }
-            other => tracing::debug!(session = frame.session, "ignoring unexpected frame {other:?}"),
+            other => tracing::debug!(
+                session = frame.session,
+                "ignoring unexpected frame {other:?}"
+            ),
         }
         Ok(())
     }
@@ -487,8 +573,13 @@ impl Driver<'_> {
     fn on_control(&mut self, request: Control) -> Result<(), LaunchError> {
         match (request, self.phase) {
             (Control::Signal(signal), Phase::Workload | Phase::Boot) if self.run.is_none() => {
-                self.send(&Frame::new(MAIN_SESSION, Message::Signal(SignalRequest { signal })))?;
-                if self.stop_signal.is_none() && matches!(signal, libc_signals::SIGINT | libc_signals::SIGTERM) {
+                self.send(&Frame::new(
+                    MAIN_SESSION,
+                    Message::Signal(SignalRequest { signal }),
+                ))?;
+                if self.stop_signal.is_none()
+                    && matches!(signal, libc_signals::SIGINT | libc_signals::SIGTERM)
+                {
                     self.stop_signal = Some(signal);
                     let grace = Instant::now() + self.deadlines.stop_grace;
                     self.deadline = Some(self.deadline.map_or(grace, |d| d.min(grace)));
@@ -497,21 +588,30 @@ impl Driver<'_> {
             (Control::Signal(signal), Phase::VmmStart | Phase::Boot) => {
                 // The run spec is not even sent: nothing to stop gracefully.
                 self.vm.kill()?;
-                return Err(LaunchError::Interrupted { signal, grace: Duration::ZERO });
+                return Err(LaunchError::Interrupted {
+                    signal,
+                    grace: Duration::ZERO,
+                });
             }
             (Control::Resize(size), Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 self.send(&Frame::new(MAIN_SESSION, Message::Resize(size)))?;
             }
             (Control::Shutdown { grace }, Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-                self.send(&Frame::new(CONTROL_SESSION, Message::Shutdown(ShutdownRequest { grace_ms })))?;
+                self.send(&Frame::new(
+                    CONTROL_SESSION,
+                    Message::Shutdown(ShutdownRequest { grace_ms }),
+                ))?;
                 self.stop_signal.get_or_insert(libc_signals::SIGTERM);
                 let end = Instant::now() + grace + self.deadlines.shutdown;
                 self.deadline = Some(self.deadline.map_or(end, |d| d.min(end)));
             }
             (Control::Shutdown { .. }, Phase::VmmStart | Phase::Boot) => {
                 self.vm.kill()?;
-                return Err(LaunchError::Interrupted { signal: libc_signals::SIGTERM, grace: Duration::ZERO });
+                return Err(LaunchError::Interrupted {
+                    signal: libc_signals::SIGTERM,
+                    grace: Duration::ZERO,
+                });
             }
             (Control::Guest(frame), Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 self.send(&frame)?;
@@ -526,7 +626,8 @@ impl Driver<'_> {
         let writer = Arc::clone(&self.writer);
         let stdin = self.stdin.take();
         std::thread::spawn(move || {
-            let send = |frame: &Frame| write_frame(&mut *writer.lock().expect("writer lock"), frame);
+            let send =
+                |frame: &Frame| write_frame(&mut *writer.lock().expect("writer lock"), frame);
             if let Some(mut input) = stdin {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
@@ -534,7 +635,9 @@ impl Driver<'_> {
                         Ok(0) => break,
                         Ok(n) => {
                             let mut guard = writer.lock().expect("writer lock");
-                            if write_stream(&mut *guard, MAIN_SESSION, Stream::Stdin, &buf[..n]).is_err() {
+                            if write_stream(&mut *guard, MAIN_SESSION, Stream::Stdin, &buf[..n])
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -543,7 +646,12 @@ impl Driver<'_> {
                     }
                 }
             }
-            let _ = send(&Frame::new(MAIN_SESSION, Message::Eof { stream: Stream::Stdin }));
+            let _ = send(&Frame::new(
+                MAIN_SESSION,
+                Message::Eof {
+                    stream: Stream::Stdin,
+                },
+            ));
         });
     }
 }
@@ -565,7 +673,10 @@ mod tests {
         let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&path, text).unwrap();
         let tail = console_tail(&path);
-        assert!(tail.starts_with("line 75") && tail.ends_with("line 99"), "{tail}");
+        assert!(
+            tail.starts_with("line 75") && tail.ends_with("line 99"),
+            "{tail}"
+        );
         assert_eq!(console_tail(&dir.path().join("missing")), "");
     }
 
@@ -590,6 +701,9 @@ mod tests {
             console_tail: "Run /init as init process".into(),
         };
         let text = err.to_string();
-        assert!(text.contains("guest boot") && text.contains("90.0 s") && text.contains("/init"), "{text}");
+        assert!(
+            text.contains("guest boot") && text.contains("90.0 s") && text.contains("/init"),
+            "{text}"
+        );
     }
 }

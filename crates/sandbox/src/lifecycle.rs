@@ -27,7 +27,8 @@ use crate::run::{main_run_spec, sandbox_record, RunError, Upper};
 use crate::spec::Overrides;
 pub use crate::state::{NetworkRecord, SandboxRecord, Status};
 use crate::state::{
-    SandboxDir, StateError, StateRecord, MONITOR_LOG, RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
+    SandboxDir, StateError, StateRecord, MONITOR_LOG, RECORD_FILE, STATE_FILE, STDERR_LOG,
+    STDOUT_LOG,
 };
 
 /// Everything a sandbox is created from.
@@ -78,14 +79,25 @@ pub struct SandboxInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ProvisionEvent {
-    ResolvingImage { reference: String },
+    ResolvingImage {
+        reference: String,
+    },
     /// Layer `index` (from 1) of `count`: `downloaded` of `size` bytes.
-    PullingLayer { index: usize, count: usize, digest: String, downloaded: u64, size: u64 },
+    PullingLayer {
+        index: usize,
+        count: usize,
+        digest: String,
+        downloaded: u64,
+        size: u64,
+    },
     BuildingRootImage,
     BuildingIdentityLayer,
     Booting,
     Running,
-    Exited { result: WorkloadResult, exit_code: i32 },
+    Exited {
+        result: WorkloadResult,
+        exit_code: i32,
+    },
 }
 
 /// Why a lifecycle operation failed.
@@ -110,7 +122,11 @@ pub enum LifecycleError {
     StartFailed { id: String, message: String },
 
     #[error("sandbox {id}: the image it was created from ({digest}) is no longer in the store ({reason}); pull that digest again or remove the sandbox")]
-    ImageGone { id: String, digest: String, reason: String },
+    ImageGone {
+        id: String,
+        digest: String,
+        reason: String,
+    },
 
     #[error("sandbox {id}: monitor: {message}")]
     Monitor { id: String, message: String },
@@ -147,10 +163,19 @@ pub fn create(
     if let Some(name) = &request.name {
         crate::options::validate_name(name).map_err(LifecycleError::BadId)?;
     }
-    events(ProvisionEvent::ResolvingImage { reference: request.reference.canonical() });
+    events(ProvisionEvent::ResolvingImage {
+        reference: request.reference.canonical(),
+    });
     let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
     let image = pull_reporting(&store, &request, events)?;
-    let prepared = build_reporting(root, &store, image, request.sandbox_uid, request.sandbox_gid, events)?;
+    let prepared = build_reporting(
+        root,
+        &store,
+        image,
+        request.sandbox_uid,
+        request.sandbox_gid,
+        events,
+    )?;
     let run_spec = main_run_spec(&request, &prepared, None).map_err(RunError::from)?;
 
     let sandbox = SandboxDir::create(root, request.name.as_deref())?;
@@ -209,9 +234,15 @@ impl LayerCounter {
                 self.count = *layers;
                 return None;
             }
-            PullEvent::LayerCached { digest, size } | PullEvent::LayerDone { digest, size } => (digest, *size, *size),
+            PullEvent::LayerCached { digest, size } | PullEvent::LayerDone { digest, size } => {
+                (digest, *size, *size)
+            }
             PullEvent::LayerStarted { digest, size } => (digest, 0, *size),
-            PullEvent::LayerProgress { digest, downloaded, size } => (digest, *downloaded, *size),
+            PullEvent::LayerProgress {
+                digest,
+                downloaded,
+                size,
+            } => (digest, *downloaded, *size),
             _ => return None,
         };
         let digest = digest.to_string();
@@ -222,7 +253,13 @@ impl LayerCounter {
                 self.seen.len()
             }
         };
-        Some(ProvisionEvent::PullingLayer { index, count: self.count.max(index), digest, downloaded, size })
+        Some(ProvisionEvent::PullingLayer {
+            index,
+            count: self.count.max(index),
+            digest,
+            downloaded,
+            size,
+        })
     }
 }
 
@@ -251,12 +288,21 @@ pub(crate) fn pinned_images(
     events: &dyn Fn(ProvisionEvent),
 ) -> Result<PreparedImages, LifecycleError> {
     let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
-    let image = store.load(record.image.clone()).map_err(|source| LifecycleError::ImageGone {
-        id: record.id.clone(),
-        digest: record.image.manifest_digest.to_string(),
-        reason: source.to_string(),
-    })?;
-    build_reporting(root, &store, image, record.sandbox_uid, record.sandbox_gid, events)
+    let image = store
+        .load(record.image.clone())
+        .map_err(|source| LifecycleError::ImageGone {
+            id: record.id.clone(),
+            digest: record.image.manifest_digest.to_string(),
+            reason: source.to_string(),
+        })?;
+    build_reporting(
+        root,
+        &store,
+        image,
+        record.sandbox_uid,
+        record.sandbox_gid,
+        events,
+    )
 }
 
 /// Boots sandbox `id_or_name` under a new monitor process (`monitor_exe monitor`, the
@@ -267,7 +313,10 @@ pub fn start(
     monitor_exe: &Path,
     events: &dyn Fn(ProvisionEvent),
 ) -> Result<SandboxInfo, LifecycleError> {
-    let root = std::path::absolute(root).map_err(|e| StateError::Io { path: root.to_path_buf(), source: e })?;
+    let root = std::path::absolute(root).map_err(|e| StateError::Io {
+        path: root.to_path_buf(),
+        source: e,
+    })?;
     let sandbox = SandboxDir::open(&root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     if crate::monitor::is_alive(&sandbox) {
@@ -284,8 +333,14 @@ pub fn start(
         .create(true)
         .append(true)
         .open(sandbox.file(MONITOR_LOG))
-        .map_err(|e| StateError::Io { path: sandbox.file(MONITOR_LOG), source: e })?;
-    let log_err = log.try_clone().map_err(|e| StateError::Io { path: sandbox.file(MONITOR_LOG), source: e })?;
+        .map_err(|e| StateError::Io {
+            path: sandbox.file(MONITOR_LOG),
+            source: e,
+        })?;
+    let log_err = log.try_clone().map_err(|e| StateError::Io {
+        path: sandbox.file(MONITOR_LOG),
+        source: e,
+    })?;
     // The monitor daemonizes: this child exits as soon as the daemon holds the lock.
     let status = Command::new(monitor_exe)
         .arg("--root")
@@ -299,7 +354,13 @@ pub fn start(
         .status()
         .map_err(|e| monitor_err(&sandbox, format!("starting {}: {e}", monitor_exe.display())))?;
     if !status.success() {
-        return Err(monitor_err(&sandbox, format!("exited ({status}): {}", console_tail(&sandbox.file(MONITOR_LOG)))));
+        return Err(monitor_err(
+            &sandbox,
+            format!(
+                "exited ({status}): {}",
+                console_tail(&sandbox.file(MONITOR_LOG))
+            ),
+        ));
     }
 
     let deadline = Instant::now() + START_WAIT;
@@ -309,12 +370,18 @@ pub fn start(
             Status::Running | Status::Exited { .. } => {
                 events(ProvisionEvent::Running);
                 if let Status::Exited { result, exit_code } = &state.status {
-                    events(ProvisionEvent::Exited { result: result.clone(), exit_code: *exit_code });
+                    events(ProvisionEvent::Exited {
+                        result: result.clone(),
+                        exit_code: *exit_code,
+                    });
                 }
                 return info(&sandbox, record, state);
             }
             Status::Failed { message } => {
-                return Err(LifecycleError::StartFailed { id: sandbox.id().to_owned(), message: message.clone() })
+                return Err(LifecycleError::StartFailed {
+                    id: sandbox.id().to_owned(),
+                    message: message.clone(),
+                })
             }
             Status::Created if !crate::monitor::is_alive(&sandbox) => {
                 // The monitor writes a final state before it lets go of its lock; read once more.
@@ -323,10 +390,16 @@ pub fn start(
                     continue;
                 }
                 let log = console_tail(&sandbox.file(MONITOR_LOG));
-                return Err(monitor_err(&sandbox, format!("ended before the workload started: {log}")));
+                return Err(monitor_err(
+                    &sandbox,
+                    format!("ended before the workload started: {log}"),
+                ));
             }
             Status::Created if Instant::now() >= deadline => {
-                return Err(monitor_err(&sandbox, format!("no workload after {} s", START_WAIT.as_secs())));
+                return Err(monitor_err(
+                    &sandbox,
+                    format!("no workload after {} s", START_WAIT.as_secs()),
+                ));
             }
             Status::Created => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -334,7 +407,10 @@ pub fn start(
 }
 
 fn monitor_err(sandbox: &SandboxDir, message: String) -> LifecycleError {
-    LifecycleError::Monitor { id: sandbox.id().to_owned(), message }
+    LifecycleError::Monitor {
+        id: sandbox.id().to_owned(),
+        message,
+    }
 }
 
 /// Stops a running sandbox: its workloads get SIGTERM, then SIGKILL after `grace`, the
@@ -399,15 +475,23 @@ pub fn prune_images(root: &Path) -> Result<kiln_image::PruneReport, LifecycleErr
     let mut pinned = Vec::new();
     for id in SandboxDir::list(root)? {
         // A sandbox being created or removed right now has no record to pin yet.
-        if let Ok(record) = SandboxDir::open(root, &id).and_then(|dir| dir.read_json::<SandboxRecord>(RECORD_FILE)) {
+        if let Ok(record) =
+            SandboxDir::open(root, &id).and_then(|dir| dir.read_json::<SandboxRecord>(RECORD_FILE))
+        {
             pinned.push(record.image);
         }
     }
-    Ok(store.prune(&pinned).map_err(|e| RunError::Prepare(e.into()))?)
+    Ok(store
+        .prune(&pinned)
+        .map_err(|e| RunError::Prepare(e.into()))?)
 }
 
 /// Starts `request` in the running sandbox `id_or_name`, as the sandbox's identity.
-pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecSession, LifecycleError> {
+pub fn exec(
+    root: &Path,
+    id_or_name: &str,
+    request: ExecRequest,
+) -> Result<ExecSession, LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     if !crate::monitor::is_alive(&sandbox) {
@@ -449,12 +533,18 @@ pub fn logs(
 }
 
 /// The info of a sandbox; a `running` state whose monitor is gone reads as failed.
-fn info(sandbox: &SandboxDir, record: SandboxRecord, mut state: StateRecord) -> Result<SandboxInfo, LifecycleError> {
+fn info(
+    sandbox: &SandboxDir,
+    record: SandboxRecord,
+    mut state: StateRecord,
+) -> Result<SandboxInfo, LifecycleError> {
     if state.status == Status::Running && !crate::monitor::is_alive(sandbox) {
         // The monitor writes its final state before it lets go of its lock.
         state = sandbox.read_json(STATE_FILE)?;
         if state.status == Status::Running {
-            state.status = Status::Failed { message: "the sandbox's monitor process died".into() };
+            state.status = Status::Failed {
+                message: "the sandbox's monitor process died".into(),
+            };
             state.monitor_pid = None;
         }
     }
@@ -481,7 +571,9 @@ mod tests {
     use super::*;
 
     fn digest(hex: char) -> kiln_image::Digest {
-        format!("sha256:{}", hex.to_string().repeat(64)).parse().unwrap()
+        format!("sha256:{}", hex.to_string().repeat(64))
+            .parse()
+            .unwrap()
     }
 
     #[test]
@@ -496,27 +588,50 @@ mod tests {
         assert_eq!(counter.event(&resolved), None);
         let (a, b) = (digest('a'), digest('b'));
         let events = [
-            PullEvent::LayerStarted { digest: b.clone(), size: 10 },
-            PullEvent::LayerCached { digest: a.clone(), size: 5 },
-            PullEvent::LayerProgress { digest: b.clone(), downloaded: 4, size: 10 },
+            PullEvent::LayerStarted {
+                digest: b.clone(),
+                size: 10,
+            },
+            PullEvent::LayerCached {
+                digest: a.clone(),
+                size: 5,
+            },
+            PullEvent::LayerProgress {
+                digest: b.clone(),
+                downloaded: 4,
+                size: 10,
+            },
         ];
         let got: Vec<_> = events.iter().filter_map(|e| counter.event(e)).collect();
-        let layer = |index, digest: &kiln_image::Digest, downloaded, size| ProvisionEvent::PullingLayer {
-            index,
-            count: 2,
-            digest: digest.to_string(),
-            downloaded,
-            size,
-        };
-        assert_eq!(got, vec![layer(1, &b, 0, 10), layer(2, &a, 5, 5), layer(1, &b, 4, 10)]);
+        let layer =
+            |index, digest: &kiln_image::Digest, downloaded, size| ProvisionEvent::PullingLayer {
+                index,
+                count: 2,
+                digest: digest.to_string(),
+                downloaded,
+                size,
+            };
+        assert_eq!(
+            got,
+            vec![layer(1, &b, 0, 10), layer(2, &a, 5, 5), layer(1, &b, 4, 10)]
+        );
     }
 
     #[test]
     fn unknown_and_bad_ids_are_typed_errors() {
         let root = tempfile::tempdir().unwrap();
-        assert!(matches!(get(root.path(), "nope"), Err(LifecycleError::NotFound(_))));
-        assert!(matches!(get(root.path(), "a/b"), Err(LifecycleError::BadId(_))));
-        assert!(matches!(remove(root.path(), "nope", true), Err(LifecycleError::NotFound(_))));
+        assert!(matches!(
+            get(root.path(), "nope"),
+            Err(LifecycleError::NotFound(_))
+        ));
+        assert!(matches!(
+            get(root.path(), "a/b"),
+            Err(LifecycleError::BadId(_))
+        ));
+        assert!(matches!(
+            remove(root.path(), "nope", true),
+            Err(LifecycleError::NotFound(_))
+        ));
         assert!(list(root.path()).unwrap().is_empty());
     }
 }

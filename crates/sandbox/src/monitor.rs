@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use kiln_protocol::{
-    read_frame, write_frame, BootPhase, Frame, Hello, Message, SessionId, SignalRequest, StartFailure,
-    WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
+    read_frame, write_frame, BootPhase, Frame, Hello, Message, SessionId, SignalRequest,
+    StartFailure, WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_vm::accel::AccelRequest;
 use kiln_vm::GuestImages;
@@ -30,8 +30,8 @@ use crate::launch::{Control, HostIo};
 use crate::lifecycle::{pinned_images, LifecycleError};
 use crate::run::{boot, end_status, Host, RunError, Upper};
 use crate::state::{
-    now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_LOCK, MONITOR_SOCKET, RECORD_FILE,
-    STATE_FILE, STDERR_LOG, STDOUT_LOG,
+    now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_LOCK,
+    MONITOR_SOCKET, RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
 
 /// The longest path `sockaddr_un` holds, with its terminating NUL.
@@ -45,7 +45,8 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
     let sandbox = SandboxDir::open(root, id)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
-    let lock = take_lock(&sandbox)?.ok_or_else(|| LifecycleError::Running(sandbox.id().to_owned()))?;
+    let lock =
+        take_lock(&sandbox)?.ok_or_else(|| LifecycleError::Running(sandbox.id().to_owned()))?;
     // SAFETY: the CLI calls this before it starts any thread, so the child is a complete
     // copy of a single-threaded process.
     match unsafe { libc::fork() } {
@@ -57,14 +58,19 @@ pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
     // SAFETY: setsid has no preconditions; a fresh child is never a group leader.
     unsafe { libc::setsid() };
     let pid = std::process::id();
-    let booting = StateRecord { monitor_pid: Some(pid), ..StateRecord::created() };
+    let booting = StateRecord {
+        monitor_pid: Some(pid),
+        ..StateRecord::created()
+    };
     sandbox.write_json(STATE_FILE, &booting)?;
     let outcome = serve(root, &sandbox, &record);
     let _ = std::fs::remove_file(sandbox.file(MONITOR_SOCKET));
     if let Err(err) = &outcome {
         tracing::error!("{err}");
         let failed = StateRecord {
-            status: Status::Failed { message: err.to_string() },
+            status: Status::Failed {
+                message: err.to_string(),
+            },
             monitor_pid: None,
             started_unix: None,
             ended_unix: Some(now_unix()),
@@ -77,7 +83,9 @@ pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
 
 /// Whether a monitor holds the sandbox's lock.
 pub fn is_alive(sandbox: &SandboxDir) -> bool {
-    let Ok(file) = File::open(sandbox.file(MONITOR_LOCK)) else { return false };
+    let Ok(file) = File::open(sandbox.file(MONITOR_LOCK)) else {
+        return false;
+    };
     // SAFETY: flock on a descriptor we own.
     let held = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0;
     held && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
@@ -114,7 +122,10 @@ pub(crate) fn take_lock(sandbox: &SandboxDir) -> Result<Option<File>, StateError
         .write(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|source| StateError::Io { path: path.clone(), source })?;
+        .map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let err = std::io::Error::last_os_error();
@@ -127,13 +138,19 @@ pub(crate) fn take_lock(sandbox: &SandboxDir) -> Result<Option<File>, StateError
 }
 
 fn io_error(sandbox: &SandboxDir, context: &str, source: std::io::Error) -> LifecycleError {
-    RunError::Io { context: format!("sandbox {}: {context}", sandbox.id()), source }.into()
+    RunError::Io {
+        context: format!("sandbox {}: {context}", sandbox.id()),
+        source,
+    }
+    .into()
 }
 
 /// The path to bind or connect to for the monitor socket, and the directory handle that
 /// must stay open while it is used: a long state path is reached through
 /// `/proc/self/fd/N/`, because a socket path must fit in `sockaddr_un`.
-pub(crate) fn socket_address(sandbox: &SandboxDir) -> Result<(PathBuf, Option<File>), LifecycleError> {
+pub(crate) fn socket_address(
+    sandbox: &SandboxDir,
+) -> Result<(PathBuf, Option<File>), LifecycleError> {
     let path = sandbox.file(MONITOR_SOCKET);
     if path.as_os_str().len() <= SUN_PATH_MAX {
         return Ok((path, None));
@@ -143,7 +160,10 @@ pub(crate) fn socket_address(sandbox: &SandboxDir) -> Result<(PathBuf, Option<Fi
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
         .open(sandbox.path())
         .map_err(|e| io_error(sandbox, "opening the state directory", e))?;
-    let short = PathBuf::from(format!("/proc/self/fd/{}/{MONITOR_SOCKET}", dir.as_raw_fd()));
+    let short = PathBuf::from(format!(
+        "/proc/self/fd/{}/{MONITOR_SOCKET}",
+        dir.as_raw_fd()
+    ));
     Ok((short, Some(dir)))
 }
 
@@ -152,7 +172,8 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
     // Listening first: a live monitor without its socket is a foreground `kiln run`.
     let (address, _dir) = socket_address(sandbox)?;
     let _ = std::fs::remove_file(&address);
-    let listener = UnixListener::bind(&address).map_err(|e| io_error(sandbox, "listening on monitor.sock", e))?;
+    let listener = UnixListener::bind(&address)
+        .map_err(|e| io_error(sandbox, "listening on monitor.sock", e))?;
     std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| io_error(sandbox, "monitor.sock permissions", e))?;
 
@@ -160,14 +181,21 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
     let guest = GuestImages::locate(root);
     guest.check().map_err(RunError::from)?;
     let accel: AccelRequest = record.accel.parse().unwrap_or_default();
-    let host = Host::new(root, guest, accel, &record.qemu, &|line| tracing::info!("{line}"))?;
+    let host = Host::new(root, guest, accel, &record.qemu, &|line| {
+        tracing::info!("{line}")
+    })?;
     let log = |name: &str| {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(sandbox.file(name))
-            .map_err(|source| LifecycleError::from(StateError::Io { path: sandbox.file(name), source }))
+            .map_err(|source| {
+                LifecycleError::from(StateError::Io {
+                    path: sandbox.file(name),
+                    source,
+                })
+            })
     };
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
 
@@ -194,7 +222,9 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
             guest_events: Some(guest_tx),
         };
         let upper = Upper::Disk(kiln_vm::disk::upper_disk_path(sandbox.path()));
-        let outcome = boot(sandbox, record, &prepared, &host, upper, None, io, control_rx);
+        let outcome = boot(
+            sandbox, record, &prepared, &host, upper, None, io, control_rx,
+        );
         let _ = forwarder.join();
         let _ = router_tx.send(RouterEvent::Finished(end_status(&outcome)));
         router.join().expect("the router does not panic")
@@ -239,7 +269,12 @@ fn stop_on_termination(control: Sender<Control>) -> std::io::Result<()> {
         // SAFETY: reading into a buffer we own from the pipe's read end, which we own.
         while unsafe { libc::read(fds[0], byte.as_mut_ptr().cast(), 1) } == 1 {
             tracing::warn!("terminated: stopping the sandbox");
-            if control.send(Control::Shutdown { grace: TERMINATION_GRACE }).is_err() {
+            if control
+                .send(Control::Shutdown {
+                    grace: TERMINATION_GRACE,
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -260,7 +295,9 @@ fn spawn_acceptor(listener: UnixListener, events: Sender<RouterEvent>) {
     std::thread::spawn(move || {
         for (client, stream) in (0u64..).zip(listener.incoming()) {
             let Ok(stream) = stream else { continue };
-            let Ok(mut reader) = stream.try_clone() else { continue };
+            let Ok(mut reader) = stream.try_clone() else {
+                continue;
+            };
             if events.send(RouterEvent::Connected(client, stream)).is_err() {
                 return;
             }
@@ -316,8 +353,19 @@ impl<'a> Router<'a> {
                     // A client that stops reading must not hold up everyone else.
                     let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
                     let hello = Hello::ours(format!("kiln-monitor {}", env!("CARGO_PKG_VERSION")));
-                    if write_frame(&mut stream, &Frame::new(CONTROL_SESSION, Message::Hello(hello))).is_ok() {
-                        self.clients.insert(id, Client { stream, sessions: HashMap::new() });
+                    if write_frame(
+                        &mut stream,
+                        &Frame::new(CONTROL_SESSION, Message::Hello(hello)),
+                    )
+                    .is_ok()
+                    {
+                        self.clients.insert(
+                            id,
+                            Client {
+                                stream,
+                                sessions: HashMap::new(),
+                            },
+                        );
                     }
                 }
                 RouterEvent::FromClient(id, frame) => self.on_client(id, frame),
@@ -342,7 +390,9 @@ impl<'a> Router<'a> {
     }
 
     fn on_client(&mut self, id: u64, frame: Frame) {
-        let Some(client) = self.clients.get_mut(&id) else { return };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
         match (frame.session, frame.message) {
             (CONTROL_SESSION, Message::Shutdown(request)) => {
                 let grace = std::time::Duration::from_millis(request.grace_ms);
@@ -351,26 +401,44 @@ impl<'a> Router<'a> {
             (CONTROL_SESSION, _) => {}
             (session, Message::Run(spec)) if session > MAIN_SESSION => {
                 let refusal = if client.sessions.contains_key(&session) {
-                    Some(format!("session {session} is already in use on this connection"))
+                    Some(format!(
+                        "session {session} is already in use on this connection"
+                    ))
                 } else if !self.running {
                     Some("the sandbox's workload is not running".to_owned())
                 } else {
                     None
                 };
                 if let Some(message) = refusal {
-                    let result = WorkloadResult::StartFailed { reason: StartFailure::Other, message };
-                    let _ = write_frame(&mut client.stream, &Frame::new(session, Message::Result(result)));
+                    let result = WorkloadResult::StartFailed {
+                        reason: StartFailure::Other,
+                        message,
+                    };
+                    let _ = write_frame(
+                        &mut client.stream,
+                        &Frame::new(session, Message::Result(result)),
+                    );
                     return;
                 }
                 let guest = self.next_session;
                 self.next_session += 1;
                 client.sessions.insert(session, guest);
                 self.routes.insert(guest, (id, session));
-                let _ = self.control.send(Control::Guest(Frame::new(guest, Message::Run(spec))));
+                let _ = self
+                    .control
+                    .send(Control::Guest(Frame::new(guest, Message::Run(spec))));
             }
-            (session, message @ (Message::Data { .. } | Message::Eof { .. } | Message::Signal(_) | Message::Resize(_))) => {
+            (
+                session,
+                message @ (Message::Data { .. }
+                | Message::Eof { .. }
+                | Message::Signal(_)
+                | Message::Resize(_)),
+            ) => {
                 if let Some(&guest) = client.sessions.get(&session) {
-                    let _ = self.control.send(Control::Guest(Frame::new(guest, message)));
+                    let _ = self
+                        .control
+                        .send(Control::Guest(Frame::new(guest, message)));
                 }
             }
             (session, other) => tracing::debug!(session, "ignoring a client's {other:?}"),
@@ -395,9 +463,17 @@ impl<'a> Router<'a> {
             }
             (guest, _) if guest > MAIN_SESSION => {
                 let last = matches!(frame.message, Message::Result(_));
-                let route = if last { self.routes.remove(&guest) } else { self.routes.get(&guest).copied() };
-                let Some((id, session)) = route else { return Ok(()) };
-                let Some(client) = self.clients.get_mut(&id) else { return Ok(()) };
+                let route = if last {
+                    self.routes.remove(&guest)
+                } else {
+                    self.routes.get(&guest).copied()
+                };
+                let Some((id, session)) = route else {
+                    return Ok(());
+                };
+                let Some(client) = self.clients.get_mut(&id) else {
+                    return Ok(());
+                };
                 if last {
                     client.sessions.remove(&session);
                 }
@@ -416,7 +492,9 @@ impl<'a> Router<'a> {
         if let Some(client) = self.clients.remove(&id) {
             let _ = client.stream.shutdown(std::net::Shutdown::Both);
             for guest in client.sessions.into_values() {
-                let kill = Message::Signal(SignalRequest { signal: libc::SIGKILL });
+                let kill = Message::Signal(SignalRequest {
+                    signal: libc::SIGKILL,
+                });
                 let _ = self.control.send(Control::Guest(Frame::new(guest, kill)));
             }
         }
@@ -434,9 +512,16 @@ mod tests {
         let sandbox = SandboxDir::create(&root, None).unwrap();
         assert!(sandbox.file(MONITOR_SOCKET).as_os_str().len() > SUN_PATH_MAX);
         let (address, dir) = socket_address(&sandbox).unwrap();
-        assert!(dir.is_some() && address.starts_with("/proc/self/fd"), "{}", address.display());
+        assert!(
+            dir.is_some() && address.starts_with("/proc/self/fd"),
+            "{}",
+            address.display()
+        );
         let _listener = UnixListener::bind(&address).unwrap();
-        assert!(sandbox.file(MONITOR_SOCKET).exists(), "the socket is in the state directory");
+        assert!(
+            sandbox.file(MONITOR_SOCKET).exists(),
+            "the socket is in the state directory"
+        );
         let (again, _dir) = socket_address(&sandbox).unwrap();
         UnixStream::connect(again).unwrap();
     }
@@ -448,7 +533,10 @@ mod tests {
         assert!(!is_alive(&sandbox));
         let lock = take_lock(&sandbox).unwrap().expect("a free lock");
         assert!(is_alive(&sandbox));
-        assert!(take_lock(&sandbox).unwrap().is_none(), "a second monitor is refused");
+        assert!(
+            take_lock(&sandbox).unwrap().is_none(),
+            "a second monitor is refused"
+        );
         drop(lock);
         assert!(!is_alive(&sandbox));
     }
@@ -465,7 +553,10 @@ mod tests {
             let early = rx.recv_timeout(std::time::Duration::from_millis(200));
             assert!(early.is_err(), "the wait ended while the lock was held");
             drop(lock);
-            assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(10)), Ok(true));
+            assert_eq!(
+                rx.recv_timeout(std::time::Duration::from_secs(10)),
+                Ok(true)
+            );
         });
     }
 }

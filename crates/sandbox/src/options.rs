@@ -12,7 +12,11 @@ pub enum OptionError {
     EnvAssignment(String),
 
     #[error("{file}, line {line}: {reason}")]
-    EnvFile { file: String, line: usize, reason: String },
+    EnvFile {
+        file: String,
+        line: usize,
+        reason: String,
+    },
 
     #[error("invalid port forward {0:?}: expected HOSTPORT:GUESTPORT with both ports in 1-65535")]
     PortForward(String),
@@ -21,7 +25,11 @@ pub enum OptionError {
     Name(String),
 
     #[error("invalid {what} {value:?}: expected {accepted}")]
-    Value { what: &'static str, value: String, accepted: &'static str },
+    Value {
+        what: &'static str,
+        value: String,
+        accepted: &'static str,
+    },
 
     #[error("invalid volume {value:?}: {reason}; expected HOSTDIR:GUESTDIR[:ro] with HOSTDIR an existing directory and GUESTDIR an absolute path")]
     Volume { value: String, reason: String },
@@ -48,36 +56,59 @@ const RESERVED_GUEST_PATHS: [&str; 3] = ["/proc", "/sys", "/dev"];
 /// under /proc, /sys, /dev, and may not hold whitespace, commas, quotes or control
 /// characters (it travels on the kernel command line).
 pub fn parse_volume(text: &str) -> Result<Volume, OptionError> {
-    let bad = |reason: String| OptionError::Volume { value: text.to_owned(), reason };
+    let bad = |reason: String| OptionError::Volume {
+        value: text.to_owned(),
+        reason,
+    };
     let mut fields: Vec<&str> = text.split(':').collect();
     let read_only = match fields.as_slice() {
         [_, _] => false,
         [_, _, "ro"] => true,
         [_, _, "rw"] => false,
         [_, _, mode] => return Err(bad(format!("unknown mode {mode:?} (accepted: ro, rw)"))),
-        _ => return Err(bad("expected two or three fields separated by ':' (HOSTDIR may not hold ':')".into())),
+        _ => {
+            return Err(bad(
+                "expected two or three fields separated by ':' (HOSTDIR may not hold ':')".into(),
+            ))
+        }
     };
     fields.truncate(2);
     let (host, guest) = (fields[0], fields[1]);
     if host.is_empty() {
         return Err(bad("the host directory is empty".into()));
     }
-    let host = std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
+    let host =
+        std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
     if !host.is_dir() {
-        return Err(bad(format!("host path {} is not a directory", host.display())));
+        return Err(bad(format!(
+            "host path {} is not a directory",
+            host.display()
+        )));
     }
     if host.to_str().is_none() {
-        return Err(bad(format!("host path {} is not valid UTF-8", host.display())));
+        return Err(bad(format!(
+            "host path {} is not valid UTF-8",
+            host.display()
+        )));
     }
-    Ok(Volume { host, guest: normalise_guest_path(guest).map_err(bad)?, read_only })
+    Ok(Volume {
+        host,
+        guest: normalise_guest_path(guest).map_err(bad)?,
+        read_only,
+    })
 }
 
 fn normalise_guest_path(guest: &str) -> Result<String, String> {
     if !guest.starts_with('/') {
         return Err(format!("guest path {guest:?} is not absolute"));
     }
-    if guest.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '"')) {
-        return Err(format!("guest path {guest:?} holds whitespace, a comma, a quote or a control character"));
+    if guest
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '"'))
+    {
+        return Err(format!(
+            "guest path {guest:?} holds whitespace, a comma, a quote or a control character"
+        ));
     }
     let mut normal = String::new();
     for component in guest.split('/').filter(|c| !c.is_empty() && *c != ".") {
@@ -90,7 +121,10 @@ fn normalise_guest_path(guest: &str) -> Result<String, String> {
     if normal.is_empty() {
         return Err("the guest path is the sandbox's root".into());
     }
-    if RESERVED_GUEST_PATHS.iter().any(|reserved| Path::new(&normal).starts_with(reserved)) {
+    if RESERVED_GUEST_PATHS
+        .iter()
+        .any(|reserved| Path::new(&normal).starts_with(reserved))
+    {
         return Err(format!("guest path {normal} is under /proc, /sys or /dev"));
     }
     Ok(normal)
@@ -139,7 +173,10 @@ pub fn parse_env_file(
 ) -> Result<Vec<(String, String)>, OptionError> {
     let text = std::str::from_utf8(contents).map_err(|err| OptionError::EnvFile {
         file: name.to_owned(),
-        line: 1 + contents[..err.valid_up_to()].iter().filter(|&&b| b == b'\n').count(),
+        line: 1 + contents[..err.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
         reason: "not valid UTF-8".into(),
     })?;
     let mut vars = Vec::new();
@@ -168,14 +205,19 @@ pub fn parse_port_forward(text: &str) -> Result<kiln_vm::PortForward, OptionErro
         }
         p.parse::<u16>().ok().filter(|&n| n != 0)
     };
-    Ok(kiln_vm::PortForward { host: port(host).ok_or_else(bad)?, guest: port(guest).ok_or_else(bad)? })
+    Ok(kiln_vm::PortForward {
+        host: port(host).ok_or_else(bad)?,
+        guest: port(guest).ok_or_else(bad)?,
+    })
 }
 
 /// Sandbox ids and names: `[A-Za-z0-9._-]{1,128}`, and never `.` or `..`, which would
 /// name a directory other than the sandbox's own.
 pub fn validate_name(name: &str) -> Result<(), OptionError> {
     let ok = (1..=128).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && name != "."
         && name != "..";
     if ok {
@@ -209,9 +251,18 @@ mod tests {
 
     #[test]
     fn env_assignments() {
-        assert_eq!(parse_env_assignment("A=b=c", no_env).unwrap(), Some(("A".into(), "b=c".into())));
-        assert_eq!(parse_env_assignment("A=", no_env).unwrap(), Some(("A".into(), "".into())));
-        assert_eq!(parse_env_assignment("HOME", |_| Some("/h".into())).unwrap(), Some(("HOME".into(), "/h".into())));
+        assert_eq!(
+            parse_env_assignment("A=b=c", no_env).unwrap(),
+            Some(("A".into(), "b=c".into()))
+        );
+        assert_eq!(
+            parse_env_assignment("A=", no_env).unwrap(),
+            Some(("A".into(), "".into()))
+        );
+        assert_eq!(
+            parse_env_assignment("HOME", |_| Some("/h".into())).unwrap(),
+            Some(("HOME".into(), "/h".into()))
+        );
         assert_eq!(parse_env_assignment("UNSET", no_env).unwrap(), None);
         for bad in ["", "=x", "A\0=b"] {
             let err = parse_env_assignment(bad, no_env).unwrap_err();
@@ -221,20 +272,44 @@ mod tests {
 
     #[test]
     fn env_file_skips_comments_and_names_bad_lines() {
-        let vars = parse_env_file("f.env", b"# c\n\nA=1\n  B=2\r\nC\n", |k| (k == "C").then(|| "3".into())).unwrap();
-        assert_eq!(vars, vec![("A".into(), "1".into()), ("B".into(), "2".into()), ("C".into(), "3".into())]);
+        let vars = parse_env_file("f.env", b"# c\n\nA=1\n  B=2\r\nC\n", |k| {
+            (k == "C").then(|| "3".into())
+        })
+        .unwrap();
+        assert_eq!(
+            vars,
+            vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "2".into()),
+                ("C".into(), "3".into())
+            ]
+        );
         let err = parse_env_file("f.env", b"A=1\n=oops\n", no_env).unwrap_err();
         assert!(err.to_string().starts_with("f.env, line 2:"), "{err}");
         let err = parse_env_file("f.env", b"A=1\nB=\xff\n", no_env).unwrap_err();
-        assert!(err.to_string().contains("line 2") && err.to_string().contains("UTF-8"), "{err}");
+        assert!(
+            err.to_string().contains("line 2") && err.to_string().contains("UTF-8"),
+            "{err}"
+        );
     }
 
     #[test]
     fn port_forwards() {
-        assert_eq!(parse_port_forward("8080:80").unwrap(), kiln_vm::PortForward { host: 8080, guest: 80 });
-        for bad in ["80", ":80", "80:", "0:80", "80:0", "65536:1", "a:1", "08:1", "1:2:3", "-1:2", "+1:2"] {
+        assert_eq!(
+            parse_port_forward("8080:80").unwrap(),
+            kiln_vm::PortForward {
+                host: 8080,
+                guest: 80
+            }
+        );
+        for bad in [
+            "80", ":80", "80:", "0:80", "80:0", "65536:1", "a:1", "08:1", "1:2:3", "-1:2", "+1:2",
+        ] {
             let err = parse_port_forward(bad).unwrap_err();
-            assert!(err.to_string().contains("HOSTPORT:GUESTPORT"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("HOSTPORT:GUESTPORT"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -265,10 +340,21 @@ mod tests {
         let h = host.display();
         assert_eq!(
             parse_volume(&format!("{h}:/data")).unwrap(),
-            Volume { host: host.clone(), guest: "/data".into(), read_only: false }
+            Volume {
+                host: host.clone(),
+                guest: "/data".into(),
+                read_only: false
+            }
         );
         let volume = parse_volume(&format!("{h}/link/.:/srv//in/./x/:ro")).unwrap();
-        assert_eq!(volume, Volume { host: host.clone(), guest: "/srv/in/x".into(), read_only: true });
+        assert_eq!(
+            volume,
+            Volume {
+                host: host.clone(),
+                guest: "/srv/in/x".into(),
+                read_only: true
+            }
+        );
         assert!(!parse_volume(&format!("{h}:/data:rw")).unwrap().read_only);
 
         for (bad, names) in [
@@ -291,7 +377,10 @@ mod tests {
             assert!(err.contains("HOSTDIR:GUESTDIR[:ro]"), "{bad}: {err}");
         }
         let twice = [format!("{h}:/a"), format!("{h}/link:/a/")];
-        assert!(parse_volumes(&twice).unwrap_err().to_string().contains("already mounted at /a"));
+        assert!(parse_volumes(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("already mounted at /a"));
     }
 
     proptest::proptest! {

@@ -52,7 +52,10 @@ pub fn prepare_images(
     let image = kiln_image::pull(&store, reference, options)?;
     let pull_time = started.elapsed();
     let prepared = build_images(root, &store, image, uid, gid, &|_| {})?;
-    Ok(PreparedImages { pull_time, ..prepared })
+    Ok(PreparedImages {
+        pull_time,
+        ..prepared
+    })
 }
 
 /// A build step about to run, for progress reports.
@@ -83,7 +86,11 @@ pub fn build_images(
     })?;
     step(BuildStep::IdentityLayer);
     let identity = cache.identity_layer(&digest, &inputs, uid, gid)?;
-    let warnings = identity.built.as_ref().map(|r| r.identity.warnings.clone()).unwrap_or_default();
+    let warnings = identity
+        .built
+        .as_ref()
+        .map(|r| r.identity.warnings.clone())
+        .unwrap_or_default();
     Ok(PreparedImages {
         root_built: root_image.built.is_some(),
         root_image: root_image.path,
@@ -101,10 +108,13 @@ pub fn open_layers<'a>(store: &Store, image: &PulledImage) -> kiln_rootfs::Resul
         .layers
         .iter()
         .map(|layer| {
-            let file: File = store.open_blob(&layer.digest).map_err(|e| kiln_rootfs::Error::Io {
-                context: format!("opening layer {}", layer.digest),
-                source: std::io::Error::other(e),
-            })?;
+            let file: File =
+                store
+                    .open_blob(&layer.digest)
+                    .map_err(|e| kiln_rootfs::Error::Io {
+                        context: format!("opening layer {}", layer.digest),
+                        source: std::io::Error::other(e),
+                    })?;
             let compression = match layer.compression {
                 kiln_image::Compression::None => kiln_rootfs::Compression::None,
                 kiln_image::Compression::Gzip => kiln_rootfs::Compression::Gzip,

@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome, VmTimings};
 use crate::lifecycle::CreateRequest;
-use crate::options::Volume;
 use crate::monitor::take_lock;
+use crate::options::Volume;
 use crate::prepare::{prepare_images, PrepareError, PreparedImages};
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
 use crate::state::{
-    now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status, RECORD_FILE,
-    STATE_FILE,
+    now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status,
+    RECORD_FILE, STATE_FILE,
 };
 
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
@@ -77,7 +77,10 @@ pub enum RunError {
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs one sandbox. `notice` receives one-line messages for the user (the acceleration
@@ -92,7 +95,13 @@ pub fn run(
     let guest = GuestImages::locate(root);
     guest.check()?;
     let create = &request.sandbox;
-    let prepared = prepare_images(root, &create.reference, &create.pull, create.sandbox_uid, create.sandbox_gid)?;
+    let prepared = prepare_images(
+        root,
+        &create.reference,
+        &create.pull,
+        create.sandbox_uid,
+        create.sandbox_gid,
+    )?;
     for warning in &prepared.warnings {
         notice(&format!("warning: {warning}"));
     }
@@ -114,16 +123,33 @@ pub fn run(
         .and_then(|()| sandbox.write_json(STATE_FILE, &started))
         .map_err(RunError::from)
         .and_then(|()| {
-            let upper = if request.remove { Upper::Tmpfs } else { Upper::create(&sandbox)? };
-            boot(&sandbox, &record, &prepared, &host, upper, request.timeout, io, control)
+            let upper = if request.remove {
+                Upper::Tmpfs
+            } else {
+                Upper::create(&sandbox)?
+            };
+            boot(
+                &sandbox,
+                &record,
+                &prepared,
+                &host,
+                upper,
+                request.timeout,
+                io,
+                control,
+            )
         });
     let sandbox_id = sandbox.id().to_owned();
     if request.remove {
         sandbox.remove()?;
     } else {
         // A kept sandbox can be started again later, like a created one.
-        let ended =
-            StateRecord { status: end_status(&outcome), monitor_pid: None, ended_unix: Some(now_unix()), ..started };
+        let ended = StateRecord {
+            status: end_status(&outcome),
+            monitor_pid: None,
+            ended_unix: Some(now_unix()),
+            ..started
+        };
         sandbox.write_json(STATE_FILE, &ended)?;
     }
     let outcome = outcome?;
@@ -132,7 +158,11 @@ pub fn run(
         root_image_built: prepared.root_built,
         result: outcome.result,
         accel: host.verdict,
-        timings: RunTimings { pull: prepared.pull_time, build: prepared.build_time, vm: outcome.timings },
+        timings: RunTimings {
+            pull: prepared.pull_time,
+            build: prepared.build_time,
+            vm: outcome.timings,
+        },
     })
 }
 
@@ -140,12 +170,20 @@ pub fn run(
 /// workload that outlived the grace period of a stop was killed with the VM.
 pub(crate) fn end_status(outcome: &Result<LaunchOutcome, RunError>) -> Status {
     match outcome {
-        Ok(outcome) => Status::Exited { exit_code: outcome.result.exit_code(), result: outcome.result.clone() },
+        Ok(outcome) => Status::Exited {
+            exit_code: outcome.result.exit_code(),
+            result: outcome.result.clone(),
+        },
         Err(RunError::Launch(LaunchError::Interrupted { .. })) => {
             let result = WorkloadResult::Killed { signal: 9 };
-            Status::Exited { exit_code: result.exit_code(), result }
+            Status::Exited {
+                exit_code: result.exit_code(),
+                result,
+            }
         }
-        Err(err) => Status::Failed { message: err.to_string() },
+        Err(err) => Status::Failed {
+            message: err.to_string(),
+        },
     }
 }
 
@@ -156,7 +194,12 @@ pub(crate) fn main_run_spec(
     terminal: Option<TerminalSize>,
 ) -> Result<RunSpec, SpecError> {
     let workload = identity(&request.run_as, request.sandbox_uid, request.sandbox_gid);
-    build_run_spec(&ImageDefaults::from_config(&prepared.image.config), &request.overrides, workload, terminal)
+    build_run_spec(
+        &ImageDefaults::from_config(&prepared.image.config),
+        &request.overrides,
+        workload,
+        terminal,
+    )
 }
 
 /// What `sandbox.json` records about a new sandbox.
@@ -198,12 +241,23 @@ pub fn volume_shares(volumes: &[Volume]) -> Result<(Vec<Share>, Vec<String>), Ru
         if !volume.host.is_dir() {
             return Err(RunError::Io {
                 context: format!("volume {}:{}", volume.host.display(), volume.guest),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "the host directory is gone"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the host directory is gone",
+                ),
             });
         }
         let tag = format!("vol{index}");
-        args.push(format!("kiln.vol={tag},{}{}", volume.guest, if volume.read_only { ",ro" } else { "" }));
-        shares.push(Share { tag, host_path: volume.host.clone(), read_only: volume.read_only });
+        args.push(format!(
+            "kiln.vol={tag},{}{}",
+            volume.guest,
+            if volume.read_only { ",ro" } else { "" }
+        ));
+        shares.push(Share {
+            tag,
+            host_path: volume.host.clone(),
+            read_only: volume.read_only,
+        });
     }
     Ok((shares, args))
 }
@@ -230,7 +284,11 @@ impl Host {
         if verdict.accel == Accel::Tcg && accel == AccelRequest::Auto && !verdict.cached {
             notice(&format!("note: {}", verdict.reason));
         }
-        Ok(Host { guest, qemu, verdict })
+        Ok(Host {
+            guest,
+            qemu,
+            verdict,
+        })
     }
 }
 
@@ -265,13 +323,25 @@ pub(crate) fn boot(
     control: Receiver<Control>,
 ) -> Result<LaunchOutcome, RunError> {
     let mut disks = vec![
-        Disk { id: "root".into(), path: prepared.root_image.clone(), read_only: true },
-        Disk { id: "ident".into(), path: prepared.identity_layer.clone(), read_only: true },
+        Disk {
+            id: "root".into(),
+            path: prepared.root_image.clone(),
+            read_only: true,
+        },
+        Disk {
+            id: "ident".into(),
+            path: prepared.identity_layer.clone(),
+            read_only: true,
+        },
     ];
     let upper = match upper {
         Upper::Tmpfs => "kiln.upper=tmpfs".to_owned(),
         Upper::Disk(path) => {
-            disks.push(Disk { id: "upper".into(), path, read_only: false });
+            disks.push(Disk {
+                id: "upper".into(),
+                path,
+                read_only: false,
+            });
             "kiln.upper=upper".to_owned()
         }
     };
@@ -300,13 +370,23 @@ pub(crate) fn boot(
         cpus: record.cpus,
         memory_mib: record.memory_mib,
         network,
-        channel: Channel { socket: run_dir.path().join("channel.sock"), port_name: CHANNEL_PORT.into() },
+        channel: Channel {
+            socket: run_dir.path().join("channel.sock"),
+            port_name: CHANNEL_PORT.into(),
+        },
         console_log: sandbox.console_log(),
         accel: host.verdict.accel,
     };
     let mut deadlines = Deadlines::for_accel(host.verdict.accel);
     deadlines.workload = timeout;
-    Ok(launch(&host.qemu, &spec, record.run.clone(), deadlines, io, control)?)
+    Ok(launch(
+        &host.qemu,
+        &spec,
+        record.run.clone(),
+        deadlines,
+        io,
+        control,
+    )?)
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
@@ -330,16 +410,27 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         cpus: 1,
         memory_mib: 256,
         network: Network::None,
-        channel: Channel { socket: run_dir.path().join("probe.sock"), port_name: CHANNEL_PORT.into() },
+        channel: Channel {
+            socket: run_dir.path().join("probe.sock"),
+            port_name: CHANNEL_PORT.into(),
+        },
         console_log: run_dir.path().join("probe-console.log"),
         accel: Accel::Kvm,
     };
-    let deadlines = Deadlines { connect: PROBE_DEADLINE, boot: PROBE_DEADLINE, ..Deadlines::for_accel(Accel::Kvm) };
+    let deadlines = Deadlines {
+        connect: PROBE_DEADLINE,
+        boot: PROBE_DEADLINE,
+        ..Deadlines::for_accel(Accel::Kvm)
+    };
     let probe_spec = RunSpec {
         argv: vec!["/bin/true".into()],
         env: Vec::new(),
         cwd: None,
-        identity: Identity { run_as: RunAs::Uid, uid: 10001, gid: 10001 },
+        identity: Identity {
+            run_as: RunAs::Uid,
+            uid: 10001,
+            gid: 10001,
+        },
         tty: false,
         terminal: None,
     };
@@ -352,10 +443,13 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
     let (_keep_open, control) = mpsc::channel();
     let started = Instant::now();
     match launch(qemu, &spec, probe_spec, deadlines, io, control) {
-        Err(LaunchError::Boot { error, .. }) if error.step != BootStep::InitPanic => ProbeOutcome::Booted,
+        Err(LaunchError::Boot { error, .. }) if error.step != BootStep::InitPanic => {
+            ProbeOutcome::Booted
+        }
         Ok(_) => ProbeOutcome::Booted,
         Err(err) => {
-            let detail = kvm_failure_line(&spec.console_log).unwrap_or_else(|| first_line(&err.to_string()));
+            let detail =
+                kvm_failure_line(&spec.console_log).unwrap_or_else(|| first_line(&err.to_string()));
             tracing::debug!("KVM probe failed after {:?}: {err}", started.elapsed());
             ProbeOutcome::Failed(detail)
         }
@@ -365,7 +459,9 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
 /// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1".
 fn kvm_failure_line(console_log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(console_log).ok()?;
-    text.lines().find(|l| l.contains("KVM")).map(|l| l.trim().to_owned())
+    text.lines()
+        .find(|l| l.contains("KVM"))
+        .map(|l| l.trim().to_owned())
 }
 
 fn first_line(text: &str) -> String {
@@ -380,19 +476,39 @@ mod tests {
     fn volumes_become_numbered_shares_and_kernel_arguments() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = [
-            Volume { host: dir.path().to_owned(), guest: "/data".into(), read_only: false },
-            Volume { host: dir.path().to_owned(), guest: "/srv/in".into(), read_only: true },
+            Volume {
+                host: dir.path().to_owned(),
+                guest: "/data".into(),
+                read_only: false,
+            },
+            Volume {
+                host: dir.path().to_owned(),
+                guest: "/srv/in".into(),
+                read_only: true,
+            },
         ];
         let (shares, args) = volume_shares(&volumes).unwrap();
         assert_eq!(args, ["kiln.vol=vol0,/data", "kiln.vol=vol1,/srv/in,ro"]);
         assert_eq!(
             shares,
             [
-                Share { tag: "vol0".into(), host_path: dir.path().to_owned(), read_only: false },
-                Share { tag: "vol1".into(), host_path: dir.path().to_owned(), read_only: true },
+                Share {
+                    tag: "vol0".into(),
+                    host_path: dir.path().to_owned(),
+                    read_only: false
+                },
+                Share {
+                    tag: "vol1".into(),
+                    host_path: dir.path().to_owned(),
+                    read_only: true
+                },
             ]
         );
-        let gone = Volume { host: dir.path().join("gone"), guest: "/x".into(), read_only: false };
+        let gone = Volume {
+            host: dir.path().join("gone"),
+            guest: "/x".into(),
+            read_only: false,
+        };
         let err = volume_shares(&[gone]).unwrap_err().to_string();
         assert!(err.contains("gone:/x"), "{err}");
     }

@@ -15,7 +15,9 @@ pub struct ImageDefaults {
 impl ImageDefaults {
     /// The run fields of an image's config (all empty when it has no `config`).
     pub fn from_config(config: &oci_spec::image::ImageConfiguration) -> Self {
-        let Some(config) = config.config() else { return Self::default() };
+        let Some(config) = config.config() else {
+            return Self::default();
+        };
         Self {
             entrypoint: config.entrypoint().clone().unwrap_or_default(),
             cmd: config.cmd().clone().unwrap_or_default(),
@@ -61,12 +63,19 @@ pub fn build_run_spec(
 ) -> Result<RunSpec, SpecError> {
     let argv: Vec<String> = match &overrides.entrypoint {
         Some(entrypoint) => {
-            let mut argv: Vec<String> = Some(entrypoint.clone()).filter(|e| !e.is_empty()).into_iter().collect();
+            let mut argv: Vec<String> = Some(entrypoint.clone())
+                .filter(|e| !e.is_empty())
+                .into_iter()
+                .collect();
             argv.extend(overrides.cmd.iter().cloned());
             argv
         }
         None => {
-            let cmd = if overrides.cmd.is_empty() { &image.cmd } else { &overrides.cmd };
+            let cmd = if overrides.cmd.is_empty() {
+                &image.cmd
+            } else {
+                &overrides.cmd
+            };
             image.entrypoint.iter().chain(cmd).cloned().collect()
         }
     };
@@ -95,7 +104,11 @@ pub fn build_run_spec(
         env.push(("TERM".into(), "xterm".into()));
     }
 
-    let cwd = overrides.working_dir.clone().or_else(|| image.working_dir.clone()).filter(|d| !d.is_empty());
+    let cwd = overrides
+        .working_dir
+        .clone()
+        .or_else(|| image.working_dir.clone())
+        .filter(|d| !d.is_empty());
     if let Some(dir) = &cwd {
         if !dir.starts_with('/') {
             return Err(SpecError::RelativeWorkdir(dir.clone()));
@@ -105,18 +118,36 @@ pub fn build_run_spec(
     let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     for (what, values) in [("command", &argv), ("environment", &env)] {
         if let Some(value) = values.iter().find(|v| v.contains('\0')) {
-            return Err(SpecError::Nul { what, value: value.clone() });
+            return Err(SpecError::Nul {
+                what,
+                value: value.clone(),
+            });
         }
     }
-    Ok(RunSpec { argv, env, cwd, identity, tty: terminal.is_some(), terminal })
+    Ok(RunSpec {
+        argv,
+        env,
+        cwd,
+        identity,
+        tty: terminal.is_some(),
+        terminal,
+    })
 }
 
 /// The identity of the workload: `--user sandbox` runs as the image's sandbox account with
 /// the configured ids; `--user N` runs as uid N (no passwd lookup) with the sandbox gid.
 pub fn identity(run_as: &kiln_identity::RunAs, sandbox_uid: u32, sandbox_gid: u32) -> Identity {
     match run_as {
-        kiln_identity::RunAs::Sandbox => Identity { run_as: RunAs::Sandbox, uid: sandbox_uid, gid: sandbox_gid },
-        kiln_identity::RunAs::Id(uid) => Identity { run_as: RunAs::Uid, uid: *uid, gid: sandbox_gid },
+        kiln_identity::RunAs::Sandbox => Identity {
+            run_as: RunAs::Sandbox,
+            uid: sandbox_uid,
+            gid: sandbox_gid,
+        },
+        kiln_identity::RunAs::Id(uid) => Identity {
+            run_as: RunAs::Uid,
+            uid: *uid,
+            gid: sandbox_gid,
+        },
     }
 }
 
@@ -162,26 +193,55 @@ mod tests {
 
     #[test]
     fn entrypoint_flag_drops_the_image_cmd() {
-        let overrides = Overrides { entrypoint: Some("/bin/echo".into()), ..Overrides::default() };
+        let overrides = Overrides {
+            entrypoint: Some("/bin/echo".into()),
+            ..Overrides::default()
+        };
         let spec = build_run_spec(&image(), &overrides, sandbox(), None).unwrap();
         assert_eq!(spec.argv, ["/bin/echo"]);
-        let overrides = Overrides { entrypoint: Some(String::new()), cmd: vec!["ls".into()], ..Overrides::default() };
-        assert_eq!(build_run_spec(&image(), &overrides, sandbox(), None).unwrap().argv, ["ls"]);
+        let overrides = Overrides {
+            entrypoint: Some(String::new()),
+            cmd: vec!["ls".into()],
+            ..Overrides::default()
+        };
+        assert_eq!(
+            build_run_spec(&image(), &overrides, sandbox(), None)
+                .unwrap()
+                .argv,
+            ["ls"]
+        );
     }
 
     #[test]
     fn missing_command_and_bad_workdir_are_errors() {
         let empty = ImageDefaults::default();
-        assert_eq!(build_run_spec(&empty, &Overrides::default(), sandbox(), None), Err(SpecError::NoCommand));
-        let overrides = Overrides { working_dir: Some("rel".into()), ..Overrides::default() };
-        assert!(matches!(build_run_spec(&image(), &overrides, sandbox(), None), Err(SpecError::RelativeWorkdir(_))));
+        assert_eq!(
+            build_run_spec(&empty, &Overrides::default(), sandbox(), None),
+            Err(SpecError::NoCommand)
+        );
+        let overrides = Overrides {
+            working_dir: Some("rel".into()),
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            build_run_spec(&image(), &overrides, sandbox(), None),
+            Err(SpecError::RelativeWorkdir(_))
+        ));
     }
 
     #[test]
     fn defaults_for_path_and_term() {
-        let image = ImageDefaults { cmd: vec!["sh".into()], ..ImageDefaults::default() };
-        let spec = build_run_spec(&image, &Overrides::default(), sandbox(), Some(TerminalSize { rows: 24, cols: 80 }))
-            .unwrap();
+        let image = ImageDefaults {
+            cmd: vec!["sh".into()],
+            ..ImageDefaults::default()
+        };
+        let spec = build_run_spec(
+            &image,
+            &Overrides::default(),
+            sandbox(),
+            Some(TerminalSize { rows: 24, cols: 80 }),
+        )
+        .unwrap();
         assert!(spec.env.contains(&format!("PATH={DEFAULT_PATH}")));
         assert!(spec.env.contains(&"TERM=xterm".to_owned()));
         assert!(spec.tty);

@@ -64,9 +64,9 @@ impl From<&kiln_vm::Network> for NetworkRecord {
     fn from(network: &kiln_vm::Network) -> Self {
         match network {
             kiln_vm::Network::None => NetworkRecord::None,
-            kiln_vm::Network::User { forwards } => {
-                NetworkRecord::User { forwards: forwards.iter().map(|f| (f.host, f.guest)).collect() }
-            }
+            kiln_vm::Network::User { forwards } => NetworkRecord::User {
+                forwards: forwards.iter().map(|f| (f.host, f.guest)).collect(),
+            },
         }
     }
 }
@@ -76,7 +76,10 @@ impl From<&NetworkRecord> for kiln_vm::Network {
         match network {
             NetworkRecord::None => kiln_vm::Network::None,
             NetworkRecord::User { forwards } => kiln_vm::Network::User {
-                forwards: forwards.iter().map(|&(host, guest)| kiln_vm::PortForward { host, guest }).collect(),
+                forwards: forwards
+                    .iter()
+                    .map(|&(host, guest)| kiln_vm::PortForward { host, guest })
+                    .collect(),
             },
         }
     }
@@ -91,7 +94,10 @@ pub enum Status {
     /// The monitor runs and the workload started.
     Running,
     /// The main workload ended (on its own or stopped).
-    Exited { result: WorkloadResult, exit_code: i32 },
+    Exited {
+        result: WorkloadResult,
+        exit_code: i32,
+    },
     /// The sandbox could not boot, or its monitor died.
     Failed { message: String },
 }
@@ -109,13 +115,21 @@ pub struct StateRecord {
 
 impl StateRecord {
     pub fn created() -> Self {
-        StateRecord { status: Status::Created, monitor_pid: None, started_unix: None, ended_unix: None }
+        StateRecord {
+            status: Status::Created,
+            monitor_pid: None,
+            started_unix: None,
+            ended_unix: None,
+        }
     }
 }
 
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Errors about sandbox state.
@@ -127,7 +141,9 @@ pub enum StateError {
     #[error("a sandbox named {name:?} already exists (id {id}); pick another --name or remove it")]
     DuplicateName { name: String, id: String },
 
-    #[error("refusing to use {0}: a sandbox state directory must be a real directory, not a symlink")]
+    #[error(
+        "refusing to use {0}: a sandbox state directory must be a real directory, not a symlink"
+    )]
     Symlink(PathBuf),
 
     #[error("no such sandbox: {0}")]
@@ -137,11 +153,17 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io { path: path.to_path_buf(), source }
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The state directory of one sandbox.
@@ -161,7 +183,11 @@ impl SandboxDir {
         }
         let sandboxes = root.join("sandboxes");
         let names_dir = sandboxes.join(".names");
-        DirBuilder::new().recursive(true).mode(0o700).create(&names_dir).map_err(io_err(&names_dir))?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&names_dir)
+            .map_err(io_err(&names_dir))?;
         let (id, path) = loop {
             let id = random_id().map_err(io_err(Path::new("/dev/urandom")))?;
             let path = sandboxes.join(&id);
@@ -171,21 +197,38 @@ impl SandboxDir {
                 Err(err) => return Err(io_err(&path)(err)),
             }
         };
-        let dir = SandboxDir { id, name: None, path, names_dir };
+        let dir = SandboxDir {
+            id,
+            name: None,
+            path,
+            names_dir,
+        };
         if let Some(name) = name {
             let claim = dir.names_dir.join(name);
-            match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&claim) {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&claim)
+            {
                 Ok(mut file) => file.write_all(dir.id.as_bytes()).map_err(io_err(&claim))?,
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
                     let mut owner = String::new();
-                    let _ = std::fs::File::open(&claim).and_then(|mut f| f.read_to_string(&mut owner));
+                    let _ =
+                        std::fs::File::open(&claim).and_then(|mut f| f.read_to_string(&mut owner));
                     dir.remove()?;
-                    return Err(StateError::DuplicateName { name: name.to_owned(), id: owner });
+                    return Err(StateError::DuplicateName {
+                        name: name.to_owned(),
+                        id: owner,
+                    });
                 }
                 Err(err) => return Err(io_err(&claim)(err)),
             }
         }
-        Ok(SandboxDir { name: name.map(str::to_owned), ..dir })
+        Ok(SandboxDir {
+            name: name.map(str::to_owned),
+            ..dir
+        })
     }
 
     /// The existing sandbox `id_or_name`: an id first, then a name.
@@ -195,13 +238,21 @@ impl SandboxDir {
         let names_dir = sandboxes.join(".names");
         let claim = names_dir.join(id_or_name);
         // `.names` and other dot entries are kiln's own, never a sandbox.
-        let is_id = !id_or_name.starts_with('.') && std::fs::symlink_metadata(sandboxes.join(id_or_name)).is_ok();
+        let is_id = !id_or_name.starts_with('.')
+            && std::fs::symlink_metadata(sandboxes.join(id_or_name)).is_ok();
         let id = if is_id {
             id_or_name.to_owned()
         } else {
             match std::fs::read_to_string(&claim) {
-                Ok(id) if validate_name(id.trim()).is_ok() && !id.starts_with('.') => id.trim().to_owned(),
-                Ok(_) => return Err(StateError::Corrupt { path: claim, reason: "not a sandbox id".into() }),
+                Ok(id) if validate_name(id.trim()).is_ok() && !id.starts_with('.') => {
+                    id.trim().to_owned()
+                }
+                Ok(_) => {
+                    return Err(StateError::Corrupt {
+                        path: claim,
+                        reason: "not a sandbox id".into(),
+                    })
+                }
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                     return Err(StateError::NotFound(id_or_name.to_owned()))
                 }
@@ -216,8 +267,16 @@ impl SandboxDir {
         if meta.file_type().is_symlink() || !meta.is_dir() {
             return Err(StateError::Symlink(path));
         }
-        let mut dir = SandboxDir { id, name: None, path, names_dir };
-        dir.name = dir.read_json::<SandboxRecord>(RECORD_FILE).ok().and_then(|r| r.name);
+        let mut dir = SandboxDir {
+            id,
+            name: None,
+            path,
+            names_dir,
+        };
+        dir.name = dir
+            .read_json::<SandboxRecord>(RECORD_FILE)
+            .ok()
+            .and_then(|r| r.name);
         Ok(dir)
     }
 
@@ -232,7 +291,11 @@ impl SandboxDir {
         let mut ids = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io_err(&sandboxes))?;
-            if let Some(id) = entry.file_name().to_str().filter(|n| !n.starts_with('.') && validate_name(n).is_ok()) {
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .filter(|n| !n.starts_with('.') && validate_name(n).is_ok())
+            {
                 ids.push(id.to_owned());
             }
         }
@@ -266,7 +329,10 @@ impl SandboxDir {
     pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), StateError> {
         let path = self.file(name);
         let json = serde_json::to_vec_pretty(value).expect("state records serialise");
-        let mut temp = tempfile::Builder::new().prefix(".state-").tempfile_in(&self.path).map_err(io_err(&path))?;
+        let mut temp = tempfile::Builder::new()
+            .prefix(".state-")
+            .tempfile_in(&self.path)
+            .map_err(io_err(&path))?;
         temp.write_all(&json).map_err(io_err(&path))?;
         temp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
         Ok(())
@@ -280,7 +346,10 @@ impl SandboxDir {
         std::fs::File::open(&path)
             .and_then(|f| f.take(MAX).read_to_end(&mut bytes))
             .map_err(io_err(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt { path, reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Removes the directory and its name claim. A directory that has become a symlink is
@@ -294,7 +363,9 @@ impl SandboxDir {
         if let Some(name) = &self.name {
             let claim = self.names_dir.join(name);
             match std::fs::remove_file(&claim) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&claim)(err)),
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(&claim)(err))
+                }
                 _ => {}
             }
         }
@@ -350,14 +421,19 @@ mod tests {
         let first = SandboxDir::create(root.path(), Some("dup")).unwrap();
         let err = SandboxDir::create(root.path(), Some("dup")).unwrap_err();
         assert!(err.to_string().contains(first.id()), "{err}");
-        let entries = std::fs::read_dir(root.path().join("sandboxes")).unwrap().count();
+        let entries = std::fs::read_dir(root.path().join("sandboxes"))
+            .unwrap()
+            .count();
         assert_eq!(entries, 2, "only .names and the first sandbox remain");
     }
 
     #[test]
     fn bad_names_are_refused() {
         let root = tempfile::tempdir().unwrap();
-        assert!(matches!(SandboxDir::create(root.path(), Some("../x")), Err(StateError::Name(_))));
+        assert!(matches!(
+            SandboxDir::create(root.path(), Some("../x")),
+            Err(StateError::Name(_))
+        ));
     }
 
     #[test]
@@ -378,14 +454,29 @@ mod tests {
         let dir = SandboxDir::create(root.path(), Some("named")).unwrap();
         let state = StateRecord::created();
         dir.write_json(STATE_FILE, &state).unwrap();
-        assert_eq!(SandboxDir::open(root.path(), dir.id()).unwrap().path(), dir.path());
+        assert_eq!(
+            SandboxDir::open(root.path(), dir.id()).unwrap().path(),
+            dir.path()
+        );
         let by_name = SandboxDir::open(root.path(), "named").unwrap();
         assert_eq!(by_name.id(), dir.id());
         assert_eq!(by_name.read_json::<StateRecord>(STATE_FILE).unwrap(), state);
-        assert!(matches!(SandboxDir::open(root.path(), "other"), Err(StateError::NotFound(_))));
-        assert!(matches!(SandboxDir::open(root.path(), "../x"), Err(StateError::Name(_))));
-        assert!(matches!(SandboxDir::open(root.path(), ".names"), Err(StateError::NotFound(_))));
-        assert_eq!(SandboxDir::list(root.path()).unwrap(), vec![dir.id().to_owned()]);
+        assert!(matches!(
+            SandboxDir::open(root.path(), "other"),
+            Err(StateError::NotFound(_))
+        ));
+        assert!(matches!(
+            SandboxDir::open(root.path(), "../x"),
+            Err(StateError::Name(_))
+        ));
+        assert!(matches!(
+            SandboxDir::open(root.path(), ".names"),
+            Err(StateError::NotFound(_))
+        ));
+        assert_eq!(
+            SandboxDir::list(root.path()).unwrap(),
+            vec![dir.id().to_owned()]
+        );
     }
 
     #[test]
@@ -395,7 +486,10 @@ mod tests {
         let dir = SandboxDir::create(root.path(), None).unwrap();
         std::fs::remove_dir(dir.path()).unwrap();
         std::os::unix::fs::symlink(victim.path(), dir.path()).unwrap();
-        assert!(matches!(SandboxDir::open(root.path(), dir.id()), Err(StateError::Symlink(_))));
+        assert!(matches!(
+            SandboxDir::open(root.path(), dir.id()),
+            Err(StateError::Symlink(_))
+        ));
     }
 
     #[test]
@@ -403,7 +497,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = SandboxDir::create(root.path(), None).unwrap();
         let exited = StateRecord {
-            status: Status::Exited { result: WorkloadResult::Killed { signal: 9 }, exit_code: 137 },
+            status: Status::Exited {
+                result: WorkloadResult::Killed { signal: 9 },
+                exit_code: 137,
+            },
             monitor_pid: None,
             started_unix: Some(1),
             ended_unix: Some(2),
@@ -413,14 +510,28 @@ mod tests {
         let text = std::fs::read_to_string(dir.file(STATE_FILE)).unwrap();
         assert!(text.contains("\"status\": \"exited\""), "{text}");
         std::fs::write(dir.file(STATE_FILE), b"{").unwrap();
-        assert!(matches!(dir.read_json::<StateRecord>(STATE_FILE), Err(StateError::Corrupt { .. })));
+        assert!(matches!(
+            dir.read_json::<StateRecord>(STATE_FILE),
+            Err(StateError::Corrupt { .. })
+        ));
     }
 
     #[test]
     fn network_records_convert_both_ways() {
-        let network = kiln_vm::Network::User { forwards: vec![kiln_vm::PortForward { host: 8080, guest: 80 }] };
-        assert_eq!(kiln_vm::Network::from(&NetworkRecord::from(&network)), network);
-        assert_eq!(kiln_vm::Network::from(&NetworkRecord::None), kiln_vm::Network::None);
+        let network = kiln_vm::Network::User {
+            forwards: vec![kiln_vm::PortForward {
+                host: 8080,
+                guest: 80,
+            }],
+        };
+        assert_eq!(
+            kiln_vm::Network::from(&NetworkRecord::from(&network)),
+            network
+        );
+        assert_eq!(
+            kiln_vm::Network::from(&NetworkRecord::None),
+            kiln_vm::Network::None
+        );
     }
 
     #[test]

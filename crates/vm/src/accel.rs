@@ -49,7 +49,9 @@ impl FromStr for AccelRequest {
             "auto" => Ok(Self::Auto),
             "kvm" => Ok(Self::Kvm),
             "tcg" => Ok(Self::Tcg),
-            other => Err(format!("invalid accelerator {other:?}: expected auto, kvm or tcg")),
+            other => Err(format!(
+                "invalid accelerator {other:?}: expected auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -85,7 +87,13 @@ pub fn resolve(
     cache_dir: &Path,
     probe: impl FnOnce() -> ProbeOutcome,
 ) -> Result<AccelVerdict, VmError> {
-    resolve_with(request, cache_dir, Path::new(KVM_DEVICE), &current_boot_id(), probe)
+    resolve_with(
+        request,
+        cache_dir,
+        Path::new(KVM_DEVICE),
+        &current_boot_id(),
+        probe,
+    )
 }
 
 fn resolve_with(
@@ -95,7 +103,11 @@ fn resolve_with(
     boot_id: &str,
     probe: impl FnOnce() -> ProbeOutcome,
 ) -> Result<AccelVerdict, VmError> {
-    let tcg = |reason: String| AccelVerdict { accel: Accel::Tcg, reason, cached: false };
+    let tcg = |reason: String| AccelVerdict {
+        accel: Accel::Tcg,
+        reason,
+        cached: false,
+    };
     match request {
         AccelRequest::Tcg => return Ok(tcg("requested with --accel tcg".into())),
         AccelRequest::Kvm => {
@@ -138,7 +150,12 @@ pub fn open_kvm(device: &Path) -> Result<(), String> {
         .write(true)
         .open(device)
         .map(drop)
-        .map_err(|err| format!("cannot open {}: {err}; using TCG software emulation", device.display()))
+        .map_err(|err| {
+            format!(
+                "cannot open {}: {err}; using TCG software emulation",
+                device.display()
+            )
+        })
 }
 
 /// This host boot's id; a constant fallback only disables cross-boot safety, not caching.
@@ -159,14 +176,20 @@ fn read_cached(path: &Path) -> Option<AccelVerdict> {
     match serde_json::from_slice(&bytes) {
         Ok(verdict) => Some(verdict),
         Err(err) => {
-            tracing::warn!("ignoring unreadable acceleration cache {}: {err}", path.display());
+            tracing::warn!(
+                "ignoring unreadable acceleration cache {}: {err}",
+                path.display()
+            );
             None
         }
     }
 }
 
 fn write_cached(dir: &Path, path: &Path, verdict: &AccelVerdict) -> Result<(), VmError> {
-    let err = |source| VmError::AccelCache { path: path.to_path_buf(), source };
+    let err = |source| VmError::AccelCache {
+        path: path.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
     let json = serde_json::to_vec_pretty(verdict).expect("verdict serialises");
@@ -205,7 +228,10 @@ mod tests {
     fn explicit_tcg_never_probes() {
         let dir = tempfile::tempdir().unwrap();
         let dev = fake_device(dir.path(), true);
-        let v = resolve_with(AccelRequest::Tcg, dir.path(), &dev, "b1", || panic!("probed")).unwrap();
+        let v = resolve_with(AccelRequest::Tcg, dir.path(), &dev, "b1", || {
+            panic!("probed")
+        })
+        .unwrap();
         assert_eq!(v.accel, Accel::Tcg);
     }
 
@@ -213,8 +239,10 @@ mod tests {
     fn explicit_kvm_without_device_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let dev = fake_device(dir.path(), false);
-        let err = resolve_with(AccelRequest::Kvm, dir.path(), &dev, "b1", || panic!("probed"))
-            .unwrap_err();
+        let err = resolve_with(AccelRequest::Kvm, dir.path(), &dev, "b1", || {
+            panic!("probed")
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("cannot open"), "{err}");
     }
 
@@ -222,7 +250,10 @@ mod tests {
     fn auto_without_device_falls_back_without_probing() {
         let dir = tempfile::tempdir().unwrap();
         let dev = fake_device(dir.path(), false);
-        let v = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b1", || panic!("probed")).unwrap();
+        let v = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b1", || {
+            panic!("probed")
+        })
+        .unwrap();
         assert_eq!(v.accel, Accel::Tcg);
         assert!(v.reason.contains("cannot open"));
     }
@@ -237,14 +268,18 @@ mod tests {
         assert!(!first.cached);
         assert!(first.reason.contains("KVM internal error"));
 
-        let again = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b1", || panic!("probed twice"))
-            .unwrap();
+        let again = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b1", || {
+            panic!("probed twice")
+        })
+        .unwrap();
         assert_eq!(again.accel, Accel::Tcg);
         assert!(again.cached);
 
         // A new host boot probes again.
-        let next_boot = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b2", || ProbeOutcome::Booted)
-            .unwrap();
+        let next_boot = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b2", || {
+            ProbeOutcome::Booted
+        })
+        .unwrap();
         assert_eq!(next_boot.accel, Accel::Kvm);
     }
 
@@ -253,7 +288,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = fake_device(dir.path(), true);
         std::fs::write(dir.path().join("accel-b1.json"), b"{not json").unwrap();
-        let v = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b1", || ProbeOutcome::Booted).unwrap();
+        let v = resolve_with(AccelRequest::Auto, dir.path(), &dev, "b1", || {
+            ProbeOutcome::Booted
+        })
+        .unwrap();
         assert_eq!(v.accel, Accel::Kvm);
     }
 

@@ -17,16 +17,33 @@ pub fn create_upper_disk(path: &Path, size_mib: u64) -> Result<(), VmError> {
         )));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let disk_err = |source| VmError::File { path: path.to_path_buf(), source };
-    let tmp = tempfile::Builder::new().prefix(".upper-").suffix(".tmp").tempfile_in(dir).map_err(disk_err)?;
+    let disk_err = |source| VmError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".upper-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(disk_err)?;
     // A file of the final length with no blocks allocated: mke2fs writes only metadata.
     tmp.as_file().set_len(size_mib << 20).map_err(disk_err)?;
     let output = Command::new(MKE2FS)
         // -E root_owner: the guest's init owns the upper's root; lazy init keeps it sparse.
-        .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1"])
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-E",
+            "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1",
+        ])
         .arg(tmp.path())
         .output()
-        .map_err(|source| VmError::Tool { tool: MKE2FS, source })?;
+        .map_err(|source| VmError::Tool {
+            tool: MKE2FS,
+            source,
+        })?;
     if !output.status.success() {
         return Err(VmError::ToolFailed {
             tool: MKE2FS,
@@ -60,7 +77,10 @@ mod tests {
         create_upper_disk(&path, 1024).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
         let allocated = allocated_bytes(&path).unwrap();
-        assert!(allocated < 64 << 20, "1 GiB disk allocates {allocated} bytes");
+        assert!(
+            allocated < 64 << 20,
+            "1 GiB disk allocates {allocated} bytes"
+        );
         // The ext4 superblock magic 0xEF53 sits at offset 1024 + 56.
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1080..1082], &[0x53, 0xEF]);

@@ -55,38 +55,73 @@ pub fn diagnose(qemu_binary: &Path, root: &Path) -> Report {
 fn check_qemu(binary: &Path) -> Check {
     let fix = Some("sudo apt-get install qemu-system-x86".to_owned());
     let version = match Command::new(binary).arg("--version").output() {
-        Ok(out) if out.status.success() => {
-            String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_owned()
-        }
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
         Ok(out) => {
             let detail = format!("{} --version failed: {}", binary.display(), out.status);
-            return Check { name: "qemu", ok: false, detail, fix };
+            return Check {
+                name: "qemu",
+                ok: false,
+                detail,
+                fix,
+            };
         }
         Err(err) => {
             let detail = format!("{} not runnable: {err}", binary.display());
-            return Check { name: "qemu", ok: false, detail, fix };
+            return Check {
+                name: "qemu",
+                ok: false,
+                detail,
+                fix,
+            };
         }
     };
     let machines = Command::new(binary).args(["-M", "help"]).output();
     let has_microvm = machines
-        .map(|out| String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm ")))
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("microvm "))
+        })
         .unwrap_or(false);
     if has_microvm {
-        Check { name: "qemu", ok: true, detail: version, fix: None }
+        Check {
+            name: "qemu",
+            ok: true,
+            detail: version,
+            fix: None,
+        }
     } else {
         let detail = format!("{version}: no microvm machine (QEMU 4.2 or newer has it)");
-        Check { name: "qemu", ok: false, detail, fix }
+        Check {
+            name: "qemu",
+            ok: false,
+            detail,
+            fix,
+        }
     }
 }
 
 fn check_file(name: &'static str, path: &Path, env: &str) -> Check {
     if path.is_file() {
-        Check { name, ok: true, detail: path.display().to_string(), fix: None }
+        Check {
+            name,
+            ok: true,
+            detail: path.display().to_string(),
+            fix: None,
+        }
     } else {
         Check {
             name,
             ok: false,
-            detail: format!("{} is missing (or set {env} to another file)", path.display()),
+            detail: format!(
+                "{} is missing (or set {env} to another file)",
+                path.display()
+            ),
             fix: Some(guest::BUILD_COMMAND.to_owned()),
         }
     }
@@ -110,28 +145,53 @@ fn check_accel(root: &Path) -> Check {
                     accel::KVM_DEVICE
                 ),
             };
-            Check { name: "acceleration", ok: true, detail, fix: None }
+            Check {
+                name: "acceleration",
+                ok: true,
+                detail,
+                fix: None,
+            }
         }
     }
 }
 
 fn check_space(root: &Path) -> Check {
     // The root may not exist yet: measure the nearest existing ancestor.
-    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     match free_bytes(existing) {
         Ok(free) => {
-            let detail = format!("{:.1} GiB free under {}", free as f64 / (1u64 << 30) as f64, existing.display());
+            let detail = format!(
+                "{:.1} GiB free under {}",
+                free as f64 / (1u64 << 30) as f64,
+                existing.display()
+            );
             if free >= MIN_FREE_BYTES {
-                Check { name: "disk space", ok: true, detail, fix: None }
+                Check {
+                    name: "disk space",
+                    ok: true,
+                    detail,
+                    fix: None,
+                }
             } else {
                 let fix = Some(format!("kiln --root {} prune", root.display()));
-                Check { name: "disk space", ok: false, detail: format!("{detail}; at least 2 GiB needed"), fix }
+                Check {
+                    name: "disk space",
+                    ok: false,
+                    detail: format!("{detail}; at least 2 GiB needed"),
+                    fix,
+                }
             }
         }
         Err(err) => Check {
             name: "disk space",
             ok: false,
-            detail: format!("cannot measure free space under {}: {err}", existing.display()),
+            detail: format!(
+                "cannot measure free space under {}: {err}",
+                existing.display()
+            ),
             fix: None,
         },
     }
@@ -139,8 +199,9 @@ fn check_space(root: &Path) -> Check {
 
 fn free_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte")
+    })?;
     // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
@@ -157,13 +218,20 @@ mod tests {
     fn missing_qemu_says_how_to_install_it() {
         let check = check_qemu(Path::new("/nonexistent/qemu-system-x86_64"));
         assert!(!check.ok);
-        assert_eq!(check.fix.as_deref(), Some("sudo apt-get install qemu-system-x86"));
+        assert_eq!(
+            check.fix.as_deref(),
+            Some("sudo apt-get install qemu-system-x86")
+        );
     }
 
     #[test]
     fn missing_guest_files_point_at_the_build_script() {
         let dir = tempfile::tempdir().unwrap();
-        let check = check_file("kernel", &dir.path().join("guest/kernel"), guest::KERNEL_ENV);
+        let check = check_file(
+            "kernel",
+            &dir.path().join("guest/kernel"),
+            guest::KERNEL_ENV,
+        );
         assert!(!check.ok);
         assert_eq!(check.fix.as_deref(), Some(guest::BUILD_COMMAND));
         assert!(check.detail.contains("KILN_KERNEL"));

@@ -25,10 +25,15 @@ pub struct GuestImages {
 impl GuestImages {
     /// The boot files kiln uses for `root`: the environment's, else those installed there.
     pub fn locate(root: &Path) -> Self {
-        let from_env = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let from_env = |name| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         Self {
             kernel: from_env(KERNEL_ENV).unwrap_or_else(|| root.join("guest").join("kernel")),
-            initramfs: from_env(INITRAMFS_ENV).unwrap_or_else(|| root.join("guest").join("initramfs")),
+            initramfs: from_env(INITRAMFS_ENV)
+                .unwrap_or_else(|| root.join("guest").join("initramfs")),
         }
     }
 }
@@ -36,7 +41,10 @@ impl GuestImages {
 impl GuestImages {
     /// Fails with the command that builds them when either file is missing.
     pub fn check(&self) -> Result<(), VmError> {
-        for (what, path) in [("guest kernel", &self.kernel), ("guest initramfs", &self.initramfs)] {
+        for (what, path) in [
+            ("guest kernel", &self.kernel),
+            ("guest initramfs", &self.initramfs),
+        ] {
             if !path.is_file() {
                 return Err(VmError::MissingFile {
                     what,

@@ -108,10 +108,18 @@ pub trait Backend {
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("cannot start {vmm} ({binary}): {source}")]
-    Spawn { vmm: &'static str, binary: PathBuf, source: std::io::Error },
+    Spawn {
+        vmm: &'static str,
+        binary: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{what} not found at {path}; {hint}")]
-    MissingFile { what: &'static str, path: PathBuf, hint: &'static str },
+    MissingFile {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
 
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
@@ -120,20 +128,36 @@ pub enum VmError {
     Wait { pid: u32, source: std::io::Error },
 
     #[error("deadline for {phase} expired after {:.1} s", .after.as_secs_f64())]
-    Deadline { phase: &'static str, after: Duration },
+    Deadline {
+        phase: &'static str,
+        after: Duration,
+    },
 
     #[error("KVM was requested but cannot be used: {0}")]
     KvmUnavailable(String),
 
     #[error("{path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("cannot run {tool}: {source}")]
-    Tool { tool: &'static str, source: std::io::Error },
+    Tool {
+        tool: &'static str,
+        source: std::io::Error,
+    },
 
     #[error("{tool} failed ({status}): {stderr}")]
-    ToolFailed { tool: &'static str, status: String, stderr: String },
+    ToolFailed {
+        tool: &'static str,
+        status: String,
+        stderr: String,
+    },
 
     #[error("acceleration cache {path}: {source}")]
-    AccelCache { path: PathBuf, source: std::io::Error },
+    AccelCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }

@@ -27,7 +27,14 @@ impl VmProcess {
         // async-signal-safe functions (prctl, getppid, _exit).
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The parent may have died between fork and prctl; then nobody would
@@ -39,7 +46,10 @@ impl VmProcess {
             });
         }
         let child = command.spawn()?;
-        Ok(Self { child, exited: None })
+        Ok(Self {
+            child,
+            exited: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -49,8 +59,10 @@ impl VmProcess {
     /// The exit status, if the process has ended.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, VmError> {
         if self.exited.is_none() {
-            self.exited =
-                self.child.try_wait().map_err(|source| VmError::Wait { pid: self.pid(), source })?;
+            self.exited = self.child.try_wait().map_err(|source| VmError::Wait {
+                pid: self.pid(),
+                source,
+            })?;
         }
         Ok(self.exited)
     }
@@ -79,7 +91,10 @@ impl VmProcess {
         if unsafe { libc::kill(self.pid() as libc::pid_t, signal) } != 0 {
             let source = std::io::Error::last_os_error();
             if source.raw_os_error() != Some(libc::ESRCH) {
-                return Err(VmError::Wait { pid: self.pid(), source });
+                return Err(VmError::Wait {
+                    pid: self.pid(),
+                    source,
+                });
             }
         }
         Ok(())
@@ -91,7 +106,10 @@ impl VmProcess {
             return Ok(status);
         }
         self.signal(libc::SIGKILL)?;
-        let status = self.child.wait().map_err(|source| VmError::Wait { pid: self.pid(), source })?;
+        let status = self.child.wait().map_err(|source| VmError::Wait {
+            pid: self.pid(),
+            source,
+        })?;
         self.exited = Some(status);
         Ok(status)
     }
@@ -122,11 +140,16 @@ mod tests {
     #[test]
     fn wait_until_reports_exit_and_timeout() {
         let mut quick = VmProcess::spawn(Command::new("true")).unwrap();
-        let status = quick.wait_until(Instant::now() + Duration::from_secs(10)).unwrap();
+        let status = quick
+            .wait_until(Instant::now() + Duration::from_secs(10))
+            .unwrap();
         assert!(status.unwrap().success());
 
         let mut slow = VmProcess::spawn(sleeper()).unwrap();
-        assert!(slow.wait_until(Instant::now() + Duration::from_millis(50)).unwrap().is_none());
+        assert!(slow
+            .wait_until(Instant::now() + Duration::from_millis(50))
+            .unwrap()
+            .is_none());
         let status = slow.terminate(Duration::from_secs(5)).unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
     }
@@ -172,7 +195,11 @@ mod tests {
     #[test]
     fn child_dies_with_its_parent() {
         let output = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "process::tests::parent_role_spawns_and_vanishes", "--nocapture"])
+            .args([
+                "--exact",
+                "process::tests::parent_role_spawns_and_vanishes",
+                "--nocapture",
+            ])
             .env(ROLE_ENV, "1")
             .output()
             .unwrap();

@@ -25,14 +25,18 @@ pub struct Qemu {
 
 impl Default for Qemu {
     fn default() -> Self {
-        Self { binary: PathBuf::from(DEFAULT_BINARY) }
+        Self {
+            binary: PathBuf::from(DEFAULT_BINARY),
+        }
     }
 }
 
 impl Qemu {
     /// Uses `binary` instead of `qemu-system-x86_64` from PATH.
     pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
-        Self { binary: binary.into() }
+        Self {
+            binary: binary.into(),
+        }
     }
 
     pub fn binary(&self) -> &Path {
@@ -56,7 +60,10 @@ impl Qemu {
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
         // The console goes to a file that QEMU's own diagnostics (stderr) also append to,
         // so a failure report shows both in order.
-        let console = format!("file,id=console,path={},append=on", escape_option(&spec.console_log));
+        let console = format!(
+            "file,id=console,path={},append=on",
+            escape_option(&spec.console_log)
+        );
         push(&["-chardev", &console, "-serial", "chardev:console"]);
 
         let kernel = spec.kernel.to_string_lossy();
@@ -91,13 +98,29 @@ impl Qemu {
                 path = escape_option(&share.host_path),
                 ro = if share.read_only { ",readonly=on" } else { "" },
             );
-            let device = format!("virtio-9p-device,fsdev=share{index},mount_tag={}", share.tag);
+            let device = format!(
+                "virtio-9p-device,fsdev=share{index},mount_tag={}",
+                share.tag
+            );
             push(&["-fsdev", &fsdev, "-device", &device]);
         }
 
-        let channel = format!("socket,id=kilnchan,path={}", escape_option(&spec.channel.socket));
-        let port = format!("virtserialport,chardev=kilnchan,name={}", spec.channel.port_name);
-        push(&["-device", "virtio-serial-device", "-chardev", &channel, "-device", &port]);
+        let channel = format!(
+            "socket,id=kilnchan,path={}",
+            escape_option(&spec.channel.socket)
+        );
+        let port = format!(
+            "virtserialport,chardev=kilnchan,name={}",
+            spec.channel.port_name
+        );
+        push(&[
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &channel,
+            "-device",
+            &port,
+        ]);
 
         // Entropy for the guest's getrandom(): without it early boot can block.
         push(&["-object", "rng-random,id=rng,filename=/dev/urandom"]);
@@ -106,9 +129,17 @@ impl Qemu {
         if let Network::User { forwards } = &spec.network {
             let mut netdev = String::from("user,id=net0");
             for forward in forwards {
-                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", forward.host, forward.guest));
+                netdev.push_str(&format!(
+                    ",hostfwd=tcp:127.0.0.1:{}-:{}",
+                    forward.host, forward.guest
+                ));
             }
-            push(&["-netdev", &netdev, "-device", "virtio-net-device,netdev=net0"]);
+            push(&[
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-device,netdev=net0",
+            ]);
         }
         Ok(args)
     }
@@ -120,14 +151,29 @@ impl Backend for Qemu {
     }
 
     fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
-        crate::guest::GuestImages { kernel: spec.kernel.clone(), initramfs: spec.initramfs.clone() }.check()?;
+        crate::guest::GuestImages {
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+        }
+        .check()?;
         let arguments = self.arguments(spec)?;
         // Start each boot with an empty log; both writers then append to it.
         let log = std::fs::File::create(&spec.console_log)
-            .and_then(|_| std::fs::OpenOptions::new().append(true).open(&spec.console_log))
-            .map_err(|source| VmError::File { path: spec.console_log.clone(), source })?;
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&spec.console_log)
+            })
+            .map_err(|source| VmError::File {
+                path: spec.console_log.clone(),
+                source,
+            })?;
         let mut command = Command::new(&self.binary);
-        command.args(arguments).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        command
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         tracing::debug!(?command, "starting qemu");
         VmProcess::spawn(command).map_err(|source| VmError::Spawn {
             vmm: "qemu",
@@ -153,7 +199,9 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
         )));
     }
     let valid_id = |id: &str| {
-        !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        !id.is_empty()
+            && id.len() <= 20
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
     for disk in &spec.disks {
         if !valid_id(&disk.id) {
@@ -204,17 +252,41 @@ mod tests {
             initramfs: "/k/initramfs.cpio".into(),
             cmdline: vec!["kiln.port=kiln.0".into()],
             disks: vec![
-                Disk { id: "root".into(), path: "/s/root,1.erofs".into(), read_only: true },
-                Disk { id: "upper".into(), path: "/s/upper.ext4".into(), read_only: false },
+                Disk {
+                    id: "root".into(),
+                    path: "/s/root,1.erofs".into(),
+                    read_only: true,
+                },
+                Disk {
+                    id: "upper".into(),
+                    path: "/s/upper.ext4".into(),
+                    read_only: false,
+                },
             ],
             shares: vec![
-                Share { tag: "vol0".into(), host_path: "/h/data,1".into(), read_only: false },
-                Share { tag: "vol1".into(), host_path: "/h/ro".into(), read_only: true },
+                Share {
+                    tag: "vol0".into(),
+                    host_path: "/h/data,1".into(),
+                    read_only: false,
+                },
+                Share {
+                    tag: "vol1".into(),
+                    host_path: "/h/ro".into(),
+                    read_only: true,
+                },
             ],
             cpus: 2,
             memory_mib: 512,
-            network: Network::User { forwards: vec![PortForward { host: 8080, guest: 80 }] },
-            channel: Channel { socket: "/run/x/chan.sock".into(), port_name: "kiln.0".into() },
+            network: Network::User {
+                forwards: vec![PortForward {
+                    host: 8080,
+                    guest: 80,
+                }],
+            },
+            channel: Channel {
+                socket: "/run/x/chan.sock".into(),
+                port_name: "kiln.0".into(),
+            },
             console_log: "/s/console.log".into(),
             accel: Accel::Tcg,
         }
@@ -287,6 +359,9 @@ mod tests {
     fn missing_kernel_is_reported_with_a_fix() {
         let err = Qemu::default().start(&spec()).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/k/bzImage") && text.contains("scripts/build-guest"), "{text}");
+        assert!(
+            text.contains("/k/bzImage") && text.contains("scripts/build-guest"),
+            "{text}"
+        );
     }
 }

@@ -28,7 +28,10 @@ fn measure() -> u64 {
 
 /// Kernel arguments that let a TCG guest trust the host's TSC.
 pub fn tcg_kernel_args() -> [String; 2] {
-    [format!("tsc_early_khz={}", host_tsc_khz()), "tsc=reliable".to_owned()]
+    [
+        format!("tsc_early_khz={}", host_tsc_khz()),
+        "tsc=reliable".to_owned(),
+    ]
 }
 
 #[cfg(test)]

@@ -23,26 +23,37 @@ pub fn config(topology: &str, extra: &str) -> SandboxConfig {
 
 /// Namespace `team-a` with the given SCC annotations (`None` leaves one out).
 pub fn namespace(uid_range: Option<&str>, supplemental_groups: Option<&str>) -> NamespaceInfo {
-    let mut annotations = BTreeMap::from([("openshift.io/description".to_owned(), "test".to_owned())]);
+    let mut annotations =
+        BTreeMap::from([("openshift.io/description".to_owned(), "test".to_owned())]);
     if let Some(value) = uid_range {
         annotations.insert(UID_RANGE_ANNOTATION.to_owned(), value.to_owned());
     }
     if let Some(value) = supplemental_groups {
         annotations.insert(SUPPLEMENTAL_GROUPS_ANNOTATION.to_owned(), value.to_owned());
     }
-    NamespaceInfo { name: "team-a".to_owned(), annotations, origin: "test".to_owned() }
+    NamespaceInfo {
+        name: "team-a".to_owned(),
+        annotations,
+        origin: "test".to_owned(),
+    }
 }
 
 /// The venv's kubernetes-validate, or `None` (with the reason printed) when it may be skipped.
 pub fn kubernetes_validate() -> Option<PathBuf> {
-    let venv = std::env::var_os("KILN_KUBERNETES_VALIDATE_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/kiln/venv-kubernetes-validate")
-    });
+    let venv = std::env::var_os("KILN_KUBERNETES_VALIDATE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/kiln/venv-kubernetes-validate")
+        });
     let binary = venv.join("bin/kubernetes-validate");
     if binary.is_file() {
         return Some(binary);
     }
-    let reason = format!("{} is absent; run scripts/setup-kubernetes-validate", binary.display());
+    let reason = format!(
+        "{} is absent; run scripts/setup-kubernetes-validate",
+        binary.display()
+    );
     if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
         panic!("CI is set but {reason}");
     }
@@ -51,8 +62,16 @@ pub fn kubernetes_validate() -> Option<PathBuf> {
 }
 
 pub fn validate(binary: &Path, version: &str, file: &Path) -> Result<(), String> {
-    let output = Command::new(binary).args(["--strict", "--kubernetes-version", version]).arg(file).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(binary)
+        .args(["--strict", "--kubernetes-version", version])
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     // It prints INFO for a pass and ERROR for a failure; both must agree with the exit code.
     if output.status.success() && text.contains("passed") && !text.contains("ERROR") {
         Ok(())
