@@ -10,34 +10,9 @@
 //! generic passwd parsers drop comments, NIS lines and CRLF endings, which this crate
 //! must keep byte for byte when it edits an image's files.
 //!
-//! # Identity rules
+//! The rules it applies are written once, in `docs/identity.md`, included here:
 //!
-//! - UIDs and GIDs of the sandbox lie in [`MIN_SANDBOX_UID`]`..=`[`MAX_SANDBOX_UID`]
-//!   (1000 ..= 2,000,000,000; the same bounds for GIDs), which is also within Kubernetes'
-//!   limit [`KUBERNETES_MAX_ID`] (2^31-1). The default identity is 10001:10001 on every path.
-//! - A run-as value ([`RunAs::parse`]) is the literal `sandbox` or a canonical decimal id
-//!   within the bounds: no sign, no leading zero, no spaces, no other notation, UTF-8 only.
-//!   [`parse_sandbox_id`] accepts the numeric form only (for `--uid`/`--gid`).
-//! - SCC annotations [`UID_RANGE_ANNOTATION`] and [`SUPPLEMENTAL_GROUPS_ANNOTATION`] hold
-//!   blocks `start/size` or `start-end` (size >= 1, end >= start, u32 arithmetic checked,
-//!   whitespace around the value and around each block trimmed). Supplemental groups may
-//!   hold several comma-separated blocks; every block must parse. The uid range uses its
-//!   first block. A present but malformed annotation is an error, never a silent fallback.
-//! - [`resolve_identity`]: an explicit uid/gid wins; else UID = start of the uid-range
-//!   block and GID = start of the first supplemental-groups block (the uid-range start
-//!   when that annotation is absent); else the default. Out-of-bounds results are errors
-//!   that name their source. Each value carries its [`IdSource`].
-//! - Account files ([`write_sandbox_accounts`]): passwd holds exactly one
-//!   `sandbox:x:UID:GID:sandbox:/sandbox:SHELL` entry, group exactly one `sandbox` group
-//!   with GID that keeps its members, gshadow and shadow exactly one locked (`!`) entry.
-//!   An existing entry is rewritten in place (duplicates removed, with a warning); absent
-//!   files are created; every other line is kept byte for byte (comments, blank lines,
-//!   NIS `+`/`-` lines, CRLF endings); a newline is inserted when the last line lacks one.
-//!   Another user owning UID or group owning GID is a warning that names it. The edit is
-//!   idempotent. Input over 1 MiB ([`MAX_ACCOUNT_FILE_SIZE`]) or with a NUL byte is an error.
-//!   Our own entries always end in `\n` (a `\r` would end up in the shell field); a `\r`
-//!   before the end of the file ends a line like `\r\n`. Group members whose names hold
-//!   whitespace or control bytes are dropped with a warning.
+#![doc = include_str!("../../../docs/identity.md")]
 //!
 //! # API notes
 //!
