@@ -226,7 +226,7 @@ impl BootConfig {
             "net" => self.net = Some(decode_net(value)?),
             "vol" => {
                 let volume = decode_volume(value)?;
-                if self.volumes.iter().any(|v| same_place(v, &volume)) {
+                if self.volumes.iter().any(|v| volumes_clash(v, &volume)) {
                     return Err(CmdlineFault::DuplicateVolume);
                 }
                 self.volumes.push(volume);
@@ -270,7 +270,10 @@ impl BootConfig {
             args.push(arg("net", encode_net(net))?);
         }
         for (index, volume) in self.volumes.iter().enumerate() {
-            let value = if self.volumes[..index].iter().any(|v| same_place(v, volume)) {
+            let value = if self.volumes[..index]
+                .iter()
+                .any(|v| volumes_clash(v, volume))
+            {
                 Err(CmdlineFault::DuplicateVolume)
             } else {
                 encode_volume(volume)
@@ -282,7 +285,7 @@ impl BootConfig {
 }
 
 /// Two volumes that cannot both be mounted: the same share or the same place.
-fn same_place(a: &VolumeMount, b: &VolumeMount) -> bool {
+fn volumes_clash(a: &VolumeMount, b: &VolumeMount) -> bool {
     a.tag == b.tag || a.path == b.path
 }
 

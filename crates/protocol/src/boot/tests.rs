@@ -314,7 +314,7 @@ fn volumes() -> impl Strategy<Value = Vec<VolumeMount>> {
     proptest::collection::vec(one, 0..4).prop_map(|candidates| {
         let mut volumes: Vec<VolumeMount> = Vec::new();
         for volume in candidates {
-            if !volumes.iter().any(|v| same_place(v, &volume)) {
+            if !volumes.iter().any(|v| volumes_clash(v, &volume)) {
                 volumes.push(volume);
             }
         }
