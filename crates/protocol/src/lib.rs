@@ -1,4 +1,11 @@
-//! kiln-protocol: the one byte stream between the kiln host and its guest.
+//! kiln-protocol: what the kiln host and its guest say to each other: the boot
+//! configuration on the kernel command line, then one byte stream.
+//!
+//! Before the guest runs, the host puts a [`BootConfig`] on the kernel command line
+//! ([`BootConfig::kernel_args`]) and the guest's init reads it back
+//! ([`BootConfig::parse`]): disks (by the ids [`ROOT_DISK_ID`], [`IDENTITY_DISK_ID`],
+//! [`UPPER_DISK_ID`]), the channel's port ([`CHANNEL_PORT`]), hostname, network and
+//! volumes. Both sides check one grammar, so the encoder refuses what the guest would.
 //!
 //! A sequence of frames over any reliable byte stream (a virtio-serial port, a vsock, a
 //! unix socket): [`read_frame`] and [`write_frame`] work on any [`std::io::Read`] /
@@ -20,8 +27,14 @@
 //! codecs pull in a runtime the static guest init does not want, and general RPC crates
 //! bring their own transports instead of one plain stream over a serial port.
 
+mod boot;
 mod frame;
 mod message;
+
+pub use boot::{
+    BootConfig, BootConfigError, CmdlineError, CmdlineFault, DiskRef, NetConfig, Upper,
+    VolumeMount, CHANNEL_PORT, DEFAULT_HOSTNAME, IDENTITY_DISK_ID, ROOT_DISK_ID, UPPER_DISK_ID,
+};
 
 pub use frame::{
     decode_frame, encode_frame, read_frame, write_frame, write_stream, Header, Kind, ProtocolError,

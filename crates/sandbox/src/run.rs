@@ -1,10 +1,15 @@
 //! `kiln run`: one sandbox from image reference to workload result.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::{BootStep, Identity, RunAs, RunSpec, TerminalSize, WorkloadResult};
+use kiln_protocol::{
+    BootConfig, BootConfigError, BootStep, DiskRef, Identity, NetConfig, RunAs, RunSpec,
+    TerminalSize, VolumeMount, WorkloadResult, CHANNEL_PORT, IDENTITY_DISK_ID, ROOT_DISK_ID,
+    UPPER_DISK_ID,
+};
 use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec};
@@ -25,10 +30,12 @@ use crate::state::{
 pub const UPPER_DISK_MIB: u64 = 8 * 1024;
 
 /// The guest's address on QEMU's user-mode network, its gateway (the host) and DNS.
-const USER_NET: &str = "10.0.2.15/24,10.0.2.2,10.0.2.3";
-
-/// Name of the host-guest virtio-serial port.
-const CHANNEL_PORT: &str = "kiln.0";
+const USER_NET: NetConfig = NetConfig {
+    address: Ipv4Addr::new(10, 0, 2, 15),
+    prefix_len: 24,
+    gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+    dns: Some(Ipv4Addr::new(10, 0, 2, 3)),
+};
 
 /// Everything `kiln run` needs: what a detached sandbox is created from, and how this
 /// one run goes.
@@ -76,6 +83,8 @@ pub enum RunError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    #[error(transparent)]
+    BootConfig(#[from] BootConfigError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -231,12 +240,12 @@ pub(crate) fn sandbox_record(
     }
 }
 
-/// The virtio-9p shares of `volumes` (tags `vol0`, `vol1`, ...) and the `kiln.vol=`
-/// kernel arguments that tell the guest's init where to mount them. A host directory
-/// that is gone since the volume was parsed is an error naming it.
-pub fn volume_shares(volumes: &[Volume]) -> Result<(Vec<Share>, Vec<String>), RunError> {
+/// The virtio-9p shares of `volumes` (tags `vol0`, `vol1`, ...) and where the guest's
+/// init mounts them (`kiln.vol=`). A host directory that is gone since the volume was
+/// parsed is an error naming it.
+pub fn volume_shares(volumes: &[Volume]) -> Result<(Vec<Share>, Vec<VolumeMount>), RunError> {
     let mut shares = Vec::new();
-    let mut args = Vec::new();
+    let mut mounts = Vec::new();
     for (index, volume) in volumes.iter().enumerate() {
         if !volume.host.is_dir() {
             return Err(RunError::Io {
@@ -248,18 +257,18 @@ pub fn volume_shares(volumes: &[Volume]) -> Result<(Vec<Share>, Vec<String>), Ru
             });
         }
         let tag = format!("vol{index}");
-        args.push(format!(
-            "kiln.vol={tag},{}{}",
-            volume.guest,
-            if volume.read_only { ",ro" } else { "" }
-        ));
+        mounts.push(VolumeMount {
+            tag: tag.clone(),
+            path: volume.guest.clone(),
+            read_only: volume.read_only,
+        });
         shares.push(Share {
             tag,
             host_path: volume.host.clone(),
             read_only: volume.read_only,
         });
     }
-    Ok((shares, args))
+    Ok((shares, mounts))
 }
 
 /// The host side of a boot: guest files, the VMM and the accelerator to use.
@@ -324,41 +333,39 @@ pub(crate) fn boot(
 ) -> Result<LaunchOutcome, RunError> {
     let mut disks = vec![
         Disk {
-            id: "root".into(),
+            id: ROOT_DISK_ID.into(),
             path: prepared.root_image.clone(),
             read_only: true,
         },
         Disk {
-            id: "ident".into(),
+            id: IDENTITY_DISK_ID.into(),
             path: prepared.identity_layer.clone(),
             read_only: true,
         },
     ];
     let upper = match upper {
-        Upper::Tmpfs => "kiln.upper=tmpfs".to_owned(),
+        Upper::Tmpfs => kiln_protocol::Upper::Tmpfs,
         Upper::Disk(path) => {
             disks.push(Disk {
-                id: "upper".into(),
+                id: UPPER_DISK_ID.into(),
                 path,
                 read_only: false,
             });
-            "kiln.upper=upper".to_owned()
+            kiln_protocol::Upper::Disk(DiskRef::Serial(UPPER_DISK_ID.into()))
         }
     };
-    let hostname = sandbox.name().unwrap_or(sandbox.id());
-    let mut cmdline = vec![
-        "kiln.root=root".to_owned(),
-        "kiln.ident=ident".to_owned(),
-        upper,
-        format!("kiln.port={CHANNEL_PORT}"),
-        format!("kiln.hostname={hostname}"),
-    ];
     let network = Network::from(&record.network);
-    if matches!(network, Network::User { .. }) {
-        cmdline.push(format!("kiln.net={USER_NET}"));
+    let (shares, volumes) = volume_shares(&record.volumes)?;
+    let cmdline = BootConfig {
+        root: Some(DiskRef::Serial(ROOT_DISK_ID.into())),
+        ident: Some(DiskRef::Serial(IDENTITY_DISK_ID.into())),
+        upper,
+        port: CHANNEL_PORT.into(),
+        hostname: sandbox.name().unwrap_or(sandbox.id()).into(),
+        net: matches!(network, Network::User { .. }).then_some(USER_NET),
+        volumes,
     }
-    let (shares, volume_args) = volume_shares(&record.volumes)?;
-    cmdline.extend(volume_args);
+    .kernel_args()?;
 
     let run_dir = run_dir()?;
     let spec = VmSpec {
@@ -401,10 +408,14 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         Ok(dir) => dir,
         Err(err) => return ProbeOutcome::Failed(format!("no run directory for the probe: {err}")),
     };
+    let cmdline = match BootConfig::default().kernel_args() {
+        Ok(args) => args,
+        Err(err) => return ProbeOutcome::Failed(err.to_string()),
+    };
     let spec = VmSpec {
         kernel: guest.kernel.clone(),
         initramfs: guest.initramfs.clone(),
-        cmdline: vec![format!("kiln.port={CHANNEL_PORT}")],
+        cmdline,
         disks: Vec::new(),
         shares: Vec::new(),
         cpus: 1,
@@ -473,7 +484,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn volumes_become_numbered_shares_and_kernel_arguments() {
+    fn volumes_become_numbered_shares_and_mounts() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = [
             Volume {
@@ -487,8 +498,22 @@ mod tests {
                 read_only: true,
             },
         ];
-        let (shares, args) = volume_shares(&volumes).unwrap();
-        assert_eq!(args, ["kiln.vol=vol0,/data", "kiln.vol=vol1,/srv/in,ro"]);
+        let (shares, mounts) = volume_shares(&volumes).unwrap();
+        assert_eq!(
+            mounts,
+            [
+                VolumeMount {
+                    tag: "vol0".into(),
+                    path: "/data".into(),
+                    read_only: false
+                },
+                VolumeMount {
+                    tag: "vol1".into(),
+                    path: "/srv/in".into(),
+                    read_only: true
+                },
+            ]
+        );
         assert_eq!(
             shares,
             [

@@ -202,8 +202,9 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte")
     })?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: statvfs is a plain C struct, for which all zero bytes are a valid value.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is NUL-terminated and statvfs writes into the struct we own.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -31,7 +31,8 @@ pub use process::VmProcess;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
     /// Short id, also the device's serial number, so the guest can find the disk by role
-    /// (`/sys/block/vd*/serial`) whatever order the devices are probed in.
+    /// (`/sys/block/vd*/serial`) whatever order the devices are probed in; kiln's roles
+    /// are kiln-protocol's `ROOT_DISK_ID`, `IDENTITY_DISK_ID` and `UPPER_DISK_ID`.
     pub id: String,
     pub path: PathBuf,
     pub read_only: bool,
@@ -72,7 +73,8 @@ pub enum Network {
 pub struct Channel {
     /// Unix socket the host listens on before the VMM starts; the VMM connects to it.
     pub socket: PathBuf,
-    /// Port name the guest sees under /dev/virtio-ports/.
+    /// Port name the guest sees under /dev/virtio-ports/ (kiln's is kiln-protocol's
+    /// `CHANNEL_PORT`).
     pub port_name: String,
 }
 

@@ -245,20 +245,26 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
 mod tests {
     use super::*;
     use crate::{Channel, Disk, PortForward, Share};
+    use kiln_protocol::{BootConfig, DiskRef, Upper, CHANNEL_PORT, ROOT_DISK_ID, UPPER_DISK_ID};
 
     fn spec() -> VmSpec {
+        let boot = BootConfig {
+            root: Some(DiskRef::Serial(ROOT_DISK_ID.into())),
+            upper: Upper::Disk(DiskRef::Serial(UPPER_DISK_ID.into())),
+            ..BootConfig::default()
+        };
         VmSpec {
             kernel: "/k/bzImage".into(),
             initramfs: "/k/initramfs.cpio".into(),
-            cmdline: vec!["kiln.port=kiln.0".into()],
+            cmdline: boot.kernel_args().unwrap(),
             disks: vec![
                 Disk {
-                    id: "root".into(),
+                    id: ROOT_DISK_ID.into(),
                     path: "/s/root,1.erofs".into(),
                     read_only: true,
                 },
                 Disk {
-                    id: "upper".into(),
+                    id: UPPER_DISK_ID.into(),
                     path: "/s/upper.ext4".into(),
                     read_only: false,
                 },
@@ -285,7 +291,7 @@ mod tests {
             },
             channel: Channel {
                 socket: "/run/x/chan.sock".into(),
-                port_name: "kiln.0".into(),
+                port_name: CHANNEL_PORT.into(),
             },
             console_log: "/s/console.log".into(),
             accel: Accel::Tcg,
@@ -305,18 +311,20 @@ mod tests {
     #[test]
     fn command_line_has_every_part() {
         let line = joined(&spec());
+        let root_device = format!("virtio-blk-device,drive={ROOT_DISK_ID},serial={ROOT_DISK_ID}");
+        let port = format!("virtserialport,chardev=kilnchan,name={CHANNEL_PORT}");
         for part in [
             "-accel tcg -cpu max",
             "-m 512M -smp 2",
             "-no-reboot",
             "-append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=",
-            "tsc=reliable kiln.port=kiln.0",
+            "tsc=reliable kiln.root=root kiln.upper=upper kiln.port=kiln.0 kiln.hostname=kiln",
             "file=/s/root,,1.erofs,format=raw,if=none,readonly=on",
-            "virtio-blk-device,drive=root,serial=root",
+            &root_device,
             "readonly=off",
             "file,id=console,path=/s/console.log,append=on",
             "socket,id=kilnchan,path=/run/x/chan.sock",
-            "virtserialport,chardev=kilnchan,name=kiln.0",
+            &port,
             "hostfwd=tcp:127.0.0.1:8080-:80",
             "-fsdev local,id=share0,path=/h/data,,1,security_model=mapped-xattr -device",
             "virtio-9p-device,fsdev=share0,mount_tag=vol0",

@@ -32,22 +32,17 @@
 //!
 //! # Kernel command line
 //!
-//! | argument | meaning |
-//! |---|---|
-//! | `kiln.root=SERIAL\|/dev/X` | root image (EROFS), by virtio-blk serial or device path; required |
-//! | `kiln.ident=SERIAL\|/dev/X` | identity layer (EROFS) above the root; optional |
-//! | `kiln.upper=tmpfs\|SERIAL\|/dev/X` | writable upper; an ext4 disk keeps `upper/` and `work/` at its top (created when missing); default `tmpfs` |
-//! | `kiln.port=NAME` | virtio-serial port of the channel; default `kiln.0` |
-//! | `kiln.hostname=NAME` | hostname; default `kiln` |
-//! | `kiln.net=ADDR/PREFIX[,GATEWAY[,DNS]]` | configure eth0 (e.g. `10.0.2.15/24,10.0.2.2,10.0.2.3` for QEMU's user network); absent: only lo |
-//! | `kiln.vol=TAG,GUESTPATH[,ro]` | repeatable: mount the virtio-9p share TAG at GUESTPATH (absolute, normalised), read-only with `ro` |
-//!
-//! A disk is best named by serial (`-device virtio-blk-device,drive=root,serial=root`):
-//! virtio-mmio probe order is not the order of the QEMU arguments. An unknown or malformed
-//! `kiln.*` argument is a `command_line` boot error. The kernel also needs
-//! `console=ttyS0 reboot=t panic=-1` (power-off and panics end QEMU with `-no-reboot`)
-//! and, under TCG, `tsc_early_khz=<host TSC kHz> tsc=reliable`: on a busy host the kernel
-//! otherwise fails to calibrate the TSC against the PIT and hangs (see kernels/README.md).
+//! init reads its [`kiln_protocol::BootConfig`] from the `kiln.*` arguments: the root
+//! image and identity layer (EROFS), the writable upper (tmpfs, or an ext4 disk that keeps
+//! `upper/` and `work/` at its top, created when missing), the channel's port, hostname,
+//! eth0's static address and the 9p volumes. docs/protocol.md ("Boot configuration")
+//! gives every argument and its grammar. A disk is best named by serial
+//! (`-device virtio-blk-device,drive=root,serial=root`): virtio-mmio probe order is not
+//! the order of the QEMU arguments. An unknown or malformed `kiln.*` argument is a
+//! `command_line` boot error. The kernel also needs `console=ttyS0 reboot=t panic=-1`
+//! (power-off and panics end QEMU with `-no-reboot`) and, under TCG,
+//! `tsc_early_khz=<host TSC kHz> tsc=reliable`: on a busy host the kernel otherwise fails
+//! to calibrate the TSC against the PIT and hangs (see kernels/README.md).
 //!
 //! # Channel
 //!
@@ -60,7 +55,6 @@
 //! BootError on the control session and Data/Eof/Result on each workload session.
 
 mod channel;
-mod cmdline;
 mod net;
 mod rootfs;
 mod session;
@@ -73,12 +67,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln_protocol::{
-    negotiate, BootError, BootPhase, BootStep, Frame, Hello, Message, PhaseTime, RunSpec,
-    CONTROL_SESSION, MAIN_SESSION,
+    negotiate, BootConfig, BootError, BootPhase, BootStep, Frame, Hello, Message, PhaseTime,
+    RunSpec, CHANNEL_PORT, CONTROL_SESSION, MAIN_SESSION,
 };
 
 use channel::Channel;
-use cmdline::BootConfig;
 use rootfs::failed;
 
 /// How long the host has to send its hello and the run spec once the guest is up.
@@ -228,9 +221,7 @@ fn main() {
             BootConfig::parse(&text).map_err(|e| failed(BootStep::CommandLine, e.to_string()))
         });
     // A bad command line is still reported on the default port when that exists.
-    let port = config
-        .as_ref()
-        .map_or(cmdline::DEFAULT_PORT, |c| c.port.as_str());
+    let port = config.as_ref().map_or(CHANNEL_PORT, |c| c.port.as_str());
     let channel = match Channel::open(port) {
         Ok(channel) => channel,
         Err(e) => {

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use crate::cmdline::NetConfig;
+use kiln_protocol::NetConfig;
 
 /// The kernel's `struct rtentry` (include/uapi/linux/route.h); glibc's libc crate binding
 /// does not carry it.

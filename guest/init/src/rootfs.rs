@@ -5,9 +5,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::cmdline::{BootConfig, DiskRef, Upper};
 use crate::sys::{self, mount};
-use kiln_protocol::{BootError, BootStep as Step};
+use kiln_protocol::{BootConfig, BootError, BootStep as Step, DiskRef, Upper};
 
 /// Where init mounts things in the initramfs before switching.
 const ROOT_IMAGE: &str = "/kiln/root";

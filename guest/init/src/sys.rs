@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cmdline::DiskRef;
+use kiln_protocol::DiskRef;
 
 fn cstring(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
@@ -135,9 +135,11 @@ mod tests {
 
     #[test]
     fn disks_and_ports_are_found_by_their_sysfs_attribute() {
+        use kiln_protocol::{CHANNEL_PORT, IDENTITY_DISK_ID, ROOT_DISK_ID, UPPER_DISK_ID};
+
         let dir = tempfile::tempdir().unwrap();
         let (sys, dev) = (dir.path().join("sys"), dir.path().join("dev"));
-        for (name, serial) in [("vda", "ident"), ("vdb", "root")] {
+        for (name, serial) in [("vda", IDENTITY_DISK_ID), ("vdb", ROOT_DISK_ID)] {
             std::fs::create_dir_all(sys.join("block").join(name)).unwrap();
             std::fs::write(
                 sys.join("block").join(name).join("serial"),
@@ -146,21 +148,36 @@ mod tests {
             .unwrap();
         }
         std::fs::create_dir_all(sys.join("class/virtio-ports/vport0p1")).unwrap();
-        std::fs::write(sys.join("class/virtio-ports/vport0p1/name"), "kiln.0\n").unwrap();
+        std::fs::write(
+            sys.join("class/virtio-ports/vport0p1/name"),
+            format!("{CHANNEL_PORT}\n"),
+        )
+        .unwrap();
         std::fs::create_dir_all(&dev).unwrap();
         for node in ["vda", "vdb", "vport0p1"] {
             std::fs::write(dev.join(node), "").unwrap();
         }
 
         assert_eq!(
-            find_disk(&DiskRef::Serial("root".into()), &sys, &dev),
+            find_disk(&DiskRef::Serial(ROOT_DISK_ID.into()), &sys, &dev),
             Some(dev.join("vdb"))
         );
         assert_eq!(
-            find_disk(&DiskRef::Serial("upper".into()), &sys, &dev),
+            find_disk(&DiskRef::Serial(UPPER_DISK_ID.into()), &sys, &dev),
             None
         );
-        assert_eq!(find_port("kiln.0", &sys, &dev), Some(dev.join("vport0p1")));
+        assert_eq!(
+            find_disk(
+                &DiskRef::Path(dev.join("vda").display().to_string()),
+                &sys,
+                &dev
+            ),
+            Some(dev.join("vda"))
+        );
+        assert_eq!(
+            find_port(CHANNEL_PORT, &sys, &dev),
+            Some(dev.join("vport0p1"))
+        );
         assert_eq!(find_port("kiln.1", &sys, &dev), None);
     }
 

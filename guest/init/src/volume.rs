@@ -7,9 +7,8 @@
 
 use std::path::Path;
 
-use kiln_protocol::{BootError, BootStep};
+use kiln_protocol::{BootError, BootStep, VolumeMount};
 
-use crate::cmdline::VolumeMount;
 use crate::rootfs::failed;
 use crate::sys::mount;
 
