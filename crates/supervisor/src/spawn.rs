@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
+use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult, DEFAULT_PATH};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
@@ -21,9 +21,6 @@ use nix::unistd::{pipe2, ForkResult, Pid};
 
 use crate::privileges::{drop_privileges, PrivilegeStep};
 use crate::{PrivilegeError, Privileges, SupervisorError};
-
-/// PATH of a workload whose environment has none (Docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How the workload's standard streams are connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
