@@ -487,7 +487,8 @@ fn child_main(p: &Prepared, launch: &Launch, child_fds: &[RawFd]) -> ChildFailur
         detail,
         errno: errno as i32,
     };
-    // SAFETY (whole function): only system calls on memory prepared before fork.
+    // SAFETY: the whole child side makes only async-signal-safe system calls, on memory
+    // prepared before the fork.
     unsafe {
         // Signal state survives exec: give the workload default dispositions (Rust
         // ignores SIGPIPE) and an empty mask (the supervisor blocks what it forwards).
