@@ -491,7 +491,8 @@ fn child_main(p: &Prepared, launch: &Launch, child_fds: &[RawFd]) -> ChildFailur
     // prepared before the fork.
     unsafe {
         // Signal state survives exec: give the workload default dispositions (Rust
-        // ignores SIGPIPE) and an empty mask (the supervisor blocks what it forwards).
+        // ignores SIGPIPE, the caller may catch some) and an empty mask (the
+        // kiln-supervisor binary blocks what it catches across the fork).
         for signal in 1..32 {
             if signal != libc::SIGKILL && signal != libc::SIGSTOP {
                 libc::signal(signal, libc::SIG_DFL);
