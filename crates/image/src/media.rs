@@ -92,7 +92,7 @@ pub fn check_config(what: &str, media_type: &str) -> Result<(), Error> {
     }
 }
 
-/// How a layer blob is compressed.
+/// How a layer blob is compressed (kiln-rootfs decodes each layer by it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {

@@ -14,13 +14,11 @@
 //! which [`Store::open`] removes once their process is gone.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{Algorithm, Digest};
@@ -155,18 +153,18 @@ impl Store {
     /// Takes the exclusive lock of one blob, waiting for another writer to finish.
     pub(crate) fn lock_blob(&self, digest: &Digest) -> Result<Lock, Error> {
         let path = self.blob_path(digest).with_extension("lock");
-        lock_file(&path, FlockOperation::LockExclusive)
+        lock_file(&path, File::lock)
     }
 
     /// Pulls hold this shared; prune holds it exclusive so it never removes a blob that a
     /// pull has written but not yet recorded.
     pub(crate) fn lock_gc(&self, exclusive: bool) -> Result<Lock, Error> {
-        let op = if exclusive {
-            FlockOperation::LockExclusive
+        let take: fn(&File) -> io::Result<()> = if exclusive {
+            File::lock
         } else {
-            FlockOperation::LockShared
+            File::lock_shared
         };
-        lock_file(&self.dir.join("gc.lock"), op)
+        lock_file(&self.dir.join("gc.lock"), take)
     }
 
     /// A temp file in the blob directory of `algorithm`, removed on drop unless persisted.
@@ -371,17 +369,15 @@ struct LayerDigest {
     digest: Digest,
 }
 
-fn lock_file(path: &Path, op: FlockOperation) -> Result<Lock, Error> {
+/// Opens (creating) the lock file at `path` and waits for the flock that `take` asks for.
+fn lock_file(path: &Path, take: fn(&File) -> io::Result<()>) -> Result<Lock, Error> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
         .map_err(Error::io(format!("opening lock {}", path.display())))?;
-    flock(file.as_fd(), op).map_err(|e| Error::Io {
-        context: format!("locking {}", path.display()),
-        source: e.into(),
-    })?;
+    take(&file).map_err(Error::io(format!("locking {}", path.display())))?;
     Ok(Lock { _file: file })
 }
 

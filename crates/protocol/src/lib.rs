@@ -43,7 +43,8 @@ pub use frame::{
 pub use message::{
     negotiate, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message, PhaseTime, RunAs,
     RunSpec, SessionId, ShutdownRequest, SignalRequest, StartFailure, Stream, TerminalSize,
-    WorkloadResult, CONTROL_SESSION, MAIN_SESSION, MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN,
+    WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MESSAGE_VERSION_MAX,
+    MESSAGE_VERSION_MIN,
 };
 
 #[cfg(test)]

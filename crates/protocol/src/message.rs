@@ -104,6 +104,11 @@ pub fn negotiate(ours: &Hello, theirs: &Hello) -> Result<u16, ProtocolError> {
     Ok(high)
 }
 
+/// The PATH a workload gets when neither its image nor the user sets one (Docker's
+/// default). The host fills it into the run spec, the guest's supervisor into an
+/// environment without PATH, and `kiln check` searches the image's commands in it.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// What to run and how: the image config with the user's overrides already applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,8 @@ use std::io::{self, BufReader, Read};
 use std::path::Path;
 use std::process::ExitCode;
 
-use kiln_rootfs::{build_root_image, BuildOptions, Compression, Layer};
+use kiln_image::Compression;
+use kiln_rootfs::{build_root_image, BuildOptions, Layer};
 
 fn parse(arg: &str) -> Result<(Compression, &str), String> {
     let (kind, path) = arg

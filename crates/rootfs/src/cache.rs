@@ -9,7 +9,6 @@
 //! name (which holds the lock, so no live build owns them).
 
 use std::fs::{self, File};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -183,14 +182,12 @@ fn lock(dir: &Path, name: &str) -> Result<File> {
         .write(true)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // A signal handled while waiting interrupts the wait; wait again.
     loop {
-        // SAFETY: flock on a descriptor this function owns; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(file);
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::io(format!("locking {}", path.display()), err));
+        match file.lock() {
+            Ok(()) => return Ok(file),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(Error::io(format!("locking {}", path.display()), err)),
         }
     }
 }

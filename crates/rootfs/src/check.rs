@@ -6,6 +6,7 @@ use std::path::Path;
 
 use kiln_erofs::{NodeId, NodeKind};
 use kiln_identity::{parse_group, parse_passwd, SANDBOX_USER};
+use kiln_protocol::DEFAULT_PATH;
 use serde::Serialize;
 
 use crate::apply::{apply_layers, RootTree};
@@ -13,8 +14,6 @@ use crate::error::{Error, Result};
 use crate::identity::{AccountFile, IdentityInputs};
 use crate::{Layer, Limits};
 
-/// PATH when the image's config sets none (what container runtimes use).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Set-id files listed by name; more are only counted.
 const MAX_LISTED_SETID: usize = 50;
 

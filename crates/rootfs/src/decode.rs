@@ -6,39 +6,10 @@ use std::io::{self, BufReader, Read};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use kiln_image::Compression;
+
 use crate::error::EntryError;
 use crate::Limits;
-
-/// How a layer blob is compressed, from its media type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
-
-impl Compression {
-    /// The compression of an OCI or Docker layer media type (non-distributable variants
-    /// included); `None` for anything else.
-    pub fn from_media_type(media_type: &str) -> Option<Compression> {
-        match media_type {
-            "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-                Some(Compression::Gzip)
-            }
-            "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-                Some(Compression::Zstd)
-            }
-            _ => None,
-        }
-    }
-}
 
 /// Why decoding stopped early; carried inside an `io::Error` through the tar reader and
 /// turned back into an [`EntryError`] by [`classify`].
@@ -180,26 +151,6 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         enc.write_all(data).unwrap();
         enc.finish().unwrap()
-    }
-
-    #[test]
-    fn media_types() {
-        assert_eq!(
-            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
-            Some(Compression::Zstd)
-        );
-        assert_eq!(
-            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
-            Some(Compression::Gzip)
-        );
-        assert_eq!(
-            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar"),
-            Some(Compression::None)
-        );
-        assert_eq!(
-            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+bzip2"),
-            None
-        );
     }
 
     #[test]

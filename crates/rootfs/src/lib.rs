@@ -68,6 +68,8 @@ mod tarstream;
 
 use std::io::Read;
 
+use kiln_image::Compression;
+
 pub use apply::{apply_layers, ApplyStats, RootTree};
 pub use build::{
     build_identity_layer, build_root_image, fsck, BuildOptions, BuildReport, IdentityLayerReport,
@@ -75,12 +77,12 @@ pub use build::{
 };
 pub use cache::{Cache, Cached, BUILDER_FORMAT_VERSION};
 pub use check::{check_image, check_layers, CheckInput, CheckReport, Finding, Severity};
-pub use decode::Compression;
 pub use error::{EntryError, EntryName, Error, Result};
 pub use identity::{AccountFile, IdentityInputs, IdentityReport, NodeAttributes, PathDir};
 pub use resolve::MAX_SYMLINK_HOPS;
 
-/// One layer blob to apply: its digest (for messages), compression and contents.
+/// One layer blob to apply: its digest (for messages), compression (kiln-image reads it
+/// from the layer's media type) and contents.
 pub struct Layer<'a> {
     pub digest: String,
     pub compression: Compression,

@@ -5,7 +5,8 @@ mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use kiln_rootfs::{Cache, Compression, Layer, Limits, BUILDER_FORMAT_VERSION};
+use kiln_image::Compression;
+use kiln_rootfs::{Cache, Layer, Limits, BUILDER_FORMAT_VERSION};
 use support::LayerBuilder;
 
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

@@ -8,7 +8,8 @@ mod support;
 use std::io::{self, Read, Write};
 
 use kiln_erofs::NodeKind;
-use kiln_rootfs::{Compression, EntryError, Error, Limits, RootTree};
+use kiln_image::Compression;
+use kiln_rootfs::{EntryError, Error, Limits, RootTree};
 use support::{apply, apply_blobs, dir, file, finish_and_fsck, found, Found, LayerBuilder};
 use tar::EntryType;
 

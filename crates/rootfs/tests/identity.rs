@@ -10,9 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use kiln_identity::{write_sandbox_accounts, AccountFiles};
-use kiln_rootfs::{
-    build_identity_layer, build_root_image, BuildOptions, Compression, Error, Layer,
-};
+use kiln_image::Compression;
+use kiln_rootfs::{build_identity_layer, build_root_image, BuildOptions, Error, Layer};
 use support::LayerBuilder;
 
 fn layers(tars: &[Vec<u8>]) -> Vec<Layer<'_>> {

@@ -181,7 +181,7 @@ fn data_of_deleted_and_replaced_files_takes_no_space() {
     let layers = layers.iter().enumerate().map(|(i, l)| {
         kiln_rootfs::Layer::new(
             format!("sha256:l{i}"),
-            kiln_rootfs::Compression::None,
+            kiln_image::Compression::None,
             &l[..],
         )
     });

@@ -115,12 +115,11 @@ pub fn open_layers<'a>(store: &Store, image: &PulledImage) -> kiln_rootfs::Resul
                         context: format!("opening layer {}", layer.digest),
                         source: std::io::Error::other(e),
                     })?;
-            let compression = match layer.compression {
-                kiln_image::Compression::None => kiln_rootfs::Compression::None,
-                kiln_image::Compression::Gzip => kiln_rootfs::Compression::Gzip,
-                kiln_image::Compression::Zstd => kiln_rootfs::Compression::Zstd,
-            };
-            Ok(Layer::new(layer.digest.to_string(), compression, file))
+            Ok(Layer::new(
+                layer.digest.to_string(),
+                layer.compression,
+                file,
+            ))
         })
         .collect()
 }

@@ -1,6 +1,6 @@
 //! Turning the image's config and the user's overrides into the workload's run spec.
 
-use kiln_protocol::{Identity, RunAs, RunSpec, TerminalSize};
+use kiln_protocol::{Identity, RunAs, RunSpec, TerminalSize, DEFAULT_PATH};
 
 /// The parts of an image's config that decide how its workload starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,9 +39,6 @@ pub struct Overrides {
     pub env: Vec<(String, String)>,
     pub working_dir: Option<String>,
 }
-
-/// The PATH a workload gets when the image sets none (Docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A run spec that cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

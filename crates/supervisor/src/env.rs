@@ -1,7 +1,8 @@
 //! The workload's final environment. (Entrypoint + Cmd, Env and WorkingDir with the
 //! user's overrides are composed on the host, by kiln-sandbox, into the run spec.)
 
-use crate::spawn::DEFAULT_PATH;
+use kiln_protocol::DEFAULT_PATH;
+
 use crate::Session;
 
 /// The workload's environment: USER, LOGNAME, HOME and SHELL from the session, then

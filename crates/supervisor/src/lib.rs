@@ -28,7 +28,7 @@ pub use error::SupervisorError;
 pub use fs::prepare_filesystem;
 pub use kiln_protocol::{Identity, RunAs, RunSpec, StartFailure, TerminalSize, WorkloadResult};
 pub use privileges::{drop_privileges, PrivilegeError, PrivilegeStep, Privileges};
-pub use spawn::{oom_kills, Launch, Workload, WorkloadIo, DEFAULT_PATH};
+pub use spawn::{oom_kills, Launch, Workload, WorkloadIo};
 pub use user::{
     session_user_and_home, validate_sandbox_user, RootAccounts, SandboxUser, Session, DEFAULT_SHELL,
 };

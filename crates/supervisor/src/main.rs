@@ -19,6 +19,8 @@ use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use signal_hook::iterator::Signals;
+use signal_hook::low_level::signal_name;
 
 /// Exit code when the supervisor itself fails (Docker's code for a runtime failure).
 const SUPERVISOR_FAILED: u8 = 125;
@@ -151,24 +153,31 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let user = supervisor.prepare(&spec.identity)?;
 
-    // Blocked before the fork so none is lost; the child unblocks them before exec.
-    let mut waited = SigSet::empty();
-    for signal in FORWARDED.into_iter().chain([Signal::SIGCHLD]) {
-        waited.add(signal);
-    }
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None)?;
+    // Caught from before the fork, so none is lost. Blocked across the fork, so the child
+    // resets them to their defaults (before it unblocks them) without ever running the
+    // handlers it inherited: one sent to it then still reaches the workload.
+    let caught = FORWARDED.into_iter().chain([Signal::SIGCHLD]);
+    let mut signals = Signals::new(caught.clone().map(|signal| signal as libc::c_int))?;
+    let before = caught
+        .collect::<SigSet>()
+        .thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    let started = supervisor.start(&spec, &user, WorkloadIo::Inherit);
+    let unblocked = before.thread_set_mask();
 
-    let workload = match supervisor.start(&spec, &user, WorkloadIo::Inherit) {
+    let workload = match started {
         Ok(workload) => workload,
         Err(err) => return start_failed(err),
     };
     // The supervisor needs no privilege to signal and reap its child: drop its own too.
-    if let Err(err) = drop_privileges(&user.privileges) {
+    let ready = unblocked
+        .map_err(anyhow::Error::from)
+        .and_then(|()| drop_privileges(&user.privileges).map_err(anyhow::Error::from));
+    if let Err(err) = ready {
         let _ = nix::sys::signal::kill(workload.pid(), Signal::SIGKILL);
         let _ = waitpid(workload.pid(), None);
-        return Err(err.into());
+        return Err(err);
     }
-    let result = supervise(&workload, &waited)?;
+    let result = supervise(&workload, &mut signals)?;
     tracing::debug!(?result, "workload ended");
     if let WorkloadResult::OomKilled = result {
         eprintln!("kiln-supervisor: the workload was killed for running out of memory");
@@ -193,27 +202,29 @@ fn exit_code(result: &WorkloadResult) -> ExitCode {
 /// Forwards signals to the workload and reaps every child until the workload ends.
 fn supervise(
     workload: &kiln_supervisor::Workload,
-    waited: &SigSet,
+    signals: &mut Signals,
 ) -> anyhow::Result<WorkloadResult> {
     loop {
-        let signal = waited.wait()?;
-        if signal != Signal::SIGCHLD {
-            if let Err(err) = workload.signal(signal as i32) {
-                tracing::warn!(%err, ?signal, "could not forward a signal");
-            }
-            continue;
-        }
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Err(Errno::EINTR) => continue,
-                Err(err) => return Err(err.into()),
-                Ok(status) if status.pid() == Some(workload.pid()) => {
-                    if let Some(result) = workload.result_of(status) {
-                        return Ok(result);
-                    }
+        for signal in signals.wait() {
+            if signal != libc::SIGCHLD {
+                if let Err(err) = workload.signal(signal) {
+                    let signal = signal_name(signal).unwrap_or("?");
+                    tracing::warn!(%err, %signal, "could not forward a signal");
                 }
-                Ok(_) => {} // an orphan re-parented to us
+                continue;
+            }
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                    Err(Errno::EINTR) => continue,
+                    Err(err) => return Err(err.into()),
+                    Ok(status) if status.pid() == Some(workload.pid()) => {
+                        if let Some(result) = workload.result_of(status) {
+                            return Ok(result);
+                        }
+                    }
+                    Ok(_) => {} // an orphan re-parented to us
+                }
             }
         }
     }
@@ -221,15 +232,16 @@ fn supervise(
 
 /// Network mode: there is no enforcement to run yet, and it must not look as if there were.
 fn network() -> anyhow::Result<ExitCode> {
-    let mut waited = SigSet::empty();
-    waited.add(Signal::SIGTERM);
-    waited.add(Signal::SIGINT);
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&waited), None)?;
+    let mut signals = Signals::new([libc::SIGTERM, libc::SIGINT])?;
     tracing::warn!(
         "network mode enforces nothing yet: no egress or ingress policy is applied; \
          this container only keeps its place in the pod"
     );
-    let signal = waited.wait()?;
-    tracing::info!(?signal, "network mode stopping");
+    let signal = signals
+        .forever()
+        .next()
+        .and_then(signal_name)
+        .unwrap_or("?");
+    tracing::info!(%signal, "network mode stopping");
     Ok(ExitCode::SUCCESS)
 }

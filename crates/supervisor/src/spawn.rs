@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
+use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult, DEFAULT_PATH};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
@@ -21,9 +21,6 @@ use nix::unistd::{pipe2, ForkResult, Pid};
 
 use crate::privileges::{drop_privileges, PrivilegeStep};
 use crate::{PrivilegeError, Privileges, SupervisorError};
-
-/// PATH of a workload whose environment has none (Docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How the workload's standard streams are connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,10 +487,12 @@ fn child_main(p: &Prepared, launch: &Launch, child_fds: &[RawFd]) -> ChildFailur
         detail,
         errno: errno as i32,
     };
-    // SAFETY (whole function): only system calls on memory prepared before fork.
+    // SAFETY: the whole child side makes only async-signal-safe system calls, on memory
+    // prepared before the fork.
     unsafe {
         // Signal state survives exec: give the workload default dispositions (Rust
-        // ignores SIGPIPE) and an empty mask (the supervisor blocks what it forwards).
+        // ignores SIGPIPE, the caller may catch some) and an empty mask (the
+        // kiln-supervisor binary blocks what it catches across the fork).
         for signal in 1..32 {
             if signal != libc::SIGKILL && signal != libc::SIGSTOP {
                 libc::signal(signal, libc::SIG_DFL);

@@ -10,6 +10,9 @@ use kiln_protocol::{
     CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_supervisor::{Mode, Supervisor};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use signal_hook::iterator::Signals;
 
 use crate::channel::Channel;
 use crate::rootfs::failed;
@@ -29,31 +32,23 @@ const FORWARDED_SIGNALS: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
-/// The workload's pid for the signal handler; 0 while there is none.
+/// The workload's pid for the forwarding thread; 0 while there is none.
 static WORKLOAD_PID: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward_signal(signal: libc::c_int) {
-    let pid = WORKLOAD_PID.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe.
-        unsafe { libc::kill(pid, signal) };
-    }
-}
-
-fn install_signal_forwarding() -> std::io::Result<()> {
-    for signal in FORWARDED_SIGNALS {
-        // SAFETY: the handler only loads an atomic and calls kill(2). No SA_RESTART, so a
-        // signal also wakes init's waitpid.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction =
-                forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
+/// Catches [`FORWARDED_SIGNALS`] and passes each on to the workload from a thread of its
+/// own; one that arrives while there is no workload is dropped.
+fn forward_signals() -> std::io::Result<()> {
+    let mut signals = Signals::new(FORWARDED_SIGNALS)?;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            let pid = WORKLOAD_PID.load(Ordering::SeqCst);
+            // Only FORWARDED_SIGNALS arrive, all valid. A workload that ended meanwhile
+            // needs no telling, so a failed kill is not an error.
+            if let (true, Ok(signal)) = (pid > 0, Signal::try_from(signal)) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
             }
         }
-    }
+    });
     Ok(())
 }
 
@@ -88,7 +83,7 @@ pub fn run(
 ) -> Result<Outcome, BootError> {
     let supervisor_error =
         |e: kiln_supervisor::SupervisorError| failed(BootStep::SupervisorStart, e.to_string());
-    install_signal_forwarding().map_err(|e| {
+    forward_signals().map_err(|e| {
         failed(
             BootStep::SupervisorStart,
             format!("installing signal forwarding: {e}"),

@@ -507,14 +507,13 @@ fn materialize_dir(
 
 fn apply_metadata(path: &Path, meta: &kiln_erofs::Metadata, is_symlink: bool) {
     let c = c_path(path);
-    // SAFETY (all calls below): c and the buffers are valid for the duration of each call.
-    check(
-        unsafe { libc::lchown(c.as_ptr(), meta.uid, meta.gid) },
-        "lchown",
-        path,
-    );
+    // SAFETY: c is a valid NUL-terminated path for the duration of the call.
+    let rc = unsafe { libc::lchown(c.as_ptr(), meta.uid, meta.gid) };
+    check(rc, "lchown", path);
     for xattr in &meta.xattrs {
         let name = CString::new(xattr.name.clone()).unwrap();
+        // SAFETY: c and name are NUL-terminated and the value buffer holds its length in
+        // bytes, all alive for the duration of the call.
         let rc = unsafe {
             libc::lsetxattr(
                 c.as_ptr(),
@@ -528,13 +527,16 @@ fn apply_metadata(path: &Path, meta: &kiln_erofs::Metadata, is_symlink: bool) {
     }
     if !is_symlink {
         // After chown, which clears setuid/setgid; ACLs must agree with the mode.
-        check(unsafe { libc::chmod(c.as_ptr(), meta.mode) }, "chmod", path);
+        // SAFETY: c is a valid NUL-terminated path for the duration of the call.
+        let rc = unsafe { libc::chmod(c.as_ptr(), meta.mode) };
+        check(rc, "chmod", path);
     }
     let time = libc::timespec {
         tv_sec: meta.mtime.sec,
         tv_nsec: meta.mtime.nsec as libc::c_long,
     };
     let times = [time, time];
+    // SAFETY: c is NUL-terminated and times holds the two timespecs utimensat reads.
     let rc = unsafe {
         libc::utimensat(
             libc::AT_FDCWD,

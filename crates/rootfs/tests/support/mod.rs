@@ -7,7 +7,8 @@ use std::io::Read;
 use std::process::Command;
 
 use kiln_erofs::{ImageOptions, ImageWriter, NodeKind};
-use kiln_rootfs::{apply_layers, Compression, Error, Layer, Limits, RootTree};
+use kiln_image::Compression;
+use kiln_rootfs::{apply_layers, Error, Layer, Limits, RootTree};
 use tar::{EntryType, Header};
 
 /// Builds one layer tar. Names are written as given (`..`, absolute, non-UTF-8).
