@@ -15,7 +15,6 @@ use kiln_protocol::{
 
 use crate::launch::{Control, HostIo};
 use crate::lifecycle::LifecycleError;
-use crate::monitor::{is_alive, socket_address};
 use crate::run::RunError;
 use crate::spec::{build_run_spec, ImageDefaults, Overrides};
 use crate::state::{SandboxDir, SandboxRecord, StateRecord, STATE_FILE};
@@ -72,7 +71,7 @@ fn channel_err(sandbox_id: &str, err: ProtocolError) -> LifecycleError {
 
 /// Connects to the monitor and exchanges hellos.
 fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
-    if !sandbox.file(crate::state::MONITOR_SOCKET).exists() && is_alive(sandbox) {
+    if !sandbox.file(crate::state::MONITOR_SOCKET).exists() && sandbox.monitor_alive() {
         let pid = sandbox
             .read_json::<StateRecord>(STATE_FILE)
             .ok()
@@ -86,7 +85,7 @@ fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
             ),
         });
     }
-    let (address, _dir) = socket_address(sandbox)?;
+    let (address, _dir) = sandbox.monitor_socket()?;
     let mut stream = UnixStream::connect(&address).map_err(|e| LifecycleError::Monitor {
         id: sandbox.id().to_owned(),
         message: format!(
@@ -122,7 +121,7 @@ pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Life
     let mut stream = match connect(sandbox) {
         Ok(stream) => stream,
         // It ended between the liveness check and the connection.
-        Err(_) if !is_alive(sandbox) => return Ok(()),
+        Err(_) if !sandbox.monitor_alive() => return Ok(()),
         Err(err) => return Err(err),
     };
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
@@ -176,7 +175,7 @@ fn kill_monitor(sandbox: &SandboxDir) -> Result<(), LifecycleError> {
 
 fn wait_until_gone(sandbox: &SandboxDir, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while is_alive(sandbox) && Instant::now() < deadline {
+    while sandbox.monitor_alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

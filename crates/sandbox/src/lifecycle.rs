@@ -319,7 +319,7 @@ pub fn start(
     })?;
     let sandbox = SandboxDir::open(&root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
-    if crate::monitor::is_alive(&sandbox) {
+    if sandbox.monitor_alive() {
         return Err(LifecycleError::Running(sandbox.id().to_owned()));
     }
     GuestImages::locate(&root).check().map_err(RunError::from)?;
@@ -383,7 +383,7 @@ pub fn start(
                     message: message.clone(),
                 })
             }
-            Status::Created if !crate::monitor::is_alive(&sandbox) => {
+            Status::Created if !sandbox.monitor_alive() => {
                 // The monitor writes a final state before it lets go of its lock; read once more.
                 let state: StateRecord = sandbox.read_json(STATE_FILE)?;
                 if state.status != Status::Created {
@@ -417,7 +417,7 @@ fn monitor_err(sandbox: &SandboxDir, message: String) -> LifecycleError {
 /// guest syncs and powers off. A sandbox that is not running is left as it is.
 pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInfo, LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    if crate::monitor::is_alive(&sandbox) {
+    if sandbox.monitor_alive() {
         crate::client::shutdown(&sandbox, grace)?;
     }
     get_dir(&sandbox)
@@ -427,7 +427,7 @@ pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInf
 /// stopped at once, without a grace period).
 pub fn remove(root: &Path, id_or_name: &str, force: bool) -> Result<(), LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    if crate::monitor::is_alive(&sandbox) {
+    if sandbox.monitor_alive() {
         if !force {
             return Err(LifecycleError::Running(sandbox.id().to_owned()));
         }
@@ -451,7 +451,7 @@ fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, LifecycleError> {
 /// how it ended; at once for a sandbox that is not running.
 pub fn wait(root: &Path, id_or_name: &str) -> Result<SandboxInfo, LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    crate::monitor::wait_until_ended(&sandbox)?;
+    sandbox.wait_for_monitor()?;
     get_dir(&sandbox)
 }
 
@@ -494,7 +494,7 @@ pub fn exec(
 ) -> Result<ExecSession, LifecycleError> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
-    if !crate::monitor::is_alive(&sandbox) {
+    if !sandbox.monitor_alive() {
         return Err(LifecycleError::NotRunning(sandbox.id().to_owned()));
     }
     crate::client::exec(&sandbox, &record, request)
@@ -514,7 +514,7 @@ pub fn logs(
         [(STDOUT_LOG, None, stdout), (STDERR_LOG, None, stderr)];
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
-        let more = follow && crate::monitor::is_alive(&sandbox);
+        let more = follow && sandbox.monitor_alive();
         for (name, file, out) in streams.iter_mut() {
             if file.is_none() {
                 *file = std::fs::File::open(sandbox.file(name)).ok();
@@ -538,7 +538,7 @@ fn info(
     record: SandboxRecord,
     mut state: StateRecord,
 ) -> Result<SandboxInfo, LifecycleError> {
-    if state.status == Status::Running && !crate::monitor::is_alive(sandbox) {
+    if state.status == Status::Running && !sandbox.monitor_alive() {
         // The monitor writes its final state before it lets go of its lock.
         state = sandbox.read_json(STATE_FILE)?;
         if state.status == Status::Running {

@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome, VmTimings};
 use crate::lifecycle::CreateRequest;
-use crate::monitor::take_lock;
 use crate::options::Volume;
 use crate::prepare::{prepare_images, PrepareError, PreparedImages};
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
@@ -111,7 +110,7 @@ pub fn run(
     let sandbox = SandboxDir::create(root, create.name.as_deref())?;
     let record = sandbox_record(&sandbox, create, &prepared, run_spec);
     // This process is the sandbox's monitor while it runs: `start` and `rm` see it alive.
-    let _lock = take_lock(&sandbox)?;
+    let _lock = sandbox.lock_monitor()?;
     let started = StateRecord {
         status: Status::Running,
         monitor_pid: Some(std::process::id()),
