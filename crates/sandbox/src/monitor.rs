@@ -21,7 +21,6 @@ use kiln_protocol::{
     read_frame, write_frame, BootPhase, Frame, Hello, Message, SessionId, SignalRequest,
     StartFailure, WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
 };
-use kiln_vm::accel::AccelRequest;
 use kiln_vm::GuestImages;
 
 use crate::launch::{Control, HostIo};
@@ -98,8 +97,7 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
     let prepared = pinned_images(root, record, &|_| {})?;
     let guest = GuestImages::locate(root);
     guest.check().map_err(RunError::from)?;
-    let accel: AccelRequest = record.accel.parse().unwrap_or_default();
-    let host = Host::new(root, guest, accel, &record.qemu, &|line| {
+    let host = Host::new(root, guest, record.accel, &record.qemu, &|line| {
         tracing::info!("{line}")
     })?;
     let log = |name: &str| {

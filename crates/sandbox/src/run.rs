@@ -219,12 +219,7 @@ pub(crate) fn sandbox_record(
         cpus: request.cpus,
         memory_mib: request.memory_mib,
         network: NetworkRecord::from(&request.network),
-        accel: match request.accel {
-            AccelRequest::Auto => "auto",
-            AccelRequest::Kvm => "kvm",
-            AccelRequest::Tcg => "tcg",
-        }
-        .to_owned(),
+        accel: request.accel,
         qemu: request.qemu.clone(),
         volumes: request.volumes.clone(),
     }

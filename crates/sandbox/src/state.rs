@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_image::ImageRecord;
 use kiln_protocol::{RunSpec, WorkloadResult};
+use kiln_vm::accel::AccelRequest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -48,12 +49,33 @@ pub struct SandboxRecord {
     pub cpus: u32,
     pub memory_mib: u32,
     pub network: NetworkRecord,
-    /// `auto`, `kvm` or `tcg`.
-    pub accel: String,
+    /// Stored as `auto`, `kvm` or `tcg`; anything else makes the record corrupt.
+    #[serde(with = "accel_text")]
+    pub accel: AccelRequest,
     pub qemu: PathBuf,
     /// Host directories shared into the sandbox (absent in records of older kilns).
     #[serde(default)]
     pub volumes: Vec<crate::options::Volume>,
+}
+
+/// The accelerator request in `sandbox.json`, as the words `--accel` takes.
+mod accel_text {
+    use kiln_vm::accel::AccelRequest;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(accel: &AccelRequest, out: S) -> Result<S::Ok, S::Error> {
+        out.serialize_str(match accel {
+            AccelRequest::Auto => "auto",
+            AccelRequest::Kvm => "kvm",
+            AccelRequest::Tcg => "tcg",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<AccelRequest, D::Error> {
+        String::deserialize(input)?
+            .parse()
+            .map_err(D::Error::custom)
+    }
 }
 
 /// The guest's network as stored in a record.
@@ -589,6 +611,29 @@ mod tests {
             dir.read_json::<StateRecord>(STATE_FILE),
             Err(StateError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn the_accelerator_is_stored_as_its_word_and_a_bad_word_is_refused() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Record {
+            #[serde(with = "accel_text")]
+            accel: AccelRequest,
+        }
+        for (accel, word) in [
+            (AccelRequest::Auto, "auto"),
+            (AccelRequest::Kvm, "kvm"),
+            (AccelRequest::Tcg, "tcg"),
+        ] {
+            let json = serde_json::to_string(&Record { accel }).unwrap();
+            assert_eq!(json, format!("{{\"accel\":\"{word}\"}}"));
+            assert_eq!(
+                serde_json::from_str::<Record>(&json).unwrap(),
+                Record { accel }
+            );
+        }
+        let err = serde_json::from_str::<Record>("{\"accel\":\"turbo\"}").unwrap_err();
+        assert!(err.to_string().contains("turbo"), "{err}");
     }
 
     #[test]
