@@ -23,9 +23,10 @@ use kiln_protocol::{
 };
 use kiln_vm::GuestImages;
 
+use crate::boot::{boot, end_status, BootError, Host, Upper};
+use crate::error::{Error, ErrorKind};
 use crate::launch::{Control, HostIo};
-use crate::lifecycle::{pinned_images, LifecycleError};
-use crate::run::{boot, end_status, Host, RunError, Upper};
+use crate::prepare::pinned_images;
 use crate::state::{
     now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_SOCKET,
     RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
@@ -36,16 +37,16 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 /// Runs the monitor of sandbox `id`: takes its lock, detaches (the calling process returns
 /// `Ok` as soon as the detached monitor holds the lock) and boots the sandbox.
-pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
+pub fn run(root: &Path, id: &str) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     let lock = sandbox
         .lock_monitor()?
-        .ok_or_else(|| LifecycleError::Running(sandbox.id().to_owned()))?;
+        .ok_or_else(|| StateError::Running(sandbox.id().to_owned()))?;
     // SAFETY: the CLI calls this before it starts any thread, so the child is a complete
     // copy of a single-threaded process.
     match unsafe { libc::fork() } {
-        -1 => return Err(io_error(&sandbox, "fork", std::io::Error::last_os_error())),
+        -1 => return Err(io_error(&sandbox, "fork", std::io::Error::last_os_error()).into()),
         0 => {}
         // The detached child shares the lock's open file: it stays locked after we exit.
         _ => return Ok(()),
@@ -76,16 +77,31 @@ pub fn run(root: &Path, id: &str) -> Result<(), LifecycleError> {
     outcome
 }
 
-fn io_error(sandbox: &SandboxDir, context: &str, source: std::io::Error) -> LifecycleError {
-    RunError::Io {
-        context: format!("sandbox {}: {context}", sandbox.id()),
+/// A system call of the monitor's own that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox {id}: {context}: {source}")]
+struct MonitorIoError {
+    id: String,
+    context: &'static str,
+    source: std::io::Error,
+}
+
+impl From<MonitorIoError> for Error {
+    fn from(err: MonitorIoError) -> Self {
+        Error::new(ErrorKind::Internal, err)
+    }
+}
+
+fn io_error(sandbox: &SandboxDir, context: &'static str, source: std::io::Error) -> MonitorIoError {
+    MonitorIoError {
+        id: sandbox.id().to_owned(),
+        context,
         source,
     }
-    .into()
 }
 
 /// Boots the sandbox and serves clients until the VM is gone.
-fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<(), LifecycleError> {
+fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<(), Error> {
     // Listening first: a live monitor without its socket is a foreground `kiln run`.
     let (address, _dir) = sandbox.monitor_socket()?;
     let _ = std::fs::remove_file(&address);
@@ -96,21 +112,20 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
 
     let prepared = pinned_images(root, record, &|_| {})?;
     let guest = GuestImages::locate(root);
-    guest.check().map_err(RunError::from)?;
+    guest.check().map_err(BootError::from)?;
     let host = Host::new(root, guest, record.accel, &record.qemu, &|line| {
         tracing::info!("{line}")
-    })?;
+    })
+    .map_err(BootError::from)?;
     let log = |name: &str| {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(sandbox.file(name))
-            .map_err(|source| {
-                LifecycleError::from(StateError::Io {
-                    path: sandbox.file(name),
-                    source,
-                })
+            .map_err(|source| StateError::Io {
+                path: sandbox.file(name),
+                source,
             })
     };
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
@@ -137,13 +152,13 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
             stderr: Box::new(stderr),
             guest_events: Some(guest_tx),
         };
-        let upper = Upper::Disk(kiln_vm::disk::upper_disk_path(sandbox.path()));
+        let upper = Upper::existing(sandbox);
         let outcome = boot(
             sandbox, record, &prepared, &host, upper, None, io, control_rx,
         );
         let _ = forwarder.join();
         let _ = router_tx.send(RouterEvent::Finished(end_status(&outcome)));
-        router.join().expect("the router does not panic")
+        Ok(router.join().expect("the router does not panic")?)
     })
 }
 
@@ -234,7 +249,7 @@ impl<'a> Router<'a> {
         }
     }
 
-    fn run(mut self, events: Receiver<RouterEvent>) -> Result<(), LifecycleError> {
+    fn run(mut self, events: Receiver<RouterEvent>) -> Result<(), StateError> {
         for event in events {
             match event {
                 RouterEvent::Connected(id, mut stream) => {
@@ -333,7 +348,7 @@ impl<'a> Router<'a> {
         }
     }
 
-    fn on_guest(&mut self, frame: Frame) -> Result<(), LifecycleError> {
+    fn on_guest(&mut self, frame: Frame) -> Result<(), StateError> {
         match (frame.session, &frame.message) {
             (CONTROL_SESSION, Message::Phase(time)) if time.phase == BootPhase::WorkloadStarted => {
                 self.running = true;

@@ -22,7 +22,8 @@ use kiln_vm::accel::AccelRequest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::options::validate_name;
+use crate::error::{Error, ErrorKind};
+use crate::options::{validate_name, OptionError, Volume};
 
 /// File names inside a sandbox's state directory.
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -55,7 +56,7 @@ pub struct SandboxRecord {
     pub qemu: PathBuf,
     /// Host directories shared into the sandbox (absent in records of older kilns).
     #[serde(default)]
-    pub volumes: Vec<crate::options::Volume>,
+    pub volumes: Vec<Volume>,
 }
 
 /// The accelerator request in `sandbox.json`, as the words `--accel` takes.
@@ -162,9 +163,9 @@ pub fn now_unix() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
-    Name(#[from] crate::options::OptionError),
+    Name(#[from] OptionError),
 
-    #[error("a sandbox named {name:?} already exists (id {id}); pick another --name or remove it")]
+    #[error("a sandbox named {name:?} already exists (id {id}); pick another name or remove it")]
     DuplicateName { name: String, id: String },
 
     #[error(
@@ -175,6 +176,12 @@ pub enum StateError {
     #[error("no such sandbox: {0}")]
     NotFound(String),
 
+    #[error("sandbox {0} is running; stop it first (or force the removal)")]
+    Running(String),
+
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+
     #[error("{path}: not a valid sandbox state file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 
@@ -183,6 +190,26 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl StateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StateError::Name(_) => ErrorKind::InvalidInput,
+            StateError::DuplicateName { .. } => ErrorKind::AlreadyExists,
+            StateError::NotFound(_) => ErrorKind::NotFound,
+            StateError::Running(_) | StateError::NotRunning(_) => ErrorKind::FailedPrecondition,
+            StateError::Symlink(_) | StateError::Corrupt { .. } | StateError::Io { .. } => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}
+
+impl From<StateError> for Error {
+    fn from(err: StateError) -> Self {
+        Error::new(err.kind(), err)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
