@@ -352,9 +352,11 @@ mod terminal {
     /// The size of the terminal on stdin (or stdout), if there is one.
     pub fn size() -> Option<TerminalSize> {
         for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO] {
-            // SAFETY: TIOCGWINSZ fills the winsize struct we own.
+            // SAFETY: winsize holds plain integers, for which all-zero bytes are valid.
             let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-            if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            // SAFETY: TIOCGWINSZ writes a winsize into the struct we own, nothing else.
+            let filled = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
+            if filled && ws.ws_row > 0 {
                 return Some(TerminalSize {
                     rows: ws.ws_row,
                     cols: ws.ws_col,
