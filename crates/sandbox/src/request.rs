@@ -90,7 +90,7 @@ pub struct CreateFields {
     /// Whether a bare `KEY` takes its value from this process's environment (dropped when
     /// unset), as `docker run -e KEY` does; without it a bare `KEY` in `env` is refused.
     pub lend_environment: bool,
-    /// An absolute directory; empty means the image's.
+    /// An absolute directory, or empty for the workload's home; unset means the image's.
     pub workdir: Option<String>,
     /// `sandbox` or a numeric uid; the default is `sandbox`.
     pub user: Option<String>,
@@ -158,7 +158,8 @@ pub struct ExecFields {
     pub env: Vec<String>,
     /// As [`CreateFields::lend_environment`].
     pub lend_environment: bool,
-    /// An absolute directory; empty means the main workload's.
+    /// An absolute directory, or empty for the command's home; unset means the main
+    /// workload's.
     pub workdir: Option<String>,
     pub terminal: Option<TerminalSize>,
 }
@@ -190,8 +191,8 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     /// An error of a parser whose message already quotes the value.
-    fn wrapped(&self, field: Field) -> impl Fn(&dyn std::fmt::Display) -> InvalidField + '_ {
-        move |err| InvalidField(format!("{}: {err}", self.names.field(field)))
+    fn wrap(&self, field: Field, err: impl std::fmt::Display) -> InvalidField {
+        InvalidField(format!("{}: {err}", self.names.field(field)))
     }
 
     fn invalid(
@@ -227,14 +228,14 @@ impl Checker<'_> {
         default: u32,
     ) -> Result<u32, InvalidField> {
         value.map_or(Ok(default), |text| {
-            kiln_identity::parse_sandbox_id(text).map_err(|e| self.wrapped(field)(&e))
+            kiln_identity::parse_sandbox_id(text).map_err(|e| self.wrap(field, e))
         })
     }
 
-    /// The workdir, if set and not empty: it must be absolute.
+    /// A workdir must be absolute, or empty (no directory: the spec falls back to HOME).
     fn workdir(&self, workdir: Option<String>) -> Result<Option<String>, InvalidField> {
-        match workdir.filter(|dir| !dir.is_empty()) {
-            Some(dir) if !dir.starts_with('/') => {
+        match workdir {
+            Some(dir) if !dir.is_empty() && !dir.starts_with('/') => {
                 Err(self.invalid(Field::Workdir, dir, "an absolute path"))
             }
             dir => Ok(dir),
@@ -247,7 +248,7 @@ impl Checker<'_> {
         for entry in entries {
             let lookup = |key: &str| lend.then(|| host_env(key)).flatten();
             let parsed =
-                parse_env_assignment(entry, lookup).map_err(|e| self.wrapped(Field::Env)(&e))?;
+                parse_env_assignment(entry, lookup).map_err(|e| self.wrap(Field::Env, e))?;
             if !lend && !entry.contains('=') {
                 return Err(self.invalid(Field::Env, entry, "KEY=VALUE"));
             }
@@ -269,14 +270,13 @@ impl CreateFields {
     }
 
     fn check(self, check: &Checker) -> Result<CreateRequest, InvalidField> {
-        let reference =
-            ImageRef::parse(&self.image).map_err(|e| check.wrapped(Field::Image)(&e))?;
+        let reference = ImageRef::parse(&self.image).map_err(|e| check.wrap(Field::Image, e))?;
         if let Some(name) = &self.name {
-            validate_name(name).map_err(|e| check.wrapped(Field::Name)(&e))?;
+            validate_name(name).map_err(|e| check.wrap(Field::Name, e))?;
         }
         let user = self.user.as_deref().unwrap_or(kiln_identity::SANDBOX_USER);
-        let run_as = kiln_identity::RunAs::parse(user.as_bytes())
-            .map_err(|e| check.wrapped(Field::User)(&e))?;
+        let run_as =
+            kiln_identity::RunAs::parse(user.as_bytes()).map_err(|e| check.wrap(Field::User, e))?;
         let sandbox_uid = check.sandbox_id(
             Field::Uid,
             self.uid.as_deref(),
@@ -300,7 +300,7 @@ impl CreateFields {
             let lookup = |key: &str| self.lend_environment.then(|| host_env(key)).flatten();
             env.extend(
                 parse_env_file(&file.name, &file.contents, lookup)
-                    .map_err(|e| check.wrapped(Field::EnvFile)(&e))?,
+                    .map_err(|e| check.wrap(Field::EnvFile, e))?,
             );
         }
         env.extend(check.env(&self.env, self.lend_environment)?);
@@ -309,7 +309,7 @@ impl CreateFields {
         let forwards = self
             .publish
             .iter()
-            .map(|p| parse_port_forward(p).map_err(|e| check.wrapped(Field::Publish)(&e)))
+            .map(|p| parse_port_forward(p).map_err(|e| check.wrap(Field::Publish, e)))
             .collect::<Result<Vec<_>, _>>()?;
         let network = match self.network {
             NetworkMode::User => Network::User { forwards },
@@ -324,8 +324,7 @@ impl CreateFields {
                 )));
             }
         };
-        let volumes =
-            parse_volumes(&self.volumes).map_err(|e| check.wrapped(Field::Volumes)(&e))?;
+        let volumes = parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
         Ok(CreateRequest {
             reference,
             pull: self.pull,
@@ -366,7 +365,7 @@ impl RunFields {
             .as_deref()
             .map(parse_timeout)
             .transpose()
-            .map_err(|e| check.wrapped(Field::Timeout)(&e))?;
+            .map_err(|e| check.wrap(Field::Timeout, e))?;
         Ok(RunRequest {
             sandbox,
             timeout,
@@ -648,7 +647,7 @@ mod tests {
         };
         let request = exec.clone().validate(&Api).unwrap();
         assert_eq!(request.env, [("A".to_owned(), "1".to_owned())]);
-        assert_eq!(request.workdir, None);
+        assert_eq!(request.workdir.as_deref(), Some(""), "empty is not unset");
         for (bad, naming) in [
             (
                 ExecFields {
