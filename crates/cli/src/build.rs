@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::exit::{CommandError, CommandResult};
 use crate::globals::Globals;
-use kiln_sandbox::prepare::open_layers;
+use kiln_sandbox::open_layers;
 
 use crate::pull::{image_error, parse_reference, progress_renderer, SourceArgs};
 
@@ -73,7 +73,7 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
         gid,
     } = pull_image_to_build(globals, &args.image)?;
     let digest = image.record.manifest_digest.to_string();
-    let cache = kiln_sandbox::prepare::image_cache(&globals.root);
+    let cache = kiln_sandbox::image_cache(&globals.root);
     let limits = Limits::default();
     let layers = || open_layers(&store, &image);
 
@@ -145,7 +145,7 @@ fn add_identity(
 }
 
 /// A `--uid`/`--gid` value for the sandbox user, or `default` when the flag is absent.
-pub fn sandbox_id_flag(flag: &str, value: Option<&str>, default: u32) -> anyhow::Result<u32> {
+fn sandbox_id_flag(flag: &str, value: Option<&str>, default: u32) -> anyhow::Result<u32> {
     match value {
         None => Ok(default),
         Some(text) => kiln_identity::parse_sandbox_id(text).with_context(|| flag.to_owned()),

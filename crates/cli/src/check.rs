@@ -7,9 +7,7 @@ use clap::Args;
 use kiln_rootfs::{check_layers, CheckInput, CheckReport, Limits, Severity};
 use serde::Serialize;
 
-use kiln_sandbox::prepare::open_layers;
-
-use kiln_sandbox::spec::ImageDefaults;
+use kiln_sandbox::{open_layers, ImageDefaults};
 
 use crate::build::{pull_image_to_build, ImageToBuild, ImageToBuildArgs};
 use crate::exit::CommandResult;

@@ -43,6 +43,15 @@ impl<E: Into<anyhow::Error>> From<E> for CommandError {
 
 pub type CommandResult = Result<ExitCode, CommandError>;
 
+/// A kiln-sandbox error outside `kiln run` and `kiln exec` (which exit 125 on any of
+/// kiln's own failures): input the user can fix exits 2, everything else 1.
+pub fn sandbox_error(err: kiln_sandbox::Error) -> CommandError {
+    match err.kind() {
+        kiln_sandbox::ErrorKind::InvalidInput => CommandError::usage(err),
+        _ => CommandError::failure(err),
+    }
+}
+
 /// Prints the error chain on stderr and returns its exit code.
 pub fn report(err: &CommandError) -> ExitCode {
     eprintln!("kiln: error: {:#}", err.error);

@@ -77,8 +77,7 @@ pub fn rmi(globals: &Globals, args: RmiArgs) -> CommandResult {
 }
 
 pub fn prune(globals: &Globals, _args: PruneArgs) -> CommandResult {
-    let report = kiln_sandbox::lifecycle::prune_images(&globals.root)
-        .map_err(crate::sandbox::lifecycle_error)?;
+    let report = kiln_sandbox::prune_images(&globals.root).map_err(crate::exit::sandbox_error)?;
     if globals.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !globals.quiet {

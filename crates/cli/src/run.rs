@@ -9,20 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_image::{ImageRef, PullPolicy};
+use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
-use kiln_sandbox::launch::{Control, HostIo};
-use kiln_sandbox::lifecycle::CreateRequest;
-use kiln_sandbox::options::{
-    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes,
-    validate_name,
+use kiln_sandbox::{
+    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
+    CPUS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MEMORY_MIB,
 };
-use kiln_sandbox::run::{RunReport, RunRequest};
-use kiln_sandbox::spec::Overrides;
-use kiln_vm::accel::AccelRequest;
-use kiln_vm::Network;
 
-use crate::build::sandbox_id_flag;
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
 use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
@@ -77,7 +70,7 @@ pub struct SandboxArgs {
     entrypoint: Option<String>,
 
     /// Whom the workload runs as: sandbox, or a numeric uid (1000 to 2000000000).
-    #[arg(long, value_name = "sandbox|UID", default_value = "sandbox")]
+    #[arg(long, value_name = "sandbox|UID", default_value = kiln_identity::SANDBOX_USER)]
     user: String,
 
     /// Uid of the `sandbox` user written into the image (1000 to 2000000000).
@@ -89,11 +82,11 @@ pub struct SandboxArgs {
     gid: Option<String>,
 
     /// Virtual CPUs.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(flag_range(CPUS)))]
     cpus: u32,
 
     /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=1048576))]
+    #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(flag_range(MEMORY_MIB)))]
     memory: u32,
 
     /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
@@ -143,22 +136,55 @@ pub fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
     }
 }
 
+/// A range of kiln-sandbox's limits as clap checks it, so `--help` and the errors of a
+/// bad value stay clap's.
+fn flag_range(range: std::ops::RangeInclusive<u32>) -> std::ops::RangeInclusive<i64> {
+    i64::from(*range.start())..=i64::from(*range.end())
+}
+
+/// How the CLI names request fields in errors: by their flags.
+pub struct FlagNames;
+
+impl FieldNames for FlagNames {
+    fn field(&self, field: Field) -> &'static str {
+        match field {
+            Field::Image => "REFERENCE",
+            Field::Name => "--name",
+            Field::User => "--user",
+            Field::Uid => "--uid",
+            Field::Gid => "--gid",
+            Field::Cpus => "--cpus",
+            Field::Memory => "--memory",
+            Field::Env => "-e",
+            Field::EnvFile => "--env-file",
+            Field::Workdir => "-w",
+            Field::Publish => "-p",
+            Field::Volumes => "-v",
+            Field::Timeout => "--timeout",
+            Field::Command => "COMMAND",
+        }
+    }
+
+    fn network(&self, mode: NetworkMode) -> &'static str {
+        match mode {
+            NetworkMode::User => "--network user",
+            NetworkMode::None => "--network none",
+        }
+    }
+}
+
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.detach {
-        return crate::sandbox::run_detached(globals, &args.sandbox);
+        return crate::sandbox::run_detached(globals, args.sandbox);
     }
-    let terminal = args.tty.then(terminal_size);
-    let request = RunRequest {
-        sandbox: args.sandbox.create_request(globals).map_err(kiln_error)?,
-        timeout: args
-            .timeout
-            .as_deref()
-            .map(parse_timeout)
-            .transpose()
-            .map_err(kiln_error)?,
+    let request = RunFields {
+        sandbox: args.sandbox.into_fields(globals).map_err(kiln_error)?,
+        timeout: args.timeout,
         remove: args.rm,
-        terminal,
-    };
+        terminal: args.tty.then(terminal_size),
+    }
+    .validate(&FlagNames)
+    .map_err(kiln_error)?;
 
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let quiet = globals.quiet;
@@ -167,8 +193,8 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
             eprintln!("kiln: {line}");
         }
     };
-    let report = kiln_sandbox::run::run(&globals.root, request, io, control_rx, &notice)
-        .map_err(kiln_error)?;
+    let report =
+        kiln_sandbox::run(&globals.root, request, io, control_rx, &notice).map_err(kiln_error)?;
     drop(_raw);
     if args.timings {
         print_timings(globals, &report);
@@ -178,82 +204,54 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
 }
 
 impl SandboxArgs {
-    /// The library's request for these flags.
-    pub fn create_request(&self, globals: &Globals) -> anyhow::Result<CreateRequest> {
-        let args = self;
-        let reference = ImageRef::parse(&args.reference)?;
-        let mut pull = args
+    /// The fields of a create request as these flags give them; kiln-sandbox checks them.
+    pub fn into_fields(self, globals: &Globals) -> anyhow::Result<CreateFields> {
+        let mut pull = self
             .source
-            .options(PullPolicy::parse(&args.pull)?)
+            .options(PullPolicy::parse(&self.pull)?)
             .map_err(|e| e.error)?;
         pull.progress = progress_renderer(globals).filter(|_| !globals.json);
-
-        let run_as = kiln_identity::RunAs::parse(args.user.as_bytes()).context("--user")?;
-        let sandbox_uid = sandbox_id_flag(
-            "--uid",
-            args.uid.as_deref(),
-            kiln_identity::DEFAULT_SANDBOX_UID,
-        )?;
-        let sandbox_gid = sandbox_id_flag(
-            "--gid",
-            args.gid.as_deref(),
-            kiln_identity::DEFAULT_SANDBOX_GID,
-        )?;
-
-        let host_env = |key: &str| std::env::var(key).ok();
-        let mut env = Vec::new();
-        for file in &args.env_files {
-            let contents =
-                std::fs::read(file).with_context(|| format!("--env-file {}", file.display()))?;
-            env.extend(parse_env_file(
-                &file.display().to_string(),
-                &contents,
-                host_env,
-            )?);
-        }
-        for assignment in &args.env {
-            env.extend(parse_env_assignment(assignment, host_env)?);
-        }
-
-        let forwards = args
-            .publish
+        let env_files = self
+            .env_files
             .iter()
-            .map(|p| parse_port_forward(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let network = match args.network.as_str() {
-            "none" if !forwards.is_empty() => {
-                anyhow::bail!("-p needs --network user (got --network none)")
-            }
-            "none" => Network::None,
-            _ => Network::User { forwards },
-        };
-        if let Some(name) = &args.name {
-            validate_name(name)?;
-        }
-        let accel: AccelRequest = args
+            .map(|file| {
+                let contents = std::fs::read(file)
+                    .with_context(|| format!("--env-file {}", file.display()))?;
+                Ok(EnvFile {
+                    name: file.display().to_string(),
+                    contents,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let accel = self
             .accel
             .parse()
             .map_err(anyhow::Error::msg)
             .context("--accel")?;
-        Ok(CreateRequest {
-            reference,
+        let network = match self.network.as_str() {
+            "none" => NetworkMode::None,
+            _ => NetworkMode::User,
+        };
+        Ok(CreateFields {
+            image: self.reference,
             pull,
-            overrides: Overrides {
-                entrypoint: args.entrypoint.clone(),
-                cmd: args.command.clone(),
-                env,
-                working_dir: args.workdir.clone(),
-            },
-            run_as,
-            sandbox_uid,
-            sandbox_gid,
-            cpus: args.cpus,
-            memory_mib: args.memory,
+            name: self.name,
+            entrypoint: self.entrypoint,
+            command: self.command,
+            env_files,
+            env: self.env,
+            lend_environment: true,
+            workdir: self.workdir,
+            user: Some(self.user),
+            uid: self.uid,
+            gid: self.gid,
+            cpus: Some(self.cpus),
+            memory_mib: Some(self.memory),
             network,
-            name: args.name.clone(),
-            volumes: parse_volumes(&args.volumes)?,
+            publish: self.publish,
+            volumes: self.volumes,
             accel,
-            qemu: args.qemu.clone(),
+            qemu: self.qemu,
         })
     }
 }
@@ -354,9 +352,11 @@ mod terminal {
     /// The size of the terminal on stdin (or stdout), if there is one.
     pub fn size() -> Option<TerminalSize> {
         for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO] {
-            // SAFETY: TIOCGWINSZ fills the winsize struct we own.
+            // SAFETY: winsize holds plain integers, for which all-zero bytes are valid.
             let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-            if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            // SAFETY: TIOCGWINSZ writes a winsize into the struct we own, nothing else.
+            let filled = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
+            if filled && ws.ws_row > 0 {
                 return Some(TerminalSize {
                     rows: ws.ws_row,
                     cols: ws.ws_col,

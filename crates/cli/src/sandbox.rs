@@ -6,14 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use kiln_sandbox::lifecycle::{
-    self, ExecRequest, LifecycleError, ProvisionEvent, SandboxInfo, Status,
-};
-use kiln_sandbox::options::parse_env_assignment;
+use kiln_sandbox::{ErrorKind, ExecFields, ProvisionEvent, SandboxInfo, Status};
 
-use crate::exit::{CommandError, CommandResult};
+use crate::exit::{sandbox_error, CommandError, CommandResult};
 use crate::globals::Globals;
-use crate::run::{attach, kiln_error, terminal_size, SandboxArgs};
+use crate::run::{attach, kiln_error, terminal_size, FlagNames, SandboxArgs};
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -102,14 +99,6 @@ pub struct MonitorArgs {
     id: String,
 }
 
-/// Bad ids are the user's to fix (exit 2); everything else is a failure (exit 1).
-pub(crate) fn lifecycle_error(err: LifecycleError) -> CommandError {
-    match err {
-        LifecycleError::BadId(_) => CommandError::usage(err),
-        other => CommandError::failure(other),
-    }
-}
-
 /// Progress lines on stderr (layer progress has its own renderer).
 fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
     move |event| {
@@ -142,10 +131,12 @@ fn print_info(globals: &Globals, info: &SandboxInfo) -> CommandResult {
 pub fn create(globals: &Globals, args: CreateArgs) -> CommandResult {
     let request = args
         .sandbox
-        .create_request(globals)
-        .map_err(CommandError::usage)?;
+        .into_fields(globals)
+        .map_err(CommandError::usage)?
+        .validate(&FlagNames)
+        .map_err(sandbox_error)?;
     let info =
-        lifecycle::create(&globals.root, request, &progress(globals)).map_err(lifecycle_error)?;
+        kiln_sandbox::create(&globals.root, request, &progress(globals)).map_err(sandbox_error)?;
     print_info(globals, &info)
 }
 
@@ -155,30 +146,34 @@ fn monitor_exe() -> Result<PathBuf, CommandError> {
 }
 
 pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
-    let info = lifecycle::start(&globals.root, &args.id, &monitor_exe()?, &progress(globals))
-        .map_err(lifecycle_error)?;
+    let info = kiln_sandbox::start(&globals.root, &args.id, &monitor_exe()?, &progress(globals))
+        .map_err(sandbox_error)?;
     print_info(globals, &info)
 }
 
 /// `kiln run -d`: create, start, print the id. Kiln's own failures exit 125, as `run`.
-pub fn run_detached(globals: &Globals, args: &SandboxArgs) -> CommandResult {
-    let request = args.create_request(globals).map_err(kiln_error)?;
+pub fn run_detached(globals: &Globals, args: SandboxArgs) -> CommandResult {
+    let request = args
+        .into_fields(globals)
+        .map_err(kiln_error)?
+        .validate(&FlagNames)
+        .map_err(kiln_error)?;
     let events = progress(globals);
-    let created = lifecycle::create(&globals.root, request, &events).map_err(kiln_error)?;
-    let info = lifecycle::start(&globals.root, &created.id, &monitor_exe()?, &events)
+    let created = kiln_sandbox::create(&globals.root, request, &events).map_err(kiln_error)?;
+    let info = kiln_sandbox::start(&globals.root, &created.id, &monitor_exe()?, &events)
         .map_err(kiln_error)?;
     print_info(globals, &info)
 }
 
 pub fn stop(globals: &Globals, args: StopArgs) -> CommandResult {
-    let info = lifecycle::stop(&globals.root, &args.id, Duration::from_secs(args.time))
-        .map_err(lifecycle_error)?;
+    let info = kiln_sandbox::stop(&globals.root, &args.id, Duration::from_secs(args.time))
+        .map_err(sandbox_error)?;
     print_info(globals, &info)
 }
 
 pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
     for id in &args.ids {
-        lifecycle::remove(&globals.root, id, args.force).map_err(lifecycle_error)?;
+        kiln_sandbox::remove(&globals.root, id, args.force).map_err(sandbox_error)?;
         if !globals.json {
             println!("{id}");
         }
@@ -187,8 +182,8 @@ pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
 }
 
 pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
-    let sandboxes: Vec<SandboxInfo> = lifecycle::list(&globals.root)
-        .map_err(lifecycle_error)?
+    let sandboxes: Vec<SandboxInfo> = kiln_sandbox::list(&globals.root)
+        .map_err(sandbox_error)?
         .into_iter()
         .filter(|s| args.all || s.status == Status::Running)
         .collect();
@@ -222,31 +217,29 @@ pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    lifecycle::logs(
+    kiln_sandbox::logs(
         &globals.root,
         &args.id,
         args.follow,
         &mut stdout,
         &mut stderr,
     )
-    .map_err(lifecycle_error)?;
+    .map_err(sandbox_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln exec`: the command's exit code becomes kiln's; 125 means kiln itself failed.
 pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
-    let host_env = |key: &str| std::env::var(key).ok();
-    let mut env = Vec::new();
-    for assignment in &args.env {
-        env.extend(parse_env_assignment(assignment, host_env).map_err(kiln_error)?);
-    }
-    let request = ExecRequest {
-        argv: args.command,
-        env,
+    let request = ExecFields {
+        command: args.command,
+        env: args.env,
+        lend_environment: true,
         workdir: args.workdir,
         terminal: args.tty.then(terminal_size),
-    };
-    let session = lifecycle::exec(&globals.root, &args.id, request).map_err(kiln_error)?;
+    }
+    .validate(&FlagNames)
+    .map_err(kiln_error)?;
+    let session = kiln_sandbox::exec(&globals.root, &args.id, request).map_err(kiln_error)?;
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let result = session.run(io, control_rx).map_err(kiln_error)?;
     Ok(ExitCode::from(result.exit_code().clamp(0, 255) as u8))
@@ -254,14 +247,13 @@ pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
 
 /// `kiln monitor ID` (hidden): run by `start`; returns once the detached monitor runs.
 pub fn monitor(globals: &Globals, args: MonitorArgs) -> CommandResult {
-    kiln_sandbox::monitor::run(&globals.root, &args.id).map_err(lifecycle_error)?;
+    kiln_sandbox::run_monitor(&globals.root, &args.id).map_err(sandbox_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln inspect ID` for a sandbox: its JSON, or `None` when `id` names no sandbox.
 pub fn inspect(globals: &Globals, id: &str) -> Option<CommandResult> {
-    kiln_sandbox::options::validate_name(id).ok()?;
-    match lifecycle::get(&globals.root, id) {
+    match kiln_sandbox::get(&globals.root, id) {
         Ok(info) => Some(
             serde_json::to_string_pretty(&info)
                 .map_err(CommandError::from)
@@ -270,7 +262,8 @@ pub fn inspect(globals: &Globals, id: &str) -> Option<CommandResult> {
                     ExitCode::SUCCESS
                 }),
         ),
-        Err(LifecycleError::NotFound(_)) => None,
-        Err(err) => Some(Err(lifecycle_error(err))),
+        // Not a sandbox's id or name (an image reference, say): not ours to show.
+        Err(err) if matches!(err.kind(), ErrorKind::NotFound | ErrorKind::InvalidInput) => None,
+        Err(err) => Some(Err(sandbox_error(err))),
     }
 }

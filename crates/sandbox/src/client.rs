@@ -13,12 +13,13 @@ use kiln_protocol::{
     CONTROL_SESSION,
 };
 
+use crate::error::{Error, ErrorKind};
 use crate::launch::{Control, HostIo};
-use crate::lifecycle::LifecycleError;
-use crate::monitor::{is_alive, socket_address};
-use crate::run::RunError;
+use crate::request::ExecRequest;
 use crate::spec::{build_run_spec, ImageDefaults, Overrides};
-use crate::state::{SandboxDir, SandboxRecord, StateRecord, STATE_FILE};
+use crate::state::{
+    SandboxDir, SandboxRecord, StateError, StateRecord, MONITOR_SOCKET, STATE_FILE,
+};
 
 /// The session an exec connection runs its command in (one command per connection).
 const EXEC_SESSION: SessionId = 2;
@@ -26,19 +27,6 @@ const EXEC_SESSION: SessionId = 2;
 /// After the grace period, how long the guest may take to sync and power off and the
 /// monitor to record the end before `stop` kills the monitor (and with it the VM).
 const STOP_MARGIN: Duration = Duration::from_secs(40);
-
-/// A command to run in a running sandbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecRequest {
-    /// Program and arguments; must not be empty.
-    pub argv: Vec<String>,
-    /// Added to (or replacing entries of) the main workload's environment.
-    pub env: Vec<(String, String)>,
-    /// Absolute working directory [default: the main workload's].
-    pub workdir: Option<String>,
-    /// A terminal of this size for the command (`-t`).
-    pub terminal: Option<TerminalSize>,
-}
 
 /// Output of an exec session, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,35 +51,50 @@ pub struct ExecInput {
     writer: Arc<Mutex<UnixStream>>,
 }
 
-fn channel_err(sandbox_id: &str, err: ProtocolError) -> LifecycleError {
-    LifecycleError::Monitor {
+/// A sandbox's monitor that cannot be reached, or failed.
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox {id}: monitor: {message}")]
+pub struct MonitorError {
+    pub id: String,
+    pub message: String,
+}
+
+impl From<MonitorError> for Error {
+    fn from(err: MonitorError) -> Self {
+        Error::new(ErrorKind::Internal, err)
+    }
+}
+
+fn channel_err(sandbox_id: &str, err: ProtocolError) -> MonitorError {
+    MonitorError {
         id: sandbox_id.to_owned(),
         message: err.to_string(),
     }
 }
 
 /// Connects to the monitor and exchanges hellos.
-fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
-    if !sandbox.file(crate::state::MONITOR_SOCKET).exists() && is_alive(sandbox) {
+fn connect(sandbox: &SandboxDir) -> Result<UnixStream, Error> {
+    if !sandbox.file(MONITOR_SOCKET).exists() && sandbox.monitor_alive() {
         let pid = sandbox
             .read_json::<StateRecord>(STATE_FILE)
             .ok()
             .and_then(|s| s.monitor_pid);
-        return Err(LifecycleError::Monitor {
+        return Err(MonitorError {
             id: sandbox.id().to_owned(),
             message: format!(
                 "it runs in the foreground under `kiln run` (pid {}), which has no monitor socket; \
                  stop it there, or start sandboxes with `kiln start` or `kiln run -d`",
                 pid.map_or("unknown".to_owned(), |p| p.to_string())
             ),
-        });
+        }
+        .into());
     }
-    let (address, _dir) = socket_address(sandbox)?;
-    let mut stream = UnixStream::connect(&address).map_err(|e| LifecycleError::Monitor {
+    let (address, _dir) = sandbox.monitor_socket()?;
+    let mut stream = UnixStream::connect(&address).map_err(|e| MonitorError {
         id: sandbox.id().to_owned(),
         message: format!(
             "connecting to {}: {e}",
-            sandbox.file(crate::state::MONITOR_SOCKET).display()
+            sandbox.file(MONITOR_SOCKET).display()
         ),
     })?;
     let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
@@ -108,21 +111,22 @@ fn connect(sandbox: &SandboxDir) -> Result<UnixStream, LifecycleError> {
             negotiate(&ours, &theirs).map_err(|e| channel_err(sandbox.id(), e))?;
             Ok(stream)
         }
-        Some(other) => Err(LifecycleError::Monitor {
+        Some(other) => Err(MonitorError {
             id: sandbox.id().to_owned(),
             message: format!("expected its hello, got {other:?}"),
-        }),
-        None => Err(LifecycleError::NotRunning(sandbox.id().to_owned())),
+        }
+        .into()),
+        None => Err(StateError::NotRunning(sandbox.id().to_owned()).into()),
     }
 }
 
 /// Asks the monitor to stop the sandbox and waits until it has; kills the monitor (and so
 /// the VM) if it has not ended `grace` + a margin later.
-pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), LifecycleError> {
+pub fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Error> {
     let mut stream = match connect(sandbox) {
         Ok(stream) => stream,
         // It ended between the liveness check and the connection.
-        Err(_) if !is_alive(sandbox) => return Ok(()),
+        Err(_) if !sandbox.monitor_alive() => return Ok(()),
         Err(err) => return Err(err),
     };
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
@@ -159,7 +163,7 @@ pub(crate) fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Life
 
 /// SIGKILLs a monitor that did not stop; its VM dies with it (PDEATHSIG) and the
 /// sandbox then reads as failed.
-fn kill_monitor(sandbox: &SandboxDir) -> Result<(), LifecycleError> {
+fn kill_monitor(sandbox: &SandboxDir) -> Result<(), Error> {
     let state: StateRecord = sandbox.read_json(STATE_FILE)?;
     if let Some(pid) = state.monitor_pid.and_then(|p| i32::try_from(p).ok()) {
         tracing::warn!(
@@ -176,18 +180,18 @@ fn kill_monitor(sandbox: &SandboxDir) -> Result<(), LifecycleError> {
 
 fn wait_until_gone(sandbox: &SandboxDir, limit: Duration) {
     let deadline = Instant::now() + limit;
-    while is_alive(sandbox) && Instant::now() < deadline {
+    while sandbox.monitor_alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Starts `request` in the sandbox: the main workload's identity and environment, with
 /// the request's additions.
-pub(crate) fn exec(
+pub fn exec(
     sandbox: &SandboxDir,
     record: &SandboxRecord,
     request: ExecRequest,
-) -> Result<ExecSession, LifecycleError> {
+) -> Result<ExecSession, Error> {
     let defaults = ImageDefaults {
         entrypoint: Vec::new(),
         cmd: Vec::new(),
@@ -200,8 +204,7 @@ pub(crate) fn exec(
         env: request.env,
         working_dir: request.workdir,
     };
-    let spec = build_run_spec(&defaults, &overrides, record.run.identity, request.terminal)
-        .map_err(RunError::from)?;
+    let spec = build_run_spec(&defaults, &overrides, record.run.identity, request.terminal)?;
     let mut stream = connect(sandbox)?;
     write_frame(&mut stream, &Frame::new(EXEC_SESSION, Message::Run(spec)))
         .map_err(|e| channel_err(sandbox.id(), e))?;
@@ -263,14 +266,15 @@ impl ExecSession {
     /// the command's result (the sandbox stopped).
     // Not an Iterator: it ends with a result or an error, never with `None`.
     #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> Result<ExecOutput, LifecycleError> {
+    pub fn next(&mut self) -> Result<ExecOutput, Error> {
         loop {
             let frame = read_frame(&mut self.reader).map_err(|e| channel_err(&self.id, e))?;
             let Some(frame) = frame else {
-                return Err(LifecycleError::Monitor {
+                return Err(MonitorError {
                     id: self.id.clone(),
                     message: "the sandbox stopped before the command ended".into(),
-                });
+                }
+                .into());
             };
             if frame.session != EXEC_SESSION {
                 continue;
@@ -293,11 +297,7 @@ impl ExecSession {
     /// Runs the session to its end: `io.stdin` (if any, else an empty stdin) streams to
     /// the command, its output to `io.stdout`/`io.stderr`; `control` delivers signals and
     /// terminal resizes.
-    pub fn run(
-        mut self,
-        io: HostIo,
-        control: Receiver<Control>,
-    ) -> Result<WorkloadResult, LifecycleError> {
+    pub fn run(mut self, io: HostIo, control: Receiver<Control>) -> Result<WorkloadResult, Error> {
         let input = self.input();
         let stdin = io.stdin;
         std::thread::spawn(move || {

@@ -1,20 +1,56 @@
-//! kiln-sandbox runs sandboxes: it takes a run request, gets the image (kiln-image),
-//! builds or reuses its root and identity images (kiln-rootfs), boots the microVM
-//! (kiln-vm), drives the workload over the host-guest protocol (kiln-protocol) and
-//! returns the workload's result. It also owns a sandbox's state directory and the
-//! detached lifecycle: create, start (under a monitor process that owns the VM), stop,
-//! exec, remove.
+//! kiln-sandbox runs sandboxes: it takes a request, gets the image (kiln-image), builds or
+//! reuses its root and identity images (kiln-rootfs), boots the microVM (kiln-vm), drives
+//! the workload over the host-guest protocol (kiln-protocol) and returns the workload's
+//! result. It also owns a sandbox's state directory and the detached lifecycle: create,
+//! start (under a monitor process that owns the VM), stop, exec, remove.
 //!
-//! The user-facing parsing rules of `kiln run` (environment assignments, env files, port
-//! forwards, sandbox names) live here too, so that every front end — the CLI and the
-//! driver API — accepts exactly the same input.
+//! Every front end (the CLI and the driver API) hands its input to the same checks: a
+//! request is built from the fields as the front end has them ([`CreateFields`],
+//! [`RunFields`], [`ExecFields`]), and every error carries an [`ErrorKind`] that says whose
+//! fault it is, so the front ends only translate.
+//!
+//! The modules are layers; each uses only those above it in this list:
+//!
+//! - `error`: [`Error`] and [`ErrorKind`].
+//! - `options`, `spec`: parsing single inputs (env, ports, volumes, names); the workload's
+//!   run spec from the image's config and the overrides.
+//! - `state`: the sandbox's state directory, its records and its monitor's lock.
+//! - `request`: the validated create, run and exec requests.
+//! - `prepare`: the images a sandbox boots from, pulled and built or reused.
+//! - `launch`: one VM boot and the channel to its guest.
+//! - `boot`: what a foreground run and the monitor share: the host, the writable layer,
+//!   the VM spec of a sandbox, its record, and the status a boot leaves.
+//! - `run`, `monitor`, `client`: a foreground run; the monitor process of a detached
+//!   sandbox; talking to a running monitor (stop, exec).
+//! - `lifecycle`: detached sandboxes from create to remove.
 
-pub mod client;
-pub mod launch;
-pub mod lifecycle;
-pub mod monitor;
-pub mod options;
-pub mod prepare;
-pub mod run;
-pub mod spec;
-pub mod state;
+mod boot;
+mod client;
+mod error;
+mod launch;
+mod lifecycle;
+mod monitor;
+mod options;
+mod prepare;
+mod request;
+mod run;
+mod spec;
+mod state;
+
+pub use client::{ExecInput, ExecOutput, ExecSession};
+pub use error::{Error, ErrorKind};
+pub use launch::{Control, HostIo, VmTimings};
+pub use lifecycle::{
+    create, exec, get, list, logs, prune_images, remove, start, stop, wait, ProvisionEvent,
+    SandboxInfo,
+};
+/// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
+pub use monitor::run as run_monitor;
+pub use prepare::{image_cache, open_layers};
+pub use request::{
+    CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames, NetworkMode,
+    RunFields, RunRequest, CPUS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MEMORY_MIB,
+};
+pub use run::{run, RunReport, RunTimings};
+pub use spec::ImageDefaults;
+pub use state::{NetworkRecord, Status};

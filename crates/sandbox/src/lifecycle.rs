@@ -1,11 +1,11 @@
 //! Detached sandboxes: create, start, stop, remove, get, list and exec, for the CLI and
 //! the driver API alike.
 //!
-//! A created sandbox is a state directory (see [`crate::state`]) with its launch request
+//! A created sandbox is a state directory (the `state` module) with its launch request
 //! pinned to the image's manifest digest and its own writable disk. `start` runs a
-//! monitor process (`kiln monitor`, [`crate::monitor`]) that owns the VM, so the caller can
-//! exit; everything else talks to that monitor over its unix socket
-//! ([`crate::client`]) or reads the state files.
+//! monitor process (`kiln monitor`, the `monitor` module) that owns the VM, so the caller
+//! can exit; everything else talks to that monitor over its unix socket (the `client`
+//! module) or reads the state files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,43 +13,21 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_image::{ImageRef, PullEvent, PullOptions, Store};
+use kiln_image::{PullEvent, Store};
 use kiln_protocol::{RunSpec, WorkloadResult};
-use kiln_vm::accel::AccelRequest;
-use kiln_vm::{GuestImages, Network};
+use kiln_vm::GuestImages;
 use serde::Serialize;
 
-pub use crate::client::{ExecInput, ExecOutput, ExecRequest, ExecSession};
+use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper};
+use crate::client::{ExecSession, MonitorError};
+use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
-use crate::options::{OptionError, Volume};
-use crate::prepare::{build_images, BuildStep, PreparedImages};
-use crate::run::{main_run_spec, sandbox_record, RunError, Upper};
-use crate::spec::Overrides;
-pub use crate::state::{NetworkRecord, SandboxRecord, Status};
+use crate::prepare::{build_images, pinned_images, BuildStep, PrepareError};
+use crate::request::{CreateRequest, ExecRequest};
 use crate::state::{
-    SandboxDir, StateError, StateRecord, MONITOR_LOG, RECORD_FILE, STATE_FILE, STDERR_LOG,
-    STDOUT_LOG,
+    NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_LOG,
+    RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
-
-/// Everything a sandbox is created from.
-pub struct CreateRequest {
-    pub reference: ImageRef,
-    pub pull: PullOptions,
-    pub overrides: Overrides,
-    /// Whom the workload runs as.
-    pub run_as: kiln_identity::RunAs,
-    /// Ids of the `sandbox` user written into the image.
-    pub sandbox_uid: u32,
-    pub sandbox_gid: u32,
-    pub cpus: u32,
-    pub memory_mib: u32,
-    pub network: Network,
-    pub name: Option<String>,
-    /// Host directories shared into the sandbox (`-v`), at every start.
-    pub volumes: Vec<Volume>,
-    pub accel: AccelRequest,
-    pub qemu: PathBuf,
-}
 
 /// What is known about one sandbox.
 #[derive(Debug, Clone, Serialize)]
@@ -100,52 +78,17 @@ pub enum ProvisionEvent {
     },
 }
 
-/// Why a lifecycle operation failed.
+/// A boot under a new monitor that failed before its workload ran.
 #[derive(Debug, thiserror::Error)]
-pub enum LifecycleError {
-    #[error("no such sandbox: {0}")]
-    NotFound(String),
-
-    #[error(transparent)]
-    BadId(OptionError),
-
-    #[error("a sandbox named {name:?} already exists (id {id}); pick another name or remove it")]
-    DuplicateName { name: String, id: String },
-
-    #[error("sandbox {0} is not running")]
-    NotRunning(String),
-
-    #[error("sandbox {0} is running; stop it first (or force the removal)")]
-    Running(String),
-
-    #[error("sandbox {id} did not start: {message}")]
-    StartFailed { id: String, message: String },
-
-    #[error("sandbox {id}: the image it was created from ({digest}) is no longer in the store ({reason}); pull that digest again or remove the sandbox")]
-    ImageGone {
-        id: String,
-        digest: String,
-        reason: String,
-    },
-
-    #[error("sandbox {id}: monitor: {message}")]
-    Monitor { id: String, message: String },
-
-    #[error(transparent)]
-    Run(#[from] RunError),
-
-    #[error(transparent)]
-    State(StateError),
+#[error("sandbox {id} did not start: {message}")]
+struct StartFailed {
+    id: String,
+    message: String,
 }
 
-impl From<StateError> for LifecycleError {
-    fn from(err: StateError) -> Self {
-        match err {
-            StateError::NotFound(id) => LifecycleError::NotFound(id),
-            StateError::Name(err) => LifecycleError::BadId(err),
-            StateError::DuplicateName { name, id } => LifecycleError::DuplicateName { name, id },
-            other => LifecycleError::State(other),
-        }
+impl From<StartFailed> for Error {
+    fn from(err: StartFailed) -> Self {
+        Error::new(ErrorKind::Internal, err)
     }
 }
 
@@ -159,35 +102,32 @@ pub fn create(
     root: &Path,
     request: CreateRequest,
     events: &dyn Fn(ProvisionEvent),
-) -> Result<SandboxInfo, LifecycleError> {
-    if let Some(name) = &request.name {
-        crate::options::validate_name(name).map_err(LifecycleError::BadId)?;
-    }
+) -> Result<SandboxInfo, Error> {
     events(ProvisionEvent::ResolvingImage {
         reference: request.reference.canonical(),
     });
-    let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
+    let store = Store::open(root).map_err(PrepareError::from)?;
     let image = pull_reporting(&store, &request, events)?;
-    let prepared = build_reporting(
+    let prepared = build_images(
         root,
         &store,
         image,
         request.sandbox_uid,
         request.sandbox_gid,
-        events,
+        &build_events(events),
     )?;
-    let run_spec = main_run_spec(&request, &prepared, None).map_err(RunError::from)?;
+    let run_spec = main_run_spec(&request, &prepared, None)?;
 
     let sandbox = SandboxDir::create(root, request.name.as_deref())?;
     let record = sandbox_record(&sandbox, &request, &prepared, run_spec);
     let written = sandbox
         .write_json(RECORD_FILE, &record)
         .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
-        .map_err(LifecycleError::from)
-        .and_then(|()| Upper::create(&sandbox).map_err(|e| RunError::from(e).into()));
+        .map_err(BootError::from)
+        .and_then(|()| Upper::create(&sandbox).map_err(BootError::from));
     if let Err(err) = written {
         sandbox.remove()?;
-        return Err(err);
+        return Err(err.into());
     }
     info(&sandbox, record, StateRecord::created())
 }
@@ -197,7 +137,7 @@ fn pull_reporting(
     store: &Store,
     request: &CreateRequest,
     events: &dyn Fn(ProvisionEvent),
-) -> Result<kiln_image::PulledImage, LifecycleError> {
+) -> Result<kiln_image::PulledImage, PrepareError> {
     let (tx, rx) = mpsc::channel::<PullEvent>();
     let mut options = request.pull.clone();
     let theirs = options.progress.take();
@@ -217,7 +157,7 @@ fn pull_reporting(
         }
         puller.join().expect("the pull thread does not panic")
     })
-    .map_err(|e| RunError::Prepare(e.into()).into())
+    .map_err(PrepareError::from)
 }
 
 /// Numbers layers in the order the pull reports them.
@@ -263,46 +203,14 @@ impl LayerCounter {
     }
 }
 
-fn build_reporting(
-    root: &Path,
-    store: &Store,
-    image: kiln_image::PulledImage,
-    uid: u32,
-    gid: u32,
-    events: &dyn Fn(ProvisionEvent),
-) -> Result<PreparedImages, LifecycleError> {
-    let step = |step: BuildStep| {
+/// Tells `events` of each build step.
+fn build_events(events: &dyn Fn(ProvisionEvent)) -> impl Fn(BuildStep) + '_ {
+    move |step| {
         events(match step {
             BuildStep::RootImage => ProvisionEvent::BuildingRootImage,
             BuildStep::IdentityLayer => ProvisionEvent::BuildingIdentityLayer,
         })
-    };
-    Ok(build_images(root, store, image, uid, gid, &step).map_err(RunError::from)?)
-}
-
-/// The images `record` pins, rebuilt from the store by digest when their cache is gone;
-/// never resolves the reference again.
-pub(crate) fn pinned_images(
-    root: &Path,
-    record: &SandboxRecord,
-    events: &dyn Fn(ProvisionEvent),
-) -> Result<PreparedImages, LifecycleError> {
-    let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
-    let image = store
-        .load(record.image.clone())
-        .map_err(|source| LifecycleError::ImageGone {
-            id: record.id.clone(),
-            digest: record.image.manifest_digest.to_string(),
-            reason: source.to_string(),
-        })?;
-    build_reporting(
-        root,
-        &store,
-        image,
-        record.sandbox_uid,
-        record.sandbox_gid,
-        events,
-    )
+    }
 }
 
 /// Boots sandbox `id_or_name` under a new monitor process (`monitor_exe monitor`, the
@@ -312,20 +220,22 @@ pub fn start(
     id_or_name: &str,
     monitor_exe: &Path,
     events: &dyn Fn(ProvisionEvent),
-) -> Result<SandboxInfo, LifecycleError> {
+) -> Result<SandboxInfo, Error> {
     let root = std::path::absolute(root).map_err(|e| StateError::Io {
         path: root.to_path_buf(),
         source: e,
     })?;
     let sandbox = SandboxDir::open(&root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
-    if crate::monitor::is_alive(&sandbox) {
-        return Err(LifecycleError::Running(sandbox.id().to_owned()));
+    if sandbox.monitor_alive() {
+        return Err(StateError::Running(sandbox.id().to_owned()).into());
     }
-    GuestImages::locate(&root).check().map_err(RunError::from)?;
+    GuestImages::locate(&root)
+        .check()
+        .map_err(BootError::from)?;
     // A volume's host directory may be gone since create: say so before booting.
-    crate::run::volume_shares(&record.volumes)?;
-    pinned_images(&root, &record, events)?;
+    volume_shares(&record.volumes)?;
+    pinned_images(&root, &record, &build_events(events))?;
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;
 
     events(ProvisionEvent::Booting);
@@ -378,12 +288,13 @@ pub fn start(
                 return info(&sandbox, record, state);
             }
             Status::Failed { message } => {
-                return Err(LifecycleError::StartFailed {
+                return Err(StartFailed {
                     id: sandbox.id().to_owned(),
                     message: message.clone(),
-                })
+                }
+                .into())
             }
-            Status::Created if !crate::monitor::is_alive(&sandbox) => {
+            Status::Created if !sandbox.monitor_alive() => {
                 // The monitor writes a final state before it lets go of its lock; read once more.
                 let state: StateRecord = sandbox.read_json(STATE_FILE)?;
                 if state.status != Status::Created {
@@ -406,18 +317,19 @@ pub fn start(
     }
 }
 
-fn monitor_err(sandbox: &SandboxDir, message: String) -> LifecycleError {
-    LifecycleError::Monitor {
+fn monitor_err(sandbox: &SandboxDir, message: String) -> Error {
+    MonitorError {
         id: sandbox.id().to_owned(),
         message,
     }
+    .into()
 }
 
 /// Stops a running sandbox: its workloads get SIGTERM, then SIGKILL after `grace`, the
 /// guest syncs and powers off. A sandbox that is not running is left as it is.
-pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInfo, LifecycleError> {
+pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInfo, Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    if crate::monitor::is_alive(&sandbox) {
+    if sandbox.monitor_alive() {
         crate::client::shutdown(&sandbox, grace)?;
     }
     get_dir(&sandbox)
@@ -425,11 +337,11 @@ pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInf
 
 /// Removes a sandbox and everything it has; a running one only with `force` (it is
 /// stopped at once, without a grace period).
-pub fn remove(root: &Path, id_or_name: &str, force: bool) -> Result<(), LifecycleError> {
+pub fn remove(root: &Path, id_or_name: &str, force: bool) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    if crate::monitor::is_alive(&sandbox) {
+    if sandbox.monitor_alive() {
         if !force {
-            return Err(LifecycleError::Running(sandbox.id().to_owned()));
+            return Err(StateError::Running(sandbox.id().to_owned()).into());
         }
         crate::client::shutdown(&sandbox, Duration::ZERO)?;
     }
@@ -437,11 +349,11 @@ pub fn remove(root: &Path, id_or_name: &str, force: bool) -> Result<(), Lifecycl
 }
 
 /// The sandbox `id_or_name`.
-pub fn get(root: &Path, id_or_name: &str) -> Result<SandboxInfo, LifecycleError> {
+pub fn get(root: &Path, id_or_name: &str) -> Result<SandboxInfo, Error> {
     get_dir(&SandboxDir::open(root, id_or_name)?)
 }
 
-fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, LifecycleError> {
+fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, Error> {
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     let state: StateRecord = sandbox.read_json(STATE_FILE)?;
     info(sandbox, record, state)
@@ -449,15 +361,15 @@ fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, LifecycleError> {
 
 /// Blocks until sandbox `id_or_name` is not running (its monitor has ended) and returns
 /// how it ended; at once for a sandbox that is not running.
-pub fn wait(root: &Path, id_or_name: &str) -> Result<SandboxInfo, LifecycleError> {
+pub fn wait(root: &Path, id_or_name: &str) -> Result<SandboxInfo, Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    crate::monitor::wait_until_ended(&sandbox)?;
+    sandbox.wait_for_monitor()?;
     get_dir(&sandbox)
 }
 
 /// Every sandbox under `root`, by id. Sandboxes whose state cannot be read (being created
 /// or removed at this moment) are left out.
-pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, LifecycleError> {
+pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, Error> {
     let mut infos = Vec::new();
     for id in SandboxDir::list(root)? {
         match get(root, &id) {
@@ -470,8 +382,8 @@ pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, LifecycleError> {
 
 /// Removes the content store's blobs that no image record and no sandbox needs: a
 /// sandbox keeps the image it is pinned to even after `kiln rmi`, so it can always start.
-pub fn prune_images(root: &Path) -> Result<kiln_image::PruneReport, LifecycleError> {
-    let store = Store::open(root).map_err(|e| RunError::Prepare(e.into()))?;
+pub fn prune_images(root: &Path) -> Result<kiln_image::PruneReport, Error> {
+    let store = Store::open(root).map_err(PrepareError::from)?;
     let mut pinned = Vec::new();
     for id in SandboxDir::list(root)? {
         // A sandbox being created or removed right now has no record to pin yet.
@@ -481,21 +393,15 @@ pub fn prune_images(root: &Path) -> Result<kiln_image::PruneReport, LifecycleErr
             pinned.push(record.image);
         }
     }
-    Ok(store
-        .prune(&pinned)
-        .map_err(|e| RunError::Prepare(e.into()))?)
+    Ok(store.prune(&pinned).map_err(PrepareError::from)?)
 }
 
 /// Starts `request` in the running sandbox `id_or_name`, as the sandbox's identity.
-pub fn exec(
-    root: &Path,
-    id_or_name: &str,
-    request: ExecRequest,
-) -> Result<ExecSession, LifecycleError> {
+pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecSession, Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
-    if !crate::monitor::is_alive(&sandbox) {
-        return Err(LifecycleError::NotRunning(sandbox.id().to_owned()));
+    if !sandbox.monitor_alive() {
+        return Err(StateError::NotRunning(sandbox.id().to_owned()).into());
     }
     crate::client::exec(&sandbox, &record, request)
 }
@@ -508,13 +414,13 @@ pub fn logs(
     follow: bool,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
-) -> Result<(), LifecycleError> {
+) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
     let mut streams: [(&str, Option<std::fs::File>, &mut dyn Write); 2] =
         [(STDOUT_LOG, None, stdout), (STDERR_LOG, None, stderr)];
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
-        let more = follow && crate::monitor::is_alive(&sandbox);
+        let more = follow && sandbox.monitor_alive();
         for (name, file, out) in streams.iter_mut() {
             if file.is_none() {
                 *file = std::fs::File::open(sandbox.file(name)).ok();
@@ -537,8 +443,8 @@ fn info(
     sandbox: &SandboxDir,
     record: SandboxRecord,
     mut state: StateRecord,
-) -> Result<SandboxInfo, LifecycleError> {
-    if state.status == Status::Running && !crate::monitor::is_alive(sandbox) {
+) -> Result<SandboxInfo, Error> {
+    if state.status == Status::Running && !sandbox.monitor_alive() {
         // The monitor writes its final state before it lets go of its lock.
         state = sandbox.read_json(STATE_FILE)?;
         if state.status == Status::Running {
@@ -618,20 +524,22 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_bad_ids_are_typed_errors() {
+    fn unknown_and_bad_ids_have_their_kinds() {
         let root = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            get(root.path(), "nope"),
-            Err(LifecycleError::NotFound(_))
-        ));
-        assert!(matches!(
-            get(root.path(), "a/b"),
-            Err(LifecycleError::BadId(_))
-        ));
-        assert!(matches!(
-            remove(root.path(), "nope", true),
-            Err(LifecycleError::NotFound(_))
-        ));
+        let kind = |result: Result<(), Error>| result.unwrap_err().kind();
+        assert_eq!(
+            kind(get(root.path(), "nope").map(drop)),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(get(root.path(), "a/b").map(drop)),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(kind(remove(root.path(), "nope", true)), ErrorKind::NotFound);
+        assert_eq!(
+            kind(stop(root.path(), "..", Duration::ZERO).map(drop)),
+            ErrorKind::InvalidInput
+        );
         assert!(list(root.path()).unwrap().is_empty());
     }
 }

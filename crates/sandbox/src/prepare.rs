@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use kiln_image::{ImageRef, PullOptions, PulledImage, Store};
 use kiln_rootfs::{Cache, Layer, Limits};
 
+use crate::error::{Error, ErrorKind};
+use crate::state::SandboxRecord;
+
 /// Why the images could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -15,6 +18,23 @@ pub enum PrepareError {
     Image(#[from] kiln_image::Error),
     #[error(transparent)]
     Build(#[from] kiln_rootfs::Error),
+    #[error("sandbox {id}: the image it was created from ({digest}) is no longer in the store ({reason}); pull that digest again or remove the sandbox")]
+    ImageGone {
+        id: String,
+        digest: String,
+        reason: String,
+    },
+}
+
+impl From<PrepareError> for Error {
+    fn from(err: PrepareError) -> Self {
+        let kind = match &err {
+            PrepareError::Image(image) if image.is_usage() => ErrorKind::InvalidInput,
+            PrepareError::ImageGone { .. } => ErrorKind::FailedPrecondition,
+            PrepareError::Image(_) | PrepareError::Build(_) => ErrorKind::Internal,
+        };
+        Error::new(kind, err)
+    }
 }
 
 /// The images of one sandbox, ready to boot.
@@ -100,6 +120,31 @@ pub fn build_images(
         pull_time: Duration::ZERO,
         build_time: started.elapsed(),
     })
+}
+
+/// The images `record` pins, rebuilt from the store by digest when their cache is gone;
+/// never resolves the reference again. `step` hears of each build step before it runs.
+pub fn pinned_images(
+    root: &Path,
+    record: &SandboxRecord,
+    step: &dyn Fn(BuildStep),
+) -> Result<PreparedImages, PrepareError> {
+    let store = Store::open(root)?;
+    let image = store
+        .load(record.image.clone())
+        .map_err(|source| PrepareError::ImageGone {
+            id: record.id.clone(),
+            digest: record.image.manifest_digest.to_string(),
+            reason: source.to_string(),
+        })?;
+    build_images(
+        root,
+        &store,
+        image,
+        record.sandbox_uid,
+        record.sandbox_gid,
+        step,
+    )
 }
 
 /// Opens the stored blob of every layer of `image`, bottom first, for kiln-rootfs.

@@ -1,52 +1,20 @@
-//! `kiln run`: one sandbox from image reference to workload result.
+//! `kiln run`: one sandbox from image reference to workload result, in the foreground.
 
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
 
-use kiln_protocol::{
-    BootConfig, BootConfigError, BootStep, DiskRef, Identity, NetConfig, RunAs, RunSpec,
-    TerminalSize, VolumeMount, WorkloadResult, CHANNEL_PORT, IDENTITY_DISK_ID, ROOT_DISK_ID,
-    UPPER_DISK_ID,
-};
-use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
-use kiln_vm::qemu::Qemu;
-use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec};
+use kiln_protocol::WorkloadResult;
+use kiln_vm::accel::AccelVerdict;
+use kiln_vm::GuestImages;
 use serde::Serialize;
 
-use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome, VmTimings};
-use crate::lifecycle::CreateRequest;
-use crate::monitor::take_lock;
-use crate::options::Volume;
-use crate::prepare::{prepare_images, PrepareError, PreparedImages};
-use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
-use crate::state::{
-    now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status,
-    RECORD_FILE, STATE_FILE,
-};
-
-/// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
-pub const UPPER_DISK_MIB: u64 = 8 * 1024;
-
-/// The guest's address on QEMU's user-mode network, its gateway (the host) and DNS.
-const USER_NET: NetConfig = NetConfig {
-    address: Ipv4Addr::new(10, 0, 2, 15),
-    prefix_len: 24,
-    gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
-    dns: Some(Ipv4Addr::new(10, 0, 2, 3)),
-};
-
-/// Everything `kiln run` needs: what a detached sandbox is created from, and how this
-/// one run goes.
-pub struct RunRequest {
-    pub sandbox: CreateRequest,
-    pub timeout: Option<Duration>,
-    /// Throw the writable layer and the state directory away afterwards.
-    pub remove: bool,
-    /// A terminal of this size for the workload (`-t`).
-    pub terminal: Option<TerminalSize>,
-}
+use crate::boot::{boot, end_status, main_run_spec, sandbox_record, BootError, Host, Upper};
+use crate::error::Error;
+use crate::launch::{Control, HostIo, VmTimings};
+use crate::prepare::prepare_images;
+use crate::request::RunRequest;
+use crate::state::{now_unix, SandboxDir, StateRecord, Status, RECORD_FILE, STATE_FILE};
 
 /// Durations of every phase of a run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -70,28 +38,6 @@ pub struct RunReport {
     pub timings: RunTimings,
 }
 
-/// Why a run failed before the workload produced a result.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Prepare(#[from] PrepareError),
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error(transparent)]
-    Launch(#[from] LaunchError),
-    #[error(transparent)]
-    BootConfig(#[from] BootConfigError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
-}
-
 /// Runs one sandbox. `notice` receives one-line messages for the user (the acceleration
 /// fallback, build warnings); `control` forwards kiln's signals and terminal resizes.
 pub fn run(
@@ -100,9 +46,9 @@ pub fn run(
     io: HostIo,
     control: Receiver<Control>,
     notice: &dyn Fn(&str),
-) -> Result<RunReport, RunError> {
+) -> Result<RunReport, Error> {
     let guest = GuestImages::locate(root);
-    guest.check()?;
+    guest.check().map_err(BootError::from)?;
     let create = &request.sandbox;
     let prepared = prepare_images(
         root,
@@ -115,12 +61,13 @@ pub fn run(
         notice(&format!("warning: {warning}"));
     }
     let run_spec = main_run_spec(create, &prepared, request.terminal)?;
-    let host = Host::new(root, guest, create.accel, &create.qemu, notice)?;
+    let host =
+        Host::new(root, guest, create.accel, &create.qemu, notice).map_err(BootError::from)?;
 
     let sandbox = SandboxDir::create(root, create.name.as_deref())?;
     let record = sandbox_record(&sandbox, create, &prepared, run_spec);
     // This process is the sandbox's monitor while it runs: `start` and `rm` see it alive.
-    let _lock = take_lock(&sandbox)?;
+    let _lock = sandbox.lock_monitor()?;
     let started = StateRecord {
         status: Status::Running,
         monitor_pid: Some(std::process::id()),
@@ -130,7 +77,7 @@ pub fn run(
     let outcome = sandbox
         .write_json(RECORD_FILE, &record)
         .and_then(|()| sandbox.write_json(STATE_FILE, &started))
-        .map_err(RunError::from)
+        .map_err(BootError::from)
         .and_then(|()| {
             let upper = if request.remove {
                 Upper::Tmpfs
@@ -173,368 +120,4 @@ pub fn run(
             vm: outcome.timings,
         },
     })
-}
-
-/// How a sandbox ended after a boot: its workload's result, or the boot's failure. A
-/// workload that outlived the grace period of a stop was killed with the VM.
-pub(crate) fn end_status(outcome: &Result<LaunchOutcome, RunError>) -> Status {
-    match outcome {
-        Ok(outcome) => Status::Exited {
-            exit_code: outcome.result.exit_code(),
-            result: outcome.result.clone(),
-        },
-        Err(RunError::Launch(LaunchError::Interrupted { .. })) => {
-            let result = WorkloadResult::Killed { signal: 9 };
-            Status::Exited {
-                exit_code: result.exit_code(),
-                result,
-            }
-        }
-        Err(err) => Status::Failed {
-            message: err.to_string(),
-        },
-    }
-}
-
-/// The main workload's run spec: the image's config with the request's overrides.
-pub(crate) fn main_run_spec(
-    request: &CreateRequest,
-    prepared: &PreparedImages,
-    terminal: Option<TerminalSize>,
-) -> Result<RunSpec, SpecError> {
-    let workload = identity(&request.run_as, request.sandbox_uid, request.sandbox_gid);
-    build_run_spec(
-        &ImageDefaults::from_config(&prepared.image.config),
-        &request.overrides,
-        workload,
-        terminal,
-    )
-}
-
-/// What `sandbox.json` records about a new sandbox.
-pub(crate) fn sandbox_record(
-    sandbox: &SandboxDir,
-    request: &CreateRequest,
-    prepared: &PreparedImages,
-    run: RunSpec,
-) -> SandboxRecord {
-    SandboxRecord {
-        id: sandbox.id().to_owned(),
-        name: sandbox.name().map(str::to_owned),
-        image: prepared.image.record.clone(),
-        created_unix: now_unix(),
-        sandbox_uid: request.sandbox_uid,
-        sandbox_gid: request.sandbox_gid,
-        run,
-        cpus: request.cpus,
-        memory_mib: request.memory_mib,
-        network: NetworkRecord::from(&request.network),
-        accel: match request.accel {
-            AccelRequest::Auto => "auto",
-            AccelRequest::Kvm => "kvm",
-            AccelRequest::Tcg => "tcg",
-        }
-        .to_owned(),
-        qemu: request.qemu.clone(),
-        volumes: request.volumes.clone(),
-    }
-}
-
-/// The virtio-9p shares of `volumes` (tags `vol0`, `vol1`, ...) and where the guest's
-/// init mounts them (`kiln.vol=`). A host directory that is gone since the volume was
-/// parsed is an error naming it.
-pub fn volume_shares(volumes: &[Volume]) -> Result<(Vec<Share>, Vec<VolumeMount>), RunError> {
-    let mut shares = Vec::new();
-    let mut mounts = Vec::new();
-    for (index, volume) in volumes.iter().enumerate() {
-        if !volume.host.is_dir() {
-            return Err(RunError::Io {
-                context: format!("volume {}:{}", volume.host.display(), volume.guest),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "the host directory is gone",
-                ),
-            });
-        }
-        let tag = format!("vol{index}");
-        mounts.push(VolumeMount {
-            tag: tag.clone(),
-            path: volume.guest.clone(),
-            read_only: volume.read_only,
-        });
-        shares.push(Share {
-            tag,
-            host_path: volume.host.clone(),
-            read_only: volume.read_only,
-        });
-    }
-    Ok((shares, mounts))
-}
-
-/// The host side of a boot: guest files, the VMM and the accelerator to use.
-pub(crate) struct Host {
-    pub guest: GuestImages,
-    pub qemu: Qemu,
-    pub verdict: AccelVerdict,
-}
-
-impl Host {
-    /// Resolves the accelerator (probing KVM once per host boot); `notice` hears of a
-    /// fallback to TCG the user did not ask for.
-    pub fn new(
-        root: &Path,
-        guest: GuestImages,
-        accel: AccelRequest,
-        qemu: &Path,
-        notice: &dyn Fn(&str),
-    ) -> Result<Host, RunError> {
-        let qemu = Qemu::with_binary(qemu);
-        let verdict = accel::resolve(accel, &accel::cache_dir(root), || probe_kvm(&qemu, &guest))?;
-        if verdict.accel == Accel::Tcg && accel == AccelRequest::Auto && !verdict.cached {
-            notice(&format!("note: {}", verdict.reason));
-        }
-        Ok(Host {
-            guest,
-            qemu,
-            verdict,
-        })
-    }
-}
-
-/// The sandbox's writable layer.
-pub(crate) enum Upper {
-    /// In guest memory, gone with the VM (`kiln run --rm`).
-    Tmpfs,
-    /// The sparse ext4 disk in the state directory, kept across boots.
-    Disk(PathBuf),
-}
-
-impl Upper {
-    /// Makes a new sandbox's writable disk.
-    pub fn create(sandbox: &SandboxDir) -> Result<Upper, VmError> {
-        let path = kiln_vm::disk::upper_disk_path(sandbox.path());
-        kiln_vm::disk::create_upper_disk(&path, UPPER_DISK_MIB)?;
-        Ok(Upper::Disk(path))
-    }
-}
-
-/// Boots `sandbox` as `record` says on `upper` and drives its main workload to its end:
-/// the one boot path of `kiln run` and of a detached sandbox's monitor.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn boot(
-    sandbox: &SandboxDir,
-    record: &SandboxRecord,
-    prepared: &PreparedImages,
-    host: &Host,
-    upper: Upper,
-    timeout: Option<Duration>,
-    io: HostIo,
-    control: Receiver<Control>,
-) -> Result<LaunchOutcome, RunError> {
-    let mut disks = vec![
-        Disk {
-            id: ROOT_DISK_ID.into(),
-            path: prepared.root_image.clone(),
-            read_only: true,
-        },
-        Disk {
-            id: IDENTITY_DISK_ID.into(),
-            path: prepared.identity_layer.clone(),
-            read_only: true,
-        },
-    ];
-    let upper = match upper {
-        Upper::Tmpfs => kiln_protocol::Upper::Tmpfs,
-        Upper::Disk(path) => {
-            disks.push(Disk {
-                id: UPPER_DISK_ID.into(),
-                path,
-                read_only: false,
-            });
-            kiln_protocol::Upper::Disk(DiskRef::Serial(UPPER_DISK_ID.into()))
-        }
-    };
-    let network = Network::from(&record.network);
-    let (shares, volumes) = volume_shares(&record.volumes)?;
-    let cmdline = BootConfig {
-        root: Some(DiskRef::Serial(ROOT_DISK_ID.into())),
-        ident: Some(DiskRef::Serial(IDENTITY_DISK_ID.into())),
-        upper,
-        port: CHANNEL_PORT.into(),
-        hostname: sandbox.name().unwrap_or(sandbox.id()).into(),
-        net: matches!(network, Network::User { .. }).then_some(USER_NET),
-        volumes,
-    }
-    .kernel_args()?;
-
-    let run_dir = run_dir()?;
-    let spec = VmSpec {
-        kernel: host.guest.kernel.clone(),
-        initramfs: host.guest.initramfs.clone(),
-        cmdline,
-        disks,
-        shares,
-        cpus: record.cpus,
-        memory_mib: record.memory_mib,
-        network,
-        channel: Channel {
-            socket: run_dir.path().join("channel.sock"),
-            port_name: CHANNEL_PORT.into(),
-        },
-        console_log: sandbox.console_log(),
-        accel: host.verdict.accel,
-    };
-    let mut deadlines = Deadlines::for_accel(host.verdict.accel);
-    deadlines.workload = timeout;
-    Ok(launch(
-        &host.qemu,
-        &spec,
-        record.run.clone(),
-        deadlines,
-        io,
-        control,
-    )?)
-}
-
-/// How long a KVM boot may take to reach init before KVM is judged unusable. A working
-/// KVM gets there in well under a second, even on a loaded host; a broken one fails at
-/// once or spins silently (as nested PVM hosts do), so the probe's cost is this deadline.
-const PROBE_DEADLINE: Duration = Duration::from_secs(6);
-
-/// Boots the guest once under KVM with no disks: reaching init (which then reports that
-/// it has no root image) proves KVM runs our kernel.
-fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
-    let run_dir = match run_dir() {
-        Ok(dir) => dir,
-        Err(err) => return ProbeOutcome::Failed(format!("no run directory for the probe: {err}")),
-    };
-    let cmdline = match BootConfig::default().kernel_args() {
-        Ok(args) => args,
-        Err(err) => return ProbeOutcome::Failed(err.to_string()),
-    };
-    let spec = VmSpec {
-        kernel: guest.kernel.clone(),
-        initramfs: guest.initramfs.clone(),
-        cmdline,
-        disks: Vec::new(),
-        shares: Vec::new(),
-        cpus: 1,
-        memory_mib: 256,
-        network: Network::None,
-        channel: Channel {
-            socket: run_dir.path().join("probe.sock"),
-            port_name: CHANNEL_PORT.into(),
-        },
-        console_log: run_dir.path().join("probe-console.log"),
-        accel: Accel::Kvm,
-    };
-    let deadlines = Deadlines {
-        connect: PROBE_DEADLINE,
-        boot: PROBE_DEADLINE,
-        ..Deadlines::for_accel(Accel::Kvm)
-    };
-    let probe_spec = RunSpec {
-        argv: vec!["/bin/true".into()],
-        env: Vec::new(),
-        cwd: None,
-        identity: Identity {
-            run_as: RunAs::Uid,
-            uid: 10001,
-            gid: 10001,
-        },
-        tty: false,
-        terminal: None,
-    };
-    let io = HostIo {
-        stdin: None,
-        stdout: Box::new(std::io::sink()),
-        stderr: Box::new(std::io::sink()),
-        guest_events: None,
-    };
-    let (_keep_open, control) = mpsc::channel();
-    let started = Instant::now();
-    match launch(qemu, &spec, probe_spec, deadlines, io, control) {
-        Err(LaunchError::Boot { error, .. }) if error.step != BootStep::InitPanic => {
-            ProbeOutcome::Booted
-        }
-        Ok(_) => ProbeOutcome::Booted,
-        Err(err) => {
-            let detail =
-                kvm_failure_line(&spec.console_log).unwrap_or_else(|| first_line(&err.to_string()));
-            tracing::debug!("KVM probe failed after {:?}: {err}", started.elapsed());
-            ProbeOutcome::Failed(detail)
-        }
-    }
-}
-
-/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1".
-fn kvm_failure_line(console_log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(console_log).ok()?;
-    text.lines()
-        .find(|l| l.contains("KVM"))
-        .map(|l| l.trim().to_owned())
-}
-
-fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or_default().to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn volumes_become_numbered_shares_and_mounts() {
-        let dir = tempfile::tempdir().unwrap();
-        let volumes = [
-            Volume {
-                host: dir.path().to_owned(),
-                guest: "/data".into(),
-                read_only: false,
-            },
-            Volume {
-                host: dir.path().to_owned(),
-                guest: "/srv/in".into(),
-                read_only: true,
-            },
-        ];
-        let (shares, mounts) = volume_shares(&volumes).unwrap();
-        assert_eq!(
-            mounts,
-            [
-                VolumeMount {
-                    tag: "vol0".into(),
-                    path: "/data".into(),
-                    read_only: false
-                },
-                VolumeMount {
-                    tag: "vol1".into(),
-                    path: "/srv/in".into(),
-                    read_only: true
-                },
-            ]
-        );
-        assert_eq!(
-            shares,
-            [
-                Share {
-                    tag: "vol0".into(),
-                    host_path: dir.path().to_owned(),
-                    read_only: false
-                },
-                Share {
-                    tag: "vol1".into(),
-                    host_path: dir.path().to_owned(),
-                    read_only: true
-                },
-            ]
-        );
-        let gone = Volume {
-            host: dir.path().join("gone"),
-            guest: "/x".into(),
-            read_only: false,
-        };
-        let err = volume_shares(&[gone]).unwrap_err().to_string();
-        assert!(err.contains("gone:/x"), "{err}");
-    }
 }

@@ -2,6 +2,8 @@
 
 use kiln_protocol::{Identity, RunAs, RunSpec, TerminalSize, DEFAULT_PATH};
 
+use crate::error::{Error, ErrorKind};
+
 /// The parts of an image's config that decide how its workload starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageDefaults {
@@ -49,6 +51,13 @@ pub enum SpecError {
     RelativeWorkdir(String),
     #[error("{what} contains a NUL byte: {value:?}")]
     Nul { what: &'static str, value: String },
+}
+
+// Every spec error is about what the caller asked to run.
+impl From<SpecError> for Error {
+    fn from(err: SpecError) -> Self {
+        Error::new(ErrorKind::InvalidInput, err)
+    }
 }
 
 /// Builds the run spec of the main workload.

@@ -6,18 +6,24 @@
 //! console log, the workload's `stdout.log`/`stderr.log`, the writable disk and, while it
 //! runs, the monitor's lock and socket. `<root>/sandboxes/.names/<name>` holds the id a
 //! name points to, created exclusively so two sandboxes can never share a name.
+//!
+//! Whoever runs a sandbox (its monitor, or a foreground `kiln run`) holds an exclusive
+//! flock on `monitor.lock` for as long as the VM lives, so a free lock means nothing runs.
 
-use std::fs::{DirBuilder, OpenOptions};
+use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use kiln_image::ImageRecord;
 use kiln_protocol::{RunSpec, WorkloadResult};
+use kiln_vm::accel::AccelRequest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::options::validate_name;
+use crate::error::{Error, ErrorKind};
+use crate::options::{validate_name, OptionError, Volume};
 
 /// File names inside a sandbox's state directory.
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -44,12 +50,33 @@ pub struct SandboxRecord {
     pub cpus: u32,
     pub memory_mib: u32,
     pub network: NetworkRecord,
-    /// `auto`, `kvm` or `tcg`.
-    pub accel: String,
+    /// Stored as `auto`, `kvm` or `tcg`; anything else makes the record corrupt.
+    #[serde(with = "accel_text")]
+    pub accel: AccelRequest,
     pub qemu: PathBuf,
     /// Host directories shared into the sandbox (absent in records of older kilns).
     #[serde(default)]
-    pub volumes: Vec<crate::options::Volume>,
+    pub volumes: Vec<Volume>,
+}
+
+/// The accelerator request in `sandbox.json`, as the words `--accel` takes.
+mod accel_text {
+    use kiln_vm::accel::AccelRequest;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(accel: &AccelRequest, out: S) -> Result<S::Ok, S::Error> {
+        out.serialize_str(match accel {
+            AccelRequest::Auto => "auto",
+            AccelRequest::Kvm => "kvm",
+            AccelRequest::Tcg => "tcg",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<AccelRequest, D::Error> {
+        String::deserialize(input)?
+            .parse()
+            .map_err(D::Error::custom)
+    }
 }
 
 /// The guest's network as stored in a record.
@@ -136,9 +163,9 @@ pub fn now_unix() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
-    Name(#[from] crate::options::OptionError),
+    Name(#[from] OptionError),
 
-    #[error("a sandbox named {name:?} already exists (id {id}); pick another --name or remove it")]
+    #[error("a sandbox named {name:?} already exists (id {id}); pick another name or remove it")]
     DuplicateName { name: String, id: String },
 
     #[error(
@@ -149,6 +176,12 @@ pub enum StateError {
     #[error("no such sandbox: {0}")]
     NotFound(String),
 
+    #[error("sandbox {0} is running; stop it first (or force the removal)")]
+    Running(String),
+
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+
     #[error("{path}: not a valid sandbox state file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 
@@ -157,6 +190,26 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl StateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StateError::Name(_) => ErrorKind::InvalidInput,
+            StateError::DuplicateName { .. } => ErrorKind::AlreadyExists,
+            StateError::NotFound(_) => ErrorKind::NotFound,
+            StateError::Running(_) | StateError::NotRunning(_) => ErrorKind::FailedPrecondition,
+            StateError::Symlink(_) | StateError::Corrupt { .. } | StateError::Io { .. } => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}
+
+impl From<StateError> for Error {
+    fn from(err: StateError) -> Self {
+        Error::new(err.kind(), err)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -373,6 +426,77 @@ impl SandboxDir {
     }
 }
 
+impl SandboxDir {
+    /// The lock file with an exclusive lock held, or `None` when another process holds it.
+    /// The lock lasts as long as the returned file (and its copies in forked children).
+    pub fn lock_monitor(&self) -> Result<Option<File>, StateError> {
+        let path = self.file(MONITOR_LOCK);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(source)) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Whether a monitor (or a foreground `kiln run`) holds the sandbox's lock.
+    pub fn monitor_alive(&self) -> bool {
+        let Ok(file) = File::open(self.file(MONITOR_LOCK)) else {
+            return false;
+        };
+        matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
+    }
+
+    /// Blocks until no monitor holds the sandbox's lock: the lock is released only when
+    /// its holder ends, so this wakes exactly then, without polling.
+    pub fn wait_for_monitor(&self) -> Result<(), StateError> {
+        let path = self.file(MONITOR_LOCK);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            // Never started: nothing to wait for.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        loop {
+            // The shared lock goes with `file`.
+            match file.lock_shared() {
+                Ok(()) => return Ok(()),
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(StateError::Io { path, source }),
+            }
+        }
+    }
+
+    /// The path to bind or connect to for the monitor socket, and the directory handle
+    /// that must stay open while it is used: a long state path is reached through
+    /// `/proc/self/fd/N/`, because a socket path must fit in `sockaddr_un`.
+    pub fn monitor_socket(&self) -> Result<(PathBuf, Option<File>), StateError> {
+        let path = self.file(MONITOR_SOCKET);
+        if path.as_os_str().len() <= SUN_PATH_MAX {
+            return Ok((path, None));
+        }
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        let short = PathBuf::from(format!(
+            "/proc/self/fd/{}/{MONITOR_SOCKET}",
+            dir.as_raw_fd()
+        ));
+        Ok((short, Some(dir)))
+    }
+}
+
+/// The longest path `sockaddr_un` holds, with its terminating NUL.
+const SUN_PATH_MAX: usize = 107;
+
 /// A private (0700) temporary directory for the sandbox's sockets, removed on drop. It
 /// lives under $XDG_RUNTIME_DIR or /tmp rather than under the root because a unix socket
 /// path must fit in 108 bytes.
@@ -517,6 +641,29 @@ mod tests {
     }
 
     #[test]
+    fn the_accelerator_is_stored_as_its_word_and_a_bad_word_is_refused() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Record {
+            #[serde(with = "accel_text")]
+            accel: AccelRequest,
+        }
+        for (accel, word) in [
+            (AccelRequest::Auto, "auto"),
+            (AccelRequest::Kvm, "kvm"),
+            (AccelRequest::Tcg, "tcg"),
+        ] {
+            let json = serde_json::to_string(&Record { accel }).unwrap();
+            assert_eq!(json, format!("{{\"accel\":\"{word}\"}}"));
+            assert_eq!(
+                serde_json::from_str::<Record>(&json).unwrap(),
+                Record { accel }
+            );
+        }
+        let err = serde_json::from_str::<Record>("{\"accel\":\"turbo\"}").unwrap_err();
+        assert!(err.to_string().contains("turbo"), "{err}");
+    }
+
+    #[test]
     fn network_records_convert_both_ways() {
         let network = kiln_vm::Network::User {
             forwards: vec![kiln_vm::PortForward {
@@ -532,6 +679,63 @@ mod tests {
             kiln_vm::Network::from(&NetworkRecord::None),
             kiln_vm::Network::None
         );
+    }
+
+    #[test]
+    fn the_lock_tells_whether_a_monitor_lives() {
+        let root = tempfile::tempdir().unwrap();
+        let sandbox = SandboxDir::create(root.path(), None).unwrap();
+        assert!(!sandbox.monitor_alive());
+        let lock = sandbox.lock_monitor().unwrap().expect("a free lock");
+        assert!(sandbox.monitor_alive());
+        assert!(
+            sandbox.lock_monitor().unwrap().is_none(),
+            "a second monitor is refused"
+        );
+        drop(lock);
+        assert!(!sandbox.monitor_alive());
+    }
+
+    #[test]
+    fn waiting_ends_when_the_lock_is_released() {
+        let root = tempfile::tempdir().unwrap();
+        let sandbox = SandboxDir::create(root.path(), None).unwrap();
+        sandbox
+            .wait_for_monitor()
+            .expect("no lock file: nothing to wait for");
+        let lock = sandbox.lock_monitor().unwrap().expect("a free lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| tx.send(sandbox.wait_for_monitor().is_ok()).unwrap());
+            let early = rx.recv_timeout(std::time::Duration::from_millis(200));
+            assert!(early.is_err(), "the wait ended while the lock was held");
+            drop(lock);
+            assert_eq!(
+                rx.recv_timeout(std::time::Duration::from_secs(10)),
+                Ok(true)
+            );
+        });
+    }
+
+    #[test]
+    fn a_long_state_path_is_reached_through_the_directory_handle() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("r".repeat(120));
+        let sandbox = SandboxDir::create(&root, None).unwrap();
+        assert!(sandbox.file(MONITOR_SOCKET).as_os_str().len() > SUN_PATH_MAX);
+        let (address, dir) = sandbox.monitor_socket().unwrap();
+        assert!(
+            dir.is_some() && address.starts_with("/proc/self/fd"),
+            "{}",
+            address.display()
+        );
+        let _listener = std::os::unix::net::UnixListener::bind(&address).unwrap();
+        assert!(
+            sandbox.file(MONITOR_SOCKET).exists(),
+            "the socket is in the state directory"
+        );
+        let (again, _dir) = sandbox.monitor_socket().unwrap();
+        std::os::unix::net::UnixStream::connect(again).unwrap();
     }
 
     #[test]

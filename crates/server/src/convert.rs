@@ -1,20 +1,17 @@
-//! Between the wire and kiln-sandbox: requests checked and turned into the lifecycle's
-//! types (every bad field is INVALID_ARGUMENT naming it, by the same rules as the CLI's
-//! flags), lifecycle results and errors turned into messages and status codes.
+//! Between the wire and kiln-sandbox: requests decoded into the fields kiln-sandbox
+//! checks (which names a bad field as the proto does: INVALID_ARGUMENT), results turned
+//! into messages, and errors into status codes by their kind.
 
 use std::path::PathBuf;
 
-use kiln_image::{ImageRef, Platform, PullOptions, PullPolicy};
+use kiln_image::{Platform, PullOptions, PullPolicy};
 use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
-use kiln_sandbox::lifecycle::{self, ExecRequest, LifecycleError, SandboxInfo, Status};
-use kiln_sandbox::options::{
-    parse_env_assignment, parse_port_forward, parse_volumes, validate_name, Volume,
+use kiln_sandbox::{
+    CreateFields, CreateRequest, ErrorKind, ExecFields, ExecRequest, Field, FieldNames,
+    NetworkMode, ProvisionEvent, SandboxInfo, Status,
 };
-use kiln_sandbox::run::RunError;
-use kiln_sandbox::spec::Overrides;
 use kiln_vm::accel::AccelRequest;
-use kiln_vm::Network;
-use tonic::Status as GrpcStatus;
+use tonic::{Code, Status as GrpcStatus};
 
 use crate::proto;
 use crate::proto::workload_exit::Result as ResultKind;
@@ -26,54 +23,67 @@ pub struct Machine {
     pub qemu: PathBuf,
 }
 
+/// How the driver API names request fields in errors: as the proto does.
+struct ProtoNames;
+
+impl FieldNames for ProtoNames {
+    fn field(&self, field: Field) -> &'static str {
+        match field {
+            Field::Image => "image",
+            Field::Name => "name",
+            Field::User => "user",
+            Field::Uid => "uid",
+            Field::Gid => "gid",
+            Field::Cpus => "cpus",
+            Field::Memory => "memory_mib",
+            Field::Env => "env",
+            Field::Workdir => "workdir",
+            Field::Publish => "publish",
+            Field::Volumes => "volumes",
+            Field::Command => "argv",
+            // The CLI's alone; a request here never has them.
+            Field::EnvFile => "env_file",
+            Field::Timeout => "timeout",
+        }
+    }
+
+    fn network(&self, mode: NetworkMode) -> &'static str {
+        match mode {
+            NetworkMode::User => "NETWORK_USER",
+            NetworkMode::None => "NETWORK_NONE",
+        }
+    }
+}
+
+/// The status code of a kiln-sandbox error's kind.
+fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidInput => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
+
+/// The status of a kiln-sandbox error: the code its kind says, and its own message, which
+/// names the sandbox or input at fault.
+pub fn status(err: kiln_sandbox::Error) -> GrpcStatus {
+    GrpcStatus::new(code(err.kind()), err.to_string())
+}
+
 fn invalid(field: &str, value: impl std::fmt::Debug, reason: impl std::fmt::Display) -> GrpcStatus {
     GrpcStatus::invalid_argument(format!("{field} {value:?}: {reason}"))
 }
 
-/// A `sandbox` field: an id or name.
-pub fn sandbox_ref(value: &str) -> Result<&str, GrpcStatus> {
-    validate_name(value).map_err(|e| GrpcStatus::invalid_argument(format!("sandbox: {e}")))?;
-    Ok(value)
-}
-
-/// KEY=VALUE entries; a bare KEY is refused (the server does not lend its own environment).
-fn env_entries(field: &str, entries: &[String]) -> Result<Vec<(String, String)>, GrpcStatus> {
-    entries
-        .iter()
-        .map(|entry| match parse_env_assignment(entry, |_| None) {
-            Ok(Some(pair)) if entry.contains('=') => Ok(pair),
-            Ok(_) => Err(invalid(field, entry, "expected KEY=VALUE")),
-            Err(err) => Err(GrpcStatus::invalid_argument(format!("{field}: {err}"))),
-        })
-        .collect()
-}
-
+/// An empty text field means "not set".
 fn optional(text: &str) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
 }
 
-fn sandbox_id(field: &str, value: u32, default: u32) -> Result<u32, GrpcStatus> {
-    if value == 0 {
-        return Ok(default);
-    }
-    kiln_identity::parse_sandbox_id(&value.to_string()).map_err(|e| invalid(field, value, e))
-}
-
-fn in_range(
-    field: &str,
-    value: u32,
-    default: u32,
-    range: std::ops::RangeInclusive<u32>,
-) -> Result<u32, GrpcStatus> {
-    match value {
-        0 => Ok(default),
-        v if range.contains(&v) => Ok(v),
-        v => Err(invalid(
-            field,
-            v,
-            format!("expected {} to {}", range.start(), range.end()),
-        )),
-    }
+/// A zero number field means "not set".
+fn nonzero(value: u32) -> Option<u32> {
+    (value != 0).then_some(value)
 }
 
 fn pull_options(pull: Option<proto::Pull>) -> Result<PullOptions, GrpcStatus> {
@@ -97,111 +107,91 @@ fn pull_options(pull: Option<proto::Pull>) -> Result<PullOptions, GrpcStatus> {
     })
 }
 
-fn network(request: &proto::CreateRequest) -> Result<Network, GrpcStatus> {
-    let forwards = request
-        .publish
+/// Volumes as `-v HOSTDIR:GUESTDIR[:ro]` texts; the host path must be absolute (the
+/// server's working directory means nothing to its clients).
+fn volumes(volumes: &[proto::Volume]) -> Result<Vec<String>, GrpcStatus> {
+    volumes
         .iter()
-        .map(|p| {
-            let text = format!("{}:{}", p.host_port, p.guest_port);
-            parse_port_forward(&text)
-                .map_err(|e| GrpcStatus::invalid_argument(format!("publish: {e}")))
+        .map(|volume| {
+            if !volume.host_path.starts_with('/') {
+                let reason = "expected an absolute path";
+                return Err(invalid("volumes.host_path", &volume.host_path, reason));
+            }
+            let mode = if volume.read_only { ":ro" } else { "" };
+            Ok(format!("{}:{}{mode}", volume.host_path, volume.guest_path))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    match proto::Network::try_from(request.network) {
-        Ok(proto::Network::Unspecified | proto::Network::User) => Ok(Network::User { forwards }),
-        Ok(proto::Network::None) if forwards.is_empty() => Ok(Network::None),
-        Ok(proto::Network::None) => Err(invalid(
-            "publish",
-            &request.publish,
-            "port forwards need NETWORK_USER",
-        )),
-        Err(_) => Err(invalid("network", request.network, "unknown value")),
-    }
+        .collect()
 }
 
-/// Volumes by the rules of `-v HOSTDIR:GUESTDIR[:ro]`; the host path must be absolute
-/// (the server's working directory means nothing to its clients).
-fn volumes(volumes: &[proto::Volume]) -> Result<Vec<Volume>, GrpcStatus> {
-    let mut texts = Vec::new();
-    for volume in volumes {
-        if !volume.host_path.starts_with('/') {
-            let reason = "expected an absolute path";
-            return Err(invalid("volumes.host_path", &volume.host_path, reason));
-        }
-        let mode = if volume.read_only { ":ro" } else { "" };
-        texts.push(format!("{}:{}{mode}", volume.host_path, volume.guest_path));
-    }
-    parse_volumes(&texts).map_err(|e| GrpcStatus::invalid_argument(format!("volumes: {e}")))
-}
-
-/// A Create request as the lifecycle wants it.
-pub fn create_request(
+/// A Create request's fields as kiln-sandbox takes them.
+fn create_fields(
     request: proto::CreateRequest,
     machine: &Machine,
-) -> Result<lifecycle::CreateRequest, GrpcStatus> {
-    let reference =
-        ImageRef::parse(&request.image).map_err(|e| invalid("image", &request.image, e))?;
-    let name = optional(&request.name);
-    if let Some(name) = &name {
-        validate_name(name).map_err(|e| GrpcStatus::invalid_argument(format!("name: {e}")))?;
-    }
-    let user = if request.user.is_empty() {
-        kiln_identity::SANDBOX_USER
-    } else {
-        &request.user
+) -> Result<CreateFields, GrpcStatus> {
+    let network = match proto::Network::try_from(request.network) {
+        Ok(proto::Network::Unspecified | proto::Network::User) => NetworkMode::User,
+        Ok(proto::Network::None) => NetworkMode::None,
+        Err(_) => return Err(invalid("network", request.network, "unknown value")),
     };
-    let run_as =
-        kiln_identity::RunAs::parse(user.as_bytes()).map_err(|e| invalid("user", user, e))?;
-    if let Some(dir) = optional(&request.workdir).filter(|d| !d.starts_with('/')) {
-        return Err(invalid("workdir", dir, "expected an absolute path"));
-    }
-    Ok(lifecycle::CreateRequest {
-        network: network(&request)?,
-        sandbox_uid: sandbox_id("uid", request.uid, kiln_identity::DEFAULT_SANDBOX_UID)?,
-        sandbox_gid: sandbox_id("gid", request.gid, kiln_identity::DEFAULT_SANDBOX_GID)?,
-        cpus: in_range("cpus", request.cpus, 1, 1..=64)?,
-        memory_mib: in_range("memory_mib", request.memory_mib, 512, 64..=1_048_576)?,
-        overrides: Overrides {
-            entrypoint: request.entrypoint,
-            cmd: request.command,
-            env: env_entries("env", &request.env)?,
-            working_dir: optional(&request.workdir),
-        },
+    Ok(CreateFields {
         pull: pull_options(request.pull)?,
-        reference,
-        run_as,
-        name,
         volumes: volumes(&request.volumes)?,
+        publish: request
+            .publish
+            .iter()
+            .map(|p| format!("{}:{}", p.host_port, p.guest_port))
+            .collect(),
+        network,
+        name: optional(&request.name),
+        entrypoint: request.entrypoint,
+        command: request.command,
+        env_files: Vec::new(),
+        env: request.env,
+        // The server does not lend its own environment: a bare KEY is refused.
+        lend_environment: false,
+        workdir: optional(&request.workdir),
+        user: optional(&request.user),
+        uid: nonzero(request.uid).map(|id| id.to_string()),
+        gid: nonzero(request.gid).map(|id| id.to_string()),
+        cpus: nonzero(request.cpus),
+        memory_mib: nonzero(request.memory_mib),
+        image: request.image,
         accel: machine.accel,
         qemu: machine.qemu.clone(),
     })
 }
 
-/// An ExecStart as the lifecycle wants it; returns the sandbox reference too.
-pub fn exec_request(start: proto::ExecStart) -> Result<(String, ExecRequest), GrpcStatus> {
-    sandbox_ref(&start.sandbox)?;
-    if start.argv.is_empty() || start.argv[0].is_empty() {
-        return Err(invalid(
-            "argv",
-            &start.argv,
-            "expected a program and its arguments",
-        ));
-    }
-    if let Some(dir) = optional(&start.workdir).filter(|d| !d.starts_with('/')) {
-        return Err(invalid("workdir", dir, "expected an absolute path"));
-    }
+/// A Create request, checked.
+pub fn create_request(
+    request: proto::CreateRequest,
+    machine: &Machine,
+) -> Result<CreateRequest, GrpcStatus> {
+    create_fields(request, machine)?
+        .validate(&ProtoNames)
+        .map_err(status)
+}
+
+/// An ExecStart's fields as kiln-sandbox takes them, and the sandbox reference.
+fn exec_fields(start: proto::ExecStart) -> Result<(String, ExecFields), GrpcStatus> {
     let terminal = match (start.tty, start.terminal) {
         (false, _) => None,
         (true, None) => Some(TerminalSize { rows: 24, cols: 80 }),
         (true, Some(size)) => Some(terminal_size(size)?),
     };
-    let request = ExecRequest {
-        env: env_entries("env", &start.env)?,
+    let fields = ExecFields {
+        command: start.argv,
+        env: start.env,
+        lend_environment: false,
         workdir: optional(&start.workdir),
-        argv: start.argv,
         terminal,
     };
-    Ok((start.sandbox, request))
+    Ok((start.sandbox, fields))
+}
+
+/// An ExecStart, checked; returns the sandbox reference too.
+pub fn exec_request(start: proto::ExecStart) -> Result<(String, ExecRequest), GrpcStatus> {
+    let (sandbox, fields) = exec_fields(start)?;
+    Ok((sandbox, fields.validate(&ProtoNames).map_err(status)?))
 }
 
 pub fn terminal_size(size: proto::TerminalSize) -> Result<TerminalSize, GrpcStatus> {
@@ -275,9 +265,9 @@ pub fn status_event(info: &SandboxInfo) -> proto::event::Kind {
     }
 }
 
-pub fn provision_event(event: lifecycle::ProvisionEvent) -> proto::event::Kind {
-    use lifecycle::ProvisionEvent as P;
+pub fn provision_event(event: ProvisionEvent) -> proto::event::Kind {
     use proto::event::Kind;
+    use ProvisionEvent as P;
     match event {
         P::ResolvingImage { reference } => {
             Kind::ResolvingImage(proto::ResolvingImage { reference })
@@ -300,25 +290,6 @@ pub fn provision_event(event: lifecycle::ProvisionEvent) -> proto::event::Kind {
         P::Booting => Kind::Booting(proto::Booting {}),
         P::Running => Kind::Running(proto::Running {}),
         P::Exited { result, .. } => Kind::Exited(workload_exit(&result)),
-    }
-}
-
-/// The status code of a lifecycle error; the message is the error's own, which names
-/// the sandbox or input at fault.
-pub fn lifecycle_status(err: LifecycleError) -> GrpcStatus {
-    let message = err.to_string();
-    match err {
-        LifecycleError::NotFound(_) => GrpcStatus::not_found(message),
-        LifecycleError::BadId(_) => GrpcStatus::invalid_argument(message),
-        LifecycleError::DuplicateName { .. } => GrpcStatus::already_exists(message),
-        LifecycleError::NotRunning(_)
-        | LifecycleError::Running(_)
-        | LifecycleError::ImageGone { .. } => GrpcStatus::failed_precondition(message),
-        LifecycleError::Run(RunError::Spec(_)) => GrpcStatus::invalid_argument(message),
-        LifecycleError::Run(RunError::Prepare(kiln_sandbox::prepare::PrepareError::Image(
-            image,
-        ))) if image.is_usage() => GrpcStatus::invalid_argument(message),
-        _ => GrpcStatus::internal(message),
     }
 }
 
@@ -347,14 +318,36 @@ mod tests {
     }
 
     #[test]
-    fn defaults_fill_zero_fields() {
-        let create = create_request(request(), &machine()).unwrap();
-        assert_eq!((create.cpus, create.memory_mib), (1, 512));
-        assert_eq!((create.sandbox_uid, create.sandbox_gid), (10001, 10001));
-        assert!(matches!(create.network, Network::User { ref forwards } if forwards.is_empty()));
-        assert_eq!(create.pull.policy, PullPolicy::Missing);
-        assert_eq!(create.run_as, kiln_identity::RunAs::Sandbox);
-        assert_eq!(create.name, None);
+    fn zero_and_empty_fields_are_unset() {
+        let fields = create_fields(request(), &machine()).unwrap();
+        assert_eq!((fields.cpus, fields.memory_mib), (None, None));
+        assert_eq!((fields.uid, fields.gid), (None, None));
+        assert_eq!(
+            (fields.user, fields.name, fields.workdir),
+            (None, None, None)
+        );
+        assert_eq!(fields.network, NetworkMode::User);
+        assert_eq!(fields.pull.policy, PullPolicy::Missing);
+        assert!(!fields.lend_environment);
+        assert!(create_request(request(), &machine()).is_ok());
+
+        let set = proto::CreateRequest {
+            uid: 20000,
+            cpus: 2,
+            publish: vec![proto::PortForward {
+                host_port: 8080,
+                guest_port: 80,
+            }],
+            network: proto::Network::None as i32,
+            ..request()
+        };
+        let fields = create_fields(set, &machine()).unwrap();
+        assert_eq!(
+            (fields.uid.as_deref(), fields.cpus),
+            (Some("20000"), Some(2))
+        );
+        assert_eq!(fields.publish, ["8080:80"]);
+        assert_eq!(fields.network, NetworkMode::None);
     }
 
     #[test]
@@ -478,15 +471,9 @@ mod tests {
             volumes: vec![volume(&host, "/data/")],
             ..request()
         };
-        let create = create_request(create, &machine()).unwrap();
-        assert_eq!(create.volumes.len(), 1);
-        assert_eq!(
-            (
-                create.volumes[0].guest.as_str(),
-                create.volumes[0].read_only
-            ),
-            ("/data", true)
-        );
+        let fields = create_fields(create.clone(), &machine()).unwrap();
+        assert_eq!(fields.volumes, [format!("{host}:/data/:ro")]);
+        assert!(create_request(create, &machine()).is_ok());
 
         let missing = format!("{host}/missing");
         for (bad, naming) in [
@@ -512,68 +499,67 @@ mod tests {
             tty: true,
             ..Default::default()
         };
-        let (sandbox, exec) = exec_request(start.clone()).unwrap();
+        let (sandbox, fields) = exec_fields(start.clone()).unwrap();
         assert_eq!(sandbox, "box");
-        assert_eq!(exec.env, [("A".to_owned(), "1".to_owned())]);
-        assert_eq!(exec.terminal, Some(TerminalSize { rows: 24, cols: 80 }));
-        for bad in [
-            proto::ExecStart {
-                argv: Vec::new(),
-                ..start.clone()
-            },
-            proto::ExecStart {
-                sandbox: "../x".into(),
-                ..start.clone()
-            },
-            proto::ExecStart {
-                terminal: Some(proto::TerminalSize { rows: 0, cols: 80 }),
-                ..start.clone()
-            },
+        assert_eq!(fields.env, ["A=1"]);
+        assert!(!fields.lend_environment);
+        assert_eq!(fields.terminal, Some(TerminalSize { rows: 24, cols: 80 }));
+        assert!(exec_request(start.clone()).is_ok());
+        for (bad, naming) in [
+            (
+                proto::ExecStart {
+                    argv: Vec::new(),
+                    ..start.clone()
+                },
+                "argv",
+            ),
+            (
+                proto::ExecStart {
+                    workdir: "tmp".into(),
+                    ..start.clone()
+                },
+                "workdir \"tmp\"",
+            ),
+            (
+                proto::ExecStart {
+                    env: vec!["B".into()],
+                    ..start.clone()
+                },
+                "env \"B\"",
+            ),
+            (
+                proto::ExecStart {
+                    terminal: Some(proto::TerminalSize { rows: 0, cols: 80 }),
+                    ..start.clone()
+                },
+                "terminal.rows",
+            ),
         ] {
-            assert_eq!(
-                exec_request(bad).unwrap_err().code(),
-                tonic::Code::InvalidArgument
-            );
+            let err = exec_request(bad).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(err.message().contains(naming), "{naming}: {err:?}");
         }
     }
 
     #[test]
-    fn lifecycle_errors_map_to_codes() {
-        use tonic::Code;
+    fn error_kinds_map_to_codes() {
         let cases = [
-            (LifecycleError::NotFound("abc".into()), Code::NotFound),
-            (
-                LifecycleError::DuplicateName {
-                    name: "n".into(),
-                    id: "i".into(),
-                },
-                Code::AlreadyExists,
-            ),
-            (
-                LifecycleError::NotRunning("abc".into()),
-                Code::FailedPrecondition,
-            ),
-            (
-                LifecycleError::Running("abc".into()),
-                Code::FailedPrecondition,
-            ),
-            (
-                LifecycleError::Monitor {
-                    id: "abc".into(),
-                    message: "x".into(),
-                },
-                Code::Internal,
-            ),
+            (ErrorKind::InvalidInput, Code::InvalidArgument),
+            (ErrorKind::NotFound, Code::NotFound),
+            (ErrorKind::AlreadyExists, Code::AlreadyExists),
+            (ErrorKind::FailedPrecondition, Code::FailedPrecondition),
+            (ErrorKind::Internal, Code::Internal),
         ];
-        for (err, code) in cases {
-            let status = lifecycle_status(err);
-            assert_eq!(status.code(), code, "{status:?}");
+        for (kind, expected) in cases {
+            assert_eq!(code(kind), expected);
         }
-        let bad = validate_name("..").unwrap_err();
-        assert_eq!(
-            lifecycle_status(LifecycleError::BadId(bad)).code(),
-            Code::InvalidArgument
-        );
+        let root = tempfile::tempdir().unwrap();
+        let missing = kiln_sandbox::get(root.path(), "nosuch").unwrap_err();
+        let status = status(missing);
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("nosuch"), "{status:?}");
+        let bad = kiln_sandbox::get(root.path(), "../x").unwrap_err();
+        assert_eq!(super::status(bad).code(), Code::InvalidArgument);
     }
 
     #[test]

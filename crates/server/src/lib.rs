@@ -1,4 +1,4 @@
-//! kiln-server serves kiln's sandbox lifecycle (kiln-sandbox's `lifecycle` module) as a
+//! kiln-server serves kiln's sandbox lifecycle (kiln-sandbox's create, start, stop, ...) as a
 //! gRPC service — the driver API a gateway uses — on a unix socket that only the
 //! server's own user can reach. The service is defined by
 //! `proto/kiln/driver/v1/driver.proto`; docs/driver-api.md describes it.

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_sandbox::lifecycle::{self, ExecOutput, LifecycleError, SandboxInfo, Status};
+use kiln_sandbox::{ExecOutput, SandboxInfo, Status};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -68,17 +68,18 @@ impl DriverService {
     /// Runs a lifecycle call on its own thread; its error becomes a status.
     async fn call<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Shared) -> Result<T, LifecycleError> + Send + 'static,
+        work: impl FnOnce(&Shared) -> Result<T, kiln_sandbox::Error> + Send + 'static,
     ) -> Result<T, GrpcStatus> {
         let shared = Arc::clone(&self.shared);
         blocking(move || work(&shared))
             .await?
-            .map_err(convert::lifecycle_status)
+            .map_err(convert::status)
     }
 
     async fn get_info(&self, sandbox: &str) -> Result<SandboxInfo, GrpcStatus> {
-        let sandbox = convert::sandbox_ref(sandbox)?.to_owned();
-        self.call(move |s| lifecycle::get(&s.root, &sandbox)).await
+        let sandbox = sandbox.to_owned();
+        self.call(move |s| kiln_sandbox::get(&s.root, &sandbox))
+            .await
     }
 
     fn publish_status(&self, info: &SandboxInfo) {
@@ -99,13 +100,13 @@ impl Driver for DriverService {
         let shared = Arc::clone(&self.shared);
         let info = self
             .call(move |s| {
-                let name = create.name.clone();
+                let name = create.name().map(str::to_owned);
                 let events = |event| {
                     shared
                         .hub
                         .publish("", name.as_deref(), convert::provision_event(event))
                 };
-                lifecycle::create(&s.root, create, &events)
+                kiln_sandbox::create(&s.root, create, &events)
             })
             .await?;
         self.publish_status(&info);
@@ -126,7 +127,7 @@ impl Driver for DriverService {
                         .hub
                         .publish(&id, name.as_deref(), convert::provision_event(event))
                 };
-                lifecycle::start(&s.root, &id, &s.monitor_exe, &events)
+                kiln_sandbox::start(&s.root, &id, &s.monitor_exe, &events)
             })
             .await;
         // A failed boot is news too: report the status it left.
@@ -153,7 +154,7 @@ impl Driver for DriverService {
         };
         let id = known.id.clone();
         let info = self
-            .call(move |s| lifecycle::stop(&s.root, &id, grace))
+            .call(move |s| kiln_sandbox::stop(&s.root, &id, grace))
             .await?;
         self.publish_status(&info);
         Ok(Response::new(convert::sandbox(&info)))
@@ -166,7 +167,7 @@ impl Driver for DriverService {
         let request = request.into_inner();
         let known = self.get_info(&request.sandbox).await?;
         let id = known.id.clone();
-        self.call(move |s| lifecycle::remove(&s.root, &id, request.force))
+        self.call(move |s| kiln_sandbox::remove(&s.root, &id, request.force))
             .await?;
         self.shared.hub.publish(
             &known.id,
@@ -188,7 +189,7 @@ impl Driver for DriverService {
         &self,
         _: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, GrpcStatus> {
-        let mut infos = self.call(|s| lifecycle::list(&s.root)).await?;
+        let mut infos = self.call(|s| kiln_sandbox::list(&s.root)).await?;
         infos.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
         Ok(Response::new(proto::ListResponse {
             sandboxes: infos.iter().map(convert::sandbox).collect(),
@@ -211,7 +212,7 @@ impl Driver for DriverService {
         let initial = match (&only, request.initial_state) {
             (_, false) => Vec::new(),
             (Some(info), true) => vec![info.clone()],
-            (None, true) => self.call(|s| lifecycle::list(&s.root)).await?,
+            (None, true) => self.call(|s| kiln_sandbox::list(&s.root)).await?,
         };
         let only = only.map(|info| info.id);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -276,7 +277,7 @@ impl Driver for DriverService {
         };
         let (sandbox, exec) = convert::exec_request(start)?;
         let session = self
-            .call(move |s| lifecycle::exec(&s.root, &sandbox, exec))
+            .call(move |s| kiln_sandbox::exec(&s.root, &sandbox, exec))
             .await?;
 
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -396,7 +397,7 @@ impl StatusWatcher {
     /// the hub.
     pub async fn poll(&mut self, shared: &Arc<Shared>) {
         let root = shared.root.clone();
-        let infos = match blocking(move || lifecycle::list(&root)).await {
+        let infos = match blocking(move || kiln_sandbox::list(&root)).await {
             Ok(Ok(infos)) => infos,
             Ok(Err(err)) => return tracing::warn!("reading the sandboxes' state: {err}"),
             Err(err) => return tracing::warn!("reading the sandboxes' state: {}", err.message()),
@@ -435,7 +436,7 @@ impl StatusWatcher {
         }
         let (shared, waiting, id) = (Arc::clone(shared), Arc::clone(&self.waiting), id.to_owned());
         std::thread::spawn(move || {
-            match lifecycle::wait(&shared.root, &id) {
+            match kiln_sandbox::wait(&shared.root, &id) {
                 Ok(ended) if ended.status != Status::Created => publish_status(&shared, &ended),
                 Ok(_) => {}
                 Err(err) => tracing::debug!("waiting for sandbox {id}: {err}"),

@@ -1,0 +1,686 @@
+//! The one place that checks what a front end asks for. The CLI and the driver API hand
+//! over the fields of a create, run or exec request as they have them (text, numbers,
+//! unset values) and get back a request that holds only valid values, or an error that
+//! names the bad field in the front end's own words (`--uid`, or `uid`).
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_image::{ImageRef, PullOptions};
+use kiln_protocol::TerminalSize;
+use kiln_vm::accel::AccelRequest;
+use kiln_vm::Network;
+
+use crate::error::{Error, ErrorKind};
+use crate::options::{
+    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes,
+    validate_name, Volume,
+};
+use crate::spec::Overrides;
+
+/// Virtual CPUs a sandbox may have, and what it gets when the request says nothing.
+pub const CPUS: RangeInclusive<u32> = 1..=64;
+pub const DEFAULT_CPUS: u32 = 1;
+
+/// Guest memory in MiB a sandbox may have, and what it gets when the request says nothing.
+pub const MEMORY_MIB: RangeInclusive<u32> = 64..=1_048_576;
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+
+/// A field of a request, as errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Image,
+    Name,
+    User,
+    Uid,
+    Gid,
+    Cpus,
+    Memory,
+    Env,
+    EnvFile,
+    Workdir,
+    Publish,
+    Volumes,
+    Timeout,
+    /// An exec request's program and arguments.
+    Command,
+}
+
+/// The guest's network as a request chooses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// NAT egress through QEMU's user-mode stack, DNS, and port forwards.
+    #[default]
+    User,
+    None,
+}
+
+/// How a front end names the fields of a request (and the network choices) in errors.
+pub trait FieldNames {
+    /// The field's name, e.g. `--uid` or `uid`.
+    fn field(&self, field: Field) -> &'static str;
+    /// How the front end writes the choice of `mode`, e.g. `--network user` or
+    /// `NETWORK_USER`.
+    fn network(&self, mode: NetworkMode) -> &'static str;
+}
+
+/// An env file as the front end read it; `name` (its path) is used in errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvFile {
+    pub name: String,
+    pub contents: Vec<u8>,
+}
+
+/// The fields of a create request as a front end has them; `None` means the default.
+#[derive(Default)]
+pub struct CreateFields {
+    /// The image reference (as for `kiln pull`).
+    pub image: String,
+    pub pull: PullOptions,
+    pub name: Option<String>,
+    /// Replaces the image's entrypoint and drops its Cmd; an empty string clears it.
+    pub entrypoint: Option<String>,
+    /// Replaces the image's Cmd when not empty.
+    pub command: Vec<String>,
+    /// Assignments read before `env`, in order.
+    pub env_files: Vec<EnvFile>,
+    /// `KEY=VALUE` assignments, in order; later ones win.
+    pub env: Vec<String>,
+    /// Whether a bare `KEY` takes its value from this process's environment (dropped when
+    /// unset), as `docker run -e KEY` does; without it a bare `KEY` in `env` is refused.
+    pub lend_environment: bool,
+    /// An absolute directory, or empty for the workload's home; unset means the image's.
+    pub workdir: Option<String>,
+    /// `sandbox` or a numeric uid; the default is `sandbox`.
+    pub user: Option<String>,
+    /// Ids of the `sandbox` user written into the image; the default is 10001.
+    pub uid: Option<String>,
+    pub gid: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub network: NetworkMode,
+    /// `HOSTPORT:GUESTPORT` forwards; only with [`NetworkMode::User`].
+    pub publish: Vec<String>,
+    /// `HOSTDIR:GUESTDIR[:ro]` shares.
+    pub volumes: Vec<String>,
+    pub accel: AccelRequest,
+    pub qemu: PathBuf,
+}
+
+/// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
+pub struct CreateRequest {
+    pub(crate) reference: ImageRef,
+    pub(crate) pull: PullOptions,
+    pub(crate) overrides: Overrides,
+    /// Whom the workload runs as.
+    pub(crate) run_as: kiln_identity::RunAs,
+    /// Ids of the `sandbox` user written into the image.
+    pub(crate) sandbox_uid: u32,
+    pub(crate) sandbox_gid: u32,
+    pub(crate) cpus: u32,
+    pub(crate) memory_mib: u32,
+    pub(crate) network: Network,
+    pub(crate) name: Option<String>,
+    /// Host directories shared into the sandbox, at every start.
+    pub(crate) volumes: Vec<Volume>,
+    pub(crate) accel: AccelRequest,
+    pub(crate) qemu: PathBuf,
+}
+
+/// The fields of a foreground run (`kiln run`): a create request and how this run goes.
+#[derive(Default)]
+pub struct RunFields {
+    pub sandbox: CreateFields,
+    /// Whole seconds the workload may run.
+    pub timeout: Option<String>,
+    /// Throw the writable layer and the state directory away afterwards.
+    pub remove: bool,
+    /// A terminal of this size for the workload.
+    pub terminal: Option<TerminalSize>,
+}
+
+/// A valid foreground run: only [`RunFields::validate`] makes one.
+pub struct RunRequest {
+    pub(crate) sandbox: CreateRequest,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) remove: bool,
+    pub(crate) terminal: Option<TerminalSize>,
+}
+
+/// The fields of a command to run in a running sandbox, as a front end has them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecFields {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// `KEY=VALUE` assignments added to (or replacing entries of) the main workload's
+    /// environment.
+    pub env: Vec<String>,
+    /// As [`CreateFields::lend_environment`].
+    pub lend_environment: bool,
+    /// An absolute directory, or empty for the command's home; unset means the main
+    /// workload's.
+    pub workdir: Option<String>,
+    pub terminal: Option<TerminalSize>,
+}
+
+/// A valid command for a running sandbox: only [`ExecFields::validate`] makes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) workdir: Option<String>,
+    pub(crate) terminal: Option<TerminalSize>,
+}
+
+/// A request field that is not valid; its message names the field as the front end does.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct InvalidField(String);
+
+impl From<InvalidField> for Error {
+    fn from(err: InvalidField) -> Self {
+        Error::new(ErrorKind::InvalidInput, err)
+    }
+}
+
+/// Names fields in messages.
+struct Checker<'a> {
+    names: &'a dyn FieldNames,
+}
+
+impl Checker<'_> {
+    /// An error of a parser whose message already quotes the value.
+    fn wrap(&self, field: Field, err: impl std::fmt::Display) -> InvalidField {
+        InvalidField(format!("{}: {err}", self.names.field(field)))
+    }
+
+    fn invalid(
+        &self,
+        field: Field,
+        value: impl std::fmt::Debug,
+        expected: impl std::fmt::Display,
+    ) -> InvalidField {
+        InvalidField(format!(
+            "{} {value:?}: expected {expected}",
+            self.names.field(field)
+        ))
+    }
+
+    fn in_range(
+        &self,
+        field: Field,
+        value: Option<u32>,
+        default: u32,
+        range: RangeInclusive<u32>,
+    ) -> Result<u32, InvalidField> {
+        match value {
+            None => Ok(default),
+            Some(v) if range.contains(&v) => Ok(v),
+            Some(v) => Err(self.invalid(field, v, format!("{} to {}", range.start(), range.end()))),
+        }
+    }
+
+    fn sandbox_id(
+        &self,
+        field: Field,
+        value: Option<&str>,
+        default: u32,
+    ) -> Result<u32, InvalidField> {
+        value.map_or(Ok(default), |text| {
+            kiln_identity::parse_sandbox_id(text).map_err(|e| self.wrap(field, e))
+        })
+    }
+
+    /// A workdir must be absolute, or empty (no directory: the spec falls back to HOME).
+    fn workdir(&self, workdir: Option<String>) -> Result<Option<String>, InvalidField> {
+        match workdir {
+            Some(dir) if !dir.is_empty() && !dir.starts_with('/') => {
+                Err(self.invalid(Field::Workdir, dir, "an absolute path"))
+            }
+            dir => Ok(dir),
+        }
+    }
+
+    /// `KEY=VALUE` assignments; a bare `KEY` only when the environment is lent.
+    fn env(&self, entries: &[String], lend: bool) -> Result<Vec<(String, String)>, InvalidField> {
+        let mut env = Vec::new();
+        for entry in entries {
+            let lookup = |key: &str| lend.then(|| host_env(key)).flatten();
+            let parsed =
+                parse_env_assignment(entry, lookup).map_err(|e| self.wrap(Field::Env, e))?;
+            if !lend && !entry.contains('=') {
+                return Err(self.invalid(Field::Env, entry, "KEY=VALUE"));
+            }
+            env.extend(parsed);
+        }
+        Ok(env)
+    }
+}
+
+/// A bare `KEY`'s value from this process's environment.
+fn host_env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+impl CreateFields {
+    /// Checks every field and fills in the defaults.
+    pub fn validate(self, names: &dyn FieldNames) -> Result<CreateRequest, Error> {
+        Ok(self.check(&Checker { names })?)
+    }
+
+    fn check(self, check: &Checker) -> Result<CreateRequest, InvalidField> {
+        let reference = ImageRef::parse(&self.image).map_err(|e| check.wrap(Field::Image, e))?;
+        if let Some(name) = &self.name {
+            validate_name(name).map_err(|e| check.wrap(Field::Name, e))?;
+        }
+        let user = self.user.as_deref().unwrap_or(kiln_identity::SANDBOX_USER);
+        let run_as =
+            kiln_identity::RunAs::parse(user.as_bytes()).map_err(|e| check.wrap(Field::User, e))?;
+        let sandbox_uid = check.sandbox_id(
+            Field::Uid,
+            self.uid.as_deref(),
+            kiln_identity::DEFAULT_SANDBOX_UID,
+        )?;
+        let sandbox_gid = check.sandbox_id(
+            Field::Gid,
+            self.gid.as_deref(),
+            kiln_identity::DEFAULT_SANDBOX_GID,
+        )?;
+        let cpus = check.in_range(Field::Cpus, self.cpus, DEFAULT_CPUS, CPUS)?;
+        let memory_mib = check.in_range(
+            Field::Memory,
+            self.memory_mib,
+            DEFAULT_MEMORY_MIB,
+            MEMORY_MIB,
+        )?;
+
+        let mut env = Vec::new();
+        for file in &self.env_files {
+            let lookup = |key: &str| self.lend_environment.then(|| host_env(key)).flatten();
+            env.extend(
+                parse_env_file(&file.name, &file.contents, lookup)
+                    .map_err(|e| check.wrap(Field::EnvFile, e))?,
+            );
+        }
+        env.extend(check.env(&self.env, self.lend_environment)?);
+        let working_dir = check.workdir(self.workdir)?;
+
+        let forwards = self
+            .publish
+            .iter()
+            .map(|p| parse_port_forward(p).map_err(|e| check.wrap(Field::Publish, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let network = match self.network {
+            NetworkMode::User => Network::User { forwards },
+            NetworkMode::None if forwards.is_empty() => Network::None,
+            NetworkMode::None => {
+                let names = check.names;
+                return Err(InvalidField(format!(
+                    "{} needs {} (got {})",
+                    names.field(Field::Publish),
+                    names.network(NetworkMode::User),
+                    names.network(NetworkMode::None)
+                )));
+            }
+        };
+        let volumes = parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        Ok(CreateRequest {
+            reference,
+            pull: self.pull,
+            overrides: Overrides {
+                entrypoint: self.entrypoint,
+                cmd: self.command,
+                env,
+                working_dir,
+            },
+            run_as,
+            sandbox_uid,
+            sandbox_gid,
+            cpus,
+            memory_mib,
+            network,
+            name: self.name,
+            volumes,
+            accel: self.accel,
+            qemu: self.qemu,
+        })
+    }
+}
+
+impl CreateRequest {
+    /// The sandbox's name, if it gets one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+impl RunFields {
+    /// Checks every field and fills in the defaults.
+    pub fn validate(self, names: &dyn FieldNames) -> Result<RunRequest, Error> {
+        let check = Checker { names };
+        let sandbox = self.sandbox.check(&check)?;
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(parse_timeout)
+            .transpose()
+            .map_err(|e| check.wrap(Field::Timeout, e))?;
+        Ok(RunRequest {
+            sandbox,
+            timeout,
+            remove: self.remove,
+            terminal: self.terminal,
+        })
+    }
+}
+
+impl ExecFields {
+    /// Checks every field.
+    pub fn validate(self, names: &dyn FieldNames) -> Result<ExecRequest, Error> {
+        let check = Checker { names };
+        if self
+            .command
+            .first()
+            .is_none_or(|program| program.is_empty())
+        {
+            return Err(check
+                .invalid(Field::Command, &self.command, "a program and its arguments")
+                .into());
+        }
+        Ok(ExecRequest {
+            env: check.env(&self.env, self.lend_environment)?,
+            workdir: check.workdir(self.workdir)?,
+            argv: self.command,
+            terminal: self.terminal,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names as an API spells them, with the network choices in capitals.
+    struct Api;
+
+    impl FieldNames for Api {
+        fn field(&self, field: Field) -> &'static str {
+            match field {
+                Field::Image => "image",
+                Field::Name => "name",
+                Field::User => "user",
+                Field::Uid => "uid",
+                Field::Gid => "gid",
+                Field::Cpus => "cpus",
+                Field::Memory => "memory_mib",
+                Field::Env => "env",
+                Field::EnvFile => "env_file",
+                Field::Workdir => "workdir",
+                Field::Publish => "publish",
+                Field::Volumes => "volumes",
+                Field::Timeout => "timeout",
+                Field::Command => "argv",
+            }
+        }
+
+        fn network(&self, mode: NetworkMode) -> &'static str {
+            match mode {
+                NetworkMode::User => "NETWORK_USER",
+                NetworkMode::None => "NETWORK_NONE",
+            }
+        }
+    }
+
+    fn fields() -> CreateFields {
+        CreateFields {
+            image: "docker.io/library/alpine:3".into(),
+            ..CreateFields::default()
+        }
+    }
+
+    fn refused(fields: CreateFields, naming: &str) {
+        let err = fields.validate(&Api).err().expect("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().contains(naming), "{naming}: {err}");
+    }
+
+    #[test]
+    fn unset_fields_get_the_defaults() {
+        let request = fields().validate(&Api).unwrap();
+        assert_eq!((request.cpus, request.memory_mib), (1, 512));
+        assert_eq!((request.sandbox_uid, request.sandbox_gid), (10001, 10001));
+        assert_eq!(request.run_as, kiln_identity::RunAs::Sandbox);
+        assert!(matches!(request.network, Network::User { ref forwards } if forwards.is_empty()));
+        assert_eq!(request.name(), None);
+        assert_eq!(request.overrides.working_dir, None);
+    }
+
+    #[test]
+    fn set_fields_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = CreateFields {
+            name: Some("box".into()),
+            user: Some("4242".into()),
+            uid: Some("20000".into()),
+            gid: Some("20001".into()),
+            cpus: Some(64),
+            memory_mib: Some(64),
+            env_files: vec![EnvFile {
+                name: "f.env".into(),
+                contents: b"A=file\nB=file\n".to_vec(),
+            }],
+            env: vec!["B=flag".into()],
+            workdir: Some("/work".into()),
+            publish: vec!["8080:80".into()],
+            volumes: vec![format!("{}:/data:ro", dir.path().display())],
+            ..fields()
+        }
+        .validate(&Api)
+        .unwrap();
+        assert_eq!(request.name(), Some("box"));
+        assert_eq!(request.run_as, kiln_identity::RunAs::Id(4242));
+        assert_eq!((request.sandbox_uid, request.sandbox_gid), (20000, 20001));
+        assert_eq!((request.cpus, request.memory_mib), (64, 64));
+        let env = [("A", "file"), ("B", "file"), ("B", "flag")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(request.overrides.env, env);
+        assert_eq!(request.overrides.working_dir.as_deref(), Some("/work"));
+        let forward = kiln_vm::PortForward {
+            host: 8080,
+            guest: 80,
+        };
+        assert_eq!(
+            request.network,
+            Network::User {
+                forwards: vec![forward]
+            }
+        );
+        assert_eq!(request.volumes[0].guest, "/data");
+    }
+
+    #[test]
+    fn bad_fields_are_invalid_input_naming_them() {
+        refused(
+            CreateFields {
+                image: "oci:".into(),
+                ..fields()
+            },
+            "image: invalid image reference \"oci:\"",
+        );
+        refused(
+            CreateFields {
+                name: Some("a/b".into()),
+                ..fields()
+            },
+            "name: invalid sandbox name \"a/b\"",
+        );
+        refused(
+            CreateFields {
+                user: Some("root".into()),
+                ..fields()
+            },
+            "user: invalid run-as value \"root\"",
+        );
+        refused(
+            CreateFields {
+                uid: Some("999".into()),
+                ..fields()
+            },
+            "uid: invalid id \"999\"",
+        );
+        refused(
+            CreateFields {
+                gid: Some("+1000".into()),
+                ..fields()
+            },
+            "gid: invalid id \"+1000\"",
+        );
+        refused(
+            CreateFields {
+                cpus: Some(65),
+                ..fields()
+            },
+            "cpus 65: expected 1 to 64",
+        );
+        refused(
+            CreateFields {
+                memory_mib: Some(63),
+                ..fields()
+            },
+            "memory_mib 63: expected 64 to 1048576",
+        );
+        refused(
+            CreateFields {
+                env: vec!["=1".into()],
+                ..fields()
+            },
+            "env: invalid environment assignment \"=1\"",
+        );
+        refused(
+            CreateFields {
+                env_files: vec![EnvFile {
+                    name: "f.env".into(),
+                    contents: b"=x\n".to_vec(),
+                }],
+                ..fields()
+            },
+            "env_file: f.env, line 1:",
+        );
+        refused(
+            CreateFields {
+                workdir: Some("rel".into()),
+                ..fields()
+            },
+            "workdir \"rel\": expected an absolute path",
+        );
+        refused(
+            CreateFields {
+                publish: vec!["0:80".into()],
+                ..fields()
+            },
+            "publish: invalid port forward \"0:80\"",
+        );
+        refused(
+            CreateFields {
+                publish: vec!["8080:80".into()],
+                network: NetworkMode::None,
+                ..fields()
+            },
+            "publish needs NETWORK_USER (got NETWORK_NONE)",
+        );
+        refused(
+            CreateFields {
+                volumes: vec!["/no/such/dir:/data".into()],
+                ..fields()
+            },
+            "volumes: invalid volume \"/no/such/dir:/data\"",
+        );
+    }
+
+    #[test]
+    fn a_bare_key_is_looked_up_only_when_the_environment_is_lent() {
+        let lent = CreateFields {
+            env: vec!["PATH".into(), "KILN_TEST_SURELY_UNSET".into()],
+            lend_environment: true,
+            ..fields()
+        };
+        let request = lent.validate(&Api).unwrap();
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(request.overrides.env, [("PATH".to_owned(), path)]);
+        refused(
+            CreateFields {
+                env: vec!["A=1".into(), "PATH".into()],
+                ..fields()
+            },
+            "env \"PATH\": expected KEY=VALUE",
+        );
+    }
+
+    #[test]
+    fn run_requests_check_the_timeout() {
+        let run = |timeout: &str| {
+            RunFields {
+                sandbox: fields(),
+                timeout: Some(timeout.into()),
+                ..RunFields::default()
+            }
+            .validate(&Api)
+        };
+        assert_eq!(run("30").unwrap().timeout, Some(Duration::from_secs(30)));
+        let err = run("0").err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(
+            err.to_string()
+                .starts_with("timeout: invalid timeout \"0\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn exec_requests() {
+        let exec = ExecFields {
+            command: vec!["sh".into()],
+            env: vec!["A=1".into()],
+            workdir: Some(String::new()),
+            ..ExecFields::default()
+        };
+        let request = exec.clone().validate(&Api).unwrap();
+        assert_eq!(request.env, [("A".to_owned(), "1".to_owned())]);
+        assert_eq!(request.workdir.as_deref(), Some(""), "empty is not unset");
+        for (bad, naming) in [
+            (
+                ExecFields {
+                    command: Vec::new(),
+                    ..exec.clone()
+                },
+                "argv []: expected a program",
+            ),
+            (
+                ExecFields {
+                    command: vec![String::new()],
+                    ..exec.clone()
+                },
+                "argv [\"\"]",
+            ),
+            (
+                ExecFields {
+                    workdir: Some("tmp".into()),
+                    ..exec.clone()
+                },
+                "workdir \"tmp\"",
+            ),
+            (
+                ExecFields {
+                    env: vec!["B".into()],
+                    ..exec.clone()
+                },
+                "env \"B\": expected KEY=VALUE",
+            ),
+        ] {
+            let err = bad.validate(&Api).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidInput);
+            assert!(err.to_string().contains(naming), "{naming}: {err}");
+        }
+    }
+}
