@@ -34,9 +34,11 @@ cache_entry() (
 		tmp=$(mktemp -d "$cache/.tmp-$key.XXXXXX")
 		# This function runs in a subshell of its own, so the trap is its own too.
 		trap 'if [ -e "$tmp" ]; then cache_remove_tree "$tmp"; fi' EXIT
+		echo "cache: building $entry (in $tmp)" >&2
 		"$builder" "$tmp" "$@" >&2
 		chmod 0755 "$tmp"
 		mv -T "$tmp" "$entry"
+		echo "cache: published $entry" >&2
 	fi
 	echo "$entry"
 )
