@@ -29,8 +29,7 @@ pub use guest::{guest_files, GuestFiles};
 pub use kiln_root::{KilnRoot, KILN_TIMEOUT};
 pub use layer::{read_layer, EntryKind, LayerEntry};
 pub use process::{
-    assert_no_qemu_left, kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok,
-    run_with_timeout, TimedOut,
+    kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout, TimedOut,
 };
 pub use registry::Registry;
 pub use token_auth::TokenServer;
@@ -70,7 +69,7 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 /// Whether this process runs as root (effective uid 0).
-pub fn is_root() -> bool {
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
