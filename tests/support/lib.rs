@@ -78,6 +78,7 @@ fn is_root() -> bool {
 /// when this process is not root. Such a test is also `#[ignore]`d (see the crate docs), so
 /// only an explicit `--include-ignored` without root gets here, and it must fail rather
 /// than pass without having run.
+#[track_caller]
 pub fn require_root() {
     assert!(
         is_root(),
