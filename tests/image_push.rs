@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_e2e::{fixtures, kiln_bin, require_root, run_ok, Registry};
+use kiln_e2e::{fixtures, require_root, run_ok, KilnRoot, Registry};
 use kiln_image::{ImageRef, OciImage, PullOptions, PushOptions, Store};
 use serde_json::Value;
 
@@ -57,15 +57,8 @@ fn stored_image_pushes_and_pulls_back_unchanged() {
     );
 
     // Pulled back by kiln into an empty store: every blob verified again on the way in.
-    let root = work.path().join("back");
-    let output = run_ok(
-        Command::new(kiln_bin())
-            .arg("--root")
-            .arg(&root)
-            .args(["pull", &registry.docker_ref("kiln/pushed:v1")]),
-        TIMEOUT,
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
+    let back = KilnRoot::without_guest();
+    let stdout = back.ok(&["pull", &registry.docker_ref("kiln/pushed:v1")]);
     assert_eq!(
         stdout.split_whitespace().last(),
         Some(digest.to_string().as_str()),
