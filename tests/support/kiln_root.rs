@@ -29,7 +29,7 @@ const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
 /// unaffected, and, unless the test already failed, asserts that there were none.
 pub struct KilnRoot {
     dir: TempDir,
-    boots: bool,
+    with_guest: bool,
     quiet: bool,
     remove_sandboxes_at_end: bool,
 }
@@ -39,7 +39,7 @@ impl KilnRoot {
     /// initramfs (built on first use, see [`guest_files`]).
     pub fn with_guest() -> KilnRoot {
         let mut root = KilnRoot::without_guest();
-        root.boots = true;
+        root.with_guest = true;
         root
     }
 
@@ -54,7 +54,7 @@ impl KilnRoot {
         fs::create_dir(dir.path().join("home")).expect("creating the test HOME");
         KilnRoot {
             dir,
-            boots: false,
+            with_guest: false,
             quiet: false,
             remove_sandboxes_at_end: false,
         }
@@ -99,7 +99,7 @@ impl KilnRoot {
             .env_remove("DOCKER_CONFIG")
             .env_remove("REGISTRY_AUTH_FILE")
             .env_remove("XDG_RUNTIME_DIR");
-        if self.boots {
+        if self.with_guest {
             let guest = guest_files();
             command
                 .env("KILN_KERNEL", &guest.kernel)
