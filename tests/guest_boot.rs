@@ -292,13 +292,12 @@ fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
     );
 }
 
-/// Whether Debian's static busybox is there to make root images of; says so when not.
-fn have_busybox() -> bool {
-    let present = Path::new("/bin/busybox").is_file();
-    if !present {
-        eprintln!("skipping: /bin/busybox (Debian's busybox-static) is not installed");
-    }
-    present
+/// The tests that make root images of Debian's static busybox start with this.
+fn require_busybox() {
+    assert!(
+        Path::new("/bin/busybox").is_file(),
+        "this test needs /bin/busybox (Debian's busybox-static; scripts/install-deps installs it)"
+    );
 }
 
 /// Packs `tree` into the EROFS image `image` with mkfs.erofs.
@@ -372,9 +371,7 @@ fn results(boot: &Boot) -> Vec<&WorkloadResult> {
 
 #[test]
 fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
-    if !have_busybox() {
-        return;
-    }
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     let root = busybox_root(dir.path());
     let script = "id -u; id -g; id -G; stat -c %u:%g /sandbox; pwd; cat; echo oops >&2; exit 3";
@@ -452,13 +449,10 @@ fn identity_layer(dir: &Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn identity_layer_network_and_a_persistent_upper() {
-    if !kiln_e2e::require_root("identity_layer_network_and_a_persistent_upper") {
-        return;
-    }
-    if !have_busybox() {
-        return;
-    }
+    kiln_e2e::require_root();
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     let root = busybox_root(dir.path());
     let ident = identity_layer(dir.path());
@@ -540,9 +534,7 @@ fn identity_layer_network_and_a_persistent_upper() {
 
 #[test]
 fn a_terminal_workload_and_a_signal_from_the_host() {
-    if !have_busybox() {
-        return;
-    }
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     let root = busybox_root(dir.path());
     let disk = || {
@@ -653,9 +645,7 @@ fn printed(session: SessionId, text: &'static str) -> impl Fn(&[Frame]) -> bool 
 
 #[test]
 fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
-    if !have_busybox() {
-        return;
-    }
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     let mut guest = start_main(dir.path(), "echo main; exec sleep 600", false);
     guest.wait_for("main workload output", printed(MAIN_SESSION, "main"));
@@ -804,9 +794,7 @@ fn exec_sessions_run_side_by_side_and_a_shutdown_ends_the_sandbox() {
 
 #[test]
 fn a_shutdown_kills_what_ignores_sigterm_after_the_grace_period() {
-    if !have_busybox() {
-        return;
-    }
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     let stubborn = "trap '' TERM; echo ready; while :; do sleep 1; done";
     let mut guest = start_main(dir.path(), stubborn, false);
@@ -840,9 +828,7 @@ fn a_shutdown_kills_what_ignores_sigterm_after_the_grace_period() {
 
 #[test]
 fn the_main_workload_ending_kills_exec_sessions_first() {
-    if !have_busybox() {
-        return;
-    }
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     // The main workload ends when its stdin does.
     let mut guest = start_main(dir.path(), "cat; exit 4", true);
@@ -869,9 +855,7 @@ fn the_main_workload_ending_kills_exec_sessions_first() {
 
 #[test]
 fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boot_error() {
-    if !have_busybox() {
-        return;
-    }
+    require_busybox();
     let dir = tempfile::tempdir().unwrap();
     let root = busybox_root(dir.path());
     let disk = || {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use kiln_e2e::{kiln_bin, run_ok, run_with_timeout, sha256_digest, Registry};
+use kiln_e2e::{kiln_bin, run_ok, run_with_timeout, sha256_digest, KilnRoot, Registry};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -182,23 +182,14 @@ fn push_reaches_a_loopback_registry_and_pulls_back_the_same_manifest() {
     .unwrap();
     assert_eq!(sha256_digest(&manifest), digest);
 
-    // Pulled back with kiln itself (kiln-image), when this kiln has its `pull` command.
-    let has_pull = run_with_timeout(Command::new(kiln_bin()).args(["pull", "--help"]), TIMEOUT)
-        .is_ok_and(|output| output.status.success());
-    if has_pull {
-        let root = work.path().join("kiln-root");
-        let mut command = Command::new(kiln_bin());
-        command.arg("--root").arg(&root).args(["pull", &source]);
-        let output = run_ok(&mut command, TIMEOUT);
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        assert_eq!(
-            stdout.split_whitespace().last(),
-            Some(digest.as_str()),
-            "kiln pull printed: {stdout}"
-        );
-    } else {
-        eprintln!("skipping the pull-back with kiln: this kiln has no `pull` command yet");
-    }
+    // Pulled back with kiln itself (kiln-image).
+    let root = KilnRoot::without_guest();
+    let stdout = root.ok(&["pull", &source]);
+    assert_eq!(
+        stdout.split_whitespace().last(),
+        Some(digest.as_str()),
+        "kiln pull printed: {stdout}"
+    );
 
     // A second push finds the blobs there and still tags the manifest.
     let retag = format!("{}/kiln/kiln-supervisor:again", registry.addr());

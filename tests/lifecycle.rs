@@ -11,114 +11,51 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin,
-    qemu_pids_mentioning, require_root, run_with_timeout, text,
+    demo_image, describe, fixtures, qemu_pids_mentioning, require_root, text, KilnRoot,
+    KILN_TIMEOUT,
 };
-use tempfile::TempDir;
 
-/// A boot takes 3-15 s under TCG; a stop without the guest's help waits out its deadline.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// One test's fresh kiln root. On drop, removes every sandbox (stopping it) and asserts
-/// that no QEMU mentioning this root is left, killing any it finds.
-struct Root {
-    dir: TempDir,
+/// `kiln inspect ID` as JSON.
+fn inspect(root: &KilnRoot, id: &str) -> serde_json::Value {
+    serde_json::from_str(&root.ok(&["inspect", id])).expect("inspect prints JSON")
 }
 
-impl Root {
-    fn new() -> Root {
-        Root {
-            dir: tempfile::Builder::new()
-                .prefix("kiln-lifecycle-test")
-                .tempdir()
-                .unwrap(),
+/// Polls `kiln logs ID` until its stdout contains `wanted`.
+fn wait_for_log(root: &KilnRoot, id: &str, wanted: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let logs = root.ok(&["logs", id]);
+        if logs.contains(wanted) {
+            return logs;
         }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// The command `kiln -q ARGS` against this root with the test guest files.
-    fn command(&self, args: &[&str]) -> Command {
-        let guest = guest_files();
-        let mut command = Command::new(kiln_bin());
-        command
-            .env("KILN_ROOT", self.path())
-            .env("KILN_KERNEL", &guest.kernel)
-            .env("KILN_INITRAMFS", &guest.initramfs)
-            .arg("-q")
-            .args(args);
-        command
-    }
-
-    /// Runs `kiln -q ARGS` to its end.
-    fn kiln(&self, args: &[&str]) -> Output {
-        run_with_timeout(&mut self.command(args), COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Starts `kiln -q ARGS` with its stdout piped and returns it with its first line.
-    fn spawn_until_first_line(&self, args: &[&str]) -> (std::process::Child, String) {
-        let mut child = self
-            .command(args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        (child, line)
-    }
-
-    /// `kiln ARGS`, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.kiln(args);
         assert!(
-            output.status.success(),
-            "kiln {args:?}: {}",
-            describe(&output)
+            Instant::now() < deadline,
+            "{wanted:?} never appeared in the logs of {id}: {logs}"
         );
-        text(&output.stdout)
-    }
-
-    /// `kiln inspect ID` as JSON.
-    fn inspect(&self, id: &str) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["inspect", id])).expect("inspect prints JSON")
-    }
-
-    /// Polls `kiln logs ID` until its stdout contains `wanted`.
-    fn wait_for_log(&self, id: &str, wanted: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let logs = self.ok(&["logs", id]);
-            if logs.contains(wanted) {
-                return logs;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{wanted:?} never appeared in the logs of {id}: {logs}"
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+        thread::sleep(Duration::from_millis(200));
     }
 }
 
-impl Drop for Root {
-    fn drop(&mut self) {
-        if let Ok(output) = self.command(&["ps", "-a", "--json"]).output() {
-            let listed: serde_json::Value =
-                serde_json::from_slice(&output.stdout).unwrap_or_default();
-            for sandbox in listed.as_array().into_iter().flatten() {
-                if let Some(id) = sandbox["id"].as_str() {
-                    let _ = self.command(&["rm", "-f", id]).output();
-                }
-            }
-        }
-        assert_no_qemu_left(self.path());
-    }
+/// Starts `kiln -q ARGS` with its stdout piped and returns it with its first line.
+fn spawn_until_first_line(root: &KilnRoot, args: &[&str]) -> (std::process::Child, String) {
+    let mut child = root
+        .kiln()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    (child, line)
+}
+
+/// A fresh root for one test; the sandboxes it leaves are removed when it ends.
+fn new_root() -> KilnRoot {
+    KilnRoot::with_guest().quiet().removing_sandboxes_at_end()
 }
 
 /// A workload that appends a line to a file in /sandbox each boot, shows the file, and
@@ -127,11 +64,10 @@ const COUNTING_SCRIPT: &str = "echo boot >> /sandbox/boots; echo boots=$(wc -l <
     echo to-stderr >&2; exec sleep 100000";
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn create_start_stop_start_rm_keeps_sandbox_files() {
-    if !require_root("create_start_stop_start_rm_keeps_sandbox_files") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let id = root
         .ok(&[
             "create",
@@ -150,25 +86,25 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
         "a created sandbox is not running"
     );
     assert!(root.ok(&["ps", "-a"]).contains("created"));
-    let created = root.inspect("keeper");
+    let created = inspect(&root, "keeper");
     assert_eq!(created["status"], "created");
     assert_eq!(created["id"], id.as_str());
     let upper = Path::new(created["state_dir"].as_str().unwrap()).join("upper.ext4");
     assert!(upper.is_file(), "create made the writable disk");
 
     root.ok(&["start", "keeper"]);
-    root.wait_for_log("keeper", "boots=1");
-    let running = root.inspect(&id);
+    wait_for_log(&root, "keeper", "boots=1");
+    let running = inspect(&root, &id);
     assert_eq!(running["status"], "running");
     assert!(running["monitor_pid"].as_u64().is_some());
     assert!(root.ok(&["ps"]).contains(&id));
-    let stderr = text(&root.kiln(&["logs", "keeper"]).stderr);
+    let stderr = text(&root.run(&["logs", "keeper"]).stderr);
     assert!(
         stderr.contains("to-stderr"),
         "stderr.log goes to stderr: {stderr}"
     );
 
-    let refused = root.kiln(&["rm", "keeper"]);
+    let refused = root.run(&["rm", "keeper"]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
     assert!(
         text(&refused.stderr).contains("running"),
@@ -177,16 +113,16 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
     );
 
     root.ok(&["stop", "-t", "1", "keeper"]);
-    let stopped = root.inspect("keeper");
+    let stopped = inspect(&root, "keeper");
     assert_eq!(stopped["status"], "exited", "{stopped}");
     assert!(
-        qemu_pids_mentioning(root.path()).is_empty(),
+        qemu_pids_mentioning(&root.path()).is_empty(),
         "stop leaves no VM"
     );
     root.ok(&["stop", "keeper"]);
 
     root.ok(&["start", &id]);
-    let logs = root.wait_for_log(&id, "boots=2");
+    let logs = wait_for_log(&root, &id, "boots=2");
     assert!(
         logs.contains("boots=1\n"),
         "the log keeps the first boot's output: {logs}"
@@ -195,18 +131,17 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
     root.ok(&["rm", "-f", "keeper"]);
     assert!(!upper.exists(), "rm removes the state directory");
     assert_eq!(root.ok(&["ps", "-a", "--json"]).trim(), "[]");
-    let gone = root.kiln(&["inspect", &id]);
+    let gone = root.run(&["inspect", &id]);
     assert!(!gone.status.success(), "{}", describe(&gone));
     // The name is free again.
     root.ok(&["create", "--name", "keeper", &demo_image(), "true"]);
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
-    if !require_root("a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let id = root
         .ok(&[
             "run",
@@ -218,23 +153,23 @@ fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
         ])
         .trim()
         .to_owned();
-    root.wait_for_log(&id, "up");
+    wait_for_log(&root, &id, "up");
 
     // A plain SIGTERM to the monitor stops the sandbox as `kiln stop` does.
-    let pid = root.inspect(&id)["monitor_pid"]
+    let pid = inspect(&root, &id)["monitor_pid"]
         .as_u64()
         .expect("a running sandbox names its monitor");
     // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while root.inspect(&id)["status"] == "running" {
+    while inspect(&root, &id)["status"] == "running" {
         assert!(
             Instant::now() < deadline,
             "SIGTERM did not stop the sandbox"
         );
         thread::sleep(Duration::from_millis(100));
     }
-    let stopped = root.inspect(&id);
+    let stopped = inspect(&root, &id);
     assert_eq!(
         (&stopped["status"], &stopped["exit_code"]),
         (&"exited".into(), &143.into()),
@@ -242,22 +177,22 @@ fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
     );
 
     root.ok(&["start", &id]);
-    let pid = root.inspect(&id)["monitor_pid"]
+    let pid = inspect(&root, &id)["monitor_pid"]
         .as_u64()
         .expect("a running sandbox names its monitor");
-    assert!(!qemu_pids_mentioning(root.path()).is_empty());
+    assert!(!qemu_pids_mentioning(&root.path()).is_empty());
     // SAFETY: kill has no memory-safety preconditions; the pid is the live monitor's.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !qemu_pids_mentioning(root.path()).is_empty() {
+    while !qemu_pids_mentioning(&root.path()).is_empty() {
         assert!(Instant::now() < deadline, "QEMU outlived its monitor");
         thread::sleep(Duration::from_millis(100));
     }
     let listed: serde_json::Value =
         serde_json::from_str(&root.ok(&["ps", "-a", "--json"])).unwrap();
     assert_eq!(listed[0]["status"], "failed", "{listed}");
-    assert_eq!(root.inspect(&id)["status"], "failed");
+    assert_eq!(inspect(&root, &id)["status"], "failed");
     assert!(
         root.ok(&["ps"]).lines().all(|l| !l.contains(&id)),
         "a failed sandbox is not listed as running"
@@ -267,11 +202,10 @@ fn a_terminated_monitor_stops_the_sandbox_and_a_killed_one_reads_failed() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn logs_follow_until_the_workload_ends() {
-    if !require_root("logs_follow_until_the_workload_ends") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let id = root.ok(&[
         "run",
         "-d",
@@ -281,41 +215,43 @@ fn logs_follow_until_the_workload_ends() {
         "echo one; sleep 3; echo two; exit 7",
     ]);
     let id = id.trim();
-    let followed = root.kiln(&["logs", "-f", id]);
+    let followed = root.run(&["logs", "-f", id]);
     assert!(followed.status.success(), "{}", describe(&followed));
     assert_eq!(text(&followed.stdout), "one\ntwo\n");
-    let ended = root.inspect(id);
+    let ended = inspect(&root, id);
     assert_eq!(ended["status"], "exited", "{ended}");
     assert_eq!(ended["exit_code"], 7, "{ended}");
     assert!(root.ok(&["ps", "-a"]).contains("exited (7)"));
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn a_sandbox_kiln_run_kept_can_be_started_again() {
-    if !require_root("a_sandbox_kiln_run_kept_can_be_started_again") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     // While `kiln run` runs it in the foreground, the sandbox is running: not startable,
     // and stop/exec say where it runs.
-    let (mut foreground, first_line) = root.spawn_until_first_line(&[
-        "run",
-        "--name",
-        "fg",
-        &demo_image(),
-        "sh",
-        "-c",
-        "echo up; exec sleep 100000",
-    ]);
+    let (mut foreground, first_line) = spawn_until_first_line(
+        &root,
+        &[
+            "run",
+            "--name",
+            "fg",
+            &demo_image(),
+            "sh",
+            "-c",
+            "echo up; exec sleep 100000",
+        ],
+    );
     assert_eq!(first_line, "up\n");
-    assert_eq!(root.inspect("fg")["status"], "running");
-    let start = root.kiln(&["start", "fg"]);
+    assert_eq!(inspect(&root, "fg")["status"], "running");
+    let start = root.run(&["start", "fg"]);
     assert!(
         text(&start.stderr).contains("is running"),
         "{}",
         describe(&start)
     );
-    let stop = root.kiln(&["stop", "fg"]);
+    let stop = root.run(&["stop", "fg"]);
     assert!(
         text(&stop.stderr).contains("foreground"),
         "{}",
@@ -324,12 +260,12 @@ fn a_sandbox_kiln_run_kept_can_be_started_again() {
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     unsafe { libc::kill(foreground.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(foreground.wait().unwrap().code(), Some(143));
-    assert_eq!(root.inspect("fg")["exit_code"], 143);
+    assert_eq!(inspect(&root, "fg")["exit_code"], 143);
 
     let script = "echo boot >> /sandbox/boots; echo boots=$(wc -l < /sandbox/boots); exit 3";
-    let ran = root.kiln(&["run", "--name", "kept", &demo_image(), "sh", "-c", script]);
+    let ran = root.run(&["run", "--name", "kept", &demo_image(), "sh", "-c", script]);
     assert_eq!(ran.status.code(), Some(3), "{}", describe(&ran));
-    let kept = root.inspect("kept");
+    let kept = inspect(&root, "kept");
     assert_eq!(
         (&kept["status"], &kept["exit_code"]),
         (&"exited".into(), &3.into()),
@@ -344,16 +280,15 @@ fn a_sandbox_kiln_run_kept_can_be_started_again() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn ids_and_names_are_checked() {
-    if !require_root("ids_and_names_are_checked") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let first = root
         .ok(&["create", "--name", "twin", &demo_image(), "true"])
         .trim()
         .to_owned();
-    let duplicate = root.kiln(&["create", "--name", "twin", &demo_image(), "true"]);
+    let duplicate = root.run(&["create", "--name", "twin", &demo_image(), "true"]);
     assert_eq!(duplicate.status.code(), Some(1), "{}", describe(&duplicate));
     let message = text(&duplicate.stderr);
     assert!(
@@ -368,7 +303,7 @@ fn ids_and_names_are_checked() {
         &["logs", "../x"],
         &["exec", "a/b", "true"],
     ] {
-        let output = root.kiln(command);
+        let output = root.run(command);
         assert_ne!(
             output.status.code(),
             Some(0),
@@ -387,7 +322,7 @@ fn ids_and_names_are_checked() {
         &["rm", "nosuch"],
         &["logs", "nosuch"],
     ] {
-        let output = root.kiln(command);
+        let output = root.run(command);
         assert_eq!(
             output.status.code(),
             Some(1),
@@ -415,7 +350,7 @@ fn ids_and_names_are_checked() {
     let state_dir = root.path().join("sandboxes").join(&first);
     fs::rename(&state_dir, root.path().join("moved")).unwrap();
     std::os::unix::fs::symlink(victim.path(), &state_dir).unwrap();
-    let refused = root.kiln(&["rm", "-f", "twin"]);
+    let refused = root.run(&["rm", "-f", "twin"]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
     assert!(
         text(&refused.stderr).contains("symlink"),
@@ -428,11 +363,10 @@ fn ids_and_names_are_checked() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn start_boots_the_pinned_image_after_the_tag_moved() {
-    if !require_root("start_boots_the_pinned_image_after_the_tag_moved") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let demo = fixtures().demo();
     // A layout of our own whose `latest` we can move: the gzip image first.
     let layout = root.path().join("layout");
@@ -455,7 +389,7 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
         .trim()
         .to_owned();
     let pinned = demo.oci_gzip.manifest_digest.clone();
-    assert_eq!(root.inspect(&id)["manifest_digest"], pinned.as_str());
+    assert_eq!(inspect(&root, &id)["manifest_digest"], pinned.as_str());
 
     // Move `latest` to the zstd build of the same tree (another manifest digest) and
     // pull it, so the store's record of the reference now names the new digest.
@@ -481,8 +415,8 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
     fs::remove_dir_all(root.path().join("rootfs")).unwrap();
 
     root.ok(&["start", &id]);
-    root.wait_for_log(&id, "pinned");
-    assert_eq!(root.inspect(&id)["manifest_digest"], pinned.as_str());
+    wait_for_log(&root, &id, "pinned");
+    assert_eq!(inspect(&root, &id)["manifest_digest"], pinned.as_str());
     let built: Vec<String> = fs::read_dir(root.path().join("rootfs/v1"))
         .unwrap()
         .flatten()
@@ -501,11 +435,12 @@ fn start_boots_the_pinned_image_after_the_tag_moved() {
 }
 
 /// `kiln -q exec ARGS` with `input` on its stdin.
-fn exec_with_input(root: &Root, args: &[&str], input: &[u8]) -> Output {
+fn exec_with_input(root: &KilnRoot, args: &[&str], input: &[u8]) -> Output {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
     let mut child = root
-        .command(&["exec"])
+        .kiln()
+        .arg("exec")
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -518,7 +453,7 @@ fn exec_with_input(root: &Root, args: &[&str], input: &[u8]) -> Output {
     let watchdog = {
         let done = done.clone();
         thread::spawn(move || {
-            let deadline = Instant::now() + COMMAND_TIMEOUT;
+            let deadline = Instant::now() + KILN_TIMEOUT;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 if Instant::now() >= deadline {
                     // SAFETY: kill has no memory-safety preconditions; the group is the
@@ -540,11 +475,10 @@ fn exec_with_input(root: &Root, args: &[&str], input: &[u8]) -> Output {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn exec_runs_commands_in_a_running_sandbox() {
-    if !require_root("exec_runs_commands_in_a_running_sandbox") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let id = root.ok(&[
         "run",
         "-d",
@@ -556,7 +490,7 @@ fn exec_runs_commands_in_a_running_sandbox() {
         "echo up; exec sleep 100000",
     ]);
     let id = id.trim();
-    root.wait_for_log(id, "up");
+    wait_for_log(&root, id, "up");
 
     // Four sessions at once, each with its own output and exit code.
     let outputs: Vec<(i32, Output)> = thread::scope(|scope| {
@@ -565,7 +499,7 @@ fn exec_runs_commands_in_a_running_sandbox() {
                 let root = &root;
                 scope.spawn(move || {
                     let script = format!("sleep 1; echo out-{n}; echo err-{n} >&2; exit {n}");
-                    (n, root.kiln(&["exec", "execbox", "sh", "-c", &script]))
+                    (n, root.run(&["exec", "execbox", "sh", "-c", &script]))
                 })
             })
             .collect();
@@ -619,18 +553,20 @@ fn exec_runs_commands_in_a_running_sandbox() {
         "-t gives the command a terminal: {terminal:?}"
     );
     // kiln's SIGTERM goes to the command, whose death by it becomes 143.
-    let (mut waiting, started) =
-        root.spawn_until_first_line(&["exec", id, "sh", "-c", "echo started; exec sleep 100000"]);
+    let (mut waiting, started) = spawn_until_first_line(
+        &root,
+        &["exec", id, "sh", "-c", "echo started; exec sleep 100000"],
+    );
     assert_eq!(started, "started\n");
     // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
     unsafe { libc::kill(waiting.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(waiting.wait().unwrap().code(), Some(143));
-    let missing = root.kiln(&["exec", id, "/no/such/program"]);
+    let missing = root.run(&["exec", id, "/no/such/program"]);
     assert_eq!(missing.status.code(), Some(127), "{}", describe(&missing));
 
     // A file written by exec survives stop/start; exec needs a running sandbox.
     root.ok(&["stop", "-t", "1", id]);
-    let stopped = root.kiln(&["exec", id, "true"]);
+    let stopped = root.run(&["exec", id, "true"]);
     assert_eq!(stopped.status.code(), Some(125), "{}", describe(&stopped));
     assert!(
         text(&stopped.stderr).contains("not running"),
@@ -638,17 +574,16 @@ fn exec_runs_commands_in_a_running_sandbox() {
         describe(&stopped)
     );
     root.ok(&["start", id]);
-    root.wait_for_log(id, "up\nup");
+    wait_for_log(&root, id, "up\nup");
     assert_eq!(root.ok(&["exec", id, "cat", "/sandbox/kept"]), "typed in\n");
     root.ok(&["rm", "-f", id]);
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn volumes_given_at_create_are_shared_at_start() {
-    if !require_root("volumes_given_at_create_are_shared_at_start") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let shared = tempfile::tempdir().unwrap();
     let read_only = tempfile::tempdir().unwrap();
     fs::write(read_only.path().join("given"), "from the host\n").unwrap();
@@ -667,7 +602,7 @@ fn volumes_given_at_create_are_shared_at_start() {
     ]);
     let id = id.trim();
     root.ok(&["start", id]);
-    root.wait_for_log(id, "up");
+    wait_for_log(&root, id, "up");
     root.ok(&["exec", id, "sh", "-c", "echo from the guest > /data/made"]);
     assert_eq!(
         fs::read_to_string(shared.path().join("made")).unwrap(),
@@ -677,30 +612,29 @@ fn volumes_given_at_create_are_shared_at_start() {
         root.ok(&["exec", id, "cat", "/given/given"]),
         "from the host\n"
     );
-    let refused = root.kiln(&["exec", id, "touch", "/given/new"]);
+    let refused = root.run(&["exec", id, "touch", "/given/new"]);
     assert_ne!(refused.status.code(), Some(0), "{}", describe(&refused));
     assert!(!read_only.path().join("new").exists());
     root.ok(&["stop", id]);
     // A volume's host directory that is gone fails the start before booting, naming it.
     let gone = shared.path().to_owned();
     drop(shared);
-    let refused = root.kiln(&["start", id]);
+    let refused = root.run(&["start", id]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
     assert!(
         text(&refused.stderr).contains(&gone.display().to_string()),
         "{}",
         describe(&refused)
     );
-    assert!(qemu_pids_mentioning(root.path()).is_empty());
+    assert!(qemu_pids_mentioning(&root.path()).is_empty());
     root.ok(&["rm", id]);
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn prune_keeps_a_pinned_image_and_start_names_it_when_it_is_gone() {
-    if !require_root("prune_keeps_a_pinned_image_and_start_names_it_when_it_is_gone") {
-        return;
-    }
-    let root = Root::new();
+    require_root();
+    let root = new_root();
     let id = root.ok(&["create", &demo_image(), "true"]);
     let id = id.trim();
     let pinned = &fixtures().demo().oci_gzip.manifest_digest;
@@ -718,16 +652,16 @@ fn prune_keeps_a_pinned_image_and_start_names_it_when_it_is_gone() {
     // A store lost some other way: start refuses, naming the digest.
     fs::remove_dir_all(root.path().join("store")).unwrap();
     fs::remove_dir_all(root.path().join("rootfs")).unwrap();
-    let refused = root.kiln(&["start", id]);
+    let refused = root.run(&["start", id]);
     assert_eq!(refused.status.code(), Some(1), "{}", describe(&refused));
     assert!(
         text(&refused.stderr).contains(pinned.as_str()),
         "{}",
         describe(&refused)
     );
-    assert!(qemu_pids_mentioning(root.path()).is_empty());
+    assert!(qemu_pids_mentioning(&root.path()).is_empty());
     assert_eq!(
-        root.inspect(id)["status"],
+        inspect(&root, id)["status"],
         "created",
         "a refused start changes nothing"
     );

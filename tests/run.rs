@@ -13,73 +13,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    assert_no_qemu_left, demo_image, describe, fixtures, guest_files, kiln_bin, qemu_left_after,
-    require_root, run_with_timeout, text,
+    demo_image, describe, fixtures, qemu_left_after, require_root, run_with_timeout, text,
+    KilnRoot, KILN_TIMEOUT,
 };
-use tempfile::TempDir;
-
-/// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-/// One test's fresh kiln root. On drop, asserts (by pid) that no QEMU whose command line
-/// names this root is still running, killing any it finds so later tests are unaffected.
-struct Sandbox {
-    root: TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            root: tempfile::Builder::new()
-                .prefix("kiln-run-test")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-
-    fn root(&self) -> &Path {
-        self.root.path()
-    }
-
-    /// `kiln -q run ARGS` against this root with the test guest files.
-    fn command(&self, args: &[&str]) -> Command {
-        let guest = guest_files();
-        let mut command = Command::new(kiln_bin());
-        command
-            .env("KILN_ROOT", self.root())
-            .env("KILN_KERNEL", &guest.kernel)
-            .env("KILN_INITRAMFS", &guest.initramfs)
-            .arg("-q")
-            .arg("run")
-            .args(args);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(&mut self.command(args), RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Waits up to `limit` for this root's QEMU processes to be gone; returns the leftovers.
-    fn qemu_left_after(&self, limit: Duration) -> Vec<u32> {
-        qemu_left_after(self.root(), limit)
-    }
-
-    fn sandbox_dirs(&self) -> Vec<PathBuf> {
-        match fs::read_dir(self.root().join("sandboxes")) {
-            Ok(dir) => dir
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().unwrap() != ".names")
-                .collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        assert_no_qemu_left(self.root());
-    }
-}
 
 fn code(output: &Output) -> i32 {
     output
@@ -89,11 +25,11 @@ fn code(output: &Output) -> i32 {
 }
 
 /// kiln failed itself (exit 125) with a message naming `what`, and left no sandbox.
-fn assert_kiln_error(sandbox: &Sandbox, output: &Output, what: &str) {
+fn assert_kiln_error(root: &KilnRoot, output: &Output, what: &str) {
     assert_eq!(code(output), 125, "{}", describe(output));
     assert!(text(&output.stderr).contains(what), "{}", describe(output));
     assert_eq!(
-        sandbox.sandbox_dirs(),
+        root.sandbox_dirs(),
         Vec::<PathBuf>::new(),
         "a sandbox was left"
     );
@@ -115,14 +51,14 @@ const FACTS_SCRIPT: &str = "echo uid=$(id -u); echo gid=$(id -g); echo groups=$(
     echo to-stderr >&2";
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn identity_overrides_and_streams_in_one_boot() {
-    if !require_root("identity_overrides_and_streams_in_one_boot") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let env_file = sandbox.root().join("env");
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let env_file = root.path().join("env");
     fs::write(&env_file, "FROM_FILE=file value\n").unwrap();
-    let output = sandbox.run(&[
+    let output = root.run(&[
+        "run",
         "--rm",
         "-e",
         "FROM_E=e value",
@@ -168,19 +104,25 @@ fn identity_overrides_and_streams_in_one_boot() {
         describe(&output)
     );
     assert_eq!(
-        sandbox.sandbox_dirs(),
+        root.sandbox_dirs(),
         Vec::<PathBuf>::new(),
         "--rm left state behind"
     );
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm() {
-    if !require_root("image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--uid", "2000000000", "--gid", "2000000000", &demo_image()]);
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let output = root.run(&[
+        "run",
+        "--uid",
+        "2000000000",
+        "--gid",
+        "2000000000",
+        &demo_image(),
+    ]);
     assert_eq!(code(&output), 0, "{}", describe(&output));
     // The demo image's Cmd prints the identity.
     let stdout = text(&output.stdout);
@@ -189,7 +131,7 @@ fn image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm() {
         "{}",
         describe(&output)
     );
-    let dirs = sandbox.sandbox_dirs();
+    let dirs = root.sandbox_dirs();
     assert_eq!(dirs.len(), 1, "one sandbox state dir: {dirs:?}");
     for file in ["sandbox.json", "console.log", "upper.ext4"] {
         assert!(
@@ -201,21 +143,19 @@ fn image_cmd_runs_with_the_largest_ids_and_keeps_state_without_rm() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn uid_below_the_range_is_refused_before_boot() {
-    if !require_root("uid_below_the_range_is_refused_before_boot") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--rm", "--uid", "999", &demo_image(), "true"]);
-    assert_kiln_error(&sandbox, &output, "999");
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let output = root.run(&["run", "--rm", "--uid", "999", &demo_image(), "true"]);
+    assert_kiln_error(&root, &output, "999");
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn exit_codes_follow_the_workload() {
-    if !require_root("exit_codes_follow_the_workload") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let cases: [(&[&str], i32); 4] = [
         (&["sh", "-c", "exit 42"], 42),
         (&["sh", "-c", "kill -9 $$"], 137),
@@ -223,11 +163,11 @@ fn exit_codes_follow_the_workload() {
         (&["/etc/passwd"], 126),
     ];
     for (command, expected) in cases {
-        let mut args = vec!["--rm", "--network", "none"];
+        let mut args = vec!["run", "--rm", "--network", "none"];
         let image = demo_image();
         args.push(&image);
         args.extend_from_slice(command);
-        let output = sandbox.run(&args);
+        let output = root.run(&args);
         assert_eq!(
             code(&output),
             expected,
@@ -238,13 +178,13 @@ fn exit_codes_follow_the_workload() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn stdin_is_read_with_interactive() {
-    if !require_root("stdin_is_read_with_interactive") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let command = sandbox.command(&["--rm", "-i", &demo_image(), "cat"]);
-    let stdin_file = sandbox.root().join("stdin");
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let mut command = root.kiln();
+    command.args(["run", "--rm", "-i", &demo_image(), "cat"]);
+    let stdin_file = root.path().join("stdin");
     fs::write(&stdin_file, "line one\nline two\n").unwrap();
     // run_with_timeout reads stdin from /dev/null; a shell redirect feeds the file instead.
     let mut shell = Command::new("sh");
@@ -256,7 +196,7 @@ fn stdin_is_read_with_interactive() {
         .arg(command.get_program())
         .args(command.get_args())
         .envs(command.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
-    let output = run_with_timeout(&mut shell, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let output = run_with_timeout(&mut shell, KILN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(code(&output), 0, "{}", describe(&output));
     assert_eq!(
         text(&output.stdout),
@@ -267,12 +207,19 @@ fn stdin_is_read_with_interactive() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn timeout_stops_the_sandbox_with_a_typed_error() {
-    if !require_root("timeout_stops_the_sandbox_with_a_typed_error") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--rm", "--timeout", "2", &demo_image(), "sleep", "60"]);
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let output = root.run(&[
+        "run",
+        "--rm",
+        "--timeout",
+        "2",
+        &demo_image(),
+        "sleep",
+        "60",
+    ]);
     assert_eq!(code(&output), 125, "{}", describe(&output));
     assert!(
         text(&output.stderr).to_lowercase().contains("timeout")
@@ -305,9 +252,17 @@ fn wait_with_deadline(
 
 /// Starts `kiln run ... sleep 60`, waits until the workload has printed that it runs,
 /// then sends `signal` to kiln and waits (bounded) for kiln to exit.
-fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::ExitStatus {
-    let mut child = sandbox
-        .command(&["--rm", &demo_image(), "sh", "-c", "echo started; sleep 60"])
+fn signal_during_sleep(root: &KilnRoot, signal: libc::c_int) -> std::process::ExitStatus {
+    let mut child = root
+        .kiln()
+        .args([
+            "run",
+            "--rm",
+            &demo_image(),
+            "sh",
+            "-c",
+            "echo started; sleep 60",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -337,34 +292,31 @@ fn signal_during_sleep(sandbox: &Sandbox, signal: libc::c_int) -> std::process::
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn sigterm_is_forwarded_and_kiln_exits_143() {
-    if !require_root("sigterm_is_forwarded_and_kiln_exits_143") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let status = signal_during_sleep(&sandbox, libc::SIGTERM);
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let status = signal_during_sleep(&root, libc::SIGTERM);
     assert_eq!(status.code(), Some(143), "{status}");
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn sigkill_of_kiln_leaves_no_qemu() {
-    if !require_root("sigkill_of_kiln_leaves_no_qemu") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let status = signal_during_sleep(&sandbox, libc::SIGKILL);
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let status = signal_during_sleep(&root, libc::SIGKILL);
     assert_eq!(status.code(), None, "{status}");
-    let left = sandbox.qemu_left_after(Duration::from_secs(10));
+    let left = qemu_left_after(&root.path(), Duration::from_secs(10));
     assert!(left.is_empty(), "QEMU outlived SIGKILLed kiln: {left:?}");
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn tty_gives_the_workload_a_terminal() {
-    if !require_root("tty_gives_the_workload_a_terminal") {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let output = sandbox.run(&["--rm", "-t", &demo_image(), "tty"]);
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
+    let output = root.run(&["run", "--rm", "-t", &demo_image(), "tty"]);
     assert_eq!(code(&output), 0, "{}", describe(&output));
     assert!(
         text(&output.stdout).trim().starts_with("/dev/pts/"),
@@ -402,15 +354,15 @@ fn serve_http(body: &'static str) -> u16 {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn network_user_reaches_the_host_and_none_does_not() {
-    if !require_root("network_user_reaches_the_host_and_none_does_not") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let port = serve_http("served-by-the-host");
     // No -T: Debian's busybox 1.35 wget segfaults with it.
     let fetch = format!("busybox wget -q -O - http://10.0.2.2:{port}/ || echo fetch-failed");
-    let user = sandbox.run(&[
+    let user = root.run(&[
+        "run",
         "--rm",
         "--network",
         "user",
@@ -425,7 +377,8 @@ fn network_user_reaches_the_host_and_none_does_not() {
         "{}",
         describe(&user)
     );
-    let none = sandbox.run(&[
+    let none = root.run(&[
+        "run",
         "--rm",
         "--network",
         "none",
@@ -448,16 +401,17 @@ fn network_user_reaches_the_host_and_none_does_not() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn publish_forwards_a_host_port_into_the_guest() {
-    if !require_root("publish_forwards_a_host_port_into_the_guest") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let host_port = free_port();
     let publish = format!("{host_port}:8080");
     // nc serves one connection and exits once the host closes it, ending the workload.
-    let mut child = sandbox
-        .command(&[
+    let mut child = root
+        .kiln()
+        .args([
+            "run",
             "--rm",
             "-p",
             &publish,
@@ -503,15 +457,16 @@ fn publish_forwards_a_host_port_into_the_guest() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
-    if !require_root("concurrent_runs_of_an_uncached_image_share_one_root_image") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let image = demo_image();
     let runs: Vec<_> = (0..4)
         .map(|i| {
-            let mut command = sandbox.command(&[
+            let mut command = root.kiln();
+            command.args([
+                "run",
                 "--json",
                 "--rm",
                 "--timings",
@@ -521,7 +476,7 @@ fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
                 "echo",
                 "done",
             ]);
-            thread::spawn(move || (i, run_with_timeout(&mut command, RUN_TIMEOUT)))
+            thread::spawn(move || (i, run_with_timeout(&mut command, KILN_TIMEOUT)))
         })
         .collect();
     let mut builds = 0;
@@ -546,10 +501,7 @@ fn concurrent_runs_of_an_uncached_image_share_one_root_image() {
     }
     let mut root_images = Vec::new();
     let mut leftovers = Vec::new();
-    for version in fs::read_dir(sandbox.root().join("rootfs"))
-        .unwrap()
-        .flatten()
-    {
+    for version in fs::read_dir(root.path().join("rootfs")).unwrap().flatten() {
         for image_dir in fs::read_dir(version.path()).unwrap().flatten() {
             for file in fs::read_dir(image_dir.path()).unwrap().flatten() {
                 let name = file.file_name().into_string().unwrap();
@@ -616,14 +568,13 @@ fn image_with_run_config(dir: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn run_config_comes_from_the_image_and_flags_override_it() {
-    if !require_root("run_config_comes_from_the_image_and_flags_override_it") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let work = tempfile::tempdir().unwrap();
     let image = image_with_run_config(work.path());
-    let output = sandbox.run(&["--rm", "--network", "none", &image]);
+    let output = root.run(&["run", "--rm", "--network", "none", &image]);
     assert_eq!(code(&output), 0, "{}", describe(&output));
     assert_eq!(
         text(&output.stdout),
@@ -633,7 +584,8 @@ fn run_config_comes_from_the_image_and_flags_override_it() {
     );
 
     // The image's Entrypoint stays when only the command is given; -e and -w override.
-    let output = sandbox.run(&[
+    let output = root.run(&[
+        "run",
         "--rm",
         "--network",
         "none",
@@ -654,27 +606,25 @@ fn run_config_comes_from_the_image_and_flags_override_it() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn image_without_the_command_gives_127() {
-    if !require_root("image_without_the_command_gives_127") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let work = tempfile::tempdir().unwrap();
     let image = image_without_binaries(work.path());
-    let output = sandbox.run(&["--rm", "--network", "none", &image, "sh"]);
+    let output = root.run(&["run", "--rm", "--network", "none", &image, "sh"]);
     assert_eq!(code(&output), 127, "{}", describe(&output));
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn a_kernel_panic_is_a_typed_error() {
-    if !require_root("a_kernel_panic_is_a_typed_error") {
-        return;
-    }
-    let sandbox = Sandbox::new();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     // An initramfs with no /init: the kernel finds no root to mount and panics.
-    let tree = sandbox.root().join("initramfs-tree");
+    let tree = root.path().join("initramfs-tree");
     fs::create_dir_all(tree.join("dev")).unwrap();
-    let cpio = sandbox.root().join("no-init.cpio");
+    let cpio = root.path().join("no-init.cpio");
     let mut command = Command::new("sh");
     command
         .current_dir(&tree)
@@ -682,8 +632,9 @@ fn a_kernel_panic_is_a_typed_error() {
         .arg("find . | cpio --quiet -o -H newc > \"$0\"")
         .arg(&cpio);
     kiln_e2e::run_ok(&mut command, Duration::from_secs(60));
-    let mut run = sandbox.command(&["--rm", "--network", "none", &demo_image(), "true"]);
-    run.env("KILN_INITRAMFS", &cpio);
-    let output = run_with_timeout(&mut run, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert_kiln_error(&sandbox, &output, "panic");
+    let mut run = root.kiln();
+    run.args(["run", "--rm", "--network", "none", &demo_image(), "true"])
+        .env("KILN_INITRAMFS", &cpio);
+    let output = run_with_timeout(&mut run, KILN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_kiln_error(&root, &output, "panic");
 }

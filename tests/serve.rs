@@ -12,11 +12,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{fixtures, guest_files, kiln_bin, require_root, Registry};
+use kiln_e2e::{fixtures, require_root, KilnRoot, Registry};
 use kiln_server::proto;
 use kiln_server::proto::driver_client::DriverClient;
 use kiln_server::proto::event::Kind;
@@ -26,7 +26,6 @@ use kiln_server::proto::{
     CreateRequest, DeleteRequest, Event, ExecInput, ExecStart, GetRequest, ListRequest, Network,
     Sandbox, StartRequest, Status, StdinEof, StopRequest, WatchRequest,
 };
-use tempfile::TempDir;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -36,102 +35,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long `kiln serve` may take to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One test's kiln root and socket directory. On drop, kills (by pid) every process
-/// whose command line names the root — monitors and QEMU — and, unless the test already
-/// failed, asserts there were none left.
-struct Workspace {
-    dir: TempDir,
-}
-
-impl Workspace {
-    fn new() -> Workspace {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-serve-test")
-            .tempdir()
-            .unwrap();
-        fs::create_dir(dir.path().join("root")).unwrap();
-        Workspace { dir }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("kiln.sock")
-    }
-
-    /// Starts `kiln serve` on this workspace's socket and root.
-    fn serve(&self) -> Server {
-        Server::start(&self.root(), &self.socket())
-    }
-
-    /// Pids of live processes (other than servers) whose command line names the root.
-    fn processes(&self) -> Vec<(u32, String)> {
-        let root = self.root().as_os_str().as_bytes().to_vec();
-        let mut found = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let serve = words.iter().any(|w| *w == b"serve");
-            if !serve && cmdline.windows(root.len()).any(|w| w == root.as_slice()) {
-                found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
-            }
-        }
-        found
-    }
-
-    /// The pid of the monitor of sandbox `id` (`kiln monitor --root ROOT ID`).
-    fn monitor_pid(&self, id: &str) -> u32 {
-        let found: Vec<u32> = self
-            .processes()
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains(" monitor ") && cmd.trim_end().ends_with(id))
-            .map(|(pid, _)| pid)
-            .collect();
-        assert_eq!(
-            found.len(),
-            1,
-            "one monitor for {id}: {:?}",
-            self.processes()
-        );
-        found[0]
-    }
-
-    fn leftovers_after(&self, limit: Duration) -> Vec<(u32, String)> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = self.processes();
-            if left.is_empty() || Instant::now() >= deadline {
-                return left;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Workspace {
-    fn drop(&mut self) {
-        let left = self.leftovers_after(Duration::from_secs(5));
-        for (pid, _) in &left {
-            // SAFETY: kill has no memory-safety preconditions; the pid was just listed.
-            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
-        }
-        if !thread::panicking() {
-            assert!(left.is_empty(), "processes left behind: {left:?}");
-        }
-    }
-}
-
 /// A running `kiln serve`; dropping it kills it.
 struct Server {
     child: Child,
@@ -140,15 +43,14 @@ struct Server {
 }
 
 impl Server {
-    fn start(root: &Path, socket: &Path) -> Server {
-        let guest = guest_files();
+    /// Starts `kiln -v serve` on `root`'s socket (`kiln.sock` in its temp dir).
+    fn start(root: &KilnRoot) -> Server {
+        let socket = socket(root);
         let log = socket.with_extension(format!("log.{}", unique()));
-        let mut child = Command::new(kiln_bin())
-            .env("KILN_ROOT", root)
-            .env("KILN_KERNEL", &guest.kernel)
-            .env("KILN_INITRAMFS", &guest.initramfs)
+        let mut child = root
+            .kiln()
             .args(["-v", "serve", "--socket"])
-            .arg(socket)
+            .arg(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -163,7 +65,7 @@ impl Server {
                     fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 break;
             }
             assert!(
@@ -172,11 +74,7 @@ impl Server {
             );
             thread::sleep(Duration::from_millis(50));
         }
-        Server {
-            child,
-            socket: socket.to_path_buf(),
-            log,
-        }
+        Server { child, socket, log }
     }
 
     async fn client(&self) -> DriverClient<Channel> {
@@ -215,6 +113,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Where the server of `root` listens.
+fn socket(root: &KilnRoot) -> PathBuf {
+    root.temp_dir().join("kiln.sock")
 }
 
 fn unique() -> u128 {
@@ -400,7 +303,7 @@ async fn stop_and_see_exit(
     client: &mut DriverClient<Channel>,
     events: &mut tonic::Streaming<Event>,
     sandbox: &str,
-    workspace: &Workspace,
+    root: &KilnRoot,
 ) {
     let request = StopRequest {
         sandbox: sandbox.to_owned(),
@@ -414,7 +317,7 @@ async fn stop_and_see_exit(
         unreachable!()
     };
     assert_eq!(Some(exit), stopped.exit.as_ref());
-    let left = workspace.leftovers_after(Duration::from_secs(10));
+    let left = root.leftovers_after(Duration::from_secs(10));
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -519,13 +422,12 @@ fn probe(socket: &Path, uid: Option<u32>) -> Probe {
 const OTHER_UID: u32 = 65534;
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn socket_is_owner_only_and_another_uid_is_refused() {
-    if !require_root("socket_is_owner_only_and_another_uid_is_refused") {
-        return;
-    }
-    let workspace = Workspace::new();
-    let mut server = workspace.serve();
-    let socket = workspace.socket();
+    require_root();
+    let root = KilnRoot::with_guest();
+    let mut server = Server::start(&root);
+    let socket = socket(&root);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
     assert_eq!(meta.uid(), 0, "socket owner");
@@ -534,7 +436,7 @@ fn socket_is_owner_only_and_another_uid_is_refused() {
     // Let the other uid reach the socket file: first through the directory only, where
     // the socket's own mode stops it; then with the socket opened up too, as a careless
     // chmod would, where the server's peer-credential check must refuse it.
-    fs::set_permissions(workspace.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    fs::set_permissions(root.temp_dir(), fs::Permissions::from_mode(0o711)).unwrap();
     assert_eq!(probe(&socket, Some(OTHER_UID)), Probe::ConnectDenied);
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(
@@ -563,16 +465,15 @@ fn socket_is_owner_only_and_another_uid_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn a_second_server_on_a_live_socket_and_a_non_socket_path_are_refused() {
-    if !require_root("a_second_server_on_a_live_socket_and_a_non_socket_path_are_refused") {
-        return;
-    }
-    let workspace = Workspace::new();
-    let _server = workspace.serve();
-    let second = Command::new(kiln_bin())
-        .env("KILN_ROOT", workspace.root())
+    require_root();
+    let root = KilnRoot::with_guest();
+    let _server = Server::start(&root);
+    let second = root
+        .kiln()
         .args(["serve", "--socket"])
-        .arg(workspace.socket())
+        .arg(socket(&root))
         .output()
         .unwrap();
     assert!(!second.status.success());
@@ -581,10 +482,10 @@ fn a_second_server_on_a_live_socket_and_a_non_socket_path_are_refused() {
         "{second:?}"
     );
 
-    let file = workspace.dir.path().join("file");
+    let file = root.temp_dir().join("file");
     fs::write(&file, "keep").unwrap();
-    let output = Command::new(kiln_bin())
-        .env("KILN_ROOT", workspace.root())
+    let output = root
+        .kiln()
         .args(["serve", "--socket"])
         .arg(&file)
         .output()
@@ -618,12 +519,11 @@ fn get(sandbox: &str) -> GetRequest {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn error_codes_name_the_input() {
-    if !require_root("error_codes_name_the_input") {
-        return;
-    }
-    let workspace = Workspace::new();
-    let server = workspace.serve();
+    require_root();
+    let root = KilnRoot::with_guest();
+    let server = Server::start(&root);
     runtime().block_on(async {
         let mut client = server.client().await;
         let unknown = "0123456789ab";
@@ -701,17 +601,16 @@ fn error_codes_name_the_input() {
 // A whole life through gRPC, with real boots
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn create_watch_exec_stop_delete_through_grpc() {
-    if !require_root("create_watch_exec_stop_delete_through_grpc") {
-        return;
-    }
+    require_root();
     let registry = Registry::start(None);
     let demo = fixtures().demo();
     registry.push(&demo.oci_gzip, "demo:serve");
     let reference = format!("{}/demo:serve", registry.addr());
 
-    let workspace = Workspace::new();
-    let server = workspace.serve();
+    let root = KilnRoot::with_guest();
+    let server = Server::start(&root);
     runtime().block_on(async {
         let mut client = server.client().await;
         let mut events = client
@@ -723,7 +622,7 @@ fn create_watch_exec_stop_delete_through_grpc() {
             .unwrap()
             .into_inner();
 
-        let shared = workspace.dir.path().join("shared");
+        let shared = root.temp_dir().join("shared");
         fs::create_dir(&shared).unwrap();
         let volume = proto::Volume {
             host_path: shared.to_str().unwrap().to_owned(),
@@ -867,7 +766,7 @@ fn create_watch_exec_stop_delete_through_grpc() {
         let (_, _, code) = exec(&mut client, "life", &["sh", "-c", check], b"").await;
         assert_eq!(code, 0, "the abandoned process still runs");
 
-        stop_and_see_exit(&mut client, &mut events, "life", &workspace).await;
+        stop_and_see_exit(&mut client, &mut events, "life", &root).await;
 
         let watch_one = WatchRequest {
             sandbox: "life".into(),
@@ -889,21 +788,16 @@ fn create_watch_exec_stop_delete_through_grpc() {
         assert!(matches!(end, Ok(Ok(None))), "{end:?}");
         let list = client.list(ListRequest {}).await.unwrap().into_inner();
         assert!(list.sandboxes.is_empty(), "{list:?}");
-        assert!(!workspace
-            .root()
-            .join("sandboxes")
-            .join(&created.id)
-            .exists());
+        assert!(!root.path().join("sandboxes").join(&created.id).exists());
     });
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
-    if !require_root("a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors") {
-        return;
-    }
-    let workspace = Workspace::new();
-    let mut server = workspace.serve();
+    require_root();
+    let root = KilnRoot::with_guest();
+    let mut server = Server::start(&root);
     let rt = runtime();
     let (up, idle) = rt.block_on(async {
         let mut client = server.client().await;
@@ -923,8 +817,8 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
 
     // The server dies; the sandbox's monitor and VM live on.
     server.kill();
-    workspace.monitor_pid(&up.id);
-    let server = workspace.serve();
+    root.monitor_pid(&up.id);
+    let server = Server::start(&root);
     rt.block_on(async {
         let mut client = server.client().await;
         let got = client.get(get("up")).await.unwrap().into_inner();
@@ -950,7 +844,7 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
         assert_eq!(status(state), Status::Running);
 
         // Stop works on the re-attached sandbox, and Watch reports its exit.
-        stop_and_see_exit(&mut client, &mut events, "up", &workspace).await;
+        stop_and_see_exit(&mut client, &mut events, "up", &root).await;
 
         // Booted again, then kill -9 of its monitor: the sandbox is failed, and its QEMU
         // goes with it.
@@ -962,7 +856,7 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
             !names.contains(&"created"),
             "a start is not a create: {names:?}"
         );
-        let monitor = workspace.monitor_pid(&up.id);
+        let monitor = root.monitor_pid(&up.id);
         // SAFETY: kill has no memory-safety preconditions; the pid was just found.
         unsafe { libc::kill(monitor as libc::pid_t, libc::SIGKILL) };
         let seen = events_until(&mut events, "failed").await;
@@ -971,11 +865,9 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
         assert_eq!(status(&got), Status::Failed, "{got:?}");
         assert!(!got.failure.is_empty(), "{got:?}");
         assert!(
-            workspace
-                .leftovers_after(Duration::from_secs(10))
-                .is_empty(),
+            root.leftovers_after(Duration::from_secs(10)).is_empty(),
             "{:?}",
-            workspace.processes()
+            root.processes()
         );
 
         for id in [&up.id, &idle.id] {

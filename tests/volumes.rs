@@ -10,29 +10,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::Duration;
 
-use kiln_e2e::{
-    assert_no_qemu_left, demo_image, describe, guest_files, kiln_bin, run_with_timeout, text,
-};
-
-/// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// `kiln -q run ARGS` against the kiln root `root` with the test guest files.
-fn kiln_run(root: &Path, args: &[&str]) -> Output {
-    let guest = guest_files();
-    let mut command = Command::new(kiln_bin());
-    command
-        .env("KILN_ROOT", root)
-        .env("KILN_KERNEL", &guest.kernel)
-        .env("KILN_INITRAMFS", &guest.initramfs);
-    command.args(["-q", "run"]).args(args);
-    let output = run_with_timeout(&mut command, RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert_no_qemu_left(root);
-    output
-}
+use kiln_e2e::{demo_image, describe, require_root, text, KilnRoot};
 
 /// The `key=value` lines of `stdout`.
 fn facts(stdout: &[u8]) -> BTreeMap<String, String> {
@@ -53,8 +32,10 @@ fn names_in(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn read_write_and_read_only_volumes() {
-    let root = tempfile::tempdir().unwrap();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let (rw, ro) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     fs::write(rw.path().join("host.txt"), "from the host\n").unwrap();
     fs::set_permissions(
@@ -77,21 +58,20 @@ fn read_write_and_read_only_volumes() {
         format!("{}:/data", rw.path().display()),
         format!("{}:/in:ro", ro.path().display()),
     );
-    let output = kiln_run(
-        root.path(),
-        &[
-            "--rm",
-            "-v",
-            &rw_arg,
-            "-v",
-            &ro_arg,
-            "--entrypoint",
-            "/bin/sh",
-            &demo_image(),
-            "-c",
-            script,
-        ],
-    );
+    let output = root.run(&[
+        "run",
+        "--rm",
+        "-v",
+        &rw_arg,
+        "-v",
+        &ro_arg,
+        "--entrypoint",
+        "/bin/sh",
+        &demo_image(),
+        "-c",
+        script,
+    ]);
+    root.assert_nothing_left();
     assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
     let facts = facts(&output.stdout);
     let fact = |key: &str| {
@@ -159,14 +139,17 @@ fn read_write_and_read_only_volumes() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn a_missing_host_directory_or_a_host_file_is_refused_before_boot() {
-    let root = tempfile::tempdir().unwrap();
+    require_root();
+    let root = KilnRoot::with_guest().quiet();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     fs::write(&file, "").unwrap();
     for host in [dir.path().join("missing"), file] {
         let volume = format!("{}:/data", host.display());
-        let output = kiln_run(root.path(), &["--rm", "-v", &volume, &demo_image(), "true"]);
+        let output = root.run(&["run", "--rm", "-v", &volume, &demo_image(), "true"]);
+        root.assert_nothing_left();
         assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
         let stderr = text(&output.stderr);
         assert!(

@@ -105,14 +105,15 @@ struct IndexEntry {
 }
 
 /// The fixtures, built (or found in the cache) by `scripts/make-fixtures` on first use in
-/// this process. Panics when the script fails; its log goes to stderr. It needs root: guard
-/// tests with [`crate::require_root`].
+/// this process. Panics when the script fails; its log goes to stderr. It needs root, so
+/// only tests marked as needing root use it (see the crate docs).
 pub fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     FIXTURES.get_or_init(build)
 }
 
 fn build() -> Fixtures {
+    crate::require_root();
     let script = crate::workspace_root().join("scripts/make-fixtures");
     let output = Command::new("bash")
         .arg(&script)

@@ -1,12 +1,19 @@
 //! Support shared by kiln's end-to-end tests (the `kiln-e2e` package): the fixture images
 //! that `scripts/make-fixtures` builds with real tools, a real `docker-registry` on a free
-//! loopback port, the path of the `kiln` binary, and running commands under a timeout.
+//! loopback port, the `kiln` binary against a test's own root ([`KilnRoot`]), and running
+//! commands under a timeout.
 //!
 //! Every test file under `tests/` is a `[[test]]` entry in `tests/Cargo.toml` and uses this
 //! library as `kiln_e2e`.
+//!
+//! A test that needs root (the fixtures, mounts, chown, other uids) is marked
+//! `#[ignore = "needs root (scripts/test runs it as root)"]`, so a plain `cargo test` reports
+//! it as ignored, and starts with [`require_root`], so that running it without root through
+//! `--include-ignored` fails instead of passing. scripts/test runs them as root.
 
 mod fixtures;
 mod guest;
+mod kiln_root;
 mod layer;
 mod process;
 mod registry;
@@ -19,10 +26,10 @@ pub use fixtures::{
     PlatformManifest, SkopeoSource,
 };
 pub use guest::{guest_files, GuestFiles};
+pub use kiln_root::{KilnRoot, KILN_TIMEOUT};
 pub use layer::{read_layer, EntryKind, LayerEntry};
 pub use process::{
-    assert_no_qemu_left, kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok,
-    run_with_timeout, TimedOut,
+    kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout, TimedOut,
 };
 pub use registry::Registry;
 pub use token_auth::TokenServer;
@@ -62,20 +69,22 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 /// Whether this process runs as root (effective uid 0).
-pub fn is_root() -> bool {
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
-/// For tests that need root (the fixtures, mounts, chown): true when running as root, else
-/// prints why `test` is skipped and returns false. Use as
-/// `if !kiln_e2e::require_root("my_test") { return; }`.
-pub fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    eprintln!("skipping {test}: needs root (CI runs the tests as root)");
-    false
+/// The first statement of every test that needs root: panics, naming what is missing,
+/// when this process is not root. Such a test is also `#[ignore]`d (see the crate docs), so
+/// only an explicit `--include-ignored` without root gets here, and it must fail rather
+/// than pass without having run.
+#[track_caller]
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (fixture images, mounts, chown, other uids): run it as root, \
+         as scripts/test does with `cargo test -- --include-ignored`"
+    );
 }
 
 /// The demo fixture image (gzip OCI layout) as a kiln image reference.

@@ -149,17 +149,3 @@ pub fn qemu_left_after(path: &std::path::Path, limit: Duration) -> Vec<u32> {
         thread::sleep(Duration::from_millis(100));
     }
 }
-
-/// For a test's cleanup: gives the QEMU processes mentioning `path` a few seconds to end,
-/// SIGKILLs the rest so later tests are unaffected, and (unless the test already failed)
-/// asserts that none was left.
-pub fn assert_no_qemu_left(path: &std::path::Path) {
-    let left = qemu_left_after(path, Duration::from_secs(5));
-    for pid in &left {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
-    }
-    if !thread::panicking() {
-        assert!(left.is_empty(), "QEMU processes left behind: {left:?}");
-    }
-}

@@ -7,24 +7,22 @@ use std::process::Command;
 
 use kiln_identity::{write_sandbox_accounts, AccountFiles, AccountWarning};
 
-/// `-R` chroots, so the checks need root; without root or the tools they are skipped.
-fn checker_available() -> bool {
+/// The first statement of every test here: `-R` chroots, so the checks need root, and
+/// the tools must be there (scripts/install-deps installs them).
+fn require_root_and_checkers() {
     // /proc/self is owned by the effective uid.
-    if std::fs::metadata("/proc/self")
+    let euid = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
-        .unwrap_or(u32::MAX)
-        != 0
-    {
-        eprintln!("skipping: pwck/grpck -R needs root");
-        return false;
-    }
+        .unwrap_or(u32::MAX);
+    assert_eq!(
+        euid, 0,
+        "this test needs root (pwck/grpck -R chroot): run it as root, as scripts/test does"
+    );
     for tool in ["pwck", "grpck"] {
-        if Command::new(tool).arg("--help").output().is_err() {
-            eprintln!("skipping: {tool} not found (Debian package passwd)");
-            return false;
+        if let Err(e) = Command::new(tool).arg("--help").output() {
+            panic!("this test needs {tool} (Debian package passwd): {e}");
         }
     }
-    true
 }
 
 /// Writes the edit of `files` into a fresh root with every home directory present and
@@ -87,18 +85,16 @@ fn all(passwd: &[u8], group: &[u8], gshadow: &[u8], shadow: &[u8]) -> AccountFil
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn debian_style_files_pass_pwck_and_grpck() {
-    if !checker_available() {
-        return;
-    }
+    require_root_and_checkers();
     assert!(check(&all(PASSWD, GROUP, GSHADOW, SHADOW), 10001, 10001).is_empty());
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn files_without_final_newline_pass() {
-    if !checker_available() {
-        return;
-    }
+    require_root_and_checkers();
     let strip = |b: &[u8]| b.strip_suffix(b"\n").unwrap().to_vec();
     check(
         &all(
@@ -113,10 +109,9 @@ fn files_without_final_newline_pass() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn stale_and_duplicate_sandbox_entries_pass() {
-    if !checker_available() {
-        return;
-    }
+    require_root_and_checkers();
     let passwd = [
         PASSWD,
         b"sandbox:x:1500:1500::/home/sandbox:/bin/false\nsandbox:x:1600:1600::/:/bin/sh\n",
@@ -142,10 +137,9 @@ fn stale_and_duplicate_sandbox_entries_pass() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn absent_shadow_files_are_created_valid() {
-    if !checker_available() {
-        return;
-    }
+    require_root_and_checkers();
     let files = AccountFiles {
         passwd: Some(PASSWD.to_vec()),
         group: Some(GROUP.to_vec()),
@@ -165,10 +159,9 @@ fn absent_shadow_files_are_created_valid() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn colliding_ids_still_pass_with_warnings() {
-    if !checker_available() {
-        return;
-    }
+    require_root_and_checkers();
     let passwd = [PASSWD, b"app:x:10001:10001::/app:/bin/sh\n"].concat();
     let shadow = [SHADOW, b"app:!:19000::::::\n"].concat();
     let group = [GROUP, b"app:x:10001:\n"].concat();

@@ -1,6 +1,7 @@
 //! Real workloads started through the supervisor as root: the privilege drop seen from
 //! the workload's own /proc/self/status, result types, stdio, PTY, signals and OOM.
-//! Every test skips with a printed reason when not run as root.
+//! Every test needs root: it is ignored unless asked for (`--include-ignored`, as
+//! scripts/test does as root) and fails when asked for without root.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,12 +16,21 @@ use kiln_supervisor::{
 const UID: u32 = 4242;
 const GID: u32 = 4343;
 
-fn root_or_skip(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        eprintln!("skipped {test}: dropping to other ids needs root");
-    }
-    root
+/// The first statement of every test here.
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (dropping to other ids): run it as root, as scripts/test does"
+    );
+}
+
+/// Full mode chowns /sandbox, so the tests that run it need a host without one.
+fn require_no_host_sandbox() {
+    assert!(
+        Path::new("/sandbox").symlink_metadata().is_err(),
+        "this host has a /sandbox, which the supervisor's full mode would chown: run the \
+         test on a host without one"
+    );
 }
 
 fn launch(argv: &[&str], io: WorkloadIo) -> Launch {
@@ -80,10 +90,9 @@ fn assert_dropped(status: &str, groups: &str) {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn workload_runs_with_exactly_the_target_ids_and_no_capabilities() {
-    if !root_or_skip("privilege drop") {
-        return;
-    }
+    require_root();
     let (result, status, _) = run(&launch(&["cat", "/proc/self/status"], WorkloadIo::Pipes));
     assert_eq!(result, WorkloadResult::Exited { code: 0 });
     // Root's own groups are not kept: a numeric identity has none.
@@ -116,10 +125,9 @@ fn dropping_to_root_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn results_are_typed() {
-    if !root_or_skip("workload results") {
-        return;
-    }
+    require_root();
     let result = |argv: &[&str]| run(&launch(argv, WorkloadIo::Pipes)).0;
     assert_eq!(
         result(&["sh", "-c", "exit 3"]),
@@ -173,10 +181,9 @@ fn results_are_typed() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn stdio_streams_are_separate() {
-    if !root_or_skip("stdio") {
-        return;
-    }
+    require_root();
     let mut workload = Workload::spawn(&launch(
         &["sh", "-c", "tr a-z A-Z; echo oops >&2; exit 4"],
         WorkloadIo::Pipes,
@@ -192,10 +199,9 @@ fn stdio_streams_are_separate() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn pty_workloads_get_a_terminal_of_the_asked_size() {
-    if !root_or_skip("pty") {
-        return;
-    }
+    require_root();
     let size = TerminalSize {
         rows: 33,
         cols: 101,
@@ -229,10 +235,9 @@ fn pty_workloads_get_a_terminal_of_the_asked_size() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn signals_reach_the_workload() {
-    if !root_or_skip("signals") {
-        return;
-    }
+    require_root();
     let workload = Workload::spawn(&launch(&["sleep", "600"], WorkloadIo::Pipes)).unwrap();
     workload.signal(libc::SIGINT).unwrap();
     assert_eq!(
@@ -261,14 +266,11 @@ fn memory_cgroup_v2() -> Option<PathBuf> {
 }
 
 #[test]
+#[ignore = "needs root and cgroup v2 with the memory controller (scripts/test runs it where the host has them)"]
 fn out_of_memory_in_a_cgroup_is_oom_killed() {
-    if !root_or_skip("oom") {
-        return;
-    }
-    let Some(mount) = memory_cgroup_v2() else {
-        eprintln!("skipped oom: no cgroup v2 hierarchy with the memory controller on this host");
-        return;
-    };
+    require_root();
+    let mount = memory_cgroup_v2()
+        .expect("this test needs a cgroup v2 hierarchy with the memory controller on this host");
     let enable = std::fs::write(mount.join("cgroup.subtree_control"), "+memory");
     let cgroup = mount.join(format!("kiln-supervisor-test-{}", std::process::id()));
     std::fs::create_dir(&cgroup).unwrap();
@@ -279,12 +281,11 @@ fn out_of_memory_in_a_cgroup_is_oom_killed() {
         }
     }
     let _cleanup = Cleanup(&cgroup);
-    if std::fs::write(cgroup.join("memory.max"), "16M").is_err() {
-        eprintln!(
-            "skipped oom: cannot set memory.max under {} ({enable:?})",
+    if let Err(e) = std::fs::write(cgroup.join("memory.max"), "16M") {
+        panic!(
+            "cannot set memory.max under {} ({e}; enabling +memory: {enable:?})",
             mount.display()
         );
-        return;
     }
     let _ = std::fs::write(cgroup.join("memory.swap.max"), "0");
     let mut oom = launch(
@@ -305,10 +306,9 @@ fn out_of_memory_in_a_cgroup_is_oom_killed() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn supervisor_runs_a_spec_as_a_numeric_identity() {
-    if !root_or_skip("supervisor run") {
-        return;
-    }
+    require_root();
     let spec = RunSpec {
         argv: vec![
             "sh".into(),
@@ -374,10 +374,9 @@ fn supervisor_binary(mode: &str, uid: &str) -> Command {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn binary_exits_with_the_workload_code() {
-    if !root_or_skip("binary") {
-        return;
-    }
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let writable = dir.path().join("data");
     let status = |args: &[&str]| {
@@ -390,10 +389,7 @@ fn binary_exits_with_the_workload_code() {
             .output()
             .unwrap()
     };
-    if Path::new("/sandbox").symlink_metadata().is_ok() {
-        eprintln!("skipped binary: full mode would chown this host's /sandbox");
-        return;
-    }
+    require_no_host_sandbox();
     let out = status(&[
         "--",
         "sh",
@@ -441,14 +437,10 @@ fn binary_exits_with_the_workload_code() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn binary_forwards_signals() {
-    if !root_or_skip("binary signals") {
-        return;
-    }
-    if Path::new("/sandbox").symlink_metadata().is_ok() {
-        eprintln!("skipped binary signals: full mode would chown this host's /sandbox");
-        return;
-    }
+    require_root();
+    require_no_host_sandbox();
     let mut child = supervisor_binary("full", "4242")
         .args([
             "--workdir",
@@ -477,10 +469,9 @@ fn binary_forwards_signals() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn binary_process_mode_runs_as_the_caller() {
-    if !root_or_skip("binary process mode") {
-        return;
-    }
+    require_root();
     use std::os::unix::process::CommandExt;
     // As a Kubernetes runtime would start the sidecar agent: already 4242:4343, no
     // capabilities (setuid from root drops them; the bounding set goes in the workload).
@@ -561,18 +552,13 @@ fn binary_network_mode_enforces_nothing_and_waits() {
 }
 
 #[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
 fn binary_full_mode_needs_only_the_kubernetes_combined_capabilities() {
-    if !root_or_skip("binary with the combined topology's capabilities") {
-        return;
+    require_root();
+    if let Err(e) = Command::new("setpriv").arg("--version").output() {
+        panic!("this test needs setpriv (util-linux; scripts/install-deps installs it): {e}");
     }
-    if Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("skipped: setpriv (util-linux) is not installed");
-        return;
-    }
-    if Path::new("/sandbox").symlink_metadata().is_ok() {
-        eprintln!("skipped: full mode would chown this host's /sandbox");
-        return;
-    }
+    require_no_host_sandbox();
     let dir = tempfile::tempdir().unwrap();
     let writable = dir.path().join("w");
     // A seeded workspace: a 0700 directory of the sandbox user holding a root file, which

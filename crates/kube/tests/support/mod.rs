@@ -38,8 +38,9 @@ pub fn namespace(uid_range: Option<&str>, supplemental_groups: Option<&str>) -> 
     }
 }
 
-/// The venv's kubernetes-validate, or `None` (with the reason printed) when it may be skipped.
-pub fn kubernetes_validate() -> Option<PathBuf> {
+/// The venv's kubernetes-validate; panics, naming the script that installs it, when it is
+/// absent.
+pub fn kubernetes_validate() -> PathBuf {
     let venv = std::env::var_os("KILN_KUBERNETES_VALIDATE_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -47,18 +48,12 @@ pub fn kubernetes_validate() -> Option<PathBuf> {
                 .join(".cache/kiln/venv-kubernetes-validate")
         });
     let binary = venv.join("bin/kubernetes-validate");
-    if binary.is_file() {
-        return Some(binary);
-    }
-    let reason = format!(
+    assert!(
+        binary.is_file(),
         "{} is absent; run scripts/setup-kubernetes-validate",
         binary.display()
     );
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("CI is set but {reason}");
-    }
-    eprintln!("skipping kubernetes-validate: {reason}");
-    None
+    binary
 }
 
 pub fn validate(binary: &Path, version: &str, file: &Path) -> Result<(), String> {
