@@ -9,7 +9,8 @@
 //! grace period) with the exec results before the main one, as does the main workload's
 //! own end; a shutdown before the run spec powers off without a workload; a `kiln.vol=`
 //! without its share is a `mount_volume` boot error; and each time the VM powers itself
-//! off.
+//! off. The `kiln.*` arguments are written out literally: they are the documented wire
+//! form of the boot configuration (docs/protocol.md) that the guest must accept.
 
 use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,7 +24,8 @@ use kiln_e2e::{guest_files, run_with_timeout};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
     RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
-    WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
+    WorkloadResult, CHANNEL_PORT, CONTROL_SESSION, IDENTITY_DISK_ID, MAIN_SESSION, ROOT_DISK_ID,
+    UPPER_DISK_ID,
 };
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Backend, Channel, Disk, Network, Share, VmSpec};
@@ -167,7 +169,7 @@ impl Conversation {
             network,
             channel: Channel {
                 socket: socket.clone(),
-                port_name: "kiln.0".into(),
+                port_name: CHANNEL_PORT.into(),
             },
             console_log: console_log.clone(),
             accel: Accel::Tcg,
@@ -389,7 +391,7 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
     };
     to_guest.insert(2, Frame::new(MAIN_SESSION, stdin));
     let disk = Disk {
-        id: "root".into(),
+        id: ROOT_DISK_ID.into(),
         path: root,
         read_only: true,
     };
@@ -461,17 +463,17 @@ fn identity_layer_network_and_a_persistent_upper() {
     let disks = || {
         vec![
             Disk {
-                id: "root".into(),
+                id: ROOT_DISK_ID.into(),
                 path: root.clone(),
                 read_only: true,
             },
             Disk {
-                id: "ident".into(),
+                id: IDENTITY_DISK_ID.into(),
                 path: ident.clone(),
                 read_only: true,
             },
             Disk {
-                id: "upper".into(),
+                id: UPPER_DISK_ID.into(),
                 path: upper.clone(),
                 read_only: false,
             },
@@ -539,7 +541,7 @@ fn a_terminal_workload_and_a_signal_from_the_host() {
     let root = busybox_root(dir.path());
     let disk = || {
         vec![Disk {
-            id: "root".into(),
+            id: ROOT_DISK_ID.into(),
             path: root.clone(),
             read_only: true,
         }]
@@ -609,7 +611,7 @@ fn shell_spec(script: &str) -> RunSpec {
 /// `keep_stdin`.
 fn start_main(dir: &Path, main: &str, keep_stdin: bool) -> Conversation {
     let disk = Disk {
-        id: "root".into(),
+        id: ROOT_DISK_ID.into(),
         path: busybox_root(dir),
         read_only: true,
     };
@@ -860,7 +862,7 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
     let root = busybox_root(dir.path());
     let disk = || {
         vec![Disk {
-            id: "root".into(),
+            id: ROOT_DISK_ID.into(),
             path: root.clone(),
             read_only: true,
         }]
