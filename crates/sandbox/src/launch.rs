@@ -20,6 +20,10 @@ use kiln_protocol::{
 use kiln_vm::{Accel, Backend, VmError, VmProcess, VmSpec};
 use serde::Serialize;
 
+/// How long, after the VMM has exited, the host keeps reading what the guest wrote before
+/// it: the socket's end comes at once unless the host is badly overloaded.
+const CHANNEL_END_AFTER_EXIT: Duration = Duration::from_secs(5);
+
 /// How long each phase may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadlines {
@@ -437,6 +441,7 @@ impl Driver<'_> {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             if let Some(status) = self.vm.try_wait()? {
+                self.read_to_channel_end(inbox)?;
                 if let Some(result) = self.result.take() {
                     return Ok(result);
                 }
@@ -471,6 +476,23 @@ impl Driver<'_> {
             after: self.phase_started.elapsed(),
             console_tail: console_tail(&self.spec.console_log),
         })
+    }
+
+    /// Handles what the guest wrote before its VMM ended. The VMM can exit (the guest
+    /// powered off right after its last frames) before the reader thread has passed those
+    /// frames on, most often on a loaded host; they are read up to the channel's end,
+    /// which the VMM's exit brings, before the boot's outcome is decided.
+    fn read_to_channel_end(&mut self, inbox: &Receiver<Event>) -> Result<(), LaunchError> {
+        let limit = Instant::now() + CHANNEL_END_AFTER_EXIT;
+        loop {
+            let wait = limit.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(wait) {
+                Ok(Event::Frame(frame)) => self.on_frame(frame)?,
+                Ok(Event::Control(_)) => {}
+                Ok(Event::ChannelClosed | Event::ChannelError(_))
+                | Err(RecvTimeoutError::Disconnected | RecvTimeoutError::Timeout) => return Ok(()),
+            }
+        }
     }
 
     fn finish_after_channel_end(&mut self) -> Result<WorkloadResult, LaunchError> {
