@@ -107,8 +107,7 @@ pub fn parse_volume(text: &str) -> Result<Volume, OptionError> {
     if host.is_empty() {
         return Err(bad("the host directory is empty".into()));
     }
-    let dir = host_dir::open(Path::new(host), Symlinks::Follow)
-        .map_err(|e| bad(format!("host directory {host}: {e}")))?;
+    let dir = host_dir::open(Path::new(host), Symlinks::Follow).map_err(|e| bad(e.to_string()))?;
     let host = dir.path;
     if host.to_str().is_none() {
         return Err(bad(format!(

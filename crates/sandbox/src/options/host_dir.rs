@@ -68,17 +68,16 @@ pub enum HostDirError {
     #[error("{}: more than {MAX_SYMLINKS} symbolic links", .path.display())]
     SymlinkLoop { path: PathBuf },
     #[error(
-        "{}, so {who} could replace {} with a symbolic link or another directory; kiln \
-         shares a directory only when each directory above it is owned by root or by uid \
-         {caller} (kiln's user) and writable by no one else, or is sticky (as /tmp) with \
-         the entry below it owned by root or uid {caller}",
-        .danger, .entry.display()
+        "{danger}, so {who} could replace {} with a symbolic link or another directory; \
+         every directory above a volume must belong to {trusted} and be writable by no one \
+         else, or be sticky (as /tmp) with the entry below it belonging to {trusted}",
+        .entry.display()
     )]
     Replaceable {
         danger: Danger,
         who: Who,
         entry: PathBuf,
-        caller: u32,
+        trusted: Trusted,
     },
     #[error(
         "{} is no longer the directory the sandbox was created with ({pinned} then, \
@@ -149,6 +148,34 @@ impl std::fmt::Display for Who {
     }
 }
 
+/// The users trusted not to swap a volume: root and `caller`, kiln's effective uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trusted {
+    pub caller: u32,
+}
+
+impl Trusted {
+    /// Root and this process's effective uid.
+    fn this_process() -> Trusted {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let caller = unsafe { libc::geteuid() };
+        Trusted { caller }
+    }
+
+    fn contains(self, uid: u32) -> bool {
+        uid == 0 || uid == self.caller
+    }
+}
+
+impl std::fmt::Display for Trusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.caller {
+            0 => f.write_str("root"),
+            uid => write!(f, "root or uid {uid} (kiln's user)"),
+        }
+    }
+}
+
 /// Owner and mode of a directory or entry, as [`check_step`] needs them.
 #[derive(Debug, Clone, Copy)]
 pub struct Ownership {
@@ -166,7 +193,7 @@ impl From<&Metadata> for Ownership {
 }
 
 /// Refuses the step from directory `dir` (at `dir_path`) into its entry `entry` (at
-/// `entry_path`) when someone other than root and `caller` could replace the entry: when
+/// `entry_path`) when someone not `trusted` could replace the entry: when
 /// `dir` belongs to another user (its owner can always make it writable), or is group- or
 /// world-writable without the sticky bit, or is sticky and shared while the entry belongs
 /// to another user (in a sticky directory, an entry's owner may rename or remove it).
@@ -175,18 +202,17 @@ pub fn check_step(
     dir: Ownership,
     entry_path: &Path,
     entry: Ownership,
-    caller: u32,
+    trusted: Trusted,
 ) -> Result<(), HostDirError> {
-    let trusted = |uid: u32| uid == 0 || uid == caller;
     let refuse = |danger, who| {
         Err(HostDirError::Replaceable {
             danger,
             who,
             entry: entry_path.to_owned(),
-            caller,
+            trusted,
         })
     };
-    if !trusted(dir.uid) {
+    if !trusted.contains(dir.uid) {
         let danger = Danger::DirOwned {
             dir: dir_path.to_owned(),
             uid: dir.uid,
@@ -202,7 +228,7 @@ pub fn check_step(
         };
         return refuse(danger, Who::GroupOrOthers);
     }
-    if shared && !trusted(entry.uid) {
+    if shared && !trusted.contains(entry.uid) {
         let danger = Danger::EntryOwned {
             dir: dir_path.to_owned(),
             entry: entry_path.to_owned(),
@@ -211,12 +237,6 @@ pub fn check_step(
         return refuse(danger, Who::Uid(entry.uid));
     }
     Ok(())
-}
-
-/// The caller whose rights count: kiln's effective uid.
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// A directory reached by the walk, with the path it was reached by.
@@ -230,7 +250,7 @@ struct Step {
 /// walk from `/` that checks every step with [`check_step`] and follows symlinks as
 /// `symlinks` says.
 pub fn open(path: &Path, symlinks: Symlinks) -> Result<HostDir, HostDirError> {
-    let caller = effective_uid();
+    let trusted = Trusted::this_process();
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| HostDirError::Io { path, source }
@@ -273,7 +293,7 @@ pub fn open(path: &Path, symlinks: Symlinks) -> Result<HostDir, HostDirError> {
             Ownership::from(&dir.meta),
             &entry_path,
             Ownership::from(&meta),
-            caller,
+            trusted,
         )?;
         let kind = meta.file_type();
         if kind.is_dir() {
@@ -381,7 +401,8 @@ mod tests {
             uid: entry_uid,
             mode: libc::S_IFDIR | 0o755,
         };
-        check_step(Path::new("/d"), dir, Path::new("/d/e"), entry, ME)
+        let trusted = Trusted { caller: ME };
+        check_step(Path::new("/d"), dir, Path::new("/d/e"), entry, trusted)
     }
 
     #[test]
@@ -403,7 +424,10 @@ mod tests {
             err.starts_with("/d is owned by uid 65534, so uid 65534 could replace /d/e"),
             "{err}"
         );
-        assert!(err.contains("uid 1000 (kiln's user)"), "{err}");
+        assert!(
+            err.ends_with("belonging to root or uid 1000 (kiln's user)"),
+            "{err}"
+        );
         // Writable by group or everyone, without the sticky bit.
         for mode in [0o775, 0o757, 0o777] {
             let err = step(0, mode, 0).unwrap_err().to_string();
