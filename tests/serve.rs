@@ -594,6 +594,47 @@ fn error_codes_name_the_input() {
         };
         client.delete(delete).await.unwrap();
         assert_refused(client.get(get(&first.id)).await, Code::NotFound, &first.id);
+
+        // Volumes get the CLI's checks: a host directory another user could replace is
+        // refused at create, one replaced since create at start (docs/volumes.md).
+        let dir = tempfile::tempdir().unwrap();
+        let volume = |host: &Path| proto::Volume {
+            host_path: host.to_str().unwrap().to_owned(),
+            guest_path: "/data".into(),
+            read_only: false,
+        };
+        let theirs = dir.path().join("alice");
+        fs::create_dir_all(theirs.join("work")).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let replaceable = CreateRequest {
+            volumes: vec![volume(&theirs.join("work"))],
+            ..long_lived(&demo(), "")
+        };
+        let naming = format!("{} is owned by uid 65534", theirs.display());
+        assert_refused(
+            client.create(replaceable).await,
+            Code::InvalidArgument,
+            &naming,
+        );
+        let work = dir.path().join("work");
+        fs::create_dir(&work).unwrap();
+        let pinned = CreateRequest {
+            volumes: vec![volume(&work)],
+            ..long_lived(&demo(), "pinned")
+        };
+        client.create(pinned).await.unwrap();
+        fs::rename(&work, dir.path().join("moved")).unwrap();
+        fs::create_dir(&work).unwrap();
+        let start = StartRequest {
+            sandbox: "pinned".into(),
+        };
+        let naming = format!("{} is no longer the directory", work.display());
+        assert_refused(client.start(start).await, Code::FailedPrecondition, &naming);
+        let delete = DeleteRequest {
+            sandbox: "pinned".into(),
+            force: false,
+        };
+        client.delete(delete).await.unwrap();
     });
 }
 

@@ -19,7 +19,7 @@ use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec
 
 use crate::error::{Error, ErrorKind};
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome};
-use crate::options::Volume;
+use crate::options::{HostDirError, Volume};
 use crate::prepare::PreparedImages;
 use crate::request::CreateRequest;
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
@@ -47,8 +47,12 @@ pub enum BootError {
     State(#[from] StateError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    #[error("volume {}:{guest}: the host directory is gone", .host.display())]
-    VolumeGone { host: PathBuf, guest: String },
+    #[error("volume {}:{guest}: {source}", .host.display())]
+    Volume {
+        host: PathBuf,
+        guest: String,
+        source: Box<HostDirError>,
+    },
     #[error(transparent)]
     BootConfig(#[from] BootConfigError),
 }
@@ -57,12 +61,13 @@ impl From<BootError> for Error {
     fn from(err: BootError) -> Self {
         let kind = match &err {
             BootError::State(state) => state.kind(),
+            // The sandbox's volume is not what it was created with.
+            BootError::Volume { .. } => ErrorKind::FailedPrecondition,
             // The request's checks admit only what the guest accepts, so a boot
             // configuration the encoder refuses is kiln's own fault.
-            BootError::Vm(_)
-            | BootError::Launch(_)
-            | BootError::VolumeGone { .. }
-            | BootError::BootConfig(_) => ErrorKind::Internal,
+            BootError::Vm(_) | BootError::Launch(_) | BootError::BootConfig(_) => {
+                ErrorKind::Internal
+            }
         };
         Error::new(kind, err)
     }
@@ -128,22 +133,23 @@ pub fn sandbox_record(
     }
 }
 
-/// The virtio-9p shares of `volumes`. A host directory that is gone since the volume was
-/// parsed is an error naming it.
+/// The virtio-9p shares of `volumes`, each holding its host directory open as
+/// [`Volume::reopen`] checked it (the VMM serves that open directory). A host directory
+/// that is gone, replaced or reachable by others since the volume was given is an error
+/// naming the volume.
 pub fn volume_shares(volumes: &[Volume]) -> Result<Vec<Share>, BootError> {
     volumes
         .iter()
         .enumerate()
         .map(|(index, volume)| {
-            if !volume.host.is_dir() {
-                return Err(BootError::VolumeGone {
-                    host: volume.host.clone(),
-                    guest: volume.guest.clone(),
-                });
-            }
+            let dir = volume.reopen().map_err(|source| BootError::Volume {
+                host: volume.host.clone(),
+                guest: volume.guest.clone(),
+                source: Box::new(source),
+            })?;
             Ok(Share {
                 tag: volume_tag(index),
-                host_path: volume.host.clone(),
+                dir,
                 read_only: volume.read_only,
             })
         })
@@ -392,21 +398,15 @@ fn first_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::parse_volume;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn volumes_become_numbered_shares_and_kernel_arguments() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = [
-            Volume {
-                host: dir.path().to_owned(),
-                guest: "/data".into(),
-                read_only: false,
-            },
-            Volume {
-                host: dir.path().to_owned(),
-                guest: "/srv/in".into(),
-                read_only: true,
-            },
+            parse_volume(&format!("{}:/data", dir.path().display())).unwrap(),
+            parse_volume(&format!("{}:/srv/in:ro", dir.path().display())).unwrap(),
         ];
         let args = kernel_args(&Upper::Tmpfs, "box", &Network::None, &volumes).unwrap();
         assert_eq!(
@@ -421,28 +421,28 @@ mod tests {
                 "kiln.vol=vol1,/srv/in,ro"
             ]
         );
-        assert_eq!(
-            volume_shares(&volumes).unwrap(),
-            [
-                Share {
-                    tag: "vol0".into(),
-                    host_path: dir.path().to_owned(),
-                    read_only: false
-                },
-                Share {
-                    tag: "vol1".into(),
-                    host_path: dir.path().to_owned(),
-                    read_only: true
-                },
-            ]
+        let shares = volume_shares(&volumes).unwrap();
+        let described: Vec<(&str, bool)> = shares
+            .iter()
+            .map(|s| (s.tag.as_str(), s.read_only))
+            .collect();
+        assert_eq!(described, [("vol0", false), ("vol1", true)]);
+        let held = std::fs::File::from(shares.into_iter().next().unwrap().dir);
+        let expected = std::fs::metadata(dir.path()).unwrap().ino();
+        assert_eq!(held.metadata().unwrap().ino(), expected);
+
+        // A host directory removed since: refused, naming the volume.
+        let gone = dir.path().join("gone");
+        std::fs::create_dir(&gone).unwrap();
+        let volume = parse_volume(&format!("{}:/x", gone.display())).unwrap();
+        std::fs::remove_dir(&gone).unwrap();
+        let err = volume_shares(&[volume]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("volume {}:/x: ", gone.display())),
+            "{text}"
         );
-        let gone = Volume {
-            host: dir.path().join("gone"),
-            guest: "/x".into(),
-            read_only: false,
-        };
-        let err = volume_shares(&[gone]).unwrap_err().to_string();
-        assert!(err.contains("gone:/x"), "{err}");
+        assert_eq!(Error::from(err).kind(), ErrorKind::FailedPrecondition);
     }
 
     #[test]

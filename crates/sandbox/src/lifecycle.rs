@@ -233,7 +233,7 @@ pub fn start(
     GuestImages::locate(&root)
         .check()
         .map_err(BootError::from)?;
-    // A volume's host directory may be gone since create: say so before booting.
+    // A volume's host directory may be gone or replaced since create: say so before booting.
     volume_shares(&record.volumes)?;
     pinned_images(&root, &record, &build_events(events))?;
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;

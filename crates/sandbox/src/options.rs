@@ -1,9 +1,15 @@
 //! Parsing and validating the inputs of a run request.
 
+mod host_dir;
+
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use host_dir::Symlinks;
+pub use host_dir::{DirIdentity, HostDirError};
 
 /// A bad value in a run request, naming the input and what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,7 +37,7 @@ pub enum OptionError {
         accepted: &'static str,
     },
 
-    #[error("invalid volume {value:?}: {reason}; expected HOSTDIR:GUESTDIR[:ro] with HOSTDIR an existing directory and GUESTDIR an absolute path")]
+    #[error("invalid volume {value:?}: {reason}; expected HOSTDIR:GUESTDIR[:ro] with HOSTDIR an existing directory that only root and kiln's user can replace (docs/volumes.md) and GUESTDIR an absolute path")]
     Volume { value: String, reason: String },
 }
 
@@ -43,6 +49,28 @@ pub struct Volume {
     /// Absolute, normalised path in the sandbox.
     pub guest: String,
     pub read_only: bool,
+    /// The directory `host` named when the volume was given; `None` only in records of
+    /// kilns that did not pin volumes, which [`Volume::reopen`] refuses.
+    #[serde(default)]
+    pub pinned: Option<DirIdentity>,
+}
+
+impl Volume {
+    /// Opens the host directory again for a boot: the recorded path, walked as when the
+    /// volume was given but following no symlink, must still be the pinned directory.
+    /// The VMM is to be given the returned descriptor, not the path.
+    pub fn reopen(&self) -> Result<OwnedFd, HostDirError> {
+        let pinned = self.pinned.ok_or(HostDirError::Unpinned)?;
+        let dir = host_dir::open(&self.host, Symlinks::Refuse)?;
+        if dir.identity != pinned {
+            return Err(HostDirError::Replaced {
+                path: dir.path,
+                pinned,
+                found: dir.identity,
+            });
+        }
+        Ok(dir.fd)
+    }
 }
 
 /// Guest directories a volume may not cover: the root, and the kernel's filesystems that
@@ -50,8 +78,10 @@ pub struct Volume {
 const RESERVED_GUEST_PATHS: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 /// Parses `-v HOSTDIR:GUESTDIR[:ro]` (`:rw` is accepted as the default). HOSTDIR must be
-/// an existing directory, given relative or absolute, and is made canonical (symlinks
-/// resolved now, so the share cannot be redirected later); GUESTDIR must be absolute and
+/// an existing directory, given relative or absolute, that only root and kiln's user can
+/// replace (the walk of the `host_dir` module); it is made canonical (symlinks resolved
+/// now) and pinned by device and inode, so that a later boot refuses anything else in
+/// its place; GUESTDIR must be absolute and
 /// is normalised (`.` and empty components dropped, `..` refused), must not be `/` or
 /// under /proc, /sys, /dev, and may not hold whitespace, commas, quotes or control
 /// characters (it travels on the kernel command line).
@@ -77,14 +107,8 @@ pub fn parse_volume(text: &str) -> Result<Volume, OptionError> {
     if host.is_empty() {
         return Err(bad("the host directory is empty".into()));
     }
-    let host =
-        std::fs::canonicalize(host).map_err(|e| bad(format!("host directory {host}: {e}")))?;
-    if !host.is_dir() {
-        return Err(bad(format!(
-            "host path {} is not a directory",
-            host.display()
-        )));
-    }
+    let dir = host_dir::open(Path::new(host), Symlinks::Follow).map_err(|e| bad(e.to_string()))?;
+    let host = dir.path;
     if host.to_str().is_none() {
         return Err(bad(format!(
             "host path {} is not valid UTF-8",
@@ -95,6 +119,7 @@ pub fn parse_volume(text: &str) -> Result<Volume, OptionError> {
         host,
         guest: normalise_guest_path(guest).map_err(bad)?,
         read_only,
+        pinned: Some(dir.identity),
     })
 }
 
@@ -244,6 +269,7 @@ pub fn parse_timeout(text: &str) -> Result<Duration, OptionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -338,12 +364,18 @@ mod tests {
         std::fs::write(host.join("file"), "").unwrap();
         std::os::unix::fs::symlink(&host, host.join("link")).unwrap();
         let h = host.display();
+        let meta = std::fs::metadata(&host).unwrap();
+        let pinned = Some(DirIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        });
         assert_eq!(
             parse_volume(&format!("{h}:/data")).unwrap(),
             Volume {
                 host: host.clone(),
                 guest: "/data".into(),
-                read_only: false
+                read_only: false,
+                pinned,
             }
         );
         let volume = parse_volume(&format!("{h}/link/.:/srv//in/./x/:ro")).unwrap();
@@ -352,7 +384,8 @@ mod tests {
             Volume {
                 host: host.clone(),
                 guest: "/srv/in/x".into(),
-                read_only: true
+                read_only: true,
+                pinned,
             }
         );
         assert!(!parse_volume(&format!("{h}:/data:rw")).unwrap().read_only);
@@ -381,6 +414,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already mounted at /a"));
+    }
+
+    #[test]
+    fn a_volume_reopens_only_as_the_directory_it_was_given_as() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let volume = parse_volume(&format!("{}:/data", work.display())).unwrap();
+        let fd = volume.reopen().unwrap();
+        let opened = std::fs::File::from(fd).metadata().unwrap();
+        assert_eq!(opened.ino(), std::fs::metadata(&work).unwrap().ino());
+
+        // Another directory in its place: a different inode.
+        std::fs::rename(&work, dir.path().join("moved")).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let err = volume.reopen().unwrap_err().to_string();
+        assert!(
+            err.contains("/work is no longer the directory the sandbox was created with"),
+            "{err}"
+        );
+        // A symlink to the very directory it was: still refused, nothing is followed.
+        std::fs::remove_dir(&work).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("moved"), &work).unwrap();
+        let err = volume.reopen().unwrap_err().to_string();
+        assert!(err.contains("/work is now a symbolic link"), "{err}");
+        std::fs::remove_file(&work).unwrap();
+        let err = volume.reopen().unwrap_err().to_string();
+        assert!(err.contains("/work: No such file or directory"), "{err}");
+    }
+
+    #[test]
+    fn a_volume_recorded_without_its_identity_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = format!(
+            r#"{{"host":"{}","guest":"/data","read_only":false}}"#,
+            dir.path().display()
+        );
+        let volume: Volume = serde_json::from_str(&record).unwrap();
+        assert_eq!(volume.pinned, None);
+        let err = volume.reopen().unwrap_err().to_string();
+        assert!(err.contains("did not record which directory"), "{err}");
     }
 
     proptest::proptest! {

@@ -20,6 +20,7 @@ mod process;
 pub mod qemu;
 pub mod tsc;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,12 +43,16 @@ pub struct Disk {
 /// `mapped-xattr` mode: files the guest creates belong on the host to the user running
 /// the VMM, and the guest's view of their owner and mode is kept in `user.virtfs.*`
 /// extended attributes; see docs/volumes.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The directory is given open, not by path: the caller opens and checks it, and the VMM
+/// inherits that descriptor and serves the directory it refers to, so renaming or
+/// replacing the path after the check changes nothing.
+#[derive(Debug)]
 pub struct Share {
     /// 9p mount tag the guest mounts by (`mount -t 9p TAG`); at most 31 bytes.
     pub tag: String,
-    /// Absolute path of an existing host directory.
-    pub host_path: PathBuf,
+    /// The host directory (an `O_PATH` descriptor is enough).
+    pub dir: OwnedFd,
     /// The VMM refuses writes, whatever the guest mounts.
     pub read_only: bool,
 }
@@ -79,7 +84,7 @@ pub struct Channel {
 }
 
 /// Everything needed to start one sandbox VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VmSpec {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,

@@ -5,6 +5,8 @@
 //! virtio-mmio devices through ACPI, so the guest needs no `virtio_mmio.device=` options.
 
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -93,9 +95,12 @@ impl Qemu {
         }
 
         for (index, share) in spec.shares.iter().enumerate() {
+            // QEMU opens its share root once, at start; through the inherited descriptor's
+            // /proc link that open reaches the directory the caller checked, whatever its
+            // path names by then (see `start`, which lets QEMU inherit it).
             let fsdev = format!(
-                "local,id=share{index},path={path},security_model=mapped-xattr{ro}",
-                path = escape_option(&share.host_path),
+                "local,id=share{index},path=/proc/self/fd/{fd},security_model=mapped-xattr{ro}",
+                fd = share.dir.as_raw_fd(),
                 ro = if share.read_only { ",readonly=on" } else { "" },
             );
             let device = format!(
@@ -174,6 +179,20 @@ impl Backend for Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        let share_fds: Vec<RawFd> = spec.shares.iter().map(|s| s.dir.as_raw_fd()).collect();
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+        // which is async-signal-safe, on descriptors the spec keeps open across the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                // Kiln opens every descriptor close-on-exec; QEMU keeps the shares' only.
+                for &fd in &share_fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         tracing::debug!(?command, "starting qemu");
         VmProcess::spawn(command).map_err(|source| VmError::Spawn {
             vmm: "qemu",
@@ -216,12 +235,6 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
             return Err(VmError::InvalidSpec(format!(
                 "share tag {:?} must be 1-20 characters of [A-Za-z0-9-]",
                 share.tag
-            )));
-        }
-        if !share.host_path.is_absolute() {
-            return Err(VmError::InvalidSpec(format!(
-                "shared directory {} must be an absolute path",
-                share.host_path.display()
             )));
         }
     }
@@ -272,12 +285,12 @@ mod tests {
             shares: vec![
                 Share {
                     tag: "vol0".into(),
-                    host_path: "/h/data,1".into(),
+                    dir: open_dir("/"),
                     read_only: false,
                 },
                 Share {
                     tag: "vol1".into(),
-                    host_path: "/h/ro".into(),
+                    dir: open_dir("/tmp"),
                     read_only: true,
                 },
             ],
@@ -298,6 +311,10 @@ mod tests {
         }
     }
 
+    fn open_dir(path: &str) -> std::os::fd::OwnedFd {
+        std::fs::File::open(path).unwrap().into()
+    }
+
     fn joined(spec: &VmSpec) -> String {
         Qemu::default()
             .arguments(spec)
@@ -310,9 +327,21 @@ mod tests {
 
     #[test]
     fn command_line_has_every_part() {
-        let line = joined(&spec());
+        let spec = spec();
+        let line = joined(&spec);
         let root_device = format!("virtio-blk-device,drive={ROOT_DISK_ID},serial={ROOT_DISK_ID}");
         let port = format!("virtserialport,chardev=kilnchan,name={CHANNEL_PORT}");
+        // The shares by their open descriptors, never by a path QEMU would resolve again.
+        let (rw, ro) = (
+            spec.shares[0].dir.as_raw_fd(),
+            spec.shares[1].dir.as_raw_fd(),
+        );
+        let rw_share = format!(
+            "-fsdev local,id=share0,path=/proc/self/fd/{rw},security_model=mapped-xattr -device"
+        );
+        let ro_share = format!(
+            "local,id=share1,path=/proc/self/fd/{ro},security_model=mapped-xattr,readonly=on"
+        );
         for part in [
             "-accel tcg -cpu max",
             "-m 512M -smp 2",
@@ -326,9 +355,9 @@ mod tests {
             "socket,id=kilnchan,path=/run/x/chan.sock",
             &port,
             "hostfwd=tcp:127.0.0.1:8080-:80",
-            "-fsdev local,id=share0,path=/h/data,,1,security_model=mapped-xattr -device",
+            &rw_share,
             "virtio-9p-device,fsdev=share0,mount_tag=vol0",
-            "local,id=share1,path=/h/ro,security_model=mapped-xattr,readonly=on",
+            &ro_share,
         ] {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }
