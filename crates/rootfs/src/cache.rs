@@ -12,7 +12,8 @@
 //! removes the least recently used images (a key directory's mtime is set whenever its
 //! root or merged image is looked up) except those it is told are pinned, and
 //! [`Cache::retain`] removes the images of manifests that are gone. An image is removed
-//! whole, under its root image's lock, and never while another process builds it.
+//! whole, and never while another process holds its root image's lock (to build it or
+//! look it up).
 
 use std::collections::HashSet;
 use std::fs::{self, File, TryLockError};
@@ -196,7 +197,8 @@ impl Cache {
     }
 
     /// Every manifest with images in the cache, least recently used first. Entries that
-    /// are not a key directory are left out.
+    /// are not a key directory are left out, and what a removal killed half-way left is
+    /// removed.
     pub fn images(&self) -> Result<Vec<CachedImage>> {
         let version_dir = self.version_dir();
         let entries = match fs::read_dir(&version_dir) {
@@ -338,7 +340,11 @@ fn remove_image(image: &CachedImage) -> Result<bool> {
     // What a removal killed half-way left under the same name.
     let _ = fs::remove_dir_all(&doomed);
     fs::rename(&image.dir, &doomed)
-        .and_then(|()| fs::remove_dir_all(&doomed))
+        .and_then(|()| match fs::remove_dir_all(&doomed) {
+            // A listing in another process cleared it first.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        })
         .map_err(|e| Error::io(format!("removing {}", image.dir.display()), e))?;
     tracing::info!("removed the cached images of {}", image.manifest_digest);
     Ok(true)

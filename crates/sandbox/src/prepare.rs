@@ -10,6 +10,7 @@ use kiln_image::{ImageRecord, ImageRef, PullOptions, PulledImage, Store};
 use kiln_rootfs::{Cache, Layer, Limits, Removed};
 
 use crate::error::{Error, ErrorKind};
+use crate::request::DEFAULT_ROOTFS_CACHE_MAX;
 use crate::state::{SandboxDir, SandboxRecord, StateError, RECORD_FILE};
 
 /// Why the images could not be prepared.
@@ -74,10 +75,14 @@ pub fn sandbox_images(root: &Path) -> Result<Vec<ImageRecord>, StateError> {
 }
 
 /// Removes the least recently used built images under `root` until they take at most
-/// `max_bytes` of disk, sparing those of `in_use` and of every image a sandbox is pinned
-/// to (`max_bytes` is [`DEFAULT_ROOTFS_CACHE_MAX`](crate::request::DEFAULT_ROOTFS_CACHE_MAX)
-/// unless the caller was told otherwise).
-pub fn trim_image_cache(root: &Path, max_bytes: u64, in_use: &str) -> Result<Removed, Error> {
+/// `max_bytes` of disk (`None`: [`DEFAULT_ROOTFS_CACHE_MAX`]), sparing those of `in_use`
+/// and of every image a sandbox is pinned to.
+pub fn trim_image_cache(
+    root: &Path,
+    max_bytes: Option<u64>,
+    in_use: &str,
+) -> Result<Removed, Error> {
+    let max_bytes = max_bytes.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX);
     let mut pinned: HashSet<String> = sandbox_images(root)?
         .into_iter()
         .map(|image| image.manifest_digest.to_string())
@@ -145,7 +150,7 @@ pub fn build_images(
         .map(|r| r.identity.warnings.clone())
         .unwrap_or_default();
     if let Some(max_bytes) = cache_max {
-        if let Err(err) = trim_image_cache(root, max_bytes, &digest) {
+        if let Err(err) = trim_image_cache(root, Some(max_bytes), &digest) {
             warnings.push(format!("the image cache was not trimmed: {err}"));
         }
     }
