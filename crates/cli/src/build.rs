@@ -33,6 +33,38 @@ pub struct ImageToBuildArgs {
     /// Sandbox gid (1000 to 2000000000) [default: 10001].
     #[arg(long, value_name = "N")]
     gid: Option<String>,
+
+    /// Tar entries the layers may hold together [default: 1000000].
+    #[arg(long, value_name = "N")]
+    max_entries: Option<u64>,
+
+    /// Bytes the layers may decompress to together, as 32g [default: 32g].
+    #[arg(long, value_name = "SIZE")]
+    max_uncompressed: Option<String>,
+
+    /// How many times their compressed size the layers may decompress to, once past
+    /// their first 256 MiB [default: 100].
+    #[arg(long, value_name = "N")]
+    max_compression_ratio: Option<u64>,
+}
+
+impl ImageToBuildArgs {
+    /// kiln-rootfs's default limits, with the ones these flags raise (or lower).
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let defaults = Limits::default();
+        let max_uncompressed_bytes = match self.max_uncompressed.as_deref() {
+            None => defaults.max_uncompressed_bytes,
+            Some(text) => kiln_sandbox::parse_size(text).context("--max-uncompressed")?,
+        };
+        Ok(Limits {
+            max_entries: self.max_entries.unwrap_or(defaults.max_entries),
+            max_uncompressed_bytes,
+            max_compression_ratio: self
+                .max_compression_ratio
+                .unwrap_or(defaults.max_compression_ratio),
+            ..defaults
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +95,8 @@ struct BuildOutput {
     gid: u32,
     timings: Timings,
     warnings: Vec<String>,
+    /// Images removed from the cache to keep it within --rootfs-cache-max.
+    evicted: Vec<String>,
 }
 
 pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
@@ -71,10 +105,10 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
         image,
         uid,
         gid,
+        limits,
     } = pull_image_to_build(globals, &args.image)?;
     let digest = image.record.manifest_digest.to_string();
     let cache = kiln_sandbox::image_cache(&globals.root);
-    let limits = Limits::default();
     let layers = || open_layers(&store, &image);
 
     let mut output = BuildOutput {
@@ -88,6 +122,7 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
         gid,
         timings: Timings::default(),
         warnings: Vec::new(),
+        evicted: Vec::new(),
     };
     if let Some(path) = &args.output {
         let options = BuildOptions {
@@ -127,6 +162,12 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
             cache.identity_layer(&digest, &inputs, uid, gid)?,
         );
     }
+    match kiln_sandbox::trim_image_cache(&globals.root, globals.rootfs_cache_max, &digest) {
+        Ok(trimmed) => output.evicted = trimmed.manifest_digests,
+        Err(err) => output
+            .warnings
+            .push(format!("the image cache was not trimmed: {err}")),
+    }
     print(globals, &output)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -152,15 +193,18 @@ fn sandbox_id_flag(flag: &str, value: Option<&str>, default: u32) -> anyhow::Res
     }
 }
 
-/// An image pulled (when missing) for building or checking, with the sandbox ids.
+/// An image pulled (when missing) for building or checking, with the sandbox ids and
+/// the limits its layers are held to.
 pub struct ImageToBuild {
     pub store: Store,
     pub image: PulledImage,
     pub uid: u32,
     pub gid: u32,
+    pub limits: Limits,
 }
 
-/// Parses the reference and `--uid`/`--gid` (usage errors), then pulls what is missing.
+/// Parses the reference, `--uid`/`--gid` and the limits (usage errors), then pulls what
+/// is missing.
 pub fn pull_image_to_build(
     globals: &Globals,
     args: &ImageToBuildArgs,
@@ -171,6 +215,7 @@ pub fn pull_image_to_build(
         .map_err(CommandError::usage)?;
     let gid = sandbox_id_flag("--gid", gid, kiln_identity::DEFAULT_SANDBOX_GID)
         .map_err(CommandError::usage)?;
+    let limits = args.limits().map_err(CommandError::usage)?;
     let mut options = source.options(PullPolicy::Missing)?;
     options.progress = progress_renderer(globals).filter(|_| !globals.json);
     let store = Store::open(&globals.root).map_err(image_error)?;
@@ -180,6 +225,7 @@ pub fn pull_image_to_build(
         image,
         uid,
         gid,
+        limits,
     })
 }
 
@@ -206,6 +252,9 @@ fn print(globals: &Globals, output: &BuildOutput) -> anyhow::Result<()> {
     }
     for warning in &output.warnings {
         eprintln!("kiln: warning: {warning}");
+    }
+    for digest in &output.evicted {
+        eprintln!("kiln: removed the cached images of {digest} (--rootfs-cache-max)");
     }
     if output.root_built || output.identity_built {
         let t = &output.timings;

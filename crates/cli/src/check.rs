@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use kiln_rootfs::{check_layers, CheckInput, CheckReport, Limits, Severity};
+use kiln_rootfs::{check_layers, CheckInput, CheckReport, Severity};
 use serde::Serialize;
 
 use kiln_sandbox::{open_layers, ImageDefaults};
@@ -33,6 +33,7 @@ pub fn run(globals: &Globals, args: CheckArgs) -> CommandResult {
         image,
         uid,
         gid,
+        limits,
     } = pull_image_to_build(globals, &args.image)?;
     let config = ImageDefaults::from_config(&image.config);
     let input = CheckInput {
@@ -43,12 +44,7 @@ pub fn run(globals: &Globals, args: CheckArgs) -> CommandResult {
         uid,
         gid,
     };
-    let report = check_layers(
-        open_layers(&store, &image)?,
-        &input,
-        &Limits::default(),
-        store.dir(),
-    )?;
+    let report = check_layers(open_layers(&store, &image)?, &input, &limits, store.dir())?;
     let output = CheckOutput {
         reference: &image.record.reference,
         platform: image.record.platform.to_string(),

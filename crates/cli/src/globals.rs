@@ -25,6 +25,17 @@ pub struct GlobalArgs {
     /// the command: after `run` or `create`, -v shares a volume, as in docker.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+
+    /// Disk space the built root images under DIR/rootfs may take (as 20g, 512m); past it,
+    /// building or running an image removes the least recently used ones no sandbox is
+    /// pinned to [default: 20g]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_ROOTFS_CACHE_MAX",
+        value_name = "SIZE"
+    )]
+    rootfs_cache_max: Option<String>,
 }
 
 /// Resolved global options, passed to every command.
@@ -34,6 +45,8 @@ pub struct Globals {
     pub json: bool,
     pub quiet: bool,
     pub verbose: u8,
+    /// `None`: kiln-sandbox's default.
+    pub rootfs_cache_max: Option<u64>,
 }
 
 impl Globals {
@@ -49,11 +62,18 @@ impl Globals {
         if args.quiet && args.verbose > 0 {
             bail!("-q and -v contradict each other; give one of them");
         }
+        let rootfs_cache_max = args
+            .rootfs_cache_max
+            .as_deref()
+            .map(kiln_sandbox::parse_size)
+            .transpose()
+            .context("--rootfs-cache-max (or KILN_ROOTFS_CACHE_MAX)")?;
         Ok(Self {
             root,
             json: args.json,
             quiet: args.quiet,
             verbose: args.verbose,
+            rootfs_cache_max,
         })
     }
 

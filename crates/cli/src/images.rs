@@ -85,6 +85,11 @@ pub fn prune(globals: &Globals, _args: PruneArgs) -> CommandResult {
             "removed {} blobs, freed {} bytes",
             report.blobs_removed, report.bytes_freed
         );
+        println!(
+            "removed the built root images of {} images, freed {} bytes",
+            report.root_images_removed.len(),
+            report.root_image_bytes_freed
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

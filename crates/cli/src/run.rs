@@ -105,6 +105,11 @@ pub struct SandboxArgs {
     #[arg(long)]
     name: Option<String>,
 
+    /// Size stdout.log and stderr.log of a detached sandbox each reach before they are
+    /// rotated to a .1 file (4k to 1t, as 512k or 10m) [default: 10m]
+    #[arg(long, value_name = "SIZE")]
+    log_max_size: Option<String>,
+
     /// When to contact the image source: always, missing (only when not in the store) or never.
     #[arg(long = "pull", value_name = "POLICY", default_value = "missing")]
     pull: String,
@@ -161,6 +166,7 @@ impl FieldNames for FlagNames {
             Field::Publish => "-p",
             Field::Volumes => "-v",
             Field::Timeout => "--timeout",
+            Field::LogMaxSize => "--log-max-size",
             Field::Command => "COMMAND",
         }
     }
@@ -252,6 +258,8 @@ impl SandboxArgs {
             volumes: self.volumes,
             accel,
             qemu: self.qemu,
+            log_max_size: self.log_max_size,
+            rootfs_cache_max: globals.rootfs_cache_max,
         })
     }
 }

@@ -43,6 +43,7 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
         monitor_exe,
         accel,
         qemu: args.qemu,
+        rootfs_cache_max: globals.rootfs_cache_max,
     };
     let quiet = globals.quiet;
     kiln_server::run(config, |socket| {

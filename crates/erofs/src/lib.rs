@@ -69,6 +69,14 @@
 //! file (copy it with `cp --sparse=always` or similar to keep it small). On filesystems
 //! that cannot punch holes the dead data stays, unreferenced.
 //!
+//! # Zero blocks
+//!
+//! Whole blocks of file data that are all zeros are not written: the image file starts
+//! empty and the data area is written once, so they stay holes that read as zeros and
+//! take no disk space ([`ImageStats::zero_blocks`]). A layer holding a gigabyte of
+//! zeros (a few kilobytes compressed) thus costs kilobytes on the host's disk too; the
+//! image's contents, and its length, are the same as with the zeros written.
+//!
 //! # Example
 //!
 //! ```

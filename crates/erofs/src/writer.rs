@@ -65,6 +65,8 @@ pub struct ImageStats {
     pub extended_inodes: u64,
     /// Blocks of appended data that no reachable file uses, punched out of the file.
     pub reclaimed_blocks: u64,
+    /// Blocks of appended data that were all zeros, left as holes in the file.
+    pub zero_blocks: u64,
     /// Files whose data had to be copied because their tail could not be inlined.
     pub relocated_files: u64,
 }
@@ -116,6 +118,8 @@ pub struct ImageWriter {
     tail_spool_len: u64,
     /// Reused for every copy, so streaming allocates nothing per file.
     copy_buffer: Vec<u8>,
+    /// Data-area blocks left unwritten because they were all zeros.
+    zero_blocks: u64,
 }
 
 static NEXT_WRITER_ID: AtomicU32 = AtomicU32::new(1);
@@ -147,6 +151,7 @@ impl ImageWriter {
             tail_spool: None,
             tail_spool_len: 0,
             copy_buffer: Vec::new(),
+            zero_blocks: 0,
         })
     }
 
@@ -204,7 +209,7 @@ impl ImageWriter {
             }
             // The buffer is a whole number of blocks, so only the last chunk has a tail.
             let to_image = (in_place_len.saturating_sub(done) as usize).min(got);
-            self.file.write_all_at(&buffer[..to_image], start + done)?;
+            self.zero_blocks += write_sparse_at(&self.file, &buffer[..to_image], start + done)?;
             if to_image < got {
                 let spool = match &mut self.tail_spool {
                     Some(spool) => spool,
@@ -293,13 +298,16 @@ impl ImageWriter {
     pub fn finish(self, tree: &Tree) -> Result<FinishedImage> {
         let layout = Layout::plan(&self, tree)?;
         layout.write(&self, tree)?;
-        let ImageWriter { file, .. } = self;
+        let ImageWriter {
+            file, zero_blocks, ..
+        } = self;
         let reclaimed_blocks = punch_holes(&file, &layout.dead)?;
         let stats = ImageStats {
             blocks: layout.total_blocks,
             inodes: layout.inodes.len() as u64,
             extended_inodes: layout.inodes.iter().filter(|i| i.inode.extended).count() as u64,
             reclaimed_blocks,
+            zero_blocks,
             relocated_files: layout.relocated_files,
         };
         tracing::debug!(?stats, "EROFS image written");
@@ -308,6 +316,30 @@ impl ImageWriter {
 }
 
 const COPY_BUFFER_SIZE: usize = 256 << 10;
+
+static ZERO_BLOCK: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+
+/// Writes `data` at the block-aligned `offset`, skipping its blocks that are all zeros,
+/// and returns how many it skipped. The data area is written once, into a file that
+/// started empty, so a skipped block is a hole: it reads as zeros and takes no disk
+/// space, which keeps a layer of zero-filled files from filling the host's disk.
+fn write_sparse_at(file: &File, data: &[u8], offset: u64) -> io::Result<u64> {
+    let block = BLOCK_SIZE as usize;
+    let mut skipped = 0;
+    // Start of the run of non-zero blocks not written yet.
+    let mut run = 0;
+    for (index, chunk) in data.chunks(block).enumerate() {
+        // A slice comparison is a memcmp: fast even in a debug build.
+        if chunk == &ZERO_BLOCK[..chunk.len()] {
+            let at = index * block;
+            file.write_all_at(&data[run..at], offset + run as u64)?;
+            run = at + chunk.len();
+            skipped += 1;
+        }
+    }
+    file.write_all_at(&data[run..], offset + run as u64)?;
+    Ok(skipped)
+}
 
 /// Reads until `buffer` is full or the reader ends; returns the bytes read.
 fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {

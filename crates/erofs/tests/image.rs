@@ -324,6 +324,48 @@ fn dead_data_takes_no_disk_space() {
 }
 
 #[test]
+fn zero_blocks_take_no_disk_space_and_read_back_as_zeros() {
+    let (dir, mut writer) = new_writer();
+    let mut contents = HashMap::new();
+    let mut tree = Tree::new(meta(0o755)).unwrap();
+    let root = tree.root();
+    // 64 MiB of zeros; data between zero runs; zeros ending in a tail too long to inline
+    // (written padded in place); data ending in a short zero tail (held for inlining).
+    let mut mixed = vec![0u8; 10 * 4096];
+    mixed[3 * 4096..5 * 4096].copy_from_slice(&pattern(3, 2 * 4096));
+    mixed.extend(pattern(4, 100));
+    mixed.extend(vec![0u8; 3 * 4096]);
+    let mut data_then_zeros = pattern(5, 2 * 4096 + 10);
+    data_then_zeros.extend(vec![0u8; 20]);
+    for (name, data) in [
+        (&b"zeros"[..], vec![0u8; 64 << 20]),
+        (b"mixed", mixed),
+        (b"zero-long-tail", vec![0u8; 4 * 4096 + 4000]),
+        (b"data-then-zeros", data_then_zeros),
+    ] {
+        let kind = add_file(&mut writer, &mut contents, data);
+        tree.add(root, name, kind, meta(0o644)).unwrap();
+    }
+
+    // fsck.erofs --extract reads every file; as root the kernel's contents are compared.
+    let built = finish_and_check(dir, writer, &tree, &contents);
+    // All 16384 blocks of `zeros`; 10 of `mixed` (the block holding its 100 data bytes is
+    // written, its zero tail is held for inlining); the 5 of `zero-long-tail`.
+    assert_eq!(built.stats.zero_blocks, 16384 + 10 + 5, "{:?}", built.stats);
+    let on_disk =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&built.image).unwrap()) * 512;
+    assert!(
+        on_disk < (1 << 20),
+        "image takes {on_disk} bytes on disk; its 64 MiB of zeros should be holes"
+    );
+    let length = std::fs::metadata(&built.image).unwrap().len();
+    assert!(
+        length > 64 << 20,
+        "the image's length still counts the zeros"
+    );
+}
+
+#[test]
 fn same_input_gives_identical_images() {
     let build = || {
         let (dir, mut writer) = new_writer();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kiln_erofs::{validate_name, ImageWriter, Metadata, NodeId, NodeKind, Tree};
 
-use crate::decode::{classify, LayerStream};
+use crate::decode::{classify, LayerStream, Sizes};
 use crate::error::{EntryError, EntryName, Error, Result};
 use crate::resolve::{self, clean, Walk, Walker};
 use crate::tarstream::{HeaderLimits, ReadError, TarEntry, TarReader};
@@ -27,6 +27,8 @@ pub struct ApplyStats {
     pub file_bytes: u64,
     /// Whiteout entries that found something to hide.
     pub whiteouts: u64,
+    /// Layer blob bytes read, and the tar bytes they decompressed to.
+    pub compressed_bytes: u64,
     pub decompressed_bytes: u64,
     /// Time inside the decompressors.
     pub decode: Duration,
@@ -144,7 +146,10 @@ impl Applier {
             reason,
         };
         let limits = self.root.limits.clone();
-        let earlier = self.root.stats.decompressed_bytes;
+        let earlier = Sizes {
+            compressed: self.root.stats.compressed_bytes,
+            decompressed: self.root.stats.decompressed_bytes,
+        };
         let stream = LayerStream::new(layer.blob, layer.compression, earlier, &limits)
             .map_err(|e| fail(EntryName::After(None), classify(e)))?;
         let header_limits = HeaderLimits {
@@ -176,7 +181,9 @@ impl Applier {
         }
         let stats = &mut self.root.stats;
         stats.layers += 1;
-        stats.decompressed_bytes += reader.get_ref().decompressed();
+        let sizes = reader.get_ref().sizes();
+        stats.compressed_bytes += sizes.compressed;
+        stats.decompressed_bytes += sizes.decompressed;
         stats.decode += reader.get_ref().decode_time();
         Ok(())
     }

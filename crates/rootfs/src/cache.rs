@@ -7,9 +7,19 @@
 //! waits and then reuses it. Images are published by rename after `fsck.erofs`, so a
 //! killed build leaves only `.tmp-{name}.*` files, removed by the next build of that
 //! name (which holds the lock, so no live build owns them).
+//!
+//! The cache has no size of its own: the caller bounds it with [`Cache::evict`], which
+//! removes the least recently used images (a key directory's mtime is set whenever its
+//! root or merged image is looked up) except those it is told are pinned, and
+//! [`Cache::retain`] removes the images of manifests that are gone. An image is removed
+//! whole, and never while another process holds its root image's lock (to build it or
+//! look it up).
 
-use std::fs::{self, File};
+use std::collections::HashSet;
+use std::fs::{self, File, TryLockError};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -25,6 +35,8 @@ pub const BUILDER_FORMAT_VERSION: u32 = 1;
 
 const ROOT_IMAGE: &str = "root.erofs";
 const ROOT_INPUTS: &str = "root.identity.json";
+/// Prefix of a key directory being removed.
+const REMOVING: &str = ".removing-";
 
 /// The cache of built images.
 #[derive(Clone, Debug)]
@@ -37,6 +49,26 @@ pub struct Cache {
 pub struct Cached<R> {
     pub path: PathBuf,
     pub built: Option<R>,
+}
+
+/// The images of one manifest in the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedImage {
+    pub manifest_digest: String,
+    /// Disk space its files take (holes do not count).
+    pub disk_bytes: u64,
+    /// When its root or merged image was last looked up.
+    pub last_used: SystemTime,
+    dir: PathBuf,
+}
+
+/// What [`Cache::evict`] or [`Cache::retain`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Removed {
+    /// Manifest digests whose images were removed.
+    pub manifest_digests: Vec<String>,
+    /// Disk space freed.
+    pub bytes_freed: u64,
 }
 
 impl Cache {
@@ -56,6 +88,7 @@ impl Cache {
         let path = dir.join(ROOT_IMAGE);
         let inputs_path = dir.join(ROOT_INPUTS);
         let _lock = lock(&dir, ROOT_IMAGE)?;
+        mark_used(&dir);
         if path.exists() {
             if inputs_path.exists() {
                 let inputs = read_inputs(&inputs_path)?;
@@ -117,6 +150,7 @@ impl Cache {
             limits: limits.clone(),
             merged: Some((uid, gid)),
         };
+        mark_used(&dir);
         self.get_or_build(&dir, &name, |path| {
             build_root_image(layers()?, path, &options)
         })
@@ -143,18 +177,7 @@ impl Cache {
 
     /// `DIR/vN/ALGO-HEX`, created; the digest is checked so it cannot name another path.
     fn key_dir(&self, manifest_digest: &str) -> Result<PathBuf> {
-        let (algorithm, hex) = manifest_digest.split_once(':').unwrap_or(("", ""));
-        let hex_len = match algorithm {
-            "sha256" => 64,
-            "sha512" => 128,
-            _ => 0,
-        };
-        if hex_len == 0
-            || hex.len() != hex_len
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if !is_manifest_digest(manifest_digest) {
             return Err(Error::io(
                 format!("image cache key {manifest_digest:?}"),
                 std::io::Error::new(
@@ -163,14 +186,168 @@ impl Cache {
                 ),
             ));
         }
-        let dir = self
-            .dir
-            .join(format!("v{BUILDER_FORMAT_VERSION}"))
-            .join(format!("{algorithm}-{hex}"));
+        let dir = self.version_dir().join(manifest_digest.replace(':', "-"));
         fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         Ok(dir)
     }
+
+    fn version_dir(&self) -> PathBuf {
+        self.dir.join(format!("v{BUILDER_FORMAT_VERSION}"))
+    }
+
+    /// Every manifest with images in the cache, least recently used first. Entries that
+    /// are not a key directory are left out, and what a removal killed half-way left is
+    /// removed.
+    pub fn images(&self) -> Result<Vec<CachedImage>> {
+        let version_dir = self.version_dir();
+        let entries = match fs::read_dir(&version_dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(Error::io(format!("listing {}", version_dir.display()), err)),
+        };
+        let mut images = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::io(format!("listing {}", version_dir.display()), e))?;
+            let file_name = entry.file_name();
+            let file_name = file_name.to_string_lossy();
+            if file_name.starts_with(REMOVING) {
+                // A removal that was killed half-way.
+                let _ = fs::remove_dir_all(entry.path());
+                continue;
+            }
+            let name = file_name.replacen('-', ":", 1);
+            let meta = entry
+                .metadata()
+                .map_err(|e| Error::io(format!("reading {}", entry.path().display()), e))?;
+            if !is_manifest_digest(&name) || !meta.is_dir() {
+                continue;
+            }
+            images.push(CachedImage {
+                manifest_digest: name,
+                disk_bytes: disk_bytes(&entry.path())?,
+                last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                dir: entry.path(),
+            });
+        }
+        images.sort_by(|a, b| {
+            (a.last_used, &a.manifest_digest).cmp(&(b.last_used, &b.manifest_digest))
+        });
+        Ok(images)
+    }
+
+    /// Removes the least recently used images, never those of a digest in `pinned`, until
+    /// the cache takes at most `max_bytes` of disk (or only pinned and busy images are
+    /// left).
+    pub fn evict(&self, max_bytes: u64, pinned: &HashSet<String>) -> Result<Removed> {
+        let images = self.images()?;
+        let mut total: u64 = images.iter().map(|image| image.disk_bytes).sum();
+        let mut removed = Removed::default();
+        for image in images {
+            if total <= max_bytes {
+                break;
+            }
+            if pinned.contains(&image.manifest_digest) || !remove_image(&image)? {
+                continue;
+            }
+            total -= image.disk_bytes;
+            removed.bytes_freed += image.disk_bytes;
+            removed.manifest_digests.push(image.manifest_digest);
+        }
+        Ok(removed)
+    }
+
+    /// Removes the images of every manifest digest that `keep` refuses.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<Removed> {
+        let mut removed = Removed::default();
+        for image in self.images()? {
+            if keep(&image.manifest_digest) || !remove_image(&image)? {
+                continue;
+            }
+            removed.bytes_freed += image.disk_bytes;
+            removed.manifest_digests.push(image.manifest_digest);
+        }
+        Ok(removed)
+    }
+}
+
+/// `sha256:<64 lowercase hex>` or `sha512:<128 lowercase hex>`.
+fn is_manifest_digest(digest: &str) -> bool {
+    let (algorithm, hex) = digest.split_once(':').unwrap_or(("", ""));
+    let hex_len = match algorithm {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => return false,
+    };
+    hex.len() == hex_len
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Sets the mtime of a key directory, which says when its images were last used. A
+/// failure only costs eviction order, so it is logged, not returned.
+fn mark_used(dir: &Path) {
+    let result = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .and_then(|dir| dir.set_modified(SystemTime::now()));
+    if let Err(err) = result {
+        tracing::warn!("marking {} as used: {err}", dir.display());
+    }
+}
+
+/// Disk space taken by the files of a key directory.
+fn disk_bytes(dir: &Path) -> Result<u64> {
+    let entries =
+        fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    let mut bytes = 0;
+    for entry in entries.flatten() {
+        if let Ok(meta) = entry.metadata() {
+            bytes += meta.blocks() * 512;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Removes a key directory unless a build holds its root image's lock (then returns
+/// false). The directory is first renamed to a dot name, which listings skip, so a
+/// removal cut short leaves nothing that looks like an image.
+fn remove_image(image: &CachedImage) -> Result<bool> {
+    let lock_path = image.dir.join(format!(".lock-{ROOT_IMAGE}"));
+    let lock = match File::options()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+    {
+        Ok(file) => Some(file),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(Error::io(format!("opening {}", lock_path.display()), err)),
+    };
+    if let Some(lock) = &lock {
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(err)) => {
+                return Err(Error::io(format!("locking {}", lock_path.display()), err))
+            }
+        }
+    }
+    let name = image.dir.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = image.dir.with_file_name(format!("{REMOVING}{name}"));
+    // What a removal killed half-way left under the same name.
+    let _ = fs::remove_dir_all(&doomed);
+    fs::rename(&image.dir, &doomed)
+        .and_then(|()| match fs::remove_dir_all(&doomed) {
+            // A listing in another process cleared it first.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        })
+        .map_err(|e| Error::io(format!("removing {}", image.dir.display()), e))?;
+    tracing::info!("removed the cached images of {}", image.manifest_digest);
+    Ok(true)
 }
 
 /// Takes the exclusive lock of `name` in `dir`; released when the file is dropped.

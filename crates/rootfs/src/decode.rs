@@ -58,14 +58,20 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+/// Compressed and decompressed bytes of layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Sizes {
+    pub(crate) compressed: u64,
+    pub(crate) decompressed: u64,
+}
+
 /// The decompressed tar stream of one layer, with its limits and the time spent decoding.
 pub(crate) struct LayerStream<'a> {
     decoder: Box<dyn Read + 'a>,
-    compression: Compression,
     compressed: Rc<Cell<u64>>,
     decompressed: u64,
-    /// Decompressed bytes of the layers before this one.
-    earlier_layers: u64,
+    /// What the layers before this one read and gave.
+    earlier_layers: Sizes,
     max_total: u64,
     max_ratio: u64,
     ratio_grace: u64,
@@ -76,7 +82,7 @@ impl<'a> LayerStream<'a> {
     pub(crate) fn new(
         blob: impl Read + 'a,
         compression: Compression,
-        earlier_layers: u64,
+        earlier_layers: Sizes,
         limits: &Limits,
     ) -> io::Result<Self> {
         let compressed = Rc::new(Cell::new(0));
@@ -96,7 +102,6 @@ impl<'a> LayerStream<'a> {
         };
         Ok(LayerStream {
             decoder,
-            compression,
             compressed,
             decompressed: 0,
             earlier_layers,
@@ -107,9 +112,12 @@ impl<'a> LayerStream<'a> {
         })
     }
 
-    /// Decompressed bytes of this layer read so far.
-    pub(crate) fn decompressed(&self) -> u64 {
-        self.decompressed
+    /// Blob bytes read and decompressed bytes given by this layer so far.
+    pub(crate) fn sizes(&self) -> Sizes {
+        Sizes {
+            compressed: self.compressed.get(),
+            decompressed: self.decompressed,
+        }
     }
 
     /// Time spent inside the decompressor (and reading the blob).
@@ -125,15 +133,16 @@ impl Read for LayerStream<'_> {
         self.decode_time += start.elapsed();
         let n = n?;
         self.decompressed += n as u64;
-        if self.earlier_layers + self.decompressed > self.max_total {
+        let decompressed = self.earlier_layers.decompressed + self.decompressed;
+        if decompressed > self.max_total {
             return Err(io::Error::other(DecodeLimit::Total {
                 max: self.max_total,
             }));
         }
-        if self.compression != Compression::None
-            && self.decompressed > self.ratio_grace
-            && self.decompressed / self.compressed.get().max(1) > self.max_ratio
-        {
+        // Over the whole image, so that spreading a bomb over many layers, each under the
+        // grace, does not escape the bound.
+        let compressed = self.earlier_layers.compressed + self.compressed.get();
+        if decompressed > self.ratio_grace && decompressed / compressed.max(1) > self.max_ratio {
             return Err(io::Error::other(DecodeLimit::Ratio {
                 max_ratio: self.max_ratio,
             }));
@@ -159,22 +168,26 @@ mod tests {
         blob.extend(gzip(b"world"));
         let limits = Limits::default();
         let mut out = String::new();
-        LayerStream::new(&blob[..], Compression::Gzip, 0, &limits)
+        LayerStream::new(&blob[..], Compression::Gzip, Sizes::default(), &limits)
             .unwrap()
             .read_to_string(&mut out)
             .unwrap();
         assert_eq!(out, "hello world");
 
+        // Why reading the whole of `blob` fails, after the `earlier` layers.
+        let failure = |blob: &[u8], earlier: Sizes, limits: &Limits| {
+            let err = LayerStream::new(blob, Compression::Gzip, earlier, limits)
+                .unwrap()
+                .read_to_end(&mut Vec::new())
+                .unwrap_err();
+            classify(err)
+        };
         let small = Limits {
             max_uncompressed_bytes: 5,
             ..Limits::default()
         };
-        let err = LayerStream::new(&blob[..], Compression::Gzip, 0, &small)
-            .unwrap()
-            .read_to_end(&mut Vec::new())
-            .unwrap_err();
         assert!(matches!(
-            classify(err),
+            failure(&blob, Sizes::default(), &small),
             EntryError::DecompressedTooLarge { max: 5 }
         ));
 
@@ -184,12 +197,19 @@ mod tests {
             ratio_grace_bytes: 1000,
             ..Limits::default()
         };
-        let err = LayerStream::new(&zeros[..], Compression::Gzip, 0, &tight)
-            .unwrap()
-            .read_to_end(&mut Vec::new())
-            .unwrap_err();
         assert!(matches!(
-            classify(err),
+            failure(&zeros, Sizes::default(), &tight),
+            EntryError::RatioTooHigh { max_ratio: 10 }
+        ));
+
+        // Earlier layers count: a layer under the grace on its own is refused when the
+        // image as a whole is past it at too high a ratio.
+        let earlier = Sizes {
+            compressed: 100,
+            decompressed: 5000,
+        };
+        assert!(matches!(
+            failure(&gzip(&vec![0; 1000]), earlier, &tight),
             EntryError::RatioTooHigh { max_ratio: 10 }
         ));
     }

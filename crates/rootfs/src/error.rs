@@ -121,7 +121,9 @@ pub enum EntryError {
     HardlinkWithoutTarget,
     #[error("unsupported tar entry type {} (accepted: file, directory, symlink, hard link, char/block device, FIFO)", .0.escape_ascii())]
     UnsupportedType(u8),
-    #[error("more than {max} entries in the image (limit)")]
+    #[error(
+        "more than {max} entries in the image (limit; `kiln build --max-entries N` raises it)"
+    )]
     TooManyEntries { max: u64 },
     #[error("{count} extended attributes (limit {max})")]
     TooManyXattrs { count: usize, max: usize },
@@ -141,9 +143,9 @@ pub enum EntryError {
     BadNumber { field: &'static str, value: Vec<u8> },
     #[error("malformed tar stream: {0}")]
     Corrupt(String),
-    #[error("the layers decompress to more than {max} bytes (limit)")]
+    #[error("the layers decompress to more than {max} bytes (limit; `kiln build --max-uncompressed SIZE` raises it)")]
     DecompressedTooLarge { max: u64 },
-    #[error("the layer decompresses to more than {max_ratio} times its compressed size (limit)")]
+    #[error("the layers decompress to more than {max_ratio} times their compressed size (limit; `kiln build --max-compression-ratio N` raises it)")]
     RatioTooHigh { max_ratio: u64 },
     #[error("decompressing the layer failed: {0}")]
     Decompress(io::Error),

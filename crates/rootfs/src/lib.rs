@@ -75,7 +75,7 @@ pub use build::{
     build_identity_layer, build_root_image, fsck, BuildOptions, BuildReport, IdentityLayerReport,
     ImageSummary, Timings,
 };
-pub use cache::{Cache, Cached, BUILDER_FORMAT_VERSION};
+pub use cache::{Cache, Cached, CachedImage, Removed, BUILDER_FORMAT_VERSION};
 pub use check::{check_image, check_layers, CheckInput, CheckReport, Finding, Severity};
 pub use error::{EntryError, EntryName, Error, Result};
 pub use identity::{AccountFile, IdentityInputs, IdentityReport, NodeAttributes, PathDir};
@@ -99,8 +99,14 @@ impl<'a> Layer<'a> {
     }
 }
 
-/// Bounds on what the layers of one image may hold. The defaults accept every real
-/// image we know of and stop hostile ones long before memory or disk run out.
+/// Bounds on what the layers of one image may hold. The defaults accept the largest
+/// common images with room to spare (an NGC PyTorch image expands to about 20 GB; a
+/// full Debian desktop holds a few hundred thousand files; real layers compress 2 to 10
+/// times) and stop hostile ones before they cost much disk: after the first 256 MiB, an
+/// image may expand to at most 100 times the bytes downloaded, and never past 32 GiB.
+/// `kiln build` and `kiln check` raise the three expansion limits for one image
+/// (`--max-entries`, `--max-uncompressed`, `--max-compression-ratio`); a root image built
+/// that way stays cached for later runs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Tar entries over all layers.
@@ -117,8 +123,9 @@ pub struct Limits {
     pub max_pax_header: u64,
     /// Decompressed bytes over all layers.
     pub max_uncompressed_bytes: u64,
-    /// Decompressed / compressed size of one layer, checked once the layer passed
-    /// `ratio_grace_bytes` decompressed.
+    /// Decompressed / compressed size of the layers read so far, checked once they
+    /// passed `ratio_grace_bytes` decompressed: bounds what the image writes by what was
+    /// downloaded, however the bytes are spread over layers.
     pub max_compression_ratio: u64,
     pub ratio_grace_bytes: u64,
 }
@@ -126,14 +133,14 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_entries: 4_000_000,
+            max_entries: 1_000_000,
             max_depth: 1024,
             max_path_len: 4096,
             max_xattr_size: 65535,
             max_xattrs: 128,
             max_pax_header: 1 << 20,
-            max_uncompressed_bytes: 64 << 30,
-            max_compression_ratio: 1000,
+            max_uncompressed_bytes: 32 << 30,
+            max_compression_ratio: 100,
             ratio_grace_bytes: 256 << 20,
         }
     }

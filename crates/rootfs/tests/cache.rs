@@ -102,3 +102,110 @@ fn leftovers_of_a_killed_build_are_removed_and_bad_keys_refused() {
         assert!(err.to_string().contains("not a manifest digest"), "{err}");
     }
 }
+
+/// A digest made of one repeated hex digit.
+fn digest(hex: char) -> String {
+    format!("sha256:{}", hex.to_string().repeat(64))
+}
+
+/// Builds the root image of `digest` from a layer holding 1 MiB of non-zero data, so
+/// that it takes disk space.
+fn build(cache: &Cache, digest: &str) {
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251 + 1) as u8).collect();
+    let layer = LayerBuilder::new().file("data", &data).tar();
+    cache
+        .root_image(digest, &Limits::default(), || {
+            Ok(vec![Layer::new("sha256:l", Compression::None, &layer[..])])
+        })
+        .unwrap();
+}
+
+/// Sets the last-used time of `digest`'s images to `seconds` after the epoch.
+fn used_at(dir: &std::path::Path, digest: &str, seconds: u64) {
+    let key_dir = dir
+        .join(format!("v{BUILDER_FORMAT_VERSION}"))
+        .join(digest.replace(':', "-"));
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    std::fs::File::open(key_dir)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+}
+
+fn cached(cache: &Cache) -> Vec<String> {
+    cache
+        .images()
+        .unwrap()
+        .into_iter()
+        .map(|image| image.manifest_digest)
+        .collect()
+}
+
+#[test]
+fn eviction_removes_the_least_recently_used_unpinned_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(dir.path());
+    let (a, b, c) = (digest('a'), digest('b'), digest('c'));
+    for (seconds, digest) in [&a, &b, &c].into_iter().enumerate() {
+        build(&cache, digest);
+        used_at(dir.path(), digest, 1000 + seconds as u64);
+    }
+    // A lookup of a cached image counts as a use: `a` becomes the most recent.
+    build(&cache, &a);
+    assert_eq!(cached(&cache), [b.as_str(), c.as_str(), a.as_str()]);
+    let images = cache.images().unwrap();
+    assert!(images.iter().all(|image| image.disk_bytes >= 1 << 20));
+    let total: u64 = images.iter().map(|image| image.disk_bytes).sum();
+
+    // One byte over: the least recently used image goes, and only that one.
+    let removed = cache.evict(total - 1, &Default::default()).unwrap();
+    assert_eq!(removed.manifest_digests, [b.as_str()]);
+    assert_eq!(removed.bytes_freed, images[0].disk_bytes);
+    assert_eq!(cached(&cache), [c.as_str(), a.as_str()]);
+
+    // However small the limit, a pinned image stays.
+    let pinned = [c.clone()].into_iter().collect();
+    let removed = cache.evict(0, &pinned).unwrap();
+    assert_eq!(removed.manifest_digests, [a.as_str()]);
+    assert_eq!(cached(&cache), [c.as_str()]);
+    let key_dirs: Vec<_> = std::fs::read_dir(dir.path().join(format!("v{BUILDER_FORMAT_VERSION}")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        key_dirs.len(),
+        1,
+        "nothing but the pinned image is left: {key_dirs:?}"
+    );
+
+    // Within the limit, nothing goes.
+    assert_eq!(
+        cache.evict(u64::MAX, &Default::default()).unwrap(),
+        Default::default()
+    );
+}
+
+#[test]
+fn retain_removes_the_images_of_other_digests_and_spares_a_build_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(dir.path());
+    let (a, b, c) = (digest('a'), digest('b'), digest('c'));
+    for digest in [&a, &b, &c] {
+        build(&cache, digest);
+    }
+    // A build of `c` holds its lock: removing `c` waits for another time.
+    let key_dir = |digest: &str| {
+        dir.path()
+            .join(format!("v{BUILDER_FORMAT_VERSION}"))
+            .join(digest.replace(':', "-"))
+    };
+    let building = std::fs::File::open(key_dir(&c).join(".lock-root.erofs")).unwrap();
+    building.lock().unwrap();
+    let removed = cache.retain(|digest| digest == a).unwrap();
+    assert_eq!(removed.manifest_digests, [b.as_str()]);
+    assert!(!key_dir(&b).exists());
+    drop(building);
+    let removed = cache.retain(|digest| digest == a).unwrap();
+    assert_eq!(removed.manifest_digests, [c.as_str()]);
+    assert_eq!(cached(&cache), [a]);
+}

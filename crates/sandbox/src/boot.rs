@@ -130,6 +130,7 @@ pub fn sandbox_record(
         accel: request.accel,
         qemu: request.qemu.clone(),
         volumes: request.volumes.clone(),
+        log_max_size: request.log_max_size,
     }
 }
 

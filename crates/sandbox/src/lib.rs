@@ -15,6 +15,7 @@
 //! - `options`, `spec`: parsing single inputs (env, ports, volumes, names); the workload's
 //!   run spec from the image's config and the overrides.
 //! - `state`: the sandbox's state directory, its records and its monitor's lock.
+//! - `logs`: the workload's output logs, capped and rotated, and reading them back.
 //! - `request`: the validated create, run and exec requests.
 //! - `prepare`: the images a sandbox boots from, pulled and built or reused.
 //! - `launch`: one VM boot and the channel to its guest.
@@ -29,6 +30,7 @@ mod client;
 mod error;
 mod launch;
 mod lifecycle;
+mod logs;
 mod monitor;
 mod options;
 mod prepare;
@@ -42,14 +44,15 @@ pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
     create, exec, get, list, logs, prune_images, remove, start, stop, wait, ProvisionEvent,
-    SandboxInfo,
+    PruneReport, SandboxInfo,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
-pub use prepare::{image_cache, open_layers};
+pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
-    CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames, NetworkMode,
-    RunFields, RunRequest, CPUS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MEMORY_MIB,
+    parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
+    NetworkMode, RunFields, RunRequest, SizeError, CPUS, DEFAULT_CPUS, DEFAULT_LOG_MAX_SIZE,
+    DEFAULT_MEMORY_MIB, DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE, MEMORY_MIB,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;

@@ -7,6 +7,7 @@
 //! can exit; everything else talks to that monitor over its unix socket (the `client`
 //! module) or reads the state files.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +23,10 @@ use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper
 use crate::client::{ExecSession, MonitorError};
 use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
-use crate::prepare::{build_images, pinned_images, BuildStep, PrepareError};
+use crate::logs::LogReader;
+use crate::prepare::{
+    build_images, image_cache, pinned_images, sandbox_images, BuildStep, PrepareError,
+};
 use crate::request::{CreateRequest, ExecRequest};
 use crate::state::{
     NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_LOG,
@@ -114,6 +118,7 @@ pub fn create(
         image,
         request.sandbox_uid,
         request.sandbox_gid,
+        Some(request.rootfs_cache_max),
         &build_events(events),
     )?;
     let run_spec = main_run_spec(&request, &prepared, None)?;
@@ -380,20 +385,40 @@ pub fn list(root: &Path) -> Result<Vec<SandboxInfo>, Error> {
     Ok(infos)
 }
 
-/// Removes the content store's blobs that no image record and no sandbox needs: a
-/// sandbox keeps the image it is pinned to even after `kiln rmi`, so it can always start.
-pub fn prune_images(root: &Path) -> Result<kiln_image::PruneReport, Error> {
+/// What [`prune_images`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Content store blobs, and the bytes they took.
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    /// Manifest digests whose built root images were removed, and the disk space they
+    /// took.
+    pub root_images_removed: Vec<String>,
+    pub root_image_bytes_freed: u64,
+}
+
+/// Removes the content store's blobs that no image record and no sandbox needs, and the
+/// built root images of manifests that are in neither: a sandbox keeps the image it is
+/// pinned to even after `kiln rmi`, so it can always start.
+pub fn prune_images(root: &Path) -> Result<PruneReport, Error> {
     let store = Store::open(root).map_err(PrepareError::from)?;
-    let mut pinned = Vec::new();
-    for id in SandboxDir::list(root)? {
-        // A sandbox being created or removed right now has no record to pin yet.
-        if let Ok(record) =
-            SandboxDir::open(root, &id).and_then(|dir| dir.read_json::<SandboxRecord>(RECORD_FILE))
-        {
-            pinned.push(record.image);
-        }
-    }
-    Ok(store.prune(&pinned).map_err(PrepareError::from)?)
+    let pinned = sandbox_images(root)?;
+    let blobs = store.prune(&pinned).map_err(PrepareError::from)?;
+    let images = store.images().map_err(PrepareError::from)?;
+    let keep: HashSet<String> = images
+        .iter()
+        .chain(&pinned)
+        .map(|image| image.manifest_digest.to_string())
+        .collect();
+    let root_images = image_cache(root)
+        .retain(|digest| keep.contains(digest))
+        .map_err(PrepareError::from)?;
+    Ok(PruneReport {
+        blobs_removed: blobs.blobs_removed,
+        bytes_freed: blobs.bytes_freed,
+        root_images_removed: root_images.manifest_digests,
+        root_image_bytes_freed: root_images.bytes_freed,
+    })
 }
 
 /// Starts `request` in the running sandbox `id_or_name`, as the sandbox's identity.
@@ -406,8 +431,9 @@ pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecS
     crate::client::exec(&sandbox, &record, request)
 }
 
-/// Copies the main workload's output so far (`stdout.log`, `stderr.log`) to `stdout` and
-/// `stderr`; with `follow`, keeps copying until the sandbox is no longer running.
+/// Copies the main workload's output so far (`stdout.log`, `stderr.log`, each after
+/// its rotated older part) to `stdout` and `stderr`; with `follow`, keeps copying until
+/// the sandbox is no longer running.
 pub fn logs(
     root: &Path,
     id_or_name: &str,
@@ -416,20 +442,27 @@ pub fn logs(
     stderr: &mut dyn Write,
 ) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    let mut streams: [(&str, Option<std::fs::File>, &mut dyn Write); 2] =
-        [(STDOUT_LOG, None, stdout), (STDERR_LOG, None, stderr)];
+    let mut streams: [(&str, LogReader, &mut dyn Write); 2] = [
+        (
+            STDOUT_LOG,
+            LogReader::new(&sandbox.file(STDOUT_LOG)),
+            stdout,
+        ),
+        (
+            STDERR_LOG,
+            LogReader::new(&sandbox.file(STDERR_LOG)),
+            stderr,
+        ),
+    ];
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
         let more = follow && sandbox.monitor_alive();
-        for (name, file, out) in streams.iter_mut() {
-            if file.is_none() {
-                *file = std::fs::File::open(sandbox.file(name)).ok();
-            }
-            if let Some(file) = file {
-                let path = sandbox.file(name);
-                std::io::copy(file, out).map_err(|source| StateError::Io { path, source })?;
-                let _ = out.flush();
-            }
+        for (name, log, out) in streams.iter_mut() {
+            log.copy_new(*out).map_err(|source| StateError::Io {
+                path: sandbox.file(name),
+                source,
+            })?;
+            let _ = out.flush();
         }
         if !more {
             return Ok(());

@@ -12,7 +12,7 @@
 //! connection is closed once the VM is gone and the final state is written.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -26,6 +26,7 @@ use kiln_vm::GuestImages;
 use crate::boot::{boot, end_status, BootError, Host, Upper};
 use crate::error::{Error, ErrorKind};
 use crate::launch::{Control, HostIo};
+use crate::logs::RotatingLog;
 use crate::prepare::pinned_images;
 use crate::state::{
     now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_SOCKET,
@@ -118,15 +119,12 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
     })
     .map_err(BootError::from)?;
     let log = |name: &str| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(sandbox.file(name))
-            .map_err(|source| StateError::Io {
+        RotatingLog::open(&sandbox.file(name), record.log_max_size).map_err(|source| {
+            StateError::Io {
                 path: sandbox.file(name),
                 source,
-            })
+            }
+        })
     };
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
 

@@ -1,15 +1,17 @@
 //! Getting the images a sandbox boots from: the pulled image (kiln-image), its root image
 //! and the identity layer for the sandbox's uid/gid (kiln-rootfs), built or reused.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_image::{ImageRef, PullOptions, PulledImage, Store};
-use kiln_rootfs::{Cache, Layer, Limits};
+use kiln_image::{ImageRecord, ImageRef, PullOptions, PulledImage, Store};
+use kiln_rootfs::{Cache, Layer, Limits, Removed};
 
 use crate::error::{Error, ErrorKind};
-use crate::state::SandboxRecord;
+use crate::request::DEFAULT_ROOTFS_CACHE_MAX;
+use crate::state::{SandboxDir, SandboxRecord, StateError, RECORD_FILE};
 
 /// Why the images could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -58,20 +60,54 @@ pub fn image_cache(root: &Path) -> Cache {
     Cache::new(root.join("rootfs"))
 }
 
+/// The images the sandboxes under `root` are pinned to. A sandbox being created or
+/// removed right now has no record to pin anything yet.
+pub fn sandbox_images(root: &Path) -> Result<Vec<ImageRecord>, StateError> {
+    let mut pinned = Vec::new();
+    for id in SandboxDir::list(root)? {
+        if let Ok(record) =
+            SandboxDir::open(root, &id).and_then(|dir| dir.read_json::<SandboxRecord>(RECORD_FILE))
+        {
+            pinned.push(record.image);
+        }
+    }
+    Ok(pinned)
+}
+
+/// Removes the least recently used built images under `root` until they take at most
+/// `max_bytes` of disk (`None`: [`DEFAULT_ROOTFS_CACHE_MAX`]), sparing those of `in_use`
+/// and of every image a sandbox is pinned to.
+pub fn trim_image_cache(
+    root: &Path,
+    max_bytes: Option<u64>,
+    in_use: &str,
+) -> Result<Removed, Error> {
+    let max_bytes = max_bytes.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX);
+    let mut pinned: HashSet<String> = sandbox_images(root)?
+        .into_iter()
+        .map(|image| image.manifest_digest.to_string())
+        .collect();
+    pinned.insert(in_use.to_owned());
+    Ok(image_cache(root)
+        .evict(max_bytes, &pinned)
+        .map_err(PrepareError::from)?)
+}
+
 /// Pulls `reference` as `options` say and builds or reuses its root image and the
-/// identity layer for `uid`:`gid`.
+/// identity layer for `uid`:`gid`, then trims the image cache to `cache_max` bytes.
 pub fn prepare_images(
     root: &Path,
     reference: &ImageRef,
     options: &PullOptions,
     uid: u32,
     gid: u32,
+    cache_max: u64,
 ) -> Result<PreparedImages, PrepareError> {
     let started = Instant::now();
     let store = Store::open(root)?;
     let image = kiln_image::pull(&store, reference, options)?;
     let pull_time = started.elapsed();
-    let prepared = build_images(root, &store, image, uid, gid, &|_| {})?;
+    let prepared = build_images(root, &store, image, uid, gid, Some(cache_max), &|_| {})?;
     Ok(PreparedImages {
         pull_time,
         ..prepared
@@ -88,13 +124,15 @@ pub enum BuildStep {
 }
 
 /// Builds or reuses the root image of `image` (already in `store`) and the identity layer
-/// for `uid`:`gid`; `step` hears of each step before it runs.
+/// for `uid`:`gid`, then trims the image cache to `cache_max` bytes if given (a failure
+/// to trim is a warning); `step` hears of each step before it runs.
 pub fn build_images(
     root: &Path,
     store: &Store,
     image: PulledImage,
     uid: u32,
     gid: u32,
+    cache_max: Option<u64>,
     step: &dyn Fn(BuildStep),
 ) -> Result<PreparedImages, PrepareError> {
     let started = Instant::now();
@@ -106,11 +144,16 @@ pub fn build_images(
     })?;
     step(BuildStep::IdentityLayer);
     let identity = cache.identity_layer(&digest, &inputs, uid, gid)?;
-    let warnings = identity
+    let mut warnings = identity
         .built
         .as_ref()
         .map(|r| r.identity.warnings.clone())
         .unwrap_or_default();
+    if let Some(max_bytes) = cache_max {
+        if let Err(err) = trim_image_cache(root, Some(max_bytes), &digest) {
+            warnings.push(format!("the image cache was not trimmed: {err}"));
+        }
+    }
     Ok(PreparedImages {
         root_built: root_image.built.is_some(),
         root_image: root_image.path,
@@ -124,6 +167,7 @@ pub fn build_images(
 
 /// The images `record` pins, rebuilt from the store by digest when their cache is gone;
 /// never resolves the reference again. `step` hears of each build step before it runs.
+/// The cache is not trimmed: its limit is a setting of the commands that add images.
 pub fn pinned_images(
     root: &Path,
     record: &SandboxRecord,
@@ -143,6 +187,7 @@ pub fn pinned_images(
         image,
         record.sandbox_uid,
         record.sandbox_gid,
+        None,
         step,
     )
 }

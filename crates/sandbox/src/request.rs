@@ -18,6 +18,7 @@ use crate::options::{
     validate_name, Volume,
 };
 use crate::spec::Overrides;
+pub use crate::state::DEFAULT_LOG_MAX_SIZE;
 
 /// Virtual CPUs a sandbox may have, and what it gets when the request says nothing.
 pub const CPUS: RangeInclusive<u32> = 1..=64;
@@ -26,6 +27,15 @@ pub const DEFAULT_CPUS: u32 = 1;
 /// Guest memory in MiB a sandbox may have, and what it gets when the request says nothing.
 pub const MEMORY_MIB: RangeInclusive<u32> = 64..=1_048_576;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
+
+/// Bytes a sandbox's `stdout.log` or `stderr.log` may be given as its maximum size
+/// (the default is [`DEFAULT_LOG_MAX_SIZE`]).
+pub const LOG_MAX_SIZE: RangeInclusive<u64> = (4 << 10)..=(1 << 40);
+
+/// Disk space the built root images under `<root>/rootfs` may take before the least
+/// recently used ones that no sandbox pins are removed: room for the largest common
+/// images (an NGC PyTorch image is about 20 GB) or for dozens of ordinary ones.
+pub const DEFAULT_ROOTFS_CACHE_MAX: u64 = 20 << 30;
 
 /// A field of a request, as errors name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +53,7 @@ pub enum Field {
     Publish,
     Volumes,
     Timeout,
+    LogMaxSize,
     /// An exec request's program and arguments.
     Command,
 }
@@ -106,6 +117,12 @@ pub struct CreateFields {
     pub volumes: Vec<String>,
     pub accel: AccelRequest,
     pub qemu: PathBuf,
+    /// A size as [`parse_size`] reads it, in [`LOG_MAX_SIZE`]; the default is
+    /// [`DEFAULT_LOG_MAX_SIZE`].
+    pub log_max_size: Option<String>,
+    /// Bytes the built root images may take on disk; the default is
+    /// [`DEFAULT_ROOTFS_CACHE_MAX`].
+    pub rootfs_cache_max: Option<u64>,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -126,6 +143,10 @@ pub struct CreateRequest {
     pub(crate) volumes: Vec<Volume>,
     pub(crate) accel: AccelRequest,
     pub(crate) qemu: PathBuf,
+    /// Bytes each output log reaches before it is rotated.
+    pub(crate) log_max_size: u64,
+    /// Bytes the image cache may take once this sandbox's images are in it.
+    pub(crate) rootfs_cache_max: u64,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -258,6 +279,39 @@ impl Checker<'_> {
     }
 }
 
+/// A size in bytes as docker's `--log-opt max-size` takes it: a whole number, then
+/// optionally a unit `k`, `m`, `g` or `t` for KiB, MiB, GiB or TiB (any case, with an
+/// optional `b` or `ib` after it: `10m`, `512k`, `1GiB`, `4096`).
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let invalid = || SizeError(text.to_owned());
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(invalid()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(invalid)
+}
+
+/// A size that [`parse_size`] does not read.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid size {0:?} (accepted: a whole number of bytes, optionally followed by k, m, g or t for KiB, MiB, GiB or TiB, as in 512k or 10m)")]
+pub struct SizeError(String);
+
+/// `bytes` in the largest unit [`parse_size`] reads that divides it, e.g. `10m`.
+fn show_size(bytes: u64) -> String {
+    let (unit, shift) = [("t", 40), ("g", 30), ("m", 20), ("k", 10)]
+        .into_iter()
+        .find(|&(_, shift)| bytes != 0 && bytes.is_multiple_of(1 << shift))
+        .unwrap_or(("", 0));
+    format!("{}{unit}", bytes >> shift)
+}
+
 /// A bare `KEY`'s value from this process's environment.
 fn host_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -325,6 +379,21 @@ impl CreateFields {
             }
         };
         let volumes = parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        let log_max_size = match self.log_max_size.as_deref() {
+            None => DEFAULT_LOG_MAX_SIZE,
+            Some(text) => {
+                let size = parse_size(text).map_err(|e| check.wrap(Field::LogMaxSize, e))?;
+                if !LOG_MAX_SIZE.contains(&size) {
+                    let accepted = format!(
+                        "a size from {} to {}",
+                        show_size(*LOG_MAX_SIZE.start()),
+                        show_size(*LOG_MAX_SIZE.end())
+                    );
+                    return Err(check.invalid(Field::LogMaxSize, text, accepted));
+                }
+                size
+            }
+        };
         Ok(CreateRequest {
             reference,
             pull: self.pull,
@@ -344,6 +413,8 @@ impl CreateFields {
             volumes,
             accel: self.accel,
             qemu: self.qemu,
+            log_max_size,
+            rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
         })
     }
 }
@@ -420,6 +491,7 @@ mod tests {
                 Field::Publish => "publish",
                 Field::Volumes => "volumes",
                 Field::Timeout => "timeout",
+                Field::LogMaxSize => "log_max_size",
                 Field::Command => "argv",
             }
         }
@@ -595,6 +667,70 @@ mod tests {
                 ..fields()
             },
             "volumes: invalid volume \"/no/such/dir:/data\"",
+        );
+    }
+
+    #[test]
+    fn sizes_are_read_as_docker_writes_them() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("10b", 10),
+            ("512k", 512 << 10),
+            ("10m", 10 << 20),
+            ("10MB", 10 << 20),
+            ("1GiB", 1 << 30),
+            ("2t", 2 << 40),
+        ] {
+            assert_eq!(parse_size(text).unwrap(), bytes, "{text}");
+        }
+        for bad in [
+            "",
+            "m",
+            "-1",
+            "+5",
+            "1.5m",
+            "10 m",
+            "10x",
+            "10mbb",
+            "99999999999t",
+        ] {
+            let err = parse_size(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{bad:?}")) && err.contains("as in 512k or 10m"),
+                "{err}"
+            );
+        }
+        assert_eq!(show_size(10 << 20), "10m");
+        assert_eq!(show_size(4097), "4097");
+    }
+
+    #[test]
+    fn the_log_size_has_a_default_and_a_range() {
+        let request = fields().validate(&Api).unwrap();
+        assert_eq!(request.log_max_size, 10 << 20);
+        assert_eq!(request.rootfs_cache_max, DEFAULT_ROOTFS_CACHE_MAX);
+        let set = CreateFields {
+            log_max_size: Some("512k".into()),
+            rootfs_cache_max: Some(0),
+            ..fields()
+        }
+        .validate(&Api)
+        .unwrap();
+        assert_eq!((set.log_max_size, set.rootfs_cache_max), (512 << 10, 0));
+        refused(
+            CreateFields {
+                log_max_size: Some("1k".into()),
+                ..fields()
+            },
+            "log_max_size \"1k\": expected a size from 4k to 1t",
+        );
+        refused(
+            CreateFields {
+                log_max_size: Some("ten".into()),
+                ..fields()
+            },
+            "log_max_size: invalid size \"ten\"",
         );
     }
 

@@ -56,6 +56,7 @@ pub fn run(
         &create.pull,
         create.sandbox_uid,
         create.sandbox_gid,
+        create.rootfs_cache_max,
     )?;
     for warning in &prepared.warnings {
         notice(&format!("warning: {warning}"));

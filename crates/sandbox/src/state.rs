@@ -57,6 +57,21 @@ pub struct SandboxRecord {
     /// Host directories shared into the sandbox (absent in records of older kilns).
     #[serde(default)]
     pub volumes: Vec<Volume>,
+    /// Bytes `stdout.log` and `stderr.log` each reach before they are rotated (records
+    /// of older kilns get the default).
+    #[serde(default = "default_log_max_size")]
+    pub log_max_size: u64,
+}
+
+/// What `stdout.log` and `stderr.log` each hold at most when the request does not say:
+/// 10 MiB, with one rotated file each, so 40 MiB per sandbox at most. That keeps a long
+/// workload's recent output while a guest writing without end fills nothing; docker's
+/// json-file driver has no cap by default, and its `local` driver keeps 100 MB (five
+/// files of 20 MB) per container.
+pub const DEFAULT_LOG_MAX_SIZE: u64 = 10 << 20;
+
+fn default_log_max_size() -> u64 {
+    DEFAULT_LOG_MAX_SIZE
 }
 
 /// The accelerator request in `sandbox.json`, as the words `--accel` takes.
@@ -661,6 +676,56 @@ mod tests {
         }
         let err = serde_json::from_str::<Record>("{\"accel\":\"turbo\"}").unwrap_err();
         assert!(err.to_string().contains("turbo"), "{err}");
+    }
+
+    #[test]
+    fn a_record_without_a_log_size_gets_the_default() {
+        let digest = |hex: &str| format!("sha256:{}", hex.repeat(64)).parse().unwrap();
+        let record = SandboxRecord {
+            id: "0123456789ab".into(),
+            name: None,
+            image: ImageRecord {
+                reference: "docker://docker.io/library/busybox:latest".into(),
+                manifest_digest: digest("a"),
+                index_digest: None,
+                config_digest: digest("b"),
+                platform: kiln_image::Platform::host(),
+                size: 1,
+                created: None,
+                pulled_at: 0,
+            },
+            created_unix: 0,
+            sandbox_uid: 10001,
+            sandbox_gid: 10001,
+            run: RunSpec {
+                argv: vec!["sh".into()],
+                env: Vec::new(),
+                cwd: None,
+                identity: kiln_protocol::Identity {
+                    run_as: kiln_protocol::RunAs::Sandbox,
+                    uid: 10001,
+                    gid: 10001,
+                },
+                tty: false,
+                terminal: None,
+            },
+            cpus: 1,
+            memory_mib: 512,
+            network: NetworkRecord::None,
+            accel: AccelRequest::Auto,
+            qemu: "qemu-system-x86_64".into(),
+            volumes: Vec::new(),
+            log_max_size: 4096,
+        };
+        let mut json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["log_max_size"], 4096);
+        assert_eq!(
+            serde_json::from_value::<SandboxRecord>(json.clone()).unwrap(),
+            record
+        );
+        json.as_object_mut().unwrap().remove("log_max_size");
+        let old: SandboxRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.log_max_size, DEFAULT_LOG_MAX_SIZE);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::proto::workload_exit::Result as ResultKind;
 pub struct Machine {
     pub accel: AccelRequest,
     pub qemu: PathBuf,
+    pub rootfs_cache_max: Option<u64>,
 }
 
 /// How the driver API names request fields in errors: as the proto does.
@@ -44,6 +45,7 @@ impl FieldNames for ProtoNames {
             // The CLI's alone; a request here never has them.
             Field::EnvFile => "env_file",
             Field::Timeout => "timeout",
+            Field::LogMaxSize => "log_max_size",
         }
     }
 
@@ -158,6 +160,9 @@ fn create_fields(
         image: request.image,
         accel: machine.accel,
         qemu: machine.qemu.clone(),
+        // Not in the proto yet: the default cap.
+        log_max_size: None,
+        rootfs_cache_max: machine.rootfs_cache_max,
     })
 }
 
@@ -301,6 +306,7 @@ mod tests {
         Machine {
             accel: AccelRequest::Auto,
             qemu: PathBuf::from("qemu-system-x86_64"),
+            rootfs_cache_max: None,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub accel: AccelRequest,
     /// QEMU binary for sandboxes created through the API.
     pub qemu: PathBuf,
+    /// Disk space the built root images may take (`None`: kiln-sandbox's default).
+    pub rootfs_cache_max: Option<u64>,
 }
 
 /// Why the server could not run.
@@ -112,6 +114,7 @@ pub async fn serve(
         machine: convert::Machine {
             accel: config.accel,
             qemu: config.qemu.clone(),
+            rootfs_cache_max: config.rootfs_cache_max,
         },
         hub: events::Hub::default(),
     });
