@@ -105,7 +105,6 @@ pub struct CreateFields {
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
     pub volumes: Vec<String>,
     pub accel: AccelRequest,
-    pub qemu: PathBuf,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -125,7 +124,6 @@ pub struct CreateRequest {
     /// Host directories shared into the sandbox, at every start.
     pub(crate) volumes: Vec<Volume>,
     pub(crate) accel: AccelRequest,
-    pub(crate) qemu: PathBuf,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -138,6 +136,9 @@ pub struct RunFields {
     pub remove: bool,
     /// A terminal of this size for the workload.
     pub terminal: Option<TerminalSize>,
+    /// The QEMU binary this run boots with: kiln's own configuration, never recorded
+    /// with the sandbox (a detached sandbox gets it from the command that starts it).
+    pub qemu: PathBuf,
 }
 
 /// A valid foreground run: only [`RunFields::validate`] makes one.
@@ -146,6 +147,7 @@ pub struct RunRequest {
     pub(crate) timeout: Option<Duration>,
     pub(crate) remove: bool,
     pub(crate) terminal: Option<TerminalSize>,
+    pub(crate) qemu: PathBuf,
 }
 
 /// The fields of a command to run in a running sandbox, as a front end has them.
@@ -343,7 +345,6 @@ impl CreateFields {
             name: self.name,
             volumes,
             accel: self.accel,
-            qemu: self.qemu,
         })
     }
 }
@@ -371,6 +372,7 @@ impl RunFields {
             timeout,
             remove: self.remove,
             terminal: self.terminal,
+            qemu: self.qemu,
         })
     }
 }

@@ -157,7 +157,6 @@ fn create_fields(
         memory_mib: nonzero(request.memory_mib),
         image: request.image,
         accel: machine.accel,
-        qemu: machine.qemu.clone(),
     })
 }
 
