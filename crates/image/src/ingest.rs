@@ -64,7 +64,7 @@ where
             .await
             .expect("the lock task does not panic")?
     };
-    if store.has_blob(&expected.digest)? {
+    if store.has_own_blob(&expected.digest)? {
         drop(lock);
         check_cached_layer(store, expected).await?;
         return Ok(Outcome::Cached);

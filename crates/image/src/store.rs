@@ -122,26 +122,42 @@ impl Store {
         }
     }
 
+    /// Whether blob `digest` is in the store as kiln wrote it; anything else at its place
+    /// counts as absent. For callers holding the blob's lock, who then write the blob anew
+    /// over whatever is there.
+    pub(crate) fn has_own_blob(&self, digest: &Digest) -> Result<bool, Error> {
+        match kiln_hostfs::open_own(&self.blob_path(digest)) {
+            Ok(_) => Ok(true),
+            Err(err) if err.is_not_found() => Ok(false),
+            Err(kiln_hostfs::Error::Untrusted { .. }) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// Opens a verified blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, Error> {
         let path = self.blob_path(digest);
+        let missing = || {
+            Error::io(format!("opening blob {digest}"))(io::Error::from(io::ErrorKind::NotFound))
+        };
         match kiln_hostfs::open_own(&path) {
-            Err(kiln_hostfs::Error::Untrusted { reason, .. })
-                if self.verify_again(digest, &reason)? =>
-            {
-                Ok(kiln_hostfs::open_own(&path)?)
+            Ok(file) => Ok(file),
+            Err(kiln_hostfs::Error::Untrusted { reason, .. }) => {
+                if self.verify_again(digest, &reason)? {
+                    Ok(kiln_hostfs::open_own(&path)?)
+                } else {
+                    Err(missing())
+                }
             }
-            Err(err) if err.is_not_found() => Err(Error::io(format!("opening blob {digest}"))(
-                io::Error::from(io::ErrorKind::NotFound),
-            )),
-            other => Ok(other?),
+            Err(err) if err.is_not_found() => Err(missing()),
+            Err(err) => Err(err.into()),
         }
     }
 
     /// A blob file kiln did not write as it writes them (`why`) may have been changed by
     /// whoever could write it: it is hashed while copied into a file of kiln's own, which
     /// replaces it when the digest matches; otherwise it is removed. Returns whether the
-    /// blob is now in the store.
+    /// blob is now in the store. Takes the blob's lock: never call it holding that lock.
     fn verify_again(&self, digest: &Digest, why: &str) -> Result<bool, Error> {
         let _lock = self.lock_blob(digest)?;
         let path = self.blob_path(digest);
@@ -210,7 +226,7 @@ impl Store {
             return Ok(());
         }
         let _lock = self.lock_blob(digest)?;
-        if self.has_blob(digest)? {
+        if self.has_own_blob(digest)? {
             return Ok(());
         }
         Ok(kiln_hostfs::write_file(&self.blob_path(digest), bytes)?)

@@ -20,10 +20,9 @@ use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-
-use kiln_hostfs::{create_new, open_own, private_dir};
 use std::path::{Path, PathBuf};
 
+use kiln_hostfs::{create_new, open_own, private_dir};
 use kiln_image::ImageRecord;
 use kiln_protocol::{RunSpec, WorkloadResult};
 use kiln_vm::accel::AccelRequest;
