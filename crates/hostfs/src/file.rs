@@ -56,22 +56,23 @@ fn open_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
-/// Refuses what is at `path` unless it is kiln's own file, before it is opened, so that a
-/// FIFO or a device there is never opened.
-fn refuse_foreign(path: &Path) -> Result<(), Error> {
-    let meta = fs::symlink_metadata(path).map_err(io_at(path))?;
-    match file_problem(&meta) {
+fn require_own(path: &Path, meta: &Metadata) -> Result<(), Error> {
+    match file_problem(meta) {
         None => Ok(()),
         Some(problem) => Err(untrusted_file(path, &problem)),
     }
 }
 
+/// Refuses what is at `path` unless it is kiln's own file, before it is opened, so that a
+/// FIFO or a device there is never opened.
+fn refuse_foreign(path: &Path) -> Result<(), Error> {
+    require_own(path, &fs::symlink_metadata(path).map_err(io_at(path))?)
+}
+
 fn check_opened(path: &Path, file: &File) -> Result<Metadata, Error> {
     let meta = file.metadata().map_err(io_at(path))?;
-    match file_problem(&meta) {
-        None => Ok(meta),
-        Some(problem) => Err(untrusted_file(path, &problem)),
-    }
+    require_own(path, &meta)?;
+    Ok(meta)
 }
 
 /// Opens kiln's own file `path` for reading: a regular file of the effective uid that
