@@ -431,7 +431,7 @@ fn corrupt_layer_in_registry_is_rejected_and_not_stored() {
     let images: Value = serde_json::from_str(&env.ok(&["--json", "images"])).unwrap();
     assert_eq!(images, serde_json::json!([]));
     assert!(
-        blob_dir_names(&env).iter().all(|n| !n.starts_with(".tmp")),
+        blob_dir_names(&env).iter().all(|n| !n.ends_with(".tmp")),
         "{:?}",
         blob_dir_names(&env)
     );
@@ -608,8 +608,9 @@ fn temp_size(dir: &Path, hex: &str) -> Option<u64> {
         .ok()?
         .flatten()
         .find(|e| {
-            e.file_name().to_string_lossy().starts_with(".tmp")
-                && e.file_name().to_string_lossy().ends_with(hex)
+            // kiln-hostfs's temp files: `.<blob hex>.<pid>.<n>.tmp`.
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!(".{hex}.")) && name.ends_with(".tmp")
         })
         .and_then(|e| e.metadata().ok())
         .map(|m| m.len())

@@ -8,8 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Directory for the content store and sandbox state
-    /// [default: $XDG_CACHE_HOME/kiln or ~/.cache/kiln]
+    /// Directory for the content store and sandbox state; kiln refuses one that another
+    /// user owns or can write [default: $XDG_CACHE_HOME/kiln or ~/.cache/kiln]
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     root: Option<PathBuf>,
 

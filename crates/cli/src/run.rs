@@ -47,7 +47,19 @@ pub struct RunArgs {
     timings: bool,
 
     #[command(flatten)]
+    vmm: VmmArgs,
+
+    #[command(flatten)]
     sandbox: SandboxArgs,
+}
+
+/// The VMM of the commands that boot sandboxes: kiln's own configuration at boot time,
+/// never recorded with a sandbox.
+#[derive(Debug, Args)]
+pub struct VmmArgs {
+    /// QEMU binary.
+    #[arg(long, env = "KILN_QEMU", default_value = kiln_vm::qemu::DEFAULT_BINARY, hide = true)]
+    pub qemu: PathBuf,
 }
 
 /// The flags of a sandbox's launch, shared by `kiln run` and `kiln create`.
@@ -118,10 +130,6 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
     accel: String,
 
-    /// QEMU binary.
-    #[arg(long, env = "KILN_QEMU", default_value = kiln_vm::qemu::DEFAULT_BINARY, hide = true)]
-    qemu: PathBuf,
-
     #[command(flatten)]
     source: SourceArgs,
 
@@ -181,13 +189,14 @@ impl FieldNames for FlagNames {
 
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.detach {
-        return crate::sandbox::run_detached(globals, args.sandbox);
+        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm);
     }
     let request = RunFields {
         sandbox: args.sandbox.into_fields(globals).map_err(kiln_error)?,
         timeout: args.timeout,
         remove: args.rm,
         terminal: args.tty.then(terminal_size),
+        qemu: args.vmm.qemu,
     }
     .validate(&FlagNames)
     .map_err(kiln_error)?;
@@ -257,7 +266,6 @@ impl SandboxArgs {
             publish: self.publish,
             volumes: self.volumes,
             accel,
-            qemu: self.qemu,
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
         })

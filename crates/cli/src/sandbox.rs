@@ -10,7 +10,7 @@ use kiln_sandbox::{ErrorKind, ExecFields, ProvisionEvent, SandboxInfo, Status};
 
 use crate::exit::{sandbox_error, CommandError, CommandResult};
 use crate::globals::Globals;
-use crate::run::{attach, kiln_error, terminal_size, FlagNames, SandboxArgs};
+use crate::run::{attach, kiln_error, terminal_size, FlagNames, SandboxArgs, VmmArgs};
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -20,6 +20,9 @@ pub struct CreateArgs {
 
 #[derive(Debug, Args)]
 pub struct StartArgs {
+    #[command(flatten)]
+    vmm: VmmArgs,
+
     /// Sandbox id or name.
     id: String,
 }
@@ -95,6 +98,10 @@ pub struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub struct MonitorArgs {
+    /// Passed by `start`: the monitor boots with the VMM of the command that started it.
+    #[command(flatten)]
+    vmm: VmmArgs,
+
     /// Sandbox id.
     id: String,
 }
@@ -146,13 +153,19 @@ fn monitor_exe() -> Result<PathBuf, CommandError> {
 }
 
 pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
-    let info = kiln_sandbox::start(&globals.root, &args.id, &monitor_exe()?, &progress(globals))
-        .map_err(sandbox_error)?;
+    let info = kiln_sandbox::start(
+        &globals.root,
+        &args.id,
+        &monitor_exe()?,
+        &args.vmm.qemu,
+        &progress(globals),
+    )
+    .map_err(sandbox_error)?;
     print_info(globals, &info)
 }
 
 /// `kiln run -d`: create, start, print the id. Kiln's own failures exit 125, as `run`.
-pub fn run_detached(globals: &Globals, args: SandboxArgs) -> CommandResult {
+pub fn run_detached(globals: &Globals, args: SandboxArgs, vmm: &VmmArgs) -> CommandResult {
     let request = args
         .into_fields(globals)
         .map_err(kiln_error)?
@@ -160,8 +173,14 @@ pub fn run_detached(globals: &Globals, args: SandboxArgs) -> CommandResult {
         .map_err(kiln_error)?;
     let events = progress(globals);
     let created = kiln_sandbox::create(&globals.root, request, &events).map_err(kiln_error)?;
-    let info = kiln_sandbox::start(&globals.root, &created.id, &monitor_exe()?, &events)
-        .map_err(kiln_error)?;
+    let info = kiln_sandbox::start(
+        &globals.root,
+        &created.id,
+        &monitor_exe()?,
+        &vmm.qemu,
+        &events,
+    )
+    .map_err(kiln_error)?;
     print_info(globals, &info)
 }
 
@@ -247,7 +266,7 @@ pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
 
 /// `kiln monitor ID` (hidden): run by `start`; returns once the detached monitor runs.
 pub fn monitor(globals: &Globals, args: MonitorArgs) -> CommandResult {
-    kiln_sandbox::run_monitor(&globals.root, &args.id).map_err(sandbox_error)?;
+    kiln_sandbox::run_monitor(&globals.root, &args.id, &args.vmm.qemu).map_err(sandbox_error)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -53,7 +53,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<R, Error>>,
 {
-    if store.has_blob(&expected.digest) {
+    if store.has_blob(&expected.digest)? {
         check_cached_layer(store, expected).await?;
         return Ok(Outcome::Cached);
     }
@@ -64,13 +64,13 @@ where
             .await
             .expect("the lock task does not panic")?
     };
-    if store.has_blob(&expected.digest) {
+    if store.has_own_blob(&expected.digest)? {
         drop(lock);
         check_cached_layer(store, expected).await?;
         return Ok(Outcome::Cached);
     }
     let mut reader = open().await?;
-    let mut temp = store.temp_file(expected.digest.algorithm(), expected.digest.hex())?;
+    let mut temp = store.temp_blob(&expected.digest)?;
     let mut hasher = Hasher::new(expected.digest.algorithm());
     let mut pipe = match &expected.layer {
         Some((diff_id, compression)) if *compression != Compression::None => {
@@ -544,7 +544,7 @@ mod tests {
         let not_gzip = expected(b"plain", b"plain", Compression::Gzip);
         assert!(ingest_bytes(&store, &not_gzip, b"plain").is_err());
 
-        assert!(!store.has_blob(&good.digest));
+        assert!(!store.has_blob(&good.digest).unwrap());
         let leftovers: Vec<_> = std::fs::read_dir(store.dir().join("blobs/sha256"))
             .unwrap()
             .flatten()

@@ -129,6 +129,10 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
+
+    /// A directory or file under kiln's root that kiln may not trust, or cannot reach.
+    #[error(transparent)]
+    HostFile(#[from] kiln_hostfs::Error),
 }
 
 impl Error {

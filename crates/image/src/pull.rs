@@ -496,14 +496,16 @@ impl Store {
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
             .map_err(|e| Error::invalid(format!("stored config of {reference}"), e.to_string()))?;
         let layers = layer_infos(self, &manifest, &config, &reference)?;
-        if let Some(missing) = layers.iter().find(|l| !self.has_blob(&l.digest)) {
-            return Err(Error::NotInStore {
-                reference,
-                hint: format!(
-                    " completely: layer {} is missing; pull it again",
-                    missing.digest
-                ),
-            });
+        for layer in &layers {
+            if !self.has_blob(&layer.digest)? {
+                return Err(Error::NotInStore {
+                    reference,
+                    hint: format!(
+                        " completely: layer {} is missing; pull it again",
+                        layer.digest
+                    ),
+                });
+            }
         }
         Ok(PulledImage {
             record,

@@ -3,7 +3,7 @@
 //! ```text
 //! <root>/store/blobs/<alg>/<hex>        verified blobs, published by rename
 //! <root>/store/blobs/<alg>/<hex>.lock   per-blob flock: one writer per blob across processes
-//! <root>/store/blobs/<alg>/.tmp.<pid>.<n>.<name>   temp files of process <pid>
+//! <root>/store/*/.<name>.<pid>.<n>.tmp  temp files of process <pid>
 //! <root>/store/diffids/<alg>/<hex>      verified uncompressed digest of a layer blob
 //! <root>/store/images/<key-hash>.json   one record per pulled reference and platform
 //! <root>/store/gc.lock                  pulls hold it shared, prune exclusive
@@ -12,21 +12,34 @@
 //! A blob is only ever renamed into place after its digest and size were checked, so a
 //! reader never sees a partial or unverified blob; a kill -9 leaves at most temp files,
 //! which [`Store::open`] removes once their process is gone.
+//!
+//! The store trusts only what kiln itself wrote there (kiln-hostfs): its directories must
+//! be private to the effective uid, and its files are written 0600. A blob file that is
+//! not kiln's own (another owner, or writable by others, as a store once shared or written
+//! under `umask 000` leaves them) is hashed again and replaced by a verified copy, or
+//! removed; such a record or diff id is ignored.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kiln_hostfs::TempFile;
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Algorithm, Digest};
+use crate::digest::{Algorithm, Digest, Hasher};
 use crate::platform::Platform;
 use crate::Error;
 
-const TEMP_PREFIX: &str = ".tmp.";
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// The directories of the store, under `<root>/store`.
+const DIRS: [&str; 5] = [
+    "blobs/sha256",
+    "blobs/sha512",
+    "diffids/sha256",
+    "diffids/sha512",
+    "images",
+];
 
 /// An open content store.
 #[derive(Debug, Clone)]
@@ -75,23 +88,15 @@ pub(crate) struct Lock {
 }
 
 impl Store {
-    /// Opens (creating) the store under `root` and removes temp files that processes which
-    /// no longer run left behind.
+    /// Opens (creating) the store under `root`, refusing it unless `root` and the store's
+    /// directories are private to this user (kiln-hostfs's `private_dir`), and removes
+    /// temp files that processes which no longer run left behind.
     pub fn open(root: &Path) -> Result<Store, Error> {
-        let dir = root.join("store");
-        for sub in [
-            "blobs/sha256",
-            "blobs/sha512",
-            "diffids/sha256",
-            "diffids/sha512",
-            "images",
-        ] {
-            let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(Error::io(format!("creating {}", path.display())))?;
+        let dir = kiln_hostfs::private_dir(root, "store")?;
+        for sub in DIRS {
+            kiln_hostfs::remove_stale_temps(&kiln_hostfs::private_dir(&dir, sub)?)?;
         }
-        let store = Store { dir };
-        store.remove_stale_temps()?;
-        Ok(store)
+        Ok(Store { dir })
     }
 
     /// The store's directory (`<root>/store`).
@@ -107,13 +112,94 @@ impl Store {
             .join(digest.hex())
     }
 
-    pub fn has_blob(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+    /// Whether blob `digest` is in the store, as kiln wrote it or verified again.
+    pub fn has_blob(&self, digest: &Digest) -> Result<bool, Error> {
+        match kiln_hostfs::open_own(&self.blob_path(digest)) {
+            Ok(_) => Ok(true),
+            Err(err) if err.is_not_found() => Ok(false),
+            Err(kiln_hostfs::Error::Untrusted { reason, .. }) => self.verify_again(digest, &reason),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Whether blob `digest` is in the store as kiln wrote it; anything else at its place
+    /// counts as absent. For callers holding the blob's lock, who then write the blob anew
+    /// over whatever is there.
+    pub(crate) fn has_own_blob(&self, digest: &Digest) -> Result<bool, Error> {
+        match kiln_hostfs::open_own(&self.blob_path(digest)) {
+            Ok(_) => Ok(true),
+            Err(err) if err.is_not_found() => Ok(false),
+            Err(kiln_hostfs::Error::Untrusted { .. }) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Opens a verified blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, Error> {
-        File::open(self.blob_path(digest)).map_err(Error::io(format!("opening blob {digest}")))
+        let path = self.blob_path(digest);
+        let missing = || {
+            Error::io(format!("opening blob {digest}"))(io::Error::from(io::ErrorKind::NotFound))
+        };
+        match kiln_hostfs::open_own(&path) {
+            Ok(file) => Ok(file),
+            Err(kiln_hostfs::Error::Untrusted { reason, .. }) => {
+                if self.verify_again(digest, &reason)? {
+                    Ok(kiln_hostfs::open_own(&path)?)
+                } else {
+                    Err(missing())
+                }
+            }
+            Err(err) if err.is_not_found() => Err(missing()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// A blob file kiln did not write as it writes them (`why`) may have been changed by
+    /// whoever could write it: it is hashed while copied into a file of kiln's own, which
+    /// replaces it when the digest matches; otherwise it is removed. Returns whether the
+    /// blob is now in the store. Takes the blob's lock: never call it holding that lock.
+    fn verify_again(&self, digest: &Digest, why: &str) -> Result<bool, Error> {
+        let _lock = self.lock_blob(digest)?;
+        let path = self.blob_path(digest);
+        // Another process may have settled it while this one waited for the lock.
+        match kiln_hostfs::open_own(&path) {
+            Ok(_) => return Ok(true),
+            Err(err) if err.is_not_found() => return Ok(false),
+            Err(kiln_hostfs::Error::Untrusted { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let context = || format!("verifying blob {digest} again");
+        let meta = fs::symlink_metadata(&path).map_err(Error::io(context()))?;
+        if meta.is_file() {
+            let source = File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(Error::io(context()))?;
+            let mut temp = self.temp_blob(digest)?;
+            // At most the size it had when looked at: its owner may still be appending.
+            let mut source = source.take(meta.len());
+            let mut hasher = Hasher::new(digest.algorithm());
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = source.read(&mut buf).map_err(Error::io(context()))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                temp.file()
+                    .write_all(&buf[..n])
+                    .map_err(Error::io(context()))?;
+            }
+            if hasher.finish() == *digest {
+                temp.persist(&path)?;
+                tracing::warn!("blob {digest}: {why}; its content matches its digest, so a copy of kiln's own replaced it");
+                return Ok(true);
+            }
+        }
+        tracing::warn!("blob {digest}: {why}, and its content does not match its digest: removed");
+        fs::remove_file(&path).map_err(Error::io(format!("removing blob {digest}")))?;
+        Ok(false)
     }
 
     /// Reads a whole blob of at most `cap` bytes (manifests, configs).
@@ -136,24 +222,23 @@ impl Store {
 
     /// Stores already verified bytes as blob `digest`.
     pub(crate) fn put_verified(&self, digest: &Digest, bytes: &[u8]) -> Result<(), Error> {
-        if self.has_blob(digest) {
+        if self.has_blob(digest)? {
             return Ok(());
         }
         let _lock = self.lock_blob(digest)?;
-        if self.has_blob(digest) {
+        if self.has_own_blob(digest)? {
             return Ok(());
         }
-        let mut temp = self.temp_file(digest.algorithm(), digest.hex())?;
-        temp.file()
-            .write_all(bytes)
-            .map_err(Error::io(format!("writing blob {digest}")))?;
-        temp.persist(&self.blob_path(digest))
+        Ok(kiln_hostfs::write_file(&self.blob_path(digest), bytes)?)
     }
 
     /// Takes the exclusive lock of one blob, waiting for another writer to finish.
     pub(crate) fn lock_blob(&self, digest: &Digest) -> Result<Lock, Error> {
-        let path = self.blob_path(digest).with_extension("lock");
-        lock_file(&path, File::lock)
+        lock_file(&self.lock_path(digest), File::lock)
+    }
+
+    fn lock_path(&self, digest: &Digest) -> PathBuf {
+        self.blob_path(digest).with_extension("lock")
     }
 
     /// Pulls hold this shared; prune holds it exclusive so it never removes a blob that a
@@ -167,39 +252,31 @@ impl Store {
         lock_file(&self.dir.join("gc.lock"), take)
     }
 
-    /// A temp file in the blob directory of `algorithm`, removed on drop unless persisted.
-    pub(crate) fn temp_file(&self, algorithm: Algorithm, name: &str) -> Result<TempFile, Error> {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .dir
-            .join("blobs")
-            .join(algorithm.name())
-            .join(format!("{TEMP_PREFIX}{}.{n}.{name}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(Error::io(format!("creating temp file {}", path.display())))?;
-        Ok(TempFile {
-            file,
-            path: Some(path),
-        })
+    /// A temp file beside blob `digest`'s place, removed on drop unless persisted there.
+    pub(crate) fn temp_blob(&self, digest: &Digest) -> Result<TempFile, Error> {
+        Ok(TempFile::beside(&self.blob_path(digest))?)
     }
 
-    /// The verified uncompressed digest of layer blob `digest`, if one was recorded.
+    /// The verified uncompressed digest of layer blob `digest`, if kiln recorded one (a
+    /// file that is not kiln's own counts as none: the caller computes it again).
     pub(crate) fn diff_id(&self, digest: &Digest) -> Option<Digest> {
-        let text = fs::read_to_string(self.diff_id_path(digest)).ok()?;
+        let mut text = String::new();
+        kiln_hostfs::open_own(&self.diff_id_path(digest))
+            .ok()?
+            .take(1024)
+            .read_to_string(&mut text)
+            .ok()?;
         Digest::parse(text.trim()).ok()
     }
 
     /// Records `diff_id` for `digest` (called under the blob's lock, before the blob is
     /// published, so a published layer always has it).
     pub(crate) fn record_diff_id(&self, digest: &Digest, diff_id: &Digest) -> Result<(), Error> {
-        let mut temp = self.temp_file(digest.algorithm(), &format!("{}.diffid", digest.hex()))?;
-        temp.file()
-            .write_all(diff_id.to_string().as_bytes())
-            .map_err(Error::io(format!("writing the diff id of {digest}")))?;
-        temp.persist(&self.diff_id_path(digest))
+        let path = self.diff_id_path(digest);
+        Ok(kiln_hostfs::write_file(
+            &path,
+            diff_id.to_string().as_bytes(),
+        )?)
     }
 
     fn diff_id_path(&self, digest: &Digest) -> PathBuf {
@@ -219,15 +296,12 @@ impl Store {
     /// Records a pulled image (replacing an older record of the same reference and platform).
     pub(crate) fn put_record(&self, record: &ImageRecord) -> Result<(), Error> {
         let json = serde_json::to_vec_pretty(record).expect("image records serialize");
-        let mut temp = self.temp_file(Algorithm::Sha256, "record")?;
-        temp.file()
-            .write_all(&json)
-            .map_err(Error::io("writing an image record"))?;
-        temp.persist(&self.record_path(&record.reference, &record.platform))
+        let path = self.record_path(&record.reference, &record.platform);
+        Ok(kiln_hostfs::write_file(&path, &json)?)
     }
 
-    /// Every image record, sorted by reference then platform. Unreadable records are
-    /// skipped with a warning.
+    /// Every image record, sorted by reference then platform. Unreadable records, and
+    /// those kiln did not write as it writes them, are skipped with a warning.
     pub fn images(&self) -> Result<Vec<ImageRecord>, Error> {
         let dir = self.dir.join("images");
         let mut records = Vec::new();
@@ -238,9 +312,7 @@ impl Store {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let parsed = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<ImageRecord>(&b).map_err(|e| e.to_string()));
+            let parsed = read_record(&path);
             match parsed {
                 Ok(record) => records.push(record),
                 Err(e) => tracing::warn!("skipping image record {}: {e}", path.display()),
@@ -324,36 +396,12 @@ impl Store {
                 fs::remove_file(entry.path())
                     .map_err(Error::io(format!("removing blob {digest}")))?;
                 let _ = fs::remove_file(self.diff_id_path(&digest));
-                let _ = fs::remove_file(self.blob_path(&digest).with_extension("lock"));
+                let _ = fs::remove_file(self.lock_path(&digest));
                 report.blobs_removed += 1;
                 report.bytes_freed += size;
             }
         }
         Ok(report)
-    }
-
-    /// Removes `.tmp.<pid>.*` files whose process is gone (killed mid-write).
-    fn remove_stale_temps(&self) -> Result<(), Error> {
-        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
-            let dir = self.dir.join("blobs").join(algorithm.name());
-            let entries =
-                fs::read_dir(&dir).map_err(Error::io(format!("listing {}", dir.display())))?;
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
-                    continue;
-                };
-                let pid = rest.split('.').next().unwrap_or_default();
-                let alive = pid
-                    .parse::<u32>()
-                    .is_ok_and(|pid| Path::new("/proc").join(pid.to_string()).exists());
-                if !alive {
-                    tracing::debug!("removing stale temp file {}", entry.path().display());
-                    let _ = fs::remove_file(entry.path());
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -369,50 +417,22 @@ struct LayerDigest {
     digest: Digest,
 }
 
+/// An image record kiln wrote (at most the metadata cap).
+fn read_record(path: &Path) -> Result<ImageRecord, String> {
+    let mut bytes = Vec::new();
+    kiln_hostfs::open_own(path)
+        .map_err(|e| e.to_string())?
+        .take(crate::MAX_METADATA_SIZE)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
 /// Opens (creating) the lock file at `path` and waits for the flock that `take` asks for.
 fn lock_file(path: &Path, take: fn(&File) -> io::Result<()>) -> Result<Lock, Error> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(Error::io(format!("opening lock {}", path.display())))?;
+    let file = kiln_hostfs::open_lock(path)?;
     take(&file).map_err(Error::io(format!("locking {}", path.display())))?;
     Ok(Lock { _file: file })
-}
-
-/// A temp file next to its final place; removed on drop unless persisted.
-pub(crate) struct TempFile {
-    file: File,
-    path: Option<PathBuf>,
-}
-
-impl TempFile {
-    pub(crate) fn file(&mut self) -> &mut File {
-        &mut self.file
-    }
-
-    /// fsync, rename to `target`, fsync the target's directory.
-    pub(crate) fn persist(mut self, target: &Path) -> Result<(), Error> {
-        let path = self.path.take().expect("a temp file is persisted once");
-        let result = (|| {
-            self.file.sync_all()?;
-            fs::rename(&path, target)?;
-            File::open(target.parent().expect("store paths have parents"))?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&path);
-        }
-        result.map_err(Error::io(format!("publishing {}", target.display())))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(path) = &self.path {
-            let _ = fs::remove_file(path);
-        }
-    }
 }
 
 /// Seconds since the Unix epoch.
@@ -481,31 +501,125 @@ mod tests {
                 bytes_freed: 6
             }
         );
-        assert!(!store.has_blob(&orphan) && store.has_blob(&layer));
+        assert!(!store.has_blob(&orphan).unwrap() && store.has_blob(&layer).unwrap());
         let pinned = store.images().unwrap();
         assert_eq!(store.remove("oci:/x:1", None).unwrap(), 2);
         assert_eq!(store.prune(&pinned).unwrap().blobs_removed, 0);
         assert!(
-            store.has_blob(&layer),
+            store.has_blob(&layer).unwrap(),
             "a pinned image keeps its blobs without its record"
         );
         assert_eq!(store.prune(&[]).unwrap().blobs_removed, 3);
-        assert!(!store.has_blob(&layer));
+        assert!(!store.has_blob(&layer).unwrap());
     }
 
     #[test]
     fn stale_temps_of_dead_processes_are_removed_on_open() {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
-        let mine = store.temp_file(Algorithm::Sha256, "mine").unwrap();
-        let mine_path = mine.path.clone().unwrap();
+        let mine = store.temp_blob(&Digest::sha256_of(b"mine")).unwrap();
+        let mine_path = mine.path().to_path_buf();
         // No process has pid 0x7fffffff (above pid_max).
-        let dead = store.dir().join("blobs/sha256/.tmp.2147483647.0.dead");
-        fs::write(&dead, b"partial").unwrap();
+        let dead = [
+            store.dir().join("blobs/sha256/.abc.2147483647.0.tmp"),
+            store.dir().join("images/.abc.json.2147483647.1.tmp"),
+        ];
+        for path in &dead {
+            fs::write(path, b"partial").unwrap();
+        }
         Store::open(root.path()).unwrap();
-        assert!(!dead.exists());
+        assert!(dead.iter().all(|path| !path.exists()));
         assert!(mine_path.exists(), "a live process's temp file stays");
         drop(mine);
         assert!(!mine_path.exists());
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_blob_others_could_write_is_verified_again_before_it_is_used() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let intact = Digest::sha256_of(b"intact");
+        let tampered = Digest::sha256_of(b"tampered");
+        store.put_verified(&intact, b"intact").unwrap();
+        store.put_verified(&tampered, b"tampered").unwrap();
+        assert_eq!(mode(&store.blob_path(&intact)), 0o600);
+        // As a store written under `umask 000` leaves them: anyone could have changed them.
+        chmod(&store.blob_path(&intact), 0o666);
+        chmod(&store.blob_path(&tampered), 0o666);
+        fs::write(store.blob_path(&tampered), b"planted").unwrap();
+
+        assert!(store.has_blob(&intact).unwrap());
+        assert_eq!(
+            mode(&store.blob_path(&intact)),
+            0o600,
+            "replaced by kiln's own copy"
+        );
+        assert_eq!(store.read_blob(&intact, 100).unwrap(), b"intact");
+        assert!(!store.has_blob(&tampered).unwrap());
+        assert!(!store.blob_path(&tampered).exists(), "removed");
+        assert!(store.open_blob(&tampered).is_err());
+
+        // A symlink where a blob belongs is never read through.
+        let elsewhere = root.path().join("elsewhere");
+        fs::write(&elsewhere, b"intact").unwrap();
+        fs::remove_file(store.blob_path(&intact)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, store.blob_path(&intact)).unwrap();
+        assert!(!store.has_blob(&intact).unwrap());
+        assert!(elsewhere.exists());
+    }
+
+    #[test]
+    fn records_and_diff_ids_others_could_write_are_ignored() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let (manifest, config) = (Digest::sha256_of(b"m"), Digest::sha256_of(b"c"));
+        let image = record("oci:/x:1", "linux/amd64", &manifest, &config);
+        store.put_record(&image).unwrap();
+        let path = store.record_path(&image.reference, &image.platform);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(store.images().unwrap().len(), 1);
+        chmod(&path, 0o666);
+        assert!(store.images().unwrap().is_empty());
+
+        store.record_diff_id(&manifest, &config).unwrap();
+        assert_eq!(store.diff_id(&manifest), Some(config.clone()));
+        chmod(&store.diff_id_path(&manifest), 0o666);
+        assert_eq!(store.diff_id(&manifest), None);
+    }
+
+    #[test]
+    fn a_shared_store_directory_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        chmod(&store.dir().join("blobs/sha256"), 0o777);
+        let err = Store::open(root.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("blobs/sha256") && err.contains("mode 777"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[ignore = "needs root (scripts/test runs it as root)"]
+    fn a_blob_of_another_user_is_verified_again() {
+        assert_eq!(kiln_hostfs::euid(), 0, "this test needs root (chown)");
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let blob = Digest::sha256_of(b"blob");
+        store.put_verified(&blob, b"blob").unwrap();
+        std::os::unix::fs::chown(store.blob_path(&blob), Some(65534), None).unwrap();
+        assert!(store.has_blob(&blob).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(store.blob_path(&blob)).unwrap().uid(), 0);
     }
 }

@@ -197,7 +197,8 @@ fn fsck_and_publish(temp: NamedTempFile, out: &Path) -> Result<Duration> {
     let start = Instant::now();
     fsck(temp.path())?;
     let verify = start.elapsed();
-    fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o644))
+    // Owner-only, as every file kiln writes, whatever the umask.
+    fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("chmod {}", temp.path().display()), e))?;
     temp.persist(out)
         .map_err(|e| Error::io(format!("publishing {}", out.display()), e.error))?;

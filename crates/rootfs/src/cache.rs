@@ -14,9 +14,16 @@
 //! [`Cache::retain`] removes the images of manifests that are gone. An image is removed
 //! whole, and never while another process holds its root image's lock (to build it or
 //! look it up).
+//!
+//! A cached image is booted as it is, so the cache trusts only what kiln wrote there
+//! (kiln-hostfs): its directories must be private to the effective uid, lock files are
+//! never followed through a symlink, and a cached file kiln did not write as it writes
+//! them (another owner, or writable by others) is removed and built again; nothing records
+//! an image's digest to check it against instead.
 
 use std::collections::HashSet;
 use std::fs::{self, File, TryLockError};
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -89,17 +96,17 @@ impl Cache {
         let inputs_path = dir.join(ROOT_INPUTS);
         let _lock = lock(&dir, ROOT_IMAGE)?;
         mark_used(&dir);
-        if path.exists() {
-            if inputs_path.exists() {
+        match (keep_own(&path)?, keep_own(&inputs_path)?) {
+            (true, true) => {
                 let inputs = read_inputs(&inputs_path)?;
                 return Ok((Cached { path, built: None }, inputs));
             }
             // Killed between publishing the image and its inputs: build again.
-            fs::remove_file(&path)
-                .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+            (true, false) => remove(&path)?,
+            (false, _) => {}
         }
         remove_stale_temps(&dir, ROOT_IMAGE)?;
-        remove_stale_temps(&dir, ROOT_INPUTS)?;
+        kiln_hostfs::remove_stale_temps(&dir)?;
         let options = BuildOptions {
             limits: limits.clone(),
             merged: None,
@@ -164,7 +171,7 @@ impl Cache {
     ) -> Result<Cached<R>> {
         let path = dir.join(name);
         let _lock = lock(dir, name)?;
-        if path.exists() {
+        if keep_own(&path)? {
             return Ok(Cached { path, built: None });
         }
         remove_stale_temps(dir, name)?;
@@ -175,7 +182,8 @@ impl Cache {
         })
     }
 
-    /// `DIR/vN/ALGO-HEX`, created; the digest is checked so it cannot name another path.
+    /// `DIR/vN/ALGO-HEX`, created private (or refused when it is not); the digest is
+    /// checked so it cannot name another path.
     fn key_dir(&self, manifest_digest: &str) -> Result<PathBuf> {
         if !is_manifest_digest(manifest_digest) {
             return Err(Error::io(
@@ -186,10 +194,9 @@ impl Cache {
                 ),
             ));
         }
-        let dir = self.version_dir().join(manifest_digest.replace(':', "-"));
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        Ok(dir)
+        let key = Path::new(&format!("v{BUILDER_FORMAT_VERSION}"))
+            .join(manifest_digest.replace(':', "-"));
+        Ok(kiln_hostfs::private_dir(&self.dir, key)?)
     }
 
     fn version_dir(&self) -> PathBuf {
@@ -350,15 +357,30 @@ fn remove_image(image: &CachedImage) -> Result<bool> {
     Ok(true)
 }
 
-/// Takes the exclusive lock of `name` in `dir`; released when the file is dropped.
+/// Whether `path` holds a file this cache wrote. Anything else there (another user's
+/// file, one others could write, a symlink) is removed with a warning, to be built again.
+fn keep_own(path: &Path) -> Result<bool> {
+    match kiln_hostfs::open_own(path) {
+        Ok(_) => Ok(true),
+        Err(err) if err.is_not_found() => Ok(false),
+        Err(kiln_hostfs::Error::Untrusted { reason, .. }) => {
+            tracing::warn!("{}: {reason}; removed, to be built again", path.display());
+            remove(path)?;
+            Ok(false)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    fs::remove_file(path).map_err(|e| Error::io(format!("removing {}", path.display()), e))
+}
+
+/// Takes the exclusive lock of `name` in `dir`; released when the file is dropped. The
+/// lock file is never followed through a symlink, and one that is not kiln's is refused.
 fn lock(dir: &Path, name: &str) -> Result<File> {
     let path = dir.join(format!(".lock-{name}"));
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let file = kiln_hostfs::open_lock(&path)?;
     // A signal handled while waiting interrupts the wait; wait again.
     loop {
         match file.lock() {
@@ -383,24 +405,16 @@ fn remove_stale_temps(dir: &Path, name: &str) -> Result<()> {
 }
 
 fn write_inputs(path: &Path, inputs: &IdentityInputs) -> Result<()> {
-    let dir = path.parent().expect("cache files live in a key directory");
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let mut temp = tempfile::Builder::new()
-        .prefix(&format!(".tmp-{name}."))
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
-    serde_json::to_writer(&mut temp, inputs)
+    let json = serde_json::to_vec(inputs)
         .map_err(|e| Error::io(format!("writing {}", path.display()), e.into()))?;
-    temp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
-    temp.persist(path)
-        .map_err(|e| Error::io(format!("publishing {}", path.display()), e.error))?;
-    Ok(())
+    Ok(kiln_hostfs::write_file(path, &json)?)
 }
 
 fn read_inputs(path: &Path) -> Result<IdentityInputs> {
-    let bytes = fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let mut bytes = Vec::new();
+    kiln_hostfs::open_own(path)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| Error::io(format!("parsing {}", path.display()), e.into()))
 }

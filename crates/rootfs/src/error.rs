@@ -54,6 +54,10 @@ pub enum Error {
     /// kiln-identity rejected the account files or the ids.
     #[error(transparent)]
     Identity(#[from] kiln_identity::IdentityError),
+
+    /// A cache directory or file that kiln may not trust, or cannot reach.
+    #[error(transparent)]
+    HostFile(#[from] kiln_hostfs::Error),
 }
 
 impl Error {

@@ -1,5 +1,5 @@
 //! The image cache: keys, reuse, one build for concurrent requests, leftovers of killed
-//! builds.
+//! builds, and files and directories kiln did not write as it writes them.
 
 mod support;
 
@@ -208,4 +208,91 @@ fn retain_removes_the_images_of_other_digests_and_spares_a_build_in_progress() {
     let removed = cache.retain(|digest| digest == a).unwrap();
     assert_eq!(removed.manifest_digests, [c.as_str()]);
     assert_eq!(cached(&cache), [a]);
+}
+
+fn key_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join(format!("v{BUILDER_FORMAT_VERSION}"))
+        .join(DIGEST.replace(':', "-"))
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+/// Builds (or reuses) the root image of `tar()` under `DIGEST`; whether it was built.
+fn root_image(cache: &Cache) -> kiln_rootfs::Result<bool> {
+    let layer = tar();
+    let (root, _) = cache.root_image(DIGEST, &Limits::default(), || {
+        Ok(vec![Layer::new("sha256:l", Compression::None, &layer[..])])
+    })?;
+    Ok(root.built.is_some())
+}
+
+#[test]
+fn cached_images_others_could_have_written_are_built_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(dir.path());
+    assert!(root_image(&cache).unwrap());
+    let image = key_dir(dir.path()).join("root.erofs");
+    assert_eq!(mode(&image), 0o600);
+    assert_eq!(mode(&key_dir(dir.path())), 0o700);
+    assert!(!root_image(&cache).unwrap(), "kiln's own image is reused");
+
+    // As a cache written under `umask 000` leaves them: anyone could have replaced them.
+    let built = std::fs::read(&image).unwrap();
+    std::fs::write(&image, b"planted").unwrap();
+    chmod(&image, 0o666);
+    assert!(root_image(&cache).unwrap(), "built again");
+    assert_eq!(std::fs::read(&image).unwrap(), built);
+    assert_eq!(mode(&image), 0o600);
+
+    chmod(&key_dir(dir.path()).join("root.identity.json"), 0o646);
+    assert!(root_image(&cache).unwrap(), "untrusted inputs: built again");
+}
+
+#[test]
+fn a_shared_cache_directory_and_a_symlinked_lock_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(dir.path());
+    let key = key_dir(dir.path());
+    std::fs::create_dir_all(&key).unwrap();
+    chmod(&key, 0o777);
+    let err = root_image(&cache).unwrap_err().to_string();
+    assert!(
+        err.contains("mode 777") && err.contains("chmod 700"),
+        "{err}"
+    );
+    chmod(&key, 0o700);
+
+    let victim = dir.path().join("victim");
+    std::os::unix::fs::symlink(&victim, key.join(".lock-root.erofs")).unwrap();
+    let err = root_image(&cache).unwrap_err().to_string();
+    assert!(
+        err.contains(".lock-root.erofs") && err.contains("symlink"),
+        "{err}"
+    );
+    assert!(!victim.exists(), "the lock's symlink was followed");
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn cached_images_of_another_user_are_built_again() {
+    assert_eq!(
+        kiln_hostfs::euid(),
+        0,
+        "this test needs root (chown): run it as root, as scripts/test does"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(dir.path());
+    assert!(root_image(&cache).unwrap());
+    for name in ["root.erofs", "root.identity.json"] {
+        std::os::unix::fs::chown(key_dir(dir.path()).join(name), Some(65534), None).unwrap();
+    }
+    assert!(root_image(&cache).unwrap(), "built again");
 }

@@ -128,7 +128,6 @@ pub fn sandbox_record(
         memory_mib: request.memory_mib,
         network: NetworkRecord::from(&request.network),
         accel: request.accel,
-        qemu: request.qemu.clone(),
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
     }

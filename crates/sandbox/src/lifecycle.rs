@@ -219,11 +219,13 @@ fn build_events(events: &dyn Fn(ProvisionEvent)) -> impl Fn(BuildStep) + '_ {
 }
 
 /// Boots sandbox `id_or_name` under a new monitor process (`monitor_exe monitor`, the
-/// kiln binary) and returns once its workload runs, or with the boot's error.
+/// kiln binary) with the QEMU binary `qemu`, and returns once its workload runs, or with
+/// the boot's error.
 pub fn start(
     root: &Path,
     id_or_name: &str,
     monitor_exe: &Path,
+    qemu: &Path,
     events: &dyn Fn(ProvisionEvent),
 ) -> Result<SandboxInfo, Error> {
     let root = std::path::absolute(root).map_err(|e| StateError::Io {
@@ -244,14 +246,7 @@ pub fn start(
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;
 
     events(ProvisionEvent::Booting);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(sandbox.file(MONITOR_LOG))
-        .map_err(|e| StateError::Io {
-            path: sandbox.file(MONITOR_LOG),
-            source: e,
-        })?;
+    let log = sandbox.open_log(MONITOR_LOG)?;
     let log_err = log.try_clone().map_err(|e| StateError::Io {
         path: sandbox.file(MONITOR_LOG),
         source: e,
@@ -261,6 +256,8 @@ pub fn start(
         .arg("--root")
         .arg(&root)
         .arg("monitor")
+        .arg("--qemu")
+        .arg(qemu)
         .arg(sandbox.id())
         .stdin(Stdio::null())
         .stdout(log)

@@ -34,12 +34,8 @@ impl RotatingLog {
     /// Opens `path` to append to it (its earlier contents count towards `max_bytes`),
     /// creating it when missing. `max_bytes` must be at least 1.
     pub fn open(path: &Path, max_bytes: u64) -> io::Result<RotatingLog> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?;
+        // Created 0600, never through a symlink, refused when it is not kiln's own.
+        let file = kiln_hostfs::open_log(path).map_err(io::Error::other)?;
         let len = file.metadata()?.len();
         Ok(RotatingLog {
             path: path.to_owned(),

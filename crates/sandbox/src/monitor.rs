@@ -37,8 +37,9 @@ use crate::state::{
 const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the monitor of sandbox `id`: takes its lock, detaches (the calling process returns
-/// `Ok` as soon as the detached monitor holds the lock) and boots the sandbox.
-pub fn run(root: &Path, id: &str) -> Result<(), Error> {
+/// `Ok` as soon as the detached monitor holds the lock) and boots the sandbox with the
+/// QEMU binary `qemu`.
+pub fn run(root: &Path, id: &str, qemu: &Path) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     let lock = sandbox
@@ -60,7 +61,7 @@ pub fn run(root: &Path, id: &str) -> Result<(), Error> {
         ..StateRecord::created()
     };
     sandbox.write_json(STATE_FILE, &booting)?;
-    let outcome = serve(root, &sandbox, &record);
+    let outcome = serve(root, &sandbox, &record, qemu);
     let _ = std::fs::remove_file(sandbox.file(MONITOR_SOCKET));
     if let Err(err) = &outcome {
         tracing::error!("{err}");
@@ -102,7 +103,12 @@ fn io_error(sandbox: &SandboxDir, context: &'static str, source: std::io::Error)
 }
 
 /// Boots the sandbox and serves clients until the VM is gone.
-fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<(), Error> {
+fn serve(
+    root: &Path,
+    sandbox: &SandboxDir,
+    record: &SandboxRecord,
+    qemu: &Path,
+) -> Result<(), Error> {
     // Listening first: a live monitor without its socket is a foreground `kiln run`.
     let (address, _dir) = sandbox.monitor_socket()?;
     let _ = std::fs::remove_file(&address);
@@ -114,7 +120,7 @@ fn serve(root: &Path, sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()
     let prepared = pinned_images(root, record, &|_| {})?;
     let guest = GuestImages::locate(root);
     guest.check().map_err(BootError::from)?;
-    let host = Host::new(root, guest, record.accel, &record.qemu, &|line| {
+    let host = Host::new(root, guest, record.accel, qemu, &|line| {
         tracing::info!("{line}")
     })
     .map_err(BootError::from)?;

@@ -116,7 +116,6 @@ pub struct CreateFields {
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
     pub volumes: Vec<String>,
     pub accel: AccelRequest,
-    pub qemu: PathBuf,
     /// A size as [`parse_size`] reads it, in [`LOG_MAX_SIZE`]; the default is
     /// [`DEFAULT_LOG_MAX_SIZE`].
     pub log_max_size: Option<String>,
@@ -142,7 +141,6 @@ pub struct CreateRequest {
     /// Host directories shared into the sandbox, at every start.
     pub(crate) volumes: Vec<Volume>,
     pub(crate) accel: AccelRequest,
-    pub(crate) qemu: PathBuf,
     /// Bytes each output log reaches before it is rotated.
     pub(crate) log_max_size: u64,
     /// Bytes the image cache may take once this sandbox's images are in it.
@@ -159,6 +157,9 @@ pub struct RunFields {
     pub remove: bool,
     /// A terminal of this size for the workload.
     pub terminal: Option<TerminalSize>,
+    /// The QEMU binary this run boots with: kiln's own configuration, never recorded
+    /// with the sandbox (a detached sandbox gets it from the command that starts it).
+    pub qemu: PathBuf,
 }
 
 /// A valid foreground run: only [`RunFields::validate`] makes one.
@@ -167,6 +168,7 @@ pub struct RunRequest {
     pub(crate) timeout: Option<Duration>,
     pub(crate) remove: bool,
     pub(crate) terminal: Option<TerminalSize>,
+    pub(crate) qemu: PathBuf,
 }
 
 /// The fields of a command to run in a running sandbox, as a front end has them.
@@ -412,7 +414,6 @@ impl CreateFields {
             name: self.name,
             volumes,
             accel: self.accel,
-            qemu: self.qemu,
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
         })
@@ -442,6 +443,7 @@ impl RunFields {
             timeout,
             remove: self.remove,
             terminal: self.terminal,
+            qemu: self.qemu,
         })
     }
 }

@@ -63,7 +63,7 @@ pub fn run(
     }
     let run_spec = main_run_spec(create, &prepared, request.terminal)?;
     let host =
-        Host::new(root, guest, create.accel, &create.qemu, notice).map_err(BootError::from)?;
+        Host::new(root, guest, create.accel, &request.qemu, notice).map_err(BootError::from)?;
 
     let sandbox = SandboxDir::create(root, create.name.as_deref())?;
     let record = sandbox_record(&sandbox, create, &prepared, run_spec);

@@ -9,6 +9,12 @@
 //!
 //! Whoever runs a sandbox (its monitor, or a foreground `kiln run`) holds an exclusive
 //! flock on `monitor.lock` for as long as the VM lives, so a free lock means nothing runs.
+//!
+//! What is read back from here decides what kiln boots, so only kiln's own state counts
+//! (kiln-hostfs): `sandboxes/`, `.names/` and each state directory must be private to the
+//! effective uid, the records are read only when kiln wrote them, and every file is
+//! written 0600 without following a symlink. The records name no program: the VMM comes
+//! from the configuration of the kiln command that boots the sandbox.
 
 use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
@@ -16,6 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use kiln_hostfs::{create_new, open_own, private_dir};
 use kiln_image::ImageRecord;
 use kiln_protocol::{RunSpec, WorkloadResult};
 use kiln_vm::accel::AccelRequest;
@@ -35,7 +42,8 @@ pub const MONITOR_LOCK: &str = "monitor.lock";
 pub const MONITOR_SOCKET: &str = "monitor.sock";
 
 /// What a sandbox was created from and with (`sandbox.json`); never changes afterwards, so
-/// every start boots the same image (the pinned manifest digest in `image`).
+/// every start boots the same image (the pinned manifest digest in `image`). It names no
+/// program to run: the `qemu` field of older kilns' records is ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     pub id: String,
@@ -53,7 +61,6 @@ pub struct SandboxRecord {
     /// Stored as `auto`, `kvm` or `tcg`; anything else makes the record corrupt.
     #[serde(with = "accel_text")]
     pub accel: AccelRequest,
-    pub qemu: PathBuf,
     /// Host directories shared into the sandbox (absent in records of older kilns).
     #[serde(default)]
     pub volumes: Vec<Volume>,
@@ -205,6 +212,10 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+
+    /// A state directory or file that kiln may not trust, or cannot reach.
+    #[error(transparent)]
+    Host(#[from] kiln_hostfs::Error),
 }
 
 impl StateError {
@@ -214,9 +225,12 @@ impl StateError {
             StateError::DuplicateName { .. } => ErrorKind::AlreadyExists,
             StateError::NotFound(_) => ErrorKind::NotFound,
             StateError::Running(_) | StateError::NotRunning(_) => ErrorKind::FailedPrecondition,
-            StateError::Symlink(_) | StateError::Corrupt { .. } | StateError::Io { .. } => {
-                ErrorKind::Internal
-            }
+            // The user fixes what another user could write (the error says how).
+            StateError::Host(kiln_hostfs::Error::Untrusted { .. }) => ErrorKind::FailedPrecondition,
+            StateError::Symlink(_)
+            | StateError::Corrupt { .. }
+            | StateError::Io { .. }
+            | StateError::Host(_) => ErrorKind::Internal,
         }
     }
 }
@@ -249,18 +263,17 @@ impl SandboxDir {
         if let Some(name) = name {
             validate_name(name)?;
         }
-        let sandboxes = root.join("sandboxes");
-        let names_dir = sandboxes.join(".names");
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&names_dir)
-            .map_err(io_err(&names_dir))?;
+        let (sandboxes, names_dir) = state_dirs(root)?;
         let (id, path) = loop {
             let id = random_id().map_err(io_err(Path::new("/dev/urandom")))?;
             let path = sandboxes.join(&id);
             match DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => break (id, path),
+                // Exactly 0700: the umask may have taken bits away.
+                Ok(()) => {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                        .map_err(io_err(&path))?;
+                    break (id, path);
+                }
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(err) => return Err(io_err(&path)(err)),
             }
@@ -273,24 +286,20 @@ impl SandboxDir {
         };
         if let Some(name) = name {
             let claim = dir.names_dir.join(name);
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&claim)
-            {
+            match create_new(&claim) {
                 Ok(mut file) => file.write_all(dir.id.as_bytes()).map_err(io_err(&claim))?,
-                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(kiln_hostfs::Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
                     let mut owner = String::new();
-                    let _ =
-                        std::fs::File::open(&claim).and_then(|mut f| f.read_to_string(&mut owner));
+                    let _ = open_own(&claim).map(|f| f.take(256).read_to_string(&mut owner));
                     dir.remove()?;
                     return Err(StateError::DuplicateName {
                         name: name.to_owned(),
                         id: owner,
                     });
                 }
-                Err(err) => return Err(io_err(&claim)(err)),
+                Err(err) => return Err(err.into()),
             }
         }
         Ok(SandboxDir {
@@ -302,8 +311,7 @@ impl SandboxDir {
     /// The existing sandbox `id_or_name`: an id first, then a name.
     pub fn open(root: &Path, id_or_name: &str) -> Result<SandboxDir, StateError> {
         validate_name(id_or_name)?;
-        let sandboxes = root.join("sandboxes");
-        let names_dir = sandboxes.join(".names");
+        let (sandboxes, names_dir) = state_dirs(root)?;
         let claim = names_dir.join(id_or_name);
         // `.names` and other dot entries are kiln's own, never a sandbox.
         let is_id = !id_or_name.starts_with('.')
@@ -311,21 +319,26 @@ impl SandboxDir {
         let id = if is_id {
             id_or_name.to_owned()
         } else {
-            match std::fs::read_to_string(&claim) {
-                Ok(id) if validate_name(id.trim()).is_ok() && !id.starts_with('.') => {
-                    id.trim().to_owned()
+            let mut id = String::new();
+            match open_own(&claim) {
+                Ok(file) => {
+                    file.take(256)
+                        .read_to_string(&mut id)
+                        .map_err(io_err(&claim))?;
                 }
-                Ok(_) => {
-                    return Err(StateError::Corrupt {
-                        path: claim,
-                        reason: "not a sandbox id".into(),
-                    })
-                }
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Err(err) if err.is_not_found() => {
                     return Err(StateError::NotFound(id_or_name.to_owned()))
                 }
-                Err(err) => return Err(io_err(&claim)(err)),
+                Err(err) => return Err(err.into()),
             }
+            let id = id.trim();
+            if validate_name(id).is_err() || id.starts_with('.') {
+                return Err(StateError::Corrupt {
+                    path: claim,
+                    reason: "not a sandbox id".into(),
+                });
+            }
+            id.to_owned()
         };
         let path = sandboxes.join(&id);
         let meta = std::fs::symlink_metadata(&path).map_err(|err| match err.kind() {
@@ -335,6 +348,7 @@ impl SandboxDir {
         if meta.file_type().is_symlink() || !meta.is_dir() {
             return Err(StateError::Symlink(path));
         }
+        kiln_hostfs::check_private_dir(&path)?;
         let mut dir = SandboxDir {
             id,
             name: None,
@@ -350,12 +364,8 @@ impl SandboxDir {
 
     /// The ids of every sandbox under `root`, sorted.
     pub fn list(root: &Path) -> Result<Vec<String>, StateError> {
-        let sandboxes = root.join("sandboxes");
-        let entries = match std::fs::read_dir(&sandboxes) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(err) => return Err(io_err(&sandboxes)(err)),
-        };
+        let (sandboxes, _) = state_dirs(root)?;
+        let entries = std::fs::read_dir(&sandboxes).map_err(io_err(&sandboxes))?;
         let mut ids = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io_err(&sandboxes))?;
@@ -395,24 +405,19 @@ impl SandboxDir {
     /// Writes `value` as JSON to `name`, through a temporary file and a rename so readers
     /// see the old or the new contents, never a mix.
     pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), StateError> {
-        let path = self.file(name);
         let json = serde_json::to_vec_pretty(value).expect("state records serialise");
-        let mut temp = tempfile::Builder::new()
-            .prefix(".state-")
-            .tempfile_in(&self.path)
-            .map_err(io_err(&path))?;
-        temp.write_all(&json).map_err(io_err(&path))?;
-        temp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
-        Ok(())
+        Ok(kiln_hostfs::write_file(&self.file(name), &json)?)
     }
 
-    /// Reads the JSON file `name` (at most 1 MiB).
+    /// Reads the JSON file `name` (at most 1 MiB), which kiln must have written: a file
+    /// another user owns or could write is refused.
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T, StateError> {
         const MAX: u64 = 1 << 20;
         let path = self.file(name);
         let mut bytes = Vec::new();
-        std::fs::File::open(&path)
-            .and_then(|f| f.take(MAX).read_to_end(&mut bytes))
+        open_own(&path)?
+            .take(MAX)
+            .read_to_end(&mut bytes)
             .map_err(io_err(&path))?;
         serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
             path,
@@ -446,13 +451,7 @@ impl SandboxDir {
     /// The lock lasts as long as the returned file (and its copies in forked children).
     pub fn lock_monitor(&self) -> Result<Option<File>, StateError> {
         let path = self.file(MONITOR_LOCK);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = kiln_hostfs::open_lock(&path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
             Err(TryLockError::WouldBlock) => Ok(None),
@@ -462,7 +461,7 @@ impl SandboxDir {
 
     /// Whether a monitor (or a foreground `kiln run`) holds the sandbox's lock.
     pub fn monitor_alive(&self) -> bool {
-        let Ok(file) = File::open(self.file(MONITOR_LOCK)) else {
+        let Ok(file) = open_own(&self.file(MONITOR_LOCK)) else {
             return false;
         };
         matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
@@ -472,11 +471,11 @@ impl SandboxDir {
     /// its holder ends, so this wakes exactly then, without polling.
     pub fn wait_for_monitor(&self) -> Result<(), StateError> {
         let path = self.file(MONITOR_LOCK);
-        let file = match File::open(&path) {
+        let file = match open_own(&path) {
             Ok(file) => file,
             // Never started: nothing to wait for.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => return Err(StateError::Io { path, source }),
+            Err(err) if err.is_not_found() => return Ok(()),
+            Err(err) => return Err(err.into()),
         };
         loop {
             // The shared lock goes with `file`.
@@ -486,6 +485,12 @@ impl SandboxDir {
                 Err(source) => return Err(StateError::Io { path, source }),
             }
         }
+    }
+
+    /// Opens (creating, 0600) the log file `name` for appending, never through a
+    /// symlink; one that is not kiln's own is refused.
+    pub fn open_log(&self, name: &str) -> Result<File, StateError> {
+        Ok(kiln_hostfs::open_log(&self.file(name))?)
     }
 
     /// The path to bind or connect to for the monitor socket, and the directory handle
@@ -507,6 +512,13 @@ impl SandboxDir {
         ));
         Ok((short, Some(dir)))
     }
+}
+
+/// `<root>/sandboxes` and `<root>/sandboxes/.names`, created private or refused.
+fn state_dirs(root: &Path) -> Result<(PathBuf, PathBuf), StateError> {
+    let sandboxes = private_dir(root, "sandboxes")?;
+    let names = private_dir(&sandboxes, ".names")?;
+    Ok((sandboxes, names))
 }
 
 /// The longest path `sockaddr_un` holds, with its terminating NUL.
@@ -801,6 +813,127 @@ mod tests {
         );
         let (again, _dir) = sandbox.monitor_socket().unwrap();
         std::os::unix::net::UnixStream::connect(again).unwrap();
+    }
+
+    fn record(dir: &SandboxDir) -> SandboxRecord {
+        let digest = |bytes: &[u8]| kiln_image::Digest::sha256_of(bytes);
+        SandboxRecord {
+            id: dir.id().to_owned(),
+            name: None,
+            image: ImageRecord {
+                reference: "oci:/images/demo:latest".into(),
+                manifest_digest: digest(b"manifest"),
+                index_digest: None,
+                config_digest: digest(b"config"),
+                platform: kiln_image::Platform::host(),
+                size: 1,
+                created: None,
+                pulled_at: 1,
+            },
+            created_unix: 1,
+            sandbox_uid: 10001,
+            sandbox_gid: 10001,
+            run: RunSpec {
+                argv: vec!["true".into()],
+                env: Vec::new(),
+                cwd: None,
+                identity: kiln_protocol::Identity {
+                    run_as: kiln_protocol::RunAs::Uid,
+                    uid: 10001,
+                    gid: 10001,
+                },
+                tty: false,
+                terminal: None,
+            },
+            cpus: 1,
+            memory_mib: 256,
+            network: NetworkRecord::None,
+            accel: AccelRequest::Auto,
+            volumes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn records_name_no_program_and_an_old_records_qemu_is_ignored() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        let record = record(&dir);
+        dir.write_json(RECORD_FILE, &record).unwrap();
+        let text = std::fs::read_to_string(dir.file(RECORD_FILE)).unwrap();
+        assert!(!text.contains("qemu"), "{text}");
+
+        // What older kilns wrote, or someone planted: an executable path is not kept.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old["qemu"] = "/tmp/evil-vmm".into();
+        dir.write_json(RECORD_FILE, &old).unwrap();
+        let loaded: SandboxRecord = dir.read_json(RECORD_FILE).unwrap();
+        assert_eq!(loaded, record);
+    }
+
+    #[test]
+    fn state_others_could_write_is_refused_with_the_fix() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), Some("named")).unwrap();
+        dir.write_json(STATE_FILE, &StateRecord::created()).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.file(STATE_FILE)), 0o600);
+        assert_eq!(mode(&root.path().join("sandboxes/.names/named")), 0o600);
+        let chmod = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+
+        chmod(&dir.file(STATE_FILE), 0o666);
+        let err = dir.read_json::<StateRecord>(STATE_FILE).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert!(err.to_string().contains("mode 666"), "{err}");
+
+        chmod(dir.path(), 0o777);
+        let err = SandboxDir::open(root.path(), dir.id())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mode 777") && err.contains("chmod 700"),
+            "{err}"
+        );
+        chmod(dir.path(), 0o700);
+
+        chmod(&root.path().join("sandboxes"), 0o777);
+        for err in [
+            SandboxDir::open(root.path(), "named").unwrap_err(),
+            SandboxDir::create(root.path(), None).unwrap_err(),
+            SandboxDir::list(root.path()).unwrap_err(),
+        ] {
+            assert!(err.to_string().contains("sandboxes: its mode 777"), "{err}");
+        }
+    }
+
+    #[test]
+    fn logs_and_locks_are_never_opened_through_a_symlink() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        let victim = root.path().join("victim");
+        for name in [STDOUT_LOG, MONITOR_LOCK] {
+            std::os::unix::fs::symlink(&victim, dir.file(name)).unwrap();
+        }
+        assert!(dir.open_log(STDOUT_LOG).is_err());
+        assert!(dir.lock_monitor().is_err());
+        assert!(!dir.monitor_alive());
+        assert!(!victim.exists());
+    }
+
+    #[test]
+    #[ignore = "needs root (scripts/test runs it as root)"]
+    fn a_state_directory_of_another_user_is_refused() {
+        assert_eq!(kiln_hostfs::euid(), 0, "this test needs root (chown)");
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        dir.write_json(RECORD_FILE, &record(&dir)).unwrap();
+        std::os::unix::fs::chown(dir.file(RECORD_FILE), Some(65534), None).unwrap();
+        let err = dir.read_json::<SandboxRecord>(RECORD_FILE).unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        std::os::unix::fs::chown(dir.path(), Some(65534), None).unwrap();
+        let err = SandboxDir::open(root.path(), dir.id()).unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
     }
 
     #[test]

@@ -159,7 +159,6 @@ fn create_fields(
         memory_mib: nonzero(request.memory_mib),
         image: request.image,
         accel: machine.accel,
-        qemu: machine.qemu.clone(),
         // Not in the proto yet: the default cap.
         log_max_size: None,
         rootfs_cache_max: machine.rootfs_cache_max,

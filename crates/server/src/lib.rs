@@ -43,7 +43,7 @@ pub struct ServerConfig {
     pub monitor_exe: PathBuf,
     /// Accelerator for sandboxes created through the API.
     pub accel: AccelRequest,
-    /// QEMU binary for sandboxes created through the API.
+    /// QEMU binary that sandboxes started through the API boot with.
     pub qemu: PathBuf,
     /// Disk space the built root images may take (`None`: kiln-sandbox's default).
     pub rootfs_cache_max: Option<u64>,

@@ -127,7 +127,7 @@ impl Driver for DriverService {
                         .hub
                         .publish(&id, name.as_deref(), convert::provision_event(event))
                 };
-                kiln_sandbox::start(&s.root, &id, &s.monitor_exe, &events)
+                kiln_sandbox::start(&s.root, &id, &s.monitor_exe, &s.machine.qemu, &events)
             })
             .await;
         // A failed boot is news too: report the status it left.

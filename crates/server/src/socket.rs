@@ -19,8 +19,11 @@ pub enum SocketError {
     #[error("socket path {path} is {len} bytes long; a unix socket path must be under 100 bytes")]
     TooLong { path: PathBuf, len: usize },
 
-    #[error("refusing socket directory {dir}: {reason}")]
-    UnsafeDirectory { dir: PathBuf, reason: String },
+    #[error("socket path {path}: {source}")]
+    UnsafeDirectory {
+        path: PathBuf,
+        source: kiln_hostfs::Error,
+    },
 
     #[error(
         "refusing socket path {0}: it exists and is not a socket (remove it or pick another path)"
@@ -46,12 +49,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SocketError + '_ {
     }
 }
 
-/// The effective uid of this process.
-pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// A listening socket that removes its file when dropped (if the file is still the one
 /// it created).
 #[derive(Debug)]
@@ -63,8 +60,9 @@ pub struct OwnerSocket {
 
 impl OwnerSocket {
     /// Creates the socket at `path`:
-    /// - its directory must exist, belong to this user or root, and not be writable by
-    ///   others unless sticky (so nobody else can swap the socket for their own);
+    /// - its directory and those above it must exist, belong to this user or root, and
+    ///   not be writable by others unless sticky (so nobody else can swap the socket for
+    ///   their own: kiln-hostfs's `check_parent_dir`);
     /// - an existing socket there is replaced only when nobody listens on it (stale) and
     ///   it belongs to this user; anything else at the path is refused;
     /// - the socket is bound in a private (0700) directory next to `path`, set to 0600
@@ -80,7 +78,12 @@ impl OwnerSocket {
             (Some(dir), Some(_)) => dir.to_path_buf(),
             _ => return Err(SocketError::NoFileName(path)),
         };
-        check_directory(&dir)?;
+        kiln_hostfs::check_parent_dir(&dir, &path).map_err(|source| {
+            SocketError::UnsafeDirectory {
+                path: path.clone(),
+                source,
+            }
+        })?;
         remove_stale(&path)?;
 
         let private = tempfile::Builder::new()
@@ -131,32 +134,6 @@ impl Drop for OwnerSocket {
     }
 }
 
-fn check_directory(dir: &Path) -> Result<(), SocketError> {
-    let unsafe_dir = |reason: String| SocketError::UnsafeDirectory {
-        dir: dir.to_path_buf(),
-        reason,
-    };
-    let meta = std::fs::metadata(dir).map_err(io_err(dir))?;
-    if !meta.is_dir() {
-        return Err(unsafe_dir("not a directory".into()));
-    }
-    let me = euid();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(unsafe_dir(format!(
-            "it belongs to uid {}, expected {me} or root",
-            meta.uid()
-        )));
-    }
-    let mode = meta.mode();
-    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        return Err(unsafe_dir(format!(
-            "mode {:o} lets other users replace the socket; use a directory only you can write to",
-            mode & 0o7777
-        )));
-    }
-    Ok(())
-}
-
 /// Removes a socket left at `path` by a server that is gone. Refuses anything else.
 fn remove_stale(path: &Path) -> Result<(), SocketError> {
     let meta = match std::fs::symlink_metadata(path) {
@@ -167,7 +144,7 @@ fn remove_stale(path: &Path) -> Result<(), SocketError> {
     if !meta.file_type().is_socket() {
         return Err(SocketError::NotASocket(path.to_path_buf()));
     }
-    if meta.uid() != euid() {
+    if meta.uid() != kiln_hostfs::euid() {
         return Err(SocketError::ForeignSocket {
             path: path.to_path_buf(),
             owner: meta.uid(),
@@ -206,7 +183,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 /// credentials cannot be read is refused.
 pub fn same_user(stream: &UnixStream) -> bool {
     match stream.peer_cred() {
-        Ok(cred) if cred.uid() == euid() => true,
+        Ok(cred) if cred.uid() == kiln_hostfs::euid() => true,
         Ok(cred) => {
             tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused a connection from another user");
             false

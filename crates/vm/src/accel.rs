@@ -7,7 +7,7 @@
 //! per host boot, keyed by `/proc/sys/kernel/random/boot_id`.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -123,6 +123,9 @@ fn resolve_with(
     if let Err(why) = open_kvm(kvm_device) {
         return Ok(tcg(why));
     }
+    // A verdict another user planted could only pick the accelerator, but the directory
+    // is kiln's own all the same.
+    kiln_hostfs::private_dir(cache_dir, "")?;
     let cache_file = cache_file(cache_dir, boot_id);
     if let Some(mut verdict) = read_cached(&cache_file) {
         verdict.cached = true;
@@ -139,7 +142,8 @@ fn resolve_with(
             kvm_device.display()
         )),
     };
-    write_cached(cache_dir, &cache_file, &verdict)?;
+    let json = serde_json::to_vec_pretty(&verdict).expect("verdict serialises");
+    kiln_hostfs::write_file(&cache_file, &json)?;
     Ok(verdict)
 }
 
@@ -171,8 +175,18 @@ fn cache_file(cache_dir: &Path, boot_id: &str) -> PathBuf {
     cache_dir.join(format!("accel-{boot_id}.json"))
 }
 
+/// The verdict in `path`, when it is a file kiln wrote (another user's, or one others
+/// could write, is ignored with a warning: the probe runs again).
 fn read_cached(path: &Path) -> Option<AccelVerdict> {
-    let bytes = std::fs::read(path).ok()?;
+    let mut bytes = Vec::new();
+    match kiln_hostfs::open_own(path) {
+        Ok(file) => file.take(64 << 10).read_to_end(&mut bytes).ok()?,
+        Err(err) if err.is_not_found() => return None,
+        Err(err) => {
+            tracing::warn!("ignoring the acceleration cache: {err}");
+            return None;
+        }
+    };
     match serde_json::from_slice(&bytes) {
         Ok(verdict) => Some(verdict),
         Err(err) => {
@@ -183,19 +197,6 @@ fn read_cached(path: &Path) -> Option<AccelVerdict> {
             None
         }
     }
-}
-
-fn write_cached(dir: &Path, path: &Path, verdict: &AccelVerdict) -> Result<(), VmError> {
-    let err = |source| VmError::AccelCache {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
-    let json = serde_json::to_vec_pretty(verdict).expect("verdict serialises");
-    tmp.write_all(&json).map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    Ok(())
 }
 
 /// This host boot's cached verdict in `cache_dir`, if a probe already ran.
@@ -293,6 +294,29 @@ mod tests {
         })
         .unwrap();
         assert_eq!(v.accel, Accel::Kvm);
+    }
+
+    #[test]
+    fn a_verdict_others_could_write_is_ignored_and_a_shared_cache_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dev = fake_device(dir.path(), true);
+        let cache = dir.path().join("accel");
+        let failed = || ProbeOutcome::Failed("KVM internal error".into());
+        resolve_with(AccelRequest::Auto, &cache, &dev, "b1", failed).unwrap();
+        let verdict = cache.join("accel-b1.json");
+        std::fs::set_permissions(&verdict, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let v = resolve_with(AccelRequest::Auto, &cache, &dev, "b1", || {
+            ProbeOutcome::Booted
+        })
+        .unwrap();
+        assert_eq!(v.accel, Accel::Kvm, "probed again");
+        assert!(!v.cached);
+
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err =
+            resolve_with(AccelRequest::Auto, &cache, &dev, "b2", || panic!("probed")).unwrap_err();
+        assert!(err.to_string().contains("mode 777"), "{err}");
     }
 
     #[test]

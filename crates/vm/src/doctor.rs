@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::accel::{self, Accel, AccelVerdict};
 use crate::guest::{self, GuestImages};
+use crate::VmError;
 
 /// Below this much free space under the root, builds of realistic images may fail.
 const MIN_FREE_BYTES: u64 = 2 << 30;
@@ -35,7 +36,8 @@ impl Report {
     }
 }
 
-/// Checks the VMM, the guest boot files, acceleration and free space for `root`.
+/// Checks the VMM, the root's permissions, the guest boot files, acceleration and free
+/// space for `root`.
 ///
 /// Acceleration is reported from this host boot's cached verdict when there is one; a
 /// fresh probe needs a guest boot, which the first `kiln run` does.
@@ -44,8 +46,14 @@ pub fn diagnose(qemu_binary: &Path, root: &Path) -> Report {
     Report {
         checks: vec![
             check_qemu(qemu_binary),
-            check_file("kernel", &images.kernel, guest::KERNEL_ENV),
-            check_file("initramfs", &images.initramfs, guest::INITRAMFS_ENV),
+            check_root(root),
+            check_guest_file(&images, "kernel", &images.kernel, guest::KERNEL_ENV),
+            check_guest_file(
+                &images,
+                "initramfs",
+                &images.initramfs,
+                guest::INITRAMFS_ENV,
+            ),
             check_accel(root),
             check_space(root),
         ],
@@ -106,24 +114,72 @@ fn check_qemu(binary: &Path) -> Check {
     }
 }
 
-fn check_file(name: &'static str, path: &Path, env: &str) -> Check {
-    if path.is_file() {
-        Check {
+/// Whether kiln would accept `root` (kiln-hostfs): a directory of this user that others
+/// cannot write, under directories that keep others from replacing it.
+fn check_root(root: &Path) -> Check {
+    let verdict = std::path::absolute(root)
+        .map_err(|source| kiln_hostfs::Error::Io {
+            path: root.to_path_buf(),
+            source,
+        })
+        .and_then(|root| {
+            if let Some(parent) = root.parent() {
+                kiln_hostfs::check_parent_dir(parent, &root)?;
+            }
+            kiln_hostfs::check_private_dir(&root)
+        });
+    match verdict {
+        Ok(()) => Check {
+            name: "root",
+            ok: true,
+            detail: root.display().to_string(),
+            fix: None,
+        },
+        Err(err) if err.is_not_found() => Check {
+            name: "root",
+            ok: true,
+            detail: format!("{} (created 0700 on first use)", root.display()),
+            fix: None,
+        },
+        Err(err) => {
+            let fix = match &err {
+                kiln_hostfs::Error::Untrusted { fix, .. } => Some(fix.clone()),
+                kiln_hostfs::Error::Io { .. } => None,
+            };
+            Check {
+                name: "root",
+                ok: false,
+                detail: err.to_string(),
+                fix,
+            }
+        }
+    }
+}
+
+fn check_guest_file(images: &GuestImages, name: &'static str, path: &Path, env: &str) -> Check {
+    let fix = Some(guest::BUILD_COMMAND.to_owned());
+    match images.check_file(name, path) {
+        Ok(()) => Check {
             name,
             ok: true,
             detail: path.display().to_string(),
             fix: None,
-        }
-    } else {
-        Check {
+        },
+        Err(VmError::MissingFile { .. }) => Check {
             name,
             ok: false,
             detail: format!(
                 "{} is missing (or set {env} to another file)",
                 path.display()
             ),
-            fix: Some(guest::BUILD_COMMAND.to_owned()),
-        }
+            fix,
+        },
+        Err(err) => Check {
+            name,
+            ok: false,
+            detail: err.to_string(),
+            fix,
+        },
     }
 }
 
@@ -228,7 +284,9 @@ mod tests {
     #[test]
     fn missing_guest_files_point_at_the_build_script() {
         let dir = tempfile::tempdir().unwrap();
-        let check = check_file(
+        let images = GuestImages::locate(dir.path());
+        let check = check_guest_file(
+            &images,
             "kernel",
             &dir.path().join("guest/kernel"),
             guest::KERNEL_ENV,
@@ -236,6 +294,20 @@ mod tests {
         assert!(!check.ok);
         assert_eq!(check.fix.as_deref(), Some(guest::BUILD_COMMAND));
         assert!(check.detail.contains("KILN_KERNEL"));
+    }
+
+    #[test]
+    fn a_root_others_can_write_is_reported_with_its_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        assert!(check_root(&root).ok, "created on first use");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let check = check_root(&root);
+        assert!(!check.ok);
+        assert!(check.detail.contains("mode 777"), "{}", check.detail);
+        assert!(check.fix.unwrap().contains("chmod 700"));
     }
 
     #[test]

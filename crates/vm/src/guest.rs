@@ -20,6 +20,9 @@ pub const BUILD_COMMAND: &str = "bash scripts/build-guest";
 pub struct GuestImages {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The root they are located for: files taken from its `guest/` must be kiln's own
+    /// (those the environment names are the user's own choice).
+    root: PathBuf,
 }
 
 impl GuestImages {
@@ -34,25 +37,97 @@ impl GuestImages {
             kernel: from_env(KERNEL_ENV).unwrap_or_else(|| root.join("guest").join("kernel")),
             initramfs: from_env(INITRAMFS_ENV)
                 .unwrap_or_else(|| root.join("guest").join("initramfs")),
+            root: root.to_path_buf(),
         }
+    }
+
+    /// Fails with the command that builds them when either file is missing, and refuses
+    /// one taken from `<root>/guest` that is not kiln's own: its directory or the file
+    /// itself belongs to another user or is writable by others, so someone else could
+    /// have put their kernel there. No digest of them is recorded to check them against.
+    pub fn check(&self) -> Result<(), VmError> {
+        self.check_file("guest kernel", &self.kernel)?;
+        self.check_file("guest initramfs", &self.initramfs)
+    }
+
+    /// [`Self::check`] for one of the two files.
+    pub(crate) fn check_file(&self, what: &'static str, path: &Path) -> Result<(), VmError> {
+        require_file(what, path)?;
+        if path.parent() != Some(self.root.join("guest").as_path()) {
+            return Ok(());
+        }
+        kiln_hostfs::private_dir(&self.root, "guest")
+            .and_then(|_| kiln_hostfs::open_own(path))
+            .map(drop)
+            .map_err(|source| VmError::UntrustedGuestFile { what, source })
     }
 }
 
-impl GuestImages {
-    /// Fails with the command that builds them when either file is missing.
-    pub fn check(&self) -> Result<(), VmError> {
-        for (what, path) in [
-            ("guest kernel", &self.kernel),
-            ("guest initramfs", &self.initramfs),
-        ] {
-            if !path.is_file() {
-                return Err(VmError::MissingFile {
-                    what,
-                    path: path.clone(),
-                    hint: "build and install it with `bash scripts/build-guest`, or point KILN_KERNEL / KILN_INITRAMFS at one",
-                });
-            }
+/// Fails with the command that builds `path` when it is missing.
+pub(crate) fn require_file(what: &'static str, path: &Path) -> Result<(), VmError> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(VmError::MissingFile {
+        what,
+        path: path.to_path_buf(),
+        hint: "build and install it with `bash scripts/build-guest`, or point KILN_KERNEL / KILN_INITRAMFS at one",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// `<root>/guest/{kernel,initramfs}` as scripts/build-guest installs them (0644).
+    fn installed() -> (tempfile::TempDir, GuestImages) {
+        let root = tempfile::tempdir().unwrap();
+        let guest = root.path().join("guest");
+        std::fs::create_dir(&guest).unwrap();
+        for name in ["kernel", "initramfs"] {
+            std::fs::write(guest.join(name), name).unwrap();
+            chmod(&guest.join(name), 0o644);
         }
-        Ok(())
+        let images = GuestImages {
+            kernel: guest.join("kernel"),
+            initramfs: guest.join("initramfs"),
+            root: root.path().to_path_buf(),
+        };
+        (root, images)
+    }
+
+    #[test]
+    fn installed_files_others_could_write_are_refused() {
+        let (root, images) = installed();
+        images.check().unwrap();
+        chmod(&images.kernel, 0o666);
+        let err = images.check().unwrap_err().to_string();
+        assert!(
+            err.contains("guest kernel") && err.contains("mode 666") && err.contains("build-guest"),
+            "{err}"
+        );
+        chmod(&images.kernel, 0o644);
+        chmod(&root.path().join("guest"), 0o777);
+        let err = images.check().unwrap_err().to_string();
+        assert!(err.contains("mode 777"), "{err}");
+    }
+
+    #[test]
+    fn files_named_by_the_environment_are_the_users_choice() {
+        let (root, mut images) = installed();
+        let elsewhere = root.path().join("my-kernel");
+        std::fs::write(&elsewhere, b"kernel").unwrap();
+        chmod(&elsewhere, 0o666);
+        images.kernel = elsewhere;
+        images.check().unwrap();
+        images.initramfs = root.path().join("missing");
+        let err = images.check().unwrap_err().to_string();
+        assert!(err.contains("scripts/build-guest"), "{err}");
     }
 }

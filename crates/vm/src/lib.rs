@@ -128,6 +128,12 @@ pub enum VmError {
         hint: &'static str,
     },
 
+    #[error("{what}: {source}; install it again with `bash scripts/build-guest`")]
+    UntrustedGuestFile {
+        what: &'static str,
+        source: kiln_hostfs::Error,
+    },
+
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
 
@@ -162,9 +168,8 @@ pub enum VmError {
         stderr: String,
     },
 
-    #[error("acceleration cache {path}: {source}")]
-    AccelCache {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A directory or file of kiln's own (the acceleration cache, a console log) that
+    /// kiln may not trust, or cannot reach.
+    #[error(transparent)]
+    HostFile(#[from] kiln_hostfs::Error),
 }

@@ -156,23 +156,16 @@ impl Backend for Qemu {
     }
 
     fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
-        crate::guest::GuestImages {
-            kernel: spec.kernel.clone(),
-            initramfs: spec.initramfs.clone(),
-        }
-        .check()?;
+        crate::guest::require_file("guest kernel", &spec.kernel)?;
+        crate::guest::require_file("guest initramfs", &spec.initramfs)?;
         let arguments = self.arguments(spec)?;
-        // Start each boot with an empty log; both writers then append to it.
-        let log = std::fs::File::create(&spec.console_log)
-            .and_then(|_| {
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&spec.console_log)
-            })
-            .map_err(|source| VmError::File {
-                path: spec.console_log.clone(),
-                source,
-            })?;
+        // Start each boot with an empty log; both writers then append to it. Never
+        // through a symlink: the log is a file of kiln's own.
+        let log = kiln_hostfs::open_log(&spec.console_log)?;
+        log.set_len(0).map_err(|source| VmError::File {
+            path: spec.console_log.clone(),
+            source,
+        })?;
         let mut command = Command::new(&self.binary);
         command
             .args(arguments)
