@@ -725,7 +725,6 @@ mod tests {
             memory_mib: 512,
             network: NetworkRecord::None,
             accel: AccelRequest::Auto,
-            qemu: "qemu-system-x86_64".into(),
             volumes: Vec::new(),
             log_max_size: 4096,
         };
@@ -850,6 +849,7 @@ mod tests {
             network: NetworkRecord::None,
             accel: AccelRequest::Auto,
             volumes: Vec::new(),
+            log_max_size: DEFAULT_LOG_MAX_SIZE,
         }
     }
 
