@@ -50,9 +50,10 @@
 //! virtserialport,chardev=kiln,name=kiln.0`, with the host listening on SOCK before QEMU
 //! starts. init waits up to 10 s for the port, and up to 60 s for the host's hello and
 //! `Run` after boot. The host sends Hello (control session), Run (session 1), then stdin
-//! Data/Eof, Signal and Resize frames, Run frames opening exec sessions (ids >= 2) and
-//! finally, perhaps, Shutdown (control session); init sends Hello, Phase frames and any
-//! BootError on the control session and Data/Eof/Result on each workload session.
+//! Data/Eof, Signal, Resize and Credit frames, Run frames opening exec sessions (ids >= 2)
+//! and finally, perhaps, Shutdown (control session); init sends Hello, Phase frames and
+//! any BootError on the control session and Data/Eof/Result on each workload session,
+//! each session's data within the window the host's credit leaves it.
 
 mod channel;
 mod net;
