@@ -764,7 +764,259 @@ mod libc_signals {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+
+    use kiln_protocol::{
+        write_frame, Identity, Kind, RunAs, SessionId, HEADER_LEN, MAGIC, WIRE_VERSION,
+    };
+    use kiln_vm::qemu::Qemu;
+    use kiln_vm::{Channel, Network};
+
     use super::*;
+
+    fn run_spec() -> RunSpec {
+        RunSpec {
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            cwd: None,
+            identity: Identity {
+                run_as: RunAs::Uid,
+                uid: 1000,
+                gid: 1000,
+            },
+            tty: false,
+            terminal: None,
+        }
+    }
+
+    /// Runs launch's host side against a scripted guest. A compromised guest cannot be
+    /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
+    /// so the test plays the guest: `guest` gets the channel socket where QEMU would
+    /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
+    /// kills is a shell script that sleeps.
+    fn against_scripted_guest(
+        stdout: Box<dyn Write + Send>,
+        guest: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> Result<LaunchOutcome, LaunchError> {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = dir.path().join("vmm");
+        std::fs::write(&vmm, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for file in ["kernel", "initramfs"] {
+            std::fs::write(dir.path().join(file), b"").unwrap();
+        }
+        let spec = VmSpec {
+            kernel: dir.path().join("kernel"),
+            initramfs: dir.path().join("initramfs"),
+            cmdline: Vec::new(),
+            disks: Vec::new(),
+            shares: Vec::new(),
+            cpus: 1,
+            memory_mib: 128,
+            network: Network::None,
+            channel: Channel {
+                socket: dir.path().join("channel.sock"),
+                port_name: kiln_protocol::CHANNEL_PORT.into(),
+            },
+            console_log: dir.path().join("console.log"),
+            accel: Accel::Tcg,
+        };
+        let socket = spec.channel.socket.clone();
+        let peer = std::thread::spawn(move || {
+            let mut stream = loop {
+                match UnixStream::connect(&socket) {
+                    Ok(stream) => break stream,
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            let hello = Hello::ours("scripted guest");
+            write_frame(
+                &mut stream,
+                &Frame::new(CONTROL_SESSION, Message::Hello(hello)),
+            )
+            .unwrap();
+            for expected in [Kind::Hello, Kind::Run] {
+                let frame = read_frame(&mut stream).unwrap().unwrap();
+                assert_eq!(frame.message.kind(), expected);
+            }
+            guest(&mut stream);
+            stream
+        });
+        let deadlines = Deadlines {
+            connect: Duration::from_secs(10),
+            boot: Duration::from_secs(60),
+            workload: None,
+            shutdown: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(1),
+        };
+        let (_keep_open, control) = mpsc::channel();
+        let io = HostIo {
+            stdin: None,
+            stdout,
+            stderr: Box::new(std::io::sink()),
+            guest_events: None,
+        };
+        let outcome = launch(
+            &Qemu::with_binary(&vmm),
+            &spec,
+            run_spec(),
+            deadlines,
+            io,
+            control,
+        );
+        drop(peer.join().expect("the scripted guest ran its script"));
+        outcome
+    }
+
+    /// Raw bytes of a frame, for payloads the encoder refuses to write.
+    fn raw_frame(kind: Kind, session: SessionId, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend([WIRE_VERSION, kind as u8, 0, 0]);
+        bytes.extend(session.to_be_bytes());
+        bytes.extend((payload.len() as u32).to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    }
+
+    fn channel_error(outcome: Result<LaunchOutcome, LaunchError>) -> ProtocolError {
+        match outcome {
+            Err(LaunchError::Channel { source, .. }) => source,
+            Err(other) => panic!("expected a channel error, got: {other}"),
+            Ok(outcome) => panic!("expected a channel error, got {outcome:?}"),
+        }
+    }
+
+    /// Collects what the run writes to its stdout.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A stdout that takes nothing until the test lets it go (drops the sender).
+    struct Stuck(Mutex<mpsc::Receiver<()>>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn send(stream: &mut UnixStream, session: SessionId, message: Message) {
+        write_frame(stream, &Frame::new(session, message)).unwrap();
+    }
+
+    #[test]
+    fn an_honest_guest_gets_its_output_written_and_its_result_returned() {
+        let stdout = Captured::default();
+        let outcome = against_scripted_guest(Box::new(stdout.clone()), |guest| {
+            for text in ["hello ", "world"] {
+                let bytes = text.as_bytes().to_vec();
+                let stream = Stream::Stdout;
+                send(guest, MAIN_SESSION, Message::Data { stream, bytes });
+            }
+            let stream = Stream::Stdout;
+            send(guest, MAIN_SESSION, Message::Eof { stream });
+            let result = WorkloadResult::Exited { code: 3 };
+            send(guest, MAIN_SESSION, Message::Result(result));
+        })
+        .unwrap();
+        assert_eq!(outcome.result, WorkloadResult::Exited { code: 3 });
+        assert_eq!(stdout.0.lock().unwrap().as_slice(), b"hello world");
+    }
+
+    #[test]
+    fn a_second_hello_is_a_typed_error() {
+        let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+            send(guest, CONTROL_SESSION, Message::Hello(Hello::ours("again")));
+        }));
+        assert!(matches!(err, ProtocolError::SecondHello), "{err}");
+    }
+
+    #[test]
+    fn an_out_of_range_signal_or_exit_code_is_a_typed_error() {
+        for (payload, accepted) in [
+            (r#"{"outcome":"killed","signal":2147483647}"#, "1 to 64"),
+            (r#"{"outcome":"exited","code":300}"#, "0 to 255"),
+        ] {
+            let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+                let bytes = raw_frame(Kind::Result, MAIN_SESSION, payload.as_bytes());
+                guest.write_all(&bytes).unwrap();
+            }));
+            assert!(
+                matches!(
+                    err,
+                    ProtocolError::BadPayload {
+                        kind: Kind::Result,
+                        ..
+                    }
+                ) && err.to_string().contains(accepted),
+                "{payload}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_frame_for_a_session_the_host_never_opened_is_a_typed_error() {
+        let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+            let bytes = b"not yours".to_vec();
+            let stream = Stream::Stdout;
+            send(guest, 7, Message::Data { stream, bytes });
+        }));
+        assert!(
+            matches!(err, ProtocolError::UnknownSession { session: 7, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_oversize_length_is_refused_from_the_header() {
+        let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+            // Only the header: the host must refuse it without waiting for 4 GiB.
+            let mut header = raw_frame(Kind::StdoutData, MAIN_SESSION, b"");
+            header[HEADER_LEN - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+            guest.write_all(&header).unwrap();
+        }));
+        assert!(matches!(err, ProtocolError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_guest_that_ignores_its_window_is_refused() {
+        let (release, stuck) = mpsc::channel();
+        let outcome = against_scripted_guest(Box::new(Stuck(Mutex::new(stuck))), |guest| {
+            // 17 frames of 64 KiB with their headers are more than the 1 MiB window, and
+            // the stuck stdout lets no credit come back.
+            for _ in 0..17 {
+                let bytes = vec![0u8; 64 * 1024];
+                let stream = Stream::Stdout;
+                send(guest, MAIN_SESSION, Message::Data { stream, bytes });
+            }
+        });
+        drop(release);
+        let err = channel_error(outcome);
+        assert!(
+            matches!(
+                err,
+                ProtocolError::WindowExceeded {
+                    session: MAIN_SESSION,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn console_tail_keeps_the_last_lines() {

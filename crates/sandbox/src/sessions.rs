@@ -634,3 +634,321 @@ impl Drop for SessionOutput {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use kiln_protocol::{
+        read_frame, Identity, RunAs, ShutdownRequest, WorkloadResult, MAX_PAYLOAD,
+    };
+
+    use super::*;
+
+    /// A channel whose guest end the test holds: what the host writes arrives there, and
+    /// frames "from the guest" go straight to `accept`.
+    fn channel() -> (GuestChannel, UnixStream) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        (GuestChannel::start(&host).unwrap(), guest)
+    }
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            argv: vec!["cat".into()],
+            env: Vec::new(),
+            cwd: None,
+            identity: Identity {
+                run_as: RunAs::Uid,
+                uid: 1000,
+                gid: 1000,
+            },
+            tty: false,
+            terminal: None,
+        }
+    }
+
+    fn data(session: SessionId, len: usize) -> Frame {
+        let bytes = vec![b'x'; len];
+        let stream = Stream::Stdout;
+        Frame::new(session, Message::Data { stream, bytes })
+    }
+
+    /// A data frame whose charge is `charge`.
+    fn charging(session: SessionId, charge: u32) -> Frame {
+        data(session, charge as usize - kiln_protocol::HEADER_LEN)
+    }
+
+    /// The next frame the host sent to the guest.
+    fn sent(guest: &mut UnixStream) -> Frame {
+        guest
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        read_frame(guest).unwrap().expect("a frame from the host")
+    }
+
+    /// Credit frames the host sent for `session` until `bytes` came back in all.
+    fn credit_of(guest: &mut UnixStream, session: SessionId, bytes: u32) {
+        let mut got = 0;
+        while got < bytes {
+            match sent(guest) {
+                Frame {
+                    session: s,
+                    message: Message::Credit(credit),
+                } if s == session => got += credit.bytes,
+                other => panic!("expected credit for session {session}, got {other:?}"),
+            }
+        }
+        assert_eq!(got, bytes);
+    }
+
+    #[test]
+    fn a_reader_that_stops_gets_one_window_and_the_guest_no_more_credit() {
+        let (channel, mut guest) = channel();
+        let mut output = channel.open_main(spec()).unwrap();
+        assert!(matches!(sent(&mut guest).message, Message::Run(_)));
+        let frame = SESSION_WINDOW / 16;
+        for _ in 0..16 {
+            assert!(channel
+                .accept(charging(MAIN_SESSION, frame))
+                .unwrap()
+                .is_none());
+        }
+        // The reader has taken nothing: a byte more than the window is the guest's fault.
+        let err = channel.accept(data(MAIN_SESSION, 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::WindowExceeded {
+                    session: MAIN_SESSION,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        guest
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut byte = [0u8];
+        assert!(
+            guest.read(&mut byte).is_err(),
+            "no credit while the reader takes nothing"
+        );
+
+        // Taking frames hands their credit back once the next one is asked for: in
+        // batches of a quarter window, then the rest when all is taken.
+        for _ in 0..16 {
+            assert_eq!(output.next().unwrap().window_charge(), frame);
+        }
+        credit_of(&mut guest, MAIN_SESSION, 12 * frame);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(output.next()).unwrap());
+        credit_of(&mut guest, MAIN_SESSION, 4 * frame);
+        channel.accept(data(MAIN_SESSION, 5)).unwrap();
+        let next = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(next, data(MAIN_SESSION, 5));
+    }
+
+    #[test]
+    fn the_guest_may_only_send_on_sessions_the_host_opened() {
+        let (channel, _guest) = channel();
+        let unknown = channel.accept(data(7, 10)).unwrap_err();
+        assert!(
+            matches!(unknown, ProtocolError::UnknownSession { session: 7, .. }),
+            "{unknown}"
+        );
+        let mut output = channel.open_main(spec()).unwrap();
+        let result = Frame::new(
+            MAIN_SESSION,
+            Message::Result(WorkloadResult::Exited { code: 0 }),
+        );
+        // The main session's result goes to the run and, last, to its reader.
+        assert_eq!(
+            channel.accept(result.clone()).unwrap(),
+            Some(result.clone())
+        );
+        let after = channel.accept(data(MAIN_SESSION, 1)).unwrap_err();
+        assert!(
+            matches!(after, ProtocolError::UnknownSession { .. }),
+            "nothing follows a result: {after}"
+        );
+        assert_eq!(output.next(), Some(result));
+        assert_eq!(output.next(), None);
+
+        let stdin = Frame::new(
+            MAIN_SESSION,
+            Message::Data {
+                stream: Stream::Stdin,
+                bytes: b"x".to_vec(),
+            },
+        );
+        let exec = channel.exec();
+        let session = exec.open(spec()).unwrap();
+        let id = session.session();
+        for (frame, what) in [
+            (Frame::new(id, stdin.message.clone()), "stdin data"),
+            (Frame::new(id, Message::Run(spec())), "a run"),
+            (
+                Frame::new(
+                    CONTROL_SESSION,
+                    Message::Shutdown(ShutdownRequest { grace_ms: 0 }),
+                ),
+                "a shutdown",
+            ),
+        ] {
+            let err = channel.accept(frame).unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::NotAllowed { .. }),
+                "{what}: {err}"
+            );
+        }
+        let eof = Frame::new(
+            id,
+            Message::Eof {
+                stream: Stream::Stderr,
+            },
+        );
+        channel.accept(eof.clone()).unwrap();
+        assert!(channel.accept(eof).is_err(), "a stream ends once");
+        let phase = Frame::new(
+            CONTROL_SESSION,
+            Message::Phase(kiln_protocol::PhaseTime {
+                phase: BootPhase::WorkloadStarted,
+                boottime_ns: 1,
+            }),
+        );
+        assert!(channel.accept(phase.clone()).unwrap().is_some());
+        assert!(
+            channel.accept(phase).is_err(),
+            "each phase is reported once"
+        );
+    }
+
+    #[test]
+    fn control_frames_overtake_queued_input() {
+        let (channel, mut guest) = channel();
+        let _output = channel.open_main(spec()).unwrap();
+        let stdin = |n: u8| {
+            Frame::new(
+                MAIN_SESSION,
+                Message::Data {
+                    stream: Stream::Stdin,
+                    bytes: vec![n; MAX_PAYLOAD / 4],
+                },
+            )
+        };
+        // The guest reads nothing: the socket's buffer fills, then the input queue.
+        let (tx, rx) = mpsc::channel();
+        let writer = channel.clone();
+        std::thread::spawn(move || {
+            for n in 0..64 {
+                writer.input(stdin(n)).unwrap();
+                tx.send(n).unwrap();
+            }
+        });
+        let mut queued = 0;
+        while let Ok(n) = rx.recv_timeout(Duration::from_millis(500)) {
+            queued = n;
+        }
+        assert!(
+            queued < 63,
+            "the input queue is bounded: all 64 frames were taken"
+        );
+        let stop = Frame::new(
+            CONTROL_SESSION,
+            Message::Shutdown(ShutdownRequest { grace_ms: 0 }),
+        );
+        channel.control(stop.clone()).unwrap();
+        let mut order = Vec::new();
+        while order.len() < 65 {
+            let frame = sent(&mut guest);
+            match frame.message {
+                Message::Run(_) => {}
+                Message::Shutdown(_) => order.push(None),
+                Message::Data { bytes, .. } => order.push(Some(bytes[0])),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let stop_at = order.iter().position(Option::is_none).unwrap();
+        assert!(
+            stop_at <= queued as usize + 2,
+            "the shutdown went out after {stop_at} input frames, behind the queue: {order:?}"
+        );
+        let inputs: Vec<u8> = order.into_iter().flatten().collect();
+        assert_eq!(
+            inputs,
+            (0..64).collect::<Vec<u8>>(),
+            "input keeps its order"
+        );
+    }
+
+    #[test]
+    fn a_stop_stops_waiting_for_a_reader_that_fell_behind() {
+        let (channel, mut guest) = channel();
+        let mut output = channel.open_main(spec()).unwrap();
+        sent(&mut guest);
+        let frame = SESSION_WINDOW / 4;
+        for _ in 0..4 {
+            channel.accept(charging(MAIN_SESSION, frame)).unwrap();
+        }
+        channel.stop();
+        credit_of(&mut guest, MAIN_SESSION, SESSION_WINDOW);
+        // The queue is full: what comes now is dropped, and its credit goes back at once.
+        channel.accept(charging(MAIN_SESSION, frame)).unwrap();
+        credit_of(&mut guest, MAIN_SESSION, frame);
+        assert!(channel.dropped_output(MAIN_SESSION));
+        for _ in 0..4 {
+            assert_eq!(output.next().unwrap().window_charge(), frame);
+        }
+        // Nothing taken was owed any more: no credit is handed back twice.
+        channel.accept(data(MAIN_SESSION, 3)).unwrap();
+        credit_of(
+            &mut guest,
+            MAIN_SESSION,
+            data(MAIN_SESSION, 3).window_charge(),
+        );
+        assert_eq!(output.next(), Some(data(MAIN_SESSION, 3)));
+    }
+
+    #[test]
+    fn an_abandoned_session_is_killed_and_its_output_dropped() {
+        let (channel, mut guest) = channel();
+        let exec = channel.exec();
+        let output = exec.open(spec()).unwrap();
+        let id = output.session();
+        assert!(matches!(sent(&mut guest).message, Message::Run(_)));
+        channel.accept(data(id, 100)).unwrap();
+        drop(output);
+        let mut kill = None;
+        let mut credit = 0;
+        while kill.is_none() || credit < data(id, 100).window_charge() {
+            match sent(&mut guest).message {
+                Message::Signal(request) => kill = Some(request.signal),
+                Message::Credit(more) => credit += more.bytes,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(kill, Some(libc::SIGKILL));
+        // What it still sends is dropped and handed back; its result closes it.
+        channel.accept(data(id, 10)).unwrap();
+        credit_of(&mut guest, id, data(id, 10).window_charge());
+        let result = Frame::new(id, Message::Result(WorkloadResult::Killed { signal: 9 }));
+        assert_eq!(channel.accept(result).unwrap(), None);
+        assert!(
+            channel.accept(data(id, 1)).is_err(),
+            "the session is closed"
+        );
+    }
+
+    #[test]
+    fn sessions_are_limited() {
+        let (channel, _guest) = channel();
+        let exec = channel.exec();
+        let open: Vec<SessionOutput> = (0..MAX_SESSIONS)
+            .map(|_| exec.open(spec()).unwrap())
+            .collect();
+        assert!(matches!(exec.open(spec()), Err(SessionError::TooMany)));
+        drop(open);
+    }
+}
