@@ -1,7 +1,8 @@
 //! A reader that stops reading cannot make kiln's memory grow or hold up a stop (issue 17,
 //! item 2), with real VM boots under TCG: an exec session's output read slowly keeps the
-//! sandbox's monitor within the stated bound and `rm -f` prompt, and a foreground run
-//! writing into a FIFO nobody reads keeps `kiln run` within it and ends on SIGTERM.
+//! sandbox's monitor within the stated bound and `rm -f` prompt, an exec reader that stops
+//! does not keep its sandbox from ending with its workload, and a foreground run writing
+//! into a FIFO nobody reads keeps `kiln run` within the bound and ends on SIGTERM.
 //!
 //! The bound is docs/sandboxes.md's: at most 64 MiB of queued data per sandbox (one 1 MiB
 //! window per session and the input queue); the tests measure the process's resident
@@ -146,6 +147,56 @@ fn a_slow_exec_reader_keeps_the_monitor_bounded_and_rm_f_prompt() {
     assert!(
         !status.unwrap().success(),
         "cat /dev/zero cannot have ended well"
+    );
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn a_stuck_exec_reader_does_not_keep_the_sandbox_from_ending() {
+    require_root();
+    let root = KilnRoot::with_guest().quiet().removing_sandboxes_at_end();
+    root.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ending",
+        &demo_image(),
+        "sh",
+        "-c",
+        "while [ ! -e /tmp/end ]; do sleep 1; done",
+    ]);
+    let mut exec = root
+        .kiln()
+        .args(["exec", "ending", "cat", "/dev/zero"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its output flows, then nobody reads it any more.
+    let mut output = exec.stdout.take().unwrap();
+    let mut chunk = vec![1u8; 64 * 1024];
+    output.read_exact(&mut chunk).unwrap();
+
+    root.ok(&["exec", "ending", "touch", "/tmp/end"]);
+    // The main workload ends within a second; the sandbox with it, reader or not.
+    let deadline = Instant::now() + STOP_DEADLINE + STOP_SLACK;
+    loop {
+        let state: serde_json::Value =
+            serde_json::from_str(&root.ok(&["inspect", "ending"])).unwrap();
+        if state["status"] == "exited" {
+            assert_eq!(state["exit_code"], 0, "{state}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sandbox did not end behind a stuck exec reader: {state}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    drop(output);
+    assert!(
+        wait_for_exit(&mut exec, Duration::from_secs(30)).is_some(),
+        "kiln exec still runs after its sandbox ended"
     );
 }
 

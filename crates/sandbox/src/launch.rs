@@ -661,8 +661,9 @@ impl Driver<'_> {
                 if time.phase == BootPhase::WorkloadStarted && self.phase == Phase::Boot {
                     self.enter(Phase::Workload, self.deadlines.workload);
                 }
-                if time.phase == BootPhase::WorkloadEnded && self.workload_ended_at.is_none() {
-                    self.workload_ended_at = Some(Instant::now());
+                if time.phase == BootPhase::WorkloadEnded {
+                    self.workload_ended_at.get_or_insert_with(Instant::now);
+                    self.channel.end_exec_sessions();
                 }
             }
             Message::BootError(error) => {

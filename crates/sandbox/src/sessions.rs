@@ -18,9 +18,10 @@
 //!
 //! Together that is at most [`MAX_QUEUED_BYTES`] (64 MiB) of queued data per sandbox.
 //!
-//! Once the sandbox is stopping, output no longer waits for its reader: its credit goes
-//! back as it arrives, and what would overflow a reader's window is dropped, so a reader
-//! that stopped reading cannot hold up the workloads' end and the guest's power-off.
+//! Once the sandbox is stopping, and for exec sessions once the main workload has ended
+//! (they are being killed), output no longer waits for its reader: its credit goes back as
+//! it arrives, and what would overflow a reader's window is dropped, so a reader that
+//! stopped reading cannot hold up the workloads' end and the guest's power-off.
 //!
 //! Every frame from the guest is checked against the session rules before it is used: a
 //! session must be open (the host opens them), output must fit its window, a stream ends
@@ -78,7 +79,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// An output frame waiting for its reader, with the credit still owed for it (none once
-/// the sandbox is stopping: that credit went back when it arrived).
+/// the session is ending: that credit went back when it arrived).
 struct Queued {
     frame: Frame,
     owed: u32,
@@ -103,7 +104,9 @@ struct Session {
     ended: bool,
     /// Nobody reads this session any more: its output is dropped as it arrives.
     abandoned: bool,
-    /// Output was dropped while the sandbox was stopping.
+    /// The session is being ended: its output no longer waits for its reader.
+    ending: bool,
+    /// Output was dropped because the session was ending and its reader a window behind.
     dropped: bool,
 }
 
@@ -141,7 +144,6 @@ struct Table {
     /// The id of the next exec session; ids are not reused within a boot.
     next_exec: SessionId,
     phases: HashSet<BootPhase>,
-    stopping: bool,
     /// No more output comes: readers get what is queued, then the end.
     closed: bool,
 }
@@ -282,7 +284,6 @@ impl GuestChannel {
                 sessions: HashMap::new(),
                 next_exec: MAIN_SESSION + 1,
                 phases: HashSet::new(),
-                stopping: false,
                 closed: false,
             }),
             output: Condvar::new(),
@@ -322,7 +323,6 @@ impl GuestChannel {
                 }),
             };
         }
-        let stopping = table.stopping;
         let Some(session) = table.sessions.get_mut(&id).filter(|s| !s.ended) else {
             return Err(ProtocolError::UnknownSession { session: id, kind });
         };
@@ -346,7 +346,7 @@ impl GuestChannel {
                 }
                 if session.abandoned {
                     session.unsent += charge;
-                } else if stopping {
+                } else if session.ending {
                     session.unsent += charge;
                     if session.queued + charge <= SESSION_WINDOW {
                         session.queued += charge;
@@ -422,15 +422,26 @@ impl GuestChannel {
         self.shared.input(frame)
     }
 
-    /// The sandbox is stopping: from now on output does not wait for its readers.
+    /// The sandbox is stopping: from now on no session's output waits for its reader.
     pub(crate) fn stop(&self) {
+        self.end_sessions(|_| true);
+    }
+
+    /// The main workload ended, so the guest is killing the exec sessions: their output
+    /// no longer waits for its readers (the main session's still does).
+    pub(crate) fn end_exec_sessions(&self) {
+        self.end_sessions(|id| id != MAIN_SESSION);
+    }
+
+    fn end_sessions(&self, which: impl Fn(SessionId) -> bool) {
         let credits: Vec<Frame> = {
             let mut table = lock(&self.shared.table);
-            table.stopping = true;
             table
                 .sessions
                 .iter_mut()
+                .filter(|(id, _)| which(**id))
                 .filter_map(|(id, session)| {
+                    session.ending = true;
                     session.release();
                     session.credit_due(*id)
                 })
@@ -441,8 +452,8 @@ impl GuestChannel {
         }
     }
 
-    /// Whether output of session `id` was dropped because the sandbox was stopping and
-    /// its reader had fallen a window behind.
+    /// Whether output of session `id` was dropped because it was ending and its reader
+    /// had fallen a window behind.
     pub(crate) fn dropped_output(&self, id: SessionId) -> bool {
         lock(&self.shared.table)
             .sessions
@@ -909,6 +920,31 @@ mod tests {
             data(MAIN_SESSION, 3).window_charge(),
         );
         assert_eq!(output.next(), Some(data(MAIN_SESSION, 3)));
+    }
+
+    #[test]
+    fn once_the_main_workload_ended_exec_output_stops_waiting_but_the_main_output_does_not() {
+        let (channel, mut guest) = channel();
+        let _main = channel.open_main(spec()).unwrap();
+        let _exec = channel.exec().open(spec()).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(sent(&mut guest).message, Message::Run(_)));
+        }
+        let exec = MAIN_SESSION + 1;
+        channel
+            .accept(charging(MAIN_SESSION, SESSION_WINDOW))
+            .unwrap();
+        channel.accept(charging(exec, SESSION_WINDOW)).unwrap();
+        channel.end_exec_sessions();
+        // Only the exec session's credit comes back; its next frame is dropped.
+        credit_of(&mut guest, exec, SESSION_WINDOW);
+        channel.accept(charging(exec, 100)).unwrap();
+        credit_of(&mut guest, exec, 100);
+        assert!(channel.dropped_output(exec));
+        assert!(
+            channel.accept(data(MAIN_SESSION, 1)).is_err(),
+            "main still waits"
+        );
     }
 
     #[test]
