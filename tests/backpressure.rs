@@ -13,7 +13,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,23 @@ fn bytes_waiting(file: &File) -> usize {
     waiting as usize
 }
 
+/// Starts `kiln exec SANDBOX cat /dev/zero` and reads the first 64 KiB of its output
+/// (zeros: the command's), so the output is flowing when this returns.
+fn exec_cat_zero(root: &KilnRoot, sandbox: &str) -> (Child, ChildStdout) {
+    let mut exec = root
+        .kiln()
+        .args(["exec", sandbox, "cat", "/dev/zero"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut output = exec.stdout.take().unwrap();
+    let mut chunk = vec![1u8; 64 * 1024];
+    output.read_exact(&mut chunk).unwrap();
+    assert!(chunk.iter().all(|&b| b == 0), "cat /dev/zero sends zeros");
+    (exec, output)
+}
+
 #[test]
 #[ignore = "needs root (scripts/test runs it as root)"]
 fn a_slow_exec_reader_keeps_the_monitor_bounded_and_rm_f_prompt() {
@@ -101,18 +118,8 @@ fn a_slow_exec_reader_keeps_the_monitor_bounded_and_rm_f_prompt() {
     let id: serde_json::Value = serde_json::from_str(&id).unwrap();
     let monitor = root.monitor_pid(id["id"].as_str().unwrap());
 
-    let mut exec = root
-        .kiln()
-        .args(["exec", "slow", "cat", "/dev/zero"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut output = exec.stdout.take().unwrap();
-    // Output flows: the first 64 KiB arrive, and they are the command's.
-    let mut chunk = vec![1u8; 64 * 1024];
-    output.read_exact(&mut chunk).unwrap();
-    assert!(chunk.iter().all(|&b| b == 0), "cat /dev/zero sends zeros");
+    let (mut exec, mut output) = exec_cat_zero(&root, "slow");
+    let mut chunk = vec![0u8; 64 * 1024];
     let baseline = rss(monitor);
     let mut read_now = false;
     let peak = peak_rss(monitor, || {
@@ -165,17 +172,8 @@ fn a_stuck_exec_reader_does_not_keep_the_sandbox_from_ending() {
         "-c",
         "while [ ! -e /tmp/end ]; do sleep 1; done",
     ]);
-    let mut exec = root
-        .kiln()
-        .args(["exec", "ending", "cat", "/dev/zero"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Its output flows, then nobody reads it any more.
-    let mut output = exec.stdout.take().unwrap();
-    let mut chunk = vec![1u8; 64 * 1024];
-    output.read_exact(&mut chunk).unwrap();
+    let (mut exec, output) = exec_cat_zero(&root, "ending");
 
     root.ok(&["exec", "ending", "touch", "/tmp/end"]);
     // The main workload ends within a second; the sandbox with it, reader or not.
