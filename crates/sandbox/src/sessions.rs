@@ -41,7 +41,9 @@ use kiln_protocol::{
 /// sessions, so that their windows and the input queue make [`MAX_QUEUED_BYTES`].
 pub const MAX_SESSIONS: usize = 63;
 
-/// The most stdin data (frames with their headers) queued for the guest at once.
+/// The most stdin data (frames with their headers) queued for the guest at once, the frame
+/// being written included; a single larger frame (up to kiln-protocol's `MAX_PAYLOAD` and
+/// its header) waits alone.
 pub const INPUT_QUEUE_BYTES: usize = 1 << 20;
 
 /// The most data the host queues for one sandbox: a full window for every session and a
@@ -153,7 +155,7 @@ struct Table {
 struct Outbox {
     control: VecDeque<Frame>,
     input: VecDeque<Frame>,
-    /// Size of `input` on the wire.
+    /// Size on the wire of `input` and of the input frame being written.
     input_bytes: usize,
     closed: bool,
 }
@@ -488,19 +490,17 @@ impl GuestChannel {
 /// closes or a write fails.
 fn write_to_guest(shared: &Shared, mut socket: UnixStream) {
     loop {
-        let frame = {
+        let (frame, input) = {
             let mut outbox = lock(&shared.outbox);
             loop {
                 if outbox.closed {
                     return;
                 }
                 if let Some(frame) = outbox.control.pop_front() {
-                    break frame;
+                    break (frame, false);
                 }
                 if let Some(frame) = outbox.input.pop_front() {
-                    outbox.input_bytes -= wire_size(&frame);
-                    shared.input_space.notify_all();
-                    break frame;
+                    break (frame, true);
                 }
                 outbox = shared
                     .to_write
@@ -508,9 +508,15 @@ fn write_to_guest(shared: &Shared, mut socket: UnixStream) {
                     .unwrap_or_else(PoisonError::into_inner);
             }
         };
-        if let Err(err) = write_frame(&mut socket, &frame) {
+        let written = write_frame(&mut socket, &frame);
+        let mut outbox = lock(&shared.outbox);
+        if input {
+            outbox.input_bytes -= wire_size(&frame);
+            shared.input_space.notify_all();
+        }
+        if let Err(err) = written {
             tracing::debug!("writing to the guest: {err}");
-            lock(&shared.outbox).closed = true;
+            outbox.closed = true;
             shared.input_space.notify_all();
             return;
         }
