@@ -5,7 +5,9 @@ use std::io::{self, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{Frame, Message, RunSpec, SessionId, Stream};
+use crate::{
+    Frame, Message, RunSpec, SessionId, Stream, WorkloadResult, MAX_SIGNAL, SESSION_WINDOW,
+};
 
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"KILN";
@@ -28,6 +30,7 @@ pub enum Kind {
     BootError = 0x06,
     Phase = 0x07,
     Shutdown = 0x08,
+    Credit = 0x09,
     StdinData = 0x10,
     StdoutData = 0x11,
     StderrData = 0x12,
@@ -37,7 +40,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::Hello,
         Kind::Run,
         Kind::Resize,
@@ -46,6 +49,7 @@ impl Kind {
         Kind::BootError,
         Kind::Phase,
         Kind::Shutdown,
+        Kind::Credit,
         Kind::StdinData,
         Kind::StdoutData,
         Kind::StderrData,
@@ -152,34 +156,65 @@ pub enum ProtocolError {
         theirs: (u16, u16),
         peer: String,
     },
+    #[error("the peer said hello a second time; it says hello once, first")]
+    SecondHello,
+    #[error("the peer sent a {kind:?} frame on session {session}, which is not open")]
+    UnknownSession { session: SessionId, kind: Kind },
+    #[error("the peer sent a {kind:?} frame on session {session}; {rule}")]
+    NotAllowed {
+        session: SessionId,
+        kind: Kind,
+        rule: &'static str,
+    },
+    #[error("the peer sent {sent} bytes of session {session}'s output beyond what was delivered; its window is {SESSION_WINDOW} bytes")]
+    WindowExceeded { session: SessionId, sent: u64 },
+}
+
+impl Message {
+    /// The frame kind that carries this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Run(_) => Kind::Run,
+            Message::Resize(_) => Kind::Resize,
+            Message::Signal(_) => Kind::Signal,
+            Message::Result(_) => Kind::Result,
+            Message::BootError(_) => Kind::BootError,
+            Message::Phase(_) => Kind::Phase,
+            Message::Shutdown(_) => Kind::Shutdown,
+            Message::Credit(_) => Kind::Credit,
+            Message::Data { stream, .. } => Kind::data(*stream),
+            Message::Eof { stream } => Kind::eof(*stream),
+        }
+    }
 }
 
 /// Encodes one frame: header and payload in one buffer (so one `write_all` puts it on a
-/// shared stream without interleaving).
+/// shared stream without interleaving). A message the decoder would refuse is refused.
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
-    let (kind, payload) = match &frame.message {
-        Message::Hello(m) => (Kind::Hello, json(m)),
-        Message::Run(m) => (Kind::Run, json(m)),
-        Message::Resize(m) => (Kind::Resize, json(m)),
-        Message::Signal(m) => (Kind::Signal, json(m)),
-        Message::Result(m) => (Kind::Result, json(m)),
-        Message::BootError(m) => (Kind::BootError, json(m)),
-        Message::Phase(m) => (Kind::Phase, json(m)),
-        Message::Shutdown(m) => (Kind::Shutdown, json(m)),
-        Message::Data { stream, bytes } => {
+    let kind = frame.message.kind();
+    let payload = match &frame.message {
+        Message::Hello(m) => json(m),
+        Message::Run(m) => json(m),
+        Message::Resize(m) => json(m),
+        Message::Signal(m) => json(m),
+        Message::Result(m) => json(m),
+        Message::BootError(m) => json(m),
+        Message::Phase(m) => json(m),
+        Message::Shutdown(m) => json(m),
+        Message::Credit(m) => json(m),
+        Message::Data { bytes, .. } => {
             if bytes.is_empty() {
                 return Err(bad(
-                    Kind::data(*stream),
+                    kind,
                     "data frames are never empty; send Eof to close a stream",
                 ));
             }
-            (Kind::data(*stream), bytes.clone())
+            bytes.clone()
         }
-        Message::Eof { stream } => (Kind::eof(*stream), Vec::new()),
+        Message::Eof { .. } => Vec::new(),
     };
-    if let Message::Run(spec) = &frame.message {
-        check_run_spec(spec)?;
-    }
+    check_values(&frame.message)?;
     if payload.len() > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge { len: payload.len() });
     }
@@ -280,17 +315,14 @@ fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolErr
     let kind = header.kind;
     let message = match kind {
         Kind::Hello => Message::Hello(from_json(kind, &payload)?),
-        Kind::Run => {
-            let spec = from_json(kind, &payload)?;
-            check_run_spec(&spec)?;
-            Message::Run(spec)
-        }
+        Kind::Run => Message::Run(from_json(kind, &payload)?),
         Kind::Resize => Message::Resize(from_json(kind, &payload)?),
         Kind::Signal => Message::Signal(from_json(kind, &payload)?),
         Kind::Result => Message::Result(from_json(kind, &payload)?),
         Kind::BootError => Message::BootError(from_json(kind, &payload)?),
         Kind::Phase => Message::Phase(from_json(kind, &payload)?),
         Kind::Shutdown => Message::Shutdown(from_json(kind, &payload)?),
+        Kind::Credit => Message::Credit(from_json(kind, &payload)?),
         Kind::StdinData | Kind::StdoutData | Kind::StderrData => {
             if payload.is_empty() {
                 return Err(bad(kind, "data frames are never empty"));
@@ -317,7 +349,39 @@ fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolErr
             Message::Eof { stream }
         }
     };
+    check_values(&message)?;
     Ok(Frame::new(header.session, message))
+}
+
+/// The checks beyond a payload's shape: numbers in range, run specs a process can have.
+fn check_values(message: &Message) -> Result<(), ProtocolError> {
+    let signal_range = |kind, signal: i32| {
+        if (1..=MAX_SIGNAL).contains(&signal) {
+            Ok(())
+        } else {
+            Err(bad(
+                kind,
+                &format!("signal {signal} is out of range; accepted: 1 to {MAX_SIGNAL}"),
+            ))
+        }
+    };
+    match message {
+        Message::Run(spec) => check_run_spec(spec),
+        Message::Signal(request) => signal_range(Kind::Signal, request.signal),
+        Message::Result(WorkloadResult::Killed { signal }) => signal_range(Kind::Result, *signal),
+        Message::Result(WorkloadResult::Exited { code }) if !(0..=255).contains(code) => Err(bad(
+            Kind::Result,
+            &format!("exit code {code} is out of range; accepted: 0 to 255"),
+        )),
+        Message::Credit(credit) if !(1..=SESSION_WINDOW).contains(&credit.bytes) => Err(bad(
+            Kind::Credit,
+            &format!(
+                "credit of {} bytes is out of range; accepted: 1 to {SESSION_WINDOW}",
+                credit.bytes
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn check_run_spec(spec: &RunSpec) -> Result<(), ProtocolError> {

@@ -21,7 +21,9 @@
 //! Sessions: each frame names a session. Session [`CONTROL_SESSION`] (0) carries the
 //! hello, boot errors and boot-phase times; the sandbox's main workload runs in session
 //! [`MAIN_SESSION`] (1); further sessions (exec into a running sandbox) use other ids on
-//! the same stream.
+//! the same stream. Each session's output is flow-controlled: the guest sends at most
+//! [`SESSION_WINDOW`] bytes of it ahead of the host's [`Message::Credit`], so a reader that
+//! stops holds back its own session only, and the host's memory stays bounded.
 //!
 //! No existing crate fits: the framing has to be ours to document and bound, tokio's
 //! codecs pull in a runtime the static guest init does not want, and general RPC crates
@@ -41,10 +43,10 @@ pub use frame::{
     HEADER_LEN, MAGIC, MAX_PAYLOAD, WIRE_VERSION,
 };
 pub use message::{
-    negotiate, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message, PhaseTime, RunAs,
-    RunSpec, SessionId, ShutdownRequest, SignalRequest, StartFailure, Stream, TerminalSize,
-    WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MESSAGE_VERSION_MAX,
-    MESSAGE_VERSION_MIN,
+    negotiate, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message, OutputCredit,
+    PhaseTime, RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, StartFailure, Stream,
+    TerminalSize, WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MAX_SIGNAL,
+    MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN, SESSION_WINDOW,
 };
 
 #[cfg(test)]

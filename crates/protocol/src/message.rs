@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ProtocolError;
+use crate::{ProtocolError, HEADER_LEN};
 
 /// Which session a frame belongs to.
 pub type SessionId = u32;
@@ -12,10 +12,19 @@ pub const CONTROL_SESSION: SessionId = 0;
 /// Session of the sandbox's main workload.
 pub const MAIN_SESSION: SessionId = 1;
 
-/// Oldest message-set version this build speaks.
-pub const MESSAGE_VERSION_MIN: u16 = 1;
+/// Oldest message-set version this build speaks. Version 2 added per-session flow control
+/// ([`Message::Credit`]), which both sides must obey, so version 1 is no longer spoken.
+pub const MESSAGE_VERSION_MIN: u16 = 2;
 /// Newest message-set version this build speaks.
-pub const MESSAGE_VERSION_MAX: u16 = 1;
+pub const MESSAGE_VERSION_MAX: u16 = 2;
+
+/// How much of one session's output the guest may send before the host returns credit:
+/// data frames count their header and payload ([`Frame::window_charge`]). The host holds
+/// at most this much per session, however slowly the output's reader takes it.
+pub const SESSION_WINDOW: u32 = 1 << 20;
+
+/// The highest Linux signal number (SIGRTMAX); signals are 1 to this.
+pub const MAX_SIGNAL: i32 = 64;
 
 /// One decoded frame: the session it belongs to and its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +36,17 @@ pub struct Frame {
 impl Frame {
     pub fn new(session: SessionId, message: Message) -> Self {
         Self { session, message }
+    }
+
+    /// What this frame takes from its session's window: a data frame's size on the wire
+    /// (header and payload), nothing for any other frame.
+    pub fn window_charge(&self) -> u32 {
+        match &self.message {
+            Message::Data { bytes, .. } => {
+                u32::try_from(HEADER_LEN + bytes.len()).unwrap_or(u32::MAX)
+            }
+            _ => 0,
+        }
     }
 }
 
@@ -56,6 +76,9 @@ pub enum Message {
     /// session's workload, SIGKILLs what is left after the grace period, reports the main
     /// session's result, syncs and powers off.
     Shutdown(ShutdownRequest),
+    /// Host to guest: the host delivered this much of the session's output, which the
+    /// guest may now send again (see [`SESSION_WINDOW`]).
+    Credit(OutputCredit),
 }
 
 /// One of the three standard streams of a workload.
@@ -153,7 +176,8 @@ pub struct TerminalSize {
     pub cols: u16,
 }
 
-/// A signal for the workload, by Linux signal number (e.g. 15 for SIGTERM).
+/// A signal for the workload, by Linux signal number (e.g. 15 for SIGTERM; 1 to
+/// [`MAX_SIGNAL`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignalRequest {
@@ -167,13 +191,21 @@ pub struct ShutdownRequest {
     pub grace_ms: u64,
 }
 
+/// Window credit the host returns to a session's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputCredit {
+    /// 1 to [`SESSION_WINDOW`].
+    pub bytes: u32,
+}
+
 /// How a workload ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WorkloadResult {
-    /// The workload exited with this status.
+    /// The workload exited with this status (0 to 255).
     Exited { code: i32 },
-    /// A signal ended the workload.
+    /// A signal ended the workload (1 to [`MAX_SIGNAL`]).
     Killed { signal: i32 },
     /// The kernel's OOM killer ended the workload (seen in its cgroup's memory.events).
     OomKilled,
@@ -199,10 +231,12 @@ pub enum StartFailure {
 impl WorkloadResult {
     /// The exit code a shell or `docker run` reports for this result: the code itself,
     /// 128 + signal, 137 for an OOM kill (SIGKILL), 127 not found, 126 cannot execute.
+    /// (Decoding refuses codes and signals out of range; this saturates on any that are
+    /// made in code.)
     pub fn exit_code(&self) -> i32 {
         match self {
             WorkloadResult::Exited { code } => *code,
-            WorkloadResult::Killed { signal } => 128 + signal,
+            WorkloadResult::Killed { signal } => signal.saturating_add(128),
             WorkloadResult::OomKilled => 128 + 9,
             WorkloadResult::StartFailed { reason, .. } => match reason {
                 StartFailure::NotFound => 127,

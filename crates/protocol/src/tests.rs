@@ -104,6 +104,10 @@ fn control_payloads_are_the_documented_json() {
             Message::Shutdown(ShutdownRequest { grace_ms: 10_000 }),
             r#"{"grace_ms":10000}"#,
         ),
+        (
+            Message::Credit(OutputCredit { bytes: 65552 }),
+            r#"{"bytes":65552}"#,
+        ),
     ];
     for (message, json) in cases {
         let bytes = encode_frame(&Frame::new(1, message.clone())).unwrap();
@@ -130,6 +134,80 @@ fn exit_codes_follow_shells_and_docker() {
     assert_eq!(code(failed(StartFailure::NotFound)), 127);
     assert_eq!(code(failed(StartFailure::NotExecutable)), 126);
     assert_eq!(code(failed(StartFailure::Other)), 126);
+    // Decoding refuses such a signal; one made in code saturates instead of overflowing.
+    assert_eq!(code(WorkloadResult::Killed { signal: i32::MAX }), i32::MAX);
+}
+
+/// A guest's numbers are checked where they are decoded: an exit code, a signal or a
+/// credit out of range is a typed error naming what is accepted, never a value that
+/// overflows the host's arithmetic (`128 + signal`). The encoder refuses the same.
+#[test]
+fn out_of_range_numbers_are_typed_errors() {
+    let decoded = |kind: u8, json: &str| {
+        let mut bytes = header(kind, MAIN_SESSION, json.len() as u32);
+        bytes.extend(json.as_bytes());
+        decode_frame(&bytes).map(|frame| frame.unwrap().0.message)
+    };
+    let refused = |kind: u8, json: &str, accepted: &str| {
+        let err = decoded(kind, json).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::BadPayload { .. }) && err.to_string().contains(accepted),
+            "{json}: {err}"
+        );
+    };
+    refused(
+        0x05,
+        r#"{"outcome":"killed","signal":2147483647}"#,
+        "1 to 64",
+    );
+    refused(0x05, r#"{"outcome":"killed","signal":0}"#, "1 to 64");
+    refused(0x05, r#"{"outcome":"exited","code":-1}"#, "0 to 255");
+    refused(0x05, r#"{"outcome":"exited","code":256}"#, "0 to 255");
+    refused(0x04, r#"{"signal":65}"#, "1 to 64");
+    refused(0x04, r#"{"signal":-9}"#, "1 to 64");
+    refused(0x09, r#"{"bytes":0}"#, "1 to 1048576");
+    refused(0x09, r#"{"bytes":1048577}"#, "1 to 1048576");
+    assert_eq!(
+        decoded(0x05, r#"{"outcome":"killed","signal":64}"#).unwrap(),
+        Message::Result(WorkloadResult::Killed { signal: 64 })
+    );
+    assert_eq!(
+        decoded(0x05, r#"{"outcome":"exited","code":255}"#).unwrap(),
+        Message::Result(WorkloadResult::Exited { code: 255 })
+    );
+    let killed = Message::Result(WorkloadResult::Killed { signal: -1 });
+    assert!(encode_frame(&Frame::new(MAIN_SESSION, killed)).is_err());
+    let signal = Message::Signal(SignalRequest { signal: 99 });
+    assert!(encode_frame(&Frame::new(MAIN_SESSION, signal)).is_err());
+}
+
+#[test]
+fn data_frames_charge_their_wire_size_to_the_window() {
+    let data = |len: usize| {
+        Frame::new(
+            MAIN_SESSION,
+            Message::Data {
+                stream: Stream::Stdout,
+                bytes: vec![b'x'; len],
+            },
+        )
+    };
+    for len in [1, 4096, MAX_PAYLOAD] {
+        let frame = data(len);
+        assert_eq!(
+            frame.window_charge() as usize,
+            encode_frame(&frame).unwrap().len()
+        );
+    }
+    let eof = Frame::new(
+        MAIN_SESSION,
+        Message::Eof {
+            stream: Stream::Stdout,
+        },
+    );
+    assert_eq!(eof.window_charge(), 0);
+    // A whole frame of the largest payload fits one window.
+    assert!(data(MAX_PAYLOAD - HEADER_LEN).window_charge() <= SESSION_WINDOW);
 }
 
 #[test]
@@ -140,7 +218,9 @@ fn negotiation_picks_the_newest_common_version() {
         software: "peer".into(),
     };
     assert_eq!(negotiate(&hello(1, 3), &hello(2, 5)).unwrap(), 3);
-    assert_eq!(negotiate(&Hello::ours("a"), &Hello::ours("b")).unwrap(), 1);
+    assert_eq!(negotiate(&Hello::ours("a"), &Hello::ours("b")).unwrap(), 2);
+    // Version 1 had no flow control: a peer that speaks only it is refused.
+    assert!(negotiate(&Hello::ours("a"), &hello(1, 1)).is_err());
     let err = negotiate(&hello(1, 1), &hello(2, 4)).unwrap_err();
     assert!(
         matches!(err, ProtocolError::NoCommonVersion { .. }),
@@ -152,13 +232,13 @@ fn negotiation_picks_the_newest_common_version() {
     );
 
     // A newer peer's hello with fields this build does not know still decodes.
-    let json = br#"{"min_version":1,"max_version":4,"software":"kiln 9","features":["x"]}"#;
+    let json = br#"{"min_version":2,"max_version":4,"software":"kiln 9","features":["x"]}"#;
     let mut bytes = header(0x01, CONTROL_SESSION, json.len() as u32);
     bytes.extend(json);
     let Message::Hello(theirs) = decode_frame(&bytes).unwrap().unwrap().0.message else {
         panic!("not a hello");
     };
-    assert_eq!(negotiate(&Hello::ours("kiln-init"), &theirs).unwrap(), 1);
+    assert_eq!(negotiate(&Hello::ours("kiln-init"), &theirs).unwrap(), 2);
     // Every other message refuses unknown fields.
     let json = br#"{"signal":15,"extra":1}"#;
     let mut bytes = header(0x04, MAIN_SESSION, json.len() as u32);
@@ -420,8 +500,8 @@ fn result() -> impl Strategy<Value = WorkloadResult> {
         Just(StartFailure::Other)
     ];
     prop_oneof![
-        any::<i32>().prop_map(|code| WorkloadResult::Exited { code }),
-        any::<i32>().prop_map(|signal| WorkloadResult::Killed { signal }),
+        (0..=255i32).prop_map(|code| WorkloadResult::Exited { code }),
+        (1..=MAX_SIGNAL).prop_map(|signal| WorkloadResult::Killed { signal }),
         Just(WorkloadResult::OomKilled),
         (reason, text())
             .prop_map(|(reason, message)| WorkloadResult::StartFailed { reason, message }),
@@ -458,12 +538,13 @@ fn message() -> impl Strategy<Value = Message> {
         stream().prop_map(|stream| Message::Eof { stream }),
         (any::<u16>(), any::<u16>())
             .prop_map(|(rows, cols)| Message::Resize(TerminalSize { rows, cols })),
-        any::<i32>().prop_map(|signal| Message::Signal(SignalRequest { signal })),
+        (1..=MAX_SIGNAL).prop_map(|signal| Message::Signal(SignalRequest { signal })),
         result().prop_map(Message::Result),
         (step, text()).prop_map(|(step, message)| Message::BootError(BootError { step, message })),
         (phase, any::<u64>())
             .prop_map(|(phase, boottime_ns)| Message::Phase(PhaseTime { phase, boottime_ns })),
         any::<u64>().prop_map(|grace_ms| Message::Shutdown(ShutdownRequest { grace_ms })),
+        (1..=SESSION_WINDOW).prop_map(|bytes| Message::Credit(OutputCredit { bytes })),
     ]
 }
 
@@ -495,7 +576,7 @@ proptest! {
 
     #[test]
     fn random_payloads_behind_valid_headers_never_panic(
-        kind in prop::sample::select(vec![1u8, 2, 3, 4, 5, 6, 7, 0x10, 0x11, 0x12, 0x18, 0x19, 0x1a]),
+        kind in prop::sample::select(vec![1u8, 2, 3, 4, 5, 6, 7, 8, 9, 0x10, 0x11, 0x12, 0x18, 0x19, 0x1a]),
         session in any::<u32>(),
         payload in prop::collection::vec(any::<u8>(), 0..256),
     ) {

@@ -268,7 +268,18 @@ impl ExecSession {
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<ExecOutput, Error> {
         loop {
-            let frame = read_frame(&mut self.reader).map_err(|e| channel_err(&self.id, e))?;
+            let frame = match read_frame(&mut self.reader) {
+                Ok(frame) => frame,
+                // The monitor cuts its connections off, mid-frame if need be, once the
+                // sandbox has ended.
+                Err(ProtocolError::Truncated { .. }) => None,
+                Err(ProtocolError::Io(err))
+                    if err.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    None
+                }
+                Err(err) => return Err(channel_err(&self.id, err).into()),
+            };
             let Some(frame) = frame else {
                 return Err(MonitorError {
                     id: self.id.clone(),

@@ -4,25 +4,27 @@
 //! to it. Then the guest's init says hello, the host answers with its hello and the run
 //! spec, relays the workload's streams, forwards signals and terminal resizes, and takes
 //! the result. Every phase has a deadline, and the VM process never outlives this call.
+//!
+//! Three kinds of thread share the work, so that none waits on another's reader: one
+//! reads the channel and checks every frame (the [`crate::sessions`] rules), one writes
+//! the main session's output to its destination, and this call's own thread drives the
+//! phases, signals and deadlines; sending to the guest only queues frames.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
-    negotiate, read_frame, write_frame, write_stream, BootError, BootPhase, Frame, Hello, Message,
-    ProtocolError, RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult,
-    CONTROL_SESSION, MAIN_SESSION,
+    negotiate, read_frame, BootError, BootPhase, Frame, Hello, Message, PhaseTime, ProtocolError,
+    RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
+    MAIN_SESSION,
 };
 use kiln_vm::{Accel, Backend, VmError, VmProcess, VmSpec};
 use serde::Serialize;
 
-/// How long, after the VMM has exited, the host keeps reading what the guest wrote before
-/// it: the socket's end comes at once unless the host is badly overloaded.
-const CHANNEL_END_AFTER_EXIT: Duration = Duration::from_secs(5);
+use crate::sessions::{ExecChannel, GuestChannel, SessionError, SessionOutput};
 
 /// How long each phase may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,20 +70,26 @@ pub enum Control {
     /// after `grace`, syncs and powers off. The VM is killed if it has not ended by the
     /// shutdown deadline after that.
     Shutdown { grace: Duration },
-    /// Send this frame to the guest unchanged (an exec session's frames, relayed by the
-    /// sandbox's monitor).
-    Guest(Frame),
 }
 
-/// Where the workload's streams go on the host.
+/// Where the workload's streams go on the host. A destination that takes its output
+/// slowly holds back the workload's writes in the guest (flow control), never the
+/// host's memory.
 pub struct HostIo {
     /// Streamed to the workload's stdin, then EOF; `None` gives it an empty stdin.
     pub stdin: Option<Box<dyn Read + Send>>,
     pub stdout: Box<dyn Write + Send>,
     pub stderr: Box<dyn Write + Send>,
-    /// Receives what the guest says beyond the main session's output: its boot-phase
-    /// reports and every frame of another session (exec sessions).
-    pub guest_events: Option<Sender<Frame>>,
+    /// Hears about the guest beyond the main session (a sandbox's monitor does).
+    pub guest_events: Option<Sender<GuestEvent>>,
+}
+
+/// What [`HostIo::guest_events`] hears.
+pub enum GuestEvent {
+    /// The channel is up: exec sessions are opened through this.
+    Connected(ExecChannel),
+    /// The guest reached a boot phase.
+    Phase(PhaseTime),
 }
 
 /// Durations of the phases of one VM run, as far as they were reached.
@@ -161,6 +169,9 @@ pub enum LaunchError {
     #[error("host-guest channel failed during {phase}: {source}")]
     Channel { phase: Phase, source: ProtocolError },
 
+    #[error("sending to the guest failed during {phase}: {source}")]
+    Send { phase: Phase, source: SessionError },
+
     #[error("stopped by signal {signal}; the workload did not end within {:.0} s", .grace.as_secs_f64())]
     Interrupted { signal: i32, grace: Duration },
 
@@ -202,10 +213,13 @@ pub fn console_tail(path: &Path) -> String {
 }
 
 enum Event {
+    /// A checked frame the run handles itself (see [`GuestChannel::accept`]).
     Frame(Frame),
     ChannelClosed,
     ChannelError(ProtocolError),
     Control(Control),
+    /// The main session's output is all written to its destination.
+    OutputWritten,
 }
 
 /// Boots `spec`, runs `run` as the main session and returns its result.
@@ -244,20 +258,20 @@ pub fn launch(
     stream
         .set_nonblocking(false)
         .map_err(io_err("channel socket".into()))?;
-    let writer = Arc::new(Mutex::new(
-        stream
-            .try_clone()
-            .map_err(io_err("channel socket".into()))?,
-    ));
+    let channel = GuestChannel::start(&stream).map_err(io_err("channel socket".into()))?;
     let (events, inbox) = mpsc::channel();
-    spawn_reader(stream, events.clone());
+    spawn_reader(stream, channel.clone(), events.clone());
     spawn_control_forwarder(control, events.clone());
+    if let Some(observer) = &io.guest_events {
+        let _ = observer.send(GuestEvent::Connected(channel.exec()));
+    }
 
     let mut driver = Driver {
         spec,
         vm,
-        writer,
-        io_out: (io.stdout, io.stderr),
+        channel: channel.clone(),
+        events,
+        io_out: Some((io.stdout, io.stderr)),
         stdin: io.stdin,
         guest_events: io.guest_events,
         run: Some(run),
@@ -268,9 +282,12 @@ pub fn launch(
         result: None,
         boot_times: Default::default(),
         stop_signal: None,
+        stopping: false,
+        output_written: false,
         workload_ended_at: None,
     };
     let outcome = driver.drive(&inbox);
+    channel.close();
     timings.kernel = driver.boot_times.kernel();
     timings.init = driver.boot_times.init();
     timings.supervisor = driver.boot_times.supervisor();
@@ -329,17 +346,51 @@ fn exited(phase: Phase, status: std::process::ExitStatus, spec: &VmSpec) -> Laun
     }
 }
 
-fn spawn_reader(mut stream: UnixStream, events: Sender<Event>) {
+/// Reads the channel until it ends or breaks: checks each frame and queues session output
+/// for its reader (never waiting for one), passing the rest to the run.
+fn spawn_reader(mut stream: UnixStream, channel: GuestChannel, events: Sender<Event>) {
     std::thread::spawn(move || loop {
-        let event = match read_frame(&mut stream) {
-            Ok(Some(frame)) => Event::Frame(frame),
+        let event = match read_frame(&mut stream).map(|frame| frame.map(|f| channel.accept(f))) {
+            Ok(Some(Ok(None))) => continue,
+            Ok(Some(Ok(Some(frame)))) => Event::Frame(frame),
+            // The VMM closing its end with credit the powered-off guest never read resets
+            // the connection: an end like any other, which the VM's exit decides.
+            Err(ProtocolError::Io(err)) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                Event::ChannelClosed
+            }
+            Ok(Some(Err(err))) | Err(err) => Event::ChannelError(err),
             Ok(None) => Event::ChannelClosed,
-            Err(err) => Event::ChannelError(err),
         };
         let last = !matches!(event, Event::Frame(_));
+        if last {
+            channel.end_of_output();
+        }
         if events.send(event).is_err() || last {
             return;
         }
+    });
+}
+
+/// Writes the main session's output to `stdout` and `stderr` as fast as they take it,
+/// then tells the run.
+fn spawn_output_writer(
+    mut output: SessionOutput,
+    (mut stdout, mut stderr): (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    events: Sender<Event>,
+) {
+    std::thread::spawn(move || {
+        while let Some(frame) = output.next() {
+            if let Message::Data { stream, bytes } = frame.message {
+                let sink = if stream == Stream::Stderr {
+                    &mut stderr
+                } else {
+                    &mut stdout
+                };
+                // A closed host stdout (e.g. `| head`) must not abort the run.
+                let _ = sink.write_all(&bytes).and_then(|()| sink.flush());
+            }
+        }
+        let _ = events.send(Event::OutputWritten);
     });
 }
 
@@ -397,13 +448,18 @@ impl BootTimes {
     }
 }
 
+/// Where the main session's output goes, until its writer thread takes it.
+type Outputs = (Box<dyn Write + Send>, Box<dyn Write + Send>);
+
 struct Driver<'a> {
     spec: &'a VmSpec,
     vm: VmProcess,
-    writer: Arc<Mutex<UnixStream>>,
-    io_out: (Box<dyn Write + Send>, Box<dyn Write + Send>),
+    channel: GuestChannel,
+    /// For the output writer thread's report.
+    events: Sender<Event>,
+    io_out: Option<Outputs>,
     stdin: Option<Box<dyn Read + Send>>,
-    guest_events: Option<Sender<Frame>>,
+    guest_events: Option<Sender<GuestEvent>>,
     run: Option<RunSpec>,
     phase: Phase,
     deadline: Option<Instant>,
@@ -412,6 +468,9 @@ struct Driver<'a> {
     result: Option<WorkloadResult>,
     boot_times: BootTimes,
     stop_signal: Option<i32>,
+    /// A stop was asked for: output no longer waits for slow destinations.
+    stopping: bool,
+    output_written: bool,
     workload_ended_at: Option<Instant>,
 }
 
@@ -427,9 +486,10 @@ impl Driver<'_> {
             match inbox.recv_timeout(wait) {
                 Ok(Event::Frame(frame)) => self.on_frame(frame)?,
                 Ok(Event::Control(request)) => self.on_control(request)?,
+                Ok(Event::OutputWritten) => self.output_written = true,
                 Ok(Event::ChannelClosed) | Err(RecvTimeoutError::Disconnected) => {
                     // The guest closes the channel as it powers off; the VM's exit decides.
-                    return self.finish_after_channel_end();
+                    return self.finish_after_channel_end(inbox);
                 }
                 Ok(Event::ChannelError(source)) => {
                     self.vm.kill()?;
@@ -441,21 +501,17 @@ impl Driver<'_> {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             if let Some(status) = self.vm.try_wait()? {
-                self.read_to_channel_end(inbox)?;
-                if let Some(result) = self.result.take() {
-                    return Ok(result);
-                }
-                return Err(exited(self.phase, status, self.spec));
+                return self.finish_after_vm_exit(status, inbox);
             }
             if let Some(deadline) = self.deadline {
                 if Instant::now() >= deadline {
-                    return self.on_deadline();
+                    return self.on_deadline(inbox);
                 }
             }
         }
     }
 
-    fn on_deadline(&mut self) -> Result<WorkloadResult, LaunchError> {
+    fn on_deadline(&mut self, inbox: &Receiver<Event>) -> Result<WorkloadResult, LaunchError> {
         self.vm.kill()?;
         if let Some(result) = self.result.take() {
             // The workload finished; only the power-off was slow.
@@ -463,7 +519,7 @@ impl Driver<'_> {
                 "the guest did not power off within {:?}; killed it",
                 self.deadlines.shutdown
             );
-            return Ok(result);
+            return Ok(self.wait_for_output(result, inbox));
         }
         if let Some(signal) = self.stop_signal {
             return Err(LaunchError::Interrupted {
@@ -478,33 +534,81 @@ impl Driver<'_> {
         })
     }
 
-    /// Handles what the guest wrote before its VMM ended. The VMM can exit (the guest
-    /// powered off right after its last frames) before the reader thread has passed those
-    /// frames on, most often on a loaded host; they are read up to the channel's end,
-    /// which the VMM's exit brings, before the boot's outcome is decided.
-    fn read_to_channel_end(&mut self, inbox: &Receiver<Event>) -> Result<(), LaunchError> {
-        let limit = Instant::now() + CHANNEL_END_AFTER_EXIT;
-        loop {
-            let wait = limit.saturating_duration_since(Instant::now());
-            match inbox.recv_timeout(wait) {
+    /// The VM is gone: what the guest sent before it went may still be on its way from
+    /// the channel's reader (its result among it), so that is taken first, until the
+    /// channel ends.
+    fn finish_after_vm_exit(
+        &mut self,
+        status: std::process::ExitStatus,
+        inbox: &Receiver<Event>,
+    ) -> Result<WorkloadResult, LaunchError> {
+        while self.result.is_none() {
+            // The VMM's end of the socket is closed, so the reader reaches its end soon.
+            match inbox.recv_timeout(self.deadlines.shutdown) {
                 Ok(Event::Frame(frame)) => self.on_frame(frame)?,
+                Ok(Event::OutputWritten) => self.output_written = true,
                 Ok(Event::Control(_)) => {}
-                Ok(Event::ChannelClosed | Event::ChannelError(_))
-                | Err(RecvTimeoutError::Disconnected | RecvTimeoutError::Timeout) => return Ok(()),
+                Ok(Event::ChannelClosed | Event::ChannelError(_)) | Err(_) => break,
             }
+        }
+        match self.result.take() {
+            Some(result) => Ok(self.wait_for_output(result, inbox)),
+            None => Err(exited(self.phase, status, self.spec)),
         }
     }
 
-    fn finish_after_channel_end(&mut self) -> Result<WorkloadResult, LaunchError> {
+    fn finish_after_channel_end(
+        &mut self,
+        inbox: &Receiver<Event>,
+    ) -> Result<WorkloadResult, LaunchError> {
         let grace = Instant::now() + self.deadlines.shutdown;
         let status = match self.vm.wait_until(grace)? {
             Some(status) => status,
             None => self.vm.kill()?,
         };
         match self.result.take() {
-            Some(result) => Ok(result),
+            Some(result) => Ok(self.wait_for_output(result, inbox)),
             None => Err(exited(self.phase, status, self.spec)),
         }
+    }
+
+    /// With the result in and the VM gone, waits until the main session's output is
+    /// written: as long as its destination takes (the guest waited for it too), unless
+    /// the run is stopping and output had to be dropped for a destination that stopped
+    /// taking it, or the stop's deadline passes.
+    fn wait_for_output(
+        &mut self,
+        result: WorkloadResult,
+        inbox: &Receiver<Event>,
+    ) -> WorkloadResult {
+        loop {
+            if self.output_written
+                || (self.stopping && self.channel.dropped_output(MAIN_SESSION))
+                || (self.stopping && self.deadline.is_some_and(|d| Instant::now() >= d))
+            {
+                return result;
+            }
+            let stop_requested = match inbox.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::OutputWritten) => {
+                    self.output_written = true;
+                    false
+                }
+                Ok(Event::Control(Control::Signal(signal))) => is_stop(signal),
+                Ok(Event::Control(Control::Shutdown { .. })) => true,
+                Ok(_) | Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => return result,
+            };
+            if stop_requested && !self.stopping {
+                self.stop_output();
+                self.deadline = Some(Instant::now() + self.deadlines.stop_grace);
+            }
+        }
+    }
+
+    /// A stop was asked for: output stops waiting for destinations that fell behind.
+    fn stop_output(&mut self) {
+        self.channel.stop();
+        self.stopping = true;
     }
 
     fn enter(&mut self, phase: Phase, allowed: Option<Duration>) {
@@ -513,44 +617,53 @@ impl Driver<'_> {
         self.deadline = allowed.map(|d| self.phase_started + d);
     }
 
-    fn send(&self, frame: &Frame) -> Result<(), LaunchError> {
-        let mut writer = self.writer.lock().expect("channel writer lock");
-        write_frame(&mut *writer, frame).map_err(|source| LaunchError::Channel {
-            phase: self.phase,
-            source,
-        })
+    /// Queues a control frame for the guest; never waits for the guest to read it.
+    fn send(&self, frame: Frame) -> Result<(), LaunchError> {
+        self.channel
+            .control(frame)
+            .map_err(|source| LaunchError::Send {
+                phase: self.phase,
+                source,
+            })
     }
 
+    /// Handles a frame the channel's reader checked and passed on: hello, boot errors,
+    /// phases and the main session's result.
     fn on_frame(&mut self, frame: Frame) -> Result<(), LaunchError> {
-        let for_observer =
-            frame.session > MAIN_SESSION || matches!(frame.message, Message::Phase(_));
-        if let Some(events) = self.guest_events.as_ref().filter(|_| for_observer) {
-            let _ = events.send(frame.clone());
-        }
-        if frame.session > MAIN_SESSION {
-            return Ok(());
-        }
+        let channel_error = |phase, source| LaunchError::Channel { phase, source };
         match frame.message {
             Message::Hello(theirs) => {
+                let Some(run) = self.run.take() else {
+                    return Err(channel_error(self.phase, ProtocolError::SecondHello));
+                };
                 let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
-                negotiate(&ours, &theirs).map_err(|source| LaunchError::Channel {
-                    phase: self.phase,
-                    source,
-                })?;
-                self.send(&Frame::new(CONTROL_SESSION, Message::Hello(ours)))?;
-                let run = self.run.take().expect("one hello per boot");
-                self.send(&Frame::new(MAIN_SESSION, Message::Run(run)))?;
+                negotiate(&ours, &theirs).map_err(|source| channel_error(self.phase, source))?;
+                self.send(Frame::new(CONTROL_SESSION, Message::Hello(ours)))?;
+                let output = self
+                    .channel
+                    .open_main(run)
+                    .map_err(|source| LaunchError::Send {
+                        phase: self.phase,
+                        source,
+                    })?;
+                if let Some(outputs) = self.io_out.take() {
+                    spawn_output_writer(output, outputs, self.events.clone());
+                }
                 self.start_stdin();
                 // Still booting: init mounts the root and starts the supervisor next, all
                 // under the boot deadline, until it reports the workload started.
             }
             Message::Phase(time) => {
+                if let Some(events) = &self.guest_events {
+                    let _ = events.send(GuestEvent::Phase(time));
+                }
                 self.boot_times.record(time.phase, time.boottime_ns);
                 if time.phase == BootPhase::WorkloadStarted && self.phase == Phase::Boot {
                     self.enter(Phase::Workload, self.deadlines.workload);
                 }
-                if time.phase == BootPhase::WorkloadEnded && self.workload_ended_at.is_none() {
-                    self.workload_ended_at = Some(Instant::now());
+                if time.phase == BootPhase::WorkloadEnded {
+                    self.workload_ended_at.get_or_insert_with(Instant::now);
+                    self.channel.end_exec_sessions();
                 }
             }
             Message::BootError(error) => {
@@ -568,18 +681,7 @@ impl Driver<'_> {
                     console_tail,
                 });
             }
-            Message::Data { stream, bytes } if frame.session == MAIN_SESSION => {
-                let (out, err) = &mut self.io_out;
-                let sink: &mut dyn Write = if stream == Stream::Stderr {
-                    err.as_mut()
-                } else {
-                    out.as_mut()
-                };
-                // A closed host stdout (e.g. `| head`) must not abort the run.
-                let _ = sink.write_all(&bytes).and_then(|_| sink.flush());
-            }
-            Message::Eof { .. } => {}
-            Message::Result(result) if frame.session == MAIN_SESSION => {
+            Message::Result(result) => {
                 self.workload_ended_at.get_or_insert_with(Instant::now);
                 self.result = Some(result);
                 self.enter(Phase::Shutdown, Some(self.deadlines.shutdown));
@@ -595,16 +697,17 @@ impl Driver<'_> {
     fn on_control(&mut self, request: Control) -> Result<(), LaunchError> {
         match (request, self.phase) {
             (Control::Signal(signal), Phase::Workload | Phase::Boot) if self.run.is_none() => {
-                self.send(&Frame::new(
+                self.send(Frame::new(
                     MAIN_SESSION,
                     Message::Signal(SignalRequest { signal }),
                 ))?;
-                if self.stop_signal.is_none()
-                    && matches!(signal, libc_signals::SIGINT | libc_signals::SIGTERM)
-                {
-                    self.stop_signal = Some(signal);
-                    let grace = Instant::now() + self.deadlines.stop_grace;
-                    self.deadline = Some(self.deadline.map_or(grace, |d| d.min(grace)));
+                if is_stop(signal) {
+                    self.stop_output();
+                    if self.stop_signal.is_none() {
+                        self.stop_signal = Some(signal);
+                        let grace = Instant::now() + self.deadlines.stop_grace;
+                        self.deadline = Some(self.deadline.map_or(grace, |d| d.min(grace)));
+                    }
                 }
             }
             (Control::Signal(signal), Phase::VmmStart | Phase::Boot) => {
@@ -616,14 +719,15 @@ impl Driver<'_> {
                 });
             }
             (Control::Resize(size), Phase::Workload | Phase::Boot) if self.run.is_none() => {
-                self.send(&Frame::new(MAIN_SESSION, Message::Resize(size)))?;
+                self.send(Frame::new(MAIN_SESSION, Message::Resize(size)))?;
             }
             (Control::Shutdown { grace }, Phase::Workload | Phase::Boot) if self.run.is_none() => {
                 let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-                self.send(&Frame::new(
+                self.send(Frame::new(
                     CONTROL_SESSION,
                     Message::Shutdown(ShutdownRequest { grace_ms }),
                 ))?;
+                self.stop_output();
                 self.stop_signal.get_or_insert(libc_signals::SIGTERM);
                 let end = Instant::now() + grace + self.deadlines.shutdown;
                 self.deadline = Some(self.deadline.map_or(end, |d| d.min(end)));
@@ -635,31 +739,28 @@ impl Driver<'_> {
                     grace: Duration::ZERO,
                 });
             }
-            (Control::Guest(frame), Phase::Workload | Phase::Boot) if self.run.is_none() => {
-                self.send(&frame)?;
-            }
             _ => {}
         }
         Ok(())
     }
 
-    /// Streams kiln's stdin to the workload on its own thread, then EOF.
+    /// Streams kiln's stdin to the workload on its own thread, then EOF; it waits while
+    /// the input queue is full.
     fn start_stdin(&mut self) {
-        let writer = Arc::clone(&self.writer);
+        let channel = self.channel.clone();
         let stdin = self.stdin.take();
         std::thread::spawn(move || {
-            let send =
-                |frame: &Frame| write_frame(&mut *writer.lock().expect("writer lock"), frame);
             if let Some(mut input) = stdin {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     match input.read(&mut buf) {
                         Ok(0) => break,
                         Ok(n) => {
-                            let mut guard = writer.lock().expect("writer lock");
-                            if write_stream(&mut *guard, MAIN_SESSION, Stream::Stdin, &buf[..n])
-                                .is_err()
-                            {
+                            let data = Message::Data {
+                                stream: Stream::Stdin,
+                                bytes: buf[..n].to_vec(),
+                            };
+                            if channel.input(Frame::new(MAIN_SESSION, data)).is_err() {
                                 return;
                             }
                         }
@@ -668,14 +769,17 @@ impl Driver<'_> {
                     }
                 }
             }
-            let _ = send(&Frame::new(
-                MAIN_SESSION,
-                Message::Eof {
-                    stream: Stream::Stdin,
-                },
-            ));
+            let eof = Message::Eof {
+                stream: Stream::Stdin,
+            };
+            let _ = channel.input(Frame::new(MAIN_SESSION, eof));
         });
     }
+}
+
+/// Whether `signal` asks the workload to stop (SIGINT, SIGTERM).
+fn is_stop(signal: i32) -> bool {
+    matches!(signal, libc_signals::SIGINT | libc_signals::SIGTERM)
 }
 
 /// The two signal numbers that mean "stop" (Linux x86_64 and aarch64 agree).
@@ -686,7 +790,263 @@ mod libc_signals {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+
+    use kiln_protocol::{
+        write_frame, Identity, Kind, RunAs, SessionId, HEADER_LEN, MAGIC, WIRE_VERSION,
+    };
+    use kiln_vm::qemu::Qemu;
+    use kiln_vm::{Channel, Network};
+
     use super::*;
+
+    fn run_spec() -> RunSpec {
+        RunSpec {
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            cwd: None,
+            identity: Identity {
+                run_as: RunAs::Uid,
+                uid: 1000,
+                gid: 1000,
+            },
+            tty: false,
+            terminal: None,
+        }
+    }
+
+    /// Runs launch's host side against a scripted guest. A compromised guest cannot be
+    /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
+    /// so the test plays the guest: `guest` gets the channel socket where QEMU would
+    /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
+    /// kills is a shell script that sleeps.
+    fn against_scripted_guest(
+        stdout: Box<dyn Write + Send>,
+        guest: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> Result<LaunchOutcome, LaunchError> {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = dir.path().join("vmm");
+        std::fs::write(&vmm, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for file in ["kernel", "initramfs"] {
+            std::fs::write(dir.path().join(file), b"").unwrap();
+        }
+        let spec = VmSpec {
+            kernel: dir.path().join("kernel"),
+            initramfs: dir.path().join("initramfs"),
+            cmdline: Vec::new(),
+            disks: Vec::new(),
+            shares: Vec::new(),
+            cpus: 1,
+            memory_mib: 128,
+            network: Network::None,
+            channel: Channel {
+                socket: dir.path().join("channel.sock"),
+                port_name: kiln_protocol::CHANNEL_PORT.into(),
+            },
+            console_log: dir.path().join("console.log"),
+            accel: Accel::Tcg,
+        };
+        let socket = spec.channel.socket.clone();
+        let peer = std::thread::spawn(move || {
+            let mut stream = loop {
+                match UnixStream::connect(&socket) {
+                    Ok(stream) => break stream,
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            let hello = Hello::ours("scripted guest");
+            write_frame(
+                &mut stream,
+                &Frame::new(CONTROL_SESSION, Message::Hello(hello)),
+            )
+            .unwrap();
+            for expected in [Kind::Hello, Kind::Run] {
+                let frame = read_frame(&mut stream).unwrap().unwrap();
+                assert_eq!(frame.message.kind(), expected);
+            }
+            guest(&mut stream);
+            stream
+        });
+        let deadlines = Deadlines {
+            connect: Duration::from_secs(10),
+            boot: Duration::from_secs(60),
+            workload: None,
+            shutdown: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(1),
+        };
+        let (_keep_open, control) = mpsc::channel();
+        let io = HostIo {
+            stdin: None,
+            stdout,
+            stderr: Box::new(std::io::sink()),
+            guest_events: None,
+        };
+        let outcome = launch(
+            &Qemu::with_binary(&vmm),
+            &spec,
+            run_spec(),
+            deadlines,
+            io,
+            control,
+        );
+        drop(peer.join().expect("the scripted guest ran its script"));
+        outcome
+    }
+
+    /// Raw bytes of a frame, for payloads the encoder refuses to write.
+    fn raw_frame(kind: Kind, session: SessionId, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend([WIRE_VERSION, kind as u8, 0, 0]);
+        bytes.extend(session.to_be_bytes());
+        bytes.extend((payload.len() as u32).to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    }
+
+    fn channel_error(outcome: Result<LaunchOutcome, LaunchError>) -> ProtocolError {
+        match outcome {
+            Err(LaunchError::Channel { source, .. }) => source,
+            Err(other) => panic!("expected a channel error, got: {other}"),
+            Ok(outcome) => panic!("expected a channel error, got {outcome:?}"),
+        }
+    }
+
+    /// Collects what the run writes to its stdout.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A stdout that takes nothing until the test lets it go (drops the sender).
+    struct Stuck(Mutex<mpsc::Receiver<()>>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn send(stream: &mut UnixStream, session: SessionId, message: Message) {
+        write_frame(stream, &Frame::new(session, message)).unwrap();
+    }
+
+    #[test]
+    fn an_honest_guest_gets_its_output_written_and_its_result_returned() {
+        let stdout = Captured::default();
+        let outcome = against_scripted_guest(Box::new(stdout.clone()), |guest| {
+            for text in ["hello ", "world"] {
+                let bytes = text.as_bytes().to_vec();
+                let stream = Stream::Stdout;
+                send(guest, MAIN_SESSION, Message::Data { stream, bytes });
+            }
+            let stream = Stream::Stdout;
+            send(guest, MAIN_SESSION, Message::Eof { stream });
+            let result = WorkloadResult::Exited { code: 3 };
+            send(guest, MAIN_SESSION, Message::Result(result));
+        })
+        .unwrap();
+        assert_eq!(outcome.result, WorkloadResult::Exited { code: 3 });
+        assert_eq!(stdout.0.lock().unwrap().as_slice(), b"hello world");
+    }
+
+    #[test]
+    fn a_second_hello_is_a_typed_error() {
+        let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+            send(guest, CONTROL_SESSION, Message::Hello(Hello::ours("again")));
+        }));
+        assert!(matches!(err, ProtocolError::SecondHello), "{err}");
+    }
+
+    #[test]
+    fn an_out_of_range_signal_or_exit_code_is_a_typed_error() {
+        for (payload, accepted) in [
+            (r#"{"outcome":"killed","signal":2147483647}"#, "1 to 64"),
+            (r#"{"outcome":"exited","code":300}"#, "0 to 255"),
+        ] {
+            let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+                let bytes = raw_frame(Kind::Result, MAIN_SESSION, payload.as_bytes());
+                guest.write_all(&bytes).unwrap();
+            }));
+            assert!(
+                matches!(
+                    err,
+                    ProtocolError::BadPayload {
+                        kind: Kind::Result,
+                        ..
+                    }
+                ) && err.to_string().contains(accepted),
+                "{payload}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_frame_for_a_session_the_host_never_opened_is_a_typed_error() {
+        let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+            let bytes = b"not yours".to_vec();
+            let stream = Stream::Stdout;
+            send(guest, 7, Message::Data { stream, bytes });
+        }));
+        assert!(
+            matches!(err, ProtocolError::UnknownSession { session: 7, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_oversize_length_is_refused_from_the_header() {
+        let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
+            // Only the header: the host must refuse it without waiting for 4 GiB.
+            let mut header = raw_frame(Kind::StdoutData, MAIN_SESSION, b"");
+            header[HEADER_LEN - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+            guest.write_all(&header).unwrap();
+        }));
+        assert!(matches!(err, ProtocolError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_guest_that_ignores_its_window_is_refused() {
+        let (release, stuck) = mpsc::channel();
+        let outcome = against_scripted_guest(Box::new(Stuck(Mutex::new(stuck))), |guest| {
+            // 17 frames of 64 KiB with their headers are more than the 1 MiB window, and
+            // the stuck stdout lets no credit come back.
+            // The host may hang up before the last of them.
+            for _ in 0..17 {
+                let bytes = vec![0u8; 64 * 1024];
+                let stream = Stream::Stdout;
+                let data = Frame::new(MAIN_SESSION, Message::Data { stream, bytes });
+                if write_frame(guest, &data).is_err() {
+                    break;
+                }
+            }
+        });
+        drop(release);
+        let err = channel_error(outcome);
+        assert!(
+            matches!(
+                err,
+                ProtocolError::WindowExceeded {
+                    session: MAIN_SESSION,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn console_tail_keeps_the_last_lines() {

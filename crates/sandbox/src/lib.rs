@@ -18,6 +18,8 @@
 //! - `logs`: the workload's output logs, capped and rotated, and reading them back.
 //! - `request`: the validated create, run and exec requests.
 //! - `prepare`: the images a sandbox boots from, pulled and built or reused.
+//! - `sessions`: the host's side of the channel's sessions: the guest's session rules,
+//!   per-session output windows, the bounded queues to the guest.
 //! - `launch`: one VM boot and the channel to its guest.
 //! - `boot`: what a foreground run and the monitor share: the host, the writable layer,
 //!   the VM spec of a sandbox, its record, and the status a boot leaves.
@@ -36,6 +38,7 @@ mod options;
 mod prepare;
 mod request;
 mod run;
+mod sessions;
 mod spec;
 mod state;
 

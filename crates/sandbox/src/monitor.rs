@@ -10,31 +10,35 @@
 //! the guest); `Data`, `Eof`, `Signal` and `Resize` follow on it, and the guest's
 //! `Data`/`Eof`/`Result` come back on it; `Shutdown` on session 0 stops the sandbox. Every
 //! connection is closed once the VM is gone and the final state is written.
+//!
+//! Each connection has a thread that reads it and one per exec session that writes that
+//! session's output to it, taken from the session's bounded queue (`sessions`), so a
+//! client that stops reading holds back its own sessions in the guest and nothing else:
+//! not the other clients, not the logs, not a stop.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kiln_protocol::{
-    read_frame, write_frame, BootPhase, Frame, Hello, Message, SessionId, SignalRequest,
-    StartFailure, WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
+    read_frame, write_frame, BootPhase, Frame, Hello, Message, SessionId, StartFailure,
+    WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_vm::GuestImages;
 
 use crate::boot::{boot, end_status, BootError, Host, Upper};
 use crate::error::{Error, ErrorKind};
-use crate::launch::{Control, HostIo};
+use crate::launch::{Control, GuestEvent, HostIo};
 use crate::logs::RotatingLog;
 use crate::prepare::pinned_images;
+use crate::sessions::{lock, ExecChannel, SessionError, SessionOutput};
 use crate::state::{
     now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_SOCKET,
     RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
-
-/// How long a write to a client may block before the client is dropped.
-const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the monitor of sandbox `id`: takes its lock, detaches (the calling process returns
 /// `Ok` as soon as the detached monitor holds the lock) and boots the sandbox with the
@@ -135,21 +139,14 @@ fn serve(
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
 
     let (control_tx, control_rx) = mpsc::channel();
-    let (guest_tx, guest_rx) = mpsc::channel::<Frame>();
-    let (router_tx, router_rx) = mpsc::channel::<RouterEvent>();
+    let (guest_tx, guest_rx) = mpsc::channel::<GuestEvent>();
     stop_on_termination(control_tx.clone()).map_err(|e| io_error(sandbox, "signal handlers", e))?;
-    spawn_acceptor(listener, router_tx.clone());
+    let clients = Arc::new(Clients::new(control_tx));
+    spawn_acceptor(listener, Arc::clone(&clients));
 
     std::thread::scope(|scope| {
-        let events = router_tx.clone();
-        // Ends once launch has dropped its sender, so the router sees every guest frame
-        // before it hears that the VM is gone.
-        let forwarder = scope.spawn(move || {
-            for frame in guest_rx {
-                let _ = events.send(RouterEvent::Guest(frame));
-            }
-        });
-        let router = scope.spawn(|| Router::new(sandbox, control_tx).run(router_rx));
+        // Ends once launch has dropped its sender, after the VM is gone.
+        let keeper = scope.spawn(|| keep_state(sandbox, &clients, guest_rx));
         let io = HostIo {
             stdin: None,
             stdout: Box::new(stdout),
@@ -160,10 +157,48 @@ fn serve(
         let outcome = boot(
             sandbox, record, &prepared, &host, upper, None, io, control_rx,
         );
-        let _ = forwarder.join();
-        let _ = router_tx.send(RouterEvent::Finished(end_status(&outcome)));
-        Ok(router.join().expect("the router does not panic")?)
+        let started_unix = keeper.join().expect("the state keeper does not panic")?;
+        let state = StateRecord {
+            status: end_status(&outcome),
+            monitor_pid: None,
+            started_unix,
+            ended_unix: Some(now_unix()),
+        };
+        sandbox.write_json(STATE_FILE, &state)?;
+        clients.end();
+        Ok(())
     })
+}
+
+/// Follows the guest's boot phases into `state.json` and tells the clients whether exec
+/// sessions can start; returns when the VM is gone, with the time the workload started.
+fn keep_state(
+    sandbox: &SandboxDir,
+    clients: &Clients,
+    events: Receiver<GuestEvent>,
+) -> Result<Option<u64>, StateError> {
+    let mut started_unix = None;
+    for event in events {
+        match event {
+            GuestEvent::Connected(exec) => clients.lock().exec = Some(exec),
+            GuestEvent::Phase(time) if time.phase == BootPhase::WorkloadStarted => {
+                started_unix = Some(now_unix());
+                let state = StateRecord {
+                    status: Status::Running,
+                    monitor_pid: Some(std::process::id()),
+                    started_unix,
+                    ended_unix: None,
+                };
+                sandbox.write_json(STATE_FILE, &state)?;
+                clients.lock().running = true;
+            }
+            GuestEvent::Phase(time) if time.phase == BootPhase::WorkloadEnded => {
+                clients.lock().running = false;
+            }
+            GuestEvent::Phase(_) => {}
+        }
+    }
+    Ok(started_unix)
 }
 
 /// How long the workloads get when the monitor itself is told to terminate.
@@ -189,221 +224,188 @@ fn stop_on_termination(control: Sender<Control>) -> std::io::Result<()> {
     Ok(())
 }
 
-enum RouterEvent {
-    Connected(u64, UnixStream),
-    FromClient(u64, Frame),
-    Disconnected(u64),
-    Guest(Frame),
-    /// The VM is gone; the sandbox ended with this status.
-    Finished(Status),
+/// What the client threads share.
+struct Clients {
+    control: Sender<Control>,
+    state: Mutex<ClientsState>,
 }
 
-fn spawn_acceptor(listener: UnixListener, events: Sender<RouterEvent>) {
+#[derive(Default)]
+struct ClientsState {
+    /// The guest channel's exec side, once it is up.
+    exec: Option<ExecChannel>,
+    /// The main workload runs: exec sessions may start.
+    running: bool,
+    /// Every open connection, to be closed when the sandbox ends.
+    connections: HashMap<u64, UnixStream>,
+    /// The sandbox ended: connections are closed, new ones too.
+    ended: bool,
+}
+
+impl Clients {
+    fn new(control: Sender<Control>) -> Clients {
+        Clients {
+            control,
+            state: Mutex::new(ClientsState::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClientsState> {
+        lock(&self.state)
+    }
+
+    /// The sandbox ended: closes every connection.
+    fn end(&self) {
+        let mut state = self.lock();
+        state.ended = true;
+        for connection in state.connections.values() {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn spawn_acceptor(listener: UnixListener, clients: Arc<Clients>) {
     std::thread::spawn(move || {
-        for (client, stream) in (0u64..).zip(listener.incoming()) {
+        for (id, stream) in (0u64..).zip(listener.incoming()) {
             let Ok(stream) = stream else { continue };
-            let Ok(mut reader) = stream.try_clone() else {
-                continue;
-            };
-            if events.send(RouterEvent::Connected(client, stream)).is_err() {
-                return;
-            }
-            let events = events.clone();
-            std::thread::spawn(move || {
-                while let Ok(Some(frame)) = read_frame(&mut reader) {
-                    if events.send(RouterEvent::FromClient(client, frame)).is_err() {
-                        return;
-                    }
-                }
-                let _ = events.send(RouterEvent::Disconnected(client));
-            });
+            let clients = Arc::clone(&clients);
+            std::thread::spawn(move || serve_client(&clients, id, stream));
         }
     });
 }
 
-/// One connected client and its exec sessions (its session id to the guest's).
-struct Client {
-    stream: UnixStream,
-    sessions: HashMap<SessionId, SessionId>,
-}
+/// A client connection's exec sessions: its session ids to the guest's.
+type SessionMap = Arc<Mutex<HashMap<SessionId, SessionId>>>;
 
-/// Relays frames between clients and the guest and keeps `state.json`; owns all the
-/// monitor's mutable state on one thread.
-struct Router<'a> {
-    sandbox: &'a SandboxDir,
-    control: Sender<Control>,
-    clients: HashMap<u64, Client>,
-    /// Guest session to (client, client session).
-    routes: HashMap<SessionId, (u64, SessionId)>,
-    next_session: SessionId,
-    running: bool,
-    started_unix: Option<u64>,
-}
-
-impl<'a> Router<'a> {
-    fn new(sandbox: &'a SandboxDir, control: Sender<Control>) -> Self {
-        Router {
-            sandbox,
-            control,
-            clients: HashMap::new(),
-            routes: HashMap::new(),
-            next_session: MAIN_SESSION + 1,
-            running: false,
-            started_unix: None,
-        }
-    }
-
-    fn run(mut self, events: Receiver<RouterEvent>) -> Result<(), StateError> {
-        for event in events {
-            match event {
-                RouterEvent::Connected(id, mut stream) => {
-                    // A client that stops reading must not hold up everyone else.
-                    let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
-                    let hello = Hello::ours(format!("kiln-monitor {}", env!("CARGO_PKG_VERSION")));
-                    if write_frame(
-                        &mut stream,
-                        &Frame::new(CONTROL_SESSION, Message::Hello(hello)),
-                    )
-                    .is_ok()
-                    {
-                        self.clients.insert(
-                            id,
-                            Client {
-                                stream,
-                                sessions: HashMap::new(),
-                            },
-                        );
-                    }
-                }
-                RouterEvent::FromClient(id, frame) => self.on_client(id, frame),
-                RouterEvent::Disconnected(id) => self.drop_client(id),
-                RouterEvent::Guest(frame) => self.on_guest(frame)?,
-                RouterEvent::Finished(status) => {
-                    let state = StateRecord {
-                        status,
-                        monitor_pid: None,
-                        started_unix: self.started_unix,
-                        ended_unix: Some(now_unix()),
-                    };
-                    self.sandbox.write_json(STATE_FILE, &state)?;
-                    for client in self.clients.values() {
-                        let _ = client.stream.shutdown(std::net::Shutdown::Both);
-                    }
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn on_client(&mut self, id: u64, frame: Frame) {
-        let Some(client) = self.clients.get_mut(&id) else {
+/// Serves one client connection on its own thread: its frames go to the guest from here
+/// (waiting, when the guest's input queue is full, holds back this client only), and each
+/// exec session's output goes to it from a thread of the session's own. A client that
+/// stops reading so holds back its own sessions and nothing else; one that disconnects
+/// has its sessions killed.
+fn serve_client(clients: &Clients, id: u64, stream: UnixStream) {
+    let (Ok(registered), Ok(writer)) = (stream.try_clone(), stream.try_clone()) else {
+        return;
+    };
+    {
+        let mut state = clients.lock();
+        if state.ended {
             return;
-        };
-        match (frame.session, frame.message) {
-            (CONTROL_SESSION, Message::Shutdown(request)) => {
-                let grace = std::time::Duration::from_millis(request.grace_ms);
-                let _ = self.control.send(Control::Shutdown { grace });
+        }
+        state.connections.insert(id, registered);
+    }
+    let writer = Arc::new(Mutex::new(writer));
+    let hello = Hello::ours(format!("kiln-monitor {}", env!("CARGO_PKG_VERSION")));
+    let sessions = SessionMap::default();
+    let mut reader = stream;
+    if write_to(&writer, Frame::new(CONTROL_SESSION, Message::Hello(hello))) {
+        while let Ok(Some(frame)) = read_frame(&mut reader) {
+            if !on_client_frame(clients, &writer, &sessions, frame) {
+                break;
             }
-            (CONTROL_SESSION, _) => {}
-            (session, Message::Run(spec)) if session > MAIN_SESSION => {
-                let refusal = if client.sessions.contains_key(&session) {
-                    Some(format!(
-                        "session {session} is already in use on this connection"
-                    ))
-                } else if !self.running {
-                    Some("the sandbox's workload is not running".to_owned())
-                } else {
-                    None
-                };
-                if let Some(message) = refusal {
+        }
+    }
+    let _ = reader.shutdown(std::net::Shutdown::Both);
+    let exec = clients.lock().exec.clone();
+    let open: Vec<SessionId> = lock(&sessions).drain().map(|(_, guest)| guest).collect();
+    if let Some(exec) = exec {
+        for guest in open {
+            exec.abandon(guest);
+        }
+    }
+    clients.lock().connections.remove(&id);
+}
+
+/// Handles one frame from a client; false when the connection is done for.
+fn on_client_frame(
+    clients: &Clients,
+    writer: &Arc<Mutex<UnixStream>>,
+    sessions: &SessionMap,
+    frame: Frame,
+) -> bool {
+    match (frame.session, frame.message) {
+        (CONTROL_SESSION, Message::Shutdown(request)) => {
+            let grace = std::time::Duration::from_millis(request.grace_ms);
+            let _ = clients.control.send(Control::Shutdown { grace });
+            true
+        }
+        (CONTROL_SESSION, _) => true,
+        (session, Message::Run(spec)) if session > MAIN_SESSION => {
+            match start_exec(clients, writer, sessions, session, spec) {
+                Ok(()) => true,
+                Err(message) => {
                     let result = WorkloadResult::StartFailed {
                         reason: StartFailure::Other,
                         message,
                     };
-                    let _ = write_frame(
-                        &mut client.stream,
-                        &Frame::new(session, Message::Result(result)),
-                    );
-                    return;
-                }
-                let guest = self.next_session;
-                self.next_session += 1;
-                client.sessions.insert(session, guest);
-                self.routes.insert(guest, (id, session));
-                let _ = self
-                    .control
-                    .send(Control::Guest(Frame::new(guest, Message::Run(spec))));
-            }
-            (
-                session,
-                message @ (Message::Data { .. }
-                | Message::Eof { .. }
-                | Message::Signal(_)
-                | Message::Resize(_)),
-            ) => {
-                if let Some(&guest) = client.sessions.get(&session) {
-                    let _ = self
-                        .control
-                        .send(Control::Guest(Frame::new(guest, message)));
+                    write_to(writer, Frame::new(session, Message::Result(result)))
                 }
             }
-            (session, other) => tracing::debug!(session, "ignoring a client's {other:?}"),
+        }
+        (session, message) => {
+            let guest = lock(sessions).get(&session).copied();
+            let exec = clients.lock().exec.clone();
+            match (guest, exec) {
+                (Some(guest), Some(exec)) => match exec.send(guest, message) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::debug!("client session {session}: {err}");
+                        !matches!(err, SessionError::Closed)
+                    }
+                },
+                _ => true,
+            }
         }
     }
+}
 
-    fn on_guest(&mut self, frame: Frame) -> Result<(), StateError> {
-        match (frame.session, &frame.message) {
-            (CONTROL_SESSION, Message::Phase(time)) if time.phase == BootPhase::WorkloadStarted => {
-                self.running = true;
-                self.started_unix = Some(now_unix());
-                let state = StateRecord {
-                    status: Status::Running,
-                    monitor_pid: Some(std::process::id()),
-                    started_unix: self.started_unix,
-                    ended_unix: None,
-                };
-                self.sandbox.write_json(STATE_FILE, &state)?;
-            }
-            (CONTROL_SESSION, Message::Phase(time)) if time.phase == BootPhase::WorkloadEnded => {
-                self.running = false;
-            }
-            (guest, _) if guest > MAIN_SESSION => {
-                let last = matches!(frame.message, Message::Result(_));
-                let route = if last {
-                    self.routes.remove(&guest)
-                } else {
-                    self.routes.get(&guest).copied()
-                };
-                let Some((id, session)) = route else {
-                    return Ok(());
-                };
-                let Some(client) = self.clients.get_mut(&id) else {
-                    return Ok(());
-                };
-                if last {
-                    client.sessions.remove(&session);
-                }
-                if write_frame(&mut client.stream, &Frame::new(session, frame.message)).is_err() {
-                    self.drop_client(id);
-                }
-            }
-            _ => {}
-        }
-        Ok(())
+/// Opens an exec session for a client's `Run` on `session`, or says why not.
+fn start_exec(
+    clients: &Clients,
+    writer: &Arc<Mutex<UnixStream>>,
+    sessions: &SessionMap,
+    session: SessionId,
+    spec: kiln_protocol::RunSpec,
+) -> Result<(), String> {
+    if lock(sessions).contains_key(&session) {
+        return Err(format!(
+            "session {session} is already in use on this connection"
+        ));
     }
+    let exec = {
+        let state = clients.lock();
+        match (&state.exec, state.running) {
+            (Some(exec), true) => exec.clone(),
+            _ => return Err("the sandbox's workload is not running".to_owned()),
+        }
+    };
+    let output = exec.open(spec).map_err(|err| err.to_string())?;
+    lock(sessions).insert(session, output.session());
+    let (writer, sessions) = (Arc::clone(writer), Arc::clone(sessions));
+    std::thread::spawn(move || relay_output(output, session, &writer, &sessions));
+    Ok(())
+}
 
-    /// Forgets a client that is gone or stuck; nobody is left to read its sessions'
-    /// output, so they are ended.
-    fn drop_client(&mut self, id: u64) {
-        if let Some(client) = self.clients.remove(&id) {
-            let _ = client.stream.shutdown(std::net::Shutdown::Both);
-            for guest in client.sessions.into_values() {
-                let kill = Message::Signal(SignalRequest {
-                    signal: libc::SIGKILL,
-                });
-                let _ = self.control.send(Control::Guest(Frame::new(guest, kill)));
-            }
+/// Passes an exec session's output to its client as fast as the client reads it. A
+/// failed write drops `output`, which kills the session.
+fn relay_output(
+    mut output: SessionOutput,
+    session: SessionId,
+    writer: &Mutex<UnixStream>,
+    sessions: &Mutex<HashMap<SessionId, SessionId>>,
+) {
+    while let Some(frame) = output.next() {
+        let last = matches!(frame.message, Message::Result(_));
+        if last {
+            // The client may use the id again once it has the result.
+            lock(sessions).remove(&session);
+        }
+        if !write_to(writer, Frame::new(session, frame.message)) || last {
+            return;
         }
     }
+}
+
+/// Writes `frame` to a client; false when the client is gone.
+fn write_to(writer: &Mutex<UnixStream>, frame: Frame) -> bool {
+    write_frame(&mut *lock(writer), &frame).is_ok()
 }

@@ -20,8 +20,9 @@
 //!    (received by init, or sent by the host), runs exec sessions the host opens, and
 //!    reaps every process;
 //! 5. when the workload ends (or after the host's `Shutdown`: SIGTERM to every process,
-//!    SIGKILL after the grace period), kills what is left, sends each exec session's
-//!    result, `workload_ended` and the main result, then `shutdown`, syncs and powers off.
+//!    SIGKILL after the grace period), sends `workload_ended`, kills what is left, sends
+//!    each exec session's result and the main result, then `shutdown`, syncs and powers
+//!    off.
 //!
 //! Any failure before the workload starts is a typed [`kiln_protocol::BootError`] naming
 //! its [`kiln_protocol::BootStep`], sent on the control session and printed on the
@@ -50,9 +51,10 @@
 //! virtserialport,chardev=kiln,name=kiln.0`, with the host listening on SOCK before QEMU
 //! starts. init waits up to 10 s for the port, and up to 60 s for the host's hello and
 //! `Run` after boot. The host sends Hello (control session), Run (session 1), then stdin
-//! Data/Eof, Signal and Resize frames, Run frames opening exec sessions (ids >= 2) and
-//! finally, perhaps, Shutdown (control session); init sends Hello, Phase frames and any
-//! BootError on the control session and Data/Eof/Result on each workload session.
+//! Data/Eof, Signal, Resize and Credit frames, Run frames opening exec sessions (ids >= 2)
+//! and finally, perhaps, Shutdown (control session); init sends Hello, Phase frames and
+//! any BootError on the control session and Data/Eof/Result on each workload session,
+//! each session's data within the window the host's credit leaves it.
 
 mod channel;
 mod net;
@@ -68,7 +70,7 @@ use std::time::Duration;
 
 use kiln_protocol::{
     negotiate, BootConfig, BootError, BootPhase, BootStep, Frame, Hello, Message, PhaseTime,
-    RunSpec, CHANNEL_PORT, CONTROL_SESSION, MAIN_SESSION,
+    RunSpec, WorkloadResult, CHANNEL_PORT, CONTROL_SESSION, MAIN_SESSION,
 };
 
 use channel::Channel;
@@ -168,7 +170,7 @@ fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
 fn boot_and_run(
     config: &BootConfig,
     channel: &'static Channel,
-) -> Result<Option<workload::Outcome>, BootError> {
+) -> Result<Option<WorkloadResult>, BootError> {
     boot(config)?;
     let Some(spec) = receive_run_spec(channel)? else {
         return Ok(None);
@@ -252,7 +254,7 @@ fn main() {
     let channel: &'static Channel = Box::leak(Box::new(channel));
     match config.and_then(|config| boot_and_run(&config, channel)) {
         Err(error) => report_boot_error(Some(channel), error),
-        Ok(Some(outcome)) => workload::report(channel, &outcome),
+        Ok(Some(result)) => workload::report(channel, result),
         Ok(None) => console("shutdown requested before the workload started"),
     }
     shutdown(Some(channel));

@@ -6,19 +6,25 @@
 //! One table, behind one lock, holds the live sessions. A process is started while the
 //! lock is held, so the reaper (which takes the lock for every status) can never see the
 //! status of a session's process before the session is in the table.
+//!
+//! Each session's output is flow-controlled (kiln-protocol's `SESSION_WINDOW`): a pump
+//! sends a frame only when the session's window has room for it, and the host's credit
+//! makes room. A pump waits on its window, never on the channel, so a session whose reader
+//! on the host is slow holds back only itself: its process blocks on a full pipe, while
+//! other sessions, results and phases go on.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kiln_protocol::{
     Frame, Message, RunSpec, SessionId, StartFailure, Stream, TerminalSize, WorkloadResult,
-    CONTROL_SESSION, MAIN_SESSION, MAX_PAYLOAD,
+    CONTROL_SESSION, HEADER_LEN, MAIN_SESSION, MAX_PAYLOAD, SESSION_WINDOW,
 };
 use kiln_supervisor::{
     io_for_spec, validate_sandbox_user, RootAccounts, SandboxUser, Supervisor, SupervisorError,
@@ -73,8 +79,66 @@ pub enum Reaped {
 /// Every session of the guest.
 pub struct Sessions {
     table: Mutex<Table>,
+    /// Each session's output window, from its start until its output ended (a reaped
+    /// session's pumps may still be sending).
+    windows: Arc<Mutex<HashMap<SessionId, Arc<Window>>>>,
     channel: &'static Channel,
     supervisor: Supervisor,
+}
+
+/// How much output a session may still send before the host returns credit.
+struct Window {
+    state: Mutex<WindowState>,
+    granted: Condvar,
+}
+
+struct WindowState {
+    credit: u32,
+    /// The host is gone: nobody will grant credit again.
+    closed: bool,
+}
+
+impl Window {
+    fn new() -> Arc<Window> {
+        Arc::new(Window {
+            state: Mutex::new(WindowState {
+                credit: SESSION_WINDOW,
+                closed: false,
+            }),
+            granted: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WindowState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until `charge` fits the window and takes it; false once the host is gone.
+    fn spend(&self, charge: u32) -> bool {
+        let mut state = self.lock();
+        while !state.closed && state.credit < charge {
+            state = self
+                .granted
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.closed {
+            return false;
+        }
+        state.credit -= charge;
+        true
+    }
+
+    fn grant(&self, bytes: u32) {
+        let mut state = self.lock();
+        state.credit = state.credit.saturating_add(bytes).min(SESSION_WINDOW);
+        self.granted.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.granted.notify_all();
+    }
 }
 
 /// Sends `message` on `session`, logging a failure (the host may be gone).
@@ -93,6 +157,7 @@ impl Sessions {
                 accepting: true,
                 ..Table::default()
             }),
+            windows: Arc::default(),
             channel,
             supervisor,
         }
@@ -102,6 +167,10 @@ impl Sessions {
         self.table
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_windows(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<Window>>> {
+        self.windows.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts the main workload (session 1) as `user`, already prepared by the
@@ -122,6 +191,7 @@ impl Sessions {
         let mut workload = self.supervisor.start(spec, user, io_for_spec(spec))?;
         let pid = workload.pid();
         let channel = self.channel;
+        let window = Window::new();
         // Pipes give stdout and stderr apart; a terminal gives one stream, stdout.
         let (input, pumps, terminal) = match workload.pty.take() {
             Some(terminal) => {
@@ -136,7 +206,13 @@ impl Sessions {
                         return Err(system("cloning the terminal", e));
                     }
                 };
-                let pumps = vec![pump_output(output, Stream::Stdout, session, channel)];
+                let pumps = vec![pump_output(
+                    output,
+                    Stream::Stdout,
+                    session,
+                    channel,
+                    Arc::clone(&window),
+                )];
                 (Some(input), pumps, Some(terminal))
             }
             None => {
@@ -145,12 +221,21 @@ impl Sessions {
                     (workload.stderr.take(), Stream::Stderr),
                 ]
                 .into_iter()
-                .filter_map(|(file, stream)| Some(pump_output(file?, stream, session, channel)))
+                .filter_map(|(file, stream)| {
+                    Some(pump_output(
+                        file?,
+                        stream,
+                        session,
+                        channel,
+                        Arc::clone(&window),
+                    ))
+                })
                 .collect();
                 (workload.stdin.take(), pumps, None)
             }
         };
         let input = input.map(|stdin| stdin_writer(stdin, spec.tty));
+        self.lock_windows().insert(session, window);
         table.live.insert(
             session,
             Live {
@@ -193,19 +278,25 @@ impl Sessions {
     }
 
     /// Serves what the host sends after the main workload started: exec runs, stdin
-    /// data and its end, signals, terminal sizes, and shutdown. Returns when the host
-    /// closes the channel.
+    /// data and its end, signals, terminal sizes, output credit, and shutdown. Returns
+    /// when the host closes the channel; pumps waiting for credit then give up.
     pub fn serve_host(&self) {
         loop {
             let frame = match self.channel.receive(None) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(e) => {
                     crate::console(&format!("reading from the host: {e}"));
-                    return;
+                    break;
                 }
             };
             match (frame.session, frame.message) {
+                (session, Message::Credit(credit)) => {
+                    // Credit for a session whose output already ended is not needed.
+                    if let Some(window) = self.lock_windows().get(&session) {
+                        window.grant(credit.bytes);
+                    }
+                }
                 (CONTROL_SESSION, Message::Shutdown(request)) => {
                     self.shutdown(Duration::from_millis(request.grace_ms))
                 }
@@ -215,6 +306,9 @@ impl Sessions {
                 (session, Message::Run(spec)) => self.start_exec(session, &spec),
                 (session, message) => self.deliver(session, message),
             }
+        }
+        for window in self.lock_windows().values() {
+            window.close();
         }
     }
 
@@ -321,10 +415,15 @@ impl Sessions {
             return Reaped::Main(result);
         }
         let channel = self.channel;
+        let windows = Arc::clone(&self.windows);
         table.finishers.push(std::thread::spawn(move || {
             for pump in live.pumps {
                 let _ = pump.join();
             }
+            windows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&session);
             send(channel, session, Message::Result(result));
         }));
         Reaped::Other
@@ -362,6 +461,7 @@ impl Sessions {
         for thread in finishers.into_iter().chain(main_pumps) {
             let _ = thread.join();
         }
+        self.lock_windows().remove(&MAIN_SESSION);
     }
 }
 
@@ -413,12 +513,14 @@ fn stdin_writer(mut stdin: File, tty: bool) -> Sender<Input> {
     sender
 }
 
-/// Sends everything `source` yields as `stream` data of `session`, then its end.
+/// Sends everything `source` yields as `stream` data of `session`, then its end; each
+/// frame waits for room in the session's `window`.
 fn pump_output(
     mut source: File,
     stream: Stream,
     session: SessionId,
     channel: &'static Channel,
+    window: Arc<Window>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buffer = vec![0u8; 64 * 1024.min(MAX_PAYLOAD)];
@@ -426,6 +528,11 @@ fn pump_output(
             match source.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => {
+                    // At most 64 KiB and a header: always within the window.
+                    let charge = (HEADER_LEN + n) as u32;
+                    if !window.spend(charge) {
+                        return;
+                    }
                     let data = Message::Data {
                         stream,
                         bytes: buffer[..n].to_vec(),

@@ -64,13 +64,6 @@ fn create_cgroup() -> Result<PathBuf, BootError> {
     Ok(PathBuf::from(WORKLOAD_CGROUP))
 }
 
-/// How the workload ended, and when.
-pub struct Outcome {
-    pub result: WorkloadResult,
-    /// CLOCK_BOOTTIME (ns) when its end was seen.
-    pub ended_ns: u64,
-}
-
 /// Runs `spec` as the main session and serves exec sessions and the host's shutdown
 /// while it runs; returns its result, or the boot error of a supervisor step that failed
 /// before it could start. When this returns, every exec session's result and everything
@@ -80,7 +73,7 @@ pub fn run(
     spec: &RunSpec,
     channel: &'static Channel,
     clock: fn() -> u64,
-) -> Result<Outcome, BootError> {
+) -> Result<WorkloadResult, BootError> {
     let supervisor_error =
         |e: kiln_supervisor::SupervisorError| failed(BootStep::SupervisorStart, e.to_string());
     forward_signals().map_err(|e| {
@@ -101,10 +94,8 @@ pub fn run(
         Ok(pid) => pid,
         Err(err) => {
             let result = err.start_failure().ok_or_else(|| supervisor_error(err))?;
-            return Ok(Outcome {
-                result,
-                ended_ns: clock(),
-            });
+            send_phase(channel, BootPhase::WorkloadEnded, clock());
+            return Ok(result);
         }
     };
     WORKLOAD_PID.store(pid.as_raw(), Ordering::SeqCst);
@@ -124,10 +115,12 @@ pub fn run(
             }
         }
     };
-    let ended_ns = clock();
     WORKLOAD_PID.store(0, Ordering::SeqCst);
+    // Said before the exec sessions are killed and drained: the host then stops waiting
+    // for their slow readers, and stops opening new ones.
+    send_phase(channel, BootPhase::WorkloadEnded, clock());
     sessions.finish_main();
-    Ok(Outcome { result, ended_ns })
+    Ok(result)
 }
 
 /// Tells the host the guest reached `phase`; a failure is only logged, the run goes on.
@@ -138,21 +131,12 @@ fn send_phase(channel: &Channel, phase: BootPhase, boottime_ns: u64) {
     }
 }
 
-/// Tells the host when and how the workload ended.
-pub fn report(channel: &Channel, outcome: &Outcome) {
-    let ended = PhaseTime {
-        phase: BootPhase::WorkloadEnded,
-        boottime_ns: outcome.ended_ns,
-    };
-    for frame in [
-        Frame::new(CONTROL_SESSION, Message::Phase(ended)),
-        Frame::new(MAIN_SESSION, Message::Result(outcome.result.clone())),
-    ] {
-        if let Err(e) = channel.send(&frame) {
-            crate::console(&format!(
-                "cannot report the workload's result to the host: {e}"
-            ));
-            return;
-        }
+/// Tells the host how the workload ended (the `workload_ended` phase went out when it did).
+pub fn report(channel: &Channel, result: WorkloadResult) {
+    let result = Frame::new(MAIN_SESSION, Message::Result(result));
+    if let Err(e) = channel.send(&result) {
+        crate::console(&format!(
+            "cannot report the workload's result to the host: {e}"
+        ));
     }
 }
