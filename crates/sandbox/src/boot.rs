@@ -236,6 +236,7 @@ fn kernel_args(
                 read_only: volume.read_only,
             })
             .collect(),
+        user_namespaces: false,
     }
     .kernel_args()
 }
