@@ -106,6 +106,9 @@ pub struct CreateFields {
     pub volumes: Vec<String>,
     pub accel: AccelRequest,
     pub qemu: PathBuf,
+    /// Let the workload create user namespaces in the guest. Off by default: inside one it
+    /// holds every capability (`unshare -r`), which widens what it can reach of the kernel.
+    pub allow_user_namespaces: bool,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -126,6 +129,7 @@ pub struct CreateRequest {
     pub(crate) volumes: Vec<Volume>,
     pub(crate) accel: AccelRequest,
     pub(crate) qemu: PathBuf,
+    pub(crate) allow_user_namespaces: bool,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -344,6 +348,7 @@ impl CreateFields {
             volumes,
             accel: self.accel,
             qemu: self.qemu,
+            allow_user_namespaces: self.allow_user_namespaces,
         })
     }
 }
@@ -454,6 +459,7 @@ mod tests {
         assert!(matches!(request.network, Network::User { ref forwards } if forwards.is_empty()));
         assert_eq!(request.name(), None);
         assert_eq!(request.overrides.working_dir, None);
+        assert!(!request.allow_user_namespaces);
     }
 
     #[test]
@@ -474,6 +480,7 @@ mod tests {
             workdir: Some("/work".into()),
             publish: vec!["8080:80".into()],
             volumes: vec![format!("{}:/data:ro", dir.path().display())],
+            allow_user_namespaces: true,
             ..fields()
         }
         .validate(&Api)
@@ -497,6 +504,7 @@ mod tests {
             }
         );
         assert_eq!(request.volumes[0].guest, "/data");
+        assert!(request.allow_user_namespaces);
     }
 
     #[test]

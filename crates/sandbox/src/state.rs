@@ -57,6 +57,10 @@ pub struct SandboxRecord {
     /// Host directories shared into the sandbox (absent in records of older kilns).
     #[serde(default)]
     pub volumes: Vec<Volume>,
+    /// Whether the workload may create user namespaces (absent in records of older kilns:
+    /// it may not).
+    #[serde(default)]
+    pub allow_user_namespaces: bool,
 }
 
 /// The accelerator request in `sandbox.json`, as the words `--accel` takes.

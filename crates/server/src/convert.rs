@@ -158,6 +158,7 @@ fn create_fields(
         image: request.image,
         accel: machine.accel,
         qemu: machine.qemu.clone(),
+        allow_user_namespaces: request.allow_user_namespaces,
     })
 }
 
@@ -329,6 +330,7 @@ mod tests {
         assert_eq!(fields.network, NetworkMode::User);
         assert_eq!(fields.pull.policy, PullPolicy::Missing);
         assert!(!fields.lend_environment);
+        assert!(!fields.allow_user_namespaces);
         assert!(create_request(request(), &machine()).is_ok());
 
         let set = proto::CreateRequest {
@@ -339,6 +341,7 @@ mod tests {
                 guest_port: 80,
             }],
             network: proto::Network::None as i32,
+            allow_user_namespaces: true,
             ..request()
         };
         let fields = create_fields(set, &machine()).unwrap();
@@ -348,6 +351,7 @@ mod tests {
         );
         assert_eq!(fields.publish, ["8080:80"]);
         assert_eq!(fields.network, NetworkMode::None);
+        assert!(fields.allow_user_namespaces);
     }
 
     #[test]
