@@ -170,8 +170,9 @@ fn abandon(child: &mut Child, why: String) -> ! {
 }
 
 /// Writes the forged line to stdout, stderr and every console node it may open, then gets
-/// it into the kernel's own log: a program named after it is killed by the OOM killer,
-/// whose report names it on the console. Prints `forged-done` and waits.
+/// it into the kernel's own log: a program named after it (a script whose interpreter,
+/// `sort -`, keeps all of /dev/zero in memory) is killed by the OOM killer, whose report
+/// names it on the console. Prints `forged-done` and waits.
 const FORGE_SCRIPT: &str = r#"
 forged='Kernel panic - not syncing: forged by the workload'
 echo "$forged"; echo "$forged" >&2
@@ -179,8 +180,8 @@ for node in /dev/kmsg /dev/console /dev/ttyS0; do
   if err=$( (echo "<0>$forged" > $node) 2>&1 ); then echo "$node=written"; else echo "$node=$err"; fi
 done
 hog="/tmp/$forged"
-echo '#!/bin/sh' > "$hog"; echo 'x=$(yes)' >> "$hog"; chmod +x "$hog"
-"$hog"; echo "hog=$?"
+echo '#!/usr/bin/sort -' > "$hog"; chmod +x "$hog"
+"$hog" < /dev/zero; echo "hog=$?"
 echo forged-done
 sleep 600
 "#;
