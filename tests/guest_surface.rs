@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    demo_image, describe, fixtures, guest_files, kill_process_group, qemu_pids_mentioning,
-    require_root, run_ok, text, KilnRoot,
+    demo_image, describe, facts, fixtures, guest_files, kill_process_group, qemu_pids_mentioning,
+    require_root, run_ok, KilnRoot,
 };
 use kiln_protocol::{BootConfig, CHANNEL_PORT};
 use kiln_vm::qemu::Qemu;
@@ -76,15 +76,6 @@ fn image_with_device_nodes(dir: &Path) -> String {
         timeout,
     );
     format!("oci:{image}")
-}
-
-/// The `key=value` lines a script printed.
-fn facts(stdout: &[u8]) -> BTreeMap<String, String> {
-    text(stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Prints each disk's number and serial, how each node under /nodes looks, what opening
