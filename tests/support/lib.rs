@@ -98,6 +98,15 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The `key=value` lines a workload's script printed, by key (a later line wins).
+pub fn facts(stdout: &[u8]) -> std::collections::BTreeMap<String, String> {
+    text(stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// A command's status and output, for assertion messages.
 pub fn describe(output: &std::process::Output) -> String {
     format!(

@@ -113,6 +113,10 @@ pub struct SandboxArgs {
     #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
     volumes: Vec<String>,
 
+    /// Let the workload create user namespaces (off by default: inside one it holds every capability; docs/supervisor.md).
+    #[arg(long = "allow-userns")]
+    allow_userns: bool,
+
     /// Name of the sandbox ([A-Za-z0-9._-], up to 128 characters).
     #[arg(long)]
     name: Option<String>,
@@ -268,6 +272,7 @@ impl SandboxArgs {
             accel,
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
+            allow_user_namespaces: self.allow_userns,
         })
     }
 }

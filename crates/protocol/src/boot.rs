@@ -1,7 +1,7 @@
 //! The boot configuration: what the host tells the guest's init on the kernel command
 //! line, as `kiln.*` arguments, before the channel exists (where the disks and the
-//! channel are, the hostname, the network, the 9p volumes). The workload itself comes
-//! later as a run spec over the channel.
+//! channel are, the hostname, the network, the 9p volumes, whether the workload may create
+//! user namespaces). The workload itself comes later as a run spec over the channel.
 //!
 //! The host builds a [`BootConfig`] and writes it with [`BootConfig::kernel_args`]; the
 //! guest reads it back with [`BootConfig::parse`]. Both check the same grammar
@@ -29,6 +29,10 @@ pub const DEFAULT_HOSTNAME: &str = "kiln";
 
 /// What `kiln.upper=` says for an upper in guest memory.
 const TMPFS_UPPER: &str = "tmpfs";
+
+/// The values of `kiln.userns=`.
+const USERNS_ON: &str = "on";
+const USERNS_OFF: &str = "off";
 
 /// A virtio-blk serial holds at most 20 bytes; a longer one could never match.
 const MAX_SERIAL_LEN: usize = 20;
@@ -99,6 +103,10 @@ pub struct BootConfig {
     pub net: Option<NetConfig>,
     /// `kiln.vol=`, repeatable: 9p shares to mount, in order.
     pub volumes: Vec<VolumeMount>,
+    /// `kiln.userns=on`: the workload may create user namespaces. Off by default: init
+    /// then sets `user.max_user_namespaces` to 0 before the workload starts, so `unshare -r`
+    /// cannot hand it a namespace where it holds every capability.
+    pub user_namespaces: bool,
 }
 
 impl Default for BootConfig {
@@ -112,6 +120,7 @@ impl Default for BootConfig {
             hostname: DEFAULT_HOSTNAME.to_owned(),
             net: None,
             volumes: Vec::new(),
+            user_namespaces: false,
         }
     }
 }
@@ -123,7 +132,7 @@ pub enum CmdlineFault {
     NotKeyValue,
     #[error("the value is empty")]
     EmptyValue,
-    #[error("unknown key; accepted: root, ident, upper, port, hostname, net, vol")]
+    #[error("unknown key; accepted: root, ident, upper, port, hostname, net, vol, userns")]
     UnknownKey,
     #[error(
         "{0:?} is neither a /dev/ path nor a disk serial of 1-20 characters of [A-Za-z0-9._-]"
@@ -151,6 +160,8 @@ pub enum CmdlineFault {
     GuestPath(String),
     #[error("another kiln.vol has the same tag or path")]
     DuplicateVolume,
+    #[error("expected on or off")]
+    UserNamespaces,
     #[error("{0:?} is not a %-escape (% and two uppercase hex digits of a byte that needs one)")]
     Escape(String),
     #[error("byte 0x{0:02x} must be written as a %-escape")]
@@ -224,6 +235,13 @@ impl BootConfig {
                 self.hostname = value.to_owned();
             }
             "net" => self.net = Some(decode_net(value)?),
+            "userns" => {
+                self.user_namespaces = match value {
+                    USERNS_ON => true,
+                    USERNS_OFF => false,
+                    _ => return Err(CmdlineFault::UserNamespaces),
+                }
+            }
             "vol" => {
                 let volume = decode_volume(value)?;
                 if self.volumes.iter().any(|v| volumes_clash(v, &volume)) {
@@ -237,7 +255,8 @@ impl BootConfig {
     }
 
     /// The `kiln.*` kernel arguments that [`BootConfig::parse`] reads back as this
-    /// configuration: root, ident, upper, port, hostname, net, then one per volume; no
+    /// configuration: root, ident, upper, port, hostname, net, userns (only when on: off is
+    /// the guest's default), then one per volume; no
     /// argument holds whitespace, a quote or a byte outside printable ASCII. A value the
     /// guest would refuse (a hostname over 64 characters, two volumes at one path, ...)
     /// is an error naming its key.
@@ -268,6 +287,9 @@ impl BootConfig {
         args.push(arg("hostname", hostname)?);
         if let Some(net) = &self.net {
             args.push(arg("net", encode_net(net))?);
+        }
+        if self.user_namespaces {
+            args.push(arg("userns", Ok(USERNS_ON.to_owned()))?);
         }
         for (index, volume) in self.volumes.iter().enumerate() {
             let value = if self.volumes[..index]

@@ -262,6 +262,9 @@ pub enum BootStep {
     KernelFilesystems,
     /// Reading the `kiln.*` kernel command line.
     CommandLine,
+    /// Turning off user namespaces for the workload (`user.max_user_namespaces`), unless
+    /// the command line allows them.
+    UserNamespaces,
     /// The root image (EROFS).
     MountRoot,
     /// The identity layer (EROFS).

@@ -511,6 +511,7 @@ fn result() -> impl Strategy<Value = WorkloadResult> {
 fn message() -> impl Strategy<Value = Message> {
     let step = prop::sample::select(vec![
         BootStep::KernelFilesystems,
+        BootStep::UserNamespaces,
         BootStep::MountRoot,
         BootStep::Overlay,
         BootStep::SwitchRoot,

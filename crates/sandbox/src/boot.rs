@@ -130,6 +130,7 @@ pub fn sandbox_record(
         accel: request.accel,
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
+        allow_user_namespaces: request.allow_user_namespaces,
     }
 }
 
@@ -214,13 +215,14 @@ impl Upper {
 }
 
 /// The `kiln.*` kernel arguments that tell the guest's init what this boot has: its
-/// disks, the channel port, hostname, network and volumes (shared as [`volume_shares`]
-/// numbers them).
+/// disks, the channel port, hostname, network, volumes (shared as [`volume_shares`]
+/// numbers them) and whether the workload may create user namespaces.
 fn kernel_args(
     upper: &Upper,
     hostname: &str,
     network: &Network,
     volumes: &[Volume],
+    user_namespaces: bool,
 ) -> Result<Vec<String>, BootConfigError> {
     let upper = match upper {
         Upper::Tmpfs => kiln_protocol::Upper::Tmpfs,
@@ -242,6 +244,7 @@ fn kernel_args(
                 read_only: volume.read_only,
             })
             .collect(),
+        user_namespaces,
     }
     .kernel_args()
 }
@@ -261,7 +264,13 @@ pub fn boot(
 ) -> Result<LaunchOutcome, BootError> {
     let network = Network::from(&record.network);
     let hostname = sandbox.name().unwrap_or(sandbox.id());
-    let cmdline = kernel_args(&upper, hostname, &network, &record.volumes)?;
+    let cmdline = kernel_args(
+        &upper,
+        hostname,
+        &network,
+        &record.volumes,
+        record.allow_user_namespaces,
+    )?;
     let mut disks = vec![
         Disk {
             id: ROOT_DISK_ID.into(),
@@ -408,7 +417,7 @@ mod tests {
             parse_volume(&format!("{}:/data", dir.path().display())).unwrap(),
             parse_volume(&format!("{}:/srv/in:ro", dir.path().display())).unwrap(),
         ];
-        let args = kernel_args(&Upper::Tmpfs, "box", &Network::None, &volumes).unwrap();
+        let args = kernel_args(&Upper::Tmpfs, "box", &Network::None, &volumes, false).unwrap();
         assert_eq!(
             args,
             [
@@ -450,9 +459,33 @@ mod tests {
         let network = Network::User {
             forwards: Vec::new(),
         };
-        let args = kernel_args(&Upper::Disk(PathBuf::from("/u")), "id", &network, &[]).unwrap();
+        let args = kernel_args(
+            &Upper::Disk(PathBuf::from("/u")),
+            "id",
+            &network,
+            &[],
+            false,
+        )
+        .unwrap();
         assert!(args.contains(&"kiln.upper=upper".to_owned()), "{args:?}");
         let net = "kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3".to_owned();
         assert!(args.contains(&net), "{args:?}");
+    }
+
+    #[test]
+    fn user_namespaces_reach_the_guest_only_when_allowed() {
+        let userns = |allowed| {
+            kernel_args(&Upper::Tmpfs, "box", &Network::None, &[], allowed)
+                .unwrap()
+                .into_iter()
+                .filter(|arg| arg.starts_with("kiln.userns="))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(userns(true), ["kiln.userns=on"]);
+        assert_eq!(
+            userns(false),
+            Vec::<String>::new(),
+            "off is the guest's default"
+        );
     }
 }

@@ -21,7 +21,7 @@ use kiln_protocol::{
     RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
     MAIN_SESSION,
 };
-use kiln_vm::{Accel, Backend, VmError, VmProcess, VmSpec};
+use kiln_vm::{Accel, Backend, GuestEnd, VmError, VmProcess, VmSpec};
 use serde::Serialize;
 
 use crate::sessions::{ExecChannel, GuestChannel, SessionError, SessionOutput};
@@ -316,7 +316,7 @@ fn accept(
             }
         }
         if let Some(status) = vm.try_wait()? {
-            return Err(exited(Phase::VmmStart, status, spec));
+            return Err(exited(Phase::VmmStart, vm, status, spec));
         }
         if Instant::now() >= deadline {
             vm.kill()?;
@@ -330,19 +330,39 @@ fn accept(
     }
 }
 
-fn exited(phase: Phase, status: std::process::ExitStatus, spec: &VmSpec) -> LaunchError {
-    let console_tail = console_tail(&spec.console_log);
-    if console_tail.contains("Kernel panic") {
-        LaunchError::GuestPanic {
+fn exited(
+    phase: Phase,
+    vm: &mut VmProcess,
+    status: std::process::ExitStatus,
+    spec: &VmSpec,
+) -> LaunchError {
+    ended_without_result(
+        phase,
+        vm.guest_end(),
+        status.to_string(),
+        console_tail(&spec.console_log),
+    )
+}
+
+/// Why the VM ended without a result. Only the VMM's own report of the guest's end can say
+/// that the guest kernel panicked: the console is the guest's (and the workload's) to
+/// write, so its text goes along for the reader but decides nothing.
+fn ended_without_result(
+    phase: Phase,
+    guest_end: Option<GuestEnd>,
+    status: String,
+    console_tail: String,
+) -> LaunchError {
+    match guest_end {
+        Some(GuestEnd::Reset) => LaunchError::GuestPanic {
             phase,
             console_tail,
-        }
-    } else {
-        LaunchError::VmExited {
+        },
+        Some(GuestEnd::PowerOff) | None => LaunchError::VmExited {
             phase,
-            status: status.to_string(),
+            status,
             console_tail,
-        }
+        },
     }
 }
 
@@ -553,7 +573,7 @@ impl Driver<'_> {
         }
         match self.result.take() {
             Some(result) => Ok(self.wait_for_output(result, inbox)),
-            None => Err(exited(self.phase, status, self.spec)),
+            None => Err(exited(self.phase, &mut self.vm, status, self.spec)),
         }
     }
 
@@ -568,7 +588,7 @@ impl Driver<'_> {
         };
         match self.result.take() {
             Some(result) => Ok(self.wait_for_output(result, inbox)),
-            None => Err(exited(self.phase, status, self.spec)),
+            None => Err(exited(self.phase, &mut self.vm, status, self.spec)),
         }
     }
 
@@ -1073,6 +1093,44 @@ mod tests {
         assert_eq!(times.init(), Some(Duration::from_millis(150)));
         assert_eq!(times.supervisor(), Some(Duration::from_millis(50)));
         assert_eq!(times.workload(), Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn only_the_vmm_report_makes_a_kernel_panic() {
+        let forged = "Kernel panic - not syncing: written by the workload".to_owned();
+        for end in [None, Some(GuestEnd::PowerOff)] {
+            let err = ended_without_result(
+                Phase::Workload,
+                end,
+                "exit status: 0".into(),
+                forged.clone(),
+            );
+            assert!(
+                matches!(err, LaunchError::VmExited { .. }),
+                "{end:?}: {err}"
+            );
+            assert!(
+                err.to_string().contains(&forged),
+                "the console is still shown: {err}"
+            );
+        }
+        let err = ended_without_result(
+            Phase::Boot,
+            Some(GuestEnd::Reset),
+            "exit status: 0".into(),
+            String::new(),
+        );
+        assert!(
+            matches!(
+                err,
+                LaunchError::GuestPanic {
+                    phase: Phase::Boot,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("kernel panicked"), "{err}");
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct CreateFields {
     /// Bytes the built root images may take on disk; the default is
     /// [`DEFAULT_ROOTFS_CACHE_MAX`].
     pub rootfs_cache_max: Option<u64>,
+    /// Let the workload create user namespaces in the guest. Off by default: inside one it
+    /// holds every capability (`unshare -r`), which widens what it can reach of the kernel.
+    pub allow_user_namespaces: bool,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -145,6 +148,7 @@ pub struct CreateRequest {
     pub(crate) log_max_size: u64,
     /// Bytes the image cache may take once this sandbox's images are in it.
     pub(crate) rootfs_cache_max: u64,
+    pub(crate) allow_user_namespaces: bool,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -416,6 +420,7 @@ impl CreateFields {
             accel: self.accel,
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
+            allow_user_namespaces: self.allow_user_namespaces,
         })
     }
 }
@@ -528,6 +533,7 @@ mod tests {
         assert!(matches!(request.network, Network::User { ref forwards } if forwards.is_empty()));
         assert_eq!(request.name(), None);
         assert_eq!(request.overrides.working_dir, None);
+        assert!(!request.allow_user_namespaces);
     }
 
     #[test]
@@ -548,6 +554,7 @@ mod tests {
             workdir: Some("/work".into()),
             publish: vec!["8080:80".into()],
             volumes: vec![format!("{}:/data:ro", dir.path().display())],
+            allow_user_namespaces: true,
             ..fields()
         }
         .validate(&Api)
@@ -571,6 +578,7 @@ mod tests {
             }
         );
         assert_eq!(request.volumes[0].guest, "/data");
+        assert!(request.allow_user_namespaces);
     }
 
     #[test]

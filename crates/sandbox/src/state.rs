@@ -68,6 +68,10 @@ pub struct SandboxRecord {
     /// of older kilns get the default).
     #[serde(default = "default_log_max_size")]
     pub log_max_size: u64,
+    /// Whether the workload may create user namespaces (absent in records of older kilns:
+    /// it may not).
+    #[serde(default)]
+    pub allow_user_namespaces: bool,
 }
 
 /// What `stdout.log` and `stderr.log` each hold at most when the request does not say:
@@ -727,6 +731,7 @@ mod tests {
             accel: AccelRequest::Auto,
             volumes: Vec::new(),
             log_max_size: 4096,
+            allow_user_namespaces: false,
         };
         let mut json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["log_max_size"], 4096);
@@ -850,6 +855,7 @@ mod tests {
             accel: AccelRequest::Auto,
             volumes: Vec::new(),
             log_max_size: DEFAULT_LOG_MAX_SIZE,
+            allow_user_namespaces: false,
         }
     }
 

@@ -162,6 +162,7 @@ fn create_fields(
         // Not in the proto yet: the default cap.
         log_max_size: None,
         rootfs_cache_max: machine.rootfs_cache_max,
+        allow_user_namespaces: request.allow_user_namespaces,
     })
 }
 
@@ -334,6 +335,7 @@ mod tests {
         assert_eq!(fields.network, NetworkMode::User);
         assert_eq!(fields.pull.policy, PullPolicy::Missing);
         assert!(!fields.lend_environment);
+        assert!(!fields.allow_user_namespaces);
         assert!(create_request(request(), &machine()).is_ok());
 
         let set = proto::CreateRequest {
@@ -344,6 +346,7 @@ mod tests {
                 guest_port: 80,
             }],
             network: proto::Network::None as i32,
+            allow_user_namespaces: true,
             ..request()
         };
         let fields = create_fields(set, &machine()).unwrap();
@@ -353,6 +356,7 @@ mod tests {
         );
         assert_eq!(fields.publish, ["8080:80"]);
         assert_eq!(fields.network, NetworkMode::None);
+        assert!(fields.allow_user_namespaces);
     }
 
     #[test]

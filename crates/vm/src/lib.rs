@@ -10,7 +10,9 @@
 //!   because on some hosts `/dev/kvm` opens yet cannot run our guest.
 //!
 //! Every VM process is tied to its parent (it is killed when kiln dies) and every wait
-//! takes a deadline, so no phase can hang.
+//! takes a deadline, so no phase can hang. Once it has ended, [`VmProcess::guest_end`]
+//! says whether the guest powered off or reset (its kernel's panic path), as the VMM saw
+//! it: the console is the guest's to write, so nothing in it decides that.
 
 pub mod accel;
 pub mod disk;
@@ -18,6 +20,7 @@ pub mod doctor;
 pub mod guest;
 mod process;
 pub mod qemu;
+mod qmp;
 pub mod tsc;
 
 use std::os::fd::OwnedFd;
@@ -102,6 +105,16 @@ pub struct VmSpec {
     pub accel: Accel,
 }
 
+/// How the guest ended, as the VMM saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// The guest powered itself off: kiln-init's end, after a result or a boot error.
+    PowerOff,
+    /// The guest reset itself. kiln's guest kernel runs with `panic=-1 reboot=t` and its
+    /// init only ever powers off, so this is the kernel's panic path.
+    Reset,
+}
+
 /// A VMM that can run a [`VmSpec`].
 pub trait Backend {
     /// Short name for messages ("qemu").
@@ -145,6 +158,9 @@ pub enum VmError {
         phase: &'static str,
         after: Duration,
     },
+
+    #[error("QEMU's monitor (QMP), which reports how the guest ends: {0}")]
+    Qmp(String),
 
     #[error("KVM was requested but cannot be used: {0}")]
     KvmUnavailable(String),

@@ -2,19 +2,27 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use crate::VmError;
+use crate::{GuestEnd, VmError};
 
 /// How often a deadline wait polls the child. VM lifetimes are seconds, so 10 ms of
 /// latency is noise, and polling avoids a reaper thread per VM.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How long after the VMM's exit its last report may still be on the way: the VMM sends
+/// it before exiting, so this is only the reporting thread's wake-up.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
 
 /// A running VMM process. Dropping it kills the process (by pid, never by name).
 #[derive(Debug)]
 pub struct VmProcess {
     child: Child,
     exited: Option<ExitStatus>,
+    /// The VMM's report of the guest's end, until it is read into `guest_end`.
+    end_report: Option<Receiver<GuestEnd>>,
+    guest_end: Option<GuestEnd>,
 }
 
 impl VmProcess {
@@ -49,7 +57,25 @@ impl VmProcess {
         Ok(Self {
             child,
             exited: None,
+            end_report: None,
+            guest_end: None,
         })
+    }
+
+    /// Takes the guest's end from `report` (see [`VmProcess::guest_end`]).
+    pub(crate) fn report_guest_end(&mut self, report: Receiver<GuestEnd>) {
+        self.end_report = Some(report);
+    }
+
+    /// How the guest ended, as the VMM reported it (never from what the guest printed):
+    /// `None` while the process runs, when it ended for another reason (killed, its own
+    /// failure, a signal) or when its backend reports nothing.
+    pub fn guest_end(&mut self) -> Option<GuestEnd> {
+        self.exited?;
+        if let Some(report) = self.end_report.take() {
+            self.guest_end = report.recv_timeout(REPORT_WAIT).ok();
+        }
+        self.guest_end
     }
 
     pub fn pid(&self) -> u32 {

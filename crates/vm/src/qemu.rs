@@ -3,17 +3,29 @@
 //! The machine is chosen for boot speed: no PCI, no firmware option ROMs, no legacy
 //! devices but the serial port the console needs. QEMU 7.2's microvm describes its
 //! virtio-mmio devices through ACPI, so the guest needs no `virtio_mmio.device=` options.
+//! QEMU starts paused with its machine protocol on a private socket pair and runs the
+//! guest once kiln listens there for how the guest ends (see [`crate::qmp`]).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use crate::qmp::Monitor;
 use crate::{Accel, Backend, Network, VmError, VmProcess, VmSpec};
 
 /// The default QEMU binary, looked up on PATH.
 pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
+
+/// How long QEMU may take from its start to answering on its monitor: loading the kernel
+/// and initramfs and setting up the devices, on a loaded host.
+const MONITOR_WAIT: Duration = Duration::from_secs(15);
+
+/// How long a QEMU that closed its monitor during the handshake gets to exit by itself (it
+/// is quitting on a bad argument or file, and says why on stderr).
+const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Kernel arguments every kiln guest gets: console on the serial port, a reboot that
 /// ends QEMU (with -no-reboot), and a panic that reboots at once instead of hanging.
@@ -166,6 +178,12 @@ impl Backend for Qemu {
             path: spec.console_log.clone(),
             source,
         })?;
+        let spawn_error = |source| VmError::Spawn {
+            vmm: "qemu",
+            binary: self.binary.clone(),
+            source,
+        };
+        let monitor = Monitor::new().map_err(spawn_error)?;
         let mut command = Command::new(&self.binary);
         command
             .args(arguments)
@@ -186,12 +204,20 @@ impl Backend for Qemu {
                 Ok(())
             });
         }
+        monitor.add_to(&mut command);
         tracing::debug!(?command, "starting qemu");
-        VmProcess::spawn(command).map_err(|source| VmError::Spawn {
-            vmm: "qemu",
-            binary: self.binary.clone(),
-            source,
-        })
+        let mut vm = VmProcess::spawn(command).map_err(spawn_error)?;
+        match monitor.start(Instant::now() + MONITOR_WAIT) {
+            Ok(report) => vm.report_guest_end(report),
+            // QEMU quit at start (a bad disk, an unusable accelerator): the caller gets the
+            // ended process, whose status and console log say why.
+            Err(_) if vm.wait_until(Instant::now() + EXIT_WAIT)?.is_some() => {}
+            Err(err) => {
+                vm.kill()?;
+                return Err(VmError::Qmp(err.to_string()));
+            }
+        }
+        Ok(vm)
     }
 }
 

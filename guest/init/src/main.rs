@@ -5,10 +5,13 @@
 //!
 //! 1. mounts proc, sysfs and devtmpfs in the initramfs, reads the `kiln.*` kernel
 //!    arguments, opens the host channel and sends a hello and `init_started`;
-//! 2. mounts the root image and the identity layer (EROFS, read-only) and the writable
+//! 2. turns off user namespaces (`user.max_user_namespaces=0`) unless `kiln.userns=on`,
+//!    mounts the root image and the identity layer (EROFS, read-only) and the writable
 //!    upper (tmpfs, or an ext4 disk for a persistent sandbox), stacks them into an overlay
-//!    (`lowerdir=identity:root`, `metacopy=on,redirect_dir=on`), moves /dev, /proc, /sys
-//!    into it and switches root (move mount + chroot: the initramfs cannot be pivoted);
+//!    (`lowerdir=identity:root`, `metacopy=on,redirect_dir=on`; all of them nodev and
+//!    nosuid, so the image's device nodes and set-id bits are inert), moves /dev, /proc,
+//!    /sys into it and switches root (move mount + chroot: the initramfs cannot be
+//!    pivoted);
 //! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes, sets the hostname,
 //!    brings up lo and, when asked, eth0 with a static address (ioctls), default route and
 //!    resolv.conf;
@@ -36,12 +39,13 @@
 //! init reads its [`kiln_protocol::BootConfig`] from the `kiln.*` arguments: the root
 //! image and identity layer (EROFS), the writable upper (tmpfs, or an ext4 disk that keeps
 //! `upper/` and `work/` at its top, created when missing), the channel's port, hostname,
-//! eth0's static address and the 9p volumes. docs/protocol.md ("Boot configuration")
-//! gives every argument and its grammar. A disk is best named by serial
+//! eth0's static address, the 9p volumes and whether user namespaces are allowed.
+//! docs/protocol.md ("Boot configuration") gives every argument and its grammar. A disk is best named by serial
 //! (`-device virtio-blk-device,drive=root,serial=root`): virtio-mmio probe order is not
 //! the order of the QEMU arguments. An unknown or malformed `kiln.*` argument is a
 //! `command_line` boot error. The kernel also needs `console=ttyS0 reboot=t panic=-1`
-//! (power-off and panics end QEMU with `-no-reboot`) and, under TCG,
+//! (power-off and panics end QEMU with `-no-reboot`; the host tells the two apart by the
+//! reason QEMU reports, never by console text) and, under TCG,
 //! `tsc_early_khz=<host TSC kHz> tsc=reliable`: on a busy host the kernel otherwise fails
 //! to calibrate the TSC against the PIT and hangs (see kernels/README.md).
 //!
@@ -112,6 +116,14 @@ fn phase(phase: BootPhase) -> Frame {
 
 /// Everything between the kernel's hand-over and a root the workload can run in.
 fn boot(config: &BootConfig) -> Result<(), BootError> {
+    if !config.user_namespaces {
+        sys::forbid_user_namespaces().map_err(|e| {
+            failed(
+                BootStep::UserNamespaces,
+                format!("setting user.max_user_namespaces to 0: {e}"),
+            )
+        })?;
+    }
     let new_root = rootfs::assemble_root(config)?;
     rootfs::switch_root(&new_root)?;
     rootfs::mount_runtime_filesystems()?;

@@ -17,6 +17,14 @@ const NEW_ROOT: &str = "/newroot";
 /// How long a disk named on the command line may take to show up.
 const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Flags of every mount that holds image content or what the workload wrote: the images,
+/// the upper and the overlay root. An image keeps its device nodes (kiln builds what the
+/// layers say), but none of them may reach the guest's own hardware: a world-writable
+/// node for the root disk or /dev/kmsg would hand the workload the disks and the console.
+/// Set-id bits gain nothing either: the workload runs with no_new_privs and an empty
+/// bounding set (docs/supervisor.md), and nosuid says so at the mount as well.
+const IMAGE_CONTENT: libc::c_ulong = libc::MS_NODEV | libc::MS_NOSUID;
+
 /// The typed boot error of `step`.
 pub fn failed(step: Step, message: impl Into<String>) -> BootError {
     BootError {
@@ -69,7 +77,7 @@ fn mount_erofs(disk: &DiskRef, target: &str, step: Step) -> Result<(), BootError
         Some(&node_str),
         target,
         Some("erofs"),
-        libc::MS_RDONLY,
+        libc::MS_RDONLY | IMAGE_CONTENT,
         None,
     )
     .map_err(io_step(
@@ -85,7 +93,8 @@ fn mount_erofs(disk: &DiskRef, target: &str, step: Step) -> Result<(), BootError
 /// Mounts the images and the upper named by `config` and stacks them into an overlay at
 /// /newroot: lowerdir=identity:root (the identity layer's edited /etc/passwd and /sandbox
 /// win over the image), the upper on tmpfs or an ext4 disk, with metacopy so that
-/// ownership changes under /sandbox copy up metadata only.
+/// ownership changes under /sandbox copy up metadata only. Every one of these mounts is
+/// nodev and nosuid ([`IMAGE_CONTENT`]).
 pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
     let root = config.root.as_ref().ok_or_else(|| {
         failed(
@@ -104,11 +113,24 @@ pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
     let upper = Path::new(UPPER);
     mkdir(upper, step)?;
     match &config.upper {
-        Upper::Tmpfs => mount(Some("tmpfs"), upper, Some("tmpfs"), 0, Some("mode=0755"))
-            .map_err(io_step(step, "mounting the tmpfs upper"))?,
+        Upper::Tmpfs => mount(
+            Some("tmpfs"),
+            upper,
+            Some("tmpfs"),
+            IMAGE_CONTENT,
+            Some("mode=0755"),
+        )
+        .map_err(io_step(step, "mounting the tmpfs upper"))?,
         Upper::Disk(disk) => {
             let node = disk_node(disk, step)?;
-            mount(Some(&node.to_string_lossy()), upper, Some("ext4"), 0, None).map_err(io_step(
+            mount(
+                Some(&node.to_string_lossy()),
+                upper,
+                Some("ext4"),
+                IMAGE_CONTENT,
+                None,
+            )
+            .map_err(io_step(
                 step,
                 format!("mounting {} (ext4) on {UPPER}", node.display()),
             ))?
@@ -130,7 +152,7 @@ pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
         Some("overlay"),
         new_root,
         Some("overlay"),
-        0,
+        IMAGE_CONTENT,
         Some(&options),
     )
     .map_err(io_step(step, format!("mounting overlay ({options})")))?;

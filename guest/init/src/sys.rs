@@ -1,5 +1,5 @@
 //! Thin, checked wrappers over the system calls init needs (mount, chroot, hostname,
-//! reboot) and the sysfs look-ups that find devices by role.
+//! reboot), the one sysctl it sets, and the sysfs look-ups that find devices by role.
 
 use std::ffi::CString;
 use std::io;
@@ -69,6 +69,13 @@ pub fn chroot(dir: &Path) -> io::Result<()> {
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Sets `user.max_user_namespaces` to 0 (needs /proc): from then on no process in the guest
+/// can create a user namespace, so the workload cannot give itself one where it holds every
+/// capability (`unshare -r`). Only root in the guest could raise the limit again.
+pub fn forbid_user_namespaces() -> io::Result<()> {
+    std::fs::write("/proc/sys/user/max_user_namespaces", "0")
 }
 
 /// Flushes every filesystem and powers the machine off. With QEMU's `-no-reboot` and the

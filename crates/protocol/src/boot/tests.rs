@@ -31,6 +31,7 @@ fn host_config() -> BootConfig {
             volume("vol0", "/data", false),
             volume("vol1", "/srv/in", true),
         ],
+        user_namespaces: true,
     }
 }
 
@@ -43,6 +44,18 @@ fn defaults_when_only_kernel_arguments() {
     assert_eq!(config.port, "kiln.0");
     assert_eq!(config.hostname, "kiln");
     assert_eq!(config.net, None);
+    assert!(!config.user_namespaces);
+}
+
+#[test]
+fn user_namespaces_are_off_unless_asked_for() {
+    let userns = |cmdline: &str| BootConfig::parse(cmdline).map(|c| c.user_namespaces);
+    assert_eq!(userns("kiln.userns=on"), Ok(true));
+    assert_eq!(userns("kiln.userns=off"), Ok(false));
+    assert_eq!(userns("kiln.userns=on kiln.userns=off"), Ok(false));
+    let err = BootConfig::parse("kiln.userns=yes").unwrap_err();
+    assert_eq!(err.fault, CmdlineFault::UserNamespaces, "{err}");
+    assert!(err.to_string().contains("expected on or off"), "{err}");
 }
 
 #[test]
@@ -57,6 +70,7 @@ fn the_host_writes_these_arguments() {
             "kiln.port=kiln.0",
             "kiln.hostname=box-1",
             "kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3",
+            "kiln.userns=on",
             "kiln.vol=vol0,/data",
             "kiln.vol=vol1,/srv/in,ro",
         ]
@@ -166,6 +180,8 @@ fn bad_arguments_name_the_argument() {
         "kiln.vol=vol0,/a%C3",
         "kiln.vol=vol0,/a%00",
         "kiln.vol=vol0,/a%2F..",
+        "kiln.userns=1",
+        "kiln.userns=ON",
     ] {
         let err = BootConfig::parse(&format!("console=ttyS0 {bad} quiet")).unwrap_err();
         assert_eq!(err.arg, bad, "{err}");
@@ -331,9 +347,10 @@ fn config() -> impl Strategy<Value = BootConfig> {
         name(MAX_HOSTNAME_LEN),
         proptest::option::of(net()),
         volumes(),
+        any::<bool>(),
     )
         .prop_map(
-            |(root, ident, upper, port, hostname, net, volumes)| BootConfig {
+            |(root, ident, upper, port, hostname, net, volumes, user_namespaces)| BootConfig {
                 root,
                 ident,
                 upper,
@@ -341,6 +358,7 @@ fn config() -> impl Strategy<Value = BootConfig> {
                 hostname,
                 net,
                 volumes,
+                user_namespaces,
             },
         )
 }
@@ -360,6 +378,7 @@ fn cmdline() -> impl Strategy<Value = String> {
             .prop_map(|v| format!("kiln.net={v}")),
         "[a-z0-9]{1,2},(/([a-z.]{1,3}|%C3%A9|%2C|%2c|%20)){1,3}(,ro)?"
             .prop_map(|v| format!("kiln.vol={v}")),
+        "on|off|yes|".prop_map(|v| format!("kiln.userns={v}")),
         "kiln\\.[a-z]{0,8}(=[!-~]{0,8})?|console=ttyS0|\\PC{0,8}",
     ];
     proptest::collection::vec(arg, 0..6).prop_map(|args| args.join(" "))
