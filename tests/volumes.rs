@@ -380,12 +380,14 @@ fn a_host_directory_another_user_could_replace_is_refused_at_create() {
 }
 
 /// Waits until `path` exists.
-fn wait_for_file(path: &Path) {
+/// Waits until `path` holds `contents`: the guest creates the file before it writes it,
+/// so its mere existence says nothing about what it holds yet.
+fn wait_for_contents(path: &Path, contents: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !path.exists() {
+    while fs::read_to_string(path).ok().as_deref() != Some(contents) {
         assert!(
             Instant::now() < deadline,
-            "{} never appeared",
+            "{} never held {contents:?}",
             path.display()
         );
         thread::sleep(Duration::from_millis(200));
@@ -418,11 +420,7 @@ fn a_volume_replaced_by_another_directory_is_refused_and_boots_once_put_back() {
     fs::remove_dir(&work).unwrap();
     fs::rename(&original, &work).unwrap();
     root.ok(&["start", &id]);
-    wait_for_file(&work.join("made"));
-    assert_eq!(
-        fs::read_to_string(work.join("made")).unwrap(),
-        "from-guest\n"
-    );
+    wait_for_contents(&work.join("made"), "from-guest\n");
 
     // QEMU got the directory as a descriptor: its command line names no host path of the
     // volume, and it holds the directory open.

@@ -165,6 +165,7 @@ mod tests {
 
     #[test]
     fn directories_are_made_0700_whatever_the_umask() {
+        let _serial = crate::tests::serial();
         let top = tempfile::tempdir().unwrap();
         let made =
             crate::tests::with_umask(0, || private_dir(&top.path().join("root"), "a/b")).unwrap();
@@ -180,6 +181,7 @@ mod tests {
 
     #[test]
     fn a_directory_others_can_write_is_refused_with_the_fix() {
+        let _serial = crate::tests::serial();
         let top = tempfile::tempdir().unwrap();
         let root = top.path().join("root");
         private_dir(&root, "store").unwrap();
@@ -205,6 +207,7 @@ mod tests {
 
     #[test]
     fn a_symlink_is_refused_where_kiln_makes_directories() {
+        let _serial = crate::tests::serial();
         let top = tempfile::tempdir().unwrap();
         let root = top.path().join("root");
         private_dir(&root, "").unwrap();
@@ -220,6 +223,7 @@ mod tests {
 
     #[test]
     fn parents_others_can_write_are_refused_unless_sticky() {
+        let _serial = crate::tests::serial();
         let top = tempfile::tempdir().unwrap();
         let shared = top.path().join("shared");
         fs::create_dir(&shared).unwrap();
@@ -246,6 +250,7 @@ mod tests {
     #[test]
     #[ignore = "needs root (scripts/test runs it as root)"]
     fn directories_of_another_user_are_refused() {
+        let _serial = crate::tests::serial();
         crate::tests::require_root();
         let top = tempfile::tempdir().unwrap();
         let root = private_dir(&top.path().join("root"), "").unwrap();

@@ -283,6 +283,7 @@ mod tests {
 
     #[test]
     fn new_files_are_0600_whatever_the_umask_and_never_replace_anything() {
+        let _serial = crate::tests::serial();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new");
         with_umask(0, || create_new(&path)).unwrap();
@@ -300,6 +301,7 @@ mod tests {
 
     #[test]
     fn temp_files_are_published_whole_or_not_at_all() {
+        let _serial = crate::tests::serial();
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("record.json");
         with_umask(0, || write_file(&target, b"one")).unwrap();
@@ -320,6 +322,7 @@ mod tests {
 
     #[test]
     fn temps_of_dead_processes_are_removed_and_live_ones_kept() {
+        let _serial = crate::tests::serial();
         let dir = tempfile::tempdir().unwrap();
         let live = TempFile::beside(&dir.path().join("blob")).unwrap();
         // No process has pid 0x7fffffff (above pid_max).
@@ -337,6 +340,7 @@ mod tests {
 
     #[test]
     fn own_files_are_read_and_others_refused() {
+        let _serial = crate::tests::serial();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         write_file(&path, b"{}").unwrap();
@@ -365,6 +369,7 @@ mod tests {
 
     #[test]
     fn locks_and_logs_never_follow_a_symlink() {
+        let _serial = crate::tests::serial();
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
         for (name, open) in [
@@ -394,6 +399,7 @@ mod tests {
     #[test]
     #[ignore = "needs root (scripts/test runs it as root)"]
     fn files_of_another_user_are_refused() {
+        let _serial = crate::tests::serial();
         require_root();
         let dir = tempfile::tempdir().unwrap();
         for name in ["record", "lock", "log"] {

@@ -68,10 +68,15 @@ pub fn euid() -> u32 {
 
 #[cfg(test)]
 mod tests {
-    /// Runs `f` under umask `mask`. The umask is process-wide: one test at a time.
+    /// Every test of this crate starts with this: one of them changes the process-wide
+    /// umask, which would change the modes of whatever the others create meanwhile.
+    pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` under umask `mask` (the caller holds [`serial`]).
     pub fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
-        static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = UMASK.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: umask has no preconditions.
         let old = unsafe { libc::umask(mask) };
         let result = f();

@@ -840,14 +840,29 @@ mod tests {
     /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
     /// so the test plays the guest: `guest` gets the channel socket where QEMU would
     /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
-    /// kills is a shell script that sleeps.
+    /// kills is a shell script that answers QEMU's machine protocol on the descriptor it
+    /// is given (greeting, `qmp_capabilities`, `cont`), then sleeps.
+    // bash, not sh: dash takes only single-digit descriptors in a redirection.
+    const SCRIPTED_VMM: &str = r#"#!/bin/bash
+for arg do
+    case $arg in socket,id=kiln-qmp,fd=*) fd=${arg##*fd=} ;; esac
+done
+eval "exec 3<&$fd 4>&$fd"
+printf '{"QMP":{"version":{},"capabilities":[]}}\n' >&4
+for command in qmp_capabilities cont; do
+    read -r _ <&3
+    printf '{"return":{}}\n' >&4
+done
+exec sleep 600
+"#;
+
     fn against_scripted_guest(
         stdout: Box<dyn Write + Send>,
         guest: impl FnOnce(&mut UnixStream) + Send + 'static,
     ) -> Result<LaunchOutcome, LaunchError> {
         let dir = tempfile::tempdir().unwrap();
         let vmm = dir.path().join("vmm");
-        std::fs::write(&vmm, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::write(&vmm, SCRIPTED_VMM).unwrap();
         std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
         for file in ["kernel", "initramfs"] {
             std::fs::write(dir.path().join(file), b"").unwrap();
