@@ -836,13 +836,8 @@ mod tests {
         }
     }
 
-    /// Runs launch's host side against a scripted guest. A compromised guest cannot be
-    /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
-    /// so the test plays the guest: `guest` gets the channel socket where QEMU would
-    /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
-    /// kills is a shell script that answers QEMU's machine protocol on the descriptor it
-    /// is given (greeting, `qmp_capabilities`, `cont`), then sleeps.
-    // bash, not sh: dash takes only single-digit descriptors in a redirection.
+    /// The stand-in VMM of [`against_scripted_guest`]; bash, not sh, because dash takes
+    /// only single-digit descriptors in a redirection.
     const SCRIPTED_VMM: &str = r#"#!/bin/bash
 for arg do
     case $arg in socket,id=kiln-qmp,fd=*) fd=${arg##*fd=} ;; esac
@@ -856,6 +851,12 @@ done
 exec sleep 600
 "#;
 
+    /// Runs launch's host side against a scripted guest. A compromised guest cannot be
+    /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
+    /// so the test plays the guest: `guest` gets the channel socket where QEMU would
+    /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
+    /// kills is a shell script that answers QEMU's machine protocol on the descriptor it
+    /// is given (greeting, `qmp_capabilities`, `cont`), then sleeps.
     fn against_scripted_guest(
         stdout: Box<dyn Write + Send>,
         guest: impl FnOnce(&mut UnixStream) + Send + 'static,
