@@ -427,7 +427,12 @@ fn a_volume_replaced_by_another_directory_is_refused_and_boots_once_put_back() {
     let qemu: Vec<(u32, String)> = root
         .processes()
         .into_iter()
-        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        // By program name: the monitor's own command line names QEMU too (`--qemu`).
+        .filter(|(_, cmd)| {
+            cmd.split(' ')
+                .next()
+                .is_some_and(|program| program.contains("qemu-system"))
+        })
         .collect();
     assert_eq!(qemu.len(), 1, "{:?}", root.processes());
     let (pid, cmdline) = &qemu[0];
