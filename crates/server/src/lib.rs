@@ -15,6 +15,7 @@
 pub mod client;
 mod convert;
 mod events;
+pub mod front;
 mod service;
 pub mod socket;
 
@@ -130,7 +131,7 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).map(|connection| {
         connection.and_then(|stream| {
             if socket::same_user(&stream) {
-                Ok(stream)
+                Ok(front::normalise_authority(stream))
             } else {
                 // tonic drops a connection that comes as an error, closing it unread.
                 Err(std::io::Error::new(
