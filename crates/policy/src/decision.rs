@@ -124,6 +124,8 @@ pub enum DenyReason {
     NotInAllowedIps { entry: EntryRef, addr: IpAddr },
     /// A `protocol: rest` endpoint with rules: kiln checks them on plain HTTP only.
     NotPlainHttp { entry: EntryRef },
+    /// An endpoint of a protocol kiln does not inspect, with rules it cannot check.
+    Uninspected { entry: EntryRef },
     /// An HTTP request no rule of the endpoint allows.
     RequestNotAllowed {
         entry: EntryRef,
@@ -159,7 +161,7 @@ impl fmt::Display for DenyReason {
             }
             DenyReason::NoEntry { dst, names } => write!(
                 f,
-                "{dst} (resolved from {}) matches no policy entry",
+                "{dst} (known as {}) matches no policy entry",
                 names.join(", ")
             ),
             DenyReason::NameNotPinned { name, dst } => write!(
@@ -179,6 +181,10 @@ impl fmt::Display for DenyReason {
                 f,
                 "{entry} has protocol rest rules, which kiln checks on plain HTTP only \
                  (it does not decrypt TLS)"
+            ),
+            DenyReason::Uninspected { entry } => write!(
+                f,
+                "{entry} has a protocol kiln does not inspect, with rules kiln cannot check"
             ),
             DenyReason::RequestNotAllowed {
                 entry,

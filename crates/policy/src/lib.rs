@@ -17,13 +17,20 @@
 //! The rules are described for users in `docs/network.md`.
 
 mod allow_host;
+mod check;
 mod decision;
 mod error;
+mod file;
+mod glob;
+mod host;
+mod model;
 mod ranges;
 mod record;
 
 pub use allow_host::{AllowHost, HOST_GATEWAY_NAME};
+pub use check::{Connection, DnsDecision, FirstBytes, Request, MAX_QUERY_PARAMS};
 pub use decision::{check_default, Allowed, Decision, DenyReason, EntryRef, HostFacts, Verdict};
-pub use error::AllowHostError;
+pub use error::{AllowHostError, PolicyError};
+pub use model::{NotEnforced, Policy, MAX_ENDPOINTS, MAX_POLICY_BYTES, MAX_RULES_PER_ENDPOINT};
 pub use ranges::{canonical, refused_range, RangeKind, RefusedRange};
 pub use record::{rfc3339_utc, DecisionRecord, FlowProtocol};

@@ -121,6 +121,21 @@ const V6_RANGES: [(RangeKind, Ipv6Net); 5] = [
     (RangeKind::Multicast, v6(0xff00, 8)),
 ];
 
+/// The ranges of the kinds no policy can open, with the IPv4-mapped IPv6 form of each
+/// IPv4 one (for checking that a policy's CIDRs stay clear of them).
+pub(crate) fn always_refused_nets() -> Vec<(RangeKind, IpNet)> {
+    let mut nets = Vec::new();
+    for (kind, net) in V4_RANGES.iter().filter(|(k, _)| k.always_refused()) {
+        nets.push((*kind, IpNet::V4(*net)));
+        let mapped = Ipv6Net::new_assert(net.network().to_ipv6_mapped(), 96 + net.prefix_len());
+        nets.push((*kind, IpNet::V6(mapped)));
+    }
+    for (kind, net) in V6_RANGES.iter().filter(|(k, _)| k.always_refused()) {
+        nets.push((*kind, IpNet::V6(*net)));
+    }
+    nets
+}
+
 /// The IPv4 address an IPv6 address carries, for the forms that reach an IPv4 host:
 /// IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`
 /// and 6to4 `2002:aabb:ccdd::/48`.
