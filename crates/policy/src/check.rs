@@ -231,8 +231,12 @@ impl Policy {
             return Admission::Explicit(*allow);
         }
         if let Some(reason) = refusal(dst, host) {
+            // The host's own addresses are not for policies to open (an audit entry
+            // would let them through): only --network-allow-host reaches them.
             let always = match &reason {
-                DenyReason::Refused(r) => r.kind.always_refused(),
+                DenyReason::Refused(r) => {
+                    r.kind.always_refused() || r.kind == RangeKind::HostAddress
+                }
                 _ => true,
             };
             if always {
@@ -370,9 +374,9 @@ impl<'p> Candidate<'p> {
             }
         } else if let Some(range) = refused_range(dst.ip(), &host.addrs) {
             // Without allowed_ips, only a name the policy spells out exactly may lead
-            // to a private address (OpenShell's rule), and never to the host's own.
+            // to a private address (OpenShell's rule).
             let exact = matches!(&ep.host, HostSpec::Name(p) if !p.is_wildcard());
-            if !exact || range.kind == RangeKind::HostAddress {
+            if !exact {
                 return Some(DenyReason::InternalAddress {
                     entry: self.entry.clone(),
                     range,
@@ -587,5 +591,562 @@ fn type_name(qtype: u16) -> String {
         65 => "HTTPS".into(),
         255 => "ANY".into(),
         n => format!("TYPE{n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+version: 1
+network_policies:
+  api:
+    name: the-api
+    endpoints:
+      - host: good.test
+        port: 443
+      - host: good.test
+        port: 80
+        protocol: rest
+        access: read-only
+      - host: "*.wild.test"
+        port: 443
+  private:
+    endpoints:
+      - host: db.corp.test
+        port: 5432
+      - allowed_ips: [10.9.0.0/16]
+        port: 6379
+      - host: pinned-ips.test
+        port: 443
+        allowed_ips: [198.18.7.0/24]
+  rest:
+    endpoints:
+      - host: rw.test
+        port: 80
+        protocol: rest
+        access: read-write
+        deny_rules:
+          - method: "*"
+            path: /admin/**
+          - method: GET
+            path: /search
+            query: { q: "secret*" }
+      - host: rules.test
+        port: 80
+        protocol: rest
+        rules:
+          - allow: { method: GET, path: "/repos/*/issues", query: { state: { any: [open, closed] } } }
+          - allow: { method: POST, path: /upload }
+      - host: tls-rest.test
+        port: 443
+        protocol: rest
+        access: full
+      - host: scoped.test
+        port: 80
+        path: /api/**
+        protocol: rest
+        access: full
+      - host: npm.test
+        port: 80
+        protocol: rest
+        access: read-only
+        allow_encoded_slash: true
+  audited:
+    endpoints:
+      - host: audit.test
+        port: 80
+        protocol: rest
+        access: read-only
+        enforcement: audit
+      - host: "*.audit.test"
+        port: 443
+        enforcement: audit
+  other:
+    endpoints:
+      - host: gql.test
+        port: 443
+        protocol: graphql
+        access: read-only
+"#;
+
+    fn policy() -> Policy {
+        Policy::parse("test.yaml", POLICY).unwrap()
+    }
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            addrs: vec!["192.168.1.20".parse().unwrap()],
+            gateway: Some("10.0.2.2".parse().unwrap()),
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn connect(dst: &str, pinned: &[&str], first_bytes: FirstBytes<'_>) -> Decision {
+        let pinned = names(pinned);
+        let conn = Connection {
+            dst: dst.parse().unwrap(),
+            pinned: &pinned,
+            first_bytes,
+        };
+        policy().check_connection(&conn, &facts(), &[])
+    }
+
+    fn entry_of(decision: &Decision) -> String {
+        match decision {
+            Decision::Allow(Allowed::Entry(e)) => format!("{}[{}]", e.key, e.endpoint),
+            other => panic!("not allowed by an entry: {other:?}"),
+        }
+    }
+
+    fn denial(decision: Decision) -> String {
+        match decision {
+            Decision::Deny(reason) => reason.to_string(),
+            other => panic!("not denied: {other:?}"),
+        }
+    }
+
+    const TLS_GOOD: FirstBytes<'static> = FirstBytes::Tls {
+        sni: Some("good.test"),
+    };
+
+    #[test]
+    fn a_pinned_allowed_name_needs_the_first_bytes_then_passes() {
+        assert_eq!(
+            connect("198.18.0.5:443", &["good.test"], FirstBytes::NotSeen),
+            Decision::NeedPeek
+        );
+        let d = connect("198.18.0.5:443", &["good.test"], TLS_GOOD);
+        assert_eq!(entry_of(&d), "api[0]");
+        let Decision::Allow(Allowed::Entry(e)) = d else {
+            unreachable!()
+        };
+        assert_eq!(e.to_string(), "network_policies.api.endpoints[0] (the-api)");
+    }
+
+    #[test]
+    fn nothing_pinned_or_nothing_matching_is_denied_at_once() {
+        let e = denial(connect("198.18.0.5:443", &[], FirstBytes::NotSeen));
+        assert!(
+            e.contains("198.18.0.5:443 matches no policy entry (no name"),
+            "{e}"
+        );
+        let e = denial(connect(
+            "198.18.0.5:443",
+            &["evil.test"],
+            FirstBytes::NotSeen,
+        ));
+        assert!(e.contains("known as evil.test"), "{e}");
+    }
+
+    #[test]
+    fn a_port_not_listed_is_denied() {
+        let e = denial(connect(
+            "198.18.0.5:8443",
+            &["good.test"],
+            FirstBytes::NotSeen,
+        ));
+        assert!(e.contains("198.18.0.5:8443"), "{e}");
+    }
+
+    #[test]
+    fn two_names_on_one_address_are_told_apart_by_sni_and_host() {
+        let pinned = ["good.test", "bad.test"];
+        assert_eq!(
+            entry_of(&connect("198.18.0.5:443", &pinned, TLS_GOOD)),
+            "api[0]"
+        );
+        let e = denial(connect(
+            "198.18.0.5:443",
+            &pinned,
+            FirstBytes::Tls {
+                sni: Some("bad.test"),
+            },
+        ));
+        assert!(e.contains("known as bad.test"), "{e}");
+        let e = denial(connect(
+            "198.18.0.5:80",
+            &pinned,
+            FirstBytes::Http {
+                host: Some("bad.test:80"),
+            },
+        ));
+        assert!(e.contains("known as bad.test"), "{e}");
+        assert_eq!(
+            entry_of(&connect(
+                "198.18.0.5:80",
+                &pinned,
+                FirstBytes::Http {
+                    host: Some("GOOD.test.")
+                }
+            )),
+            "api[1]"
+        );
+    }
+
+    #[test]
+    fn an_allowed_name_the_resolver_never_gave_for_the_address_is_denied() {
+        // Straight to an address learnt from another name, claiming an allowed one.
+        let d = connect("198.18.0.9:443", &["x.wild.test"], TLS_GOOD);
+        let e = denial(d);
+        assert!(
+            e.contains("names good.test, but kiln's resolver never gave 198.18.0.9"),
+            "{e}"
+        );
+        // And to an allowed name's address with a denied SNI.
+        let e = denial(connect(
+            "198.18.0.5:443",
+            &["good.test"],
+            FirstBytes::Tls {
+                sni: Some("bad.test"),
+            },
+        ));
+        assert!(e.contains("bad.test"), "{e}");
+    }
+
+    #[test]
+    fn without_a_name_in_the_first_bytes_the_pinned_names_decide() {
+        assert_eq!(
+            entry_of(&connect(
+                "198.18.0.5:443",
+                &["good.test"],
+                FirstBytes::Other
+            )),
+            "api[0]"
+        );
+        assert_eq!(
+            entry_of(&connect(
+                "198.18.0.5:443",
+                &["good.test"],
+                FirstBytes::Tls { sni: None }
+            )),
+            "api[0]"
+        );
+    }
+
+    #[test]
+    fn wildcard_hosts_match_one_label() {
+        let sni = FirstBytes::Tls {
+            sni: Some("a.wild.test"),
+        };
+        assert_eq!(
+            entry_of(&connect("198.18.0.6:443", &["a.wild.test"], sni)),
+            "api[2]"
+        );
+        let deep = FirstBytes::Tls {
+            sni: Some("a.b.wild.test"),
+        };
+        assert!(denial(connect("198.18.0.6:443", &["a.b.wild.test"], deep))
+            .contains("matches no policy entry"));
+    }
+
+    #[test]
+    fn private_addresses_need_an_exact_name_or_allowed_ips() {
+        let tcp = FirstBytes::Other;
+        assert_eq!(
+            entry_of(&connect("10.1.2.3:5432", &["db.corp.test"], tcp)),
+            "private[0]"
+        );
+        let sni = FirstBytes::Tls {
+            sni: Some("a.wild.test"),
+        };
+        let e = denial(connect("10.1.2.3:443", &["a.wild.test"], sni));
+        assert!(
+            e.contains("private (RFC 1918) range 10.0.0.0/8") && e.contains("allowed_ips"),
+            "{e}"
+        );
+        // The host's own address: never through a policy, even an audit one.
+        let e = denial(connect("192.168.1.20:5432", &["db.corp.test"], tcp));
+        assert!(e.contains("an address of this host"), "{e}");
+        let sni = FirstBytes::Tls {
+            sni: Some("x.audit.test"),
+        };
+        let e = denial(connect("192.168.1.20:443", &["x.audit.test"], sni));
+        assert!(e.contains("an address of this host"), "{e}");
+        // Address-only endpoint: no name, no peek needed for plain TCP.
+        assert_eq!(
+            entry_of(&connect("10.9.3.4:6379", &[], FirstBytes::NotSeen)),
+            "private[1]"
+        );
+        assert!(denial(connect("10.8.3.4:6379", &[], FirstBytes::NotSeen))
+            .contains("matches no policy entry"));
+        // A named endpoint with allowed_ips: the address must be in them.
+        let sni = FirstBytes::Tls {
+            sni: Some("pinned-ips.test"),
+        };
+        assert_eq!(
+            entry_of(&connect("198.18.7.1:443", &["pinned-ips.test"], sni)),
+            "private[2]"
+        );
+        let e = denial(connect("198.18.8.1:443", &["pinned-ips.test"], sni));
+        assert!(
+            e.contains(
+                "198.18.8.1 is not in the allowed_ips of network_policies.private.endpoints[2]"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn metadata_loopback_and_the_host_stay_refused_unless_explicitly_allowed() {
+        let pinned = names(&["good.test"]);
+        let conn = |dst: &str| Connection {
+            dst: dst.parse().unwrap(),
+            pinned: &pinned,
+            first_bytes: TLS_GOOD,
+        };
+        let p = policy();
+        let e = denial(p.check_connection(&conn("169.254.169.254:443"), &facts(), &[]));
+        assert!(e.contains("cloud metadata"), "{e}");
+        assert!(
+            denial(p.check_connection(&conn("10.0.2.2:443"), &facts(), &[]))
+                .contains("host itself")
+        );
+        let allows: Vec<AllowHost> = vec!["host.kiln.internal:443".parse().unwrap()];
+        assert_eq!(
+            p.check_connection(&conn("10.0.2.2:443"), &facts(), &allows),
+            Decision::Allow(Allowed::AllowHost(allows[0]))
+        );
+    }
+
+    #[test]
+    fn rest_endpoints_need_plain_http_unless_everything_is_allowed() {
+        let tls = FirstBytes::Tls {
+            sni: Some("good.test"),
+        };
+        // good.test:80 is rest read-only: TLS on it cannot be checked.
+        let e = denial(connect("198.18.0.5:80", &["good.test"], tls));
+        assert!(e.contains("plain HTTP only"), "{e}");
+        let full = FirstBytes::Tls {
+            sni: Some("tls-rest.test"),
+        };
+        assert_eq!(
+            entry_of(&connect("198.18.0.5:443", &["tls-rest.test"], full)),
+            "rest[2]"
+        );
+        let gql = FirstBytes::Tls {
+            sni: Some("gql.test"),
+        };
+        assert!(denial(connect("198.18.0.5:443", &["gql.test"], gql)).contains("does not inspect"));
+    }
+
+    #[test]
+    fn audit_endpoints_let_through_what_enforce_would_deny() {
+        let tls = FirstBytes::Tls {
+            sni: Some("audit.test"),
+        };
+        let d = connect("198.18.0.5:80", &["audit.test"], tls);
+        let Decision::Audit { entry, would_deny } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(entry.key, "audited");
+        assert!(matches!(would_deny, DenyReason::NotPlainHttp { .. }));
+        let sni = FirstBytes::Tls {
+            sni: Some("x.audit.test"),
+        };
+        let d = connect("10.1.1.1:443", &["x.audit.test"], sni);
+        assert!(
+            matches!(
+                d,
+                Decision::Audit {
+                    would_deny: DenyReason::InternalAddress { .. },
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        assert!(d.lets_through());
+    }
+
+    fn request(host: &str, method: &str, target: &str, pinned: &[&str]) -> Decision {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let pinned = names(pinned);
+        let req = Request {
+            method,
+            path,
+            query,
+            host: Some(host),
+        };
+        policy().check_request(
+            "198.18.0.5:80".parse().unwrap(),
+            &pinned,
+            &req,
+            &facts(),
+            &[],
+        )
+    }
+
+    #[test]
+    fn read_only_passes_get_head_options_and_refuses_post() {
+        for method in ["GET", "head", "OPTIONS"] {
+            assert_eq!(
+                entry_of(&request("good.test", method, "/x", &["good.test"])),
+                "api[1]"
+            );
+        }
+        let e = denial(request("good.test", "POST", "/x", &["good.test"]));
+        assert_eq!(
+            e,
+            "POST /x is not permitted by network_policies.api.endpoints[1] (the-api)"
+        );
+    }
+
+    #[test]
+    fn deny_rules_win_over_access() {
+        assert_eq!(
+            entry_of(&request("rw.test", "PUT", "/data", &["rw.test"])),
+            "rest[0]"
+        );
+        let e = denial(request("rw.test", "GET", "/admin/users", &["rw.test"]));
+        assert!(
+            e.ends_with("is blocked by network_policies.rest.endpoints[0].deny_rules[0]"),
+            "{e}"
+        );
+        let e = denial(request(
+            "rw.test",
+            "GET",
+            "/search?q=top&q=secret-plan",
+            &["rw.test"],
+        ));
+        assert!(e.contains("deny_rules[1]"), "{e}");
+        assert_eq!(
+            entry_of(&request("rw.test", "GET", "/search?q=public", &["rw.test"])),
+            "rest[0]"
+        );
+        assert_eq!(
+            entry_of(&request("rw.test", "GET", "/search", &["rw.test"])),
+            "rest[0]"
+        );
+        assert!(
+            denial(request("rw.test", "DELETE", "/data", &["rw.test"])).contains("not permitted")
+        );
+        // Dot segments and encodings cannot sneak past a deny rule.
+        assert!(
+            denial(request("rw.test", "GET", "/x/../admin/a", &["rw.test"]))
+                .contains("deny_rules[0]")
+        );
+        assert!(
+            denial(request("rw.test", "GET", "/%61dmin/a", &["rw.test"])).contains("deny_rules[0]")
+        );
+    }
+
+    #[test]
+    fn allow_rules_match_method_path_and_query() {
+        let ok = |t: &str, m: &str| request("rules.test", m, t, &["rules.test"]);
+        assert_eq!(
+            entry_of(&ok("/repos/a/issues?state=open", "GET")),
+            "rest[1]"
+        );
+        assert_eq!(
+            entry_of(&ok("/repos/a/b/issues?state=closed", "GET")),
+            "rest[1]"
+        );
+        assert!(denial(ok("/repos/a/issues", "GET")).contains("not permitted"));
+        assert!(denial(ok("/repos/a/issues?state=open&state=all", "GET")).contains("not permitted"));
+        assert_eq!(entry_of(&ok("/upload", "POST")), "rest[1]");
+        assert!(denial(ok("/upload", "PUT")).contains("not permitted"));
+    }
+
+    #[test]
+    fn bad_targets_are_refused_with_the_reason() {
+        let d = |t: &str| denial(request("rw.test", "GET", t, &["rw.test"]));
+        assert!(d("/../etc").contains("climbs above the root"));
+        assert!(d("/a%2Fb").contains("allow_encoded_slash"));
+        assert!(d("/a%zz").contains("two hex digits"));
+        assert!(d("/a%00").contains("control character"));
+        assert!(d("/a%ff").contains("not UTF-8"));
+        let many = format!("/?{}", "a=1&".repeat(MAX_QUERY_PARAMS + 1));
+        assert!(d(&many).contains("query parameters"));
+        assert_eq!(
+            entry_of(&request("npm.test", "GET", "/@scope%2Fname", &["npm.test"])),
+            "rest[4]"
+        );
+    }
+
+    #[test]
+    fn the_endpoint_path_selector_limits_the_endpoint() {
+        assert_eq!(
+            entry_of(&request(
+                "scoped.test",
+                "DELETE",
+                "/api/x",
+                &["scoped.test"]
+            )),
+            "rest[3]"
+        );
+        assert!(
+            denial(request("scoped.test", "GET", "/other", &["scoped.test"]))
+                .contains("not permitted")
+        );
+    }
+
+    #[test]
+    fn every_request_is_checked_against_its_own_host() {
+        let pinned = ["good.test", "bad.test"];
+        assert_eq!(
+            entry_of(&request("good.test", "GET", "/", &pinned)),
+            "api[1]"
+        );
+        assert!(denial(request("bad.test", "GET", "/", &pinned)).contains("known as bad.test"));
+    }
+
+    #[test]
+    fn audited_requests_pass_with_what_enforce_would_say() {
+        let d = request("audit.test", "POST", "/x", &["audit.test"]);
+        let Decision::Audit { would_deny, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert!(would_deny
+            .to_string()
+            .starts_with("POST /x is not permitted"));
+    }
+
+    #[test]
+    fn dns_answers_policy_names_and_refuses_the_rest() {
+        let p = policy();
+        assert_eq!(p.check_dns("good.test", TYPE_A), DnsDecision::Resolve);
+        assert_eq!(p.check_dns("Good.Test.", TYPE_AAAA), DnsDecision::Resolve);
+        assert_eq!(p.check_dns("x.wild.test", TYPE_A), DnsDecision::Resolve);
+        assert_eq!(p.check_dns("good.test", 16), DnsDecision::Resolve);
+        // The hostless allowed_ips endpoint means any name may lead somewhere allowed.
+        assert_eq!(p.check_dns("elsewhere.test", TYPE_A), DnsDecision::Resolve);
+        let DnsDecision::Refused { reason } = p.check_dns("exfil.attacker.test", 16) else {
+            panic!("TXT answered");
+        };
+        assert_eq!(
+            reason,
+            "TXT query for exfil.attacker.test, which no policy entry names"
+        );
+        assert!(matches!(
+            p.check_dns("a b", TYPE_A),
+            DnsDecision::Refused { .. }
+        ));
+        let strict = Policy::parse(
+            "s.yaml",
+            "version: 1\nnetwork_policies:\n  a:\n    endpoints: [{host: good.test, port: 443}]\n",
+        )
+        .unwrap();
+        let DnsDecision::NxDomain { reason } = strict.check_dns("bad.test", TYPE_A) else {
+            panic!("bad.test answered");
+        };
+        assert_eq!(reason, "no policy entry names bad.test");
+        assert!(matches!(
+            strict.check_dns("bad.test", 65),
+            DnsDecision::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn host_headers_lose_their_port() {
+        assert_eq!(strip_port("a.test:8080"), "a.test");
+        assert_eq!(strip_port("a.test"), "a.test");
+        assert_eq!(strip_port("[::1]:80"), "::1");
     }
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::allow_host::{AllowHost, HOST_GATEWAY_NAME};
-use crate::ranges::{refused_range, RefusedRange};
+use crate::ranges::{refused_range, RangeKind, RefusedRange};
 
 /// What the caller knows about the host, found by the caller (this crate reads nothing).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,6 +147,9 @@ pub enum DenyReason {
 impl fmt::Display for DenyReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            DenyReason::Refused(r) if r.kind == RangeKind::HostAddress => {
+                write!(f, "destination is {r}")
+            }
             DenyReason::Refused(r) => write!(f, "destination is in the refused {r}"),
             DenyReason::HostGateway { port } => write!(
                 f,
@@ -272,7 +275,10 @@ mod tests {
             ("100.64.1.1:80", "100.64.0.0/10"),
             ("[fd12::1]:80", "fc00::/7"),
             ("[fe80::1]:80", "fe80::/10"),
-            ("198.18.0.1:8080", "an address of this host (198.18.0.1)"),
+            (
+                "198.18.0.1:8080",
+                "destination is an address of this host (198.18.0.1)",
+            ),
         ] {
             let Decision::Deny(reason) = check_default(dst(d), &facts(), &[]) else {
                 panic!("{d} allowed");

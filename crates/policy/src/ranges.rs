@@ -173,25 +173,23 @@ pub fn refused_range(addr: IpAddr, host_addrs: &[IpAddr]) -> Option<RefusedRange
     let addr = canonical(addr);
     match addr {
         IpAddr::V4(a) => {
-            if let Some((kind, net)) = V4_RANGES.iter().find(|(_, net)| net.contains(&a)) {
-                return Some(RefusedRange {
-                    kind: *kind,
-                    range: IpNet::V4(*net),
-                    embedded_in: None,
-                });
-            }
-            host_match(addr).then(|| host(addr))
+            let fixed = V4_RANGES.iter().find(|(_, net)| net.contains(&a));
+            let fixed = fixed.map(|(kind, net)| RefusedRange {
+                kind: *kind,
+                range: IpNet::V4(*net),
+                embedded_in: None,
+            });
+            prefer(fixed, host_match(addr).then(|| host(addr)))
         }
         IpAddr::V6(a) => {
-            if let Some((kind, net)) = V6_RANGES.iter().find(|(_, net)| net.contains(&a)) {
-                return Some(RefusedRange {
-                    kind: *kind,
-                    range: IpNet::V6(*net),
-                    embedded_in: None,
-                });
-            }
-            if host_match(addr) {
-                return Some(host(addr));
+            let fixed = V6_RANGES.iter().find(|(_, net)| net.contains(&a));
+            let fixed = fixed.map(|(kind, net)| RefusedRange {
+                kind: *kind,
+                range: IpNet::V6(*net),
+                embedded_in: None,
+            });
+            if fixed.is_some() || host_match(addr) {
+                return prefer(fixed, host_match(addr).then(|| host(addr)));
             }
             let inner = embedded_v4(a)?;
             refused_range(IpAddr::V4(inner), host_addrs).map(|r| RefusedRange {
@@ -199,6 +197,15 @@ pub fn refused_range(addr: IpAddr, host_addrs: &[IpAddr]) -> Option<RefusedRange
                 ..r
             })
         }
+    }
+}
+
+/// The range that says most about an address: an always-refused range first (it can
+/// never be opened), then the host's own address, then a private range.
+fn prefer(fixed: Option<RefusedRange>, host: Option<RefusedRange>) -> Option<RefusedRange> {
+    match fixed {
+        Some(r) if r.kind.always_refused() => Some(r),
+        _ => host.or(fixed),
     }
 }
 
@@ -314,6 +321,12 @@ mod tests {
         );
         assert_eq!(kind("2001:db8::7", &host), Some(RangeKind::HostAddress));
         assert_eq!(kind("198.18.0.2", &host), None);
+        let lan: Vec<IpAddr> = vec![
+            "192.168.1.20".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        ];
+        assert_eq!(kind("192.168.1.20", &lan), Some(RangeKind::HostAddress));
+        assert_eq!(kind("127.0.0.1", &lan), Some(RangeKind::Loopback));
         let mapped_host = vec!["::ffff:198.18.0.9".parse().unwrap()];
         assert_eq!(
             kind("198.18.0.9", &mapped_host),
