@@ -24,6 +24,7 @@ mod file;
 mod glob;
 mod host;
 mod model;
+pub mod peek;
 mod ranges;
 mod record;
 

@@ -747,7 +747,9 @@ impl Builder<'_> {
         let method = match m.method.as_deref() {
             None | Some("") => return Err(self.invalid(format!("{at}.method"), "is required")),
             Some("*") => "*".to_string(),
-            Some(method) if method.bytes().all(is_token_byte) => method.to_ascii_uppercase(),
+            Some(method) if method.bytes().all(crate::peek::is_token_byte) => {
+                method.to_ascii_uppercase()
+            }
             Some(method) => {
                 return Err(self.invalid(
                     format!("{at}.method"),
@@ -826,11 +828,6 @@ fn always_refused_overlap(net: IpNet) -> Option<crate::ranges::RefusedRange> {
             range,
             embedded_in: None,
         })
-}
-
-/// RFC 9110 token characters (what a method may be made of).
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
