@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::allow_host::AllowHost;
-use crate::decision::{refusal, Allowed, Decision, DenyReason, EntryRef, HostFacts};
+use crate::decision::{refusal, Allowed, Decision, DenyReason, EntryRef, HostFacts, Verdict};
 use crate::host::normalize_name;
 use crate::model::{Endpoint, EndpointKind, HostSpec, Policy, RestAllow, RestMatch};
 use crate::ranges::{refused_range, RangeKind};
@@ -56,6 +56,24 @@ pub enum DnsDecision {
     /// Answer REFUSED: a record type that could carry data, for a name outside the
     /// policy.
     Refused { reason: String },
+}
+
+impl DnsDecision {
+    /// `allow` for an answered query, `deny` for NXDOMAIN and REFUSED.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            DnsDecision::Resolve => Verdict::Allow,
+            DnsDecision::NxDomain { .. } | DnsDecision::Refused { .. } => Verdict::Deny,
+        }
+    }
+
+    /// Why the query was not answered.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            DnsDecision::Resolve => None,
+            DnsDecision::NxDomain { reason } | DnsDecision::Refused { reason } => Some(reason),
+        }
+    }
 }
 
 /// DNS record types an address lookup uses; everything else is "odd" outside the policy.
@@ -195,7 +213,7 @@ impl Policy {
             (false, _) => DnsDecision::Refused {
                 reason: format!(
                     "{} query for {name}, which no policy entry names",
-                    type_name(qtype)
+                    dns_type_name(qtype)
                 ),
             },
         }
@@ -579,7 +597,8 @@ fn percent_decode(
     Ok(text)
 }
 
-fn type_name(qtype: u16) -> String {
+/// A DNS record type's name (`A`, `TXT`, ...), or `TYPE<n>` for the others.
+pub fn dns_type_name(qtype: u16) -> String {
     match qtype {
         1 => "A".into(),
         28 => "AAAA".into(),

@@ -29,7 +29,7 @@ mod ranges;
 mod record;
 
 pub use allow_host::{AllowHost, HOST_GATEWAY_NAME};
-pub use check::{Connection, DnsDecision, FirstBytes, Request, MAX_QUERY_PARAMS};
+pub use check::{dns_type_name, Connection, DnsDecision, FirstBytes, Request, MAX_QUERY_PARAMS};
 pub use decision::{check_default, Allowed, Decision, DenyReason, EntryRef, HostFacts, Verdict};
 pub use error::{AllowHostError, PolicyError};
 pub use model::{NotEnforced, Policy, MAX_ENDPOINTS, MAX_POLICY_BYTES, MAX_RULES_PER_ENDPOINT};

@@ -4,6 +4,8 @@
 //! headers, both Content-Length and Transfer-Encoding, ...) is malformed, because the
 //! server behind might read it differently than kiln did.
 
+use crate::check::FirstBytes;
+
 /// The most bytes either parser looks at; a flow that has not shown what it is by then
 /// is malformed.
 pub const MAX_PEEK_BYTES: usize = 16 * 1024;
@@ -60,6 +62,52 @@ pub enum BodyFraming {
     None,
     ContentLength(u64),
     Chunked,
+}
+
+/// What the first bytes of a flow are, trying both parsers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeked {
+    /// Both parsers need more bytes (the caller waits, up to its own deadline).
+    NeedMore,
+    Tls(TlsPeek),
+    Http(HttpPeek),
+    /// Neither TLS nor HTTP/1.x.
+    Other,
+}
+
+/// Runs both parsers on the start of a flow.
+pub fn peek(bytes: &[u8]) -> Peeked {
+    let tls = tls_client_hello(bytes);
+    if matches!(tls, TlsPeek::ClientHello { .. } | TlsPeek::Malformed(_)) {
+        return Peeked::Tls(tls);
+    }
+    let http = http_request_head(bytes);
+    if matches!(http, HttpPeek::Request(_) | HttpPeek::Malformed(_)) {
+        return Peeked::Http(http);
+    }
+    if tls == TlsPeek::NeedMore || http == HttpPeek::NeedMore {
+        Peeked::NeedMore
+    } else {
+        Peeked::Other
+    }
+}
+
+impl Peeked {
+    /// The decision's view of it. A malformed ClientHello or request head shows no
+    /// name: the flow counts as neither TLS nor HTTP, so only plain-TCP endpoints can
+    /// take it (and the caller answers a malformed HTTP request with an error itself).
+    pub fn first_bytes(&self) -> FirstBytes<'_> {
+        match self {
+            Peeked::NeedMore => FirstBytes::NotSeen,
+            Peeked::Tls(TlsPeek::ClientHello { sni }) => FirstBytes::Tls {
+                sni: sni.as_deref(),
+            },
+            Peeked::Http(HttpPeek::Request(head)) => FirstBytes::Http {
+                host: head.host.as_deref(),
+            },
+            Peeked::Tls(_) | Peeked::Http(_) | Peeked::Other => FirstBytes::Other,
+        }
+    }
 }
 
 const TLS_HANDSHAKE: u8 = 22;
@@ -533,6 +581,36 @@ pub(crate) mod tests {
             HttpPeek::Malformed(m) => m,
             other => panic!("{text:?}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn peek_tells_tls_http_and_others_apart() {
+        let hello = client_hello(Some("a.example"), 1);
+        assert_eq!(
+            peek(&hello).first_bytes(),
+            FirstBytes::Tls {
+                sni: Some("a.example")
+            }
+        );
+        assert_eq!(peek(&hello[..3]), Peeked::NeedMore);
+        assert_eq!(peek(b"").first_bytes(), FirstBytes::NotSeen);
+        let get = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n";
+        assert_eq!(
+            peek(get).first_bytes(),
+            FirstBytes::Http {
+                host: Some("a.example")
+            }
+        );
+        assert_eq!(peek(&get[..10]), Peeked::NeedMore);
+        assert_eq!(peek(b"SSH-2.0-x\r\n"), Peeked::Other);
+        assert_eq!(
+            peek(b"GET / HTTP/1.1\r\n\r\n").first_bytes(),
+            FirstBytes::Other
+        );
+        assert_eq!(
+            peek(&[22, 3, 1, 0xff, 0xff]).first_bytes(),
+            FirstBytes::Other
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::check::{dns_type_name, DnsDecision};
 use crate::decision::{Decision, Verdict};
 
 /// What the flow was when it was decided.
@@ -104,6 +105,37 @@ impl DecisionRecord {
         })
     }
 
+    /// The record of a DNS query for `name` of type `qtype` to the resolver at
+    /// `resolver`; the caller adds the `answers` it gave.
+    pub fn dns(
+        time: String,
+        sandbox: &str,
+        resolver: std::net::SocketAddr,
+        name: &str,
+        qtype: u16,
+        decision: &DnsDecision,
+    ) -> Self {
+        DecisionRecord {
+            time,
+            sandbox: sandbox.to_string(),
+            protocol: FlowProtocol::Dns,
+            dst_addr: resolver.ip(),
+            dst_port: resolver.port(),
+            names: vec![name.to_string()],
+            sni: None,
+            host: None,
+            method: None,
+            path: None,
+            query_type: Some(dns_type_name(qtype)),
+            answers: Vec::new(),
+            decision: decision.verdict(),
+            entry: None,
+            reason: decision.reason().map(str::to_string),
+            bytes_up: None,
+            bytes_down: None,
+        }
+    }
+
     /// The record as one JSON line (no trailing newline).
     pub fn to_json_line(&self) -> String {
         // Serializing plain strings, numbers and addresses cannot fail.
@@ -172,6 +204,40 @@ mod tests {
         assert!(value.get("sni").is_none() && value.get("bytes_up").is_none());
         let back: DecisionRecord = serde_json::from_str(&line).unwrap();
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn dns_records_carry_the_name_type_and_reason() {
+        let refused = DnsDecision::Refused {
+            reason: "TXT query for x.test, which no policy entry names".into(),
+        };
+        let r = DecisionRecord::dns(
+            rfc3339_utc(0),
+            "s",
+            "10.0.2.3:53".parse().unwrap(),
+            "x.test",
+            16,
+            &refused,
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json_line()).unwrap();
+        assert_eq!(v["protocol"], "dns");
+        assert_eq!(v["query_type"], "TXT");
+        assert_eq!(v["names"][0], "x.test");
+        assert_eq!(v["decision"], "deny");
+        assert!(v["reason"].as_str().unwrap().contains("no policy entry"));
+        let ok = DecisionRecord::dns(
+            rfc3339_utc(0),
+            "s",
+            "10.0.2.3:53".parse().unwrap(),
+            "a.test",
+            1,
+            &DnsDecision::Resolve,
+        );
+        assert_eq!(
+            (ok.decision, ok.query_type.as_deref(), ok.reason),
+            (Verdict::Allow, Some("A"), None)
+        );
+        assert_eq!(dns_type_name(4242), "TYPE4242");
     }
 
     #[test]
