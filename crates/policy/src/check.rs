@@ -297,18 +297,20 @@ impl Policy {
                 if needs_bytes {
                     return Admission::Decided(Decision::NeedPeek);
                 }
-                None
+                Claim::Pinned
             }
-            FirstBytes::Tls { sni } => sni,
-            FirstBytes::Http { host } => host.map(strip_port),
-            FirstBytes::Other => None,
+            FirstBytes::Tls { sni } => Claim::of(sni),
+            FirstBytes::Http { host } => Claim::of(host.map(strip_port)),
+            FirstBytes::Other => Claim::Pinned,
         };
-        // An IP literal names no host; the address itself is what is checked.
-        let claim = claim
-            .filter(|c| c.parse::<IpAddr>().is_err())
-            .map(|c| normalize_name(c).ok_or_else(|| c.to_string()));
+        let addressed = || {
+            on_port
+                .iter()
+                .filter(|c| by_address(c))
+                .map(Candidate::clone_ref)
+        };
         let candidates: Vec<Candidate<'_>> = match &claim {
-            Some(Ok(name)) => {
+            Claim::Named(name) => {
                 let named: Vec<Candidate<'_>> = on_port
                     .iter()
                     .filter(|c| name_matches(c, name))
@@ -321,29 +323,29 @@ impl Policy {
                     };
                     return Admission::Decided(enforce(&named[0], reason));
                 }
-                let mut list: Vec<Candidate<'_>> = on_port
-                    .iter()
-                    .filter(|c| by_address(c))
-                    .map(Candidate::clone_ref)
-                    .collect();
+                let mut list: Vec<Candidate<'_>> = addressed().collect();
                 if pinned.contains(name) {
                     list.extend(named);
                 }
                 list
             }
-            Some(Err(_)) | None => on_port
+            Claim::Unnamed => addressed().collect(),
+            Claim::Pinned => on_port
                 .iter()
                 .filter(|c| by_address(c) || pinned.iter().any(|n| name_matches(c, n)))
                 .map(Candidate::clone_ref)
                 .collect(),
         };
         if candidates.is_empty() {
-            let names = match claim {
-                Some(Ok(name)) => vec![name],
-                Some(Err(raw)) => vec![raw],
-                None => pinned,
+            let reason = match claim {
+                Claim::Named(name) => DenyReason::NoEntry {
+                    dst,
+                    names: vec![name],
+                },
+                Claim::Unnamed => DenyReason::NoName { dst },
+                Claim::Pinned => DenyReason::NoEntry { dst, names: pinned },
             };
-            return Admission::Decided(Decision::Deny(DenyReason::NoEntry { dst, names }));
+            return Admission::Decided(Decision::Deny(reason));
         }
         let http = matches!(conn.first_bytes, FirstBytes::Http { .. });
         let mut first_refusal = None;
@@ -360,6 +362,31 @@ impl Policy {
             (false, _) => Admission::Endpoints(admitted),
             (true, Some((c, reason))) => Admission::Decided(enforce(&c, reason)),
             (true, None) => unreachable!("a non-empty candidate list admits or refuses"),
+        }
+    }
+}
+
+/// Which names stand for a flow's destination.
+enum Claim {
+    /// The SNI or Host: the server serves this name, whatever else shares the address.
+    Named(String),
+    /// TLS or HTTP naming no host (no SNI, no Host, an IP address, or something that
+    /// is not a DNS name): the server picks its default site, which may be any name on
+    /// the address, so only address-matched endpoints may take it.
+    Unnamed,
+    /// Neither TLS nor HTTP: there is no name in the flow, and the address's pinned
+    /// names decide.
+    Pinned,
+}
+
+impl Claim {
+    fn of(name: Option<&str>) -> Claim {
+        match name
+            .filter(|n| n.parse::<IpAddr>().is_err())
+            .map(normalize_name)
+        {
+            Some(Some(name)) => Claim::Named(name),
+            _ => Claim::Unnamed,
         }
     }
 }
@@ -828,23 +855,32 @@ network_policies:
     }
 
     #[test]
-    fn without_a_name_in_the_first_bytes_the_pinned_names_decide() {
-        assert_eq!(
-            entry_of(&connect(
-                "198.18.0.5:443",
-                &["good.test"],
-                FirstBytes::Other
-            )),
-            "api[0]"
-        );
-        assert_eq!(
-            entry_of(&connect(
-                "198.18.0.5:443",
-                &["good.test"],
-                FirstBytes::Tls { sni: None }
-            )),
-            "api[0]"
-        );
+    fn without_tls_or_http_the_pinned_names_decide() {
+        let d = connect("198.18.0.5:443", &["good.test"], FirstBytes::Other);
+        assert_eq!(entry_of(&d), "api[0]");
+    }
+
+    #[test]
+    fn tls_or_http_naming_no_host_only_reaches_address_endpoints() {
+        // The server would pick its default site, which may be a denied name.
+        for first_bytes in [
+            FirstBytes::Tls { sni: None },
+            FirstBytes::Http { host: None },
+            FirstBytes::Http {
+                host: Some("198.18.0.5"),
+            },
+            FirstBytes::Http {
+                host: Some("good.test:x"),
+            },
+            FirstBytes::Http {
+                host: Some("good.test/evil"),
+            },
+        ] {
+            let e = denial(connect("198.18.0.5:443", &["good.test"], first_bytes));
+            assert!(e.contains("names no host"), "{first_bytes:?}: {e}");
+        }
+        let d = connect("10.9.0.1:6379", &[], FirstBytes::Tls { sni: None });
+        assert_eq!(entry_of(&d), "private[1]");
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub enum DenyReason {
     HostGateway { port: u16 },
     /// No policy entry allows this destination (names are the ones known for it).
     NoEntry { dst: SocketAddr, names: Vec<String> },
+    /// A TLS or HTTP flow naming no host (no SNI or Host, an IP address, not a DNS
+    /// name), to an address no endpoint allows by address.
+    NoName { dst: SocketAddr },
     /// The flow's SNI or Host names a host kiln's resolver never gave this address.
     NameNotPinned { name: String, dst: SocketAddr },
     /// The destination is private (or the host's) and the matching endpoint neither
@@ -166,6 +169,12 @@ impl fmt::Display for DenyReason {
                 f,
                 "{dst} (known as {}) matches no policy entry",
                 names.join(", ")
+            ),
+            DenyReason::NoName { dst } => write!(
+                f,
+                "the flow to {dst} names no host (no SNI or Host, or an IP address), and no \
+                 policy entry allows {} by address",
+                dst.ip()
             ),
             DenyReason::NameNotPinned { name, dst } => write!(
                 f,
