@@ -154,6 +154,21 @@ mod tests {
         assert!(m("[]]", "]"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn literal_globs_match_only_themselves(p in "[a-z/.-]{0,12}", t in "[a-z/.-]{0,12}") {
+            proptest::prop_assert_eq!(m(&p, &t), p == t);
+            proptest::prop_assert!(m(&p, &p));
+        }
+
+        #[test]
+        fn starred_globs_match_containment(p in "[a-z/.-]{0,6}", t in "[a-z/.-]{0,16}") {
+            proptest::prop_assert_eq!(m(&format!("*{p}*"), &t), t.contains(&p));
+            proptest::prop_assert_eq!(m(&format!("{p}*"), &t), t.starts_with(&p));
+            proptest::prop_assert_eq!(m(&format!("*{p}"), &t), t.ends_with(&p));
+        }
+    }
+
     #[test]
     fn malformed_globs_are_errors() {
         assert!(Glob::new("/a[").is_err());

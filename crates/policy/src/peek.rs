@@ -511,6 +511,29 @@ pub(crate) mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn the_sni_survives_any_record_split(
+            name in "[a-z0-9]{1,20}(\\.[a-z0-9-]{1,20}){0,4}",
+            records in 1usize..12,
+        ) {
+            let hello = client_hello(Some(&name), records);
+            proptest::prop_assert_eq!(
+                tls_client_hello(&hello),
+                TlsPeek::ClientHello { sni: Some(name.clone()) }
+            );
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_a_handshake_header_never_panic(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        ) {
+            let mut bytes = vec![TLS_HANDSHAKE, 3, 1, 2, 0, CLIENT_HELLO, 0, 1, 0xfc];
+            bytes.extend_from_slice(&tail);
+            let _ = tls_client_hello(&bytes);
+        }
+    }
+
     #[test]
     fn every_prefix_of_a_client_hello_needs_more() {
         let hello = client_hello(Some("a.example.com"), 3);
