@@ -244,7 +244,8 @@ impl Policy {
         host: &HostFacts,
         allows: &[AllowHost],
     ) -> Admission<'_> {
-        let dst = conn.dst;
+        // IPv4 peers of a dual-stack socket arrive IPv4-mapped; match them as IPv4.
+        let dst = SocketAddr::new(crate::canonical(conn.dst.ip()), conn.dst.port());
         if let Some(allow) = allows.iter().find(|a| a.matches(dst, host.gateway)) {
             return Admission::Explicit(*allow);
         }
@@ -418,9 +419,13 @@ impl<'p> Candidate<'p> {
                 });
             }
         } else if let Some(range) = refused_range(dst.ip(), &host.addrs) {
-            // Without allowed_ips, only a name the policy spells out exactly may lead
-            // to a private address (OpenShell's rule).
-            let exact = matches!(&ep.host, HostSpec::Name(p) if !p.is_wildcard());
+            // Without allowed_ips, only a name or address the policy spells out
+            // exactly may lead to a private address (OpenShell's rule).
+            let exact = match &ep.host {
+                HostSpec::Name(p) => !p.is_wildcard(),
+                HostSpec::Address(_) => true,
+                HostSpec::AnyInAllowedIps => false,
+            };
             if !exact {
                 return Some(DenyReason::InternalAddress {
                     entry: self.entry.clone(),
@@ -667,6 +672,8 @@ network_policies:
       - host: pinned-ips.test
         port: 443
         allowed_ips: [198.18.7.0/24]
+      - host: 10.7.7.7
+        port: 8080
   rest:
     endpoints:
       - host: rw.test
@@ -929,6 +936,12 @@ network_policies:
         );
         assert!(denial(connect("10.8.3.4:6379", &[], FirstBytes::NotSeen))
             .contains("matches no policy entry"));
+        // An endpoint naming a private address exactly.
+        let d = connect("10.7.7.7:8080", &[], FirstBytes::NotSeen);
+        assert_eq!(entry_of(&d), "private[3]");
+        // IPv4-mapped destinations match IPv4 allowed_ips.
+        let d = connect("[::ffff:10.9.3.4]:6379", &[], FirstBytes::NotSeen);
+        assert_eq!(entry_of(&d), "private[1]");
         // A named endpoint with allowed_ips: the address must be in them.
         let sni = FirstBytes::Tls {
             sni: Some("pinned-ips.test"),
