@@ -677,12 +677,6 @@ impl Builder<'_> {
                         format!("{other} needs rules or access to define the allowed traffic"),
                     ));
                 }
-                if has_deny && other != "mcp" && !has_rules && access.is_none() {
-                    return Err(self.invalid(
-                        field("deny_rules"),
-                        "need rules or access to define the base allow set",
-                    ));
-                }
                 if other == "sql" && def.enforcement.as_deref() == Some("enforce") {
                     return Err(self.invalid(
                         field("enforcement"),
@@ -1116,6 +1110,23 @@ network_policies:
                 "mutually exclusive",
             ),
             ("host: a.b.com, port: 1, protocol: graphql, access: full, persisted_queries: maybe", "accepted: deny, allow_registered"),
+            (
+                "host: a.b.com, port: 1, graphql_max_body_bytes: 5",
+                "graphql_max_body_bytes needs an inspected protocol",
+            ),
+            (
+                "host: a.b.com, port: 1, credential_binding: {provider: ''}",
+                "credential_binding.provider is empty",
+            ),
+            (
+                "host: a.b.com, port: 1, protocol: graphql, access: full, graphql_persisted_queries: {h: {operation_type: delete}}",
+                "graphql_persisted_queries.h.operation_type accepted: query",
+            ),
+            (
+                "host: a.b.com, port: 1, protocol: rest, rules: [{allow: {method: GET, path: /, query: {a: '[z-a]'}}}]",
+                "rules[0].allow.query.a reversed range",
+            ),
+            ("host: a.b.com, port: 1, path: '/[a'", "path unclosed ["),
         ];
         for (endpoint, want) in cases {
             let e = invalid(endpoint);
@@ -1148,6 +1159,57 @@ network_policies:
             .unwrap_err()
             .to_string();
         assert!(e.contains("not absolute"), "{e}");
+    }
+
+    #[test]
+    fn top_level_and_size_constraints() {
+        let e = parse("version: 1\nlandlock: {compatibility: strict}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("landlock.compatibility is \"strict\"; accepted: best_effort"),
+            "{e}"
+        );
+        let e = parse(
+            "version: 1\nnetwork_middlewares:\n  m: {middleware: x, endpoints: {include: []}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "network_middlewares.m needs a middleware name and a non-empty endpoints.include"
+            ),
+            "{e}"
+        );
+        let e = parse(
+            "version: 1\nnetwork_policies:\n  '':\n    endpoints: [{host: a.b.c, port: 1}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("network_policies has an entry with an empty key"),
+            "{e}"
+        );
+        let endpoints = "{host: a.b.c, port: 1},".repeat(MAX_ENDPOINTS + 1);
+        let e = parse(&format!(
+            "version: 1\nnetwork_policies:\n  a:\n    endpoints: [{endpoints}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("more than {MAX_ENDPOINTS} endpoints")),
+            "{e}"
+        );
+        let rules = "{allow: {method: GET, path: /}},".repeat(MAX_RULES_PER_ENDPOINT + 1);
+        let e = one(&format!(
+            "host: a.b.c, port: 1, protocol: rest, rules: [{rules}]"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("exceed {MAX_RULES_PER_ENDPOINT}")),
+            "{e}"
+        );
     }
 
     #[test]
