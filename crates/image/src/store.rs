@@ -346,6 +346,43 @@ impl Store {
         })
     }
 
+    /// The record whose image id (its config digest, as docker's image ids) or manifest
+    /// digest is `id`: `sha256:HEX`, or a prefix of at least 4 hex digits with or without
+    /// `sha256:`. `Ok(None)` when `id` is not written as an id or no image has it; an
+    /// error when it names several images.
+    pub fn find_id(&self, id: &str) -> Result<Option<ImageRecord>, Error> {
+        let hex = id.strip_prefix("sha256:").unwrap_or(id);
+        let is_hex = hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if hex.len() < 4 || hex.len() > 64 || !is_hex {
+            return Ok(None);
+        }
+        let matches: Vec<ImageRecord> = self
+            .images()?
+            .into_iter()
+            .filter(|r| {
+                r.config_digest.hex().starts_with(hex) || r.manifest_digest.hex().starts_with(hex)
+            })
+            .collect();
+        let images: std::collections::BTreeSet<&str> =
+            matches.iter().map(|r| r.config_digest.hex()).collect();
+        if images.len() > 1 {
+            return Err(Error::Invalid {
+                what: format!("image id {id:?}"),
+                reason: format!(
+                    "it matches several images ({}); give more of the id",
+                    matches
+                        .iter()
+                        .map(|r| format!("{} {}", &r.config_digest.hex()[..12], r.reference))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        Ok(matches.into_iter().next())
+    }
+
     /// Removes the records of `reference` (all platforms, or just `platform`). Blobs stay
     /// until [`Store::prune`]. Returns how many records were removed.
     pub fn remove(&self, reference: &str, platform: Option<&Platform>) -> Result<usize, Error> {
