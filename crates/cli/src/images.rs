@@ -91,6 +91,10 @@ pub fn images(globals: &Globals, args: ImagesArgs) -> CommandResult {
             r.config_digest.hex()[..12].to_owned()
         }
     };
+    if globals.json && args.output.format.is_none() {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     if globals.quiet {
         let mut seen = std::collections::HashSet::new();
         for r in &records {
@@ -98,10 +102,6 @@ pub fn images(globals: &Globals, args: ImagesArgs) -> CommandResult {
                 println!("{}", id(r));
             }
         }
-        return Ok(ExitCode::SUCCESS);
-    }
-    if globals.json && args.output.format.is_none() {
-        println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(ExitCode::SUCCESS);
     }
     let now = listing::now_unix();
@@ -181,9 +181,10 @@ pub fn prune(globals: &Globals, _args: PruneArgs) -> CommandResult {
             "removed {} blobs, freed {} bytes",
             report.blobs_removed, report.bytes_freed
         );
+        let images = report.root_images_removed.len();
         println!(
-            "removed the built root images of {} images, freed {} bytes",
-            report.root_images_removed.len(),
+            "removed the built root images of {images} image{}, freed {} bytes",
+            if images == 1 { "" } else { "s" },
             report.root_image_bytes_freed
         );
     }

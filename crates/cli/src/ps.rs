@@ -60,14 +60,14 @@ pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
         })
         .collect();
     sandboxes.sort_by(|a, b| (b.created_unix, &b.id).cmp(&(a.created_unix, &a.id)));
+    if globals.json && args.output.format.is_none() {
+        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     if globals.quiet {
         for s in &sandboxes {
             println!("{}", s.id);
         }
-        return Ok(ExitCode::SUCCESS);
-    }
-    if globals.json && args.output.format.is_none() {
-        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
         return Ok(ExitCode::SUCCESS);
     }
     let now = listing::now_unix();
