@@ -556,4 +556,40 @@ fn a_second_root_boots_the_installed_guest_and_ps_shows_it_up_with_its_ports() {
     let removed = kiln(&["rm", "-f", &id[..5]]);
     assert!(removed.status.success(), "{}", describe(&removed));
     assert_eq!(text(&kiln(&["ps", "-aq"]).stdout), "");
+
+    // An ended workload: "Exited (3) ... ago", found by its status.
+    let ended = kiln(&["-q", "run", "-d", &demo_image(), "sh", "-c", "exit 3"]);
+    assert!(ended.status.success(), "{}", describe(&ended));
+    let id = text(&ended.stdout).trim().to_owned();
+    let deadline = std::time::Instant::now() + kiln_e2e::KILN_TIMEOUT;
+    let status = loop {
+        let listed = kiln(&[
+            "ps",
+            "-a",
+            "--filter",
+            "status=exited",
+            "--format",
+            "{{.ID}} {{.Status}}",
+        ]);
+        let row = text(&listed.stdout);
+        if !row.is_empty() || std::time::Instant::now() > deadline {
+            break row;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        status.starts_with(&format!("{id} Exited (3) ")) && status.trim_end().ends_with(" ago"),
+        "{status}"
+    );
+    assert!(kiln(&["rm", &id]).status.success());
+
+    // A foreground run under the second root boots the installed guest too.
+    let foreground = kiln(&["-q", "run", "--rm", &demo_image(), "echo", "hi"]);
+    assert_eq!(
+        foreground.status.code(),
+        Some(0),
+        "{}",
+        describe(&foreground)
+    );
+    assert_eq!(text(&foreground.stdout), "hi\n");
 }
