@@ -497,6 +497,57 @@ mod tests {
     }
 
     #[test]
+    fn image_ids_are_config_digests_or_manifest_digests_and_may_be_short() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let (m1, c1) = (Digest::sha256_of(b"m1"), Digest::sha256_of(b"c1"));
+        let (m2, c2) = (Digest::sha256_of(b"m2"), Digest::sha256_of(b"c2"));
+        for (reference, m, c) in [
+            ("oci:/a:1", &m1, &c1),
+            ("oci:/b:1", &m2, &c2),
+            ("oci:/a:2", &m1, &c1),
+        ] {
+            store
+                .put_record(&record(reference, "linux/amd64", m, c))
+                .unwrap();
+        }
+        let found = |id: &str| store.find_id(id).unwrap().map(|r| r.config_digest);
+        assert_eq!(found(&c1.to_string()), Some(c1.clone()));
+        assert_eq!(found(&c2.hex()[..12]), Some(c2.clone()));
+        assert_eq!(found(&m2.hex()[..6]), Some(c2.clone()));
+        // Two references of one image are one image.
+        assert_eq!(
+            found(&format!("sha256:{}", &c1.hex()[..4])),
+            Some(c1.clone())
+        );
+        // Not written as an id: a name for the caller to look up.
+        for name in ["busybox", "abc", "ABCDEF12", &c1.hex()[..3]] {
+            assert_eq!(found(name), None, "{name}");
+        }
+        assert_eq!(found("0000000000"), None);
+        // Two configs whose digests share four hex digits (a birthday search: a few
+        // hundred tries): that prefix names both images and is refused.
+        let mut seen = std::collections::HashMap::new();
+        let (c3, c4) = (0u32..)
+            .map(|i| Digest::sha256_of(format!("config {i}").as_bytes()))
+            .find_map(|d| {
+                let prefix = d.hex()[..4].to_owned();
+                seen.insert(prefix, d.clone()).map(|other| (other, d))
+            })
+            .unwrap();
+        for (reference, c) in [("oci:/c:1", &c3), ("oci:/d:1", &c4)] {
+            store
+                .put_record(&record(reference, "linux/amd64", &m2, c))
+                .unwrap();
+        }
+        let err = store.find_id(&c3.hex()[..4]).unwrap_err().to_string();
+        assert!(
+            err.contains("several images") && err.contains("oci:/c:1") && err.contains("oci:/d:1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn blobs_records_and_prune() {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();

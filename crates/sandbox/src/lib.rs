@@ -54,8 +54,8 @@ pub use monitor::run as run_monitor;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, RunFields, RunRequest, SizeError, CPUS, DEFAULT_CPUS, DEFAULT_LOG_MAX_SIZE,
-    DEFAULT_MEMORY_MIB, DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE, MEMORY_MIB,
+    NetworkMode, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX,
+    LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;
