@@ -138,6 +138,14 @@ fn ps_lists_newest_first_and_scripts_with_quiet_format_and_filters() {
         stderr.contains("unknown field .Nope; accepted:") && stderr.contains("{{.Ports}}"),
         "{stderr}"
     );
+    let (code, _, stderr) = run(&root, &["ps", "--filter", "status=paused"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains(
+            "--filter status=paused: unknown status; accepted: created, running, exited, failed"
+        ),
+        "{stderr}"
+    );
     let (code, _, stderr) = run(&root, &["ps", "--filter", "size=1"]);
     assert_eq!(code, Some(2));
     assert!(

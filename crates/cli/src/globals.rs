@@ -17,7 +17,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Print nothing but errors and requested output.
+    /// Print nothing but errors and requested output (`ps` and `images`: ids only).
     #[arg(short, long, global = true)]
     quiet: bool,
 

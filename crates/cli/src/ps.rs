@@ -42,6 +42,9 @@ const DEFAULT: &str =
 
 const FILTERS: &[&str] = &["id", "name", "label", "status"];
 
+/// The states `--filter status=` takes, as [`state`] names them.
+const STATES: &[&str] = &["created", "running", "exited", "failed"];
+
 /// Widest image reference and command the table shows without --no-trunc.
 const IMAGE_WIDTH: usize = 30;
 const COMMAND_WIDTH: usize = 20;
@@ -50,6 +53,14 @@ pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
     let format = listing::parse_format(args.output.format.as_deref(), COLUMNS, DEFAULT)
         .map_err(CommandError::usage)?;
     let filters = Filters::parse(&args.filter, FILTERS).map_err(CommandError::usage)?;
+    for status in filters.values("status").unwrap_or_default() {
+        if !STATES.contains(&status.as_str()) {
+            return Err(CommandError::usage(anyhow::anyhow!(
+                "--filter status={status}: unknown status; accepted: {}",
+                STATES.join(", ")
+            )));
+        }
+    }
     let mut sandboxes: Vec<SandboxInfo> = kiln_sandbox::list(&globals.root)
         .map_err(sandbox_error)?
         .into_iter()
