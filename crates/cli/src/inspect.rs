@@ -68,10 +68,7 @@ pub fn run(globals: &Globals, args: InspectArgs) -> CommandResult {
         return result;
     }
     let store = Store::open(&globals.root).map_err(image_error)?;
-    let image = match store
-        .find_id(&args.reference)
-        .map_err(CommandError::usage)?
-    {
+    let image = match store.find_id(&args.reference).map_err(image_error)? {
         Some(record) => store.load(record).map_err(image_error)?,
         None => {
             let reference = parse_reference(&args.reference)?;

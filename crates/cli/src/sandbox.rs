@@ -1,4 +1,4 @@
-//! Detached sandboxes: `kiln create`, `start`, `stop`, `rm`, `ps`, `logs`, `exec`,
+//! Detached sandboxes: `kiln create`, `start`, `stop`, `rm`, `logs`, `exec`,
 //! `run -d`, and the hidden `kiln monitor` that `start` runs for each sandbox.
 
 use std::path::{Path, PathBuf};
