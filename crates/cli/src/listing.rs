@@ -44,7 +44,7 @@ pub enum Part {
 
 /// A `--format` that is not docker's subset as kiln reads it.
 #[derive(Debug, thiserror::Error)]
-#[error("--format {format:?}: {reason}; accepted: table, json, or a template of {accepted} (with `table ` in front for a header)")]
+#[error("--format {format:?}: {reason}; accepted: {accepted}")]
 pub struct FormatError {
     format: String,
     reason: String,
@@ -67,11 +67,14 @@ pub fn parse_format(
     let error = |reason: String| FormatError {
         format: text.to_owned(),
         reason,
-        accepted: columns
-            .iter()
-            .map(|(name, _)| format!("{{{{.{name}}}}}"))
-            .collect::<Vec<_>>()
-            .join(" "),
+        accepted: format!(
+            "table, json, or a template of {} (with `table ` in front for a header)",
+            columns
+                .iter()
+                .map(|(name, _)| format!("{{{{.{name}}}}}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
     };
     // Escapes as docker reads them: a shell passes `\t` through as two characters.
     let (table, body) = match text.strip_prefix("table") {
@@ -124,12 +127,14 @@ pub fn render_json(template: &str, value: &serde_json::Value) -> Result<String, 
         format: template.to_owned(),
         reason,
         accepted: match value {
-            serde_json::Value::Object(map) => map
-                .keys()
-                .map(|k| format!("{{{{.{k}}}}}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ => String::new(),
+            serde_json::Value::Object(map) => format!(
+                "a template of {} (nested fields as {{{{.a.b}}}}, JSON as {{{{json .a}}}})",
+                map.keys()
+                    .map(|k| format!("{{{{.{k}}}}}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            _ => "a template of the JSON's fields".to_owned(),
         },
     };
     let mut out = String::new();
