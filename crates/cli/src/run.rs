@@ -13,7 +13,6 @@ use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::{
     Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
-    CPUS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MEMORY_MIB,
 };
 
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
@@ -93,20 +92,31 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "N")]
     gid: Option<String>,
 
-    /// Virtual CPUs.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(flag_range(CPUS)))]
-    cpus: u32,
+    /// CPUs, as 2 or 0.5 (the VM gets the next whole number of vCPUs; the exact share is
+    /// kept for a CPU quota) [default: 1]
+    #[arg(long, value_name = "N")]
+    cpus: Option<String>,
 
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(flag_range(MEMORY_MIB)))]
-    memory: u32,
+    /// Guest memory with a unit b, k, m or g, as 512m or 1g (a bare number is MiB)
+    /// [default: 512m]
+    #[arg(short = 'm', long, value_name = "SIZE")]
+    memory: Option<String>,
+
+    /// Set a label KEY=VALUE on the sandbox (repeatable; `kiln ps --filter label=...`).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+    labels: Vec<String>,
 
     /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
     #[arg(long, value_name = "MODE", default_value = "user", value_parser = ["user", "none"])]
     network: String,
 
-    /// Forward a TCP port from host loopback into the guest (repeatable; needs --network user).
-    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
+    /// Forward a TCP port from host loopback into the guest: [127.0.0.1:][HOSTPORT:]GUESTPORT[/tcp]
+    /// (repeatable; needs --network user; without HOSTPORT a free port is chosen, see `kiln port`).
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[127.0.0.1:][HOSTPORT:]GUESTPORT"
+    )]
     publish: Vec<String>,
 
     /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
@@ -153,12 +163,6 @@ pub fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
     }
 }
 
-/// A range of kiln-sandbox's limits as clap checks it, so `--help` and the errors of a
-/// bad value stay clap's.
-fn flag_range(range: std::ops::RangeInclusive<u32>) -> std::ops::RangeInclusive<i64> {
-    i64::from(*range.start())..=i64::from(*range.end())
-}
-
 /// How the CLI names request fields in errors: by their flags.
 pub struct FlagNames;
 
@@ -179,6 +183,7 @@ impl FieldNames for FlagNames {
             Field::Volumes => "-v",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
+            Field::Labels => "--label",
             Field::Command => "COMMAND",
         }
     }
@@ -264,10 +269,11 @@ impl SandboxArgs {
             user: Some(self.user),
             uid: self.uid,
             gid: self.gid,
-            cpus: Some(self.cpus),
-            memory_mib: Some(self.memory),
+            cpus: self.cpus,
+            memory: self.memory,
             network,
             publish: self.publish,
+            labels: self.labels,
             volumes: self.volumes,
             accel,
             log_max_size: self.log_max_size,

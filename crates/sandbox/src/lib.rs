@@ -46,16 +46,16 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, exec, get, list, logs, prune_images, remove, start, stop, wait, ProvisionEvent,
-    PruneReport, SandboxInfo,
+    create, disk_usage, exec, get, list, logs, prune_images, remove, rename, start, stop, wait,
+    DiskUsage, ProvisionEvent, PruneReport, SandboxInfo, Usage,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, RunFields, RunRequest, SizeError, CPUS, DEFAULT_CPUS, DEFAULT_LOG_MAX_SIZE,
-    DEFAULT_MEMORY_MIB, DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE, MEMORY_MIB,
+    NetworkMode, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX,
+    LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;
