@@ -8,6 +8,7 @@ mod check;
 mod doctor;
 mod exit;
 mod globals;
+mod guest_setup;
 mod identity;
 mod images;
 mod inspect;

@@ -13,6 +13,7 @@ use crate::globals::Globals;
 use crate::run::{attach, kiln_error, terminal_size, FlagNames, SandboxArgs, VmmArgs};
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 pub struct CreateArgs {
     #[command(flatten)]
     sandbox: SandboxArgs,

@@ -34,8 +34,9 @@ mod frame;
 mod message;
 
 pub use boot::{
-    BootConfig, BootConfigError, CmdlineError, CmdlineFault, DiskRef, NetConfig, Upper,
-    VolumeMount, CHANNEL_PORT, DEFAULT_HOSTNAME, IDENTITY_DISK_ID, ROOT_DISK_ID, UPPER_DISK_ID,
+    BootConfig, BootConfigError, CmdlineError, CmdlineFault, DiskRef, HostEntry, NetConfig,
+    TmpfsMount, Upper, VolumeMount, CHANNEL_PORT, DEFAULT_HOSTNAME, IDENTITY_DISK_ID,
+    MAX_DNS_SERVERS, MAX_EXTRA_HOSTS, MAX_TMPFS_MOUNTS, ROOT_DISK_ID, UPPER_DISK_ID,
 };
 
 pub use frame::{

@@ -46,6 +46,11 @@ impl FieldNames for ProtoNames {
             Field::EnvFile => "env_file",
             Field::Timeout => "timeout",
             Field::LogMaxSize => "log_max_size",
+            Field::Hostname => "hostname",
+            Field::AddHost => "add_host",
+            Field::Dns => "dns",
+            Field::Tmpfs => "tmpfs",
+            Field::Mount => "mount",
         }
     }
 
@@ -163,6 +168,8 @@ fn create_fields(
         log_max_size: None,
         rootfs_cache_max: machine.rootfs_cache_max,
         allow_user_namespaces: request.allow_user_namespaces,
+        // Not in the proto: docker's guest names and mounts keep their defaults.
+        ..CreateFields::default()
     })
 }
 
