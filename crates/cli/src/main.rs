@@ -13,6 +13,7 @@ mod identity;
 mod images;
 mod inspect;
 mod kube;
+mod logs;
 mod pull;
 mod run;
 mod sandbox;

@@ -67,6 +67,9 @@ pub struct LogsArgs {
     #[arg(short, long)]
     follow: bool,
 
+    #[command(flatten)]
+    selection: crate::logs::LogSelectionArgs,
+
     /// Sandbox id or name.
     id: String,
 }
@@ -237,14 +240,12 @@ pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    kiln_sandbox::logs(
-        &globals.root,
-        &args.id,
-        args.follow,
-        &mut stdout,
-        &mut stderr,
-    )
-    .map_err(sandbox_error)?;
+    let options = args
+        .selection
+        .into_options(args.follow)
+        .map_err(CommandError::usage)?;
+    kiln_sandbox::logs(&globals.root, &args.id, &options, &mut stdout, &mut stderr)
+        .map_err(sandbox_error)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -46,8 +46,8 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, exec, get, list, logs, prune_images, remove, start, stop, wait, ProvisionEvent,
-    PruneReport, SandboxInfo,
+    create, exec, get, list, logs, prune_images, remove, start, stop, wait, LogOptions,
+    ProvisionEvent, PruneReport, SandboxInfo,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
