@@ -379,6 +379,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         },
         tty: false,
         terminal: None,
+        task: None,
     };
     let io = HostIo {
         stdin: None,

@@ -41,6 +41,7 @@ mod run;
 mod sessions;
 mod spec;
 mod state;
+mod tasks;
 
 pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
@@ -60,3 +61,4 @@ pub use request::{
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;
 pub use state::{NetworkRecord, Status};
+pub use tasks::{copy, stats, top, CopyEndpoint, SandboxStats, MAX_COPY_BYTES};

@@ -67,6 +67,7 @@ mod net;
 mod rootfs;
 mod session;
 mod sys;
+mod task;
 mod volume;
 mod workload;
 
@@ -219,6 +220,10 @@ fn shutdown(channel: Option<&Channel>) -> ! {
 
 fn main() {
     let init_started = boottime_ns();
+    // An exec session's task (kiln top, stats, cp): the binary is init's, the job is not.
+    if let Some(task) = task::from_args() {
+        std::process::exit(task::run(task));
+    }
     if std::process::id() != 1 {
         eprintln!("kiln-init is the guest's PID 1 and runs only there (it mounts, switches root and powers off)");
         std::process::exit(2);
