@@ -31,6 +31,9 @@ const MAX_SAMPLE_LINE: usize = 4096;
 /// The most of a task's stderr kept for its error message.
 const MAX_TASK_ERROR: usize = 4096;
 
+/// What a task may send after the end of what it was read for (a tar archive's padding).
+const MAX_TRAILING_BYTES: u64 = 1 << 20;
+
 /// The largest archive `kiln cp` takes out of a guest.
 pub const MAX_COPY_BYTES: u64 = 16 << 30;
 
@@ -114,12 +117,25 @@ impl TaskOutput {
         }
     }
 
-    /// Reads to the session's end (dropping further stdout) and checks its result.
+    /// Reads to the session's end (dropping at most [`MAX_TRAILING_BYTES`] of further
+    /// stdout) and checks its result.
     fn finish(mut self, id: &str, what: &'static str) -> Result<(), Error> {
-        io::copy(&mut self, &mut io::sink()).map_err(|source| TaskError::Copy {
+        let trailing = io::copy(
+            &mut (&mut self).take(MAX_TRAILING_BYTES + 1),
+            &mut io::sink(),
+        )
+        .map_err(|source| TaskError::Copy {
             what: what.into(),
             source,
         })?;
+        if trailing > MAX_TRAILING_BYTES {
+            return Err(TaskError::Invalid {
+                id: id.into(),
+                what,
+                reason: format!("more than {MAX_TRAILING_BYTES} bytes after its end"),
+            }
+            .into());
+        }
         let message = String::from_utf8_lossy(&self.stderr).trim().to_owned();
         match self.result {
             Some(WorkloadResult::Exited { code: 0 }) => Ok(()),
@@ -454,8 +470,11 @@ fn copy_out(root: &Path, sandbox: &str, path: &str, host: &Path) -> Result<(), E
         },
         &staging.0,
     );
-    // The guest's own failure (no such file, say) says more than the archive's end.
-    output.finish(&id, "archiving")?;
+    // The guest's own failure (no such file, say) says more than the archive's end;
+    // otherwise a failed unpack ends the session (and the guest's task) unread.
+    if unpacked.is_ok() || output.result.is_some() {
+        output.finish(&id, "archiving")?;
+    }
     let name = unpacked?;
     let final_path = final_path.unwrap_or_else(|| target_dir.join(&name));
     fs::rename(staging.0.join(&name), &final_path)
@@ -718,6 +737,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("'..'"), "{error}");
+    }
+
+    #[test]
+    fn an_archive_past_the_bound_is_an_error_not_a_short_copy() {
+        let mut bounded = Bounded {
+            inner: &[7u8; 100][..],
+            left: 60,
+        };
+        let mut read = Vec::new();
+        let error = bounded.read_to_end(&mut read).unwrap_err();
+        assert!(error.to_string().contains("passes"), "{error}");
     }
 
     #[test]
