@@ -406,6 +406,10 @@ impl CopyEndpoint {
                 })
             }
             _ if text.is_empty() => Err(bad("the path is empty").into()),
+            _ if text == "-" => Err(bad(
+                "a tar stream on stdin or stdout is not supported; give a host path",
+            )
+            .into()),
             _ => Ok(CopyEndpoint::Host(PathBuf::from(text))),
         }
     }
@@ -763,7 +767,7 @@ mod tests {
             CopyEndpoint::parse("./a:b").unwrap(),
             CopyEndpoint::Host("./a:b".into())
         );
-        for bad in ["web:etc", "web:/a/../b", ""] {
+        for bad in ["web:etc", "web:/a/../b", "", "-"] {
             assert!(CopyEndpoint::parse(bad).is_err(), "{bad}");
         }
     }
