@@ -9,11 +9,14 @@ mod completion;
 mod doctor;
 mod exit;
 mod globals;
+mod guest_setup;
+mod guest_tasks;
 mod identity;
 mod images;
 mod inspect;
 mod kube;
 mod listing;
+mod logs;
 mod port;
 mod ps;
 mod pull;
@@ -89,6 +92,12 @@ enum Command {
     Logs(sandbox::LogsArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
+    /// Show the processes of a running sandbox's guest.
+    Top(guest_tasks::TopArgs),
+    /// Show running sandboxes' CPU, memory and network use, as their VMs see it.
+    Stats(guest_tasks::StatsArgs),
+    /// Copy files and directories between a running sandbox and the host (modes and mtimes kept).
+    Cp(guest_tasks::CpArgs),
     /// A sandbox's monitor process (started by `kiln start`).
     #[command(hide = true)]
     Monitor(sandbox::MonitorArgs),
@@ -129,6 +138,9 @@ fn main() -> ExitCode {
         Command::Completion(args) => completion::run(args, Cli::command()),
         Command::Logs(args) => sandbox::logs(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Top(args) => guest_tasks::top(&globals, args),
+        Command::Stats(args) => guest_tasks::stats(&globals, args),
+        Command::Cp(args) => guest_tasks::cp(&globals, args),
         Command::Monitor(args) => sandbox::monitor(&globals, args),
     };
     match result {

@@ -20,6 +20,7 @@ use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 pub struct RunArgs {
     /// Remove the sandbox (its writable layer and state) when the workload ends.
     #[arg(long)]
@@ -127,6 +128,9 @@ pub struct SandboxArgs {
     #[arg(long = "allow-userns")]
     allow_userns: bool,
 
+    #[command(flatten)]
+    guest: crate::guest_setup::GuestArgs,
+
     /// Name of the sandbox ([A-Za-z0-9._-], up to 128 characters).
     #[arg(long)]
     name: Option<String>,
@@ -181,6 +185,11 @@ impl FieldNames for FlagNames {
             Field::Workdir => "-w",
             Field::Publish => "-p",
             Field::Volumes => "-v",
+            Field::Hostname => "--hostname",
+            Field::AddHost => "--add-host",
+            Field::Dns => "--dns",
+            Field::Tmpfs => "--tmpfs",
+            Field::Mount => "--mount",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
             Field::Labels => "--label",
@@ -256,7 +265,7 @@ impl SandboxArgs {
             "none" => NetworkMode::None,
             _ => NetworkMode::User,
         };
-        Ok(CreateFields {
+        let mut fields = CreateFields {
             image: self.reference,
             pull,
             name: self.name,
@@ -279,7 +288,10 @@ impl SandboxArgs {
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
             allow_user_namespaces: self.allow_userns,
-        })
+            ..CreateFields::default()
+        };
+        self.guest.fill(&mut fields);
+        Ok(fields)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::globals::Globals;
 use crate::run::{attach, kiln_error, terminal_size, FlagNames, SandboxArgs, VmmArgs};
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 pub struct CreateArgs {
     #[command(flatten)]
     sandbox: SandboxArgs,
@@ -60,6 +61,9 @@ pub struct LogsArgs {
     /// Keep printing new output until the sandbox stops.
     #[arg(short, long)]
     follow: bool,
+
+    #[command(flatten)]
+    selection: crate::logs::LogSelectionArgs,
 
     /// Sandbox id or name.
     id: String,
@@ -222,14 +226,12 @@ pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    kiln_sandbox::logs(
-        &globals.root,
-        &args.id,
-        args.follow,
-        &mut stdout,
-        &mut stderr,
-    )
-    .map_err(sandbox_error)?;
+    let options = args
+        .selection
+        .into_options(args.follow)
+        .map_err(CommandError::usage)?;
+    kiln_sandbox::logs(&globals.root, &args.id, &options, &mut stdout, &mut stderr)
+        .map_err(sandbox_error)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,7 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    Frame, Message, RunSpec, SessionId, Stream, WorkloadResult, MAX_SIGNAL, SESSION_WINDOW,
+    Frame, GuestTask, Message, RunSpec, SessionId, Stream, WorkloadResult, MAX_SIGNAL,
+    SESSION_WINDOW, STATS_INTERVAL_MS, STATS_SAMPLES,
 };
 
 /// First four bytes of every frame.
@@ -390,6 +391,33 @@ fn check_run_spec(spec: &RunSpec) -> Result<(), ProtocolError> {
             Kind::Run,
             "argv is empty; accepted: at least the program",
         ));
+    }
+    match &spec.task {
+        Some(GuestTask::Stats {
+            samples,
+            interval_ms,
+        }) if !STATS_SAMPLES.contains(samples) || !STATS_INTERVAL_MS.contains(interval_ms) => {
+            return Err(bad(
+                Kind::Run,
+                &format!(
+                    "stats task of {samples} samples {interval_ms} ms apart; accepted: {} to {} \
+                     samples, {} to {} ms apart",
+                    STATS_SAMPLES.start(),
+                    STATS_SAMPLES.end(),
+                    STATS_INTERVAL_MS.start(),
+                    STATS_INTERVAL_MS.end()
+                ),
+            ))
+        }
+        Some(GuestTask::ArchiveOut { path } | GuestTask::ArchiveIn { path })
+            if !path.starts_with('/') || path.contains('\0') =>
+        {
+            return Err(bad(
+                Kind::Run,
+                &format!("task path {path:?}; accepted: an absolute path without NUL"),
+            ))
+        }
+        _ => {}
     }
     if let Some(entry) = spec.env.iter().find(|e| !e.contains('=')) {
         return Err(bad(

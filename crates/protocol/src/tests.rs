@@ -18,6 +18,7 @@ fn spec() -> RunSpec {
         },
         tty: true,
         terminal: Some(TerminalSize { rows: 24, cols: 80 }),
+        task: None,
     }
 }
 
@@ -489,6 +490,7 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 },
                 tty,
                 terminal: terminal.map(|(rows, cols)| TerminalSize { rows, cols }),
+                task: None,
             },
         )
 }

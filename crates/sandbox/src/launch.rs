@@ -833,6 +833,7 @@ mod tests {
             },
             tty: false,
             terminal: None,
+            task: None,
         }
     }
 

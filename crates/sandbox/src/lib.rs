@@ -41,13 +41,14 @@ mod run;
 mod sessions;
 mod spec;
 mod state;
+mod tasks;
 
 pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
     create, disk_usage, exec, get, list, logs, prune_images, remove, rename, start, stop, wait,
-    DiskUsage, ProvisionEvent, PruneReport, SandboxInfo, Usage,
+    DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
@@ -60,3 +61,4 @@ pub use request::{
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;
 pub use state::{NetworkRecord, Status};
+pub use tasks::{copy, stats, top, CopyEndpoint, SandboxStats, MAX_COPY_BYTES};

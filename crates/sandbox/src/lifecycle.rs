@@ -23,6 +23,7 @@ use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper
 use crate::client::{ExecSession, MonitorError};
 use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
+use crate::logs::lines::{parse_since, LineCounter, LineReader, LineSelection};
 use crate::logs::LogReader;
 use crate::prepare::{
     build_images, image_cache, pinned_images, sandbox_images, BuildStep, PrepareError,
@@ -534,38 +535,73 @@ pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecS
     crate::client::exec(&sandbox, &record, request)
 }
 
+/// What `kiln logs` shows of the workload's output (docker's `logs` flags).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Keep copying new output until the sandbox is no longer running.
+    pub follow: bool,
+    /// Only the last this many lines of each stream (`None`: all).
+    pub tail: Option<u64>,
+    /// Only lines that arrived at or after this time: RFC 3339, Unix seconds, or a
+    /// duration ago (`10m`).
+    pub since: Option<String>,
+    /// Start each line with the time it arrived (RFC 3339, UTC, nanoseconds).
+    pub timestamps: bool,
+}
+
 /// Copies the main workload's output so far (`stdout.log`, `stderr.log`, each after
-/// its rotated older part) to `stdout` and `stderr`; with `follow`, keeps copying until
-/// the sandbox is no longer running.
-pub fn logs(
+/// its rotated older part) to `stdout` and `stderr`, the lines `options` select; with
+/// `follow`, keeps copying until the sandbox is no longer running. `--tail` counts the
+/// lines of each stream apart.
+pub fn logs<'a>(
     root: &Path,
     id_or_name: &str,
-    follow: bool,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
+    options: &LogOptions,
+    stdout: &'a mut (dyn Write + 'a),
+    stderr: &'a mut (dyn Write + 'a),
 ) -> Result<(), Error> {
+    let since = options
+        .since
+        .as_deref()
+        .map(|text| parse_since(text, jiff::Timestamp::now()))
+        .transpose()
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    let mut streams: [(&str, LogReader, &mut dyn Write); 2] = [
-        (
-            STDOUT_LOG,
-            LogReader::new(&sandbox.file(STDOUT_LOG)),
-            stdout,
-        ),
-        (
-            STDERR_LOG,
-            LogReader::new(&sandbox.file(STDERR_LOG)),
-            stderr,
-        ),
-    ];
+    let io_error = |name: &str| {
+        let path = sandbox.file(name);
+        move |source| StateError::Io { path, source }
+    };
+    let mut streams = Vec::new();
+    for (name, out) in [(STDOUT_LOG, stdout), (STDERR_LOG, stderr)] {
+        let path = sandbox.file(name);
+        // The lines to leave out for --tail: all but the last N of what is there now.
+        let skip = match options.tail {
+            None => 0,
+            Some(tail) => {
+                let mut counter = LineCounter::default();
+                LogReader::new(&path)
+                    .copy_new(&mut counter)
+                    .map_err(io_error(name))?;
+                counter.lines().saturating_sub(tail)
+            }
+        };
+        let selection = LineSelection {
+            timestamps: options.timestamps,
+            since,
+            skip,
+        };
+        streams.push((name, LogReader::new(&path), LineReader::new(out, selection)));
+    }
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
-        let more = follow && sandbox.monitor_alive();
+        let more = options.follow && sandbox.monitor_alive();
         for (name, log, out) in streams.iter_mut() {
-            log.copy_new(*out).map_err(|source| StateError::Io {
-                path: sandbox.file(name),
-                source,
-            })?;
-            let _ = out.flush();
+            log.copy_new(out).map_err(io_error(name))?;
+            if more {
+                let _ = out.flush();
+            } else {
+                out.finish().map_err(io_error(name))?;
+            }
         }
         if !more {
             return Ok(());

@@ -1,5 +1,6 @@
 //! Parsing and validating the inputs of a run request.
 
+mod guest_setup;
 mod host_dir;
 
 use std::os::fd::OwnedFd;
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use guest_setup::{
+    check_tmpfs_mounts, parse_add_hosts, parse_dns, parse_hostname, parse_mount, parse_tmpfs, Mount,
+};
 use host_dir::Symlinks;
 pub use host_dir::{DirIdentity, HostDirError};
 
@@ -39,6 +43,12 @@ pub enum OptionError {
 
     #[error("invalid volume {value:?}: {reason}; expected HOSTDIR:GUESTDIR[:ro] with HOSTDIR an existing directory that only root and kiln's user can replace (docs/volumes.md) and GUESTDIR an absolute path")]
     Volume { value: String, reason: String },
+
+    #[error("invalid tmpfs {value:?}: {reason}; expected PATH[:size=SIZE,mode=OCTAL] with PATH absolute")]
+    Tmpfs { value: String, reason: String },
+
+    #[error("invalid mount {value:?}: {reason}; expected type=bind,source=HOSTDIR,target=PATH[,readonly] or type=tmpfs,target=PATH[,tmpfs-size=SIZE,tmpfs-mode=OCTAL]")]
+    Mount { value: String, reason: String },
 }
 
 /// A host directory shared into the sandbox (`-v HOSTDIR:GUESTDIR[:ro]`).

@@ -15,10 +15,12 @@ use kiln_vm::Network;
 
 use crate::error::{Error, ErrorKind};
 use crate::options::{
-    parse_env_assignment, parse_env_file, parse_label, parse_memory_mib, parse_millicpus,
-    parse_port_forward, parse_timeout, parse_volumes, validate_name, Volume,
+    check_tmpfs_mounts, parse_add_hosts, parse_dns, parse_env_assignment, parse_env_file,
+    parse_hostname, parse_label, parse_memory_mib, parse_millicpus, parse_mount,
+    parse_port_forward, parse_timeout, parse_tmpfs, parse_volumes, validate_name, Mount, Volume,
 };
 use crate::spec::Overrides;
+use crate::state::GuestSetup;
 pub use crate::state::DEFAULT_LOG_MAX_SIZE;
 
 /// Virtual CPUs a sandbox may have, and what it gets when the request says nothing.
@@ -53,6 +55,11 @@ pub enum Field {
     Workdir,
     Publish,
     Volumes,
+    Hostname,
+    AddHost,
+    Dns,
+    Tmpfs,
+    Mount,
     Timeout,
     LogMaxSize,
     Labels,
@@ -122,6 +129,18 @@ pub struct CreateFields {
     pub labels: Vec<String>,
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
     pub volumes: Vec<String>,
+    /// The guest's hostname; the default is the sandbox id's first 12 characters.
+    pub hostname: Option<String>,
+    /// `NAME:IP` lines for the guest's /etc/hosts.
+    pub add_hosts: Vec<String>,
+    /// Nameservers for the guest's /etc/resolv.conf (instead of the network's).
+    pub dns: Vec<String>,
+    /// Make the root filesystem read-only (volumes and tmpfs mounts stay writable).
+    pub read_only: bool,
+    /// `PATH[:size=SIZE,mode=OCTAL]` tmpfs mounts.
+    pub tmpfs: Vec<String>,
+    /// docker's `--mount` specs: `type=bind` (a volume) or `type=tmpfs`.
+    pub mounts: Vec<String>,
     pub accel: AccelRequest,
     /// A size as [`parse_size`] reads it, in [`LOG_MAX_SIZE`]; the default is
     /// [`DEFAULT_LOG_MAX_SIZE`].
@@ -153,6 +172,8 @@ pub struct CreateRequest {
     pub(crate) name: Option<String>,
     /// Host directories shared into the sandbox, at every start.
     pub(crate) volumes: Vec<Volume>,
+    /// Names and mounts the guest sets up at boot.
+    pub(crate) guest: GuestSetup,
     pub(crate) accel: AccelRequest,
     /// Bytes each output log reaches before it is rotated.
     pub(crate) log_max_size: u64,
@@ -438,7 +459,42 @@ impl CreateFields {
                 )));
             }
         };
-        let volumes = parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        let mut volumes =
+            parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        let mut tmpfs = self
+            .tmpfs
+            .iter()
+            .map(|t| parse_tmpfs(t).map_err(|e| check.wrap(Field::Tmpfs, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for text in &self.mounts {
+            match parse_mount(text).map_err(|e| check.wrap(Field::Mount, e))? {
+                Mount::Bind(volume) => {
+                    if volumes.iter().any(|v| v.guest == volume.guest) {
+                        return Err(check.invalid(
+                            Field::Mount,
+                            text,
+                            format!("a target no other volume has ({})", volume.guest),
+                        ));
+                    }
+                    volumes.push(volume);
+                }
+                Mount::Tmpfs(mount) => tmpfs.push(mount),
+            }
+        }
+        check_tmpfs_mounts(&tmpfs, &volumes).map_err(|e| check.wrap(Field::Tmpfs, e))?;
+        let guest = GuestSetup {
+            hostname: self
+                .hostname
+                .as_deref()
+                .map(parse_hostname)
+                .transpose()
+                .map_err(|e| check.wrap(Field::Hostname, e))?,
+            extra_hosts: parse_add_hosts(&self.add_hosts)
+                .map_err(|e| check.wrap(Field::AddHost, e))?,
+            dns: parse_dns(&self.dns).map_err(|e| check.wrap(Field::Dns, e))?,
+            read_only: self.read_only,
+            tmpfs,
+        };
         let log_max_size = match self.log_max_size.as_deref() {
             None => DEFAULT_LOG_MAX_SIZE,
             Some(text) => {
@@ -473,6 +529,7 @@ impl CreateFields {
             labels,
             name: self.name,
             volumes,
+            guest,
             accel: self.accel,
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
@@ -553,6 +610,11 @@ mod tests {
                 Field::Workdir => "workdir",
                 Field::Publish => "publish",
                 Field::Volumes => "volumes",
+                Field::Hostname => "hostname",
+                Field::AddHost => "add_host",
+                Field::Dns => "dns",
+                Field::Tmpfs => "tmpfs",
+                Field::Mount => "mount",
                 Field::Timeout => "timeout",
                 Field::LogMaxSize => "log_max_size",
                 Field::Labels => "labels",

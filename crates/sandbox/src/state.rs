@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_hostfs::{create_new, open_own, private_dir};
 use kiln_image::ImageRecord;
-use kiln_protocol::{RunSpec, WorkloadResult};
+use kiln_protocol::{HostEntry, RunSpec, TmpfsMount, WorkloadResult};
 use kiln_vm::accel::AccelRequest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -80,7 +80,26 @@ pub struct SandboxRecord {
     /// it may not).
     #[serde(default)]
     pub allow_user_namespaces: bool,
+    /// Names and mounts the guest sets up at boot (absent in records of older kilns: the
+    /// defaults).
+    #[serde(default)]
+    pub guest: GuestSetup,
 }
+
+/// What the guest's init sets up from the boot configuration besides disks and network:
+/// docker's `--hostname`, `--add-host`, `--dns`, `--read-only` and `--tmpfs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSetup {
+    /// `None`: the sandbox id's first [`SHORT_ID_LEN`] characters, as docker does.
+    pub hostname: Option<String>,
+    pub extra_hosts: Vec<HostEntry>,
+    pub dns: Vec<std::net::IpAddr>,
+    pub read_only: bool,
+    pub tmpfs: Vec<TmpfsMount>,
+}
+
+/// How many characters of an id docker shows, and kiln's default hostname has.
+pub const SHORT_ID_LEN: usize = 12;
 
 /// What `stdout.log` and `stderr.log` each hold at most when the request does not say:
 /// 10 MiB, with one rotated file each, so 40 MiB per sandbox at most. That keeps a long
@@ -850,6 +869,7 @@ mod tests {
                 },
                 tty: false,
                 terminal: None,
+                task: None,
             },
             cpus: 1,
             millicpus: None,
@@ -860,6 +880,7 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: 4096,
             allow_user_namespaces: false,
+            guest: GuestSetup::default(),
         };
         let mut json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["log_max_size"], 4096);
@@ -976,6 +997,7 @@ mod tests {
                 },
                 tty: false,
                 terminal: None,
+                task: None,
             },
             cpus: 1,
             millicpus: None,
@@ -986,6 +1008,7 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: DEFAULT_LOG_MAX_SIZE,
             allow_user_namespaces: false,
+            guest: GuestSetup::default(),
         }
     }
 

@@ -47,6 +47,11 @@ impl FieldNames for ProtoNames {
             Field::Timeout => "timeout",
             Field::LogMaxSize => "log_max_size",
             Field::Labels => "labels",
+            Field::Hostname => "hostname",
+            Field::AddHost => "add_host",
+            Field::Dns => "dns",
+            Field::Tmpfs => "tmpfs",
+            Field::Mount => "mount",
         }
     }
 
@@ -166,6 +171,8 @@ fn create_fields(
         labels: Vec::new(),
         rootfs_cache_max: machine.rootfs_cache_max,
         allow_user_namespaces: request.allow_user_namespaces,
+        // Not in the proto: docker's guest names and mounts keep their defaults.
+        ..CreateFields::default()
     })
 }
 

@@ -12,11 +12,12 @@
 //!    nosuid, so the image's device nodes and set-id bits are inert), moves /dev, /proc,
 //!    /sys into it and switches root (move mount + chroot: the initramfs cannot be
 //!    pivoted);
-//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes, sets the hostname,
-//!    brings up lo and, when asked, eth0 with a static address (ioctls), default route and
-//!    resolv.conf;
+//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes and tmpfs mounts,
+//!    sets the hostname, writes /etc/hostname, /etc/hosts and /etc/resolv.conf, brings up
+//!    lo and, when asked, eth0 with a static address (ioctls) and default route;
 //! 4. waits for the host's hello and the run spec (session 1), gives the read-write
-//!    volumes' roots to the spec's uid:gid, starts the workload through kiln-supervisor
+//!    volumes' roots to the spec's uid:gid, makes the root read-only when `kiln.ro=on`
+//!    (after the supervisor's preparation), starts the workload through kiln-supervisor
 //!    (full mode: user check, /sandbox ownership, verified privilege drop) in the cgroup
 //!    `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM kill is told apart),
 //!    pumps stdin/stdout/stderr (or the terminal) over the channel, forwards signals
@@ -61,10 +62,12 @@
 //! each session's data within the window the host's credit leaves it.
 
 mod channel;
+mod etc;
 mod net;
 mod rootfs;
 mod session;
 mod sys;
+mod task;
 mod volume;
 mod workload;
 
@@ -128,10 +131,17 @@ fn boot(config: &BootConfig) -> Result<(), BootError> {
     rootfs::switch_root(&new_root)?;
     rootfs::mount_runtime_filesystems()?;
     volume::mount_all(&config.volumes)?;
+    volume::mount_tmpfs(&config.tmpfs)?;
     sys::sethostname(&config.hostname).map_err(|e| {
         failed(
             BootStep::Hostname,
             format!("setting the hostname to {:?}: {e}", config.hostname),
+        )
+    })?;
+    etc::write_name_files(Path::new("/"), config).map_err(|e| {
+        failed(
+            BootStep::Hostname,
+            format!("writing /etc/hostname, /etc/hosts and /etc/resolv.conf: {e}"),
         )
     })?;
     bring_up_network(config)
@@ -142,10 +152,6 @@ fn bring_up_network(config: &BootConfig) -> Result<(), BootError> {
     net::loopback_up().map_err(fail)?;
     if let Some(net_config) = &config.net {
         net::configure("eth0", net_config).map_err(fail)?;
-        if let Some(dns) = net_config.dns {
-            net::write_resolv_conf(Path::new("/"), dns)
-                .map_err(|e| failed(BootStep::Network, format!("writing /etc/resolv.conf: {e}")))?;
-        }
     }
     Ok(())
 }
@@ -188,7 +194,7 @@ fn boot_and_run(
         return Ok(None);
     };
     volume::give_to_user(&config.volumes, spec.identity.uid, spec.identity.gid)?;
-    workload::run(&spec, channel, boottime_ns).map(Some)
+    workload::run(&spec, channel, boottime_ns, config.read_only).map(Some)
 }
 
 /// Tells the host and the console that boot failed.
@@ -214,6 +220,10 @@ fn shutdown(channel: Option<&Channel>) -> ! {
 
 fn main() {
     let init_started = boottime_ns();
+    // An exec session's task (kiln top, stats, cp): the binary is init's, the job is not.
+    if let Some(task) = task::from_args() {
+        std::process::exit(task::run(task));
+    }
     if std::process::id() != 1 {
         eprintln!("kiln-init is the guest's PID 1 and runs only there (it mounts, switches root and powers off)");
         std::process::exit(2);

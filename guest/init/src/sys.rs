@@ -58,6 +58,15 @@ pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
     mount(Some(from), to, None, libc::MS_MOVE, None)
 }
 
+/// Makes the mount at `target` read-only for everything above it (a bind remount changes
+/// the mount's flags, not its filesystem's, so mounts below stay as they are). Its nodev
+/// and nosuid are given again: a remount replaces every per-mount flag.
+pub fn remount_read_only(target: &Path) -> io::Result<()> {
+    let flags =
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    mount(None, target, None, flags, None)
+}
+
 /// chroot(2) into `dir` and chdir to its root.
 pub fn chroot(dir: &Path) -> io::Result<()> {
     let dir = cstring(dir)?;
