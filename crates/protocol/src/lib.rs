@@ -45,8 +45,8 @@ pub use frame::{
 pub use message::{
     negotiate, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message, OutputCredit,
     PhaseTime, RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, StartFailure, Stream,
-    TerminalSize, WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MAX_SIGNAL,
-    MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN, SESSION_WINDOW,
+    TerminalSize, WallClock, WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION,
+    MAX_SIGNAL, MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN, SESSION_WINDOW,
 };
 
 #[cfg(test)]
