@@ -393,11 +393,12 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
     }
 }
 
-/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1".
+/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1" or
+/// "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69".
 fn kvm_failure_line(console_log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(console_log).ok()?;
     text.lines()
-        .find(|l| l.contains("KVM"))
+        .find(|l| l.contains("KVM") || l.contains(": error: "))
         .map(|l| l.trim().to_owned())
 }
 
