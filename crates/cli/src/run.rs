@@ -353,6 +353,8 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         ("supervisor", t.vm.supervisor),
         ("workload", t.vm.workload),
         ("shutdown", t.vm.shutdown),
+        // Not a phase: the sum a user waits, from `kiln run` to the workload's start.
+        ("to workload", t.to_workload),
     ];
     if globals.json {
         let map: serde_json::Map<String, serde_json::Value> = phases

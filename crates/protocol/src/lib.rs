@@ -46,7 +46,7 @@ pub use frame::{
 pub use message::{
     negotiate, BootError, BootPhase, BootStep, Frame, GuestStats, GuestTask, Hello, Identity,
     Message, OutputCredit, PhaseTime, ProcessInfo, RunAs, RunSpec, SessionId, ShutdownRequest,
-    SignalRequest, StartFailure, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
+    SignalRequest, StartFailure, Stream, TerminalSize, WallClock, WorkloadResult, CONTROL_SESSION,
     DEFAULT_PATH, MAIN_SESSION, MAX_COMMAND_LEN, MAX_SIGNAL, MESSAGE_VERSION_MAX,
     MESSAGE_VERSION_MIN, SESSION_WINDOW, STATS_INTERVAL_MS, STATS_SAMPLES,
 };

@@ -79,6 +79,10 @@ pub enum Message {
     /// Host to guest: the host delivered this much of the session's output, which the
     /// guest may now send again (see [`SESSION_WINDOW`]).
     Credit(OutputCredit),
+    /// Host to guest, control session, right after the host's hello: the host's wall
+    /// clock, which the guest sets as its own before it boots further (the RTC it read at
+    /// boot has whole seconds only).
+    Clock(WallClock),
 }
 
 /// One of the three standard streams of a workload.
@@ -266,6 +270,25 @@ pub struct ShutdownRequest {
     pub grace_ms: u64,
 }
 
+/// A wall-clock time: nanoseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WallClock {
+    pub unix_ns: u64,
+}
+
+impl WallClock {
+    /// This machine's wall clock now; 0 for a clock set before 1970.
+    pub fn now() -> Self {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            unix_ns: u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// Window credit the host returns to a session's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,6 +360,8 @@ pub enum BootStep {
     KernelFilesystems,
     /// Reading the `kiln.*` kernel command line.
     CommandLine,
+    /// Receiving the host's hello and wall clock ([`Message::Clock`]) and setting it.
+    Clock,
     /// Turning off user namespaces for the workload (`user.max_user_namespaces`), unless
     /// the command line allows them.
     UserNamespaces,

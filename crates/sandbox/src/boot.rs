@@ -334,8 +334,9 @@ pub fn boot(
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
-/// KVM gets there in well under a second, even on a loaded host; a broken one fails at
-/// once or spins silently (as nested PVM hosts do), so the probe's cost is this deadline.
+/// KVM gets there in well under a second, even on a loaded host. A broken one is known
+/// from QEMU's own failure (it exits, or kiln-vm quits it when its VM stops on a KVM
+/// internal error), so this deadline only bounds a guest that spins silently.
 const PROBE_DEADLINE: Duration = Duration::from_secs(6);
 
 /// Boots the guest once under KVM with no disks: reaching init (which then reports that
@@ -405,11 +406,12 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
     }
 }
 
-/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1".
+/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1" or
+/// "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69".
 fn kvm_failure_line(console_log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(console_log).ok()?;
     text.lines()
-        .find(|l| l.contains("KVM"))
+        .find(|l| l.contains("KVM") || l.contains(": error: "))
         .map(|l| l.trim().to_owned())
 }
 

@@ -4,7 +4,9 @@
 //! with `/dev/console`) that turns the booted kernel into a sandbox and back off:
 //!
 //! 1. mounts proc, sysfs and devtmpfs in the initramfs, reads the `kiln.*` kernel
-//!    arguments, opens the host channel and sends a hello and `init_started`;
+//!    arguments, opens the host channel and sends a hello and `init_started`, then waits
+//!    for the host's hello and wall clock and sets the clock (the RTC the kernel read at
+//!    boot has whole seconds only);
 //! 2. turns off user namespaces (`user.max_user_namespaces=0`) unless `kiln.userns=on`,
 //!    mounts the root image and the identity layer (EROFS, read-only) and the writable
 //!    upper (tmpfs, or an ext4 disk for a persistent sandbox), stacks them into an overlay
@@ -15,7 +17,7 @@
 //! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes and tmpfs mounts,
 //!    sets the hostname, writes /etc/hostname, /etc/hosts and /etc/resolv.conf, brings up
 //!    lo and, when asked, eth0 with a static address (ioctls) and default route;
-//! 4. waits for the host's hello and the run spec (session 1), gives the read-write
+//! 4. waits for the run spec (session 1), gives the read-write
 //!    volumes' roots to the spec's uid:gid, makes the root read-only when `kiln.ro=on`
 //!    (after the supervisor's preparation), starts the workload through kiln-supervisor
 //!    (full mode: user check, /sandbox ownership, verified privilege drop) in the cgroup
@@ -156,30 +158,69 @@ fn bring_up_network(config: &BootConfig) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Waits for the host's hello (checking that both speak a common version) and then the
-/// run spec of the main session; `None` when the host asks to shut down instead.
-fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
-    let fail = |message: String| failed(BootStep::RunSpec, message);
+/// The host's next frame, waiting at most [`RUN_SPEC_WAIT`]; a failure is `step`'s.
+fn next_frame(channel: &Channel, step: BootStep) -> Result<Frame, BootError> {
+    channel
+        .receive(Some(RUN_SPEC_WAIT))
+        .map_err(|e| failed(step, format!("reading from the host: {e}")))?
+        .ok_or_else(|| failed(step, "the host closed the channel during boot"))
+}
+
+/// Waits for the host's hello (checking that both speak a common version) and its wall
+/// clock, which becomes the guest's: the host answers init's hello at once, so the time
+/// is milliseconds old when it is set. `false` when the host asks to shut down instead.
+fn greet_host(channel: &Channel) -> Result<bool, BootError> {
+    let step = BootStep::Clock;
     let mut greeted = false;
     loop {
-        let frame = channel
-            .receive(Some(RUN_SPEC_WAIT))
-            .map_err(|e| fail(format!("reading from the host: {e}")))?
-            .ok_or_else(|| fail("the host closed the channel before sending a run spec".into()))?;
+        let frame = next_frame(channel, step)?;
         match (frame.session, frame.message) {
             (CONTROL_SESSION, Message::Hello(theirs)) if !greeted => {
-                negotiate(&Hello::ours(software()), &theirs).map_err(|e| fail(e.to_string()))?;
+                negotiate(&Hello::ours(software()), &theirs)
+                    .map_err(|e| failed(step, e.to_string()))?;
                 greeted = true;
             }
-            (CONTROL_SESSION, Message::Shutdown(_)) => return Ok(None),
-            (MAIN_SESSION, Message::Run(spec)) if greeted => return Ok(Some(spec)),
+            (CONTROL_SESSION, Message::Clock(clock)) if greeted => {
+                sys::set_wall_clock(clock.unix_ns).map_err(|e| {
+                    failed(
+                        step,
+                        format!("setting the clock to {} ns: {e}", clock.unix_ns),
+                    )
+                })?;
+                return Ok(true);
+            }
+            (CONTROL_SESSION, Message::Shutdown(_)) => return Ok(false),
             (session, message) => {
-                return Err(fail(format!(
-                    "expected the host's hello and then a run spec on session {MAIN_SESSION}, \
-                     got {message:?} on session {session}"
-                )))
+                return Err(failed(
+                    step,
+                    format!(
+                        "expected the host's hello and then its clock on session \
+                         {CONTROL_SESSION}, got {message:?} on session {session}"
+                    ),
+                ))
             }
         }
+    }
+}
+
+/// Waits for the run spec of the main session; `None` when the host asks to shut down
+/// instead.
+fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
+    match next_frame(channel, BootStep::RunSpec)? {
+        Frame {
+            session: CONTROL_SESSION,
+            message: Message::Shutdown(_),
+        } => Ok(None),
+        Frame {
+            session: MAIN_SESSION,
+            message: Message::Run(spec),
+        } => Ok(Some(spec)),
+        Frame { session, message } => Err(failed(
+            BootStep::RunSpec,
+            format!(
+                "expected a run spec on session {MAIN_SESSION}, got {message:?} on session {session}"
+            ),
+        )),
     }
 }
 
@@ -189,6 +230,9 @@ fn boot_and_run(
     config: &BootConfig,
     channel: &'static Channel,
 ) -> Result<Option<WorkloadResult>, BootError> {
+    if !greet_host(channel)? {
+        return Ok(None);
+    }
     boot(config)?;
     let Some(spec) = receive_run_spec(channel)? else {
         return Ok(None);
