@@ -299,11 +299,15 @@ pub fn attach(
     Ok((io, control_rx, raw))
 }
 
-/// SIGINT and SIGTERM go to the workload (kiln stops the VM if it does not end within
-/// the grace period); SIGWINCH becomes a terminal resize.
+/// The signals a user sends a workload through kiln, as `docker run` proxies them:
+/// SIGINT and SIGTERM (kiln stops the VM if it does not end within the grace period),
+/// SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2; SIGWINCH becomes a terminal resize. The VMM sits
+/// in a process group of its own, so a terminal's ^C reaches kiln alone.
 fn forward_signals(control: mpsc::Sender<Control>, tty: bool) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGWINCH])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+    let mut signals = signal_hook::iterator::Signals::new([
+        SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH,
+    ])?;
     std::thread::spawn(move || {
         for signal in signals.forever() {
             let request = match signal {

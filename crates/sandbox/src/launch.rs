@@ -547,10 +547,16 @@ impl Driver<'_> {
                 grace: self.deadlines.stop_grace,
             });
         }
+        // The workload's deadline is the user's --timeout: the guest's boot-time console
+        // says nothing about it. A boot or shutdown that hangs is another matter.
+        let console_tail = match self.phase {
+            Phase::Workload => String::new(),
+            _ => console_tail(&self.spec.console_log),
+        };
         Err(LaunchError::Deadline {
             phase: self.phase,
             after: self.phase_started.elapsed(),
-            console_tail: console_tail(&self.spec.console_log),
+            console_tail,
         })
     }
 
@@ -705,6 +711,11 @@ impl Driver<'_> {
                 self.workload_ended_at.get_or_insert_with(Instant::now);
                 self.result = Some(result);
                 self.enter(Phase::Shutdown, Some(self.deadlines.shutdown));
+                // The guest powers off only once the result is here: its write queued the
+                // frame in the virtqueue, and what QEMU has not yet moved to this socket
+                // when power-off ends it is lost. A VM already gone needs no reply.
+                let ack = ShutdownRequest { grace_ms: 0 };
+                let _ = self.send(Frame::new(CONTROL_SESSION, Message::Shutdown(ack)));
             }
             other => tracing::debug!(
                 session = frame.session,
@@ -997,6 +1008,37 @@ exec sleep 600
         .unwrap();
         assert_eq!(outcome.result, WorkloadResult::Exited { code: 3 });
         assert_eq!(stdout.0.lock().unwrap().as_slice(), b"hello world");
+    }
+
+    #[test]
+    fn the_guest_hears_its_result_arrived_before_it_powers_off() {
+        let (acked_tx, acked_rx) = mpsc::channel();
+        let outcome = against_scripted_guest(Box::new(std::io::sink()), move |guest| {
+            let stream = Stream::Stdout;
+            send(guest, MAIN_SESSION, Message::Eof { stream });
+            send(
+                guest,
+                MAIN_SESSION,
+                Message::Result(WorkloadResult::Exited { code: 0 }),
+            );
+            // What kiln-init waits for before it powers off; the main session's stdin end
+            // and credit may come first.
+            let ack = loop {
+                let frame = read_frame(guest).unwrap().expect("the host replies");
+                if frame.session == CONTROL_SESSION {
+                    break frame;
+                }
+            };
+            acked_tx.send(ack).unwrap();
+        })
+        .unwrap();
+        assert_eq!(outcome.result, WorkloadResult::Exited { code: 0 });
+        let ack = acked_rx.recv().unwrap();
+        assert_eq!(ack.session, CONTROL_SESSION);
+        assert_eq!(
+            ack.message,
+            Message::Shutdown(ShutdownRequest { grace_ms: 0 })
+        );
     }
 
     #[test]
