@@ -11,11 +11,14 @@ mod globals;
 mod identity;
 mod images;
 mod inspect;
+mod kill;
 mod kube;
 mod pull;
+mod restart;
 mod run;
 mod sandbox;
 mod serve;
+mod wait;
 
 use std::process::ExitCode;
 
@@ -75,6 +78,12 @@ enum Command {
     Logs(sandbox::LogsArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
+    /// Block until sandboxes stop, then print their exit codes.
+    Wait(wait::WaitArgs),
+    /// Send a signal to the main workload of running sandboxes (default SIGKILL).
+    Kill(kill::KillArgs),
+    /// Stop sandboxes (if running) and start them again, keeping their writable disk.
+    Restart(restart::RestartArgs),
     /// A sandbox's monitor process (started by `kiln start`).
     #[command(hide = true)]
     Monitor(sandbox::MonitorArgs),
@@ -111,6 +120,9 @@ fn main() -> ExitCode {
         Command::Ps(args) => sandbox::ps(&globals, args),
         Command::Logs(args) => sandbox::logs(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Wait(args) => wait::run(&globals, args),
+        Command::Kill(args) => kill::run(&globals, args),
+        Command::Restart(args) => restart::run(&globals, args),
         Command::Monitor(args) => sandbox::monitor(&globals, args),
     };
     match result {

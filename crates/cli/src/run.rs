@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -206,9 +205,10 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     .map_err(kiln_error)?;
 
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
-    let quiet = globals.quiet;
+    let (quiet, progress) = (globals.quiet, globals.show_progress());
+    // Warnings always (unless -q); notes such as the accelerator's fallback as progress.
     let notice = move |line: &str| {
-        if !quiet {
+        if !quiet && (progress || line.starts_with("warning:")) {
             eprintln!("kiln: {line}");
         }
     };
@@ -218,8 +218,7 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.timings {
         print_timings(globals, &report);
     }
-    let code = report.result.exit_code().clamp(0, 255) as u8;
-    Ok(ExitCode::from(code))
+    Ok(crate::exit::workload_exit(&report.result))
 }
 
 impl SandboxArgs {
@@ -229,7 +228,7 @@ impl SandboxArgs {
             .source
             .options(PullPolicy::parse(&self.pull)?)
             .map_err(|e| e.error)?;
-        pull.progress = progress_renderer(globals).filter(|_| !globals.json);
+        pull.progress = progress_renderer(globals).filter(|_| globals.show_progress());
         let env_files = self
             .env_files
             .iter()

@@ -107,9 +107,10 @@ pub struct MonitorArgs {
 }
 
 /// Progress lines on stderr (layer progress has its own renderer).
-fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
+pub fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
+    let shown = globals.show_progress();
     move |event| {
-        if globals.quiet || globals.json {
+        if !shown {
             return;
         }
         let line = match event {
@@ -124,6 +125,16 @@ fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
         };
         eprintln!("kiln: {line}");
     }
+}
+
+/// A started sandbox: its id (or JSON), or why its workload could not start, on stderr
+/// with the exit code for it (127, 126), as `docker start` and `docker run -d` fail.
+fn print_started(globals: &Globals, info: &SandboxInfo) -> CommandResult {
+    if let Some((message, code)) = info.start_failure() {
+        eprintln!("kiln: {message}");
+        return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+    }
+    print_info(globals, info)
 }
 
 fn print_info(globals: &Globals, info: &SandboxInfo) -> CommandResult {
@@ -147,7 +158,7 @@ pub fn create(globals: &Globals, args: CreateArgs) -> CommandResult {
     print_info(globals, &info)
 }
 
-fn monitor_exe() -> Result<PathBuf, CommandError> {
+pub fn monitor_exe() -> Result<PathBuf, CommandError> {
     std::env::current_exe()
         .map_err(|e| CommandError::failure(anyhow::anyhow!("finding the kiln executable: {e}")))
 }
@@ -161,7 +172,7 @@ pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
         &progress(globals),
     )
     .map_err(sandbox_error)?;
-    print_info(globals, &info)
+    print_started(globals, &info)
 }
 
 /// `kiln run -d`: create, start, print the id. Kiln's own failures exit 125, as `run`.
@@ -181,7 +192,7 @@ pub fn run_detached(globals: &Globals, args: SandboxArgs, vmm: &VmmArgs) -> Comm
         &events,
     )
     .map_err(kiln_error)?;
-    print_info(globals, &info)
+    print_started(globals, &info)
 }
 
 pub fn stop(globals: &Globals, args: StopArgs) -> CommandResult {
@@ -261,7 +272,7 @@ pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
     let session = kiln_sandbox::exec(&globals.root, &args.id, request).map_err(kiln_error)?;
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let result = session.run(io, control_rx).map_err(kiln_error)?;
-    Ok(ExitCode::from(result.exit_code().clamp(0, 255) as u8))
+    Ok(crate::exit::workload_exit(&result))
 }
 
 /// `kiln monitor ID` (hidden): run by `start`; returns once the detached monitor runs.

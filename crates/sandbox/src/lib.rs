@@ -46,11 +46,12 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, exec, get, list, logs, prune_images, remove, start, stop, wait, ProvisionEvent,
-    PruneReport, SandboxInfo,
+    create, exec, get, kill, list, logs, prune_images, remove, restart, start, stop, wait,
+    ProvisionEvent, PruneReport, SandboxInfo,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
+pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,

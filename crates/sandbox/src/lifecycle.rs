@@ -57,6 +57,20 @@ pub struct SandboxInfo {
     pub state_dir: PathBuf,
 }
 
+impl SandboxInfo {
+    /// Why the main workload could not start, and the exit code that stands for it
+    /// (127 not found, 126 not executable), when that is how it ended.
+    pub fn start_failure(&self) -> Option<(&str, i32)> {
+        match &self.status {
+            Status::Exited {
+                result: WorkloadResult::StartFailed { message, .. },
+                exit_code,
+            } => Some((message, *exit_code)),
+            _ => None,
+        }
+    }
+}
+
 /// A step of provisioning a sandbox, reported as it happens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -220,7 +234,7 @@ fn build_events(events: &dyn Fn(ProvisionEvent)) -> impl Fn(BuildStep) + '_ {
 
 /// Boots sandbox `id_or_name` under a new monitor process (`monitor_exe monitor`, the
 /// kiln binary) with the QEMU binary `qemu`, and returns once its workload runs, or with
-/// the boot's error.
+/// the boot's error. A sandbox that is running already is returned as it is.
 pub fn start(
     root: &Path,
     id_or_name: &str,
@@ -235,14 +249,22 @@ pub fn start(
     let sandbox = SandboxDir::open(&root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     if sandbox.monitor_alive() {
-        return Err(StateError::Running(sandbox.id().to_owned()).into());
+        // Already what the caller asked for, as `docker start` treats it.
+        return get_dir(&sandbox);
     }
     GuestImages::locate(&root)
         .check()
         .map_err(BootError::from)?;
     // A volume's host directory may be gone or replaced since create: say so before booting.
     volume_shares(&record.volumes)?;
-    pinned_images(&root, &record, &build_events(events))?;
+    // The identity layer step is reported whether it is built or found; create already
+    // said so, and a start only says when it rebuilds the root image.
+    let rebuilds = |step| {
+        if step == BuildStep::RootImage {
+            events(ProvisionEvent::BuildingRootImage);
+        }
+    };
+    pinned_images(&root, &record, &rebuilds)?;
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;
 
     events(ProvisionEvent::Booting);
@@ -335,6 +357,36 @@ pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInf
         crate::client::shutdown(&sandbox, grace)?;
     }
     get_dir(&sandbox)
+}
+
+/// Sends `signal` (1 to 64) to the main workload of running sandbox `id_or_name`, as
+/// `docker kill -s` does. SIGINT and SIGTERM also start the stop's grace period, as they
+/// do for a foreground run: a workload that ignores them is stopped after it.
+pub fn kill(root: &Path, id_or_name: &str, signal: i32) -> Result<SandboxInfo, Error> {
+    if !(1..=kiln_protocol::MAX_SIGNAL).contains(&signal) {
+        let err = crate::options::parse_signal(&signal.to_string()).unwrap_err();
+        return Err(Error::new(ErrorKind::InvalidInput, err));
+    }
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    if !sandbox.monitor_alive() {
+        return Err(StateError::NotRunning(sandbox.id().to_owned()).into());
+    }
+    crate::client::signal_main(&sandbox, signal)?;
+    get_dir(&sandbox)
+}
+
+/// Stops sandbox `id_or_name` if it runs (SIGTERM, SIGKILL after `grace`) and starts it
+/// again with its writable disk, as [`stop`] then [`start`].
+pub fn restart(
+    root: &Path,
+    id_or_name: &str,
+    grace: Duration,
+    monitor_exe: &Path,
+    qemu: &Path,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<SandboxInfo, Error> {
+    stop(root, id_or_name, grace)?;
+    start(root, id_or_name, monitor_exe, qemu, events)
 }
 
 /// Removes a sandbox and everything it has; a running one only with `force` (it is

@@ -8,7 +8,8 @@
 //! `monitor.sock` in kiln-protocol frames: Hello both ways on session 0; `Run` on a
 //! client-chosen session >= 2 starts an exec session (renumbered to a session unique in
 //! the guest); `Data`, `Eof`, `Signal` and `Resize` follow on it, and the guest's
-//! `Data`/`Eof`/`Result` come back on it; `Shutdown` on session 0 stops the sandbox. Every
+//! `Data`/`Eof`/`Result` come back on it; `Shutdown` on session 0 stops the sandbox, and
+//! `Signal` on session 1 goes to the main workload (`kiln kill`). Every
 //! connection is closed once the VM is gone and the final state is written.
 //!
 //! Each connection has a thread that reads it and one per exec session that writes that
@@ -329,6 +330,11 @@ fn on_client_frame(
             true
         }
         (CONTROL_SESSION, _) => true,
+        // `kiln kill`: a signal for the main workload, as kiln's own signals in a foreground run.
+        (MAIN_SESSION, Message::Signal(request)) => {
+            let _ = clients.control.send(Control::Signal(request.signal));
+            true
+        }
         (session, Message::Run(spec)) if session > MAIN_SESSION => {
             match start_exec(clients, writer, sessions, session, spec) {
                 Ok(()) => true,

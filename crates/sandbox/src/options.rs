@@ -266,6 +266,65 @@ pub fn parse_timeout(text: &str) -> Result<Duration, OptionError> {
     Ok(Duration::from_secs(secs))
 }
 
+/// The signals `kill -s` takes by name, as the guest (Linux, the host's architecture)
+/// numbers them.
+const SIGNAL_NAMES: [(&str, libc::c_int); 31] = [
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("STKFLT", libc::SIGSTKFLT),
+    ("CHLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
+    ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
+];
+
+/// A signal as `kill -s` and `docker kill -s` take it: a name with or without `SIG`, in
+/// any case (KILL, sigterm), or a number from 1 to [`kiln_protocol::MAX_SIGNAL`].
+pub fn parse_signal(text: &str) -> Result<i32, OptionError> {
+    let bad = || OptionError::Value {
+        what: "signal",
+        value: text.to_owned(),
+        accepted: "a signal name (KILL, SIGTERM, usr1 ...) or a number from 1 to 64",
+    };
+    if let Ok(number) = text.parse::<i32>() {
+        return (1..=kiln_protocol::MAX_SIGNAL)
+            .contains(&number)
+            .then_some(number)
+            .ok_or_else(bad);
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    SIGNAL_NAMES
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, number)| *number)
+        .ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +332,19 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("KILL"), Ok(libc::SIGKILL));
+        assert_eq!(parse_signal("sigterm"), Ok(libc::SIGTERM));
+        assert_eq!(parse_signal("Usr1"), Ok(libc::SIGUSR1));
+        assert_eq!(parse_signal("2"), Ok(libc::SIGINT));
+        assert_eq!(parse_signal("64"), Ok(64));
+        for bad in ["0", "65", "-9", "SIGNOPE", "", "SIG"] {
+            let err = parse_signal(bad).unwrap_err().to_string();
+            assert!(err.contains("signal name"), "{bad}: {err}");
+        }
     }
 
     #[test]
