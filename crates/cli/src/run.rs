@@ -21,12 +21,13 @@ use crate::pull::{progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Remove the sandbox (its writable layer and state) when the workload ends.
+    /// Remove the sandbox (its writable layer and state) when the workload ends; with -d,
+    /// its monitor removes it when it stops.
     #[arg(long)]
     rm: bool,
 
     /// Start the sandbox detached (create + start) and print its id.
-    #[arg(short, long, conflicts_with_all = ["rm", "interactive", "tty", "timeout", "timings"])]
+    #[arg(short, long, conflicts_with_all = ["interactive", "tty", "timeout", "timings"])]
     detach: bool,
 
     /// Stream kiln's stdin to the workload (EOF included).
@@ -192,7 +193,7 @@ impl FieldNames for FlagNames {
 
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.detach {
-        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm);
+        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm, args.rm);
     }
     let request = RunFields {
         sandbox: args.sandbox.into_fields(globals).map_err(kiln_error)?,
@@ -272,6 +273,7 @@ impl SandboxArgs {
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
             allow_user_namespaces: self.allow_userns,
+            auto_remove: false,
         })
     }
 }

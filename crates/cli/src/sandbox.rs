@@ -176,23 +176,33 @@ pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
 }
 
 /// `kiln run -d`: create, start, print the id. Kiln's own failures exit 125, as `run`.
-pub fn run_detached(globals: &Globals, args: SandboxArgs, vmm: &VmmArgs) -> CommandResult {
-    let request = args
-        .into_fields(globals)
-        .map_err(kiln_error)?
-        .validate(&FlagNames)
-        .map_err(kiln_error)?;
+/// With `--rm` the monitor removes the sandbox when it stops; one that never got its
+/// workload running is removed here, after saying why.
+pub fn run_detached(
+    globals: &Globals,
+    args: SandboxArgs,
+    vmm: &VmmArgs,
+    remove: bool,
+) -> CommandResult {
+    let mut fields = args.into_fields(globals).map_err(kiln_error)?;
+    fields.auto_remove = remove;
+    let request = fields.validate(&FlagNames).map_err(kiln_error)?;
     let events = progress(globals);
     let created = kiln_sandbox::create(&globals.root, request, &events).map_err(kiln_error)?;
-    let info = kiln_sandbox::start(
-        &globals.root,
-        &created.id,
-        &monitor_exe()?,
-        &vmm.qemu,
-        &events,
-    )
-    .map_err(kiln_error)?;
-    print_started(globals, &info)
+    let started = monitor_exe().and_then(|exe| {
+        kiln_sandbox::start(&globals.root, &created.id, &exe, &vmm.qemu, &events)
+            .map_err(kiln_error)
+    });
+    let never_ran = match &started {
+        Ok(info) => info.start_failure().is_some(),
+        Err(_) => true,
+    };
+    if remove && never_ran {
+        if let Err(err) = kiln_sandbox::remove(&globals.root, &created.id, true) {
+            eprintln!("kiln: warning: removing sandbox {}: {err}", created.id);
+        }
+    }
+    print_started(globals, &started?)
 }
 
 pub fn stop(globals: &Globals, args: StopArgs) -> CommandResult {

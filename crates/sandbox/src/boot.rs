@@ -131,6 +131,7 @@ pub fn sandbox_record(
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
         allow_user_namespaces: request.allow_user_namespaces,
+        auto_remove: request.auto_remove,
     }
 }
 

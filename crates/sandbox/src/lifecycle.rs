@@ -299,7 +299,20 @@ pub fn start(
 
     let deadline = Instant::now() + START_WAIT;
     loop {
-        let state: StateRecord = sandbox.read_json(STATE_FILE)?;
+        let state: StateRecord = match sandbox.read_json(STATE_FILE) {
+            Ok(state) => state,
+            // An auto-removed sandbox whose workload ran and ended before this look: it
+            // did start, and is gone as asked.
+            Err(_) if record.auto_remove && !sandbox.path().exists() => {
+                events(ProvisionEvent::Running);
+                let ran = StateRecord {
+                    status: Status::Running,
+                    ..StateRecord::created()
+                };
+                return info(&sandbox, record, ran);
+            }
+            Err(err) => return Err(err.into()),
+        };
         match &state.status {
             Status::Running | Status::Exited { .. } => {
                 events(ProvisionEvent::Running);

@@ -1,4 +1,5 @@
-//! The capped output logs of a detached sandbox (`stdout.log`, `stderr.log`).
+//! The capped output logs of a sandbox (`stdout.log`, `stderr.log`), written by the
+//! monitor of a detached sandbox and, beside the user's own streams, by a foreground run.
 //!
 //! A guest can write without end, so a log never grows past its maximum size: the write
 //! that would pass it renames the log to `NAME.1` (replacing the one before) and goes on
@@ -60,6 +61,44 @@ impl RotatingLog {
             .open(&self.path)?;
         self.len = 0;
         Ok(())
+    }
+}
+
+/// A stream that goes to its destination and to a log: a foreground run's output, kept
+/// for `kiln logs`. The log comes first, so a destination that stopped taking output
+/// (`| head`) does not cut the log short; a log that fails (a full disk) stops logging,
+/// not the run.
+pub struct Tee<W> {
+    out: W,
+    log: Option<RotatingLog>,
+}
+
+impl<W: Write> Tee<W> {
+    pub fn new(out: W, log: RotatingLog) -> Tee<W> {
+        Tee {
+            out,
+            log: Some(log),
+        }
+    }
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            if let Err(err) = log.write_all(buf) {
+                tracing::warn!(
+                    "{}: {err}; the rest of the output is not logged",
+                    log.path.display()
+                );
+                self.log = None;
+            }
+        }
+        self.out.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -195,6 +234,32 @@ mod tests {
             let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", file.display());
         }
+    }
+
+    /// A destination that took nothing (a closed pipe).
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tee_logs_what_its_destination_takes_and_what_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        let mut shown = Vec::new();
+        let mut tee = Tee::new(&mut shown, RotatingLog::open(&path, 1000).unwrap());
+        tee.write_all(b"seen and kept\n").unwrap();
+        drop(tee);
+        assert_eq!(shown, b"seen and kept\n");
+        let mut tee = Tee::new(Closed, RotatingLog::open(&path, 1000).unwrap());
+        assert!(tee.write_all(b"kept only\n").is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"seen and kept\nkept only\n");
     }
 
     #[test]

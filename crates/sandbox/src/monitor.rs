@@ -80,6 +80,16 @@ pub fn run(root: &Path, id: &str, qemu: &Path) -> Result<(), Error> {
         };
         sandbox.write_json(STATE_FILE, &failed)?;
     }
+    // `run --rm -d`: a sandbox whose workload ran goes with its end (under the lock, so no
+    // start comes between); one that never ran stays for its starter to say why.
+    let ran = || {
+        sandbox
+            .read_json::<StateRecord>(STATE_FILE)
+            .is_ok_and(|state| state.started_unix.is_some())
+    };
+    if record.auto_remove && ran() {
+        sandbox.remove()?;
+    }
     drop(lock);
     outcome
 }

@@ -125,6 +125,9 @@ pub struct CreateFields {
     /// Let the workload create user namespaces in the guest. Off by default: inside one it
     /// holds every capability (`unshare -r`), which widens what it can reach of the kernel.
     pub allow_user_namespaces: bool,
+    /// Remove the sandbox once its workload ran and the sandbox stopped (`run --rm -d`):
+    /// its monitor does, so nobody has to wait for it.
+    pub auto_remove: bool,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -149,6 +152,7 @@ pub struct CreateRequest {
     /// Bytes the image cache may take once this sandbox's images are in it.
     pub(crate) rootfs_cache_max: u64,
     pub(crate) allow_user_namespaces: bool,
+    pub(crate) auto_remove: bool,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -421,6 +425,7 @@ impl CreateFields {
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
             allow_user_namespaces: self.allow_user_namespaces,
+            auto_remove: self.auto_remove,
         })
     }
 }

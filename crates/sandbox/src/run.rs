@@ -12,9 +12,13 @@ use serde::Serialize;
 use crate::boot::{boot, end_status, main_run_spec, sandbox_record, BootError, Host, Upper};
 use crate::error::Error;
 use crate::launch::{Control, HostIo, VmTimings};
+use crate::logs::{RotatingLog, Tee};
 use crate::prepare::prepare_images;
 use crate::request::RunRequest;
-use crate::state::{now_unix, SandboxDir, StateRecord, Status, RECORD_FILE, STATE_FILE};
+use crate::state::{
+    now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, RECORD_FILE, STATE_FILE,
+    STDERR_LOG, STDOUT_LOG,
+};
 
 /// Durations of every phase of a run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -78,8 +82,9 @@ pub fn run(
     let outcome = sandbox
         .write_json(RECORD_FILE, &record)
         .and_then(|()| sandbox.write_json(STATE_FILE, &started))
+        .and_then(|()| keep_logs(&sandbox, &record, io, request.remove))
         .map_err(BootError::from)
-        .and_then(|()| {
+        .and_then(|io| {
             let upper = if request.remove {
                 Upper::Tmpfs
             } else {
@@ -121,4 +126,28 @@ pub fn run(
             vm: outcome.timings,
         },
     })
+}
+
+/// The output of a run that keeps its sandbox goes to the sandbox's logs too, as a
+/// detached sandbox's does, for `kiln logs`; a `--rm` run keeps nothing.
+fn keep_logs(
+    sandbox: &SandboxDir,
+    record: &SandboxRecord,
+    mut io: HostIo,
+    remove: bool,
+) -> Result<HostIo, StateError> {
+    if remove {
+        return Ok(io);
+    }
+    let log = |name: &str| {
+        RotatingLog::open(&sandbox.file(name), record.log_max_size).map_err(|source| {
+            StateError::Io {
+                path: sandbox.file(name),
+                source,
+            }
+        })
+    };
+    io.stdout = Box::new(Tee::new(io.stdout, log(STDOUT_LOG)?));
+    io.stderr = Box::new(Tee::new(io.stderr, log(STDERR_LOG)?));
+    Ok(io)
 }

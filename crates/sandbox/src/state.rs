@@ -72,6 +72,10 @@ pub struct SandboxRecord {
     /// it may not).
     #[serde(default)]
     pub allow_user_namespaces: bool,
+    /// The monitor removes the sandbox once its workload ran and it stopped (`run --rm
+    /// -d`; absent in records of older kilns: it does not).
+    #[serde(default)]
+    pub auto_remove: bool,
 }
 
 /// What `stdout.log` and `stderr.log` each hold at most when the request does not say:
@@ -732,6 +736,7 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: 4096,
             allow_user_namespaces: false,
+            auto_remove: false,
         };
         let mut json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["log_max_size"], 4096);
@@ -856,6 +861,7 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: DEFAULT_LOG_MAX_SIZE,
             allow_user_namespaces: false,
+            auto_remove: false,
         }
     }
 

@@ -163,6 +163,8 @@ fn create_fields(
         log_max_size: None,
         rootfs_cache_max: machine.rootfs_cache_max,
         allow_user_namespaces: request.allow_user_namespaces,
+        // A driver API sandbox is removed by its Delete call.
+        auto_remove: false,
     })
 }
 
