@@ -130,6 +130,12 @@ pub struct SandboxArgs {
     #[arg(long = "pull", value_name = "POLICY", default_value = "missing")]
     pull: String,
 
+    /// Boot a detached sandbox again (on its writable disk, with a growing delay) after its
+    /// workload ended: no, on-failure[:N] (non-zero exits, at most N times), always or
+    /// unless-stopped (the same here: there is no daemon); `kiln stop` ends it [default: no]
+    #[arg(long, value_name = "POLICY")]
+    restart: Option<String>,
+
     /// Accelerator: auto (KVM when it really works here, else TCG), kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
     accel: String,
@@ -179,6 +185,7 @@ impl FieldNames for FlagNames {
             Field::Volumes => "-v",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
+            Field::Restart => "--restart",
             Field::Command => "COMMAND",
         }
     }
@@ -274,6 +281,7 @@ impl SandboxArgs {
             rootfs_cache_max: globals.rootfs_cache_max,
             allow_user_namespaces: self.allow_userns,
             auto_remove: false,
+            restart: self.restart,
         })
     }
 }

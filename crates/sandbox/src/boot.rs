@@ -132,6 +132,7 @@ pub fn sandbox_record(
         log_max_size: request.log_max_size,
         allow_user_namespaces: request.allow_user_namespaces,
         auto_remove: request.auto_remove,
+        restart: request.restart,
     }
 }
 

@@ -266,6 +266,61 @@ pub fn parse_timeout(text: &str) -> Result<Duration, OptionError> {
     Ok(Duration::from_secs(secs))
 }
 
+/// Whether a detached sandbox's monitor boots it again (on its writable disk) after its
+/// workload ended (`--restart`). `kiln stop` ends every policy; with no daemon to
+/// restart, `always` and `unless-stopped` mean the same here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    No,
+    /// After a non-zero exit or a failed boot, at most `max_retries` times when given.
+    OnFailure {
+        max_retries: Option<u32>,
+    },
+    Always,
+    UnlessStopped,
+}
+
+impl RestartPolicy {
+    /// Whether a sandbox that ended with `exit_code` (`None`: the boot failed) after
+    /// `restarts` restarts is booted again.
+    pub fn restarts(self, exit_code: Option<i32>, restarts: u32) -> bool {
+        match self {
+            RestartPolicy::No => false,
+            RestartPolicy::OnFailure { max_retries } => {
+                exit_code != Some(0) && max_retries.is_none_or(|max| restarts < max)
+            }
+            RestartPolicy::Always | RestartPolicy::UnlessStopped => true,
+        }
+    }
+}
+
+/// `--restart`: no, on-failure[:N], always or unless-stopped, as docker takes it.
+pub fn parse_restart(text: &str) -> Result<RestartPolicy, OptionError> {
+    let bad = || OptionError::Value {
+        what: "restart policy",
+        value: text.to_owned(),
+        accepted: "no, on-failure[:N] (N from 1 to 1000000), always or unless-stopped",
+    };
+    match text.split_once(':') {
+        None => match text {
+            "no" => Ok(RestartPolicy::No),
+            "on-failure" => Ok(RestartPolicy::OnFailure { max_retries: None }),
+            "always" => Ok(RestartPolicy::Always),
+            "unless-stopped" => Ok(RestartPolicy::UnlessStopped),
+            _ => Err(bad()),
+        },
+        Some(("on-failure", count)) => match count.parse::<u32>() {
+            Ok(max @ 1..=1_000_000) if !count.starts_with('+') => Ok(RestartPolicy::OnFailure {
+                max_retries: Some(max),
+            }),
+            _ => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+    }
+}
+
 /// The signals `kill -s` takes by name, as the guest (Linux, the host's architecture)
 /// numbers them.
 const SIGNAL_NAMES: [(&str, libc::c_int); 31] = [
@@ -332,6 +387,36 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn restart_policies() {
+        assert_eq!(parse_restart("no"), Ok(RestartPolicy::No));
+        assert_eq!(parse_restart("always"), Ok(RestartPolicy::Always));
+        assert_eq!(
+            parse_restart("unless-stopped"),
+            Ok(RestartPolicy::UnlessStopped)
+        );
+        let on_failure = |max_retries| RestartPolicy::OnFailure { max_retries };
+        assert_eq!(parse_restart("on-failure"), Ok(on_failure(None)));
+        assert_eq!(parse_restart("on-failure:3"), Ok(on_failure(Some(3))));
+        for bad in [
+            "",
+            "never",
+            "on-failure:0",
+            "on-failure:x",
+            "always:2",
+            "on-failure:+1",
+        ] {
+            let err = parse_restart(bad).unwrap_err().to_string();
+            assert!(err.contains("unless-stopped"), "{bad}: {err}");
+        }
+        assert!(!RestartPolicy::No.restarts(Some(1), 0));
+        assert!(RestartPolicy::Always.restarts(Some(0), 50));
+        assert!(!on_failure(None).restarts(Some(0), 0));
+        assert!(on_failure(None).restarts(None, 9));
+        assert!(on_failure(Some(2)).restarts(Some(3), 1));
+        assert!(!on_failure(Some(2)).restarts(Some(3), 2));
     }
 
     #[test]

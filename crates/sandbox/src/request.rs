@@ -14,8 +14,8 @@ use kiln_vm::Network;
 
 use crate::error::{Error, ErrorKind};
 use crate::options::{
-    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes,
-    validate_name, Volume,
+    parse_env_assignment, parse_env_file, parse_port_forward, parse_restart, parse_timeout,
+    parse_volumes, validate_name, RestartPolicy, Volume,
 };
 use crate::spec::Overrides;
 pub use crate::state::DEFAULT_LOG_MAX_SIZE;
@@ -54,6 +54,7 @@ pub enum Field {
     Volumes,
     Timeout,
     LogMaxSize,
+    Restart,
     /// An exec request's program and arguments.
     Command,
 }
@@ -128,6 +129,8 @@ pub struct CreateFields {
     /// Remove the sandbox once its workload ran and the sandbox stopped (`run --rm -d`):
     /// its monitor does, so nobody has to wait for it.
     pub auto_remove: bool,
+    /// `no`, `on-failure[:N]`, `always` or `unless-stopped`; the default is `no`.
+    pub restart: Option<String>,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -153,6 +156,7 @@ pub struct CreateRequest {
     pub(crate) rootfs_cache_max: u64,
     pub(crate) allow_user_namespaces: bool,
     pub(crate) auto_remove: bool,
+    pub(crate) restart: RestartPolicy,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -389,6 +393,14 @@ impl CreateFields {
             }
         };
         let volumes = parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        let restart = match self.restart.as_deref() {
+            None => RestartPolicy::No,
+            Some(text) => parse_restart(text).map_err(|e| check.wrap(Field::Restart, e))?,
+        };
+        if self.auto_remove && restart != RestartPolicy::No {
+            let accepted = "no with a sandbox removed when it stops (--rm): it would never restart";
+            return Err(check.invalid(Field::Restart, self.restart.unwrap_or_default(), accepted));
+        }
         let log_max_size = match self.log_max_size.as_deref() {
             None => DEFAULT_LOG_MAX_SIZE,
             Some(text) => {
@@ -426,6 +438,7 @@ impl CreateFields {
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
             allow_user_namespaces: self.allow_user_namespaces,
             auto_remove: self.auto_remove,
+            restart,
         })
     }
 }
@@ -441,7 +454,14 @@ impl RunFields {
     /// Checks every field and fills in the defaults.
     pub fn validate(self, names: &dyn FieldNames) -> Result<RunRequest, Error> {
         let check = Checker { names };
+        let restart = self.sandbox.restart.clone();
         let sandbox = self.sandbox.check(&check)?;
+        if sandbox.restart != RestartPolicy::No {
+            let accepted = "no: a foreground run is not restarted (start the sandbox detached)";
+            return Err(check
+                .invalid(Field::Restart, restart.unwrap_or_default(), accepted)
+                .into());
+        }
         let timeout = self
             .timeout
             .as_deref()
@@ -504,6 +524,7 @@ mod tests {
                 Field::Volumes => "volumes",
                 Field::Timeout => "timeout",
                 Field::LogMaxSize => "log_max_size",
+                Field::Restart => "restart",
                 Field::Command => "argv",
             }
         }

@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
-use crate::options::{validate_name, OptionError, Volume};
+use crate::options::{validate_name, OptionError, RestartPolicy, Volume};
 
 /// File names inside a sandbox's state directory.
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -76,6 +76,10 @@ pub struct SandboxRecord {
     /// -d`; absent in records of older kilns: it does not).
     #[serde(default)]
     pub auto_remove: bool,
+    /// Whether the monitor boots the sandbox again after it ended (absent in records of
+    /// older kilns: it does not).
+    #[serde(default)]
+    pub restart: RestartPolicy,
 }
 
 /// What `stdout.log` and `stderr.log` each hold at most when the request does not say:
@@ -737,6 +741,7 @@ mod tests {
             log_max_size: 4096,
             allow_user_namespaces: false,
             auto_remove: false,
+            restart: RestartPolicy::No,
         };
         let mut json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["log_max_size"], 4096);
@@ -862,6 +867,7 @@ mod tests {
             log_max_size: DEFAULT_LOG_MAX_SIZE,
             allow_user_namespaces: false,
             auto_remove: false,
+            restart: RestartPolicy::No,
         }
     }
 

@@ -46,6 +46,7 @@ impl FieldNames for ProtoNames {
             Field::EnvFile => "env_file",
             Field::Timeout => "timeout",
             Field::LogMaxSize => "log_max_size",
+            Field::Restart => "restart",
         }
     }
 
@@ -165,6 +166,8 @@ fn create_fields(
         allow_user_namespaces: request.allow_user_namespaces,
         // A driver API sandbox is removed by its Delete call.
         auto_remove: false,
+        // Not in the proto: a driver API client restarts a sandbox itself.
+        restart: None,
     })
 }
 
