@@ -454,7 +454,8 @@ fn restart_policies_boot_a_detached_sandbox_again() {
     require_root();
     let root = KilnRoot::with_guest().quiet().removing_sandboxes_at_end();
     // on-failure:2 — the first run and two restarts, on the same writable disk.
-    let script = "echo run >> /tmp/runs; cat /tmp/runs | wc -l; exit 3";
+    // /tmp is a tmpfs in the guest; /sandbox is on the writable disk.
+    let script = "echo run >> /sandbox/runs; cat /sandbox/runs | wc -l; exit 3";
     let id = root.ok(&[
         "run",
         "-d",
@@ -492,4 +493,56 @@ fn restart_policies_boot_a_detached_sandbox_again() {
     assert!(stderr.contains("--restart"), "{stderr}");
     let stderr = root.fails(&["create", "--restart", "sometimes", &demo_image()], 2);
     assert!(stderr.contains("unless-stopped"), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn attach_streams_new_output_and_passes_signals_on() {
+    require_root();
+    let root = KilnRoot::with_guest().quiet().removing_sandboxes_at_end();
+    let script = "trap 'echo got-int; echo bye >&2; exit 5' INT; echo before; \
+                  while :; do sleep 1; done";
+    root.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "att",
+        &demo_image(),
+        "sh",
+        "-c",
+        script,
+    ]);
+    wait_for_lines(&root, "att", "before", 1);
+    let mut child = root
+        .kiln()
+        .args(["attach", "att"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // attach reads from the logs' ends at once; give it that moment, then ^C.
+    thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            kiln_e2e::kill_process_group(&child);
+            panic!("attach did not end with the sandbox");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(code(&output), 5, "{}", describe(&output));
+    assert_eq!(
+        text(&output.stdout),
+        "got-int\n",
+        "only what came after attach"
+    );
+    assert_eq!(text(&output.stderr), "bye\n");
+
+    let stderr = root.fails(&["attach", "att"], 1);
+    assert!(stderr.contains("not running"), "{stderr}");
 }

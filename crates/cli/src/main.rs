@@ -3,6 +3,7 @@
 //! Logic lives in the crates under `crates/`; this binary only turns flags into
 //! calls and results into text (or JSON with `--json`) and exit codes.
 
+mod attach;
 mod build;
 mod check;
 mod doctor;
@@ -78,6 +79,8 @@ enum Command {
     Logs(sandbox::LogsArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
+    /// Print a running detached sandbox's output from now on until it stops; signals go to its workload.
+    Attach(attach::AttachArgs),
     /// Block until sandboxes stop, then print their exit codes.
     Wait(wait::WaitArgs),
     /// Send a signal to the main workload of running sandboxes (default SIGKILL).
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => sandbox::ps(&globals, args),
         Command::Logs(args) => sandbox::logs(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Attach(args) => attach::run(&globals, args),
         Command::Wait(args) => wait::run(&globals, args),
         Command::Kill(args) => kill::run(&globals, args),
         Command::Restart(args) => restart::run(&globals, args),

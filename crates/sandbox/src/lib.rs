@@ -46,7 +46,7 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, exec, get, kill, list, logs, prune_images, remove, restart, start, stop, wait,
+    attach, create, exec, get, kill, list, logs, prune_images, remove, restart, start, stop, wait,
     ProvisionEvent, PruneReport, SandboxInfo,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).

@@ -55,6 +55,8 @@ pub struct SandboxInfo {
     pub memory_mib: u32,
     pub network: NetworkRecord,
     pub state_dir: PathBuf,
+    /// Removed by its monitor when it stops (`run --rm -d`).
+    pub auto_remove: bool,
 }
 
 impl SandboxInfo {
@@ -363,13 +365,19 @@ fn monitor_err(sandbox: &SandboxDir, message: String) -> Error {
 }
 
 /// Stops a running sandbox: its workloads get SIGTERM, then SIGKILL after `grace`, the
-/// guest syncs and powers off. A sandbox that is not running is left as it is.
+/// guest syncs and powers off. A sandbox that is not running is left as it is; one its
+/// monitor removed as it stopped (`run --rm -d`) is returned as it was before.
 pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInfo, Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    if sandbox.monitor_alive() {
-        crate::client::shutdown(&sandbox, grace)?;
+    if !sandbox.monitor_alive() {
+        return get_dir(&sandbox);
     }
-    get_dir(&sandbox)
+    let before = get_dir(&sandbox)?;
+    crate::client::shutdown(&sandbox, grace)?;
+    match get_dir(&sandbox) {
+        Err(_) if before.auto_remove && !sandbox.path().exists() => Ok(before),
+        after => after,
+    }
 }
 
 /// Sends `signal` (1 to 64) to the main workload of running sandbox `id_or_name`, as
@@ -504,18 +512,48 @@ pub fn logs(
     stderr: &mut dyn Write,
 ) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    let mut streams: [(&str, LogReader, &mut dyn Write); 2] = [
-        (
-            STDOUT_LOG,
-            LogReader::new(&sandbox.file(STDOUT_LOG)),
-            stdout,
-        ),
-        (
-            STDERR_LOG,
-            LogReader::new(&sandbox.file(STDERR_LOG)),
-            stderr,
-        ),
+    let readers = [
+        LogReader::new(&sandbox.file(STDOUT_LOG)),
+        LogReader::new(&sandbox.file(STDERR_LOG)),
     ];
+    copy_logs(&sandbox, readers, follow, stdout, stderr)
+}
+
+/// Prints what the workload of running sandbox `id_or_name` writes from now on, until the
+/// sandbox stops (across restarts), as `docker attach` does; returns how it ended. A
+/// detached sandbox has no stdin to attach to.
+pub fn attach(
+    root: &Path,
+    id_or_name: &str,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<SandboxInfo, Error> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    if !sandbox.monitor_alive() {
+        return Err(StateError::NotRunning(sandbox.id().to_owned()).into());
+    }
+    let at_end = |name| {
+        LogReader::at_end(&sandbox.file(name)).map_err(|source| StateError::Io {
+            path: sandbox.file(name),
+            source,
+        })
+    };
+    let readers = [at_end(STDOUT_LOG)?, at_end(STDERR_LOG)?];
+    copy_logs(&sandbox, readers, true, stdout, stderr)?;
+    get_dir(&sandbox)
+}
+
+/// Copies the new output of `readers` (stdout's, stderr's) to `stdout` and `stderr`;
+/// with `follow`, again until the sandbox's monitor is gone.
+fn copy_logs(
+    sandbox: &SandboxDir,
+    [out_log, err_log]: [LogReader; 2],
+    follow: bool,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<(), Error> {
+    let mut streams: [(&str, LogReader, &mut dyn Write); 2] =
+        [(STDOUT_LOG, out_log, stdout), (STDERR_LOG, err_log, stderr)];
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
         let more = follow && sandbox.monitor_alive();
@@ -564,6 +602,7 @@ fn info(
         memory_mib: record.memory_mib,
         network: record.network,
         state_dir: sandbox.path().to_path_buf(),
+        auto_remove: record.auto_remove,
     })
 }
 

@@ -140,6 +140,18 @@ impl LogReader {
         }
     }
 
+    /// A reader of only what is written to the log from now on (`kiln attach`).
+    pub fn at_end(path: &Path) -> io::Result<LogReader> {
+        let mut file = open_existing(path)?;
+        if let Some(file) = &mut file {
+            io::Seek::seek(file, io::SeekFrom::End(0))?;
+        }
+        Ok(LogReader {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
     /// Copies to `out` everything written to the log since the last call (since the
     /// oldest kept byte on the first call). A reader that falls more than one rotation
     /// behind loses what the log no longer keeps.
@@ -260,6 +272,19 @@ mod tests {
         let mut tee = Tee::new(Closed, RotatingLog::open(&path, 1000).unwrap());
         assert!(tee.write_all(b"kept only\n").is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"seen and kept\nkept only\n");
+    }
+
+    #[test]
+    fn a_reader_at_the_end_sees_only_new_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        let mut log = RotatingLog::open(&path, 1000).unwrap();
+        log.write_all(b"before\n").unwrap();
+        let mut reader = LogReader::at_end(&path).unwrap();
+        log.write_all(b"after\n").unwrap();
+        let mut seen = Vec::new();
+        reader.copy_new(&mut seen).unwrap();
+        assert_eq!(seen, b"after\n");
     }
 
     #[test]
