@@ -20,6 +20,11 @@ use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "In the guest, kiln-init is PID 1: it reaps orphaned processes and passes \
+signals on to the workload, as `docker run --init` arranges. ^C and other signals to kiln go \
+to the workload; kiln exits with its code (130 after SIGINT), 125 when kiln itself failed."
+)]
 pub struct RunArgs {
     /// Remove the sandbox (its writable layer and state) when the workload ends; with -d,
     /// its monitor removes it when it stops.

@@ -194,11 +194,16 @@ pub fn run_detached(
             .map_err(kiln_error)
     });
     let never_ran = match &started {
-        Ok(info) => info.start_failure().is_some(),
-        Err(_) => true,
+        // Its monitor is ending: it goes once that has.
+        Ok(info) if info.start_failure().is_some() => {
+            Some(kiln_sandbox::wait(&globals.root, &created.id).map(drop))
+        }
+        Ok(_) => None,
+        Err(_) => Some(Ok(())),
     };
-    if remove && never_ran {
-        if let Err(err) = kiln_sandbox::remove(&globals.root, &created.id, true) {
+    if let (true, Some(waited)) = (remove, never_ran) {
+        let removed = waited.and_then(|()| kiln_sandbox::remove(&globals.root, &created.id, true));
+        if let Err(err) = removed {
             eprintln!("kiln: warning: removing sandbox {}: {err}", created.id);
         }
     }
