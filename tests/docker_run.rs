@@ -546,3 +546,78 @@ fn attach_streams_new_output_and_passes_signals_on() {
     let stderr = root.fails(&["attach", "att"], 1);
     assert!(stderr.contains("not running"), "{stderr}");
 }
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn sighup_and_sigquit_reach_the_workload() {
+    require_root();
+    let root = KilnRoot::with_guest();
+    for (signal, name, expected) in [(libc::SIGHUP, "HUP", 4), (libc::SIGQUIT, "QUIT", 5)] {
+        let script = format!(
+            "trap 'echo got-{name}; exit {expected}' {name}; echo started; while :; do sleep 1; done"
+        );
+        let mut child = root
+            .kiln()
+            .args(["run", "--rm", &demo_image(), "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let _ = lines_tx.send(line.unwrap_or_default());
+            }
+        });
+        let first = lines_rx.recv_timeout(BOOT_WAIT);
+        if first.as_deref() != Ok("started") {
+            kiln_e2e::kill_process_group(&child);
+            child.wait().unwrap();
+            panic!("the workload did not start: {first:?}");
+        }
+        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let output = child.wait_with_output().unwrap();
+        let rest: Vec<String> = lines_rx.try_iter().collect();
+        assert_eq!(code(&output), expected, "SIG{name}: {}", describe(&output));
+        assert_eq!(rest, [format!("got-{name}")], "SIG{name}");
+        assert_eq!(text(&output.stderr), "", "SIG{name}");
+    }
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn progress_shows_on_a_terminal() {
+    require_root();
+    let root = KilnRoot::with_guest();
+    let dir = root.temp_dir();
+    let (out, status) = (dir.join("out"), dir.join("status"));
+    let mut kiln = root.kiln();
+    kiln.args(["run", "--rm", &demo_image(), "echo", "done"]);
+    // stderr stays on the terminal; stdout goes to a file.
+    let line = format!(
+        "{} >{}; echo $? >{}; sleep 600",
+        shell_line(&kiln),
+        out.display(),
+        status.display()
+    );
+    let tmux = Tmux::new(&root);
+    tmux.start(&line);
+    let ended = wait_for_text(&status, "\n", BOOT_WAIT);
+    assert_eq!(ended.trim(), "0");
+    assert_eq!(fs::read_to_string(&out).unwrap(), "done\n");
+    let screen = tmux
+        .command()
+        .args(["capture-pane", "-p", "-J"])
+        .output()
+        .expect("tmux runs");
+    let screen = text(&screen.stdout);
+    assert_eq!(
+        screen.matches(": in the store (sha256:").count(),
+        1,
+        "{screen}"
+    );
+}
