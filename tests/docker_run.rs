@@ -595,6 +595,7 @@ fn progress_shows_on_a_terminal() {
     let root = KilnRoot::with_guest();
     let dir = root.temp_dir();
     let (out, status) = (dir.join("out"), dir.join("status"));
+    root.ok(&["-q", "pull", &demo_image()]);
     let mut kiln = root.kiln();
     kiln.args(["run", "--rm", &demo_image(), "echo", "done"]);
     // stderr stays on the terminal; stdout goes to a file.
