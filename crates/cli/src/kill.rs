@@ -1,12 +1,11 @@
 //! `kiln kill [-s SIGNAL] ID...`: a signal to the main workload of running sandboxes, as
 //! `docker kill` sends it.
 
-use std::process::ExitCode;
-
 use clap::Args;
 
 use crate::exit::{sandbox_error, CommandError, CommandResult};
 use crate::globals::Globals;
+use crate::sandbox::each_id;
 
 #[derive(Debug, Args)]
 pub struct KillArgs {
@@ -24,20 +23,11 @@ pub struct KillArgs {
 pub fn run(globals: &Globals, args: KillArgs) -> CommandResult {
     let signal = kiln_sandbox::parse_signal(&args.signal)
         .map_err(|e| CommandError::usage(anyhow::anyhow!("-s: {e}")))?;
-    let mut failed = false;
-    for id in &args.ids {
-        match kiln_sandbox::kill(&globals.root, id, signal) {
-            Ok(_) if globals.json => {}
-            Ok(_) => println!("{id}"),
-            Err(err) => {
-                eprintln!("kiln: error: {:#}", sandbox_error(err).error);
-                failed = true;
-            }
+    each_id(&args.ids, |id| {
+        kiln_sandbox::kill(&globals.root, id, signal).map_err(sandbox_error)?;
+        if !globals.json {
+            println!("{id}");
         }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+        Ok(())
     })
 }

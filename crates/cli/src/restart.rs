@@ -1,14 +1,14 @@
 //! `kiln restart ID...`: stop (if running) and start again, keeping the writable disk,
 //! as `docker restart` does.
 
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::exit::{sandbox_error, CommandResult};
+use crate::exit::{sandbox_error, CommandError, CommandResult};
 use crate::globals::Globals;
 use crate::run::VmmArgs;
+use crate::sandbox::each_id;
 
 #[derive(Debug, Args)]
 pub struct RestartArgs {
@@ -34,34 +34,22 @@ pub struct RestartArgs {
 pub fn run(globals: &Globals, args: RestartArgs) -> CommandResult {
     let monitor_exe = crate::sandbox::monitor_exe()?;
     let events = crate::sandbox::progress(globals);
-    let mut failed = false;
-    for id in &args.ids {
-        let restarted = kiln_sandbox::restart(
+    each_id(&args.ids, |id| {
+        let info = kiln_sandbox::restart(
             &globals.root,
             id,
             Duration::from_secs(args.time),
             &monitor_exe,
             &args.vmm.qemu,
             &events,
-        );
-        match restarted {
-            Ok(info) => {
-                if let Some((message, _)) = info.start_failure() {
-                    eprintln!("kiln: {id}: {message}");
-                    failed = true;
-                } else if !globals.json {
-                    println!("{id}");
-                }
-            }
-            Err(err) => {
-                eprintln!("kiln: error: {:#}", sandbox_error(err).error);
-                failed = true;
-            }
+        )
+        .map_err(sandbox_error)?;
+        if let Some((message, _)) = info.start_failure() {
+            return Err(CommandError::failure(anyhow::anyhow!("{id}: {message}")));
         }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+        if !globals.json {
+            println!("{id}");
+        }
+        Ok(())
     })
 }

@@ -1,13 +1,12 @@
 //! `kiln wait ID...`: blocks until each sandbox stops and prints its exit code, as
 //! `docker wait` does.
 
-use std::process::ExitCode;
-
 use clap::Args;
 use kiln_sandbox::Status;
 
-use crate::exit::{sandbox_error, CommandResult};
+use crate::exit::{sandbox_error, CommandError, CommandResult};
 use crate::globals::Globals;
+use crate::sandbox::each_id;
 
 #[derive(Debug, Args)]
 pub struct WaitArgs {
@@ -20,28 +19,18 @@ pub struct WaitArgs {
 /// waited for (missing, never started, failed to boot) is reported on stderr, the others
 /// still waited for, and kiln exits 1.
 pub fn run(globals: &Globals, args: WaitArgs) -> CommandResult {
-    let mut failed = false;
-    for id in &args.ids {
-        let outcome = kiln_sandbox::wait(&globals.root, id).map_err(sandbox_error);
-        let message = match outcome {
-            Ok(info) => match info.status {
-                Status::Exited { exit_code, .. } => {
-                    println!("{exit_code}");
-                    continue;
-                }
-                Status::Failed { message } => format!("sandbox {}: failed: {message}", info.id),
-                Status::Created => format!("sandbox {} was never started", info.id),
-                // wait returns only once the monitor is gone.
-                Status::Running => format!("sandbox {} is still running", info.id),
-            },
-            Err(err) => format!("{:#}", err.error),
+    each_id(&args.ids, |id| {
+        let info = kiln_sandbox::wait(&globals.root, id).map_err(sandbox_error)?;
+        let message = match info.status {
+            Status::Exited { exit_code, .. } => {
+                println!("{exit_code}");
+                return Ok(());
+            }
+            Status::Failed { message } => format!("sandbox {}: failed: {message}", info.id),
+            Status::Created => format!("sandbox {} was never started", info.id),
+            // wait returns only once the monitor is gone.
+            Status::Running => format!("sandbox {} is still running", info.id),
         };
-        eprintln!("kiln: error: {message}");
-        failed = true;
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+        Err(CommandError::failure(anyhow::anyhow!(message)))
     })
 }

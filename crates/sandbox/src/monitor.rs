@@ -34,6 +34,7 @@ use kiln_vm::GuestImages;
 use crate::boot::{boot, end_status, BootError, Host, Upper};
 use crate::error::{Error, ErrorKind};
 use crate::launch::{Control, GuestEvent, HostIo};
+use crate::logs::lines::Timestamped;
 use crate::logs::RotatingLog;
 use crate::prepare::{pinned_images, PreparedImages};
 use crate::sessions::{lock, ExecChannel, SessionError, SessionOutput};
@@ -198,12 +199,12 @@ fn boot_once(
     clients: &Clients,
 ) -> Result<(Status, Option<u64>), Error> {
     let log = |name: &str| {
-        RotatingLog::open(&sandbox.file(name), record.log_max_size).map_err(|source| {
-            StateError::Io {
+        RotatingLog::open(&sandbox.file(name), record.log_max_size)
+            .map(Timestamped::new)
+            .map_err(|source| StateError::Io {
                 path: sandbox.file(name),
                 source,
-            }
-        })
+            })
     };
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
     let (control_tx, control_rx) = mpsc::channel();
