@@ -268,7 +268,7 @@ fn start_failures_are_shown_as_docker_shows_them() {
         r#"kiln: exec: "/etc/passwd": permission denied"#
     );
 
-    // Detached: no id, the reason, the code; and `start` of it says the same.
+    // Detached: no id, the reason, the code.
     let output = root.run(&["run", "-d", "--name", "nocmd", &demo_image(), "nosuchcmd"]);
     assert_eq!(code(&output), 127, "{}", describe(&output));
     assert_eq!(
@@ -277,9 +277,13 @@ fn start_failures_are_shown_as_docker_shows_them() {
         "no id for a sandbox that never ran"
     );
     assert_eq!(text(&output.stderr).trim_end(), not_found);
+    // `start` fails as `docker start` does: the reason is its error, exit 1.
     let output = root.run(&["start", "nocmd"]);
-    assert_eq!(code(&output), 127, "{}", describe(&output));
-    assert_eq!(text(&output.stderr).trim_end(), not_found);
+    assert_eq!(code(&output), 1, "{}", describe(&output));
+    assert_eq!(
+        text(&output.stderr).trim_end(),
+        not_found.replace("kiln: ", "kiln: error: nocmd: ")
+    );
 
     // exec in a running sandbox.
     let id = root.ok(&["run", "-d", &demo_image(), "sleep", "600"]);
@@ -620,5 +624,70 @@ fn progress_shows_on_a_terminal() {
         screen.matches(": in the store (sha256:").count(),
         1,
         "{screen}"
+    );
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn timings_add_up_to_the_total_and_the_total_to_the_wall_time() {
+    require_root();
+    let root = KilnRoot::with_guest();
+    let started = Instant::now();
+    let output = root.run(&["run", "--rm", "--timings", &demo_image(), "true"]);
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(code(&output), 0, "{}", describe(&output));
+    assert_eq!(text(&output.stdout), "");
+    let stderr = text(&output.stderr);
+    let mut lines = stderr.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.starts_with("phase            seconds   (accel: "), "{stderr}");
+    let rows: Vec<(String, f64)> = lines
+        .map(|line| {
+            let (name, seconds) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a timings row: {line:?}\n{stderr}"));
+            let seconds = seconds
+                .parse()
+                .unwrap_or_else(|_| panic!("a phase without a figure: {line:?}\n{stderr}"));
+            (name.trim().to_owned(), seconds)
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pull",
+            "build/cache",
+            "setup",
+            "qemu start",
+            "kernel",
+            "init",
+            "supervisor",
+            "workload",
+            "shutdown",
+            "cleanup",
+            "total",
+            "to workload"
+        ],
+        "{stderr}"
+    );
+    let figure = |name: &str| rows.iter().find(|(n, _)| n == name).unwrap().1;
+    let phases: f64 = rows[..10].iter().map(|(_, seconds)| seconds).sum();
+    let total = figure("total");
+    // Each figure is rounded to a millisecond.
+    assert!(
+        (phases - total).abs() <= 0.006,
+        "the phases add up to {phases:.3} s, not the total\n{stderr}"
+    );
+    // The total is the run; what is left of the wall time is starting and ending the
+    // process.
+    assert!(
+        total <= wall && wall - total < 2.0,
+        "total {total:.3} s of a {wall:.3} s wall time\n{stderr}"
+    );
+    assert!(figure("qemu start") > 0.0, "QEMU's own start shown\n{stderr}");
+    assert!(
+        figure("to workload") < total,
+        "the time to the workload is part of the run\n{stderr}"
     );
 }

@@ -180,13 +180,22 @@ impl Conversation {
         let stream = accept_until(&listener, deadline);
         let received = Arc::new(Mutex::new(Vec::new()));
         let (mut reading, sink) = (stream.try_clone().unwrap(), Arc::clone(&received));
+        let mut answering = stream.try_clone().unwrap();
         let reader = thread::spawn(move || loop {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
             reading.set_read_timeout(Some(left)).unwrap();
             match read_frame(&mut reading) {
-                Ok(Some(frame)) => sink.lock().unwrap().push(frame),
+                Ok(Some(frame)) => {
+                    // As kiln does: the guest powers off once the host has its result.
+                    if frame.session == MAIN_SESSION && matches!(frame.message, Message::Result(_))
+                    {
+                        let answer = Message::Shutdown(ShutdownRequest { grace_ms: 0 });
+                        let _ = write_frame(&mut answering, &Frame::new(CONTROL_SESSION, answer));
+                    }
+                    sink.lock().unwrap().push(frame)
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(format!("reading the channel: {e}")),
             }

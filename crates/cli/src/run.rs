@@ -362,21 +362,28 @@ pub fn terminal_size() -> TerminalSize {
 
 fn print_timings(globals: &Globals, report: &RunReport) {
     let t = &report.timings;
+    // The phases in order; they add up to the total.
     let phases = [
         ("pull", Some(t.pull)),
         ("build/cache", Some(t.build)),
-        ("vmm start", t.vm.vmm_start),
+        ("setup", t.setup),
+        ("qemu start", t.vm.vmm_start),
         ("kernel", t.vm.kernel),
         ("init", t.vm.init),
         ("supervisor", t.vm.supervisor),
         ("workload", t.vm.workload),
         ("shutdown", t.vm.shutdown),
+        ("cleanup", t.cleanup),
+    ];
+    let sums = [
+        ("total", Some(t.total)),
         // Not a phase: the sum a user waits, from `kiln run` to the workload's start.
         ("to workload", t.to_workload),
     ];
     if globals.json {
         let map: serde_json::Map<String, serde_json::Value> = phases
             .iter()
+            .chain(&sums)
             .map(|(name, d)| (name.to_string(), d.map(|d| d.as_secs_f64()).into()))
             .collect();
         let json = serde_json::json!({
@@ -396,7 +403,7 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         "phase            seconds   (accel: {}, root image {root_image})",
         report.accel.accel.as_str()
     );
-    for (name, duration) in phases {
+    for (name, duration) in phases.into_iter().chain(sums) {
         let shown = duration.map_or("-".to_owned(), |d: Duration| {
             format!("{:.3}", d.as_secs_f64())
         });

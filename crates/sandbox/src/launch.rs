@@ -92,10 +92,13 @@ pub enum GuestEvent {
     Phase(PhaseTime),
 }
 
-/// Durations of the phases of one VM run, as far as they were reached.
+/// Durations of the phases of one VM run, as far as they were reached. The host-clock
+/// phases and the guest's boot phases between them tile the run: from the VMM's spawn to
+/// the host hearing the workload's start is `vmm_start` + `kernel` + `init` + `supervisor`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct VmTimings {
-    /// VMM process start until it connected to the channel.
+    /// QEMU's own start: from spawning the VMM until the guest kernel ran (host clock,
+    /// with the guest's boot phases after it taken off).
     pub vmm_start: Option<Duration>,
     /// Kernel start until init ran (guest clock).
     pub kernel: Option<Duration>,
@@ -104,14 +107,20 @@ pub struct VmTimings {
     /// The supervisor's user check, filesystem preparation and privilege drop, until the
     /// workload started.
     pub supervisor: Option<Duration>,
-    /// The workload's own run time (guest clock).
+    /// The workload's run, from the host hearing it started until it heard its result
+    /// (host clock).
     pub workload: Option<Duration>,
     /// Workload end until the VM process ended (host clock).
     pub shutdown: Option<Duration>,
-    /// When the host heard that the workload started (host clock), for figures that
-    /// begin before the VM does, such as [`crate::RunTimings::to_workload`].
+    /// When the VMM was spawned, the host heard that the workload started, and the VM
+    /// ended (host clock), for figures that begin before the VM does or end after it,
+    /// such as [`crate::RunTimings::to_workload`].
+    #[serde(skip)]
+    pub vmm_spawned_at: Option<Instant>,
     #[serde(skip)]
     pub workload_started_at: Option<Instant>,
+    #[serde(skip)]
+    pub ended_at: Option<Instant>,
 }
 
 /// How a run ended when the workload ran.
@@ -253,7 +262,7 @@ pub fn launch(
         deadlines.connect,
     )?;
     let mut timings = VmTimings {
-        vmm_start: Some(started.elapsed()),
+        vmm_spawned_at: Some(started),
         ..VmTimings::default()
     };
     drop(listener);
@@ -293,12 +302,28 @@ pub fn launch(
     };
     let outcome = driver.drive(&inbox);
     channel.close();
+    let ended_at = Instant::now();
     timings.kernel = driver.boot_times.kernel();
     timings.init = driver.boot_times.init();
     timings.supervisor = driver.boot_times.supervisor();
-    timings.workload = driver.boot_times.workload();
-    timings.shutdown = driver.workload_ended_at.map(|t| t.elapsed());
+    if let (Some(workload_started), Some(kernel), Some(init), Some(supervisor)) = (
+        driver.workload_started_at,
+        timings.kernel,
+        timings.init,
+        timings.supervisor,
+    ) {
+        let boot = workload_started.saturating_duration_since(started);
+        timings.vmm_start = Some(boot.saturating_sub(kernel + init + supervisor));
+    }
+    timings.workload = driver
+        .workload_started_at
+        .zip(driver.workload_ended_at)
+        .map(|(started, ended)| ended.saturating_duration_since(started));
+    timings.shutdown = driver
+        .workload_ended_at
+        .map(|t| ended_at.saturating_duration_since(t));
     timings.workload_started_at = driver.workload_started_at;
+    timings.ended_at = Some(ended_at);
     outcome.map(|result| LaunchOutcome { result, timings })
 }
 
@@ -436,7 +461,6 @@ struct BootTimes {
     init_started: Option<u64>,
     supervisor_started: Option<u64>,
     workload_started: Option<u64>,
-    workload_ended: Option<u64>,
 }
 
 impl BootTimes {
@@ -445,8 +469,7 @@ impl BootTimes {
             BootPhase::InitStarted => self.init_started = Some(ns),
             BootPhase::SupervisorStarted => self.supervisor_started = Some(ns),
             BootPhase::WorkloadStarted => self.workload_started = Some(ns),
-            BootPhase::WorkloadEnded => self.workload_ended = Some(ns),
-            BootPhase::Shutdown => {}
+            BootPhase::WorkloadEnded | BootPhase::Shutdown => {}
         }
     }
 
@@ -464,12 +487,6 @@ impl BootTimes {
         Some(Duration::from_nanos(
             self.workload_started?
                 .checked_sub(self.supervisor_started?)?,
-        ))
-    }
-
-    fn workload(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(
-            self.workload_ended?.checked_sub(self.workload_started?)?,
         ))
     }
 }

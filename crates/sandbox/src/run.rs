@@ -20,18 +20,27 @@ use crate::state::{
     STDERR_LOG, STDOUT_LOG,
 };
 
-/// Durations of every phase of a run.
+/// Durations of every phase of a run, on the host's clock but for the guest's boot
+/// phases; together they add up to `total`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunTimings {
     /// Resolving the reference and pulling what is missing.
     pub pull: Duration,
-    /// Building or finding the root image and identity layer.
+    /// Building or finding the root image and identity layer (and checking the guest
+    /// files first).
     pub build: Duration,
-    /// From the start of the run until the host heard that the workload started: what a
-    /// user waits before their command runs (pull, build, VMM start, boot).
-    pub to_workload: Option<Duration>,
+    /// Kiln's work between the images and the VMM's spawn: the sandbox's directory and
+    /// writable layer, the boot configuration, the accelerator.
+    pub setup: Option<Duration>,
     #[serde(flatten)]
     pub vm: VmTimings,
+    /// After the VM ended: removing a `--rm` sandbox or recording how it ended.
+    pub cleanup: Option<Duration>,
+    /// The whole run, from its start until it returned.
+    pub total: Duration,
+    /// From the start of the run until the host heard that the workload started: what a
+    /// user waits before their command runs (pull, build, VMM start, boot). Not a phase.
+    pub to_workload: Option<Duration>,
 }
 
 /// A finished run.
@@ -66,6 +75,7 @@ pub fn run(
         create.sandbox_gid,
         create.rootfs_cache_max,
     )?;
+    let prepared_at = Instant::now();
     for warning in &prepared.warnings {
         notice(&format!("warning: {warning}"));
     }
@@ -118,6 +128,7 @@ pub fn run(
         };
         sandbox.write_json(STATE_FILE, &ended)?;
     }
+    let ended_at = Instant::now();
     let outcome = outcome?;
     Ok(RunReport {
         sandbox_id,
@@ -126,10 +137,14 @@ pub fn run(
         accel: host.verdict,
         timings: RunTimings {
             pull: prepared.pull_time,
-            build: prepared.build_time,
-            to_workload: outcome
-                .timings
-                .workload_started_at
+            build: prepared_at
+                .saturating_duration_since(run_started)
+                .saturating_sub(prepared.pull_time),
+            setup: (outcome.timings.vmm_spawned_at)
+                .map(|at| at.saturating_duration_since(prepared_at)),
+            cleanup: (outcome.timings.ended_at).map(|at| ended_at.saturating_duration_since(at)),
+            total: ended_at.saturating_duration_since(run_started),
+            to_workload: (outcome.timings.workload_started_at)
                 .map(|at| at.saturating_duration_since(run_started)),
             vm: outcome.timings,
         },
