@@ -3,7 +3,8 @@
 //! workload and not QEMU; piped input ends a `-t` session; start failures are shown as
 //! docker shows them; progress stays off stderr unless it is a terminal or -v; a
 //! `--timeout` error carries no console lines; `start` of a running sandbox is a no-op;
-//! `wait`, `kill`, `restart`; `--rm -d`; a foreground run leaves its logs.
+//! `wait`, `kill`, `restart`; `--rm -d`; a foreground run leaves its logs; `--timings`
+//! adds up.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -640,7 +641,10 @@ fn timings_add_up_to_the_total_and_the_total_to_the_wall_time() {
     let stderr = text(&output.stderr);
     let mut lines = stderr.lines();
     let header = lines.next().unwrap_or_default();
-    assert!(header.starts_with("phase            seconds   (accel: "), "{stderr}");
+    assert!(
+        header.starts_with("phase            seconds   (accel: "),
+        "{stderr}"
+    );
     let rows: Vec<(String, f64)> = lines
         .map(|line| {
             let (name, seconds) = line
@@ -685,7 +689,10 @@ fn timings_add_up_to_the_total_and_the_total_to_the_wall_time() {
         total <= wall && wall - total < 2.0,
         "total {total:.3} s of a {wall:.3} s wall time\n{stderr}"
     );
-    assert!(figure("qemu start") > 0.0, "QEMU's own start shown\n{stderr}");
+    assert!(
+        figure("qemu start") > 0.0,
+        "QEMU's own start shown\n{stderr}"
+    );
     assert!(
         figure("to workload") < total,
         "the time to the workload is part of the run\n{stderr}"

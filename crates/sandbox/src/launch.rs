@@ -1186,7 +1186,6 @@ exec sleep 600
         assert_eq!(times.kernel(), Some(Duration::from_millis(1500)));
         assert_eq!(times.init(), Some(Duration::from_millis(150)));
         assert_eq!(times.supervisor(), Some(Duration::from_millis(50)));
-        assert_eq!(times.workload(), Some(Duration::from_millis(50)));
     }
 
     #[test]
