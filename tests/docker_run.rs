@@ -1,6 +1,6 @@
 //! docker habits on the run path and the lifecycle, end to end through the `kiln` binary
 //! and real VM boots under TCG: ^C on a real terminal (tmux) and `timeout` reach the
-//! workload and not QEMU; piped input ends a `-t` session; start failures are shown as
+//! workload and not QEMU; piped input with `-it` is refused; start failures are shown as
 //! docker shows them; progress stays off stderr unless it is a terminal or -v; a
 //! `--timeout` error carries no console lines; `start` of a running sandbox is a no-op;
 //! `wait`, `kill`, `restart`; `--rm -d`; a foreground run leaves its logs; `--timings`
@@ -228,25 +228,33 @@ fn timeout_signals_the_workload_through_kiln() {
 
 #[test]
 #[ignore = "needs root (scripts/test runs it as root)"]
-fn piped_input_ends_a_tty_session() {
+fn piped_input_with_it_is_refused_as_docker_refuses_it() {
     require_root();
     let root = KilnRoot::with_guest();
+    let refused = "kiln: error: the input device is not a TTY (-it needs a terminal on stdin; \
+                   pipe input with -i alone)";
+    let image = demo_image();
+    let runs: [&[&str]; 2] = [
+        &["run", "--rm", "-it", &image, "sh"],
+        &["exec", "-it", "nosuchsandbox", "sh", "-c", "true"],
+    ];
+    for args in runs {
+        let line = format!("echo 'echo hi' | {}", shell_line(root.kiln().args(args)));
+        let output = run_with_timeout(Command::new("sh").args(["-c", &line]), BOOT_WAIT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(code(&output), 125, "{}", describe(&output));
+        assert_eq!(text(&output.stdout), "", "{}", describe(&output));
+        assert_eq!(text(&output.stderr).trim_end(), refused);
+    }
+    // Piped input without -t reaches the workload to its end.
     let line = format!(
         "echo 'echo hi' | {}",
-        shell_line(
-            root.kiln()
-                .args(["run", "--rm", "-it", &demo_image(), "sh"])
-        )
+        shell_line(root.kiln().args(["run", "--rm", "-i", &demo_image(), "sh"]))
     );
     let output = run_with_timeout(Command::new("sh").args(["-c", &line]), BOOT_WAIT)
         .unwrap_or_else(|e| panic!("the session did not end at the end of its input: {e}"));
     assert_eq!(code(&output), 0, "{}", describe(&output));
-    let stdout = text(&output.stdout);
-    assert!(
-        stdout.lines().any(|l| l.trim_end_matches('\r') == "hi"),
-        "{}",
-        describe(&output)
-    );
+    assert_eq!(text(&output.stdout), "hi\n", "{}", describe(&output));
     assert_eq!(text(&output.stderr), "", "{}", describe(&output));
 }
 
@@ -451,6 +459,14 @@ fn a_foreground_run_leaves_its_output_for_logs() {
     assert_eq!(code(&logs), 0, "{}", describe(&logs));
     assert_eq!(text(&logs.stdout), "to-out\n");
     assert_eq!(text(&logs.stderr), "to-err\n");
+    // Each line keeps the time it arrived, as a detached sandbox's do.
+    let stamped = root.ok(&["logs", "-t", "fg"]);
+    let (time, line) = stamped.trim_end().split_once(' ').unwrap_or_default();
+    assert_eq!(line, "to-out", "{stamped:?}");
+    assert!(
+        time.len() == 30 && time.ends_with('Z') && time.contains('T'),
+        "an RFC 3339 time: {stamped:?}"
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{guest_files, run_with_timeout};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
-    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
+    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize, WallClock,
     WorkloadResult, CHANNEL_PORT, CONTROL_SESSION, IDENTITY_DISK_ID, MAIN_SESSION, ROOT_DISK_ID,
     UPPER_DISK_ID,
 };
@@ -211,8 +211,15 @@ impl Conversation {
         }
     }
 
+    /// Sends `frame`; a host Hello is followed by the host's wall clock, as kiln sends it
+    /// (kiln-init sets its clock from it before it mounts anything).
     fn send(&mut self, frame: Frame) {
+        let hello = matches!(frame.message, Message::Hello(_));
         write_frame(&mut self.stream, &frame).expect("writing to the guest");
+        if hello {
+            let clock = Frame::new(CONTROL_SESSION, Message::Clock(WallClock::now()));
+            write_frame(&mut self.stream, &clock).expect("writing to the guest");
+        }
     }
 
     fn console(&self) -> String {

@@ -221,6 +221,7 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.detach {
         return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm, args.rm);
     }
+    check_input_terminal(args.interactive, args.tty).map_err(kiln_error)?;
     let request = RunFields {
         sandbox: args.sandbox.into_fields(globals).map_err(kiln_error)?,
         timeout: args.timeout,
@@ -307,6 +308,18 @@ impl SandboxArgs {
         self.guest.fill(&mut fields);
         Ok(fields)
     }
+}
+
+/// `-it` types into the guest's terminal from kiln's: piped input is refused, as docker
+/// refuses it. Its end could only reach the guest as a ^D typed at some moment, which a
+/// shell's line editor reads as the end or not depending on when it switched modes.
+pub fn check_input_terminal(interactive: bool, tty: bool) -> anyhow::Result<()> {
+    if interactive && tty && !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "the input device is not a TTY (-it needs a terminal on stdin; pipe input with -i alone)"
+        );
+    }
+    Ok(())
 }
 
 /// Kiln's own stdio for a workload (stdin only with `-i`), with kiln's signals and

@@ -267,6 +267,7 @@ pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
 
 /// `kiln exec`: the command's exit code becomes kiln's; 125 means kiln itself failed.
 pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
+    crate::run::check_input_terminal(args.interactive, args.tty).map_err(kiln_error)?;
     let request = ExecFields {
         command: args.command,
         env: args.env,

@@ -379,7 +379,8 @@ pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInf
     let before = get_dir(&sandbox)?;
     crate::client::shutdown(&sandbox, grace)?;
     match get_dir(&sandbox) {
-        Err(_) if before.auto_remove && !sandbox.path().exists() => Ok(before),
+        // Its monitor is removing it (`run --rm -d`), maybe this moment, file by file.
+        Err(_) if before.auto_remove => Ok(before),
         after => after,
     }
 }

@@ -70,19 +70,21 @@ impl RotatingLog {
 }
 
 /// A stream that goes to its destination and to a log: a foreground run's output, kept
-/// for `kiln logs`. The log comes first, so a destination that stopped taking output
-/// (`| head`) does not cut the log short; a log that fails (a full disk) stops logging,
-/// not the run.
+/// for `kiln logs` with each line's time, as the monitor keeps a detached sandbox's. The
+/// log comes first, so a destination that stopped taking output (`| head`) does not cut
+/// the log short; a log that fails (a full disk) stops logging, not the run.
 pub struct Tee<W> {
     out: W,
-    log: Option<RotatingLog>,
+    log: Option<lines::Timestamped<RotatingLog>>,
+    log_path: PathBuf,
 }
 
 impl<W: Write> Tee<W> {
     pub fn new(out: W, log: RotatingLog) -> Tee<W> {
         Tee {
             out,
-            log: Some(log),
+            log_path: log.path.clone(),
+            log: Some(lines::Timestamped::new(log)),
         }
     }
 }
@@ -93,7 +95,7 @@ impl<W: Write> Write for Tee<W> {
             if let Err(err) = log.write_all(buf) {
                 tracing::warn!(
                     "{}: {err}; the rest of the output is not logged",
-                    log.path.display()
+                    self.log_path.display()
                 );
                 self.log = None;
             }
@@ -276,7 +278,11 @@ mod tests {
         assert_eq!(shown, b"seen and kept\n");
         let mut tee = Tee::new(Closed, RotatingLog::open(&path, 1000).unwrap());
         assert!(tee.write_all(b"kept only\n").is_err());
-        assert_eq!(std::fs::read(&path).unwrap(), b"seen and kept\nkept only\n");
+        // Each line behind its time, as the monitor writes them.
+        let logged = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = logged.lines().map(|l| &l[lines::STAMP_LEN..]).collect();
+        assert_eq!(lines, ["seen and kept", "kept only"], "{logged}");
+        assert!(logged.starts_with("20"), "{logged}");
     }
 
     #[test]
