@@ -269,12 +269,16 @@ fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]
 
 #[test]
 fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
-    // The root is named but no disk is attached.
+    // The root is named but no disk is attached. init mounts only after the host's hello
+    // and clock.
     let boot = boot(
         &["kiln.root=root", "kiln.upper=tmpfs"],
         Vec::new(),
         Network::None,
-        &[],
+        &[Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        )],
     );
     let (frames, control) = (&boot.frames, boot.control());
     assert!(
