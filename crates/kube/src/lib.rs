@@ -19,7 +19,7 @@ use std::io::Read;
 use std::path::Path;
 
 pub use config::{
-    ConfigFile, ConfigOverrides, ResourceAmounts, ResourcesConfig, SandboxConfig, Topology,
+    ConfigFile, ConfigOverrides, Egress, PolicySource, ResourceAmounts, ResourcesConfig, SandboxConfig, Topology,
     WorkspaceConfig, MAX_CONFIG_SIZE, RESERVED_ENV,
 };
 pub use error::KubeError;
@@ -28,7 +28,8 @@ pub use namespace::{
     namespace_from_cluster, namespace_from_json, NamespaceInfo, MAX_NAMESPACE_JSON_SIZE,
 };
 pub use render::{
-    pod_to_yaml, render_pod, RenderedPod, BUSYBOX_PATH_IN_IMAGE, DEFAULT_NETWORK_UID,
+    pod_to_yaml, render_pod, RenderedPod, BUSYBOX_PATH_IN_IMAGE, DEFAULT_NETWORK_UID, EGRESS_LABEL,
+    NETWORK_CAPABILITY, POLICY_DIGEST_ANNOTATION, POLICY_DIR, POLICY_KEY,
     GID_SOURCE_ANNOTATION, NETWORK_UID_SOURCE_ANNOTATION, SUPERVISOR_PATH_IN_IMAGE, TOPOLOGY_LABEL,
     UID_SOURCE_ANNOTATION,
 };
