@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_kube::pss::{self, ContainerVerdict};
 use kiln_kube::{
-    ConfigFile, ConfigOverrides, Egress, KubeError, NamespaceInfo, OciTarget, SandboxConfig, Topology,
-    WorkspaceConfig,
+    ConfigFile, ConfigOverrides, Egress, KubeError, NamespaceInfo, OciTarget, SandboxConfig,
+    Topology, WorkspaceConfig,
 };
 
 use crate::exit::{CommandError, CommandResult};

@@ -74,7 +74,11 @@ impl Egress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicySource {
     /// A policy file, validated, rendered into a ConfigMap of its own.
-    File { path: PathBuf, text: String, digest: String },
+    File {
+        path: PathBuf,
+        text: String,
+        digest: String,
+    },
     /// An existing ConfigMap of this name, holding the policy under `policy.yaml`.
     ConfigMap(String),
 }
@@ -246,7 +250,10 @@ impl SandboxConfig {
                 return Err(invalid(
                     "policy_configmap",
                     &name,
-                    &format!("either policy ({}) or policy_configmap, not both", path.display()),
+                    &format!(
+                        "either policy ({}) or policy_configmap, not both",
+                        path.display()
+                    ),
                 ))
             }
             (Some(path), None) => Some(load_policy(&path)?),

@@ -169,7 +169,11 @@ pub fn admission_needs(pod: &Pod, verdicts: &[ContainerVerdict]) -> Vec<String> 
             verdict.name,
             verdict.level,
             if as_root { "runs as uid 0 and " } else { "" },
-            if added.is_empty() { "none".to_owned() } else { added.join(", ") },
+            if added.is_empty() {
+                "none".to_owned()
+            } else {
+                added.join(", ")
+            },
         ));
     }
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("NAMESPACE");

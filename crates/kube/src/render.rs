@@ -19,10 +19,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    EphemeralVolumeSource, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -33,7 +33,9 @@ use kiln_identity::{
     UID_RANGE_ANNOTATION,
 };
 
-use crate::{Egress, KubeError, NamespaceInfo, PolicySource, ResourceAmounts, SandboxConfig, Topology};
+use crate::{
+    Egress, KubeError, NamespaceInfo, PolicySource, ResourceAmounts, SandboxConfig, Topology,
+};
 
 /// Where the supervisor image keeps the static kiln-supervisor.
 pub const SUPERVISOR_PATH_IN_IMAGE: &str = "/kiln-supervisor";
@@ -139,7 +141,11 @@ pub fn render_pod(
         }
         args
     };
-    let policy_mount = || policy_configmap.as_ref().map(|_| mount(POLICY_VOLUME, POLICY_DIR, true));
+    let policy_mount = || {
+        policy_configmap
+            .as_ref()
+            .map(|_| mount(POLICY_VOLUME, POLICY_DIR, true))
+    };
 
     let uid = i64::from(identity.uid.value);
     let gid = i64::from(identity.gid.value);
