@@ -63,12 +63,16 @@ pub(crate) fn forward_requests(
             Err(stop) => break stop,
         }
     };
-    let _ = upstream.shutdown(Shutdown::Write);
-    if let Stop::Answer(status, body) = stop {
+    if let Stop::Answer(..) = stop {
+        // Before the destination sees the end of the requests: the other direction must
+        // know not to close the workload's side when the destination closes.
         drain.denied.store(true, Ordering::Release);
         if let Ok(mut deadline) = drain.deadline.lock() {
             *deadline = Some(Instant::now() + DRAIN_TIMEOUT);
         }
+    }
+    let _ = upstream.shutdown(Shutdown::Write);
+    if let Stop::Answer(status, body) = stop {
         // Responses to the requests already forwarded come first.
         while !down.is_finished() {
             std::thread::sleep(std::time::Duration::from_millis(20));
