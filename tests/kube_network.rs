@@ -23,8 +23,15 @@ use serde_json::Value;
 
 const SANDBOX_UID: &str = "10001";
 const PROXY_UID: &str = "10000";
-const READ_ONLY: &str = "version: 1\nnetwork_policies:\n  good:\n    endpoints:\n      - host: good.test\n        port: 80\n        protocol: rest\n        access: read-only\n";
+const READ_ONLY: &str = "version: 1\nnetwork_policies:\n  good:\n    endpoints:\n      - host: good.test\n        port: 80\n        protocol: rest\n        access: read-only\n      - host: good.test\n        port: 443\n";
 const READ_WRITE: &str = "version: 1\nnetwork_policies:\n  good:\n    endpoints:\n      - host: good.test\n        port: 80\n        protocol: rest\n        access: read-write\n";
+/// A TLS server on 198.18.0.5:443 with a self-signed certificate made in `dir`.
+const TLS_SERVER: &str = "import http.server, ssl\n\
+s = http.server.HTTPServer(('198.18.0.5', 443), http.server.SimpleHTTPRequestHandler)\n\
+c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+c.load_cert_chain('cert.pem', 'key.pem')\n\
+s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+s.serve_forever()\n";
 const POLICY_MOUNT: &str = "/etc/kiln/network-policy/policy.yaml";
 
 fn supervisor_bin() -> PathBuf {
@@ -148,44 +155,62 @@ impl Lab {
         lab
     }
 
-    fn start_http_server(&mut self) {
-        let child = Command::new("ip")
+    /// HTTP on 198.18.0.5:80 and HTTPS on 198.18.0.5:443 (python's http.server, which
+    /// answers POST with 501: what matters is that the request reached it).
+    fn start_servers(&mut self) {
+        let dir = self.dir.path();
+        let out = run(Command::new("openssl")
             .args([
-                "netns",
-                "exec",
-                &self.internet,
-                "/usr/bin/python3",
-                "-m",
-                "http.server",
-                "--bind",
-                "198.18.0.5",
-                "80",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=good.test",
             ])
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        // POST gets 501 from http.server: what matters is that it reached the server.
-        for _ in 0..100 {
-            let out = sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.internet,
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "http://198.18.0.5/",
-            ]);
-            if out.status.success() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            .args(["-keyout", "key.pem", "-out", "cert.pem"])
+            .current_dir(dir));
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let python = |args: &[&str]| {
+            Command::new("ip")
+                .args(["netns", "exec", &self.internet, "/usr/bin/python3"])
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let http = python(&["-m", "http.server", "--bind", "198.18.0.5", "80"]);
+        let https = python(&["-c", TLS_SERVER]);
+        self.children.extend([http, https]);
+        for url in ["http://198.18.0.5/", "https://198.18.0.5/"] {
+            let ready = (0..100).any(|_| {
+                let out = sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &self.internet,
+                    "curl",
+                    "-sk",
+                    "-o",
+                    "/dev/null",
+                    url,
+                ]);
+                out.status.success() || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    false
+                }
+            });
+            assert!(ready, "{url} did not start");
         }
-        panic!("the HTTP server did not start");
     }
 
     /// A kubelet-style ConfigMap volume: `policy.yaml -> ..data/policy.yaml`, `..data`
@@ -372,6 +397,20 @@ fn check_flows(lab: &Lab) {
     // The allowed name's address carrying the denied name's Host: reset.
     let (code, _) = lab.curl(&["-H", "Host: bad.test", "http://good.test/"]);
     assert_eq!(code, 56, "Host: bad.test");
+    // TLS: the allowed name's SNI passes; the denied name's SNI to the same address is
+    // reset, though its address is the allowed name's.
+    let (code, out) = lab.curl(&["-k", "https://good.test/"]);
+    assert!(
+        code == 0 && out.ends_with("\n200"),
+        "TLS good.test: {code} {out}"
+    );
+    let (code, _) = lab.curl(&[
+        "-k",
+        "--resolve",
+        "bad.test:443:198.18.0.5",
+        "https://bad.test/",
+    ]);
+    assert!(code == 35 || code == 56, "TLS with SNI bad.test: {code}");
     // A port no entry lists: reset at once.
     let (code, _) = lab.curl(&["http://good.test:8080/"]);
     assert!(code == 7 || code == 56, "port 8080: {code}");
@@ -429,7 +468,7 @@ fn decision_lines(path: &Path) -> Vec<Value> {
 fn sidecar_topology_enforces_the_policy() {
     require_root();
     let mut lab = Lab::new("s");
-    lab.start_http_server();
+    lab.start_servers();
     lab.publish_policy(1, READ_ONLY);
     let containers = rendered("sidecar");
 
@@ -504,7 +543,7 @@ fn sidecar_topology_enforces_the_policy() {
 fn combined_topology_enforces_the_same_policy() {
     require_root();
     let mut lab = Lab::new("c");
-    lab.start_http_server();
+    lab.start_servers();
     lab.publish_policy(1, READ_ONLY);
     let containers = rendered("combined");
     let agent = command_of(&containers, "agent", &lab);
