@@ -35,7 +35,9 @@ fn static_supervisor() -> PathBuf {
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
-/// The capabilities the rendered combined pod adds, as capsh names them (`cap_chown`).
+/// The capabilities the rendered combined pod adds, as capsh names them (`cap_chown`),
+/// with egress not enforced: NET_ADMIN, added for the rules when it is, is exercised by
+/// tests/kube_network.rs (the supervisor installs the rules with exactly these six).
 fn rendered_capabilities() -> Vec<String> {
     let mut command = Command::new(kiln_bin());
     command.args([
@@ -52,6 +54,8 @@ fn rendered_capabilities() -> Vec<String> {
         "supervisor",
         "--topology",
         "combined",
+        "--egress",
+        "none",
         "--",
         "sh",
     ]);

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use kiln_e2e::{kiln_bin, require_root};
+use kiln_e2e::{kiln_bin, require_root, workspace_root};
 use serde_json::Value;
 
 const SANDBOX_UID: &str = "10001";
@@ -389,7 +389,8 @@ fn check_flows(lab: &Lab) {
     let (code, out) = lab.curl(&["-X", "POST", "http://good.test/"]);
     assert!(
         out.ends_with("\n403") && out.contains("kiln: POST / denied by the sandbox network policy"),
-        "POST: {code} {out}"
+        "POST: {code} {out}\n{}",
+        lab.logs()
     );
     // A denied name: NXDOMAIN, not a timeout.
     let out = lab.python("import socket\ntry:\n socket.getaddrinfo('bad.test', 80); print('resolved')\nexcept socket.gaierror as e: print('gaierror', e.errno)");
@@ -422,12 +423,15 @@ fn check_flows(lab: &Lab) {
     // The agent cannot remove the rules.
     let out = lab.agent(&["nft", "delete", "table", "inet", "kiln"]);
     assert!(!out.status.success());
-    let rules = sh(&[
-        "ip", "netns", "exec", &lab.pod, "nft", "list", "table", "inet", "kiln",
-    ]);
-    assert!(
-        String::from_utf8_lossy(&rules.stdout).contains(&format!("meta skuid != {PROXY_UID} drop"))
-    );
+    // The kernel holds exactly the rules docs/kubernetes.md shows.
+    let rules = sh(&["ip", "netns", "exec", &lab.pod, "nft", "list", "ruleset"]);
+    let docs = fs::read_to_string(workspace_root().join("docs/kubernetes.md")).unwrap();
+    let shown = docs
+        .split("<!-- kiln:rules -->\n```\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the rules in docs/kubernetes.md");
+    assert_eq!(String::from_utf8_lossy(&rules.stdout), shown);
 }
 
 fn check_hot_reload(lab: &Lab, log: &Path) {

@@ -343,7 +343,10 @@ fn parse_reply(query: &[u8], msg: &[u8]) -> Option<Answer> {
         return None;
     }
     let question = &query[12..];
-    if msg.get(12..12 + question.len())?.to_ascii_lowercase() != question.to_ascii_lowercase() {
+    if !msg
+        .get(12..12 + question.len())?
+        .eq_ignore_ascii_case(question)
+    {
         return None;
     }
     let qtype = u16::from_be_bytes([query[query.len() - 4], query[query.len() - 3]]);

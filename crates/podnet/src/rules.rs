@@ -459,3 +459,44 @@ fn netlink_socket() -> Result<OwnedFd, PodnetError> {
     }
     Ok(socket)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/kubernetes.md shows the rules between `<!-- kiln:rules -->` markers.
+    fn documented() -> String {
+        let docs = include_str!("../../../docs/kubernetes.md");
+        let start = docs
+            .find("<!-- kiln:rules -->\n```\n")
+            .expect("the rules' start marker")
+            + 24;
+        let end = docs
+            .find("```\n<!-- /kiln:rules -->")
+            .expect("the rules' end marker");
+        docs[start..end].to_owned()
+    }
+
+    #[test]
+    fn the_documented_rules_are_the_installed_ones() {
+        let rules = RuleSet {
+            proxy_uid: 10000,
+            proxy_port: 15001,
+            dns_port: 15053,
+        };
+        assert_eq!(rules.nft_text(), documented());
+    }
+
+    #[test]
+    fn attributes_are_padded_and_nested() {
+        let mut attrs = Attrs::default();
+        attrs.str(1, "kiln").nested(4, |n| {
+            n.be32(1, 3);
+        });
+        // "kiln\0" (9 bytes with its header) pads to 12; the nest is 4 + 8.
+        assert_eq!(attrs.0.len(), 12 + 12);
+        assert_eq!(&attrs.0[0..4], &[9, 0, 1, 0]);
+        assert_eq!(&attrs.0[12..16], &[12, 0, 4, 0x80]);
+        assert_eq!(&attrs.0[20..24], &3u32.to_be_bytes());
+    }
+}
