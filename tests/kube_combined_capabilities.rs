@@ -59,7 +59,10 @@ fn rendered_capabilities() -> Vec<String> {
         "--",
         "sh",
     ]);
-    let pod: Value = serde_json::from_slice(&run_ok(&mut command, TIMEOUT).stdout).unwrap();
+    // A List: the pod, then the NetworkPolicy that denies its egress.
+    let list: Value = serde_json::from_slice(&run_ok(&mut command, TIMEOUT).stdout).unwrap();
+    let pod = &list["items"][0];
+    assert_eq!(pod["kind"], "Pod");
     let agent = &pod["spec"]["containers"][0];
     assert_eq!(
         agent["securityContext"]["capabilities"]["drop"],
