@@ -300,6 +300,7 @@ pub fn boot(
         disks,
         shares,
         cpus: record.cpus,
+        cpu_millis: record.cpus.saturating_mul(1000),
         memory_mib: record.memory_mib,
         network,
         channel: Channel {
@@ -344,6 +345,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         disks: Vec::new(),
         shares: Vec::new(),
         cpus: 1,
+        cpu_millis: 1000,
         memory_mib: 256,
         network: Network::None,
         channel: Channel {

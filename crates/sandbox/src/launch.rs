@@ -875,6 +875,7 @@ exec sleep 600
             disks: Vec::new(),
             shares: Vec::new(),
             cpus: 1,
+            cpu_millis: 1000,
             memory_mib: 128,
             network: Network::None,
             channel: Channel {
