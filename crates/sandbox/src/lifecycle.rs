@@ -55,6 +55,9 @@ pub struct SandboxInfo {
     pub memory_mib: u32,
     pub network: NetworkRecord,
     pub state_dir: PathBuf,
+    /// What confines the VMM process while it runs, as read from /proc.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<kiln_vm::Confinement>,
 }
 
 /// A step of provisioning a sandbox, reported as it happens.
@@ -484,6 +487,10 @@ fn info(
             state.monitor_pid = None;
         }
     }
+    let vmm = (state.status == Status::Running)
+        .then_some(state.monitor_pid)
+        .flatten()
+        .and_then(vmm_of);
     Ok(SandboxInfo {
         id: record.id,
         name: record.name,
@@ -499,7 +506,18 @@ fn info(
         memory_mib: record.memory_mib,
         network: record.network,
         state_dir: sandbox.path().to_path_buf(),
+        vmm,
     })
+}
+
+/// The confinement of the VMM a monitor runs: its only child process.
+fn vmm_of(monitor_pid: u32) -> Option<kiln_vm::Confinement> {
+    let tasks = std::fs::read_dir(format!("/proc/{monitor_pid}/task")).ok()?;
+    let child = tasks.flatten().find_map(|task| {
+        let children = std::fs::read_to_string(task.path().join("children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    })?;
+    kiln_vm::jail::observe(child).ok()
 }
 
 #[cfg(test)]

@@ -820,6 +820,11 @@ pub fn vmm_account() -> Result<(u32, u32), VmError> {
     })
 }
 
+/// The uid and gid of [`VMM_USER`] if the account exists.
+pub fn existing_vmm_account() -> Option<(u32, u32)> {
+    lookup_account(VMM_USER)
+}
+
 /// The uid and gid of host account `name`, from the host's passwd database.
 fn lookup_account(name: &str) -> Option<(u32, u32)> {
     let name = CString::new(name).ok()?;
@@ -989,6 +994,7 @@ impl Cgroup {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confinement {
     pub pid: u32,
+    /// Effective uid and gid.
     pub uid: u32,
     pub gid: u32,
     /// Supplementary groups.
@@ -1019,7 +1025,8 @@ pub fn observe(pid: u32) -> std::io::Result<Confinement> {
             .map(|value| value.trim().to_owned())
             .unwrap_or_default()
     };
-    let first = |value: String| value.split_whitespace().next().and_then(|v| v.parse().ok());
+    // Uid and Gid list real, effective, saved and filesystem ids.
+    let effective = |value: String| value.split_whitespace().nth(1).and_then(|v| v.parse().ok());
     let limits = std::fs::read_to_string(proc_dir.join("limits"))?;
     let limit = |name: &str| {
         limits
@@ -1036,8 +1043,8 @@ pub fn observe(pid: u32) -> std::io::Result<Confinement> {
         .collect();
     Ok(Confinement {
         pid,
-        uid: first(field("Uid")).unwrap_or(u32::MAX),
-        gid: first(field("Gid")).unwrap_or(u32::MAX),
+        uid: effective(field("Uid")).unwrap_or(u32::MAX),
+        gid: effective(field("Gid")).unwrap_or(u32::MAX),
         groups: field("Groups")
             .split_whitespace()
             .filter_map(|g| g.parse().ok())

@@ -89,16 +89,19 @@ impl Qemu {
         push(&["-sandbox", crate::jail::SECCOMP_OPTION]);
         // Files are handed over open (QEMU's fd sets): the jail holds none of them.
         let mut fd_sets = 0;
-        let mut add_fd = |args: &mut Vec<OsString>, fds: &[RawFd]| {
+        // Each set's opaque names the file it holds, for people (and `ps`).
+        let mut add_fd = |args: &mut Vec<OsString>, fds: &[RawFd], path: &Path| {
             fd_sets += 1;
             for fd in fds {
-                args.extend(["-add-fd".into(), format!("fd={fd},set={fd_sets}").into()]);
+                let opaque = escape_option(path);
+                let set = format!("fd={fd},set={fd_sets},opaque={opaque}");
+                args.extend(["-add-fd".into(), set.into()]);
             }
             format!("/dev/fdset/{fd_sets}")
         };
         // The console goes to a file that QEMU's own diagnostics (stderr) also append to,
         // so a failure report shows both in order.
-        let console_path = add_fd(&mut args, &[files.console]);
+        let console_path = add_fd(&mut args, &[files.console], &spec.console_log);
         let console = format!("file,id=console,path={console_path},append=on");
         args.extend(["-chardev", &console, "-serial", "chardev:console"].map(OsString::from));
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -119,7 +122,7 @@ impl Qemu {
         push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
 
         for (disk, fds) in spec.disks.iter().zip(&files.disks) {
-            let file = add_fd(&mut args, fds);
+            let file = add_fd(&mut args, fds, &disk.path);
             let drive = format!(
                 "id={id},file={file},format=raw,if=none,readonly={ro},cache=unsafe",
                 id = disk.id,
@@ -290,6 +293,11 @@ impl Backend for Qemu {
     }
 }
 
+/// QEMU splits option values at commas; a literal comma is written twice.
+fn escape_option(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
 fn validate(spec: &VmSpec) -> Result<(), VmError> {
     if spec.cpus == 0 {
         return Err(VmError::InvalidSpec("the VM needs at least 1 CPU".into()));
@@ -437,11 +445,11 @@ mod tests {
             "-append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=",
             "tsc=reliable kiln.root=root kiln.upper=upper kiln.port=kiln.0 kiln.hostname=kiln",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            "-add-fd fd=12,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on",
+            "-add-fd fd=12,set=1,opaque=/s/console.log -chardev file,id=console,path=/dev/fdset/1,append=on",
             "-kernel /kiln/kernel -initrd /kiln/initramfs",
-            "-add-fd fd=10,set=2 -drive id=root,file=/dev/fdset/2,format=raw,if=none,readonly=on",
+            "-add-fd fd=10,set=2,opaque=/s/root,,1.erofs -drive id=root,file=/dev/fdset/2,format=raw,if=none,readonly=on",
             &root_device,
-            "-add-fd fd=11,set=3 -add-fd fd=14,set=3 -drive id=upper,file=/dev/fdset/3,format=raw,if=none,readonly=off",
+            "-add-fd fd=11,set=3,opaque=/s/upper.ext4 -add-fd fd=14,set=3,opaque=/s/upper.ext4 -drive id=upper,file=/dev/fdset/3,format=raw,if=none,readonly=off",
             "socket,id=kilnchan,fd=13",
             &port,
             "hostfwd=tcp:127.0.0.1:8080-:80",
