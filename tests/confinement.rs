@@ -257,6 +257,10 @@ fn as_root_qemu_runs_as_kiln_vmm_in_its_jail_with_the_flags_limits() {
     assert_eq!(effective(&status_field(pid, "Uid")), vmm_uid);
     assert_eq!(effective(&status_field(pid, "Gid")), vmm_gid);
     assert_jailed(pid, &root, true);
+    // Non-dumpable (it runs an execute-only copy of QEMU): its /proc files are root's, so
+    // the other VMMs of the same uid can neither look into it nor trace it.
+    let proc_status = fs::metadata(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!((proc_status.uid(), proc_status.gid()), (0, 0));
     let cgroups = assert_limits(pid, true);
 
     // The volume: QEMU serves it from the jail, and what the guest writes is root's.

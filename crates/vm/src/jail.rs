@@ -48,9 +48,6 @@ pub const PIDS_MAX: u32 = 256;
 /// Open files per VMM: disks, sockets, and the 9p server's open guest files.
 pub const OPEN_FILES_MAX: u64 = 4096;
 
-/// The real gid of a VMM started by root: the kernel's overflow group, owning nothing.
-const NOGROUP_GID: u32 = 65534;
-
 /// The CFS period a CPU quota is expressed in.
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -118,6 +115,8 @@ pub(crate) struct Jail {
     nodes: Vec<Node>,
     copies: Vec<Copy>,
     tmpfs_options: CString,
+    /// Files of the jail mounted over others (the execute-only VMM over its binary).
+    overlays: Vec<(CString, CString)>,
     /// A /proc of its own (QEMU's 9p server works through /proc/self/fd).
     proc_mount: Option<CString>,
     uid_map: Vec<u8>,
@@ -160,6 +159,7 @@ struct Node {
 struct Copy {
     from: RawFd,
     to: CString,
+    mode: libc::mode_t,
 }
 
 /// Where the jail is built in the child's own mount namespace before it becomes the
@@ -243,6 +243,7 @@ impl Jail {
             copies: Vec::new(),
             tmpfs_options: CString::default(),
             proc_mount: None,
+            overlays: Vec::new(),
             uid_map: Vec::new(),
             gid_map: Vec::new(),
             cgroup_procs: Vec::new(),
@@ -343,17 +344,37 @@ impl Jail {
         jail.dirs.push(stage(JAIL_DIR)?);
         jail.kernel = PathBuf::from(format!("{JAIL_DIR}/kernel"));
         jail.initramfs = PathBuf::from(format!("{JAIL_DIR}/initramfs"));
-        let copy_size = kernel_file.metadata().map(|m| m.len()).unwrap_or(0)
-            + initramfs_file.metadata().map(|m| m.len()).unwrap_or(0);
+        let size = |file: &File| file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut copy_size = size(&kernel_file) + size(&initramfs_file);
         jail.copies.push(Copy {
             from: kernel_file.as_raw_fd(),
             to: stage(&format!("{JAIL_DIR}/kernel"))?,
+            mode: 0o444,
         });
         jail.copies.push(Copy {
             from: initramfs_file.as_raw_fd(),
             to: stage(&format!("{JAIL_DIR}/initramfs"))?,
+            mode: 0o444,
         });
         jail._sources = vec![kernel_file, initramfs_file];
+        // As root, QEMU executes an execute-only copy of itself (at its own path, so it
+        // finds its data files): a binary its user cannot read makes the kernel mark the
+        // process non-dumpable, so its /proc files are root's and the VMMs of other
+        // sandboxes (the same uid) can neither look into it nor trace it. Only for
+        // compiled programs: a script's interpreter must read it.
+        if matches!(mode, Mode::DropTo { .. }) && is_elf(&binary) {
+            let program = File::open(&binary).map_err(io_error("VMM binary", &binary))?;
+            copy_size += size(&program);
+            let copy = stage(&format!("{JAIL_DIR}/vmm"))?;
+            jail.copies.push(Copy {
+                from: program.as_raw_fd(),
+                to: copy.clone(),
+                mode: 0o111,
+            });
+            jail.overlays
+                .push((copy, stage(&binary.to_string_lossy())?));
+            jail._sources.push(program);
+        }
         // Room for the copies and the directories, no more.
         jail.tmpfs_options = CString::new(format!(
             "mode=0755,size={},nr_inodes=256",
@@ -502,10 +523,7 @@ impl Jail {
             libc::umask(0o077);
             if let Mode::DropTo { uid, gid } = self.mode {
                 check(libc::setgroups(0, std::ptr::null()).into())?;
-                // A real gid unlike the effective one makes the exec mark QEMU
-                // non-dumpable: its /proc files are root's, so VMMs of other sandboxes
-                // (the same uid) can neither see nor trace it. The real gid grants nothing.
-                check(libc::setresgid(NOGROUP_GID, gid, gid).into())?;
+                check(libc::setresgid(gid, gid, gid).into())?;
                 check(libc::setresuid(uid, uid, uid).into())?;
             }
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
@@ -620,7 +638,7 @@ impl Jail {
                 }
             }
             for copy in &self.copies {
-                copy_file(copy.from, &copy.to)?;
+                copy_file(copy.from, &copy.to, copy.mode)?;
             }
             for (bind, &tree) in self.binds.iter().zip(trees.iter()) {
                 if bind.directory {
@@ -645,6 +663,18 @@ impl Jail {
                     MOVE_MOUNT_F_EMPTY_PATH,
                 ))?;
                 libc::close(tree);
+            }
+            for (file, over) in &self.overlays {
+                check(
+                    libc::mount(
+                        file.as_ptr(),
+                        over.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                    .into(),
+                )?;
             }
             check(libc::chdir(self.staging.as_ptr()).into())?;
             check(libc::syscall(
@@ -709,13 +739,13 @@ unsafe fn write_file(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> 
 ///
 /// # Safety
 /// Async-signal-safe; callable between fork and exec.
-unsafe fn copy_file(from: RawFd, to: &std::ffi::CStr) -> std::io::Result<()> {
+unsafe fn copy_file(from: RawFd, to: &std::ffi::CStr, mode: libc::mode_t) -> std::io::Result<()> {
     // SAFETY: descriptors we own and a stack buffer.
     unsafe {
         let out = libc::open(
             to.as_ptr(),
             libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-            0o444,
+            mode,
         );
         if out < 0 {
             return Err(std::io::Error::last_os_error());
@@ -751,6 +781,16 @@ unsafe fn copy_file(from: RawFd, to: &std::ffi::CStr) -> std::io::Result<()> {
         libc::close(out);
     }
     Ok(())
+}
+
+/// Whether `path` is an ELF program (not a script).
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut file| file.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
 }
 
 /// `binary` as an absolute path, looked up on PATH when it names no directory.
