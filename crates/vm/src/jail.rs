@@ -298,7 +298,9 @@ impl Jail {
         }
         // A VMM binary outside /usr (a test's stand-in) comes with its directory.
         if let Some(dir) = binary.parent().filter(|dir| !dir.starts_with("/usr")) {
-            jail.add_dirs(dir)?;
+            if let Some(parent) = dir.parent() {
+                jail.add_dirs(parent)?;
+            }
             jail.add_bind(
                 dir,
                 stage(&dir.to_string_lossy())?,
@@ -453,7 +455,7 @@ impl Jail {
         Ok(())
     }
 
-    /// `dir`'s ancestors and itself, as staging directories to create (outermost first).
+    /// `dir` and its ancestors, as staging directories to create (outermost first).
     fn add_dirs(&mut self, dir: &Path) -> Result<(), VmError> {
         let mut ancestors: Vec<&Path> = dir.ancestors().filter(|a| *a != Path::new("/")).collect();
         ancestors.reverse();
