@@ -2,8 +2,9 @@
 //! kiln-vmm with no capabilities, groups or way back to privileges, under seccomp, in a
 //! mount namespace of its own whose root holds only its files, with only the descriptors
 //! it was given and the limits derived from `--memory`/`--cpus`; as an ordinary user it
-//! keeps that user's uid with the same jail. `kiln inspect` and `kiln doctor` report it,
-//! and QEMU asked to spawn a helper is killed by the filter.
+//! keeps that user's uid with the same jail. Its environment is empty and its umask 077.
+//! `kiln inspect` and `kiln doctor` report it, and QEMU asked to spawn a helper is killed
+//! by the filter.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -89,6 +90,14 @@ fn assert_jailed(pid: u32, root: &KilnRoot, with_volume: bool) {
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
     assert_eq!(status_field(pid, "Groups"), "", "supplementary groups");
+    // A clean environment and a fixed umask.
+    assert_eq!(status_field(pid, "Umask"), "0077");
+    let environment = fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environment.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&environment)
+    );
 
     let namespace = |p: &str| fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
     assert_ne!(namespace(&pid.to_string()), namespace("self"));
