@@ -83,8 +83,9 @@ fn limit(pid: u32, name: &str) -> u64 {
 
 /// What a jailed QEMU shows whoever runs kiln: seccomp, no_new_privs, no capabilities, no
 /// supplementary groups, its own mount namespace whose root holds only the jail, and only
-/// the descriptors kiln gave it.
-fn assert_jailed(pid: u32, root: &KilnRoot, with_volume: bool) {
+/// the descriptors kiln gave it. As root its `/kiln` also holds the execute-only copy of
+/// QEMU it runs.
+fn assert_jailed(pid: u32, root: &KilnRoot, with_volume: bool, as_root: bool) {
     assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -117,6 +118,9 @@ fn assert_jailed(pid: u32, root: &KilnRoot, with_volume: bool) {
     let mut kiln_dir: BTreeSet<String> = ["kernel", "initramfs"].map(String::from).into();
     if with_volume {
         kiln_dir.insert("share0".into());
+    }
+    if as_root {
+        kiln_dir.insert("vmm".into());
     }
     assert_eq!(names(&jail_root.join("kiln")), kiln_dir);
     let devices = names(&jail_root.join("dev"));
@@ -265,7 +269,13 @@ fn as_root_qemu_runs_as_kiln_vmm_in_its_jail_with_the_flags_limits() {
     assert_ne!(vmm_uid, 0);
     assert_eq!(effective(&status_field(pid, "Uid")), vmm_uid);
     assert_eq!(effective(&status_field(pid, "Gid")), vmm_gid);
-    assert_jailed(pid, &root, true);
+    assert_jailed(pid, &root, true, true);
+    let copy = fs::metadata(format!("/proc/{pid}/root/kiln/vmm")).unwrap();
+    assert_eq!(
+        copy.mode() & 0o7777,
+        0o111,
+        "the VMM's copy is execute-only"
+    );
     // Non-dumpable (it runs an execute-only copy of QEMU): its /proc files are root's, so
     // the other VMMs of the same uid can neither look into it nor trace it.
     let proc_status = fs::metadata(format!("/proc/{pid}/status")).unwrap();
@@ -468,7 +478,7 @@ fn as_an_ordinary_user_qemu_keeps_the_users_uid_in_the_same_jail() {
     let pid = qemu_pid(&root);
     assert_eq!(effective(&status_field(pid, "Uid")), user.uid);
     assert_eq!(effective(&status_field(pid, "Gid")), user.gid);
-    assert_jailed(pid, &root, true);
+    assert_jailed(pid, &root, true, false);
     // Without root, no cgroup of kiln's: the rlimits bound it.
     assert_limits(pid, false);
 
