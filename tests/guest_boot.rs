@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{guest_files, run_with_timeout};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
-    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
+    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize, WallClock,
     WorkloadResult, CHANNEL_PORT, CONTROL_SESSION, IDENTITY_DISK_ID, MAIN_SESSION, ROOT_DISK_ID,
     UPPER_DISK_ID,
 };
@@ -259,7 +259,7 @@ fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
         &["kiln.root=root", "kiln.upper=tmpfs"],
         Vec::new(),
         Network::None,
-        &[],
+        &greeting(),
     );
     let (frames, control) = (&boot.frames, boot.control());
     assert!(
@@ -336,7 +336,19 @@ fn busybox_root(dir: &Path) -> PathBuf {
     mkfs_erofs(&tree, &dir.join("root.erofs"))
 }
 
-/// The host's side of a run: hello, the spec, and stdin closed at once.
+/// The host's greeting: its hello, then its wall clock, which kiln-init waits for (and
+/// sets) before it mounts anything.
+fn greeting() -> Vec<Frame> {
+    vec![
+        Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        ),
+        Frame::new(CONTROL_SESSION, Message::Clock(WallClock::now())),
+    ]
+}
+
+/// The host's side of a run: the greeting, the spec, and stdin closed at once.
 fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
     let spec = RunSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
@@ -347,11 +359,8 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
         terminal: None,
         task: None,
     };
-    vec![
-        Frame::new(
-            CONTROL_SESSION,
-            Message::Hello(Hello::ours("guest_boot test")),
-        ),
+    let mut frames = greeting();
+    frames.extend([
         Frame::new(MAIN_SESSION, Message::Run(spec)),
         Frame::new(
             MAIN_SESSION,
@@ -359,7 +368,8 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
                 stream: Stream::Stdin,
             },
         ),
-    ]
+    ]);
+    frames
 }
 
 /// The main session's results.
@@ -391,7 +401,12 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
         stream: Stream::Stdin,
         bytes: b"from the host\n".to_vec(),
     };
-    to_guest.insert(2, Frame::new(MAIN_SESSION, stdin));
+    // Right after the run spec, before stdin's end.
+    let run = to_guest
+        .iter()
+        .position(|f| matches!(f.message, Message::Run(_)))
+        .unwrap();
+    to_guest.insert(run + 1, Frame::new(MAIN_SESSION, stdin));
     let disk = Disk {
         id: ROOT_DISK_ID.into(),
         path: root,
@@ -556,7 +571,10 @@ fn a_terminal_workload_and_a_signal_from_the_host() {
 
     // A terminal of the requested size on devpts; output arrives as stdout only.
     let mut to_guest = run_frames("tty; stty size", uid);
-    if let Message::Run(spec) = &mut to_guest[1].message {
+    for frame in &mut to_guest {
+        let Message::Run(spec) = &mut frame.message else {
+            continue;
+        };
         spec.tty = true;
         spec.terminal = Some(TerminalSize {
             rows: 33,
@@ -619,10 +637,9 @@ fn start_main(dir: &Path, main: &str, keep_stdin: bool) -> Conversation {
         read_only: true,
     };
     let mut guest = Conversation::start(&["kiln.root=root"], vec![disk], Vec::new(), Network::None);
-    guest.send(Frame::new(
-        CONTROL_SESSION,
-        Message::Hello(Hello::ours("guest_boot test")),
-    ));
+    for frame in greeting() {
+        guest.send(frame);
+    }
     guest.send(Frame::new(MAIN_SESSION, Message::Run(shell_spec(main))));
     if !keep_stdin {
         guest.send(stdin_eof(MAIN_SESSION));
@@ -870,10 +887,6 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
             read_only: true,
         }]
     };
-    let hello = Frame::new(
-        CONTROL_SESSION,
-        Message::Hello(Hello::ours("guest_boot test")),
-    );
     let shutdown = Frame::new(
         CONTROL_SESSION,
         Message::Shutdown(ShutdownRequest { grace_ms: 1_000 }),
@@ -882,7 +895,7 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
         &["kiln.root=root"],
         disk(),
         Network::None,
-        &[hello.clone(), shutdown],
+        &[greeting(), vec![shutdown]].concat(),
     );
     assert!(stopped.boot_errors().is_empty(), "{:?}", stopped.frames);
     assert!(
@@ -902,7 +915,7 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
         &["kiln.root=root", "kiln.vol=vol0,/data"],
         disk(),
         Network::None,
-        &[hello],
+        &greeting(),
     );
     let errors = missing.boot_errors();
     assert!(
