@@ -19,7 +19,9 @@ use kiln_vm::jail::{self, Limits};
 
 /// Guest memory and CPUs of the sandboxes here, so the limits can be checked against them.
 const MEMORY_MIB: u32 = 320;
-const CPUS: u32 = 1;
+/// A fractional share: two vCPUs, a CPU quota of one and a half CPUs.
+const CPUS: &str = "1.5";
+const MILLICPUS: u32 = 1500;
 
 /// The pid of the one QEMU among the processes naming `root` (by program name: the
 /// monitor's command line names QEMU too), waiting for it to appear.
@@ -171,7 +173,7 @@ fn assert_jailed(pid: u32, root: &KilnRoot, with_volume: bool, as_root: bool) {
 
 /// The limits derived from `--memory`/`--cpus`, in /proc/PID/limits and its cgroups.
 fn assert_limits(pid: u32, with_cgroup: bool) -> Vec<PathBuf> {
-    let limits = Limits::for_vm(MEMORY_MIB, CPUS * 1000);
+    let limits = Limits::for_vm(MEMORY_MIB, MILLICPUS);
     assert_eq!(limit(pid, "Max data size"), limits.data_bytes);
     assert_eq!(limit(pid, "Max open files"), limits.open_files);
     assert_eq!(limit(pid, "Max core file size"), 0);
@@ -193,7 +195,7 @@ fn assert_limits(pid: u32, with_cgroup: bool) -> Vec<PathBuf> {
             assert_eq!(read(&dir, "pids.max").trim(), limits.pids.to_string());
             assert_eq!(
                 read(&dir, "cpu.max").trim(),
-                format!("{} 100000", CPUS * 100_000)
+                format!("{} 100000", MILLICPUS * 100)
             );
             dirs.push(dir);
             continue;
@@ -207,7 +209,7 @@ fn assert_limits(pid: u32, with_cgroup: bool) -> Vec<PathBuf> {
             "pids" => assert_eq!(read(&dir, "pids.max").trim(), limits.pids.to_string()),
             "cpu" => assert_eq!(
                 read(&dir, "cpu.cfs_quota_us").trim(),
-                (CPUS * 100_000).to_string()
+                (MILLICPUS * 100).to_string()
             ),
             _ => {}
         }
@@ -228,8 +230,7 @@ fn assert_limits(pid: u32, with_cgroup: bool) -> Vec<PathBuf> {
 
 fn run_detached(root: &KilnRoot, command: &mut Command, volume: Option<&Path>) -> String {
     let memory = MEMORY_MIB.to_string();
-    let cpus = CPUS.to_string();
-    let mut args = vec!["run", "-d", "--memory", &memory, "--cpus", &cpus];
+    let mut args = vec!["run", "-d", "--memory", &memory, "--cpus", CPUS];
     let mount;
     if let Some(volume) = volume {
         mount = format!("{}:/data", volume.display());

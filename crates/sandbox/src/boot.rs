@@ -312,7 +312,8 @@ pub fn boot(
         disks,
         shares,
         cpus: record.cpus,
-        cpu_millis: record.cpus.saturating_mul(1000),
+        // The exact `--cpus` share (records older than it: whole vCPUs).
+        cpu_millis: record.millicpus.unwrap_or(record.cpus.saturating_mul(1000)),
         memory_mib: record.memory_mib,
         network,
         channel: Channel {

@@ -230,6 +230,9 @@ impl Backend for Qemu {
                 Ok(fds)
             })
             .collect::<Result<Vec<_>, VmError>>()?;
+        // Every socket QEMU uses is connected here and handed over (in `keep_fds` and
+        // `VmmFiles`): the jail holds no socket path. A network endpoint of kiln's is one
+        // more such socket (`-netdev stream,addr.type=fd`).
         let channel =
             UnixStream::connect(&spec.channel.socket).map_err(file_error(&spec.channel.socket))?;
         let spawn_error = |source| VmError::Spawn {
