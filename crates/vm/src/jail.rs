@@ -968,6 +968,7 @@ impl Cgroup {
             Some("v2") => {
                 let base = root.join("kiln");
                 mkdir(&base)?;
+                remove_stale_groups(&base);
                 // Controllers must be enabled on every level above the VMM's group.
                 let enable = "+memory +pids +cpu".to_owned();
                 write(root.join("cgroup.subtree_control"), enable.clone())?;
@@ -982,6 +983,7 @@ impl Cgroup {
             }
             Some(_) => {
                 for controller in ["memory", "pids", "cpu"] {
+                    remove_stale_groups(&root.join(controller).join("kiln"));
                     let dir = root.join(controller).join("kiln").join(&name);
                     mkdir(&dir)?;
                     cgroup.dirs.push(dir);
@@ -1027,6 +1029,28 @@ impl Cgroup {
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
                 }
+            }
+        }
+    }
+}
+
+/// Removes the empty groups under `base` whose kiln has ended without removing them (it
+/// was killed): each is named after the kiln that made it, and a group with a task left
+/// in it cannot be removed.
+fn remove_stale_groups(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let maker = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("vmm-")?.split('-').next());
+        let ended =
+            |pid: &&str| pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists();
+        if let Some(pid) = maker.filter(ended) {
+            if std::fs::remove_dir(entry.path()).is_ok() {
+                tracing::debug!("removed the cgroup of ended kiln {pid}");
             }
         }
     }
@@ -1119,6 +1143,22 @@ mod tests {
     fn a_binary_is_found_on_path() {
         assert!(resolve_binary(Path::new("sh")).unwrap().is_absolute());
         assert!(resolve_binary(Path::new("no-such-vmm-binary")).is_err());
+    }
+
+    #[test]
+    fn groups_of_ended_kilns_are_removed_and_others_kept() {
+        let base = tempfile::tempdir().unwrap();
+        let mut ended = Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        let stale = base.path().join(format!("vmm-{}-0", ended.id()));
+        let live = base.path().join(format!("vmm-{}-0", std::process::id()));
+        let other = base.path().join("not-a-vmm");
+        for dir in [&stale, &live, &other] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        remove_stale_groups(base.path());
+        assert!(!stale.exists());
+        assert!(live.exists() && other.exists());
     }
 
     #[test]
