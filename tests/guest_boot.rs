@@ -181,13 +181,22 @@ impl Conversation {
         let stream = accept_until(&listener, deadline);
         let received = Arc::new(Mutex::new(Vec::new()));
         let (mut reading, sink) = (stream.try_clone().unwrap(), Arc::clone(&received));
+        let mut answering = stream.try_clone().unwrap();
         let reader = thread::spawn(move || loop {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
             reading.set_read_timeout(Some(left)).unwrap();
             match read_frame(&mut reading) {
-                Ok(Some(frame)) => sink.lock().unwrap().push(frame),
+                Ok(Some(frame)) => {
+                    // As kiln does: the guest powers off once the host has its result.
+                    if frame.session == MAIN_SESSION && matches!(frame.message, Message::Result(_))
+                    {
+                        let answer = Message::Shutdown(ShutdownRequest { grace_ms: 0 });
+                        let _ = write_frame(&mut answering, &Frame::new(CONTROL_SESSION, answer));
+                    }
+                    sink.lock().unwrap().push(frame)
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(format!("reading the channel: {e}")),
             }
@@ -203,8 +212,15 @@ impl Conversation {
         }
     }
 
+    /// Sends `frame`; a host Hello is followed by the host's wall clock, as kiln sends it
+    /// (kiln-init sets its clock from it before it mounts anything).
     fn send(&mut self, frame: Frame) {
+        let hello = matches!(frame.message, Message::Hello(_));
         write_frame(&mut self.stream, &frame).expect("writing to the guest");
+        if hello {
+            let clock = Frame::new(CONTROL_SESSION, Message::Clock(WallClock::now()));
+            write_frame(&mut self.stream, &clock).expect("writing to the guest");
+        }
     }
 
     fn console(&self) -> String {
@@ -254,12 +270,16 @@ fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]
 
 #[test]
 fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
-    // The root is named but no disk is attached.
+    // The root is named but no disk is attached. init mounts only after the host's hello
+    // and clock.
     let boot = boot(
         &["kiln.root=root", "kiln.upper=tmpfs"],
         Vec::new(),
         Network::None,
-        &greeting(),
+        &[Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        )],
     );
     let (frames, control) = (&boot.frames, boot.control());
     assert!(
@@ -336,19 +356,7 @@ fn busybox_root(dir: &Path) -> PathBuf {
     mkfs_erofs(&tree, &dir.join("root.erofs"))
 }
 
-/// The host's greeting: its hello, then its wall clock, which kiln-init waits for (and
-/// sets) before it mounts anything.
-fn greeting() -> Vec<Frame> {
-    vec![
-        Frame::new(
-            CONTROL_SESSION,
-            Message::Hello(Hello::ours("guest_boot test")),
-        ),
-        Frame::new(CONTROL_SESSION, Message::Clock(WallClock::now())),
-    ]
-}
-
-/// The host's side of a run: the greeting, the spec, and stdin closed at once.
+/// The host's side of a run: hello, the spec, and stdin closed at once.
 fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
     let spec = RunSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
@@ -359,8 +367,11 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
         terminal: None,
         task: None,
     };
-    let mut frames = greeting();
-    frames.extend([
+    vec![
+        Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        ),
         Frame::new(MAIN_SESSION, Message::Run(spec)),
         Frame::new(
             MAIN_SESSION,
@@ -368,8 +379,7 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
                 stream: Stream::Stdin,
             },
         ),
-    ]);
-    frames
+    ]
 }
 
 /// The main session's results.
@@ -401,12 +411,7 @@ fn a_busybox_root_runs_the_workload_as_a_numeric_uid() {
         stream: Stream::Stdin,
         bytes: b"from the host\n".to_vec(),
     };
-    // Right after the run spec, before stdin's end.
-    let run = to_guest
-        .iter()
-        .position(|f| matches!(f.message, Message::Run(_)))
-        .unwrap();
-    to_guest.insert(run + 1, Frame::new(MAIN_SESSION, stdin));
+    to_guest.insert(2, Frame::new(MAIN_SESSION, stdin));
     let disk = Disk {
         id: ROOT_DISK_ID.into(),
         path: root,
@@ -571,10 +576,7 @@ fn a_terminal_workload_and_a_signal_from_the_host() {
 
     // A terminal of the requested size on devpts; output arrives as stdout only.
     let mut to_guest = run_frames("tty; stty size", uid);
-    for frame in &mut to_guest {
-        let Message::Run(spec) = &mut frame.message else {
-            continue;
-        };
+    if let Message::Run(spec) = &mut to_guest[1].message {
         spec.tty = true;
         spec.terminal = Some(TerminalSize {
             rows: 33,
@@ -637,9 +639,10 @@ fn start_main(dir: &Path, main: &str, keep_stdin: bool) -> Conversation {
         read_only: true,
     };
     let mut guest = Conversation::start(&["kiln.root=root"], vec![disk], Vec::new(), Network::None);
-    for frame in greeting() {
-        guest.send(frame);
-    }
+    guest.send(Frame::new(
+        CONTROL_SESSION,
+        Message::Hello(Hello::ours("guest_boot test")),
+    ));
     guest.send(Frame::new(MAIN_SESSION, Message::Run(shell_spec(main))));
     if !keep_stdin {
         guest.send(stdin_eof(MAIN_SESSION));
@@ -887,6 +890,10 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
             read_only: true,
         }]
     };
+    let hello = Frame::new(
+        CONTROL_SESSION,
+        Message::Hello(Hello::ours("guest_boot test")),
+    );
     let shutdown = Frame::new(
         CONTROL_SESSION,
         Message::Shutdown(ShutdownRequest { grace_ms: 1_000 }),
@@ -895,7 +902,7 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
         &["kiln.root=root"],
         disk(),
         Network::None,
-        &[greeting(), vec![shutdown]].concat(),
+        &[hello.clone(), shutdown],
     );
     assert!(stopped.boot_errors().is_empty(), "{:?}", stopped.frames);
     assert!(
@@ -915,7 +922,7 @@ fn a_shutdown_before_the_run_spec_powers_off_and_a_missing_share_is_a_volume_boo
         &["kiln.root=root", "kiln.vol=vol0,/data"],
         disk(),
         Network::None,
-        &greeting(),
+        &[hello],
     );
     let errors = missing.boot_errors();
     assert!(

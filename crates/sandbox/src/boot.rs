@@ -134,6 +134,8 @@ pub fn sandbox_record(
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
         allow_user_namespaces: request.allow_user_namespaces,
+        auto_remove: request.auto_remove,
+        restart: request.restart,
         guest: request.guest.clone(),
     }
 }

@@ -92,10 +92,13 @@ pub enum GuestEvent {
     Phase(PhaseTime),
 }
 
-/// Durations of the phases of one VM run, as far as they were reached.
+/// Durations of the phases of one VM run, as far as they were reached. The host-clock
+/// phases and the guest's boot phases between them tile the run: from the VMM's spawn to
+/// the host hearing the workload's start is `vmm_start` + `kernel` + `init` + `supervisor`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct VmTimings {
-    /// VMM process start until it connected to the channel.
+    /// QEMU's own start: from spawning the VMM until the guest kernel ran (host clock,
+    /// with the guest's boot phases after it taken off).
     pub vmm_start: Option<Duration>,
     /// Kernel start until init ran (guest clock).
     pub kernel: Option<Duration>,
@@ -104,14 +107,20 @@ pub struct VmTimings {
     /// The supervisor's user check, filesystem preparation and privilege drop, until the
     /// workload started.
     pub supervisor: Option<Duration>,
-    /// The workload's own run time (guest clock).
+    /// The workload's run, from the host hearing it started until it heard its result
+    /// (host clock).
     pub workload: Option<Duration>,
     /// Workload end until the VM process ended (host clock).
     pub shutdown: Option<Duration>,
-    /// When the host heard that the workload started (host clock), for figures that
-    /// begin before the VM does, such as [`crate::RunTimings::to_workload`].
+    /// When the VMM was spawned, the host heard that the workload started, and the VM
+    /// ended (host clock), for figures that begin before the VM does or end after it,
+    /// such as [`crate::RunTimings::to_workload`].
+    #[serde(skip)]
+    pub vmm_spawned_at: Option<Instant>,
     #[serde(skip)]
     pub workload_started_at: Option<Instant>,
+    #[serde(skip)]
+    pub ended_at: Option<Instant>,
 }
 
 /// How a run ended when the workload ran.
@@ -253,7 +262,7 @@ pub fn launch(
         deadlines.connect,
     )?;
     let mut timings = VmTimings {
-        vmm_start: Some(started.elapsed()),
+        vmm_spawned_at: Some(started),
         ..VmTimings::default()
     };
     drop(listener);
@@ -293,12 +302,28 @@ pub fn launch(
     };
     let outcome = driver.drive(&inbox);
     channel.close();
+    let ended_at = Instant::now();
     timings.kernel = driver.boot_times.kernel();
     timings.init = driver.boot_times.init();
     timings.supervisor = driver.boot_times.supervisor();
-    timings.workload = driver.boot_times.workload();
-    timings.shutdown = driver.workload_ended_at.map(|t| t.elapsed());
+    if let (Some(workload_started), Some(kernel), Some(init), Some(supervisor)) = (
+        driver.workload_started_at,
+        timings.kernel,
+        timings.init,
+        timings.supervisor,
+    ) {
+        let boot = workload_started.saturating_duration_since(started);
+        timings.vmm_start = Some(boot.saturating_sub(kernel + init + supervisor));
+    }
+    timings.workload = driver
+        .workload_started_at
+        .zip(driver.workload_ended_at)
+        .map(|(started, ended)| ended.saturating_duration_since(started));
+    timings.shutdown = driver
+        .workload_ended_at
+        .map(|t| ended_at.saturating_duration_since(t));
     timings.workload_started_at = driver.workload_started_at;
+    timings.ended_at = Some(ended_at);
     outcome.map(|result| LaunchOutcome { result, timings })
 }
 
@@ -436,7 +461,6 @@ struct BootTimes {
     init_started: Option<u64>,
     supervisor_started: Option<u64>,
     workload_started: Option<u64>,
-    workload_ended: Option<u64>,
 }
 
 impl BootTimes {
@@ -445,8 +469,7 @@ impl BootTimes {
             BootPhase::InitStarted => self.init_started = Some(ns),
             BootPhase::SupervisorStarted => self.supervisor_started = Some(ns),
             BootPhase::WorkloadStarted => self.workload_started = Some(ns),
-            BootPhase::WorkloadEnded => self.workload_ended = Some(ns),
-            BootPhase::Shutdown => {}
+            BootPhase::WorkloadEnded | BootPhase::Shutdown => {}
         }
     }
 
@@ -464,12 +487,6 @@ impl BootTimes {
         Some(Duration::from_nanos(
             self.workload_started?
                 .checked_sub(self.supervisor_started?)?,
-        ))
-    }
-
-    fn workload(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(
-            self.workload_ended?.checked_sub(self.workload_started?)?,
         ))
     }
 }
@@ -554,10 +571,16 @@ impl Driver<'_> {
                 grace: self.deadlines.stop_grace,
             });
         }
+        // The workload's deadline is the user's --timeout: the guest's boot-time console
+        // says nothing about it. A boot or shutdown that hangs is another matter.
+        let console_tail = match self.phase {
+            Phase::Workload => String::new(),
+            _ => console_tail(&self.spec.console_log),
+        };
         Err(LaunchError::Deadline {
             phase: self.phase,
             after: self.phase_started.elapsed(),
-            console_tail: console_tail(&self.spec.console_log),
+            console_tail,
         })
     }
 
@@ -718,6 +741,11 @@ impl Driver<'_> {
                 self.workload_ended_at.get_or_insert_with(Instant::now);
                 self.result = Some(result);
                 self.enter(Phase::Shutdown, Some(self.deadlines.shutdown));
+                // The guest powers off only once the result is here: its write queued the
+                // frame in the virtqueue, and what QEMU has not yet moved to this socket
+                // when power-off ends it is lost. A VM already gone needs no reply.
+                let ack = ShutdownRequest { grace_ms: 0 };
+                let _ = self.send(Frame::new(CONTROL_SESSION, Message::Shutdown(ack)));
             }
             other => tracing::debug!(
                 session = frame.session,
@@ -1059,6 +1087,37 @@ while read -r _ <&3; do :; done
     }
 
     #[test]
+    fn the_guest_hears_its_result_arrived_before_it_powers_off() {
+        let (acked_tx, acked_rx) = mpsc::channel();
+        let outcome = against_scripted_guest(Box::new(std::io::sink()), move |guest| {
+            let stream = Stream::Stdout;
+            send(guest, MAIN_SESSION, Message::Eof { stream });
+            send(
+                guest,
+                MAIN_SESSION,
+                Message::Result(WorkloadResult::Exited { code: 0 }),
+            );
+            // What kiln-init waits for before it powers off; the main session's stdin end
+            // and credit may come first.
+            let ack = loop {
+                let frame = read_frame(guest).unwrap().expect("the host replies");
+                if frame.session == CONTROL_SESSION {
+                    break frame;
+                }
+            };
+            acked_tx.send(ack).unwrap();
+        })
+        .unwrap();
+        assert_eq!(outcome.result, WorkloadResult::Exited { code: 0 });
+        let ack = acked_rx.recv().unwrap();
+        assert_eq!(ack.session, CONTROL_SESSION);
+        assert_eq!(
+            ack.message,
+            Message::Shutdown(ShutdownRequest { grace_ms: 0 })
+        );
+    }
+
+    #[test]
     fn a_second_hello_is_a_typed_error() {
         let err = channel_error(against_scripted_guest(Box::new(std::io::sink()), |guest| {
             send(guest, CONTROL_SESSION, Message::Hello(Hello::ours("again")));
@@ -1167,7 +1226,6 @@ while read -r _ <&3; do :; done
         assert_eq!(times.kernel(), Some(Duration::from_millis(1500)));
         assert_eq!(times.init(), Some(Duration::from_millis(150)));
         assert_eq!(times.supervisor(), Some(Duration::from_millis(50)));
-        assert_eq!(times.workload(), Some(Duration::from_millis(50)));
     }
 
     #[test]

@@ -47,11 +47,12 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, disk_usage, exec, get, list, logs, prune_images, remove, rename, start, stop, wait,
-    DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
+    attach, create, disk_usage, exec, get, kill, list, logs, prune_images, remove, rename, restart,
+    start, stop, wait, DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
+pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,

@@ -144,12 +144,15 @@ fn results_are_typed() {
     };
     let (reason, message) = failure(&launch(&["/no/such/program"], WorkloadIo::Pipes));
     assert_eq!(reason, StartFailure::NotFound);
-    assert!(message.contains("/no/such/program"), "{message}");
+    assert_eq!(
+        message,
+        r#"exec: "/no/such/program": no such file or directory"#
+    );
     let (reason, message) = failure(&launch(&["no-such-program-kiln"], WorkloadIo::Pipes));
     assert_eq!(reason, StartFailure::NotFound);
-    assert!(
-        message.contains("not found in the workload's PATH"),
-        "{message}"
+    assert_eq!(
+        message,
+        r#"exec: "no-such-program-kiln": executable file not found in $PATH"#
     );
 
     let dir = tempfile::tempdir().unwrap();
@@ -157,8 +160,9 @@ fn results_are_typed() {
     let script = dir.path().join("script");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (reason, _) = failure(&launch(&[script.to_str().unwrap()], WorkloadIo::Pipes));
+    let (reason, message) = failure(&launch(&[script.to_str().unwrap()], WorkloadIo::Pipes));
     assert_eq!(reason, StartFailure::NotExecutable);
+    assert_eq!(message, format!("exec: {script:?}: permission denied"));
     let start_failed = |reason| WorkloadResult::StartFailed {
         reason,
         message: String::new(),

@@ -32,8 +32,13 @@ impl VmProcess {
     /// Spawns `command` so that the kernel kills it with SIGKILL when this process dies,
     /// even by SIGKILL: no VM outlives the kiln that started it. Linux sends the signal
     /// when the *thread* that forked exits, so spawn from a thread that outlives the VM.
+    ///
+    /// The VMM gets a process group of its own: a terminal's ^C (SIGINT to the foreground
+    /// group) or `timeout` (which signals its whole group) reaches kiln only, which passes
+    /// signals on to the workload instead of losing the VM under it.
     pub(crate) fn spawn(mut command: Command) -> std::io::Result<Self> {
         let parent = std::process::id();
+        command.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only calls
         // async-signal-safe functions (prctl, getppid, _exit).
         unsafe {
@@ -192,6 +197,19 @@ mod tests {
             .is_none());
         let status = slow.terminate(Duration::from_secs(5)).unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn the_vmm_has_a_process_group_of_its_own() {
+        let vm = VmProcess::spawn(sleeper()).unwrap();
+        let pid = vm.pid() as libc::pid_t;
+        // SAFETY: getpgid reads a process attribute; no memory is involved.
+        let (group, ours) = unsafe { (libc::getpgid(pid), libc::getpgid(0)) };
+        assert_eq!(group, pid, "the VMM leads its own process group");
+        assert_ne!(
+            group, ours,
+            "a terminal's SIGINT to kiln's group must miss the VMM"
+        );
     }
 
     fn sleeper() -> Command {
