@@ -165,6 +165,7 @@ impl Conversation {
             disks,
             shares,
             cpus: 1,
+            cpu_millis: 1000,
             memory_mib: 256,
             network,
             channel: Channel {

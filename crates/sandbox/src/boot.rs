@@ -314,6 +314,8 @@ pub fn boot(
         disks,
         shares,
         cpus: record.cpus,
+        // The exact `--cpus` share (records older than it: whole vCPUs).
+        cpu_millis: record.millicpus.unwrap_or(record.cpus.saturating_mul(1000)),
         memory_mib: record.memory_mib,
         network,
         channel: Channel {
@@ -359,6 +361,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         disks: Vec::new(),
         shares: Vec::new(),
         cpus: 1,
+        cpu_millis: 1000,
         memory_mib: 256,
         network: Network::None,
         channel: Channel {

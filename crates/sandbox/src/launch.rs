@@ -890,13 +890,55 @@ for command in qmp_capabilities cont; do
     read -r _ <&3
     printf '{"return":{}}\n' >&4
 done
-exec sleep 600
+# Stays this script (its command line names it, see `vmm_channel`) until killed.
+while read -r _ <&3; do :; done
 "#;
+
+    /// The channel socket kiln handed the scripted VMM `script` (its `kilnchan` chardev's
+    /// descriptor), taken from the running script with pidfd_getfd.
+    fn vmm_channel(script: &Path) -> UnixStream {
+        use std::os::fd::FromRawFd;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "the scripted VMM never started");
+            let found = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .find_map(|entry| {
+                    let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                    let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                    let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+                    if !cmdline.contains(&*script.to_string_lossy()) {
+                        return None;
+                    }
+                    let fd: i32 = cmdline
+                        .split('\0')
+                        .find_map(|arg| arg.strip_prefix("socket,id=kilnchan,fd="))?
+                        .parse()
+                        .ok()?;
+                    Some((pid, fd))
+                });
+            if let Some((pid, fd)) = found {
+                // SAFETY: plain system calls; the descriptors they return are ours.
+                unsafe {
+                    let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+                    if pidfd >= 0 {
+                        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0);
+                        libc::close(pidfd as i32);
+                        if ours >= 0 {
+                            return UnixStream::from_raw_fd(ours as i32);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     /// Runs launch's host side against a scripted guest. A compromised guest cannot be
     /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
-    /// so the test plays the guest: `guest` gets the channel socket where QEMU would
-    /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
+    /// so the test plays the guest: `guest` gets the channel socket kiln handed the VMM
+    /// (taken from it, see [`vmm_channel`]), after the hellos and the run spec, and the "VMM" that launch starts and
     /// kills is a shell script that answers QEMU's machine protocol on the descriptor it
     /// is given (greeting, `qmp_capabilities`, `cont`), then sleeps.
     fn against_scripted_guest(
@@ -904,6 +946,8 @@ exec sleep 600
         guest: impl FnOnce(&mut UnixStream) + Send + 'static,
     ) -> Result<LaunchOutcome, LaunchError> {
         let dir = tempfile::tempdir().unwrap();
+        // The VMM runs as kiln-vmm when the tests run as root: it must reach its script.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let vmm = dir.path().join("vmm");
         std::fs::write(&vmm, SCRIPTED_VMM).unwrap();
         std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -917,6 +961,7 @@ exec sleep 600
             disks: Vec::new(),
             shares: Vec::new(),
             cpus: 1,
+            cpu_millis: 1000,
             memory_mib: 128,
             network: Network::None,
             channel: Channel {
@@ -926,14 +971,9 @@ exec sleep 600
             console_log: dir.path().join("console.log"),
             accel: Accel::Tcg,
         };
-        let socket = spec.channel.socket.clone();
+        let script = vmm.clone();
         let peer = std::thread::spawn(move || {
-            let mut stream = loop {
-                match UnixStream::connect(&socket) {
-                    Ok(stream) => break stream,
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            };
+            let mut stream = vmm_channel(&script);
             let hello = Hello::ours("scripted guest");
             write_frame(
                 &mut stream,

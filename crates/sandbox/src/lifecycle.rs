@@ -59,6 +59,9 @@ pub struct SandboxInfo {
     pub network: NetworkRecord,
     pub labels: BTreeMap<String, String>,
     pub state_dir: PathBuf,
+    /// What confines the VMM process while it runs, as read from /proc.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<kiln_vm::Confinement>,
     /// Removed by its monitor when it stops (`run --rm -d`).
     pub auto_remove: bool,
 }
@@ -734,6 +737,10 @@ fn info(
             state.monitor_pid = None;
         }
     }
+    let vmm = (state.status == Status::Running)
+        .then_some(state.monitor_pid)
+        .flatten()
+        .and_then(vmm_of);
     Ok(SandboxInfo {
         id: record.id,
         name: record.name,
@@ -751,8 +758,19 @@ fn info(
         network: record.network,
         labels: record.labels,
         state_dir: sandbox.path().to_path_buf(),
+        vmm,
         auto_remove: record.auto_remove,
     })
+}
+
+/// The confinement of the VMM a monitor runs: its only child process.
+fn vmm_of(monitor_pid: u32) -> Option<kiln_vm::Confinement> {
+    let tasks = std::fs::read_dir(format!("/proc/{monitor_pid}/task")).ok()?;
+    let child = tasks.flatten().find_map(|task| {
+        let children = std::fs::read_to_string(task.path().join("children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    })?;
+    kiln_vm::jail::observe(child).ok()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use crate::jail::Cgroup;
 use crate::{GuestEnd, VmError};
 
 /// How often a deadline wait polls the child. VM lifetimes are seconds, so 10 ms of
@@ -23,6 +24,8 @@ pub struct VmProcess {
     /// The VMM's report of the guest's end, until it is read into `guest_end`.
     end_report: Option<Receiver<GuestEnd>>,
     guest_end: Option<GuestEnd>,
+    /// The VMM's cgroup, removed once the process is gone.
+    cgroup: Option<Cgroup>,
 }
 
 impl VmProcess {
@@ -64,7 +67,13 @@ impl VmProcess {
             exited: None,
             end_report: None,
             guest_end: None,
+            cgroup: None,
         })
+    }
+
+    /// Removes `cgroup` once this process has ended.
+    pub(crate) fn own_cgroup(&mut self, cgroup: Option<Cgroup>) {
+        self.cgroup = cgroup;
     }
 
     /// Takes the guest's end from `report` (see [`VmProcess::guest_end`]).
@@ -157,8 +166,13 @@ impl VmProcess {
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
-        if let Err(err) = self.kill() {
-            tracing::warn!("killing VM process {}: {err}", self.pid());
+        match self.kill() {
+            Ok(_) => {
+                if let Some(cgroup) = self.cgroup.take() {
+                    cgroup.remove();
+                }
+            }
+            Err(err) => tracing::warn!("killing VM process {}: {err}", self.pid()),
         }
     }
 }
