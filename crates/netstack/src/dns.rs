@@ -1,0 +1,261 @@
+//! The guest's resolver: A and AAAA queries answered from the host's own resolver
+//! configuration (/etc/hosts and /etc/resolv.conf, read when the sandbox starts), every
+//! answer remembered per sandbox (name pinning), every query logged. Other query types
+//! are refused: the resolver carries no data but addresses (no DNS tunnel).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query};
+pub use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, Record, RecordType};
+use hickory_resolver::TokioResolver;
+
+use crate::limits::{DNS_TIMEOUT, MAX_DNS_ANSWERS, MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES};
+use crate::HOST_NAME;
+
+/// How long the guest may cache kiln's answers: short, so that a pinned name follows a
+/// CDN's rotating addresses.
+const ANSWER_TTL: u32 = 30;
+
+/// A parsed guest query, answered by [`answer`].
+pub struct Question {
+    request: Message,
+}
+
+impl Question {
+    /// Reads a guest's datagram; `Err` holds the reply for a malformed or non-query one
+    /// (`None`: not even a header to reply to).
+    pub fn parse(datagram: &[u8]) -> Result<Question, Option<Vec<u8>>> {
+        let Ok(request) = Message::from_vec(datagram) else {
+            return Err(reply_header(datagram, ResponseCode::FormErr));
+        };
+        if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+            || request.queries.len() != 1
+        {
+            return Err(reply_header(datagram, ResponseCode::NotImp));
+        }
+        Ok(Question { request })
+    }
+
+    fn query(&self) -> &Query {
+        &self.request.queries[0]
+    }
+
+    /// The name asked for, lower case without the final dot.
+    pub fn name(&self) -> String {
+        let name = self.query().name().to_lowercase().to_ascii();
+        name.trim_end_matches('.').to_owned()
+    }
+
+    pub fn record_type(&self) -> RecordType {
+        self.query().query_type()
+    }
+
+    /// A reply carrying `code` and no answers.
+    pub fn failure(&self, code: ResponseCode) -> Vec<u8> {
+        self.reply(code, Vec::new())
+    }
+
+    fn reply(&self, code: ResponseCode, answers: Vec<Record>) -> Vec<u8> {
+        let mut reply = Message::response(self.request.metadata.id, OpCode::Query);
+        reply.metadata.recursion_desired = self.request.metadata.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.metadata.response_code = code;
+        reply.add_query(self.query().clone());
+        reply.add_answers(answers);
+        reply.to_vec().unwrap_or_default()
+    }
+}
+
+/// A reply with only `datagram`'s id and `code`, for what cannot be parsed further.
+fn reply_header(datagram: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
+    let id = u16::from_be_bytes([*datagram.first()?, *datagram.get(1)?]);
+    Message::error_msg(id, OpCode::Query, code).to_vec().ok()
+}
+
+/// Answers `question`: the reply to send and the addresses it gave (to pin).
+pub async fn answer(
+    resolver: &TokioResolver,
+    question: &Question,
+    gateway: Ipv4Addr,
+) -> (Vec<u8>, Vec<IpAddr>) {
+    let record_type = question.record_type();
+    if !matches!(record_type, RecordType::A | RecordType::AAAA) {
+        return (question.failure(ResponseCode::Refused), Vec::new());
+    }
+    let name = question.query().name().clone();
+    if question.name() == HOST_NAME {
+        let answers = match record_type {
+            RecordType::A => vec![Record::from_rdata(
+                name,
+                ANSWER_TTL,
+                RData::A(gateway.into()),
+            )],
+            _ => Vec::new(),
+        };
+        return (question.reply(ResponseCode::NoError, answers), Vec::new());
+    }
+    let lookup = tokio::time::timeout(DNS_TIMEOUT, resolver.lookup(name.clone(), record_type));
+    match lookup.await {
+        Ok(Ok(lookup)) => {
+            let mut addresses = Vec::new();
+            let answers = lookup
+                .answers()
+                .iter()
+                .filter_map(|record| {
+                    let ip = match &record.data {
+                        RData::A(a) => IpAddr::V4(a.0),
+                        RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+                        _ => return None,
+                    };
+                    addresses.push(ip);
+                    Some(Record::from_rdata(
+                        name.clone(),
+                        ANSWER_TTL,
+                        record.data.clone(),
+                    ))
+                })
+                .take(MAX_DNS_ANSWERS)
+                .collect();
+            addresses.truncate(MAX_DNS_ANSWERS);
+            (question.reply(ResponseCode::NoError, answers), addresses)
+        }
+        Ok(Err(err)) if err.is_nx_domain() => (question.failure(ResponseCode::NXDomain), Vec::new()),
+        Ok(Err(err)) if err.is_no_records_found() => {
+            (question.failure(ResponseCode::NoError), Vec::new())
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(name = %question.name(), %err, "resolution failed");
+            (question.failure(ResponseCode::ServFail), Vec::new())
+        }
+        Err(_) => (question.failure(ResponseCode::ServFail), Vec::new()),
+    }
+}
+
+/// Which names the resolver answered each address with, in this sandbox: the newest
+/// [`MAX_PINNED_ADDRESSES`] addresses, [`MAX_NAMES_PER_ADDRESS`] names each.
+#[derive(Default)]
+pub struct Pins {
+    names: HashMap<IpAddr, VecDeque<String>>,
+    /// Addresses oldest first, to forget the oldest.
+    order: VecDeque<IpAddr>,
+}
+
+impl Pins {
+    /// Remembers that `name` resolved to `address`.
+    pub fn pin(&mut self, address: IpAddr, name: &str) {
+        if let Some(names) = self.names.get_mut(&address) {
+            names.retain(|known| known != name);
+            names.push_front(name.to_owned());
+            names.truncate(MAX_NAMES_PER_ADDRESS);
+            self.order.retain(|known| *known != address);
+            self.order.push_back(address);
+            return;
+        }
+        if self.order.len() >= MAX_PINNED_ADDRESSES {
+            if let Some(oldest) = self.order.pop_front() {
+                self.names.remove(&oldest);
+            }
+        }
+        self.names.insert(address, VecDeque::from([name.to_owned()]));
+        self.order.push_back(address);
+    }
+
+    /// The names `address` was given for, newest first.
+    pub fn names(&self, address: IpAddr) -> Vec<String> {
+        self.names
+            .get(&address)
+            .map(|names| names.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// The host's resolver, from its /etc/resolv.conf and /etc/hosts.
+pub fn host_resolver() -> std::io::Result<TokioResolver> {
+    let builder = TokioResolver::builder_tokio().map_err(std::io::Error::other)?;
+    Ok(builder.build().map_err(std::io::Error::other)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_resolver::proto::rr::Name;
+
+    fn query(name: &str, record_type: RecordType) -> Vec<u8> {
+        let mut message = Message::query();
+        message.metadata.id = 0x1234;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), record_type));
+        message.to_vec().unwrap()
+    }
+
+    fn code(reply: &[u8]) -> ResponseCode {
+        Message::from_vec(reply).unwrap().metadata.response_code
+    }
+
+    #[test]
+    fn pins_keep_the_newest_addresses_and_names() {
+        let mut pins = Pins::default();
+        let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i));
+        for i in 0..(MAX_PINNED_ADDRESSES as u32 + 10) {
+            pins.pin(addr(i), "a.example");
+        }
+        assert_eq!(pins.len(), MAX_PINNED_ADDRESSES);
+        assert!(pins.names(addr(0)).is_empty(), "the oldest is forgotten");
+        assert_eq!(pins.names(addr(MAX_PINNED_ADDRESSES as u32 + 9)), ["a.example"]);
+
+        for i in 0..MAX_NAMES_PER_ADDRESS + 3 {
+            pins.pin(addr(1), &format!("n{i}.example"));
+        }
+        let names = pins.names(addr(1));
+        assert_eq!(names.len(), MAX_NAMES_PER_ADDRESS);
+        assert_eq!(names[0], format!("n{}.example", MAX_NAMES_PER_ADDRESS + 2));
+        // Pinning again refreshes the address: it is no longer the oldest.
+        pins.pin(addr(20), "b.example");
+        assert_eq!(pins.names(addr(20)), ["b.example", "a.example"]);
+    }
+
+    #[tokio::test]
+    async fn the_host_name_is_the_gateway_and_other_types_are_refused() {
+        let resolver = host_resolver().unwrap();
+        let gateway = Ipv4Addr::new(10, 0, 2, 2);
+        let question = Question::parse(&query("Host.Kiln.Internal.", RecordType::A)).unwrap();
+        let (reply, pinned) = answer(&resolver, &question, gateway).await;
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.id, 0x1234);
+        assert_eq!(reply.answers.len(), 1);
+        assert_eq!(reply.answers[0].data, RData::A(gateway.into()));
+        assert!(pinned.is_empty());
+
+        let question = Question::parse(&query("example.com.", RecordType::TXT)).unwrap();
+        let (reply, _) = answer(&resolver, &question, gateway).await;
+        assert_eq!(code(&reply), ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn names_come_from_the_hosts_file() {
+        // "localhost" is in every /etc/hosts.
+        let resolver = host_resolver().unwrap();
+        let question = Question::parse(&query("localhost.", RecordType::A)).unwrap();
+        let (reply, pinned) = answer(&resolver, &question, Ipv4Addr::new(10, 0, 2, 2)).await;
+        assert_eq!(code(&reply), ResponseCode::NoError);
+        assert_eq!(pinned, [IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    }
+
+    #[test]
+    fn malformed_datagrams_get_an_error_or_nothing() {
+        assert!(matches!(Question::parse(&[]), Err(None)));
+        let Err(Some(reply)) = Question::parse(&[0xab, 0xcd, 0xff]) else {
+            panic!("expected a FORMERR reply");
+        };
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.id, 0xabcd);
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    }
+}
