@@ -101,13 +101,19 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(flag_range(MEMORY_MIB)))]
     memory: u32,
 
-    /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
+    /// Network: user (kiln's endpoint: the internet, DNS, -p forwards; the host and private
+    /// networks refused, see docs/network.md) or none.
     #[arg(long, value_name = "MODE", default_value = "user", value_parser = ["user", "none"])]
     network: String,
 
     /// Forward a TCP port from host loopback into the guest (repeatable; needs --network user).
     #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
     publish: Vec<String>,
+
+    /// Open a host-local service to the guest: host.kiln.internal:PORT (the host's
+    /// loopback) or IPV4:PORT (repeatable; needs --network user).
+    #[arg(long = "network-allow-host", value_name = "HOST:PORT")]
+    network_allow_host: Vec<String>,
 
     /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
     #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
@@ -176,6 +182,7 @@ impl FieldNames for FlagNames {
             Field::EnvFile => "--env-file",
             Field::Workdir => "-w",
             Field::Publish => "-p",
+            Field::AllowHost => "--network-allow-host",
             Field::Volumes => "-v",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
@@ -268,6 +275,7 @@ impl SandboxArgs {
             memory_mib: Some(self.memory),
             network,
             publish: self.publish,
+            allow_host: self.network_allow_host,
             volumes: self.volumes,
             accel,
             log_max_size: self.log_max_size,

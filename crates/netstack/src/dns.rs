@@ -6,8 +6,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
-use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query};
 pub use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query};
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 
@@ -122,7 +122,9 @@ pub async fn answer(
             addresses.truncate(MAX_DNS_ANSWERS);
             (question.reply(ResponseCode::NoError, answers), addresses)
         }
-        Ok(Err(err)) if err.is_nx_domain() => (question.failure(ResponseCode::NXDomain), Vec::new()),
+        Ok(Err(err)) if err.is_nx_domain() => {
+            (question.failure(ResponseCode::NXDomain), Vec::new())
+        }
         Ok(Err(err)) if err.is_no_records_found() => {
             (question.failure(ResponseCode::NoError), Vec::new())
         }
@@ -159,7 +161,8 @@ impl Pins {
                 self.names.remove(&oldest);
             }
         }
-        self.names.insert(address, VecDeque::from([name.to_owned()]));
+        self.names
+            .insert(address, VecDeque::from([name.to_owned()]));
         self.order.push_back(address);
     }
 
@@ -208,7 +211,10 @@ mod tests {
         }
         assert_eq!(pins.len(), MAX_PINNED_ADDRESSES);
         assert!(pins.names(addr(0)).is_empty(), "the oldest is forgotten");
-        assert_eq!(pins.names(addr(MAX_PINNED_ADDRESSES as u32 + 9)), ["a.example"]);
+        assert_eq!(
+            pins.names(addr(MAX_PINNED_ADDRESSES as u32 + 9)),
+            ["a.example"]
+        );
 
         for i in 0..MAX_NAMES_PER_ADDRESS + 3 {
             pins.pin(addr(1), &format!("n{i}.example"));

@@ -69,7 +69,11 @@ impl FromStr for HostService {
                 host: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
             });
         }
-        match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             Ok(IpAddr::V4(ip)) if ip.is_loopback() => Ok(HostService::Loopback {
                 host: SocketAddrV4::new(ip, port),
             }),
@@ -288,7 +292,10 @@ mod tests {
             allowed(egress.decide(&flow("169.254.169.254:80"))),
             "169.254.169.254:80".parse().unwrap()
         );
-        assert!(matches!(egress.decide(&flow("10.0.2.2:5433")), Verdict::Deny { .. }));
+        assert!(matches!(
+            egress.decide(&flow("10.0.2.2:5433")),
+            Verdict::Deny { .. }
+        ));
         assert!(matches!(
             egress.decide(&flow("169.254.169.254:81")),
             Verdict::Deny { .. }

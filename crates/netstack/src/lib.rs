@@ -112,12 +112,13 @@ impl Endpoint {
             .forwards
             .iter()
             .map(|forward| {
-                let bound = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, forward.host)))
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .map_err(|source| Error::Forward {
-                        port: forward.host,
-                        source,
-                    })?;
+                let bound =
+                    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, forward.host)))
+                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                        .map_err(|source| Error::Forward {
+                            port: forward.host,
+                            source,
+                        })?;
                 Ok((bound, forward.guest))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -130,7 +131,13 @@ impl Endpoint {
         let thread = std::thread::Builder::new()
             .name("kiln-netstack".into())
             .spawn(move || {
-                runtime.block_on(stack::serve(listener, socket_path, forwards, config, stopped))
+                runtime.block_on(stack::serve(
+                    listener,
+                    socket_path,
+                    forwards,
+                    config,
+                    stopped,
+                ))
             })
             .map_err(Error::Runtime)?;
         Ok(Endpoint {

@@ -13,7 +13,10 @@ pub enum Class {
     /// ARP, TCP that is not a new connection, DNS to the resolver: the stack handles it.
     Stack,
     /// A TCP SYN without ACK: a new connection from `guest` to `dst`.
-    Syn { guest: SocketAddrV4, dst: SocketAddrV4 },
+    Syn {
+        guest: SocketAddrV4,
+        dst: SocketAddrV4,
+    },
     /// Everything else: other UDP, ICMP, IPv6, fragments, malformed frames.
     Drop,
 }
@@ -145,17 +148,32 @@ pub(crate) mod tests {
             }
         );
         // A SYN-ACK (the guest answering a port forward) and plain segments are not new.
-        assert_eq!(classify(&tcp_frame(dst, TcpControl::Syn, true), DNS), Class::Stack);
-        assert_eq!(classify(&tcp_frame(dst, TcpControl::None, true), DNS), Class::Stack);
-        assert_eq!(classify(&tcp_frame(dst, TcpControl::Rst, false), DNS), Class::Stack);
+        assert_eq!(
+            classify(&tcp_frame(dst, TcpControl::Syn, true), DNS),
+            Class::Stack
+        );
+        assert_eq!(
+            classify(&tcp_frame(dst, TcpControl::None, true), DNS),
+            Class::Stack
+        );
+        assert_eq!(
+            classify(&tcp_frame(dst, TcpControl::Rst, false), DNS),
+            Class::Stack
+        );
     }
 
     #[test]
     fn only_dns_to_the_resolver_crosses_as_udp() {
         assert_eq!(classify(&udp_frame(DNS, 53), DNS), Class::Stack);
         assert_eq!(classify(&udp_frame(DNS, 54), DNS), Class::Drop);
-        assert_eq!(classify(&udp_frame(Ipv4Addr::new(8, 8, 8, 8), 53), DNS), Class::Drop);
-        assert_eq!(classify(&ipv4_frame(DNS, IpProtocol::Icmp, &[8, 0, 0, 0]), DNS), Class::Drop);
+        assert_eq!(
+            classify(&udp_frame(Ipv4Addr::new(8, 8, 8, 8), 53), DNS),
+            Class::Drop
+        );
+        assert_eq!(
+            classify(&ipv4_frame(DNS, IpProtocol::Icmp, &[8, 0, 0, 0]), DNS),
+            Class::Drop
+        );
     }
 
     #[test]

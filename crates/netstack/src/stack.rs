@@ -212,9 +212,7 @@ impl Stack {
                 let _ = ips.push(IpCidr::new(ip.into(), addresses.prefix_len));
             }
         });
-        let _ = iface
-            .routes_mut()
-            .add_default_ipv4_route(addresses.gateway);
+        let _ = iface.routes_mut().add_default_ipv4_route(addresses.gateway);
         // Accept packets for every destination: the stack stands in for the whole network.
         iface.set_any_ip(true);
 
@@ -342,9 +340,10 @@ impl Stack {
     /// Runs the stack until neither it nor the relays have anything to move.
     fn poll(&mut self) {
         loop {
-            let changed =
-                self.iface.poll(Instant::now(), &mut self.queues, &mut self.sockets)
-                    != PollResult::None;
+            let changed = self
+                .iface
+                .poll(Instant::now(), &mut self.queues, &mut self.sockets)
+                != PollResult::None;
             let moved = self.service_flows();
             self.service_dns();
             if !changed && !moved {
@@ -372,8 +371,7 @@ impl Stack {
             *held = frame;
             return;
         }
-        if self.flows.len() + self.held.len() >= MAX_FLOWS || self.held.len() >= MAX_HALF_OPEN
-        {
+        if self.flows.len() + self.held.len() >= MAX_FLOWS || self.held.len() >= MAX_HALF_OPEN {
             tracing::warn!(sandbox = %self.sandbox, %guest, %dst, "connection refused: too many connections");
             self.refuse(frame);
             return;
@@ -665,8 +663,7 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>) -> bool {
                 }
             }
         }
-        if !socket.may_recv() && !socket.can_recv() && socket.state() != tcp::State::SynReceived
-        {
+        if !socket.may_recv() && !socket.can_recv() && socket.state() != tcp::State::SynReceived {
             // The guest sent its FIN: the writer shuts the host side's write half.
             flow.to_host = None;
             moved = true;

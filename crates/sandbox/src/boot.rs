@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
@@ -30,7 +31,8 @@ use crate::state::{
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
 const UPPER_DISK_MIB: u64 = 8 * 1024;
 
-/// The guest's address on QEMU's user-mode network, its gateway (the host) and DNS.
+/// The guest's address on kiln's network endpoint, its gateway (the host) and DNS: the
+/// addresses QEMU's user-mode network used, so guests see the network they always saw.
 const USER_NET: NetConfig = NetConfig {
     address: Ipv4Addr::new(10, 0, 2, 15),
     prefix_len: 24,
@@ -55,6 +57,12 @@ pub enum BootError {
     },
     #[error(transparent)]
     BootConfig(#[from] BootConfigError),
+    #[error(transparent)]
+    Network(#[from] kiln_netstack::Error),
+    #[error("the host's own addresses (to keep the guest from them): {0}")]
+    HostAddresses(std::io::Error),
+    #[error("the sandbox's network record: {0}")]
+    HostService(#[from] kiln_netstack::HostServiceError),
 }
 
 impl From<BootError> for Error {
@@ -63,11 +71,18 @@ impl From<BootError> for Error {
             BootError::State(state) => state.kind(),
             // The sandbox's volume is not what it was created with.
             BootError::Volume { .. } => ErrorKind::FailedPrecondition,
+            // A forward's host port is taken.
+            BootError::Network(kiln_netstack::Error::Forward { .. }) => {
+                ErrorKind::FailedPrecondition
+            }
             // The request's checks admit only what the guest accepts, so a boot
             // configuration the encoder refuses is kiln's own fault.
-            BootError::Vm(_) | BootError::Launch(_) | BootError::BootConfig(_) => {
-                ErrorKind::Internal
-            }
+            BootError::Vm(_)
+            | BootError::Launch(_)
+            | BootError::BootConfig(_)
+            | BootError::Network(_)
+            | BootError::HostAddresses(_)
+            | BootError::HostService(_) => ErrorKind::Internal,
         };
         Error::new(kind, err)
     }
@@ -126,7 +141,7 @@ pub fn sandbox_record(
         run,
         cpus: request.cpus,
         memory_mib: request.memory_mib,
-        network: NetworkRecord::from(&request.network),
+        network: request.network.clone(),
         accel: request.accel,
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
@@ -234,7 +249,7 @@ fn kernel_args(
         upper,
         port: CHANNEL_PORT.into(),
         hostname: hostname.into(),
-        net: matches!(network, Network::User { .. }).then_some(USER_NET),
+        net: matches!(network, Network::Stream { .. }).then_some(USER_NET),
         volumes: volumes
             .iter()
             .enumerate()
@@ -262,7 +277,14 @@ pub fn boot(
     io: HostIo,
     control: Receiver<Control>,
 ) -> Result<LaunchOutcome, BootError> {
-    let network = Network::from(&record.network);
+    // The endpoint lives as long as this call: past the VM's end, never past kiln's.
+    let endpoint = start_network(sandbox, &record.network)?;
+    let network = match &endpoint {
+        Some(endpoint) => Network::Stream {
+            socket: endpoint.socket().to_owned(),
+        },
+        None => Network::None,
+    };
     let hostname = sandbox.name().unwrap_or(sandbox.id());
     let cmdline = kernel_args(
         &upper,
@@ -319,6 +341,54 @@ pub fn boot(
         io,
         control,
     )?)
+}
+
+/// The network endpoint's socket in a sandbox's directory.
+const NETWORK_SOCKET: &str = "net.sock";
+
+/// Starts the sandbox's network endpoint (kiln-netstack) in this process, in the default
+/// mode: the internet open, the host and the networks around it closed but for the
+/// services `network` opens.
+fn start_network(
+    sandbox: &SandboxDir,
+    network: &NetworkRecord,
+) -> Result<Option<kiln_netstack::Endpoint>, BootError> {
+    let NetworkRecord::User {
+        forwards,
+        allow_host,
+    } = network
+    else {
+        return Ok(None);
+    };
+    let allowed = allow_host
+        .iter()
+        .map(|service| service.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    let host_addresses =
+        kiln_netstack::DefaultEgress::host_addresses().map_err(BootError::HostAddresses)?;
+    let gateway = USER_NET.gateway.expect("the user network has a gateway");
+    let dns = USER_NET.dns.expect("the user network has a resolver");
+    let config = kiln_netstack::EndpointConfig {
+        addresses: kiln_netstack::Addresses {
+            guest: USER_NET.address,
+            prefix_len: USER_NET.prefix_len,
+            gateway,
+            dns,
+        },
+        forwards: forwards
+            .iter()
+            .map(|&(host, guest)| kiln_netstack::PortForward { host, guest })
+            .collect(),
+        egress: Arc::new(kiln_netstack::DefaultEgress::new(
+            gateway,
+            dns,
+            allowed,
+            host_addresses,
+        )),
+        sandbox: sandbox.id().to_owned(),
+    };
+    let socket = sandbox.path().join(NETWORK_SOCKET);
+    Ok(Some(kiln_netstack::Endpoint::start(&socket, config)?))
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
@@ -456,8 +526,8 @@ mod tests {
 
     #[test]
     fn a_disk_upper_and_the_user_network_have_their_arguments() {
-        let network = Network::User {
-            forwards: Vec::new(),
+        let network = Network::Stream {
+            socket: PathBuf::from("/s/net.sock"),
         };
         let args = kernel_args(
             &Upper::Disk(PathBuf::from("/u")),

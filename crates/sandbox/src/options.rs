@@ -221,7 +221,7 @@ pub fn parse_env_file(
 }
 
 /// A `-p HOSTPORT:GUESTPORT` forward.
-pub fn parse_port_forward(text: &str) -> Result<kiln_vm::PortForward, OptionError> {
+pub fn parse_port_forward(text: &str) -> Result<kiln_netstack::PortForward, OptionError> {
     let bad = || OptionError::PortForward(text.to_owned());
     let (host, guest) = text.split_once(':').ok_or_else(bad)?;
     let port = |p: &str| {
@@ -230,7 +230,7 @@ pub fn parse_port_forward(text: &str) -> Result<kiln_vm::PortForward, OptionErro
         }
         p.parse::<u16>().ok().filter(|&n| n != 0)
     };
-    Ok(kiln_vm::PortForward {
+    Ok(kiln_netstack::PortForward {
         host: port(host).ok_or_else(bad)?,
         guest: port(guest).ok_or_else(bad)?,
     })
@@ -323,7 +323,7 @@ mod tests {
     fn port_forwards() {
         assert_eq!(
             parse_port_forward("8080:80").unwrap(),
-            kiln_vm::PortForward {
+            kiln_netstack::PortForward {
                 host: 8080,
                 guest: 80
             }

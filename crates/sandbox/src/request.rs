@@ -10,7 +10,6 @@ use std::time::Duration;
 use kiln_image::{ImageRef, PullOptions};
 use kiln_protocol::TerminalSize;
 use kiln_vm::accel::AccelRequest;
-use kiln_vm::Network;
 
 use crate::error::{Error, ErrorKind};
 use crate::options::{
@@ -18,6 +17,7 @@ use crate::options::{
     validate_name, Volume,
 };
 use crate::spec::Overrides;
+use crate::state::NetworkRecord;
 pub use crate::state::DEFAULT_LOG_MAX_SIZE;
 
 /// Virtual CPUs a sandbox may have, and what it gets when the request says nothing.
@@ -51,6 +51,8 @@ pub enum Field {
     EnvFile,
     Workdir,
     Publish,
+    /// `--network-allow-host` values.
+    AllowHost,
     Volumes,
     Timeout,
     LogMaxSize,
@@ -61,7 +63,8 @@ pub enum Field {
 /// The guest's network as a request chooses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NetworkMode {
-    /// NAT egress through QEMU's user-mode stack, DNS, and port forwards.
+    /// kiln's network endpoint: the internet, DNS, port forwards, and the host's own
+    /// services only where opened (docs/network.md).
     #[default]
     User,
     None,
@@ -113,6 +116,9 @@ pub struct CreateFields {
     pub network: NetworkMode,
     /// `HOSTPORT:GUESTPORT` forwards; only with [`NetworkMode::User`].
     pub publish: Vec<String>,
+    /// Host-local services opened to the guest, `host.kiln.internal:PORT` or `ADDR:PORT`;
+    /// only with [`NetworkMode::User`].
+    pub allow_host: Vec<String>,
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
     pub volumes: Vec<String>,
     pub accel: AccelRequest,
@@ -139,7 +145,7 @@ pub struct CreateRequest {
     pub(crate) sandbox_gid: u32,
     pub(crate) cpus: u32,
     pub(crate) memory_mib: u32,
-    pub(crate) network: Network,
+    pub(crate) network: NetworkRecord,
     pub(crate) name: Option<String>,
     /// Host directories shared into the sandbox, at every start.
     pub(crate) volumes: Vec<Volume>,
@@ -371,14 +377,34 @@ impl CreateFields {
             .iter()
             .map(|p| parse_port_forward(p).map_err(|e| check.wrap(Field::Publish, e)))
             .collect::<Result<Vec<_>, _>>()?;
+        let allow_host = self
+            .allow_host
+            .iter()
+            .map(|value| {
+                value
+                    .parse::<kiln_netstack::HostService>()
+                    .map(|service| service.to_string())
+                    .map_err(|e| check.wrap(Field::AllowHost, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let network = match self.network {
-            NetworkMode::User => Network::User { forwards },
-            NetworkMode::None if forwards.is_empty() => Network::None,
+            NetworkMode::User => NetworkRecord::User {
+                forwards: forwards.iter().map(|f| (f.host, f.guest)).collect(),
+                allow_host,
+            },
+            NetworkMode::None if forwards.is_empty() && allow_host.is_empty() => {
+                NetworkRecord::None
+            }
             NetworkMode::None => {
                 let names = check.names;
+                let field = if forwards.is_empty() {
+                    Field::AllowHost
+                } else {
+                    Field::Publish
+                };
                 return Err(InvalidField(format!(
                     "{} needs {} (got {})",
-                    names.field(Field::Publish),
+                    names.field(field),
                     names.network(NetworkMode::User),
                     names.network(NetworkMode::None)
                 )));
@@ -496,6 +522,7 @@ mod tests {
                 Field::EnvFile => "env_file",
                 Field::Workdir => "workdir",
                 Field::Publish => "publish",
+                Field::AllowHost => "network_allow_host",
                 Field::Volumes => "volumes",
                 Field::Timeout => "timeout",
                 Field::LogMaxSize => "log_max_size",
@@ -530,7 +557,13 @@ mod tests {
         assert_eq!((request.cpus, request.memory_mib), (1, 512));
         assert_eq!((request.sandbox_uid, request.sandbox_gid), (10001, 10001));
         assert_eq!(request.run_as, kiln_identity::RunAs::Sandbox);
-        assert!(matches!(request.network, Network::User { ref forwards } if forwards.is_empty()));
+        assert_eq!(
+            request.network,
+            NetworkRecord::User {
+                forwards: Vec::new(),
+                allow_host: Vec::new()
+            }
+        );
         assert_eq!(request.name(), None);
         assert_eq!(request.overrides.working_dir, None);
         assert!(!request.allow_user_namespaces);
@@ -553,6 +586,7 @@ mod tests {
             env: vec!["B=flag".into()],
             workdir: Some("/work".into()),
             publish: vec!["8080:80".into()],
+            allow_host: vec!["127.0.0.1:5432".into(), "198.18.0.9:80".into()],
             volumes: vec![format!("{}:/data:ro", dir.path().display())],
             allow_user_namespaces: true,
             ..fields()
@@ -567,14 +601,12 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(request.overrides.env, env);
         assert_eq!(request.overrides.working_dir.as_deref(), Some("/work"));
-        let forward = kiln_vm::PortForward {
-            host: 8080,
-            guest: 80,
-        };
+        // Host services are kept as the endpoint reads them back.
         assert_eq!(
             request.network,
-            Network::User {
-                forwards: vec![forward]
+            NetworkRecord::User {
+                forwards: vec![(8080, 80)],
+                allow_host: vec!["host.kiln.internal:5432".into(), "198.18.0.9:80".into()],
             }
         );
         assert_eq!(request.volumes[0].guest, "/data");
@@ -670,6 +702,21 @@ mod tests {
                 ..fields()
             },
             "publish needs NETWORK_USER (got NETWORK_NONE)",
+        );
+        refused(
+            CreateFields {
+                allow_host: vec!["host.kiln.internal:5432".into()],
+                network: NetworkMode::None,
+                ..fields()
+            },
+            "network_allow_host needs NETWORK_USER (got NETWORK_NONE)",
+        );
+        refused(
+            CreateFields {
+                allow_host: vec!["db.example:5432".into()],
+                ..fields()
+            },
+            "network_allow_host: \"db.example:5432\": not an IPv4 address or the host's name",
         );
         refused(
             CreateFields {

@@ -40,6 +40,7 @@ impl FieldNames for ProtoNames {
             Field::Env => "env",
             Field::Workdir => "workdir",
             Field::Publish => "publish",
+            Field::AllowHost => "network_allow_host",
             Field::Volumes => "volumes",
             Field::Command => "argv",
             // The CLI's alone; a request here never has them.
@@ -144,6 +145,7 @@ fn create_fields(
             .map(|p| format!("{}:{}", p.host_port, p.guest_port))
             .collect(),
         network,
+        allow_host: request.network_allow_host,
         name: optional(&request.name),
         entrypoint: request.entrypoint,
         command: request.command,
@@ -347,6 +349,7 @@ mod tests {
             }],
             network: proto::Network::None as i32,
             allow_user_namespaces: true,
+            network_allow_host: vec!["host.kiln.internal:5432".into()],
             ..request()
         };
         let fields = create_fields(set, &machine()).unwrap();
@@ -356,6 +359,7 @@ mod tests {
         );
         assert_eq!(fields.publish, ["8080:80"]);
         assert_eq!(fields.network, NetworkMode::None);
+        assert_eq!(fields.allow_host, ["host.kiln.internal:5432"]);
         assert!(fields.allow_user_namespaces);
     }
 

@@ -143,14 +143,12 @@ impl Qemu {
         push(&["-object", "rng-random,id=rng,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-device,rng=rng"]);
 
-        if let Network::User { forwards } = &spec.network {
-            let mut netdev = String::from("user,id=net0");
-            for forward in forwards {
-                netdev.push_str(&format!(
-                    ",hostfwd=tcp:127.0.0.1:{}-:{}",
-                    forward.host, forward.guest
-                ));
-            }
+        if let Network::Stream { socket } = &spec.network {
+            // QEMU connects to the endpoint, which already listens there.
+            let netdev = format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                escape_option(socket)
+            );
             push(&[
                 "-netdev",
                 &netdev,
@@ -276,7 +274,7 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Channel, Disk, PortForward, Share};
+    use crate::{Channel, Disk, Share};
     use kiln_protocol::{BootConfig, DiskRef, Upper, CHANNEL_PORT, ROOT_DISK_ID, UPPER_DISK_ID};
 
     fn spec() -> VmSpec {
@@ -315,11 +313,8 @@ mod tests {
             ],
             cpus: 2,
             memory_mib: 512,
-            network: Network::User {
-                forwards: vec![PortForward {
-                    host: 8080,
-                    guest: 80,
-                }],
+            network: Network::Stream {
+                socket: "/s/net,0.sock".into(),
             },
             channel: Channel {
                 socket: "/run/x/chan.sock".into(),
@@ -373,7 +368,8 @@ mod tests {
             "file,id=console,path=/s/console.log,append=on",
             "socket,id=kilnchan,path=/run/x/chan.sock",
             &port,
-            "hostfwd=tcp:127.0.0.1:8080-:80",
+            "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/s/net,,0.sock",
+            "-device virtio-net-device,netdev=net0",
             &rw_share,
             "virtio-9p-device,fsdev=share0,mount_tag=vol0",
             &ro_share,
