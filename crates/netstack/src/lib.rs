@@ -74,15 +74,15 @@ pub struct EndpointConfig {
 /// Why an endpoint could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("network socket {}: {source}", .path.display())]
+    #[error("network socket {}", .path.display())]
     Socket {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("port forward 127.0.0.1:{port}: {source}")]
+    #[error("port forward 127.0.0.1:{port}")]
     Forward { port: u16, source: std::io::Error },
-    #[error("the network endpoint: {0}")]
-    Runtime(std::io::Error),
+    #[error("starting the network endpoint")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// A running endpoint. Dropping it stops the stack and closes every relayed connection.

@@ -663,7 +663,11 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>) -> bool {
                 }
             }
         }
-        if !socket.may_recv() && !socket.can_recv() && socket.state() != tcp::State::SynReceived {
+        let guest_finished = matches!(
+            socket.state(),
+            tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::Closed
+        );
+        if guest_finished && !socket.can_recv() {
             // The guest sent its FIN: the writer shuts the host side's write half.
             flow.to_host = None;
             moved = true;
