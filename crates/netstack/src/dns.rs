@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 pub use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query};
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
-use hickory_resolver::TokioResolver;
+use hickory_resolver::{Hosts, TokioResolver};
 
 use crate::limits::{DNS_TIMEOUT, MAX_DNS_ANSWERS, MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES};
 use crate::HOST_NAME;
@@ -75,9 +75,18 @@ fn reply_header(datagram: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     Message::error_msg(id, OpCode::Query, code).to_vec().ok()
 }
 
+/// The host's resolver configuration.
+#[derive(Clone)]
+pub struct HostResolver {
+    resolver: TokioResolver,
+    /// The hosts file, also read on its own: a name it has for one address family is
+    /// answered for the other without asking the network.
+    hosts: std::sync::Arc<Hosts>,
+}
+
 /// Answers `question`: the reply to send and the addresses it gave (to pin).
 pub async fn answer(
-    resolver: &TokioResolver,
+    host: &HostResolver,
     question: &Question,
     gateway: Ipv4Addr,
 ) -> (Vec<u8>, Vec<IpAddr>) {
@@ -97,7 +106,20 @@ pub async fn answer(
         };
         return (question.reply(ResponseCode::NoError, answers), Vec::new());
     }
-    let lookup = tokio::time::timeout(DNS_TIMEOUT, resolver.lookup(name.clone(), record_type));
+    let other_family = match record_type {
+        RecordType::A => RecordType::AAAA,
+        _ => RecordType::A,
+    };
+    let in_hosts = |record_type| {
+        host.hosts
+            .lookup_static_host(&Query::query(name.clone(), record_type))
+            .is_some()
+    };
+    if !in_hosts(record_type) && in_hosts(other_family) {
+        return (question.failure(ResponseCode::NoError), Vec::new());
+    }
+    let lookup = host.resolver.lookup(name.clone(), record_type);
+    let lookup = tokio::time::timeout(DNS_TIMEOUT, lookup);
     match lookup.await {
         Ok(Ok(lookup)) => {
             let mut addresses = Vec::new();
@@ -181,9 +203,12 @@ impl Pins {
 }
 
 /// The host's resolver, from its /etc/resolv.conf and /etc/hosts.
-pub fn host_resolver() -> std::io::Result<TokioResolver> {
+pub fn host_resolver() -> std::io::Result<HostResolver> {
     let builder = TokioResolver::builder_tokio().map_err(std::io::Error::other)?;
-    Ok(builder.build().map_err(std::io::Error::other)?)
+    Ok(HostResolver {
+        resolver: builder.build().map_err(std::io::Error::other)?,
+        hosts: std::sync::Arc::new(Hosts::from_system()?),
+    })
 }
 
 #[cfg(test)]

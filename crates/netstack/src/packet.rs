@@ -4,7 +4,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
 };
 
 /// What to do with one frame from the guest.
@@ -58,6 +59,38 @@ pub fn classify(frame: &[u8], dns: Ipv4Addr) -> Class {
         },
         _ => Class::Drop,
     }
+}
+
+/// The Ethernet address `frame` came from, when it is an IPv4 packet from `guest`.
+pub fn guest_mac(frame: &[u8], guest: Ipv4Addr) -> Option<EthernetAddress> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    (Ipv4Addr::from(ip.src_addr()) == guest).then(|| eth.src_addr())
+}
+
+/// An ARP request from the guest (`mac`, `guest`) for `target`, as if the guest had sent
+/// it: the stack learns the guest's address from it, so its replies never wait on ARP.
+pub fn arp_from_guest(mac: EthernetAddress, guest: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: guest,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let eth = EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+    let mut eth_frame = EthernetFrame::new_unchecked(&mut frame);
+    eth.emit(&mut eth_frame);
+    arp.emit(&mut ArpPacket::new_unchecked(eth_frame.payload_mut()));
+    frame
 }
 
 #[cfg(test)]
@@ -160,6 +193,23 @@ pub(crate) mod tests {
             classify(&tcp_frame(dst, TcpControl::Rst, false), DNS),
             Class::Stack
         );
+    }
+
+    #[test]
+    fn the_guest_is_known_by_its_frames_and_announced_by_arp() {
+        let frame = udp_frame(DNS, 53);
+        let mac = guest_mac(&frame, GUEST).unwrap();
+        assert_eq!(mac, EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(guest_mac(&frame, Ipv4Addr::new(10, 0, 2, 16)), None);
+        let arp = arp_from_guest(mac, GUEST, DNS);
+        assert_eq!(classify(&arp, DNS), Class::Stack);
+        let eth = EthernetFrame::new_checked(&arp[..]).unwrap();
+        let repr = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap();
+        assert!(matches!(
+            repr,
+            ArpRepr::EthernetIpv4 { source_protocol_addr, target_protocol_addr, .. }
+                if source_protocol_addr == GUEST && target_protocol_addr == DNS
+        ));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::dns::{self, Pins, Question};
 use crate::egress::{Egress, FlowFacts, Verdict};
 use crate::frame::{encode_frame, read_frame, write_frames};
 use crate::limits::*;
-use crate::packet::{classify, Class};
+use crate::packet::{arp_from_guest, classify, guest_mac, Class};
 use crate::{Addresses, EndpointConfig};
 
 /// The stack's own MAC address (the one QEMU's user-mode network uses for its gateway).
@@ -38,6 +38,12 @@ const FORWARD_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// Frames taken from QEMU per turn of the loop before the stack runs.
 const FRAME_BATCH: usize = 64;
+
+/// How often the stack relearns the guest's Ethernet address from its traffic: well
+/// within smoltcp's neighbor cache lifetime (60 s), so that the stack never has to ask
+/// by ARP before answering (an ARP round trip delayed or lost early replies, such as
+/// DNS answers).
+const GUEST_MAC_REFRESH: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a relayed connection may go without the guest acknowledging data before it
 /// is reset (smoltcp's retransmission timeout).
@@ -193,16 +199,18 @@ struct Stack {
     held: HashMap<FlowKey, Vec<u8>>,
     dns_socket: SocketHandle,
     dns_inflight: usize,
-    resolver: Option<hickory_resolver::TokioResolver>,
+    resolver: Option<dns::HostResolver>,
     pins: Pins,
     notify: Arc<Notify>,
     events: mpsc::Sender<Event>,
     events_rx: Option<mpsc::Receiver<Event>>,
     next_forward_port: u16,
+    /// When the guest's Ethernet address was last taught to the stack.
+    guest_mac_taught: Option<std::time::Instant>,
 }
 
 impl Stack {
-    fn new(config: EndpointConfig, resolver: Option<hickory_resolver::TokioResolver>) -> Stack {
+    fn new(config: EndpointConfig, resolver: Option<dns::HostResolver>) -> Stack {
         let addresses = config.addresses;
         let mut queues = Queues::default();
         let hardware = HardwareAddress::Ethernet(EthernetAddress(STACK_MAC));
@@ -247,6 +255,7 @@ impl Stack {
             events,
             events_rx: Some(events_rx),
             next_forward_port: *FORWARD_PORTS.start(),
+            guest_mac_taught: None,
         }
     }
 
@@ -353,6 +362,16 @@ impl Stack {
     }
 
     fn on_frame(&mut self, frame: Vec<u8>) {
+        let stale = self
+            .guest_mac_taught
+            .is_none_or(|taught| taught.elapsed() >= GUEST_MAC_REFRESH);
+        if stale {
+            if let Some(mac) = guest_mac(&frame, self.addresses.guest) {
+                let arp = arp_from_guest(mac, self.addresses.guest, self.addresses.gateway);
+                self.queues.rx.push_back(arp);
+                self.guest_mac_taught = Some(std::time::Instant::now());
+            }
+        }
         match classify(&frame, self.addresses.dns) {
             Class::Stack => self.queues.rx.push_back(frame),
             Class::Drop => {}
@@ -610,6 +629,7 @@ impl Stack {
                     continue;
                 }
             };
+            tracing::debug!(sandbox = %self.sandbox, name = %question.name(), record_type = %question.record_type(), "dns query received");
             self.dns_inflight += 1;
             let events = self.events.clone();
             let gateway = self.addresses.gateway;

@@ -1,0 +1,421 @@
+//! kiln's network endpoint with real parts: kiln runs inside a network namespace that
+//! plays the host, joined by a veth pair to one that plays the internet on 198.18.0.0/15
+//! (the benchmarking range), where real HTTP servers answer, including at a private and a
+//! metadata-style address. Names come from the hosts file `ip netns exec` mounts for the
+//! host namespace. No traffic leaves the namespaces the test makes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{demo_image, describe, qemu_left_after, require_root, text, KilnRoot};
+
+/// The host namespace's address on the veth pair, and the internet's.
+const HOST_ADDR: &str = "198.18.0.1";
+const INTERNET_ADDR: &str = "198.18.0.2";
+/// The internet's web server, by name in the hosts file.
+const WEB_ADDR: &str = "198.18.5.5";
+/// Simulated inside the internet namespace: a private and a metadata-style address.
+const PRIVATE_ADDR: &str = "10.9.0.5";
+const METADATA_ADDR: &str = "169.254.169.254";
+/// The host's own service, on every address of the host namespace (loopback included).
+const HOST_PORT: u16 = 8080;
+
+/// The two namespaces and their servers; deleting the namespaces on drop, even when the
+/// test failed, ends everything in them.
+struct Network {
+    host: String,
+    internet: String,
+    servers: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        output.status.success(),
+        "ip {args:?}: {}",
+        describe(&output)
+    );
+}
+
+impl Network {
+    fn new() -> Network {
+        let tag = std::process::id();
+        let mut network = Network {
+            host: format!("kiln-host-{tag}"),
+            internet: format!("kiln-net-{tag}"),
+            servers: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        // The hosts file and resolver configuration `ip netns exec` mounts over /etc for
+        // the host namespace; the resolver is loopback, where nothing answers, so a name
+        // not in the hosts file fails at once.
+        let etc = network.etc();
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(
+            etc.join("hosts"),
+            format!("127.0.0.1 localhost\n{WEB_ADDR} web.test\n{PRIVATE_ADDR} private.test\n"),
+        )
+        .unwrap();
+        fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+
+        let (host, internet) = (network.host.clone(), network.internet.clone());
+        ip(&["netns", "add", &host]);
+        ip(&["netns", "add", &internet]);
+        let (veth_host, veth_net) = (format!("kh{tag}"), format!("kn{tag}"));
+        ip(&[
+            "link", "add", &veth_host, "netns", &host, "type", "veth", "peer", "name", &veth_net,
+            "netns", &internet,
+        ]);
+        let in_ns = |ns: &str, args: &[&str]| {
+            let mut all = vec!["-n", ns];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        in_ns(&host, &["link", "set", "lo", "up"]);
+        in_ns(&host, &["link", "set", &veth_host, "up"]);
+        in_ns(
+            &host,
+            &["addr", "add", &format!("{HOST_ADDR}/24"), "dev", &veth_host],
+        );
+        in_ns(&host, &["route", "add", "default", "via", INTERNET_ADDR]);
+        in_ns(&internet, &["link", "set", "lo", "up"]);
+        in_ns(&internet, &["link", "set", &veth_net, "up"]);
+        in_ns(
+            &internet,
+            &[
+                "addr",
+                "add",
+                &format!("{INTERNET_ADDR}/24"),
+                "dev",
+                &veth_net,
+            ],
+        );
+        for extra in [WEB_ADDR, PRIVATE_ADDR, METADATA_ADDR] {
+            in_ns(
+                &internet,
+                &["addr", "add", &format!("{extra}/32"), "dev", "lo"],
+            );
+        }
+        in_ns(&internet, &["route", "add", "default", "via", HOST_ADDR]);
+
+        network.serve(&internet, "internet", 80);
+        network.serve(&host, "host", HOST_PORT);
+        network
+    }
+
+    fn etc(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.host)
+    }
+
+    /// A python3 HTTP server in `ns` on every address's `port`, whose index says `body`.
+    fn serve(&mut self, ns: &str, body: &str, port: u16) {
+        let root = self.dir.path().join(body);
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("index.html"), format!("served-by-{body}\n")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-m", "http.server"])
+            .arg(port.to_string())
+            .arg("--directory")
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting python3 -m http.server");
+        self.servers.push(child);
+        // Listening once a connection from inside the namespace succeeds.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let probe =
+            format!("import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)");
+        while !self.exec(ns, &["python3", "-c", &probe]).status.success() {
+            assert!(Instant::now() < deadline, "the {body} server did not start");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .expect("running ip netns exec")
+    }
+
+    /// `kiln ARGS` of `root`, run inside the host namespace with `stdin` (a file) or none.
+    fn kiln(&self, root: &KilnRoot, args: &[&str], stdin: Option<&Path>) -> Output {
+        let inner = root.kiln();
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.host]);
+        if let Some(stdin) = stdin {
+            // The harness gives commands /dev/null; the shell puts the file in its place.
+            command
+                .args(["sh", "-c", "exec \"$@\" < \"$KILN_TEST_STDIN\"", "sh"])
+                .env("KILN_TEST_STDIN", stdin);
+        }
+        command
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .args(args);
+        for (key, value) in inner.get_envs() {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        kiln_e2e::run_with_timeout(&mut command, kiln_e2e::KILN_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `kiln ARGS` in the host namespace, which must succeed; its stdout.
+    fn kiln_ok(&self, root: &KilnRoot, args: &[&str], stdin: Option<&str>) -> String {
+        let file = stdin.map(|contents| {
+            let file = root.temp_dir().join("stdin");
+            fs::write(&file, contents).unwrap();
+            file
+        });
+        let output = self.kiln(root, args, file.as_deref());
+        assert!(
+            output.status.success(),
+            "kiln {args:?}: {}",
+            describe(&output)
+        );
+        text(&output.stdout)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        for ns in [&self.host, &self.internet] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = fs::remove_dir_all(self.etc());
+    }
+}
+
+/// A guest shell function: `fetch HOST PORT` prints the body's last line, or nc's error
+/// and how many seconds the attempt took.
+const FETCH: &str = r#"fetch() {
+  start=$(date +%s)
+  out=$(printf 'GET / HTTP/1.0\r\n\r\n' | nc "$1" "$2" 2>&1 | tail -n 1)
+  echo "$1:$2 $out ($(( $(date +%s) - start ))s)"
+}
+"#;
+
+/// The line of `out` about `target`.
+fn line<'a>(out: &'a str, target: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("{target} ")))
+        .unwrap_or_else(|| panic!("no line for {target} in:\n{out}"))
+}
+
+fn assert_served(out: &str, target: &str, by: &str) {
+    let line = line(out, target);
+    assert!(line.contains(&format!("served-by-{by}")), "{line}");
+}
+
+/// Refused at once: ECONNREFUSED within a second or two, never a hang.
+fn assert_refused(out: &str, target: &str) {
+    let line = line(out, target);
+    assert!(line.contains("Connection refused"), "{line}");
+    let seconds: u64 = line
+        .rsplit_once('(')
+        .and_then(|(_, s)| s.strip_suffix("s)"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {line}"));
+    assert!(seconds <= 2, "refused only after {seconds}s: {line}");
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn the_internet_is_open_and_the_host_and_private_networks_are_not_until_allowed() {
+    require_root();
+    let network = Network::new();
+    let root = KilnRoot::with_guest().quiet();
+    let image = demo_image();
+    let targets = [
+        ("web.test:80", "internet"),
+        (&format!("{WEB_ADDR}:80") as &str, "internet"),
+        (&format!("host.kiln.internal:{HOST_PORT}"), "host"),
+        (&format!("{HOST_ADDR}:{HOST_PORT}"), "host"),
+        (&format!("{METADATA_ADDR}:80"), "internet"),
+        (&format!("{PRIVATE_ADDR}:80"), "internet"),
+        ("private.test:80", "internet"),
+    ];
+    let script = format!(
+        "{FETCH}read line; echo \"stdin: $line\"\n\
+         nslookup web.test | grep -q {WEB_ADDR} && echo 'dns: web.test'\n\
+         nslookup host.kiln.internal | grep -q 10.0.2.2 && echo 'dns: host'\n\
+         {}",
+        targets
+            .iter()
+            .map(|(t, _)| format!("fetch {}\n", t.replace(':', " ")))
+            .collect::<String>()
+    );
+
+    // The default: the internet by name and address; the host (its loopback and its own
+    // address), metadata and private addresses refused at once.
+    let out = network.kiln_ok(
+        &root,
+        &["run", "--rm", "-i", &image, "sh", "-c", &script],
+        Some("from-host\n"),
+    );
+    assert!(out.contains("stdin: from-host\n"), "{out}");
+    assert!(
+        out.contains("dns: web.test\n") && out.contains("dns: host\n"),
+        "{out}"
+    );
+    let fetched = |out: &str| {
+        for (target, by) in &targets[..2] {
+            assert_served(out, target, by);
+        }
+    };
+    fetched(&out);
+    for (target, _) in &targets[2..] {
+        assert_refused(&out, target);
+    }
+
+    // Each opened explicitly: the host's loopback by its name, the others by address.
+    let allow_loopback = format!("host.kiln.internal:{HOST_PORT}");
+    let allow_metadata = format!("{METADATA_ADDR}:80");
+    let allow_private = format!("{PRIVATE_ADDR}:80");
+    let out = network.kiln_ok(
+        &root,
+        &[
+            "run",
+            "--rm",
+            "-i",
+            "--network-allow-host",
+            &allow_loopback,
+            "--network-allow-host",
+            &allow_metadata,
+            "--network-allow-host",
+            &allow_private,
+            &image,
+            "sh",
+            "-c",
+            &script,
+        ],
+        Some("again\n"),
+    );
+    fetched(&out);
+    assert_served(&out, &allow_loopback, "host");
+    assert_served(&out, &allow_metadata, "internet");
+    assert_served(&out, &allow_private, "internet");
+    assert_served(&out, "private.test:80", "internet");
+    // Opening the host's loopback does not open its other addresses.
+    assert_refused(&out, &format!("{HOST_ADDR}:{HOST_PORT}"));
+
+    // A bad value is refused before anything boots, naming the flag and what it takes.
+    let args = [
+        "run",
+        "--rm",
+        "--network-allow-host",
+        "db.test:5432",
+        &image,
+    ];
+    let output = network.kiln(&root, &args, None);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    let err = text(&output.stderr);
+    assert!(
+        err.contains("--network-allow-host") && err.contains("host.kiln.internal:PORT"),
+        "{err}"
+    );
+    drop(network);
+    root.assert_nothing_left();
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn forwards_exec_and_volumes_work_and_a_killed_monitor_leaves_nothing() {
+    require_root();
+    let network = Network::new();
+    let root = KilnRoot::with_guest().quiet();
+    let volume = root.temp_dir().join("volume");
+    fs::create_dir(&volume).unwrap();
+    let share = format!("{}:/data", volume.display());
+    let forward = "18091:8000";
+    let id = network
+        .kiln_ok(
+            &root,
+            &[
+                "run",
+                "-d",
+                "-p",
+                forward,
+                "-v",
+                &share,
+                &demo_image(),
+                "sh",
+                "-c",
+                "while true; do echo forwarded | nc -l -p 8000; done",
+            ],
+            None,
+        )
+        .trim()
+        .to_owned();
+
+    // Exec and the volume: the guest writes, the host reads.
+    let write = "echo kept > /data/note; cat /data/note";
+    let out = network.kiln_ok(&root, &["exec", &id, "sh", "-c", write], None);
+    assert_eq!(out, "kept\n");
+    assert_eq!(fs::read_to_string(volume.join("note")).unwrap(), "kept\n");
+
+    // The port forward, from the host namespace's loopback into the guest.
+    let client = "import socket,sys\n\
+        s = socket.create_connection(('127.0.0.1', 18091), timeout=30)\n\
+        s.sendall(b'hello\\n')\n\
+        sys.stdout.write(s.recv(100).decode())";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let output = network.exec(&network.host, &["python3", "-c", client]);
+        if text(&output.stdout) == "forwarded\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer through -p: {}",
+            describe(&output)
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+
+    // The endpoint lives in the monitor: killing it with -9 leaves no QEMU, no process
+    // and no socket behind.
+    let monitor = root.monitor_pid(&id);
+    // SAFETY: kill has no memory-safety preconditions; the pid was just listed.
+    unsafe { libc::kill(monitor as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(
+        qemu_left_after(&root.path(), Duration::from_secs(10)),
+        Vec::<u32>::new()
+    );
+    assert!(root.leftovers_after(Duration::from_secs(10)).is_empty());
+    for dir in root.sandbox_dirs() {
+        assert!(
+            !dir.join("net.sock").exists(),
+            "{} kept its socket",
+            dir.display()
+        );
+    }
+    let refused = network.exec(
+        &network.host,
+        &[
+            "python3",
+            "-c",
+            "import socket; socket.create_connection(('127.0.0.1', 18091), timeout=5)",
+        ],
+    );
+    assert!(
+        !refused.status.success(),
+        "the forward outlived its sandbox"
+    );
+    network.kiln_ok(&root, &["rm", "-f", &id], None);
+    drop(network);
+    root.assert_nothing_left();
+}
