@@ -507,7 +507,6 @@ fn identity_layer_network_and_a_persistent_upper() {
             forwards: Vec::new(),
             egress: Arc::new(kiln_netstack::DefaultEgress::new(
                 gateway,
-                dns,
                 Vec::new(),
                 Vec::new(),
             )),

@@ -321,7 +321,7 @@ fn the_internet_is_open_and_the_host_and_private_networks_are_not_until_allowed(
         &image,
     ];
     let output = network.kiln(&root, &args, None);
-    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    assert_eq!(output.status.code(), Some(125), "{}", describe(&output));
     let err = text(&output.stderr);
     assert!(
         err.contains("--network-allow-host") && err.contains("host.kiln.internal:PORT"),

@@ -12,7 +12,7 @@ use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use hickory_resolver::{Hosts, TokioResolver};
 
 use crate::limits::{DNS_TIMEOUT, MAX_DNS_ANSWERS, MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES};
-use crate::HOST_NAME;
+use kiln_policy::HOST_GATEWAY_NAME;
 
 /// How long the guest may cache kiln's answers: short, so that a pinned name follows a
 /// CDN's rotating addresses.
@@ -95,7 +95,7 @@ pub async fn answer(
         return (question.failure(ResponseCode::Refused), Vec::new());
     }
     let name = question.query().name().clone();
-    if question.name() == HOST_NAME {
+    if question.name() == HOST_GATEWAY_NAME {
         let answers = match record_type {
             RecordType::A => vec![Record::from_rdata(
                 name,

@@ -37,11 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use egress::{DefaultEgress, Egress, FlowFacts, HostService, HostServiceError, Verdict};
-
-/// The name that resolves to the gateway inside the guest; a connection to it reaches the
-/// host's loopback, only on ports opened with a [`HostService`].
-pub const HOST_NAME: &str = "host.kiln.internal";
+pub use egress::{DefaultEgress, Egress, FlowFacts};
 
 /// The guest's side of the network: its address and the two addresses this stack owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

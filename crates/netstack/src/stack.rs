@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::dns::{self, Pins, Question};
-use crate::egress::{Egress, FlowFacts, Verdict};
+use crate::egress::{host_target, Egress, FlowFacts};
 use crate::frame::{encode_frame, read_frame, write_frames};
 use crate::limits::*;
 use crate::packet::{arp_from_guest, classify, guest_mac, Class};
@@ -399,27 +399,31 @@ impl Stack {
             dst,
             names: self.pins.names(IpAddr::V4(*dst.ip())),
         };
-        match self.egress.decide(&facts) {
-            Verdict::Deny { reason } => {
-                tracing::info!(sandbox = %self.sandbox, %dst, names = ?facts.names, %reason, "connection denied");
-                self.refuse(frame);
-            }
-            Verdict::Allow { connect } => {
-                tracing::debug!(sandbox = %self.sandbox, %dst, names = ?facts.names, %connect, "connection allowed");
-                self.held.insert(key, frame);
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    let result =
-                        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(connect))
-                            .await
-                        {
-                            Ok(result) => result,
-                            Err(_) => Err(io::ErrorKind::TimedOut.into()),
-                        };
-                    let _ = events.send(Event::Connected { key, result }).await;
-                });
-            }
+        let decision = self.egress.decide(&facts);
+        if !decision.lets_through() {
+            let reason = match &decision {
+                kiln_policy::Decision::Deny(reason) => reason.to_string(),
+                // The default mode never asks for a flow's first bytes; a decider that
+                // does needs an endpoint that reads them before connecting.
+                _ => "the decision needs the flow's first bytes, which this endpoint does not read"
+                    .into(),
+            };
+            tracing::info!(sandbox = %self.sandbox, %dst, names = ?facts.names, %reason, "connection denied");
+            self.refuse(frame);
+            return;
         }
+        let connect = host_target(dst, self.addresses.gateway);
+        tracing::debug!(sandbox = %self.sandbox, %dst, names = ?facts.names, %connect, "connection allowed");
+        self.held.insert(key, frame);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result =
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(connect)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
+                };
+            let _ = events.send(Event::Connected { key, result }).await;
+        });
     }
 
     /// Hands a SYN to the stack with no socket listening for it: the stack resets it.

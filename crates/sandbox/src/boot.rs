@@ -61,8 +61,8 @@ pub enum BootError {
     Network(#[from] kiln_netstack::Error),
     #[error("the host's own addresses (to keep the guest from them): {0}")]
     HostAddresses(std::io::Error),
-    #[error("the sandbox's network record: {0}")]
-    HostService(#[from] kiln_netstack::HostServiceError),
+    #[error("the sandbox's network record")]
+    AllowHost(#[from] kiln_policy::AllowHostError),
 }
 
 impl From<BootError> for Error {
@@ -82,7 +82,7 @@ impl From<BootError> for Error {
             | BootError::BootConfig(_)
             | BootError::Network(_)
             | BootError::HostAddresses(_)
-            | BootError::HostService(_) => ErrorKind::Internal,
+            | BootError::AllowHost(_) => ErrorKind::Internal,
         };
         Error::new(kind, err)
     }
@@ -381,7 +381,6 @@ fn start_network(
             .collect(),
         egress: Arc::new(kiln_netstack::DefaultEgress::new(
             gateway,
-            dns,
             allowed,
             host_addresses,
         )),

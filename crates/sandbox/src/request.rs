@@ -382,7 +382,7 @@ impl CreateFields {
             .iter()
             .map(|value| {
                 value
-                    .parse::<kiln_netstack::HostService>()
+                    .parse::<kiln_policy::AllowHost>()
                     .map(|service| service.to_string())
                     .map_err(|e| check.wrap(Field::AllowHost, e))
             })
@@ -716,7 +716,7 @@ mod tests {
                 allow_host: vec!["db.example:5432".into()],
                 ..fields()
             },
-            "network_allow_host: \"db.example:5432\": not an IPv4 address or the host's name",
+            "network_allow_host: invalid --network-allow-host",
         );
         refused(
             CreateFields {
