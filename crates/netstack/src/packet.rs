@@ -38,7 +38,7 @@ pub fn classify(frame: &[u8], dns: Ipv4Addr) -> Class {
     if ip.more_frags() || ip.frag_offset() != 0 {
         return Class::Drop;
     }
-    let (src, dst) = (Ipv4Addr::from(ip.src_addr()), Ipv4Addr::from(ip.dst_addr()));
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
     match ip.next_header() {
         IpProtocol::Tcp => {
             let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
@@ -68,7 +68,7 @@ pub fn guest_mac(frame: &[u8], guest: Ipv4Addr) -> Option<EthernetAddress> {
         return None;
     }
     let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    (Ipv4Addr::from(ip.src_addr()) == guest).then(|| eth.src_addr())
+    (ip.src_addr() == guest).then(|| eth.src_addr())
 }
 
 /// An ARP request from the guest (`mac`, `guest`) for `target`, as if the guest had sent

@@ -586,7 +586,7 @@ mod tests {
             env: vec!["B=flag".into()],
             workdir: Some("/work".into()),
             publish: vec!["8080:80".into()],
-            allow_host: vec!["127.0.0.1:5432".into(), "198.18.0.9:80".into()],
+            allow_host: vec!["HOST.Kiln.Internal:5432".into(), "198.18.0.9:80".into()],
             volumes: vec![format!("{}:/data:ro", dir.path().display())],
             allow_user_namespaces: true,
             ..fields()
