@@ -731,3 +731,85 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>) -> bool {
     }
     moved
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::tests::tcp_frame;
+    use kiln_policy::{Allowed, Decision, DenyReason};
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpControl, TcpPacket};
+    use std::net::Ipv4Addr;
+
+    struct Fixed(Decision);
+
+    impl Egress for Fixed {
+        fn decide(&self, _: &FlowFacts) -> Decision {
+            self.0.clone()
+        }
+    }
+
+    fn stack(decision: Decision) -> Stack {
+        let config = EndpointConfig {
+            addresses: Addresses {
+                guest: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway: Ipv4Addr::new(10, 0, 2, 2),
+                dns: Ipv4Addr::new(10, 0, 2, 3),
+            },
+            forwards: Vec::new(),
+            egress: Arc::new(Fixed(decision)),
+            sandbox: "test".into(),
+        };
+        Stack::new(config, None)
+    }
+
+    fn syn(port: u16) -> Vec<u8> {
+        let dst = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), port);
+        tcp_frame(dst, TcpControl::Syn, false)
+    }
+
+    /// The guest ports the stack sent a reset to.
+    fn resets(stack: &mut Stack) -> Vec<u16> {
+        stack
+            .queues
+            .tx
+            .drain(..)
+            .filter_map(|frame| {
+                let eth = EthernetFrame::new_checked(&frame[..]).ok()?;
+                let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+                let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+                tcp.rst().then(|| tcp.src_port())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_denied_connection_is_reset_at_once() {
+        let range = kiln_policy::refused_range("10.1.2.3".parse().unwrap(), &[]).unwrap();
+        let mut stack = stack(Decision::Deny(DenyReason::Refused(range)));
+        stack.on_frame(syn(80));
+        stack.poll();
+        assert_eq!(resets(&mut stack), [80]);
+        assert!(stack.held.is_empty() && stack.flows.is_empty());
+    }
+
+    #[tokio::test]
+    async fn half_open_connections_are_bounded_and_the_rest_reset() {
+        let mut stack = stack(Decision::Allow(Allowed::Internet));
+        for port in 1..=MAX_HALF_OPEN as u16 {
+            stack.on_frame(syn(port));
+        }
+        stack.poll();
+        // Allowed connections wait for their host side without an answer.
+        assert!(resets(&mut stack).is_empty());
+        assert_eq!(stack.held.len(), MAX_HALF_OPEN);
+        // A retransmitted SYN of a held connection is no new one.
+        stack.on_frame(syn(1));
+        assert_eq!(stack.held.len(), MAX_HALF_OPEN);
+        let over = MAX_HALF_OPEN as u16 + 1;
+        stack.on_frame(syn(over));
+        stack.poll();
+        assert_eq!(resets(&mut stack), [over]);
+        assert_eq!(stack.held.len(), MAX_HALF_OPEN);
+    }
+}
