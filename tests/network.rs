@@ -146,6 +146,14 @@ impl Network {
 
     /// `kiln ARGS` of `root`, run inside the host namespace with `stdin` (a file) or none.
     fn kiln(&self, root: &KilnRoot, args: &[&str], stdin: Option<&Path>) -> Output {
+        let mut command = self.kiln_command(root, args, stdin);
+        kiln_e2e::run_with_timeout(&mut command, kiln_e2e::KILN_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The command `kiln ARGS` of `root` inside the host namespace (`ip netns exec` execs
+    /// kiln itself, so the child is kiln).
+    fn kiln_command(&self, root: &KilnRoot, args: &[&str], stdin: Option<&Path>) -> Command {
         let inner = root.kiln();
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.host]);
@@ -165,8 +173,7 @@ impl Network {
                 None => command.env_remove(key),
             };
         }
-        kiln_e2e::run_with_timeout(&mut command, kiln_e2e::KILN_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"))
+        command
     }
 
     /// `kiln ARGS` in the host namespace, which must succeed; its stdout.
@@ -416,6 +423,45 @@ fn forwards_exec_and_volumes_work_and_a_killed_monitor_leaves_nothing() {
         "the forward outlived its sandbox"
     );
     network.kiln_ok(&root, &["rm", "-f", &id], None);
+    drop(network);
+    root.assert_nothing_left();
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn a_foreground_run_killed_with_sigkill_leaves_nothing() {
+    require_root();
+    let network = Network::new();
+    let root = KilnRoot::with_guest().quiet();
+    let image = demo_image();
+    let args = ["run", "--rm", &image, "sh", "-c", "echo up; sleep 600"];
+    let mut kiln = network
+        .kiln_command(&root, &args, None)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting kiln");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(kiln.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "up\n");
+    kiln.kill().unwrap();
+    kiln.wait().unwrap();
+    assert_eq!(
+        qemu_left_after(&root.path(), Duration::from_secs(10)),
+        Vec::<u32>::new()
+    );
+    for dir in root.sandbox_dirs() {
+        assert!(
+            !dir.join("net.sock").exists(),
+            "{} kept its socket",
+            dir.display()
+        );
+    }
     drop(network);
     root.assert_nothing_left();
 }
