@@ -345,6 +345,7 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
         identity,
         tty: false,
         terminal: None,
+        task: None,
     };
     vec![
         Frame::new(
@@ -630,6 +631,7 @@ fn shell_spec(script: &str) -> RunSpec {
         },
         tty: false,
         terminal: None,
+        task: None,
     }
 }
 

@@ -10,13 +10,10 @@
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use kiln_e2e::{fixtures, require_root, KilnRoot, Registry};
+use kiln_e2e::{fixtures, require_root, KilnRoot, KilnServer, Registry};
 use kiln_server::proto;
 use kiln_server::proto::driver_client::DriverClient;
 use kiln_server::proto::event::Kind;
@@ -32,100 +29,6 @@ use tonic::Code;
 
 /// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long `kiln serve` may take to listen.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A running `kiln serve`; dropping it kills it.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `kiln -v serve` on `root`'s socket (`kiln.sock` in its temp dir).
-    fn start(root: &KilnRoot) -> Server {
-        let socket = socket(root);
-        let log = socket.with_extension(format!("log.{}", unique()));
-        let mut child = root
-            .kiln()
-            .args(["-v", "serve", "--socket"])
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .process_group(0)
-            .spawn()
-            .expect("starting kiln serve");
-        let deadline = Instant::now() + LISTEN_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "kiln serve exited ({status}): {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kiln serve did not listen within {LISTEN_TIMEOUT:?}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        Server { child, socket, log }
-    }
-
-    async fn client(&self) -> DriverClient<Channel> {
-        kiln_server::client::connect(&self.socket)
-            .await
-            .expect("connecting to kiln serve")
-    }
-
-    /// SIGTERMs the server and waits for it to end.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + LISTEN_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "kiln serve ignored SIGTERM");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILLs the server (its sandboxes' monitors live on in their own sessions).
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Where the server of `root` listens.
-fn socket(root: &KilnRoot) -> PathBuf {
-    root.temp_dir().join("kiln.sock")
-}
-
-fn unique() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -426,8 +329,8 @@ const OTHER_UID: u32 = 65534;
 fn socket_is_owner_only_and_another_uid_is_refused() {
     require_root();
     let root = KilnRoot::with_guest();
-    let mut server = Server::start(&root);
-    let socket = socket(&root);
+    let mut server = KilnServer::start(&root);
+    let socket = KilnServer::socket_of(&root);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
     assert_eq!(meta.uid(), 0, "socket owner");
@@ -469,11 +372,11 @@ fn socket_is_owner_only_and_another_uid_is_refused() {
 fn a_second_server_on_a_live_socket_and_a_non_socket_path_are_refused() {
     require_root();
     let root = KilnRoot::with_guest();
-    let _server = Server::start(&root);
+    let _server = KilnServer::start(&root);
     let second = root
         .kiln()
         .args(["serve", "--socket"])
-        .arg(socket(&root))
+        .arg(KilnServer::socket_of(&root))
         .output()
         .unwrap();
     assert!(!second.status.success());
@@ -523,7 +426,7 @@ fn get(sandbox: &str) -> GetRequest {
 fn error_codes_name_the_input() {
     require_root();
     let root = KilnRoot::with_guest();
-    let server = Server::start(&root);
+    let server = KilnServer::start(&root);
     runtime().block_on(async {
         let mut client = server.client().await;
         let unknown = "0123456789ab";
@@ -651,7 +554,7 @@ fn create_watch_exec_stop_delete_through_grpc() {
     let reference = format!("{}/demo:serve", registry.addr());
 
     let root = KilnRoot::with_guest();
-    let server = Server::start(&root);
+    let server = KilnServer::start(&root);
     runtime().block_on(async {
         let mut client = server.client().await;
         let mut events = client
@@ -838,7 +741,7 @@ fn create_watch_exec_stop_delete_through_grpc() {
 fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
     require_root();
     let root = KilnRoot::with_guest();
-    let mut server = Server::start(&root);
+    let mut server = KilnServer::start(&root);
     let rt = runtime();
     let (up, idle) = rt.block_on(async {
         let mut client = server.client().await;
@@ -859,7 +762,7 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
     // The server dies; the sandbox's monitor and VM live on.
     server.kill();
     root.monitor_pid(&up.id);
-    let server = Server::start(&root);
+    let server = KilnServer::start(&root);
     rt.block_on(async {
         let mut client = server.client().await;
         let got = client.get(get("up")).await.unwrap().into_inner();

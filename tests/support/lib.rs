@@ -17,6 +17,7 @@ mod kiln_root;
 mod layer;
 mod process;
 mod registry;
+mod server;
 mod token_auth;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub use process::{
     kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout, TimedOut,
 };
 pub use registry::Registry;
+pub use server::KilnServer;
 pub use token_auth::TokenServer;
 
 /// The workspace's top directory (the parent of `tests/`).

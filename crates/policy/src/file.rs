@@ -4,8 +4,11 @@
 //! These types only carry shapes; `model` checks values and builds the policy.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 
-use serde::Deserialize;
+use serde::de::{Error as _, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_norway::Value;
 
 #[derive(Debug, Deserialize)]
@@ -19,9 +22,9 @@ pub(crate) struct PolicyFile {
     #[serde(default)]
     pub process: Option<ProcessDef>,
     #[serde(default)]
-    pub network_policies: BTreeMap<String, EntryDef>,
+    pub network_policies: UniqueMap<EntryDef>,
     #[serde(default)]
-    pub network_middlewares: BTreeMap<String, MiddlewareDef>,
+    pub network_middlewares: UniqueMap<MiddlewareDef>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +134,7 @@ pub(crate) struct EndpointDef {
     #[serde(default)]
     pub persisted_queries: Option<String>,
     #[serde(default)]
-    pub graphql_persisted_queries: Option<BTreeMap<String, GraphqlOperationDef>>,
+    pub graphql_persisted_queries: Option<UniqueMap<GraphqlOperationDef>>,
     #[serde(default)]
     pub graphql_max_body_bytes: Option<u32>,
     #[serde(default)]
@@ -213,7 +216,7 @@ pub(crate) struct MatchDef {
     #[serde(default)]
     pub path: Option<String>,
     #[serde(default)]
-    pub query: Option<BTreeMap<String, QueryMatcherDef>>,
+    pub query: Option<UniqueMap<QueryMatcherDef>>,
     #[serde(default)]
     pub command: Option<String>,
     #[serde(default)]
@@ -229,15 +232,79 @@ pub(crate) struct MatchDef {
 }
 
 /// `key: "glob"` or `key: { any: ["glob", ...] }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub(crate) enum QueryMatcherDef {
     Glob(String),
-    Any(QueryAnyDef),
+    Any(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct QueryAnyDef {
-    pub any: Vec<String>,
+impl<'de> Deserialize<'de> for QueryMatcherDef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MatcherVisitor;
+        impl<'de> Visitor<'de> for MatcherVisitor {
+            type Value = QueryMatcherDef;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a glob string or {any: [glob, ...]}")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(QueryMatcherDef::Glob(v.to_string()))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut any = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "any" {
+                        return Err(A::Error::custom(format!(
+                            "unknown field `{key}`, expected `any`"
+                        )));
+                    }
+                    if any.replace(map.next_value::<Vec<String>>()?).is_some() {
+                        return Err(A::Error::custom("duplicate field `any`"));
+                    }
+                }
+                any.map(QueryMatcherDef::Any)
+                    .ok_or_else(|| A::Error::custom("missing field `any`"))
+            }
+        }
+        deserializer.deserialize_any(MatcherVisitor)
+    }
+}
+
+/// A mapping that refuses a key given twice: YAML readers keep the last value, which
+/// would drop an entry without a word.
+#[derive(Debug)]
+pub(crate) struct UniqueMap<V>(pub BTreeMap<String, V>);
+
+impl<V> Default for UniqueMap<V> {
+    fn default() -> Self {
+        UniqueMap(BTreeMap::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MapVisitor<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for MapVisitor<V> {
+            type Value = UniqueMap<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(A::Error::custom(format!("duplicate entry `{key}`")));
+                    }
+                    let value = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        deserializer.deserialize_map(MapVisitor(PhantomData))
+    }
 }

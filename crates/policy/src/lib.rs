@@ -15,6 +15,38 @@
 //! time in.
 //!
 //! The rules are described for users in `docs/network.md`.
+//!
+//! # Use
+//!
+//! A [`Policy`] is an immutable value: an enforcer keeps the one in force in an
+//! `Arc<Policy>` it swaps whole when a new file validates (so a decision is taken wholly
+//! by the old or the new policy), and names it by [`Policy::digest`]. Per connection it
+//! asks [`Policy::check_connection`] (or [`check_default`] without a policy); on
+//! [`Decision::NeedPeek`] it reads the flow's first bytes, runs [`peek::peek`] on them and
+//! asks again. On a plain HTTP connection it decides every request with
+//! [`Policy::check_request`], and every DNS query with [`Policy::check_dns`]. Each final
+//! decision becomes one [`DecisionRecord`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kiln_policy::{peek, Connection, Decision, FirstBytes, HostFacts, Policy};
+//!
+//! let text = "version: 1\nnetwork_policies:\n  gh:\n    endpoints:\n      - { host: api.github.com, port: 443 }\n";
+//! let policy = Arc::new(Policy::parse("policy.yaml", text)?);
+//! let host = HostFacts::default();
+//! let pinned = vec!["api.github.com".to_string()];
+//! let mut conn = Connection {
+//!     dst: "198.18.0.5:443".parse()?,
+//!     pinned: &pinned,
+//!     first_bytes: FirstBytes::NotSeen,
+//! };
+//! assert_eq!(policy.check_connection(&conn, &host, &[]), Decision::NeedPeek);
+//! let first = b"\x16\x03\x01"; // what the guest sent so far: not enough yet
+//! let seen = peek::peek(first);
+//! conn.first_bytes = seen.first_bytes();
+//! assert_eq!(policy.check_connection(&conn, &host, &[]), Decision::NeedPeek);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod allow_host;
 mod check;

@@ -182,7 +182,7 @@ impl Policy {
         &self.digest
     }
 
-    /// Fields parsed and checked but not enforced by kiln, each once, in file order.
+    /// Fields parsed and checked but not enforced by kiln, each once.
     pub fn not_enforced(&self) -> &[NotEnforced] {
         &self.not_enforced
     }
@@ -251,7 +251,7 @@ impl Builder<'_> {
                 "the sandbox user comes from kiln's identity rules; see docs/identity.md",
             );
         }
-        for (key, mw) in &raw.network_middlewares {
+        for (key, mw) in &raw.network_middlewares.0 {
             if mw.middleware.is_empty() || mw.endpoints.include.is_empty() {
                 return Err(self.invalid(
                     format!("network_middlewares.{key}"),
@@ -266,11 +266,11 @@ impl Builder<'_> {
                 &mw.endpoints.exclude,
             );
         }
-        if !raw.network_middlewares.is_empty() {
+        if !raw.network_middlewares.0.is_empty() {
             self.report("network_middlewares", "kiln runs no HTTP middleware");
         }
         let mut entries = Vec::new();
-        for (key, entry) in raw.network_policies {
+        for (key, entry) in raw.network_policies.0 {
             let at = format!("network_policies.{key}");
             if key.is_empty() {
                 return Err(self.invalid("network_policies", "has an entry with an empty key"));
@@ -677,12 +677,6 @@ impl Builder<'_> {
                         format!("{other} needs rules or access to define the allowed traffic"),
                     ));
                 }
-                if has_deny && other != "mcp" && !has_rules && access.is_none() {
-                    return Err(self.invalid(
-                        field("deny_rules"),
-                        "need rules or access to define the base allow set",
-                    ));
-                }
                 if other == "sql" && def.enforcement.as_deref() == Some("enforce") {
                     return Err(self.invalid(
                         field("enforcement"),
@@ -697,7 +691,7 @@ impl Builder<'_> {
                         ));
                     }
                 }
-                for (key, op) in def.graphql_persisted_queries.iter().flatten() {
+                for (key, op) in def.graphql_persisted_queries.iter().flat_map(|q| &q.0) {
                     if !matches!(
                         op.operation_type.as_str(),
                         "query" | "mutation" | "subscription"
@@ -770,14 +764,14 @@ impl Builder<'_> {
             }
         };
         let mut query = Vec::new();
-        for (key, matcher) in m.query.iter().flatten() {
+        for (key, matcher) in m.query.iter().flat_map(|q| &q.0) {
             let at = format!("{at}.query.{key}");
             let globs = match matcher {
                 QueryMatcherDef::Glob(g) => vec![g.as_str()],
-                QueryMatcherDef::Any(any) if any.any.is_empty() => {
+                QueryMatcherDef::Any(any) if any.is_empty() => {
                     return Err(self.invalid(at, "any: is an empty list"))
                 }
-                QueryMatcherDef::Any(any) => any.any.iter().map(String::as_str).collect(),
+                QueryMatcherDef::Any(any) => any.iter().map(String::as_str).collect(),
             };
             let globs = globs
                 .into_iter()
@@ -986,6 +980,19 @@ network_policies:
             ),
             ("version: 1\nlandlock: {mode: x}\n", "landlock: unknown field `mode`"),
             ("version: [1\n", "policy.yaml: "),
+            (
+                "version: 1\nnetwork_policies:\n  gh:\n    endpoints: [{host: a.b.c, port: 1}]\n  gh:\n    endpoints: [{host: a.b.c, port: 2}]\n",
+                "network_policies: duplicate entry `gh`",
+            ),
+            (
+                "version: 1\nnetwork_policies:\n  gh:\n    endpoints: [{host: a.b.c, port: 1, protocol: rest, rules: [{allow: {method: GET, path: /, query: {a: 5}}}]}]\n",
+                "allow.query.a: invalid type: integer `5`, expected a glob string or {any: [glob, ...]}",
+            ),
+            (
+                "version: 1\nnetwork_policies:\n  gh:\n    endpoints: [{host: a.b.c, port: 1, protocol: rest, rules: [{allow: {method: GET, path: /, query: {a: {all: [x]}}}}]}]\n",
+                "unknown field `all`, expected `any`",
+            ),
+            ("version: 1\nversion: 1\n", "duplicate field `version`"),
         ] {
             let e = parse(yaml).unwrap_err().to_string();
             assert!(e.starts_with("policy.yaml: "), "{e}");
@@ -1103,6 +1110,23 @@ network_policies:
                 "mutually exclusive",
             ),
             ("host: a.b.com, port: 1, protocol: graphql, access: full, persisted_queries: maybe", "accepted: deny, allow_registered"),
+            (
+                "host: a.b.com, port: 1, graphql_max_body_bytes: 5",
+                "graphql_max_body_bytes needs an inspected protocol",
+            ),
+            (
+                "host: a.b.com, port: 1, credential_binding: {provider: ''}",
+                "credential_binding.provider is empty",
+            ),
+            (
+                "host: a.b.com, port: 1, protocol: graphql, access: full, graphql_persisted_queries: {h: {operation_type: delete}}",
+                "graphql_persisted_queries.h.operation_type accepted: query",
+            ),
+            (
+                "host: a.b.com, port: 1, protocol: rest, rules: [{allow: {method: GET, path: /, query: {a: '[z-a]'}}}]",
+                "rules[0].allow.query.a reversed range",
+            ),
+            ("host: a.b.com, port: 1, path: '/[a'", "path unclosed ["),
         ];
         for (endpoint, want) in cases {
             let e = invalid(endpoint);
@@ -1135,6 +1159,57 @@ network_policies:
             .unwrap_err()
             .to_string();
         assert!(e.contains("not absolute"), "{e}");
+    }
+
+    #[test]
+    fn top_level_and_size_constraints() {
+        let e = parse("version: 1\nlandlock: {compatibility: strict}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("landlock.compatibility is \"strict\"; accepted: best_effort"),
+            "{e}"
+        );
+        let e = parse(
+            "version: 1\nnetwork_middlewares:\n  m: {middleware: x, endpoints: {include: []}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "network_middlewares.m needs a middleware name and a non-empty endpoints.include"
+            ),
+            "{e}"
+        );
+        let e = parse(
+            "version: 1\nnetwork_policies:\n  '':\n    endpoints: [{host: a.b.c, port: 1}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("network_policies has an entry with an empty key"),
+            "{e}"
+        );
+        let endpoints = "{host: a.b.c, port: 1},".repeat(MAX_ENDPOINTS + 1);
+        let e = parse(&format!(
+            "version: 1\nnetwork_policies:\n  a:\n    endpoints: [{endpoints}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("more than {MAX_ENDPOINTS} endpoints")),
+            "{e}"
+        );
+        let rules = "{allow: {method: GET, path: /}},".repeat(MAX_RULES_PER_ENDPOINT + 1);
+        let e = one(&format!(
+            "host: a.b.c, port: 1, protocol: rest, rules: [{rules}]"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("exceed {MAX_RULES_PER_ENDPOINT}")),
+            "{e}"
+        );
     }
 
     #[test]

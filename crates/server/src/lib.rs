@@ -8,6 +8,12 @@
 //! simply finds them again (running ones are re-attached, stopped ones stay stopped, one
 //! whose monitor died reads as failed).
 //!
+//! Clients: every accepted connection is read through [`front`], which replaces an
+//! `:authority` the h2 crate would refuse (the socket path that gRPC's C core, grpc-java
+//! and grpc-swift send on a unix socket) before h2 parses it. h2 offers no way to relax
+//! that check and the clients cannot be changed, so the fix sits in between, inside h2's
+//! own reads; the module doc says how it stays in step with the client's HPACK state.
+//!
 //! Code generation: the .proto is compiled by `protox`, a protobuf compiler written in
 //! Rust, and turned into tonic code by tonic-prost-build. That keeps `protoc` (and its
 //! version) off the list of things a host must install to build kiln.
@@ -15,6 +21,7 @@
 pub mod client;
 mod convert;
 mod events;
+pub mod front;
 mod service;
 pub mod socket;
 
@@ -130,7 +137,7 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).map(|connection| {
         connection.and_then(|stream| {
             if socket::same_user(&stream) {
-                Ok(stream)
+                Ok(front::normalise_authority(stream))
             } else {
                 // tonic drops a connection that comes as an error, closing it unread.
                 Err(std::io::Error::new(
