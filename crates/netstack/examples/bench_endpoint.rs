@@ -3,14 +3,14 @@
 //! opens the host's loopback PORTs to the guest (as `--network-allow-host
 //! host.kiln.internal:PORT` does) and serves until its stdin closes.
 //!
-//! Usage: bench_endpoint SOCKET PORT...
+//! Usage: bench_endpoint SOCKET PORT... (decisions go to SOCKET's name with `.log`)
 
 use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_netstack::{Addresses, DefaultEgress, Endpoint, EndpointConfig};
+use kiln_netstack::{Addresses, DefaultEgress, Endpoint, EndpointConfig, JsonLinesLog};
 use kiln_policy::AllowHost;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +33,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             allows,
             DefaultEgress::host_addresses()?,
         )),
+        // Decisions are logged as a sandbox logs them, beside the socket.
+        log: Arc::new(JsonLinesLog::open(
+            &socket.with_extension("log"),
+            1 << 20,
+            None,
+        )?),
         sandbox: "bench".into(),
     };
     let endpoint = Endpoint::start(&socket, config)?;

@@ -1,10 +1,15 @@
-//! Deciding a guest's new connection: the facts the stack knows about it and the
-//! default mode's decider (kiln-policy decides; this module only gathers the facts). Every decision goes through one [`Egress`], so a
-//! policy file's decider replaces the default one without touching the stack.
+//! Deciding a guest's flows: the facts the stack knows about them, the default mode's
+//! decider and the policy file's (kiln-policy decides; this module only gathers the
+//! facts). Every decision goes through one [`Egress`], so the two modes share the stack,
+//! and every final decision goes to one [`DecisionLog`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
 
-use kiln_policy::{check_default, AllowHost, Decision, HostFacts};
+use kiln_policy::{
+    check_default, AllowHost, Decision, DecisionRecord, DnsDecision, FirstBytes, HostFacts,
+    Policy, Request,
+};
 
 /// What the stack knows about a new guest connection when it decides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,11 +21,45 @@ pub struct FlowFacts {
     pub names: Vec<String>,
 }
 
-/// Decides new guest connections with kiln-policy. Called on the endpoint's thread for
-/// every SYN; it must not block. An allowed (or audited) connection is opened to its
-/// destination, the gateway's ports to the host's loopback.
+/// Decides the guest's flows with kiln-policy. Called on the endpoint's thread; it must
+/// not block. An allowed (or audited) connection is opened to its destination, the
+/// gateway's ports to the host's loopback.
 pub trait Egress: Send + Sync {
-    fn decide(&self, flow: &FlowFacts) -> Decision;
+    /// A connection, with what its first bytes showed ([`FirstBytes::NotSeen`] at the
+    /// SYN; [`Decision::NeedPeek`] asks again once they are seen).
+    fn decide(&self, flow: &FlowFacts, first_bytes: FirstBytes<'_>) -> Decision;
+
+    /// Whether every request of a plain HTTP connection is decided.
+    fn inspects_requests(&self) -> bool {
+        false
+    }
+
+    /// One request on a plain HTTP connection; `None` when requests are not inspected.
+    fn decide_request(&self, _flow: &FlowFacts, _request: &Request<'_>) -> Option<Decision> {
+        None
+    }
+
+    /// A DNS query for `name` of record type `qtype`.
+    fn decide_dns(&self, _name: &str, _qtype: u16) -> DnsDecision {
+        DnsDecision::Resolve
+    }
+
+    /// The rule set in force, as a 403 names it.
+    fn rule_set(&self) -> String;
+}
+
+/// Where every final decision goes, as kiln-policy's record.
+pub trait DecisionLog: Send + Sync {
+    fn record(&self, record: &DecisionRecord);
+}
+
+/// The facts kiln-policy needs about the host: its addresses and the gateway standing
+/// for it.
+fn host_facts(gateway: Ipv4Addr, host_addresses: Vec<IpAddr>) -> HostFacts {
+    HostFacts {
+        addrs: host_addresses,
+        gateway: Some(IpAddr::V4(gateway)),
+    }
 }
 
 /// The default mode (`--network user`): kiln-policy's default decision, with the host's
@@ -35,10 +74,7 @@ impl DefaultEgress {
     /// `host_addresses` every address of the host's interfaces.
     pub fn new(gateway: Ipv4Addr, allows: Vec<AllowHost>, host_addresses: Vec<IpAddr>) -> Self {
         Self {
-            host: HostFacts {
-                addrs: host_addresses,
-                gateway: Some(IpAddr::V4(gateway)),
-            },
+            host: host_facts(gateway, host_addresses),
             allows,
         }
     }
@@ -58,8 +94,84 @@ impl DefaultEgress {
 }
 
 impl Egress for DefaultEgress {
-    fn decide(&self, flow: &FlowFacts) -> Decision {
+    fn decide(&self, flow: &FlowFacts, _: FirstBytes<'_>) -> Decision {
         check_default(SocketAddr::V4(flow.dst), &self.host, &self.allows)
+    }
+
+    fn rule_set(&self) -> String {
+        "the default network (no policy file)".into()
+    }
+}
+
+/// Allow-list mode (`--network-policy FILE`): what no entry of the policy allows is
+/// denied. The policy is swapped whole by [`PolicyEgress::replace`], so each decision is
+/// taken wholly by the old or the new one.
+pub struct PolicyEgress {
+    policy: RwLock<Arc<Policy>>,
+    host: HostFacts,
+    allows: Vec<AllowHost>,
+}
+
+impl PolicyEgress {
+    pub fn new(
+        policy: Policy,
+        gateway: Ipv4Addr,
+        allows: Vec<AllowHost>,
+        host_addresses: Vec<IpAddr>,
+    ) -> Self {
+        Self {
+            policy: RwLock::new(Arc::new(policy)),
+            host: host_facts(gateway, host_addresses),
+            allows,
+        }
+    }
+
+    /// Puts `policy` in force for every decision from now on.
+    pub fn replace(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Egress for PolicyEgress {
+    fn decide(&self, flow: &FlowFacts, first_bytes: FirstBytes<'_>) -> Decision {
+        let conn = kiln_policy::Connection {
+            dst: SocketAddr::V4(flow.dst),
+            pinned: &flow.names,
+            first_bytes,
+        };
+        self.current()
+            .check_connection(&conn, &self.host, &self.allows)
+    }
+
+    fn inspects_requests(&self) -> bool {
+        true
+    }
+
+    fn decide_request(&self, flow: &FlowFacts, request: &Request<'_>) -> Option<Decision> {
+        Some(self.current().check_request(
+            SocketAddr::V4(flow.dst),
+            &flow.names,
+            request,
+            &self.host,
+            &self.allows,
+        ))
+    }
+
+    fn decide_dns(&self, name: &str, qtype: u16) -> DnsDecision {
+        if name == kiln_policy::HOST_GATEWAY_NAME {
+            // The host's own name: connections to it are decided by --network-allow-host.
+            return DnsDecision::Resolve;
+        }
+        self.current().check_dns(name, qtype)
+    }
+
+    fn rule_set(&self) -> String {
+        format!("network policy {}", self.current().digest())
     }
 }
 
@@ -97,7 +209,7 @@ mod tests {
     #[test]
     fn the_internet_is_open_and_what_is_around_the_host_is_not() {
         let egress = egress(&[]);
-        assert!(egress.decide(&flow("198.18.0.1:443")).lets_through());
+        assert!(egress.decide(&flow("198.18.0.1:443"), FirstBytes::NotSeen).lets_through());
         for refused in [
             "10.0.2.2:5432",
             "10.0.2.3:53",
@@ -109,7 +221,7 @@ mod tests {
             "100.64.0.1:80",
             "192.0.2.7:22",
         ] {
-            let decision = egress.decide(&flow(refused));
+            let decision = egress.decide(&flow(refused), FirstBytes::NotSeen);
             assert!(
                 matches!(decision, Decision::Deny(_)),
                 "{refused}: {decision:?}"
@@ -120,10 +232,10 @@ mod tests {
     #[test]
     fn an_opened_service_is_reachable_and_only_on_its_port() {
         let egress = egress(&["host.kiln.internal:5432", "169.254.169.254:80"]);
-        assert!(egress.decide(&flow("10.0.2.2:5432")).lets_through());
-        assert!(egress.decide(&flow("169.254.169.254:80")).lets_through());
-        assert!(!egress.decide(&flow("10.0.2.2:5433")).lets_through());
-        assert!(!egress.decide(&flow("169.254.169.254:81")).lets_through());
+        assert!(egress.decide(&flow("10.0.2.2:5432"), FirstBytes::NotSeen).lets_through());
+        assert!(egress.decide(&flow("169.254.169.254:80"), FirstBytes::NotSeen).lets_through());
+        assert!(!egress.decide(&flow("10.0.2.2:5433"), FirstBytes::NotSeen).lets_through());
+        assert!(!egress.decide(&flow("169.254.169.254:81"), FirstBytes::NotSeen).lets_through());
     }
 
     #[test]

@@ -27,6 +27,8 @@
 mod dns;
 mod egress;
 mod frame;
+mod http;
+mod log;
 pub mod limits;
 mod packet;
 mod stack;
@@ -37,7 +39,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use egress::{DefaultEgress, Egress, FlowFacts};
+pub use egress::{DecisionLog, DefaultEgress, Egress, FlowFacts, PolicyEgress};
+pub use log::{DenialNotice, JsonLinesLog};
 
 /// The guest's side of the network: its address and the two addresses this stack owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +64,10 @@ pub struct PortForward {
 pub struct EndpointConfig {
     pub addresses: Addresses,
     pub forwards: Vec<PortForward>,
-    /// Decides every new guest connection.
+    /// Decides every new guest connection, HTTP request and DNS query.
     pub egress: Arc<dyn Egress>,
+    /// Receives every final decision.
+    pub log: Arc<dyn DecisionLog>,
     /// Names this sandbox in log lines.
     pub sandbox: String,
 }

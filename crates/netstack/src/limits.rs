@@ -11,6 +11,11 @@ pub const MAX_HALF_OPEN: usize = 64;
 /// How long a host-side connect may take before the guest's connection is reset.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a connection that its first bytes decide (under a policy) may stay silent;
+/// then it is decided as neither TLS nor HTTP. The first bytes are read up to
+/// kiln-policy's `MAX_PEEK_BYTES` (16 KiB).
+pub const PEEK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bytes of each direction of a flow buffered in the stack (the TCP window it offers).
 pub const FLOW_BUFFER: usize = 256 * 1024;
 

@@ -16,6 +16,9 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::{Duration as StackDuration, Instant};
+use kiln_policy::peek::{self, HttpPeek, Peeked, RequestHead, TlsPeek};
+use kiln_policy::{Decision, DecisionRecord, DnsDecision, FirstBytes, FlowProtocol};
+use hickory_resolver::proto::rr::RecordType;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -24,7 +27,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::dns::{self, Pins, Question};
-use crate::egress::{host_target, Egress, FlowFacts};
+use crate::egress::{host_target, DecisionLog, Egress, FlowFacts};
+use crate::http::RequestStream;
 use crate::frame::{encode_frame, read_frame, write_frames};
 use crate::limits::*;
 use crate::packet::{arp_from_guest, classify, guest_mac, Class};
@@ -144,11 +148,17 @@ enum Event {
         key: FlowKey,
         result: io::Result<TcpStream>,
     },
+    /// A host-side connect for a connection accepted to read its first bytes ended.
+    PeekConnected {
+        handle: SocketHandle,
+        result: io::Result<TcpStream>,
+    },
     /// A DNS reply for the guest.
     Answer {
         to: IpEndpoint,
         reply: Vec<u8>,
         name: String,
+        qtype: u16,
         pinned: Vec<IpAddr>,
     },
     /// A port forward's host listener accepted a connection for `guest_port`.
@@ -160,8 +170,6 @@ type FlowKey = (SocketAddrV4, SocketAddrV4);
 
 /// One relayed connection.
 struct Flow {
-    /// For log lines: `guest -> destination` or `forward :host -> guest`.
-    label: String,
     /// The guest connection it serves (port forwards have none).
     key: Option<FlowKey>,
     /// The stack's local port of a port forward's connection.
@@ -175,7 +183,30 @@ struct Flow {
     closing: bool,
     up: u64,
     down: u64,
-    tasks: [JoinHandle<()>; 2],
+    tasks: Vec<JoinHandle<()>>,
+    /// The guest connection's facts, for decisions on its HTTP requests.
+    facts: Option<FlowFacts>,
+    /// The requests of a plain HTTP connection whose every request is decided.
+    requests: Option<RequestStream>,
+    /// The decision's record, logged again with the bytes when the flow ends.
+    record: Option<DecisionRecord>,
+}
+
+/// A guest connection accepted so that its first bytes (TLS SNI, HTTP Host) can decide
+/// it: no host side yet.
+struct Peeking {
+    key: FlowKey,
+    facts: FlowFacts,
+    bytes: Vec<u8>,
+    deadline: std::time::Instant,
+    /// Set once decided and allowed: the host-side connect is under way.
+    allowed: Option<Allowed>,
+}
+
+/// What an allowed peeked connection carries into its relay.
+struct Allowed {
+    requests: Option<RequestStream>,
+    record: Option<DecisionRecord>,
 }
 
 impl Drop for Flow {
@@ -192,11 +223,15 @@ struct Stack {
     sockets: SocketSet<'static>,
     addresses: Addresses,
     egress: Arc<dyn Egress>,
+    log: Arc<dyn DecisionLog>,
     sandbox: String,
     flows: HashMap<SocketHandle, Flow>,
+    peeking: HashMap<SocketHandle, Peeking>,
     guest_flows: HashSet<FlowKey>,
     /// Guest SYNs waiting for their host-side connect: the newest copy of each.
     held: HashMap<FlowKey, Vec<u8>>,
+    /// The decision records of the held SYNs.
+    held_records: HashMap<FlowKey, DecisionRecord>,
     dns_socket: SocketHandle,
     dns_inflight: usize,
     resolver: Option<dns::HostResolver>,
@@ -243,10 +278,13 @@ impl Stack {
             sockets,
             addresses,
             egress: config.egress,
+            log: config.log,
             sandbox: config.sandbox,
             flows: HashMap::new(),
+            peeking: HashMap::new(),
             guest_flows: HashSet::new(),
             held: HashMap::new(),
+            held_records: HashMap::new(),
             dns_socket,
             dns_inflight: 0,
             resolver,
@@ -353,7 +391,7 @@ impl Stack {
                 .iface
                 .poll(Instant::now(), &mut self.queues, &mut self.sockets)
                 != PollResult::None;
-            let moved = self.service_flows();
+            let moved = self.service_flows() | self.service_peeking();
             self.service_dns();
             if !changed && !moved {
                 break;
@@ -390,7 +428,8 @@ impl Stack {
             *held = frame;
             return;
         }
-        if self.flows.len() + self.held.len() >= MAX_FLOWS || self.held.len() >= MAX_HALF_OPEN {
+        let waiting = self.held.len() + self.peeking.len();
+        if self.flows.len() + waiting >= MAX_FLOWS || waiting >= MAX_HALF_OPEN {
             tracing::warn!(sandbox = %self.sandbox, %guest, %dst, "connection refused: too many connections");
             self.refuse(frame);
             return;
@@ -399,31 +438,244 @@ impl Stack {
             dst,
             names: self.pins.names(IpAddr::V4(*dst.ip())),
         };
-        let decision = self.egress.decide(&facts);
+        let decision = self.egress.decide(&facts, FirstBytes::NotSeen);
+        if decision == Decision::NeedPeek {
+            self.accept_to_peek(frame, key, facts);
+            return;
+        }
+        let record = self.record(FlowProtocol::Tcp, &facts, &decision, None);
         if !decision.lets_through() {
-            let reason = match &decision {
-                kiln_policy::Decision::Deny(reason) => reason.to_string(),
-                // The default mode never asks for a flow's first bytes; a decider that
-                // does needs an endpoint that reads them before connecting.
-                _ => "the decision needs the flow's first bytes, which this endpoint does not read"
-                    .into(),
-            };
-            tracing::info!(sandbox = %self.sandbox, %dst, names = ?facts.names, %reason, "connection denied");
             self.refuse(frame);
             return;
+        }
+        if let Some(record) = record {
+            self.held_records.insert(key, record);
         }
         let connect = host_target(dst, self.addresses.gateway);
         tracing::debug!(sandbox = %self.sandbox, %dst, names = ?facts.names, %connect, "connection allowed");
         self.held.insert(key, frame);
         let events = self.events.clone();
         tokio::spawn(async move {
-            let result =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(connect)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
-                };
+            let result = connect_host(connect).await;
             let _ = events.send(Event::Connected { key, result }).await;
         });
+    }
+
+    /// Logs a final decision on a flow and returns its record (`None` for
+    /// [`Decision::NeedPeek`], which is not final).
+    fn record(
+        &self,
+        protocol: FlowProtocol,
+        facts: &FlowFacts,
+        decision: &Decision,
+        seen: Option<&Peeked>,
+    ) -> Option<DecisionRecord> {
+        let dst = std::net::SocketAddr::V4(facts.dst);
+        let mut record = DecisionRecord::new(now(), &self.sandbox, protocol, dst, decision)?;
+        record.names = facts.names.clone();
+        match seen {
+            Some(Peeked::Tls(TlsPeek::ClientHello { sni })) => record.sni = sni.clone(),
+            Some(Peeked::Http(HttpPeek::Request(head))) => set_request(&mut record, head),
+            _ => {}
+        }
+        self.log.record(&record);
+        Some(record)
+    }
+
+    /// Accepts a guest connection without a host side, to decide it by its first bytes.
+    fn accept_to_peek(&mut self, frame: Vec<u8>, key: FlowKey, facts: FlowFacts) {
+        let Some(handle) = self.accept(frame, key.1) else {
+            return;
+        };
+        self.guest_flows.insert(key);
+        self.peeking.insert(
+            handle,
+            Peeking {
+                key,
+                facts,
+                bytes: Vec::new(),
+                deadline: std::time::Instant::now() + PEEK_TIMEOUT,
+                allowed: None,
+            },
+        );
+    }
+
+    /// Gives the stack `frame`, a guest SYN to `dst`, with one socket listening for it;
+    /// the socket, unless the SYN did not reach it.
+    fn accept(&mut self, frame: Vec<u8>, dst: SocketAddrV4) -> Option<SocketHandle> {
+        // The stack must see this SYN with exactly one socket listening for it: run what
+        // is queued first, then listen, hand it the SYN and run again.
+        self.poll();
+        let mut socket = new_tcp_socket();
+        let endpoint = IpListenEndpoint {
+            addr: Some((*dst.ip()).into()),
+            port: dst.port(),
+        };
+        if socket.listen(endpoint).is_err() {
+            self.refuse(frame);
+            return None;
+        }
+        let handle = self.sockets.add(socket);
+        self.queues.rx.push_back(frame);
+        self.poll();
+        if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+            // The SYN did not reach the socket (a bad checksum): the guest will retry.
+            self.sockets.remove(handle);
+            return None;
+        }
+        Some(handle)
+    }
+
+    /// Reads the first bytes of the connections being peeked at and decides those whose
+    /// bytes (or time) are enough. Whether anything changed.
+    fn service_peeking(&mut self) -> bool {
+        let mut ready = Vec::new();
+        for (&handle, peeking) in self.peeking.iter_mut() {
+            if peeking.allowed.is_some() {
+                continue;
+            }
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            while socket.can_recv() && peeking.bytes.len() < peek::MAX_PEEK_BYTES {
+                let room = peek::MAX_PEEK_BYTES - peeking.bytes.len();
+                let _ = socket.recv(|buffer| {
+                    let n = buffer.len().min(room);
+                    peeking.bytes.extend_from_slice(&buffer[..n]);
+                    (n, ())
+                });
+            }
+            let gone = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait);
+            let seen = peek::peek(&peeking.bytes);
+            let waiting = seen == Peeked::NeedMore
+                && socket.may_recv()
+                && std::time::Instant::now() < peeking.deadline;
+            if gone {
+                ready.push((handle, None));
+            } else if !waiting {
+                ready.push((handle, Some(seen)));
+            }
+        }
+        let changed = !ready.is_empty();
+        for (handle, seen) in ready {
+            match seen {
+                Some(seen) => self.decide_peeked(handle, seen),
+                None => self.end_peeking(handle),
+            }
+        }
+        changed
+    }
+
+    fn end_peeking(&mut self, handle: SocketHandle) {
+        if let Some(peeking) = self.peeking.remove(&handle) {
+            self.guest_flows.remove(&peeking.key);
+        }
+        self.sockets.remove(handle);
+    }
+
+    /// Decides a peeked connection by what its first bytes showed: a denied one is
+    /// reset (or, for HTTP, answered 403), an allowed one gets its host side.
+    fn decide_peeked(&mut self, handle: SocketHandle, seen: Peeked) {
+        let Some(facts) = self.peeking.get(&handle).map(|p| p.facts.clone()) else {
+            return;
+        };
+        let (protocol, decision) = match &seen {
+            Peeked::Http(HttpPeek::Request(head)) => {
+                let decision = match self.egress.decide_request(&facts, &request_of(head)) {
+                    Some(decision) => decision,
+                    None => self.egress.decide(&facts, seen.first_bytes()),
+                };
+                (FlowProtocol::Http, decision)
+            }
+            Peeked::Tls(TlsPeek::ClientHello { .. }) => (
+                FlowProtocol::Tls,
+                self.egress.decide(&facts, seen.first_bytes()),
+            ),
+            _ => (
+                FlowProtocol::Tcp,
+                self.egress.decide(&facts, FirstBytes::Other),
+            ),
+        };
+        // A decider that still asks for bytes it cannot have: nothing named the host.
+        let decision = match decision {
+            Decision::NeedPeek => Decision::Deny(kiln_policy::DenyReason::NoName {
+                dst: std::net::SocketAddr::V4(facts.dst),
+            }),
+            decision => decision,
+        };
+        let record = self.record(protocol, &facts, &decision, Some(&seen));
+        if let Decision::Deny(reason) = &decision {
+            let peeking = self.peeking.remove(&handle).expect("looked up above");
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            if protocol == FlowProtocol::Http {
+                // The socket sends the 403, then closes, as a flow with no host side.
+                let _ = socket.send_slice(&forbidden(&self.egress.rule_set(), &reason.to_string()));
+                socket.close();
+                let flow = self.relay(None, Some(peeking.key), None);
+                self.flows.insert(handle, flow);
+            } else {
+                socket.abort();
+                self.guest_flows.remove(&peeking.key);
+            }
+            return;
+        }
+        let requests = (protocol == FlowProtocol::Http && self.egress.inspects_requests())
+            .then(RequestStream::after_first_decision);
+        if let Some(peeking) = self.peeking.get_mut(&handle) {
+            peeking.allowed = Some(Allowed { requests, record });
+        }
+        let connect = host_target(facts.dst, self.addresses.gateway);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = connect_host(connect).await;
+            let _ = events.send(Event::PeekConnected { handle, result }).await;
+        });
+    }
+
+    /// A peeked connection's host side is open (or failed): relay it, first bytes first.
+    fn on_peek_connected(&mut self, handle: SocketHandle, result: io::Result<TcpStream>) {
+        let Some(peeking) = self.peeking.remove(&handle) else {
+            return;
+        };
+        let allowed = peeking.allowed.expect("connected only once allowed");
+        let stream = match result {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::info!(sandbox = %self.sandbox, dst = %peeking.facts.dst, %err, "connection reset: the host-side connect failed");
+                self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                self.guest_flows.remove(&peeking.key);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mut flow = self.relay(Some(stream), Some(peeking.key), None);
+        flow.facts = Some(peeking.facts);
+        flow.record = allowed.record;
+        flow.requests = allowed.requests;
+        if !peeking.bytes.is_empty() {
+            match self.inspect(&mut flow, &peeking.bytes) {
+                Some(bytes) => {
+                    if let Some(to_host) = &flow.to_host {
+                        flow.up += bytes.len() as u64;
+                        // The channel is new and empty: the first chunk fits.
+                        let _ = to_host.try_send(bytes);
+                    }
+                }
+                None => {}
+            }
+        }
+        self.flows.insert(handle, flow);
+    }
+
+    /// Runs guest bytes through the flow's request stream (see [`Deciders::inspect`]).
+    fn inspect(&self, flow: &mut Flow, bytes: &[u8]) -> Option<Vec<u8>> {
+        self.deciders().inspect(flow, bytes)
+    }
+
+    fn deciders(&self) -> Deciders<'_> {
+        Deciders {
+            egress: &*self.egress,
+            log: &*self.log,
+            sandbox: &self.sandbox,
+        }
     }
 
     /// Hands a SYN to the stack with no socket listening for it: the stack resets it.
@@ -434,14 +686,24 @@ impl Stack {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Connected { key, result } => self.on_connected(key, result),
+            Event::PeekConnected { handle, result } => self.on_peek_connected(handle, result),
             Event::Answer {
                 to,
                 reply,
                 name,
+                qtype,
                 pinned,
             } => {
                 self.dns_inflight -= 1;
-                tracing::info!(sandbox = %self.sandbox, %name, answers = ?pinned, "dns query");
+                let mut record = dns_record(
+                    &self.sandbox,
+                    self.addresses.dns,
+                    &name,
+                    qtype,
+                    &DnsDecision::Resolve,
+                );
+                record.answers = pinned.clone();
+                self.log.record(&record);
                 for address in &pinned {
                     self.pins.pin(*address, &name);
                 }
@@ -456,37 +718,21 @@ impl Stack {
         let Some(frame) = self.held.remove(&key) else {
             return;
         };
-        let (guest, dst) = key;
+        let record = self.held_records.remove(&key);
         let stream = match result {
             Ok(stream) => stream,
             Err(err) => {
-                tracing::info!(sandbox = %self.sandbox, %dst, %err, "connection refused: the host-side connect failed");
+                tracing::info!(sandbox = %self.sandbox, dst = %key.1, %err, "connection refused: the host-side connect failed");
                 self.refuse(frame);
                 return;
             }
         };
-        // The stack must see this SYN with exactly one socket listening for it: run what
-        // is queued first, then listen, hand it the SYN and run again.
-        self.poll();
-        let mut socket = new_tcp_socket();
-        let endpoint = IpListenEndpoint {
-            addr: Some((*dst.ip()).into()),
-            port: dst.port(),
+        let Some(handle) = self.accept(frame, key.1) else {
+            return;
         };
-        if socket.listen(endpoint).is_err() {
-            self.refuse(frame);
-            return;
-        }
-        let handle = self.sockets.add(socket);
-        self.queues.rx.push_back(frame);
-        self.poll();
-        if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
-            // The SYN did not reach the socket (a bad checksum): the guest will retry.
-            self.sockets.remove(handle);
-            return;
-        }
         let _ = stream.set_nodelay(true);
-        let flow = self.relay(stream, format!("{guest} -> {dst}"), Some(key), None);
+        let mut flow = self.relay(Some(stream), Some(key), None);
+        flow.record = record;
         self.guest_flows.insert(key);
         self.flows.insert(handle, flow);
     }
@@ -507,8 +753,7 @@ impl Stack {
         }
         let handle = self.sockets.add(socket);
         let _ = stream.set_nodelay(true);
-        let label = format!("forward -> guest port {guest_port}");
-        let flow = self.relay(stream, label, None, Some(local_port));
+        let flow = self.relay(Some(stream), None, Some(local_port));
         self.flows.insert(handle, flow);
     }
 
@@ -529,57 +774,65 @@ impl Stack {
         None
     }
 
-    /// Starts the host side's reader and writer for a new flow.
+    /// Starts the host side's reader and writer for a new flow (`None`: a flow with no
+    /// host side, which only finishes sending what its socket holds).
     fn relay(
         &self,
-        stream: TcpStream,
-        label: String,
+        stream: Option<TcpStream>,
         key: Option<FlowKey>,
         forward_port: Option<u16>,
     ) -> Flow {
-        let (mut read, mut write) = stream.into_split();
         let (to_host, mut to_host_rx) = mpsc::channel::<Vec<u8>>(FLOW_CHUNKS);
         let (from_host_tx, from_host) = mpsc::channel(FLOW_CHUNKS);
-        let notify = self.notify.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                let mut chunk = vec![0u8; FLOW_CHUNK];
-                match read.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        chunk.truncate(n);
-                        if from_host_tx.send(chunk).await.is_err() {
+        let tasks = match stream {
+            Some(stream) => {
+                let (mut read, mut write) = stream.into_split();
+                let notify = self.notify.clone();
+                let reader = tokio::spawn(async move {
+                    loop {
+                        let mut chunk = vec![0u8; FLOW_CHUNK];
+                        match read.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                chunk.truncate(n);
+                                if from_host_tx.send(chunk).await.is_err() {
+                                    break;
+                                }
+                                notify.notify_one();
+                            }
+                        }
+                    }
+                    drop(from_host_tx);
+                    notify.notify_one();
+                });
+                let notify = self.notify.clone();
+                let writer = tokio::spawn(async move {
+                    while let Some(chunk) = to_host_rx.recv().await {
+                        notify.notify_one();
+                        if write.write_all(&chunk).await.is_err() {
                             break;
                         }
-                        notify.notify_one();
                     }
-                }
+                    let _ = write.shutdown().await;
+                });
+                vec![reader, writer]
             }
-            drop(from_host_tx);
-            notify.notify_one();
-        });
-        let notify = self.notify.clone();
-        let writer = tokio::spawn(async move {
-            while let Some(chunk) = to_host_rx.recv().await {
-                notify.notify_one();
-                if write.write_all(&chunk).await.is_err() {
-                    break;
-                }
-            }
-            let _ = write.shutdown().await;
-        });
+            None => Vec::new(),
+        };
         Flow {
-            label,
             key,
             forward_port,
-            to_host: Some(to_host),
+            to_host: if tasks.is_empty() { None } else { Some(to_host) },
             from_host,
             pending: None,
-            host_closed: false,
-            closing: false,
+            host_closed: tasks.is_empty(),
+            closing: tasks.is_empty(),
             up: 0,
             down: 0,
-            tasks: [reader, writer],
+            tasks,
+            facts: None,
+            requests: None,
+            record: None,
         }
     }
 
@@ -588,20 +841,30 @@ impl Stack {
     fn service_flows(&mut self) -> bool {
         let mut moved = false;
         let mut ended = Vec::new();
+        let deciders = Deciders {
+            egress: &*self.egress,
+            log: &*self.log,
+            sandbox: &self.sandbox,
+        };
         for (&handle, flow) in self.flows.iter_mut() {
             let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-            moved |= move_flow(flow, socket);
+            moved |= move_flow(flow, socket, &deciders);
             if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 ended.push(handle);
             }
         }
         for handle in ended {
             self.sockets.remove(handle);
-            if let Some(flow) = self.flows.remove(&handle) {
+            if let Some(mut flow) = self.flows.remove(&handle) {
                 if let Some(key) = flow.key {
                     self.guest_flows.remove(&key);
                 }
-                tracing::debug!(sandbox = %self.sandbox, flow = %flow.label, up = flow.up, down = flow.down, "connection ended");
+                if let Some(mut record) = flow.record.take() {
+                    record.time = now();
+                    record.bytes_up = Some(flow.up);
+                    record.bytes_down = Some(flow.down);
+                    self.log.record(&record);
+                }
             }
             moved = true;
         }
@@ -633,23 +896,190 @@ impl Stack {
                     continue;
                 }
             };
-            tracing::debug!(sandbox = %self.sandbox, name = %question.name(), record_type = %question.record_type(), "dns query received");
+            let name = question.name();
+            let qtype = u16::from(question.record_type());
+            let decision = match question.record_type() {
+                RecordType::A | RecordType::AAAA => self.egress.decide_dns(&name, qtype),
+                other => DnsDecision::Refused {
+                    reason: format!("kiln's resolver answers A and AAAA queries only, not {other}"),
+                },
+            };
+            let code = match &decision {
+                DnsDecision::Resolve => None,
+                DnsDecision::NxDomain { .. } => Some(dns::ResponseCode::NXDomain),
+                DnsDecision::Refused { .. } => Some(dns::ResponseCode::Refused),
+            };
+            if let Some(code) = code {
+                let _ = socket.send_slice(&question.failure(code), to);
+                self.log.record(&dns_record(
+                    &self.sandbox,
+                    self.addresses.dns,
+                    &name,
+                    qtype,
+                    &decision,
+                ));
+                continue;
+            }
             self.dns_inflight += 1;
             let events = self.events.clone();
             let gateway = self.addresses.gateway;
             tokio::spawn(async move {
                 let (reply, pinned) = dns::answer(&resolver, &question, gateway).await;
-                let name = question.name();
                 let event = Event::Answer {
                     to,
                     reply,
                     name,
+                    qtype,
                     pinned,
                 };
                 let _ = events.send(event).await;
             });
         }
     }
+}
+
+/// What decides and logs the requests of plain HTTP connections.
+struct Deciders<'a> {
+    egress: &'a dyn Egress,
+    log: &'a dyn DecisionLog,
+    sandbox: &'a str,
+}
+
+impl Deciders<'_> {
+    /// Runs guest bytes through the flow's request stream, deciding (and logging) each
+    /// request head; the bytes that may go to the host. `None` once a request is
+    /// denied: the flow then answers the 403 and closes, its host side gone.
+    fn inspect(&self, flow: &mut Flow, bytes: &[u8]) -> Option<Vec<u8>> {
+        let (Some(requests), Some(facts)) = (flow.requests.as_mut(), flow.facts.as_ref()) else {
+            return Some(bytes.to_vec());
+        };
+        let mut decided = false;
+        let mut decide = |head: &RequestHead| {
+            decided = true;
+            let decision = self
+                .egress
+                .decide_request(facts, &request_of(head))
+                .unwrap_or(Decision::Deny(kiln_policy::DenyReason::NoName {
+                    dst: std::net::SocketAddr::V4(facts.dst),
+                }));
+            let seen = Peeked::Http(HttpPeek::Request(head.clone()));
+            self.log_decision(facts, &decision, Some(&seen), None);
+            match decision {
+                Decision::Deny(reason) => Err(reason.to_string()),
+                _ => Ok(()),
+            }
+        };
+        match requests.feed(bytes, &mut decide) {
+            Ok(bytes) => Some(bytes),
+            Err(reason) => {
+                if !decided {
+                    // A malformed request: no decision was asked, the refusal is logged.
+                    let decision = Decision::Deny(kiln_policy::DenyReason::NoName {
+                        dst: std::net::SocketAddr::V4(facts.dst),
+                    });
+                    self.log_decision(facts, &decision, None, Some(&reason));
+                }
+                let response = forbidden(&self.egress.rule_set(), &reason);
+                deny_request(flow, response);
+                None
+            }
+        }
+    }
+
+    fn log_decision(
+        &self,
+        facts: &FlowFacts,
+        decision: &Decision,
+        seen: Option<&Peeked>,
+        reason: Option<&str>,
+    ) {
+        let dst = std::net::SocketAddr::V4(facts.dst);
+        let Some(mut record) =
+            DecisionRecord::new(now(), self.sandbox, FlowProtocol::Http, dst, decision)
+        else {
+            return;
+        };
+        record.names = facts.names.clone();
+        if let Some(Peeked::Http(HttpPeek::Request(head))) = seen {
+            set_request(&mut record, head);
+        }
+        if let Some(reason) = reason {
+            record.reason = Some(reason.to_owned());
+        }
+        self.log.record(&record);
+    }
+}
+
+/// Ends a flow's host side and leaves `response` as all the guest still gets.
+fn deny_request(flow: &mut Flow, response: Vec<u8>) {
+    flow.to_host = None;
+    for task in flow.tasks.drain(..) {
+        task.abort();
+    }
+    let (_, closed) = mpsc::channel(1);
+    flow.from_host = closed;
+    flow.pending = Some((response, 0));
+    flow.host_closed = true;
+    flow.requests = None;
+}
+
+/// The 403 a denied HTTP request gets: it names kiln, the rule set and the reason.
+fn forbidden(rule_set: &str, reason: &str) -> Vec<u8> {
+    let body = format!("kiln: request denied by {rule_set}: {reason}\n");
+    format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\nX-Kiln-Denied: network policy\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// kiln-policy's view of a parsed request head.
+fn request_of(head: &RequestHead) -> kiln_policy::Request<'_> {
+    kiln_policy::Request {
+        method: &head.method,
+        path: &head.path,
+        query: head.query.as_deref(),
+        host: head.host.as_deref(),
+    }
+}
+
+fn set_request(record: &mut DecisionRecord, head: &RequestHead) {
+    record.host = head.host.clone();
+    record.method = Some(head.method.clone());
+    record.path = Some(match &head.query {
+        Some(query) => format!("{}?{query}", head.path),
+        None => head.path.clone(),
+    });
+}
+
+/// Opens the host side of an allowed connection, within [`CONNECT_TIMEOUT`].
+async fn connect_host(target: std::net::SocketAddr) -> io::Result<TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// The record of a DNS query to the resolver at `resolver`.
+fn dns_record(
+    sandbox: &str,
+    resolver: std::net::Ipv4Addr,
+    name: &str,
+    qtype: u16,
+    decision: &DnsDecision,
+) -> DecisionRecord {
+    let resolver = std::net::SocketAddr::from((resolver, 53));
+    DecisionRecord::dns(now(), sandbox, resolver, name, qtype, decision)
+}
+
+/// The time now, as decision records carry it.
+fn now() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    kiln_policy::rfc3339_utc(millis)
 }
 
 fn new_tcp_socket() -> tcp::Socket<'static> {
@@ -663,10 +1093,10 @@ fn new_tcp_socket() -> tcp::Socket<'static> {
 }
 
 /// Moves what can move between one flow's socket and its host side.
-fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>) -> bool {
+fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>, deciders: &Deciders<'_>) -> bool {
     let mut moved = false;
     // Guest to host, while the writer has room.
-    if let Some(to_host) = &flow.to_host {
+    if let Some(to_host) = flow.to_host.clone() {
         while socket.can_recv() {
             match to_host.try_reserve() {
                 Ok(permit) => {
@@ -675,9 +1105,12 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>) -> bool {
                         (n, buffer[..n].to_vec())
                     });
                     let Ok(chunk) = chunk else { break };
+                    moved = true;
+                    let Some(chunk) = deciders.inspect(flow, &chunk) else {
+                        return true;
+                    };
                     flow.up += chunk.len() as u64;
                     permit.send(chunk);
-                    moved = true;
                 }
                 Err(TrySendError::Full(())) => break,
                 Err(TrySendError::Closed(())) => {
@@ -743,9 +1176,19 @@ mod tests {
     struct Fixed(Decision);
 
     impl Egress for Fixed {
-        fn decide(&self, _: &FlowFacts) -> Decision {
+        fn decide(&self, _: &FlowFacts, _: FirstBytes<'_>) -> Decision {
             self.0.clone()
         }
+
+        fn rule_set(&self) -> String {
+            "a fixed decision".into()
+        }
+    }
+
+    struct Discard;
+
+    impl DecisionLog for Discard {
+        fn record(&self, _: &DecisionRecord) {}
     }
 
     fn stack(decision: Decision) -> Stack {
@@ -758,6 +1201,7 @@ mod tests {
             },
             forwards: Vec::new(),
             egress: Arc::new(Fixed(decision)),
+            log: Arc::new(Discard),
             sandbox: "test".into(),
         };
         Stack::new(config, None)
