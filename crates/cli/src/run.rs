@@ -12,6 +12,7 @@ use clap::Args;
 use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::{
+    PolicyText,
     Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
 };
 
@@ -126,6 +127,11 @@ pub struct SandboxArgs {
     #[arg(long = "network-allow-host", value_name = "HOST:PORT")]
     network_allow_host: Vec<String>,
 
+    /// Decide the sandbox's network by an OpenShell policy file's network_policies: what
+    /// no entry allows is denied (needs --network user; `kiln policy set` replaces it).
+    #[arg(long = "network-policy", value_name = "FILE")]
+    network_policy: Option<PathBuf>,
+
     /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
     #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
     volumes: Vec<String>,
@@ -191,6 +197,7 @@ impl FieldNames for FlagNames {
             Field::Workdir => "-w",
             Field::Publish => "-p",
             Field::AllowHost => "--network-allow-host",
+            Field::NetworkPolicy => "--network-policy",
             Field::Volumes => "-v",
             Field::Hostname => "--hostname",
             Field::AddHost => "--add-host",
@@ -290,6 +297,11 @@ impl SandboxArgs {
             network,
             publish: self.publish,
             allow_host: self.network_allow_host,
+            network_policy: self
+                .network_policy
+                .as_deref()
+                .map(read_policy_file)
+                .transpose()?,
             labels: self.labels,
             volumes: self.volumes,
             accel,
@@ -301,6 +313,22 @@ impl SandboxArgs {
         self.guest.fill(&mut fields);
         Ok(fields)
     }
+}
+
+/// A `--network-policy` file (at most kiln-policy's bound, which validation reports).
+pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<PolicyText> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(kiln_policy::MAX_POLICY_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("--network-policy {}", path.display()))?;
+    Ok(PolicyText {
+        file: path.display().to_string(),
+        text,
+    })
 }
 
 /// Kiln's own stdio for a workload (stdin only with `-i`), with kiln's signals and
@@ -321,6 +349,7 @@ pub fn attach(
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
         guest_events: None,
+        network_denials: None,
     };
     Ok((io, control_rx, raw))
 }

@@ -103,75 +103,80 @@ impl Egress for DefaultEgress {
     }
 }
 
-/// Allow-list mode (`--network-policy FILE`): what no entry of the policy allows is
-/// denied. The policy is swapped whole by [`PolicyEgress::replace`], so each decision is
+/// A sandbox's decider: allow-list mode (`--network-policy FILE`, what no entry of the
+/// policy allows is denied) while it holds a policy, the default mode while it holds
+/// none. The policy is swapped whole by [`PolicyEgress::replace`], so each decision is
 /// taken wholly by the old or the new one.
 pub struct PolicyEgress {
-    policy: RwLock<Arc<Policy>>,
-    host: HostFacts,
-    allows: Vec<AllowHost>,
+    policy: RwLock<Option<Arc<Policy>>>,
+    default: DefaultEgress,
 }
 
 impl PolicyEgress {
     pub fn new(
-        policy: Policy,
+        policy: Option<Policy>,
         gateway: Ipv4Addr,
         allows: Vec<AllowHost>,
         host_addresses: Vec<IpAddr>,
     ) -> Self {
         Self {
-            policy: RwLock::new(Arc::new(policy)),
-            host: host_facts(gateway, host_addresses),
-            allows,
+            policy: RwLock::new(policy.map(Arc::new)),
+            default: DefaultEgress::new(gateway, allows, host_addresses),
         }
     }
 
     /// Puts `policy` in force for every decision from now on.
     pub fn replace(&self, policy: Policy) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(policy));
     }
 
-    /// The policy in force.
-    pub fn current(&self) -> Arc<Policy> {
+    /// The policy in force, if any.
+    pub fn current(&self) -> Option<Arc<Policy>> {
         self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 impl Egress for PolicyEgress {
     fn decide(&self, flow: &FlowFacts, first_bytes: FirstBytes<'_>) -> Decision {
+        let Some(policy) = self.current() else {
+            return self.default.decide(flow, first_bytes);
+        };
         let conn = kiln_policy::Connection {
             dst: SocketAddr::V4(flow.dst),
             pinned: &flow.names,
             first_bytes,
         };
-        self.current()
-            .check_connection(&conn, &self.host, &self.allows)
+        policy.check_connection(&conn, &self.default.host, &self.default.allows)
     }
 
     fn inspects_requests(&self) -> bool {
-        true
+        self.current().is_some()
     }
 
     fn decide_request(&self, flow: &FlowFacts, request: &Request<'_>) -> Option<Decision> {
-        Some(self.current().check_request(
+        Some(self.current()?.check_request(
             SocketAddr::V4(flow.dst),
             &flow.names,
             request,
-            &self.host,
-            &self.allows,
+            &self.default.host,
+            &self.default.allows,
         ))
     }
 
     fn decide_dns(&self, name: &str, qtype: u16) -> DnsDecision {
-        if name == kiln_policy::HOST_GATEWAY_NAME {
+        match self.current() {
             // The host's own name: connections to it are decided by --network-allow-host.
-            return DnsDecision::Resolve;
+            Some(_) if name == kiln_policy::HOST_GATEWAY_NAME => DnsDecision::Resolve,
+            Some(policy) => policy.check_dns(name, qtype),
+            None => DnsDecision::Resolve,
         }
-        self.current().check_dns(name, qtype)
     }
 
     fn rule_set(&self) -> String {
-        format!("network policy {}", self.current().digest())
+        match self.current() {
+            Some(policy) => format!("network policy {}", policy.digest()),
+            None => self.default.rule_set(),
+        }
     }
 }
 
@@ -236,6 +241,29 @@ mod tests {
         assert!(egress.decide(&flow("169.254.169.254:80"), FirstBytes::NotSeen).lets_through());
         assert!(!egress.decide(&flow("10.0.2.2:5433"), FirstBytes::NotSeen).lets_through());
         assert!(!egress.decide(&flow("169.254.169.254:81"), FirstBytes::NotSeen).lets_through());
+    }
+
+    #[test]
+    fn a_policy_replaces_the_default_and_decides_by_name() {
+        let text = "version: 1\nnetwork_policies:\n  web:\n    endpoints:\n      - { host: web.test, port: 80 }\n";
+        let egress = PolicyEgress::new(None, GATEWAY, Vec::new(), Vec::new());
+        let named = FlowFacts {
+            dst: "198.18.5.5:80".parse().unwrap(),
+            names: vec!["web.test".into()],
+        };
+        assert!(egress.decide(&named, FirstBytes::NotSeen).lets_through());
+        assert!(!egress.inspects_requests());
+        egress.replace(Policy::parse("p.yaml", text).unwrap());
+        assert!(egress.inspects_requests());
+        let host = |h| FirstBytes::Http { host: Some(h) };
+        assert!(egress.decide(&named, host("web.test")).lets_through());
+        assert!(!egress.decide(&named, host("other.test")).lets_through());
+        let unnamed = FlowFacts { names: Vec::new(), ..named };
+        assert!(!egress.decide(&unnamed, FirstBytes::NotSeen).lets_through());
+        assert_eq!(egress.decide_dns("web.test", 1), DnsDecision::Resolve);
+        assert!(matches!(egress.decide_dns("other.test", 1), DnsDecision::NxDomain { .. }));
+        assert!(matches!(egress.decide_dns("other.test", 16), DnsDecision::Refused { .. }));
+        assert!(egress.rule_set().starts_with("network policy sha256:"));
     }
 
     #[test]

@@ -6,7 +6,6 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
@@ -18,6 +17,7 @@ use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec};
 
+use crate::network::start_network;
 use crate::error::{Error, ErrorKind};
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome};
 use crate::options::{HostDirError, Volume};
@@ -25,7 +25,7 @@ use crate::prepare::PreparedImages;
 use crate::request::CreateRequest;
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
 use crate::state::{
-    now_unix, run_dir, GuestSetup, NetworkRecord, SandboxDir, SandboxRecord, StateError, Status,
+    now_unix, run_dir, GuestSetup, SandboxDir, SandboxRecord, StateError, Status,
     SHORT_ID_LEN,
 };
 
@@ -34,7 +34,7 @@ const UPPER_DISK_MIB: u64 = 8 * 1024;
 
 /// The guest's address on kiln's network endpoint, its gateway (the host) and DNS: the
 /// addresses QEMU's user-mode network used, so guests see the network they always saw.
-const USER_NET: NetConfig = NetConfig {
+pub(crate) const USER_NET: NetConfig = NetConfig {
     address: Ipv4Addr::new(10, 0, 2, 15),
     prefix_len: 24,
     gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
@@ -64,6 +64,8 @@ pub enum BootError {
     HostAddresses(std::io::Error),
     #[error("the sandbox's network record")]
     AllowHost(#[from] kiln_policy::AllowHostError),
+    #[error("the sandbox's network policy: {0}")]
+    Policy(String),
 }
 
 impl From<BootError> for Error {
@@ -83,7 +85,8 @@ impl From<BootError> for Error {
             | BootError::BootConfig(_)
             | BootError::Network(_)
             | BootError::HostAddresses(_)
-            | BootError::AllowHost(_) => ErrorKind::Internal,
+            | BootError::AllowHost(_)
+            | BootError::Policy(_) => ErrorKind::Internal,
         };
         Error::new(kind, err)
     }
@@ -288,7 +291,9 @@ pub fn boot(
     control: Receiver<Control>,
 ) -> Result<LaunchOutcome, BootError> {
     // The endpoint lives as long as this call: past the VM's end, never past kiln's.
-    let endpoint = start_network(sandbox, &record.network)?;
+    let mut io = io;
+    let denials = io.network_denials.take();
+    let endpoint = start_network(sandbox, &record.network, record.log_max_size, denials)?;
     let network = match &endpoint {
         Some(endpoint) => Network::Stream {
             socket: endpoint.socket().to_owned(),
@@ -355,53 +360,6 @@ pub fn boot(
     )?)
 }
 
-/// The network endpoint's socket in a sandbox's directory.
-const NETWORK_SOCKET: &str = "net.sock";
-
-/// Starts the sandbox's network endpoint (kiln-netstack) in this process, in the default
-/// mode: the internet open, the host and the networks around it closed but for the
-/// services `network` opens.
-fn start_network(
-    sandbox: &SandboxDir,
-    network: &NetworkRecord,
-) -> Result<Option<kiln_netstack::Endpoint>, BootError> {
-    let NetworkRecord::User {
-        forwards,
-        allow_host,
-    } = network
-    else {
-        return Ok(None);
-    };
-    let allowed = allow_host
-        .iter()
-        .map(|service| service.parse())
-        .collect::<Result<Vec<_>, _>>()?;
-    let host_addresses =
-        kiln_netstack::DefaultEgress::host_addresses().map_err(BootError::HostAddresses)?;
-    let gateway = USER_NET.gateway.expect("the user network has a gateway");
-    let dns = USER_NET.dns.expect("the user network has a resolver");
-    let config = kiln_netstack::EndpointConfig {
-        addresses: kiln_netstack::Addresses {
-            guest: USER_NET.address,
-            prefix_len: USER_NET.prefix_len,
-            gateway,
-            dns,
-        },
-        forwards: forwards
-            .iter()
-            .map(|&(host, guest)| kiln_netstack::PortForward { host, guest })
-            .collect(),
-        egress: Arc::new(kiln_netstack::DefaultEgress::new(
-            gateway,
-            allowed,
-            host_addresses,
-        )),
-        sandbox: sandbox.id().to_owned(),
-    };
-    let socket = sandbox.path().join(NETWORK_SOCKET);
-    Ok(Some(kiln_netstack::Endpoint::start(&socket, config)?))
-}
-
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
 /// KVM gets there in well under a second, even on a loaded host. A broken one is known
 /// from QEMU's own failure (it exits, or kiln-vm quits it when its VM stops on a KVM
@@ -458,6 +416,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         stdout: Box::new(std::io::sink()),
         stderr: Box::new(std::io::sink()),
         guest_events: None,
+        network_denials: None,
     };
     let (_keep_open, control) = mpsc::channel();
     let started = Instant::now();

@@ -19,6 +19,7 @@ use kiln_protocol::{RunSpec, WorkloadResult};
 use kiln_vm::GuestImages;
 use serde::Serialize;
 
+use crate::network::write_network_policy;
 use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper};
 use crate::client::{ExecSession, MonitorError};
 use crate::error::{Error, ErrorKind};
@@ -131,6 +132,7 @@ pub fn create(
     let record = sandbox_record(&sandbox, &request, &prepared, run_spec);
     let written = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| write_network_policy(&sandbox, &request))
         .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
         .map_err(BootError::from)
         .and_then(|()| Upper::create(&sandbox).map_err(BootError::from));

@@ -153,6 +153,7 @@ fn serve(
             stdout: Box::new(stdout),
             stderr: Box::new(stderr),
             guest_events: Some(guest_tx),
+            network_denials: None,
         };
         let upper = Upper::existing(sandbox);
         let outcome = boot(

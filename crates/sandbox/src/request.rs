@@ -56,6 +56,8 @@ pub enum Field {
     Publish,
     /// `--network-allow-host` values.
     AllowHost,
+    /// The `--network-policy` file.
+    NetworkPolicy,
     Volumes,
     Hostname,
     AddHost,
@@ -67,6 +69,14 @@ pub enum Field {
     Labels,
     /// An exec request's program and arguments.
     Command,
+}
+
+/// A policy file as a request carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyText {
+    /// What errors call it (the path given).
+    pub file: String,
+    pub text: String,
 }
 
 /// The guest's network as a request chooses it.
@@ -131,6 +141,9 @@ pub struct CreateFields {
     /// Host-local services opened to the guest, `host.kiln.internal:PORT` or `ADDR:PORT`;
     /// only with [`NetworkMode::User`].
     pub allow_host: Vec<String>,
+    /// An OpenShell policy file's text and what to call it in errors (its path): the
+    /// allow-list the sandbox's network decides by; only with [`NetworkMode::User`].
+    pub network_policy: Option<PolicyText>,
     /// `KEY=VALUE` labels; a later one wins.
     pub labels: Vec<String>,
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
@@ -174,6 +187,10 @@ pub struct CreateRequest {
     pub(crate) millicpus: u32,
     pub(crate) memory_mib: u32,
     pub(crate) network: NetworkRecord,
+    /// The validated policy file's text, written into the sandbox's directory.
+    pub(crate) network_policy: Option<String>,
+    /// What the policy has that kiln does not enforce, one line each.
+    pub not_enforced: Vec<String>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) name: Option<String>,
     /// Host directories shared into the sandbox, at every start.
@@ -459,20 +476,31 @@ impl CreateFields {
                     .map_err(|e| check.wrap(Field::AllowHost, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let not_enforced = match &self.network_policy {
+            Some(policy) => crate::network::check_policy(&policy.file, &policy.text)
+                .map_err(|e| check.wrap(Field::NetworkPolicy, e))?,
+            None => Vec::new(),
+        };
         let network = match self.network {
             NetworkMode::User => NetworkRecord::User {
                 forwards,
                 allow_host,
             },
-            NetworkMode::None if forwards.is_empty() && allow_host.is_empty() => {
+            NetworkMode::None
+                if forwards.is_empty()
+                    && allow_host.is_empty()
+                    && self.network_policy.is_none() =>
+            {
                 NetworkRecord::None
             }
             NetworkMode::None => {
                 let names = check.names;
-                let field = if forwards.is_empty() {
+                let field = if !forwards.is_empty() {
+                    Field::Publish
+                } else if !allow_host.is_empty() {
                     Field::AllowHost
                 } else {
-                    Field::Publish
+                    Field::NetworkPolicy
                 };
                 return Err(InvalidField(format!(
                     "{} needs {} (got {})",
@@ -549,6 +577,8 @@ impl CreateFields {
             millicpus,
             memory_mib,
             network,
+            network_policy: self.network_policy.map(|p| p.text),
+            not_enforced,
             labels,
             name: self.name,
             volumes,
@@ -633,6 +663,7 @@ mod tests {
                 Field::Workdir => "workdir",
                 Field::Publish => "publish",
                 Field::AllowHost => "network_allow_host",
+                Field::NetworkPolicy => "network_policy",
                 Field::Volumes => "volumes",
                 Field::Hostname => "hostname",
                 Field::AddHost => "add_host",

@@ -9,6 +9,7 @@ use kiln_vm::accel::AccelVerdict;
 use kiln_vm::GuestImages;
 use serde::Serialize;
 
+use crate::network::write_network_policy;
 use crate::boot::{boot, end_status, main_run_spec, sandbox_record, BootError, Host, Upper};
 use crate::error::Error;
 use crate::launch::{Control, HostIo, VmTimings};
@@ -81,6 +82,7 @@ pub fn run(
     };
     let outcome = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| write_network_policy(&sandbox, create))
         .and_then(|()| sandbox.write_json(STATE_FILE, &started))
         .map_err(BootError::from)
         .and_then(|()| {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use kiln_image::{Platform, PullOptions, PullPolicy};
 use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
 use kiln_sandbox::{
+    PolicyText,
     CreateFields, CreateRequest, ErrorKind, ExecFields, ExecRequest, Field, FieldNames,
     NetworkMode, ProvisionEvent, SandboxInfo, Status,
 };
@@ -41,6 +42,7 @@ impl FieldNames for ProtoNames {
             Field::Workdir => "workdir",
             Field::Publish => "publish",
             Field::AllowHost => "network_allow_host",
+            Field::NetworkPolicy => "network_policy",
             Field::Volumes => "volumes",
             Field::Command => "argv",
             // The CLI's alone; a request here never has them.
@@ -152,6 +154,10 @@ fn create_fields(
             .collect(),
         network,
         allow_host: request.network_allow_host,
+        network_policy: (!request.network_policy.is_empty()).then(|| PolicyText {
+            file: "network_policy".into(),
+            text: request.network_policy,
+        }),
         name: optional(&request.name),
         entrypoint: request.entrypoint,
         command: request.command,
