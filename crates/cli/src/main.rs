@@ -17,6 +17,7 @@ mod inspect;
 mod kube;
 mod listing;
 mod logs;
+mod network;
 mod port;
 mod ps;
 mod pull;
@@ -88,8 +89,10 @@ enum Command {
     System(system::SystemArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completion(completion::CompletionArgs),
-    /// Print a sandbox's workload output.
+    /// Print a sandbox's workload output (--network: its network decisions).
     Logs(sandbox::LogsArgs),
+    /// Replace or show a sandbox's network policy.
+    Policy(network::PolicyArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
     /// Show the processes of a running sandbox's guest.
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
         Command::System(args) => system::run(&globals, args),
         Command::Completion(args) => completion::run(args, Cli::command()),
         Command::Logs(args) => sandbox::logs(&globals, args),
+        Command::Policy(args) => network::policy(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
         Command::Top(args) => guest_tasks::top(&globals, args),
         Command::Stats(args) => guest_tasks::stats(&globals, args),

@@ -12,8 +12,8 @@ use clap::Args;
 use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::{
-    PolicyText,
-    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
+    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, PolicyText, RunFields,
+    RunReport,
 };
 
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
@@ -233,8 +233,14 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     .validate(&FlagNames)
     .map_err(kiln_error)?;
 
-    let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
+    crate::network::report_not_enforced(globals, request.not_enforced());
+    let (mut io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let quiet = globals.quiet;
+    if !quiet {
+        io.network_denials = Some(Box::new(|record| {
+            eprintln!("kiln: network: {}", crate::network::describe(record));
+        }));
+    }
     let notice = move |line: &str| {
         if !quiet {
             eprintln!("kiln: {line}");

@@ -62,6 +62,10 @@ pub struct LogsArgs {
     #[arg(short, long)]
     follow: bool,
 
+    /// The sandbox's network decisions instead (one line each; --json: the JSON lines).
+    #[arg(long)]
+    network: bool,
+
     #[command(flatten)]
     selection: crate::logs::LogSelectionArgs,
 
@@ -141,6 +145,7 @@ pub fn create(globals: &Globals, args: CreateArgs) -> CommandResult {
         .map_err(CommandError::usage)?
         .validate(&FlagNames)
         .map_err(sandbox_error)?;
+    crate::network::report_not_enforced(globals, &request.not_enforced);
     let info =
         kiln_sandbox::create(&globals.root, request, &progress(globals)).map_err(sandbox_error)?;
     print_info(globals, &info)
@@ -225,6 +230,9 @@ pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
 }
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
+    if args.network {
+        return crate::network::logs(globals, &args.id, args.follow);
+    }
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let options = args
         .selection

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 
 use kiln_policy::{
-    check_default, AllowHost, Decision, DecisionRecord, DnsDecision, FirstBytes, HostFacts,
-    Policy, Request,
+    check_default, AllowHost, Decision, DecisionRecord, DnsDecision, FirstBytes, HostFacts, Policy,
+    Request,
 };
 
 /// What the stack knows about a new guest connection when it decides.
@@ -132,7 +132,10 @@ impl PolicyEgress {
 
     /// The policy in force, if any.
     pub fn current(&self) -> Option<Arc<Policy>> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -214,7 +217,9 @@ mod tests {
     #[test]
     fn the_internet_is_open_and_what_is_around_the_host_is_not() {
         let egress = egress(&[]);
-        assert!(egress.decide(&flow("198.18.0.1:443"), FirstBytes::NotSeen).lets_through());
+        assert!(egress
+            .decide(&flow("198.18.0.1:443"), FirstBytes::NotSeen)
+            .lets_through());
         for refused in [
             "10.0.2.2:5432",
             "10.0.2.3:53",
@@ -237,10 +242,18 @@ mod tests {
     #[test]
     fn an_opened_service_is_reachable_and_only_on_its_port() {
         let egress = egress(&["host.kiln.internal:5432", "169.254.169.254:80"]);
-        assert!(egress.decide(&flow("10.0.2.2:5432"), FirstBytes::NotSeen).lets_through());
-        assert!(egress.decide(&flow("169.254.169.254:80"), FirstBytes::NotSeen).lets_through());
-        assert!(!egress.decide(&flow("10.0.2.2:5433"), FirstBytes::NotSeen).lets_through());
-        assert!(!egress.decide(&flow("169.254.169.254:81"), FirstBytes::NotSeen).lets_through());
+        assert!(egress
+            .decide(&flow("10.0.2.2:5432"), FirstBytes::NotSeen)
+            .lets_through());
+        assert!(egress
+            .decide(&flow("169.254.169.254:80"), FirstBytes::NotSeen)
+            .lets_through());
+        assert!(!egress
+            .decide(&flow("10.0.2.2:5433"), FirstBytes::NotSeen)
+            .lets_through());
+        assert!(!egress
+            .decide(&flow("169.254.169.254:81"), FirstBytes::NotSeen)
+            .lets_through());
     }
 
     #[test]
@@ -258,11 +271,20 @@ mod tests {
         let host = |h| FirstBytes::Http { host: Some(h) };
         assert!(egress.decide(&named, host("web.test")).lets_through());
         assert!(!egress.decide(&named, host("other.test")).lets_through());
-        let unnamed = FlowFacts { names: Vec::new(), ..named };
+        let unnamed = FlowFacts {
+            names: Vec::new(),
+            ..named
+        };
         assert!(!egress.decide(&unnamed, FirstBytes::NotSeen).lets_through());
         assert_eq!(egress.decide_dns("web.test", 1), DnsDecision::Resolve);
-        assert!(matches!(egress.decide_dns("other.test", 1), DnsDecision::NxDomain { .. }));
-        assert!(matches!(egress.decide_dns("other.test", 16), DnsDecision::Refused { .. }));
+        assert!(matches!(
+            egress.decide_dns("other.test", 1),
+            DnsDecision::NxDomain { .. }
+        ));
+        assert!(matches!(
+            egress.decide_dns("other.test", 16),
+            DnsDecision::Refused { .. }
+        ));
         assert!(egress.rule_set().starts_with("network policy sha256:"));
     }
 

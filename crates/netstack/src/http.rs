@@ -60,7 +60,9 @@ impl RequestStream {
                     bytes = &[];
                 }
                 State::Body(left) | State::ChunkData(left) => {
-                    let n = bytes.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    let n = bytes
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
                     out.extend_from_slice(&bytes[..n]);
                     bytes = &bytes[n..];
                     *left -= n as u64;
@@ -207,10 +209,7 @@ mod tests {
         let (seen, out, refused) = run(KEEP_ALIVE, 5, "PUT /c");
         assert_eq!(seen, ["GET /a", "POST /b", "PUT /c"]);
         assert_eq!(refused.as_deref(), Some("PUT /c refused"));
-        let put = KEEP_ALIVE
-            .windows(6)
-            .position(|w| w == b"PUT /c")
-            .unwrap();
+        let put = KEEP_ALIVE.windows(6).position(|w| w == b"PUT /c").unwrap();
         assert!(out.len() <= put, "{}", String::from_utf8_lossy(&out));
     }
 
@@ -233,10 +232,13 @@ mod tests {
         let mut stream = RequestStream::after_first_decision();
         let mut seen = Vec::new();
         let out = stream
-            .feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n", &mut |h| {
-                seen.push(h.path.clone());
-                Ok(())
-            })
+            .feed(
+                b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n",
+                &mut |h| {
+                    seen.push(h.path.clone());
+                    Ok(())
+                },
+            )
             .unwrap();
         assert_eq!(seen, ["/b"]);
         assert_eq!(out.len(), 56);

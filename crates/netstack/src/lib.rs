@@ -28,8 +28,8 @@ mod dns;
 mod egress;
 mod frame;
 mod http;
-mod log;
 pub mod limits;
+mod log;
 mod packet;
 mod stack;
 

@@ -68,15 +68,20 @@ impl DecisionLog for JsonLinesLog {
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if guard.1 + line.len() as u64 > self.max_bytes {
             let rotated = self.path.with_extension("log.1");
-            let reopened = std::fs::rename(&self.path, rotated).and_then(|()| open_append(&self.path));
+            let reopened =
+                std::fs::rename(&self.path, rotated).and_then(|()| open_append(&self.path));
             match reopened {
                 Ok(file) => *guard = (file, 0),
-                Err(err) => tracing::warn!(path = %self.path.display(), %err, "rotating the network log"),
+                Err(err) => {
+                    tracing::warn!(path = %self.path.display(), %err, "rotating the network log")
+                }
             }
         }
         match guard.0.write_all(line.as_bytes()) {
             Ok(()) => guard.1 += line.len() as u64,
-            Err(err) => tracing::warn!(path = %self.path.display(), %err, "writing the network log"),
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), %err, "writing the network log")
+            }
         }
     }
 }
@@ -85,8 +90,8 @@ impl DecisionLog for JsonLinesLog {
 mod tests {
     use super::*;
     use kiln_policy::{Decision, DenyReason, FlowProtocol};
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     #[test]
     fn records_are_lines_the_log_rotates_and_denials_are_told() {
@@ -104,8 +109,7 @@ mod tests {
         .unwrap();
         let dst = "198.18.0.9:80".parse().unwrap();
         let deny = Decision::Deny(DenyReason::HostGateway { port: 80 });
-        let record =
-            DecisionRecord::new("t".into(), "sb", FlowProtocol::Tcp, dst, &deny).unwrap();
+        let record = DecisionRecord::new("t".into(), "sb", FlowProtocol::Tcp, dst, &deny).unwrap();
         for _ in 0..20 {
             log.record(&record);
         }

@@ -12,13 +12,13 @@ use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use hickory_resolver::proto::rr::RecordType;
+use kiln_policy::peek::{self, HttpPeek, Peeked, RequestHead, TlsPeek};
+use kiln_policy::{Decision, DecisionRecord, DnsDecision, FirstBytes, FlowProtocol};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::{Duration as StackDuration, Instant};
-use kiln_policy::peek::{self, HttpPeek, Peeked, RequestHead, TlsPeek};
-use kiln_policy::{Decision, DecisionRecord, DnsDecision, FirstBytes, FlowProtocol};
-use hickory_resolver::proto::rr::RecordType;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 
 use crate::dns::{self, Pins, Question};
 use crate::egress::{host_target, DecisionLog, Egress, FlowFacts};
-use crate::http::RequestStream;
 use crate::frame::{encode_frame, read_frame, write_frames};
+use crate::http::RequestStream;
 use crate::limits::*;
 use crate::packet::{arp_from_guest, classify, guest_mac, Class};
 use crate::{Addresses, EndpointConfig};
@@ -822,7 +822,11 @@ impl Stack {
         Flow {
             key,
             forward_port,
-            to_host: if tasks.is_empty() { None } else { Some(to_host) },
+            to_host: if tasks.is_empty() {
+                None
+            } else {
+                Some(to_host)
+            },
             from_host,
             pending: None,
             host_closed: tasks.is_empty(),

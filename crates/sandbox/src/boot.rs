@@ -17,16 +17,15 @@ use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
 use kiln_vm::qemu::Qemu;
 use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec};
 
-use crate::network::start_network;
 use crate::error::{Error, ErrorKind};
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome};
+use crate::network::start_network;
 use crate::options::{HostDirError, Volume};
 use crate::prepare::PreparedImages;
 use crate::request::CreateRequest;
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
 use crate::state::{
-    now_unix, run_dir, GuestSetup, SandboxDir, SandboxRecord, StateError, Status,
-    SHORT_ID_LEN,
+    now_unix, run_dir, GuestSetup, SandboxDir, SandboxRecord, StateError, Status, SHORT_ID_LEN,
 };
 
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.

@@ -54,14 +54,14 @@ pub use lifecycle::{
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
 pub use network::{
-    check_policy, network_log, set_policy, show_policy, PolicySet, NETWORK_LOG, POLICY_FILE,
+    check_policy, network_logs, set_policy, show_policy, PolicySet, NETWORK_LOG, POLICY_FILE,
     POLICY_POLL,
 };
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
-    parse_size, CreateFields, CreateRequest, EnvFile, PolicyText, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX,
-    LOG_MAX_SIZE,
+    parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
+    NetworkMode, PolicyText, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE,
+    DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;

@@ -19,13 +19,13 @@ use kiln_protocol::{RunSpec, WorkloadResult};
 use kiln_vm::GuestImages;
 use serde::Serialize;
 
-use crate::network::write_network_policy;
 use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper};
 use crate::client::{ExecSession, MonitorError};
 use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
 use crate::logs::lines::{parse_since, LineCounter, LineReader, LineSelection};
 use crate::logs::LogReader;
+use crate::network::write_network_policy;
 use crate::prepare::{
     build_images, image_cache, pinned_images, sandbox_images, BuildStep, PrepareError,
 };

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kiln_netstack::{DenialNotice, PolicyEgress};
-use kiln_policy::{Policy, MAX_POLICY_BYTES};
 use crate::boot::USER_NET;
+use kiln_netstack::{DenialNotice, PolicyEgress};
+use kiln_policy::{DecisionRecord, Policy, MAX_POLICY_BYTES};
 
 use crate::boot::BootError;
 use crate::error::{Error, ErrorKind};
@@ -74,12 +74,7 @@ pub fn start_network(
         Ok(policy) => policy,
         Err(err) => return Err(BootError::Policy(err.to_string())),
     };
-    let egress = Arc::new(PolicyEgress::new(
-        policy,
-        gateway,
-        allowed,
-        host_addresses,
-    ));
+    let egress = Arc::new(PolicyEgress::new(policy, gateway, allowed, host_addresses));
     let log = kiln_netstack::JsonLinesLog::open(&sandbox.file(NETWORK_LOG), log_max_size, denials)
         .map_err(|e| BootError::Policy(format!("the network log: {e}")))?;
     let config = kiln_netstack::EndpointConfig {
@@ -190,9 +185,12 @@ impl Drop for PolicyWatch {
 /// Validates `text` (named `file` in errors) as a network policy; what it parses but
 /// kiln does not enforce, as "not enforced by kiln: FIELD (why)" lines.
 pub fn check_policy(file: &str, text: &str) -> Result<Vec<String>, Error> {
-    let policy =
-        Policy::parse(file, text).map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
-    Ok(policy.not_enforced().iter().map(|n| n.to_string()).collect())
+    let policy = Policy::parse(file, text).map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
+    Ok(policy
+        .not_enforced()
+        .iter()
+        .map(|n| n.to_string())
+        .collect())
 }
 
 /// Writes the request's policy, if any, into its new sandbox's directory.
@@ -208,7 +206,10 @@ pub(crate) fn write_network_policy(
 
 /// Writes a validated policy into a sandbox's directory (a temporary file and a rename).
 fn write_policy(sandbox: &SandboxDir, text: &str) -> Result<(), StateError> {
-    Ok(kiln_hostfs::write_file(&sandbox.file(POLICY_FILE), text.as_bytes())?)
+    Ok(kiln_hostfs::write_file(
+        &sandbox.file(POLICY_FILE),
+        text.as_bytes(),
+    )?)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,12 +235,15 @@ pub fn set_policy(root: &Path, id: &str, file: &str, text: &str) -> Result<Polic
             NoNetwork(sandbox.id().to_owned()),
         ));
     }
-    let policy =
-        Policy::parse(file, text).map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
+    let policy = Policy::parse(file, text).map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
     write_policy(&sandbox, text)?;
     Ok(PolicySet {
         digest: policy.digest().to_owned(),
-        not_enforced: policy.not_enforced().iter().map(|n| n.to_string()).collect(),
+        not_enforced: policy
+            .not_enforced()
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
     })
 }
 
@@ -250,11 +254,95 @@ pub fn show_policy(root: &Path, id: &str) -> Result<Option<(String, String)>, Er
         .map(|policy| (policy.source().to_owned(), policy.digest().to_owned())))
 }
 
-/// The decision log's path of sandbox `id` (and of its rotated part), for `kiln logs
-/// --network`.
-pub fn network_log(root: &Path, id: &str) -> Result<(PathBuf, PathBuf), Error> {
+/// The longest decision line read back; a longer one is skipped.
+const MAX_RECORD_LINE: usize = 64 * 1024;
+
+/// How often `network_logs` with `follow` looks for new decisions.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// Hands each decision of sandbox `id` to `each`, oldest first (the rotated part, then
+/// the current file); with `follow`, keeps handing new ones until the sandbox is no
+/// longer running. Lines that are not records (a torn last line) are skipped.
+pub fn network_logs(
+    root: &Path,
+    id: &str,
+    follow: bool,
+    each: &mut dyn FnMut(&DecisionRecord) -> std::io::Result<()>,
+) -> Result<(), Error> {
     let sandbox = SandboxDir::open(root, id)?;
     let path = sandbox.file(NETWORK_LOG);
+    let io_error = |path: &Path, source| {
+        let path = path.to_owned();
+        Error::new(ErrorKind::Internal, StateError::Io { path, source })
+    };
     let rotated = path.with_extension("log.1");
-    Ok((path, rotated))
+    let mut reader = LogFollower::default();
+    if let Some(file) = open_log(&rotated)? {
+        reader
+            .read_all(file, each)
+            .map_err(|e| io_error(&rotated, e))?;
+    }
+    let mut reader = LogFollower::default();
+    loop {
+        let running = sandbox.monitor_alive();
+        if let Some(file) = open_log(&path)? {
+            reader
+                .read_all(file, each)
+                .map_err(|e| io_error(&path, e))?;
+        }
+        if !follow || !running {
+            return Ok(());
+        }
+        std::thread::sleep(FOLLOW_POLL);
+    }
+}
+
+fn open_log(path: &Path) -> Result<Option<std::fs::File>, Error> {
+    match kiln_hostfs::open_own(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(kiln_hostfs::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(Error::new(ErrorKind::Internal, StateError::from(err))),
+    }
+}
+
+/// Reads a decision log from where it last stopped; a file that shrank was rotated and
+/// is read from its start.
+#[derive(Default)]
+struct LogFollower {
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl LogFollower {
+    fn read_all(
+        &mut self,
+        mut file: std::fs::File,
+        each: &mut dyn FnMut(&DecisionRecord) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        if file.metadata()?.len() < self.offset {
+            self.offset = 0;
+            self.partial.clear();
+        }
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut bytes = Vec::new();
+        self.offset += file.read_to_end(&mut bytes)? as u64;
+        for byte in bytes {
+            if byte != b'\n' {
+                if self.partial.len() <= MAX_RECORD_LINE {
+                    self.partial.push(byte);
+                }
+                continue;
+            }
+            let line = std::mem::take(&mut self.partial);
+            if let Ok(record) = serde_json::from_slice::<DecisionRecord>(&line) {
+                each(&record)?;
+            }
+        }
+        Ok(())
+    }
 }

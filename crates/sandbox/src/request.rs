@@ -229,6 +229,13 @@ pub struct RunRequest {
     pub(crate) qemu: PathBuf,
 }
 
+impl RunRequest {
+    /// What the network policy has that kiln does not enforce, one line each.
+    pub fn not_enforced(&self) -> &[String] {
+        &self.sandbox.not_enforced
+    }
+}
+
 /// The fields of a command to run in a running sandbox, as a front end has them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecFields {

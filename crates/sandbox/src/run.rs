@@ -9,10 +9,10 @@ use kiln_vm::accel::AccelVerdict;
 use kiln_vm::GuestImages;
 use serde::Serialize;
 
-use crate::network::write_network_policy;
 use crate::boot::{boot, end_status, main_run_spec, sandbox_record, BootError, Host, Upper};
 use crate::error::Error;
 use crate::launch::{Control, HostIo, VmTimings};
+use crate::network::write_network_policy;
 use crate::prepare::prepare_images;
 use crate::request::RunRequest;
 use crate::state::{now_unix, SandboxDir, StateRecord, Status, RECORD_FILE, STATE_FILE};

@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use kiln_image::{Platform, PullOptions, PullPolicy};
 use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
 use kiln_sandbox::{
-    PolicyText,
     CreateFields, CreateRequest, ErrorKind, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, ProvisionEvent, SandboxInfo, Status,
+    NetworkMode, PolicyText, ProvisionEvent, SandboxInfo, Status,
 };
 use kiln_vm::accel::AccelRequest;
 use tonic::{Code, Status as GrpcStatus};
