@@ -22,6 +22,8 @@ const PRIVATE_ADDR: &str = "10.9.0.5";
 const METADATA_ADDR: &str = "169.254.169.254";
 /// The host's own service, on every address of the host namespace (loopback included).
 const HOST_PORT: u16 = 8080;
+/// The internet's HTTP/1.1 (keep-alive) server.
+const KEEP_ALIVE_PORT: u16 = 8081;
 
 /// The two namespaces and their servers; deleting the namespaces on drop, even when the
 /// test failed, ends everything in them.
@@ -57,7 +59,11 @@ impl Network {
         fs::create_dir_all(&etc).unwrap();
         fs::write(
             etc.join("hosts"),
-            format!("127.0.0.1 localhost\n{WEB_ADDR} web.test\n{PRIVATE_ADDR} private.test\n"),
+            format!(
+                "127.0.0.1 localhost\n{WEB_ADDR} web.test\n{PRIVATE_ADDR} private.test\n\
+                 {WEB_ADDR} other.test\n{WEB_ADDR} a.wild.test\n{WEB_ADDR} deny.test\n\
+                 {WEB_ADDR} audit.test\n"
+            ),
         )
         .unwrap();
         fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
@@ -103,6 +109,7 @@ impl Network {
         in_ns(&internet, &["route", "add", "default", "via", HOST_ADDR]);
 
         network.serve(&internet, "internet", 80);
+        network.serve(&internet, "internet", KEEP_ALIVE_PORT);
         network.serve(&host, "host", HOST_PORT);
         network
     }
@@ -111,16 +118,27 @@ impl Network {
         Path::new("/etc/netns").join(&self.host)
     }
 
-    /// A python3 HTTP server in `ns` on every address's `port`, whose index says `body`.
+    /// A python3 HTTP server in `ns` on every address's `port`, whose index says `body`
+    /// (HTTP/1.1 with keep-alive on [`KEEP_ALIVE_PORT`], HTTP/1.0 elsewhere).
     fn serve(&mut self, ns: &str, body: &str, port: u16) {
         let root = self.dir.path().join(body);
         fs::create_dir_all(&root).unwrap();
         fs::write(root.join("index.html"), format!("served-by-{body}\n")).unwrap();
+        let server = "import http.server as h, sys\n\
+            class Handler(h.SimpleHTTPRequestHandler):\n    \
+                protocol_version = sys.argv[3]\n    \
+                def __init__(self, *a, **k): super().__init__(*a, directory=sys.argv[1], **k)\n\
+            h.ThreadingHTTPServer(('0.0.0.0', int(sys.argv[2])), Handler).serve_forever()";
+        let protocol = if port == KEEP_ALIVE_PORT {
+            "HTTP/1.1"
+        } else {
+            "HTTP/1.0"
+        };
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-m", "http.server"])
-            .arg(port.to_string())
-            .arg("--directory")
+            .args(["netns", "exec", ns, "python3", "-c", server])
             .arg(&root)
+            .arg(port.to_string())
+            .arg(protocol)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -462,6 +480,235 @@ fn a_foreground_run_killed_with_sigkill_leaves_nothing() {
             dir.display()
         );
     }
+    drop(network);
+    root.assert_nothing_left();
+}
+
+/// The allow-list the policy tests start from.
+const POLICY: &str = r#"version: 1
+network_policies:
+  web:
+    endpoints:
+      - { host: web.test, port: 80, protocol: rest, access: read-only }
+      - { host: web.test, port: 8081, protocol: rest, access: read-only }
+      - { host: "*.wild.test", port: 80 }
+  guarded:
+    endpoints:
+      - host: deny.test
+        port: 80
+        protocol: rest
+        access: full
+        deny_rules:
+          - { method: GET, path: /index.html }
+  audited:
+    endpoints:
+      - { host: audit.test, port: 80, protocol: rest, access: read-only, enforcement: audit }
+  tools:
+    endpoints:
+      - { host: tools.test, port: 443 }
+    binaries:
+      - { path: /usr/bin/curl }
+"#;
+
+/// What replaces it on the running sandbox: other.test in, web.test out.
+const RELOADED: &str = r#"version: 1
+network_policies:
+  other:
+    endpoints:
+      - { host: other.test, port: 80 }
+"#;
+
+/// Guest shell functions: `req NAME PORT METHOD PATH [ADDRESS]` sends one HTTP/1.0
+/// request with Host NAME (to ADDRESS if given) and prints the reply's last line, or
+/// nc's error; `fetch` as above.
+const REQ: &str = r#"req() {
+  out=$(printf '%s %s HTTP/1.0\r\nHost: %s\r\nContent-Length: 0\r\n\r\n' "$3" "$4" "$1" | nc "${5:-$1}" "$2" 2>&1 | tail -n 1)
+  echo "$3 $1:$2$4 $out"
+}
+"#;
+
+fn write_policy(root: &KilnRoot, name: &str, text: &str) -> String {
+    let path = root.temp_dir().join(name);
+    fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The decision records `kiln logs --network --json ID` prints.
+fn decisions(network: &Network, root: &KilnRoot, id: &str) -> Vec<serde_json::Value> {
+    network
+        .kiln_ok(root, &["logs", "--network", "--json", id], None)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_running() {
+    require_root();
+    let network = Network::new();
+    let root = KilnRoot::with_guest().quiet();
+    let image = demo_image();
+    let policy = write_policy(&root, "policy.yaml", POLICY);
+    let allow_host = format!("host.kiln.internal:{HOST_PORT}");
+    let output = network.kiln(
+        &root,
+        &[
+            "run",
+            "-d",
+            "--network-policy",
+            &policy,
+            "--network-allow-host",
+            &allow_host,
+            &image,
+            "sleep",
+            "600",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let id = text(&output.stdout).trim().to_owned();
+    // What kiln parses but cannot enforce is said once, never dropped silently.
+    let err = text(&output.stderr);
+    assert!(
+        err.contains("not enforced by kiln: network_policies.tools.binaries"),
+        "{err}"
+    );
+
+    let script = format!(
+        "{FETCH}{REQ}\
+         nslookup web.test >/dev/null 2>&1 && echo 'dns web.test: ok'\n\
+         nslookup other.test >/dev/null 2>&1 || echo 'dns other.test: refused'\n\
+         nslookup -type=TXT exfil.test 2>&1 | grep -q REFUSED && echo 'dns txt: refused'\n\
+         nslookup a.wild.test >/dev/null 2>&1 && nslookup deny.test >/dev/null 2>&1 && nslookup audit.test >/dev/null 2>&1 && echo 'dns rest: ok'\n\
+         req web.test 80 GET /\n\
+         req web.test 80 POST /\n\
+         fetch web.test 9999\n\
+         fetch a.wild.test 80\n\
+         req deny.test 80 GET /index.html\n\
+         req deny.test 80 GET /\n\
+         req audit.test 80 POST /\n\
+         req other.test 80 GET / {WEB_ADDR}\n\
+         req web.test 80 GET / {WEB_ADDR}\n\
+         fetch host.kiln.internal {HOST_PORT}\n\
+         fetch {METADATA_ADDR} 80\n\
+         fetch {PRIVATE_ADDR} 80\n\
+         printf 'GET /index.html HTTP/1.1\\r\\nHost: web.test\\r\\n\\r\\nPOST / HTTP/1.1\\r\\nHost: web.test\\r\\nContent-Length: 0\\r\\n\\r\\n' | nc web.test {KEEP_ALIVE_PORT} | grep -E 'served-by|kiln:' | sed 's/^/keep-alive: /'\n"
+    );
+    let out = network.kiln_ok(&root, &["exec", &id, "sh", "-c", &script], None);
+    let has = |needle: &str| assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    has("dns web.test: ok\n");
+    has("dns other.test: refused\n");
+    has("dns txt: refused\n");
+    has("dns rest: ok\n");
+    has("GET web.test:80/ served-by-internet\n");
+    // Read-only REST: the POST gets kiln's 403, naming kiln, the rule set and the reason.
+    let post = line(&out, "POST web.test:80/");
+    assert!(
+        post.contains("kiln: request denied by network policy sha256:")
+            && post.contains("POST / is not permitted by network_policies.web.endpoints[0]"),
+        "{post}"
+    );
+    assert_refused(&out, "web.test:9999");
+    assert_served(&out, "a.wild.test:80", "internet");
+    let denied = line(&out, "GET deny.test:80/index.html");
+    assert!(denied.contains("deny_rules[0]"), "{denied}");
+    assert!(line(&out, "GET deny.test:80/").contains("served-by-internet"));
+    // Audit: the POST reaches the server (which does not implement it).
+    let audited = line(&out, "POST audit.test:80/");
+    assert!(!audited.contains("kiln:"), "{audited}");
+    // Straight to the address: the Host decides, web.test was pinned there, other.test not.
+    let other = line(&out, "GET other.test:80/");
+    assert!(other.contains("kiln: request denied"), "{other}");
+    for by_name_and_address in out.lines().filter(|l| l.starts_with("GET web.test:80/ ")) {
+        assert!(by_name_and_address.contains("served-by-internet"), "{out}");
+    }
+    assert_served(&out, &format!("host.kiln.internal:{HOST_PORT}"), "host");
+    assert_refused(&out, &format!("{METADATA_ADDR}:80"));
+    assert_refused(&out, &format!("{PRIVATE_ADDR}:80"));
+    // Keep-alive: the first request is served, the second on the same connection denied.
+    has("keep-alive: served-by-internet");
+    has("keep-alive: kiln: request denied");
+
+    // Every decision is logged: the 403s, the DNS refusals, the audit, ended flows' bytes.
+    let records = decisions(&network, &root, &id);
+    let any = |what: &str, test: &dyn Fn(&serde_json::Value) -> bool| {
+        assert!(
+            records.iter().any(test),
+            "no {what} in {}",
+            serde_json::to_string_pretty(&records).unwrap()
+        )
+    };
+    any("POST denial", &|r| {
+        r["decision"] == "deny" && r["method"] == "POST" && r["host"] == "web.test"
+    });
+    any("NXDOMAIN for other.test", &|r| {
+        r["protocol"] == "dns" && r["names"][0] == "other.test" && r["decision"] == "deny"
+    });
+    any("TXT refusal", &|r| r["query_type"] == "TXT" && r["decision"] == "deny");
+    any("audit", &|r| r["decision"] == "audit" && r["host"] == "audit.test");
+    any("ended flow", &|r| {
+        r["decision"] == "allow" && r["bytes_down"].as_u64().is_some_and(|n| n > 0)
+    });
+    let text_log = network.kiln_ok(&root, &["logs", "--network", &id], None);
+    assert!(
+        text_log.contains(" deny http ") && text_log.contains("POST /"),
+        "{text_log}"
+    );
+
+    // A policy that does not validate is refused, naming the file; the old one stays.
+    let bad = write_policy(&root, "bad.yaml", "version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - { host: a.test, port: 80, access: read-only, rules: [] }\n");
+    let output = network.kiln(&root, &["policy", "set", &id, &bad], None);
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(text(&output.stderr).contains("bad.yaml"), "{}", describe(&output));
+    let shown = network.kiln_ok(&root, &["policy", "show", &id], None);
+    assert!(shown.contains("*.wild.test"), "{shown}");
+
+    // Replaced on the running sandbox: new connections decide by the new policy.
+    let reloaded = write_policy(&root, "reloaded.yaml", RELOADED);
+    let digest = network.kiln_ok(&root, &["policy", "set", &id, &reloaded], None);
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    thread::sleep(Duration::from_secs(1));
+    let script = format!(
+        "{FETCH}nslookup web.test >/dev/null 2>&1 || echo 'dns web.test: refused'\n\
+         fetch other.test 80\n"
+    );
+    let out = network.kiln_ok(&root, &["exec", &id, "sh", "-c", &script], None);
+    assert!(out.contains("dns web.test: refused\n"), "{out}");
+    assert_served(&out, "other.test:80", "internet");
+    let shown = network.kiln_ok(&root, &["policy", "show", &id], None);
+    assert!(shown.contains(digest.trim()) && shown.contains("other.test"), "{shown}");
+
+    network.kiln_ok(&root, &["rm", "-f", &id], None);
+    assert_eq!(
+        qemu_left_after(&root.path(), Duration::from_secs(10)),
+        Vec::<u32>::new()
+    );
+
+    // A foreground run prints one line per denial on stderr.
+    let output = network.kiln(
+        &root,
+        &[
+            "run",
+            "--rm",
+            "--network-policy",
+            &policy,
+            &image,
+            "sh",
+            "-c",
+            "nc web.test 9999 </dev/null; true",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let err = text(&output.stderr);
+    assert!(
+        err.lines()
+            .filter(|l| l.starts_with("kiln: network: ") && l.contains(" deny tcp "))
+            .count()
+            == 1,
+        "{err}"
+    );
     drop(network);
     root.assert_nothing_left();
 }
