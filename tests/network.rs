@@ -547,7 +547,8 @@ fn decisions(network: &Network, root: &KilnRoot, id: &str) -> Vec<serde_json::Va
 fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_running() {
     require_root();
     let network = Network::new();
-    let root = KilnRoot::with_guest().quiet();
+    // Not quiet: the not-enforced report and the denial lines are what -q silences.
+    let root = KilnRoot::with_guest();
     let image = demo_image();
     let policy = write_policy(&root, "policy.yaml", POLICY);
     let allow_host = format!("host.kiln.internal:{HOST_PORT}");
@@ -567,7 +568,12 @@ fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_runni
         None,
     );
     assert!(output.status.success(), "{}", describe(&output));
-    let id = text(&output.stdout).trim().to_owned();
+    let id = text(&output.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     // What kiln parses but cannot enforce is said once, never dropped silently.
     let err = text(&output.stderr);
     assert!(

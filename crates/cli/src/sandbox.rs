@@ -198,6 +198,7 @@ pub fn run_detached(globals: &Globals, args: SandboxArgs, vmm: &VmmArgs) -> Comm
         .map_err(kiln_error)?
         .validate(&FlagNames)
         .map_err(kiln_error)?;
+    crate::network::report_not_enforced(globals, &request.not_enforced);
     let events = progress(globals);
     let created = kiln_sandbox::create(&globals.root, request, &events).map_err(kiln_error)?;
     let info = kiln_sandbox::start(

@@ -545,8 +545,17 @@ impl Stack {
             }
             let gone = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait);
             let seen = peek::peek(&peeking.bytes);
+            // The guest may still send while it has not sent its FIN (its first bytes
+            // can only follow the handshake, which may not be done yet).
+            let guest_may_send = matches!(
+                socket.state(),
+                tcp::State::SynReceived
+                    | tcp::State::Established
+                    | tcp::State::FinWait1
+                    | tcp::State::FinWait2
+            );
             let waiting = seen == Peeked::NeedMore
-                && socket.may_recv()
+                && guest_may_send
                 && std::time::Instant::now() < peeking.deadline;
             if gone {
                 ready.push((handle, None));
@@ -1196,6 +1205,10 @@ mod tests {
     }
 
     fn stack(decision: Decision) -> Stack {
+        stack_with(Arc::new(Fixed(decision)))
+    }
+
+    fn stack_with(egress: Arc<dyn Egress>) -> Stack {
         let config = EndpointConfig {
             addresses: Addresses {
                 guest: Ipv4Addr::new(10, 0, 2, 15),
@@ -1204,7 +1217,7 @@ mod tests {
                 dns: Ipv4Addr::new(10, 0, 2, 3),
             },
             forwards: Vec::new(),
-            egress: Arc::new(Fixed(decision)),
+            egress,
             log: Arc::new(Discard),
             sandbox: "test".into(),
         };
@@ -1239,6 +1252,34 @@ mod tests {
         stack.poll();
         assert_eq!(resets(&mut stack), [80]);
         assert!(stack.held.is_empty() && stack.flows.is_empty());
+    }
+
+    /// Needs the first bytes of every connection, and denies whatever they are.
+    struct FirstBytesDecide;
+
+    impl Egress for FirstBytesDecide {
+        fn decide(&self, _: &FlowFacts, first_bytes: FirstBytes<'_>) -> Decision {
+            match first_bytes {
+                FirstBytes::NotSeen => Decision::NeedPeek,
+                _ => Decision::Deny(DenyReason::HostGateway { port: 1 }),
+            }
+        }
+
+        fn rule_set(&self) -> String {
+            "first bytes decide".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_its_first_bytes_decide_is_accepted_and_waits_for_them() {
+        let mut stack = stack_with(Arc::new(FirstBytesDecide));
+        stack.on_frame(syn(80));
+        stack.poll();
+        // Answered with a SYN-ACK, not a reset, and not decided before any byte came.
+        assert!(resets(&mut stack).is_empty());
+        assert_eq!(stack.peeking.len(), 1);
+        assert!(stack.flows.is_empty() && stack.held.is_empty());
+        assert!(stack.peeking.values().all(|p| p.allowed.is_none()));
     }
 
     #[tokio::test]
