@@ -87,6 +87,11 @@ pub fn report_not_enforced(globals: &Globals, lines: &[String]) {
 /// `kiln logs --network ID`: the sandbox's decisions, as text or (`--json`) as the JSON
 /// lines kiln keeps.
 pub fn logs(globals: &Globals, id: &str, follow: bool) -> CommandResult {
+    let which = if follow {
+        kiln_sandbox::NetworkLogs::Follow
+    } else {
+        kiln_sandbox::NetworkLogs::All
+    };
     let mut stdout = std::io::stdout().lock();
     let json = globals.json;
     let mut print = |record: &DecisionRecord| {
@@ -98,7 +103,7 @@ pub fn logs(globals: &Globals, id: &str, follow: bool) -> CommandResult {
         writeln!(stdout, "{line}")?;
         stdout.flush()
     };
-    match kiln_sandbox::network_logs(&globals.root, id, follow, &mut print) {
+    match kiln_sandbox::network_logs(&globals.root, id, which, &mut print) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => Err(sandbox_error(err)),
     }

@@ -260,15 +260,27 @@ const MAX_RECORD_LINE: usize = 64 * 1024;
 /// How often `network_logs` with `follow` looks for new decisions.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
-/// Hands each decision of sandbox `id` to `each`, oldest first (the rotated part, then
-/// the current file); with `follow`, keeps handing new ones until the sandbox is no
-/// longer running. Lines that are not records (a torn last line) are skipped.
+/// Which decisions [`network_logs`] hands over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkLogs {
+    /// Those logged so far.
+    All,
+    /// Those logged so far, then each new one until the sandbox no longer runs.
+    Follow,
+    /// Only those logged from now on, until the sandbox no longer runs.
+    New,
+}
+
+/// Hands decisions of sandbox `id` to `each`, oldest first (the rotated part, then the
+/// current file), as `which` says. Lines that are not records (a torn last line) are
+/// skipped.
 pub fn network_logs(
     root: &Path,
     id: &str,
-    follow: bool,
+    which: NetworkLogs,
     each: &mut dyn FnMut(&DecisionRecord) -> std::io::Result<()>,
 ) -> Result<(), Error> {
+    let follow = which != NetworkLogs::All;
     let sandbox = SandboxDir::open(root, id)?;
     let path = sandbox.file(NETWORK_LOG);
     let io_error = |path: &Path, source| {
@@ -277,12 +289,15 @@ pub fn network_logs(
     };
     let rotated = path.with_extension("log.1");
     let mut reader = LogFollower::default();
-    if let Some(file) = open_log(&rotated)? {
-        reader
+    if which == NetworkLogs::New {
+        if let Some(file) = open_log(&path)? {
+            reader.offset = file.metadata().map_err(|e| io_error(&path, e))?.len();
+        }
+    } else if let Some(file) = open_log(&rotated)? {
+        LogFollower::default()
             .read_all(file, each)
             .map_err(|e| io_error(&rotated, e))?;
     }
-    let mut reader = LogFollower::default();
     loop {
         let running = sandbox.monitor_alive();
         if let Some(file) = open_log(&path)? {

@@ -607,3 +607,16 @@ mod tests {
         );
     }
 }
+
+/// A network decision as a Watch event: its verdict and the record as kiln logs it.
+pub fn network_event(record: &kiln_policy::DecisionRecord) -> proto::event::Kind {
+    let decision = match record.decision {
+        kiln_policy::Verdict::Allow => "allow",
+        kiln_policy::Verdict::Deny => "deny",
+        kiln_policy::Verdict::Audit => "audit",
+    };
+    proto::event::Kind::NetworkDecision(proto::NetworkDecision {
+        decision: decision.into(),
+        record: record.to_json_line(),
+    })
+}
