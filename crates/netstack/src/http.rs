@@ -45,14 +45,26 @@ impl RequestStream {
 
     /// Feeds guest bytes. `decide` is asked about each request head, in order, and
     /// answers `Err(reason)` to refuse it. Returns the bytes that may go to the host:
-    /// on a refusal (or a malformed request) `Err` carries the reason, and nothing
-    /// from the refused request on is forwarded.
+    /// on a refusal (or a malformed request) `Err` carries those before the refused
+    /// request and the reason; nothing from the refused request on is forwarded.
     pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        decide: &mut dyn FnMut(&RequestHead) -> Result<(), String>,
+    ) -> Result<Vec<u8>, (Vec<u8>, String)> {
+        let mut out = Vec::with_capacity(bytes.len());
+        match self.feed_into(bytes, decide, &mut out) {
+            Ok(()) => Ok(out),
+            Err(reason) => Err((out, reason)),
+        }
+    }
+
+    fn feed_into(
         &mut self,
         mut bytes: &[u8],
         decide: &mut dyn FnMut(&RequestHead) -> Result<(), String>,
-    ) -> Result<Vec<u8>, String> {
-        let mut out = Vec::with_capacity(bytes.len());
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
         while !bytes.is_empty() {
             match &mut self.state {
                 State::Opaque => {
@@ -132,13 +144,12 @@ impl RequestStream {
                         }
                     };
                     if !rest.is_empty() {
-                        let tail = self.feed(&rest, decide)?;
-                        out.extend_from_slice(&tail);
+                        self.feed_into(&rest, decide, out)?;
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -178,7 +189,10 @@ mod tests {
             };
             match stream.feed(piece, &mut decide) {
                 Ok(bytes) => out.extend(bytes),
-                Err(reason) => return (seen, out, Some(reason)),
+                Err((bytes, reason)) => {
+                    out.extend(bytes);
+                    return (seen, out, Some(reason));
+                }
             }
         }
         (seen, out, None)
@@ -210,7 +224,8 @@ mod tests {
         assert_eq!(seen, ["GET /a", "POST /b", "PUT /c"]);
         assert_eq!(refused.as_deref(), Some("PUT /c refused"));
         let put = KEEP_ALIVE.windows(6).position(|w| w == b"PUT /c").unwrap();
-        assert!(out.len() <= put, "{}", String::from_utf8_lossy(&out));
+        // Everything before it is forwarded, nothing of it.
+        assert_eq!(out, &KEEP_ALIVE[..put], "{}", String::from_utf8_lossy(&out));
     }
 
     #[test]

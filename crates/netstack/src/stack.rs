@@ -190,6 +190,8 @@ struct Flow {
     requests: Option<RequestStream>,
     /// The decision's record, logged again with the bytes when the flow ends.
     record: Option<DecisionRecord>,
+    /// The 403 for a denied request, sent once the host side has closed.
+    denial: Option<Vec<u8>>,
 }
 
 /// A guest connection accepted so that its first bytes (TLS SNI, HTTP Host) can decide
@@ -660,22 +662,21 @@ impl Stack {
         flow.record = allowed.record;
         flow.requests = allowed.requests;
         if !peeking.bytes.is_empty() {
-            match self.inspect(&mut flow, &peeking.bytes) {
-                Some(bytes) => {
-                    if let Some(to_host) = &flow.to_host {
-                        flow.up += bytes.len() as u64;
-                        // The channel is new and empty: the first chunk fits.
-                        let _ = to_host.try_send(bytes);
-                    }
-                }
-                None => {}
+            let (bytes, denied) = self.inspect(&mut flow, &peeking.bytes);
+            if let Some(to_host) = &flow.to_host {
+                flow.up += bytes.len() as u64;
+                // The channel is new and empty: the first chunk fits.
+                let _ = to_host.try_send(bytes);
+            }
+            if denied {
+                flow.to_host = None;
             }
         }
         self.flows.insert(handle, flow);
     }
 
     /// Runs guest bytes through the flow's request stream (see [`Deciders::inspect`]).
-    fn inspect(&self, flow: &mut Flow, bytes: &[u8]) -> Option<Vec<u8>> {
+    fn inspect(&self, flow: &mut Flow, bytes: &[u8]) -> (Vec<u8>, bool) {
         self.deciders().inspect(flow, bytes)
     }
 
@@ -846,6 +847,7 @@ impl Stack {
             facts: None,
             requests: None,
             record: None,
+            denial: None,
         }
     }
 
@@ -960,11 +962,12 @@ struct Deciders<'a> {
 
 impl Deciders<'_> {
     /// Runs guest bytes through the flow's request stream, deciding (and logging) each
-    /// request head; the bytes that may go to the host. `None` once a request is
-    /// denied: the flow then answers the 403 and closes, its host side gone.
-    fn inspect(&self, flow: &mut Flow, bytes: &[u8]) -> Option<Vec<u8>> {
+    /// request head. Returns the bytes that may go to the host and whether a request
+    /// was denied: then the bytes are those before it, and the flow answers the 403 once
+    /// the host has answered them.
+    fn inspect(&self, flow: &mut Flow, bytes: &[u8]) -> (Vec<u8>, bool) {
         let (Some(requests), Some(facts)) = (flow.requests.as_mut(), flow.facts.as_ref()) else {
-            return Some(bytes.to_vec());
+            return (bytes.to_vec(), false);
         };
         let mut decided = false;
         let mut decide = |head: &RequestHead| {
@@ -983,8 +986,8 @@ impl Deciders<'_> {
             }
         };
         match requests.feed(bytes, &mut decide) {
-            Ok(bytes) => Some(bytes),
-            Err(reason) => {
+            Ok(bytes) => (bytes, false),
+            Err((before, reason)) => {
                 if !decided {
                     // A malformed request: no decision was asked, the refusal is logged.
                     let decision = Decision::Deny(kiln_policy::DenyReason::NoName {
@@ -994,7 +997,7 @@ impl Deciders<'_> {
                 }
                 let response = forbidden(&self.egress.rule_set(), &reason);
                 deny_request(flow, response);
-                None
+                (before, true)
             }
         }
     }
@@ -1023,16 +1026,10 @@ impl Deciders<'_> {
     }
 }
 
-/// Ends a flow's host side and leaves `response` as all the guest still gets.
+/// Leaves `response` as what the guest gets once the host has answered the requests
+/// before the denied one (the caller ends the host side's input).
 fn deny_request(flow: &mut Flow, response: Vec<u8>) {
-    flow.to_host = None;
-    for task in flow.tasks.drain(..) {
-        task.abort();
-    }
-    let (_, closed) = mpsc::channel(1);
-    flow.from_host = closed;
-    flow.pending = Some((response, 0));
-    flow.host_closed = true;
+    flow.denial = Some(response);
     flow.requests = None;
 }
 
@@ -1119,11 +1116,14 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>, deciders: &Deciders<
                     });
                     let Ok(chunk) = chunk else { break };
                     moved = true;
-                    let Some(chunk) = deciders.inspect(flow, &chunk) else {
-                        return true;
-                    };
+                    let (chunk, denied) = deciders.inspect(flow, &chunk);
                     flow.up += chunk.len() as u64;
                     permit.send(chunk);
+                    if denied {
+                        // The host gets no more: it answers what it has, then closes.
+                        flow.to_host = None;
+                        return true;
+                    }
                 }
                 Err(TrySendError::Full(())) => break,
                 Err(TrySendError::Closed(())) => {
@@ -1149,10 +1149,15 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>, deciders: &Deciders<
             match flow.from_host.try_recv() {
                 Ok(chunk) => flow.pending = Some((chunk, 0)),
                 Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    flow.host_closed = true;
-                    break;
-                }
+                Err(TryRecvError::Disconnected) => match flow.denial.take() {
+                    // The host answered the requests before the denied one: the 403
+                    // answers that one, in order.
+                    Some(response) => flow.pending = Some((response, 0)),
+                    None => {
+                        flow.host_closed = true;
+                        break;
+                    }
+                },
             }
         }
         if !socket.can_send() {
