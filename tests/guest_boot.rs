@@ -511,6 +511,10 @@ fn identity_layer_network_and_a_persistent_upper() {
                 Vec::new(),
                 Vec::new(),
             )),
+            log: Arc::new(
+                kiln_netstack::JsonLinesLog::open(&dir.path().join("network.log"), 1 << 20, None)
+                    .expect("opening the network log"),
+            ),
             sandbox: "box-1".into(),
         };
         kiln_netstack::Endpoint::start(&socket, config).expect("starting the network endpoint")

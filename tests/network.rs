@@ -652,8 +652,12 @@ fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_runni
     any("NXDOMAIN for other.test", &|r| {
         r["protocol"] == "dns" && r["names"][0] == "other.test" && r["decision"] == "deny"
     });
-    any("TXT refusal", &|r| r["query_type"] == "TXT" && r["decision"] == "deny");
-    any("audit", &|r| r["decision"] == "audit" && r["host"] == "audit.test");
+    any("TXT refusal", &|r| {
+        r["query_type"] == "TXT" && r["decision"] == "deny"
+    });
+    any("audit", &|r| {
+        r["decision"] == "audit" && r["host"] == "audit.test"
+    });
     any("ended flow", &|r| {
         r["decision"] == "allow" && r["bytes_down"].as_u64().is_some_and(|n| n > 0)
     });
@@ -667,7 +671,11 @@ fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_runni
     let bad = write_policy(&root, "bad.yaml", "version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - { host: a.test, port: 80, access: read-only, rules: [] }\n");
     let output = network.kiln(&root, &["policy", "set", &id, &bad], None);
     assert!(!output.status.success(), "{}", describe(&output));
-    assert!(text(&output.stderr).contains("bad.yaml"), "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains("bad.yaml"),
+        "{}",
+        describe(&output)
+    );
     let shown = network.kiln_ok(&root, &["policy", "show", &id], None);
     assert!(shown.contains("*.wild.test"), "{shown}");
 
@@ -684,7 +692,10 @@ fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_runni
     assert!(out.contains("dns web.test: refused\n"), "{out}");
     assert!(line(&out, "GET other.test:80/").contains("served-by-internet"));
     let shown = network.kiln_ok(&root, &["policy", "show", &id], None);
-    assert!(shown.contains(digest.trim()) && shown.contains("other.test"), "{shown}");
+    assert!(
+        shown.contains(digest.trim()) && shown.contains("other.test"),
+        "{shown}"
+    );
 
     network.kiln_ok(&root, &["rm", "-f", &id], None);
     assert_eq!(

@@ -288,11 +288,17 @@ mod tests {
         assert!(egress.rule_set().starts_with("network policy sha256:"));
         // An address no name led to is decided at the SYN: reset at once, never a 403.
         for dst in ["169.254.169.254:80", "10.9.0.5:80", "198.18.5.5:9999"] {
-            let unnamed = FlowFacts { dst: dst.parse().unwrap(), names: Vec::new() };
+            let unnamed = FlowFacts {
+                dst: dst.parse().unwrap(),
+                names: Vec::new(),
+            };
             let decision = egress.decide(&unnamed, FirstBytes::NotSeen);
             assert!(matches!(decision, Decision::Deny(_)), "{dst}: {decision:?}");
         }
-        let unlisted_port = FlowFacts { dst: "198.18.5.5:9999".parse().unwrap(), names: vec!["web.test".into()] };
+        let unlisted_port = FlowFacts {
+            dst: "198.18.5.5:9999".parse().unwrap(),
+            names: vec!["web.test".into()],
+        };
         let decision = egress.decide(&unlisted_port, FirstBytes::NotSeen);
         assert!(matches!(decision, Decision::Deny(_)), "{decision:?}");
     }

@@ -54,8 +54,8 @@ pub use lifecycle::{
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
 pub use network::{
-    check_policy, network_logs, set_policy, NetworkLogs, show_policy, PolicySet, NETWORK_LOG, POLICY_FILE,
-    POLICY_POLL,
+    check_policy, network_logs, set_policy, show_policy, NetworkLogs, PolicySet, NETWORK_LOG,
+    POLICY_FILE, POLICY_POLL,
 };
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{

@@ -315,6 +315,19 @@ pub fn provision_event(event: ProvisionEvent) -> proto::event::Kind {
     }
 }
 
+/// A network decision as a Watch event: its verdict and the record as kiln logs it.
+pub fn network_event(record: &kiln_policy::DecisionRecord) -> proto::event::Kind {
+    let decision = match record.decision {
+        kiln_policy::Verdict::Allow => "allow",
+        kiln_policy::Verdict::Deny => "deny",
+        kiln_policy::Verdict::Audit => "audit",
+    };
+    proto::event::Kind::NetworkDecision(proto::NetworkDecision {
+        decision: decision.into(),
+        record: record.to_json_line(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,17 +619,24 @@ mod tests {
             (ResultKind::NotFound as i32, 127)
         );
     }
-}
 
-/// A network decision as a Watch event: its verdict and the record as kiln logs it.
-pub fn network_event(record: &kiln_policy::DecisionRecord) -> proto::event::Kind {
-    let decision = match record.decision {
-        kiln_policy::Verdict::Allow => "allow",
-        kiln_policy::Verdict::Deny => "deny",
-        kiln_policy::Verdict::Audit => "audit",
-    };
-    proto::event::Kind::NetworkDecision(proto::NetworkDecision {
-        decision: decision.into(),
-        record: record.to_json_line(),
-    })
+    #[test]
+    fn a_network_decision_event_carries_its_verdict_and_record() {
+        let dst = "198.18.0.9:80".parse().unwrap();
+        let deny = kiln_policy::Decision::Deny(kiln_policy::DenyReason::HostGateway { port: 80 });
+        let record = kiln_policy::DecisionRecord::new(
+            "T".into(),
+            "sb",
+            kiln_policy::FlowProtocol::Tcp,
+            dst,
+            &deny,
+        )
+        .unwrap();
+        let proto::event::Kind::NetworkDecision(event) = network_event(&record) else {
+            panic!("not a network decision");
+        };
+        assert_eq!(event.decision, "deny");
+        let back: kiln_policy::DecisionRecord = serde_json::from_str(&event.record).unwrap();
+        assert_eq!(back, record);
+    }
 }

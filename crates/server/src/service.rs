@@ -450,7 +450,12 @@ impl StatusWatcher {
     /// until it stops (unless a thread already follows it).
     fn follow_network(&self, shared: &Arc<Shared>, info: &SandboxInfo) {
         let key = format!("network {}", info.id);
-        if !self.waiting.lock().expect("waiting lock").insert(key.clone()) {
+        if !self
+            .waiting
+            .lock()
+            .expect("waiting lock")
+            .insert(key.clone())
+        {
             return;
         }
         let (shared, waiting) = (Arc::clone(shared), Arc::clone(&self.waiting));
