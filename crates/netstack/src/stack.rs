@@ -1116,7 +1116,12 @@ fn move_flow(flow: &mut Flow, socket: &mut tcp::Socket<'_>, deciders: &Deciders<
                     });
                     let Ok(chunk) = chunk else { break };
                     moved = true;
-                    let (chunk, denied) = deciders.inspect(flow, &chunk);
+                    // Only inspected HTTP connections pay for a look at their bytes.
+                    let (chunk, denied) = if flow.requests.is_some() {
+                        deciders.inspect(flow, &chunk)
+                    } else {
+                        (chunk, false)
+                    };
                     flow.up += chunk.len() as u64;
                     permit.send(chunk);
                     if denied {
