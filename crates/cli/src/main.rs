@@ -3,6 +3,7 @@
 //! Logic lives in the crates under `crates/`; this binary only turns flags into
 //! calls and results into text (or JSON with `--json`) and exit codes.
 
+mod attach;
 mod build;
 mod check;
 mod completion;
@@ -14,6 +15,7 @@ mod guest_tasks;
 mod identity;
 mod images;
 mod inspect;
+mod kill;
 mod kube;
 mod listing;
 mod logs;
@@ -22,10 +24,12 @@ mod port;
 mod ps;
 mod pull;
 mod rename;
+mod restart;
 mod run;
 mod sandbox;
 mod serve;
 mod system;
+mod wait;
 
 use std::process::ExitCode;
 
@@ -95,6 +99,14 @@ enum Command {
     Policy(network::PolicyArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
+    /// Print a running detached sandbox's output from now on until it stops; signals go to its workload.
+    Attach(attach::AttachArgs),
+    /// Block until sandboxes stop, then print their exit codes.
+    Wait(wait::WaitArgs),
+    /// Send a signal to the main workload of running sandboxes (default SIGKILL).
+    Kill(kill::KillArgs),
+    /// Stop sandboxes (if running) and start them again, keeping their writable disk.
+    Restart(restart::RestartArgs),
     /// Show the processes of a running sandbox's guest.
     Top(guest_tasks::TopArgs),
     /// Show running sandboxes' CPU, memory and network use, as their VMs see it.
@@ -142,6 +154,10 @@ fn main() -> ExitCode {
         Command::Logs(args) => sandbox::logs(&globals, args),
         Command::Policy(args) => network::policy(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Attach(args) => attach::run(&globals, args),
+        Command::Wait(args) => wait::run(&globals, args),
+        Command::Kill(args) => kill::run(&globals, args),
+        Command::Restart(args) => restart::run(&globals, args),
         Command::Top(args) => guest_tasks::top(&globals, args),
         Command::Stats(args) => guest_tasks::stats(&globals, args),
         Command::Cp(args) => guest_tasks::cp(&globals, args),

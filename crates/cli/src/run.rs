@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -21,14 +20,20 @@ use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
-#[command(disable_help_flag = true)]
+#[command(
+    disable_help_flag = true,
+    after_help = "In the guest, kiln-init is PID 1: it reaps orphaned processes and passes \
+signals on to the workload, as `docker run --init` arranges. ^C and other signals to kiln go \
+to the workload; kiln exits with its code (130 after SIGINT), 125 when kiln itself failed."
+)]
 pub struct RunArgs {
-    /// Remove the sandbox (its writable layer and state) when the workload ends.
+    /// Remove the sandbox (its writable layer and state) when the workload ends; with -d,
+    /// its monitor removes it when it stops.
     #[arg(long)]
     rm: bool,
 
     /// Start the sandbox detached (create + start) and print its id.
-    #[arg(short, long, conflicts_with_all = ["rm", "interactive", "tty", "timeout", "timings"])]
+    #[arg(short, long, conflicts_with_all = ["interactive", "tty", "timeout", "timings"])]
     detach: bool,
 
     /// Stream kiln's stdin to the workload (EOF included).
@@ -156,6 +161,12 @@ pub struct SandboxArgs {
     #[arg(long = "pull", value_name = "POLICY", default_value = "missing")]
     pull: String,
 
+    /// Boot a detached sandbox again (on its writable disk, with a growing delay) after its
+    /// workload ended: no, on-failure[:N] (non-zero exits, at most N times), always or
+    /// unless-stopped (the same here: there is no daemon); `kiln stop` ends it [default: no]
+    #[arg(long, value_name = "POLICY")]
+    restart: Option<String>,
+
     /// Accelerator: auto (KVM when it really works here, else TCG), kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
     accel: String,
@@ -206,6 +217,7 @@ impl FieldNames for FlagNames {
             Field::Mount => "--mount",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
+            Field::Restart => "--restart",
             Field::Labels => "--label",
             Field::Command => "COMMAND",
         }
@@ -221,8 +233,9 @@ impl FieldNames for FlagNames {
 
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.detach {
-        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm);
+        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm, args.rm);
     }
+    check_input_terminal(args.interactive, args.tty).map_err(kiln_error)?;
     let request = RunFields {
         sandbox: args.sandbox.into_fields(globals).map_err(kiln_error)?,
         timeout: args.timeout,
@@ -235,14 +248,15 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
 
     crate::network::report_not_enforced(globals, request.not_enforced());
     let (mut io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
-    let quiet = globals.quiet;
+    let (quiet, progress) = (globals.quiet, globals.show_progress());
     if !quiet {
         io.network_denials = Some(Box::new(|record| {
             eprintln!("kiln: network: {}", crate::network::describe(record));
         }));
     }
+    // Warnings always (unless -q); notes such as the accelerator's fallback as progress.
     let notice = move |line: &str| {
-        if !quiet {
+        if !quiet && (progress || line.starts_with("warning:")) {
             eprintln!("kiln: {line}");
         }
     };
@@ -252,8 +266,7 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.timings {
         print_timings(globals, &report);
     }
-    let code = report.result.exit_code().clamp(0, 255) as u8;
-    Ok(ExitCode::from(code))
+    Ok(crate::exit::workload_exit(&report.result))
 }
 
 impl SandboxArgs {
@@ -263,7 +276,7 @@ impl SandboxArgs {
             .source
             .options(PullPolicy::parse(&self.pull)?)
             .map_err(|e| e.error)?;
-        pull.progress = progress_renderer(globals).filter(|_| !globals.json);
+        pull.progress = progress_renderer(globals).filter(|_| globals.show_progress());
         let env_files = self
             .env_files
             .iter()
@@ -314,6 +327,8 @@ impl SandboxArgs {
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
             allow_user_namespaces: self.allow_userns,
+            auto_remove: false,
+            restart: self.restart,
             ..CreateFields::default()
         };
         self.guest.fill(&mut fields);
@@ -335,6 +350,18 @@ pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<PolicyText> {
         file: path.display().to_string(),
         text,
     })
+}
+
+/// `-it` types into the guest's terminal from kiln's: piped input is refused, as docker
+/// refuses it. Its end could only reach the guest as a ^D typed at some moment, which a
+/// shell's line editor reads as the end or not depending on when it switched modes.
+pub fn check_input_terminal(interactive: bool, tty: bool) -> anyhow::Result<()> {
+    if interactive && tty && !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "the input device is not a TTY (-it needs a terminal on stdin; pipe input with -i alone)"
+        );
+    }
+    Ok(())
 }
 
 /// Kiln's own stdio for a workload (stdin only with `-i`), with kiln's signals and
@@ -360,11 +387,15 @@ pub fn attach(
     Ok((io, control_rx, raw))
 }
 
-/// SIGINT and SIGTERM go to the workload (kiln stops the VM if it does not end within
-/// the grace period); SIGWINCH becomes a terminal resize.
+/// The signals a user sends a workload through kiln, as `docker run` proxies them:
+/// SIGINT and SIGTERM (kiln stops the VM if it does not end within the grace period),
+/// SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2; SIGWINCH becomes a terminal resize. The VMM sits
+/// in a process group of its own, so a terminal's ^C reaches kiln alone.
 fn forward_signals(control: mpsc::Sender<Control>, tty: bool) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGWINCH])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+    let mut signals = signal_hook::iterator::Signals::new([
+        SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH,
+    ])?;
     std::thread::spawn(move || {
         for signal in signals.forever() {
             let request = match signal {
@@ -387,21 +418,28 @@ pub fn terminal_size() -> TerminalSize {
 
 fn print_timings(globals: &Globals, report: &RunReport) {
     let t = &report.timings;
+    // The phases in order; they add up to the total.
     let phases = [
         ("pull", Some(t.pull)),
         ("build/cache", Some(t.build)),
-        ("vmm start", t.vm.vmm_start),
+        ("setup", t.setup),
+        ("qemu start", t.vm.vmm_start),
         ("kernel", t.vm.kernel),
         ("init", t.vm.init),
         ("supervisor", t.vm.supervisor),
         ("workload", t.vm.workload),
         ("shutdown", t.vm.shutdown),
+        ("cleanup", t.cleanup),
+    ];
+    let sums = [
+        ("total", Some(t.total)),
         // Not a phase: the sum a user waits, from `kiln run` to the workload's start.
         ("to workload", t.to_workload),
     ];
     if globals.json {
         let map: serde_json::Map<String, serde_json::Value> = phases
             .iter()
+            .chain(&sums)
             .map(|(name, d)| (name.to_string(), d.map(|d| d.as_secs_f64()).into()))
             .collect();
         let json = serde_json::json!({
@@ -421,7 +459,7 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         "phase            seconds   (accel: {}, root image {root_image})",
         report.accel.accel.as_str()
     );
-    for (name, duration) in phases {
+    for (name, duration) in phases.into_iter().chain(sums) {
         let shown = duration.map_or("-".to_owned(), |d: Duration| {
             format!("{:.3}", d.as_secs_f64())
         });

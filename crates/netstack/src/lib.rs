@@ -1,7 +1,7 @@
 //! kiln's per-sandbox network endpoint: the guest's only way out.
 //!
-//! QEMU's `-netdev stream` connects the guest's virtio-net NIC to a unix socket that this
-//! crate listens on; every Ethernet frame crosses it behind a 4-byte big-endian length
+//! QEMU's `-netdev stream` carries the guest's virtio-net NIC over a unix socket that this
+//! crate listens on (kiln-vm connects it and hands QEMU the descriptor); every Ethernet frame crosses it behind a 4-byte big-endian length
 //! (QEMU's stream and socket netdevs share that framing). Behind the socket runs a
 //! user-space TCP/IP stack, [smoltcp], that terminates each guest TCP connection. A new
 //! connection (a guest SYN) is held while the [`Egress`] decision is taken and, when
@@ -21,7 +21,7 @@
 //! packet (other UDP, ICMP, IPv6, fragments) is dropped.
 //!
 //! The endpoint runs on a thread of the process that owns the VM, so it ends with that
-//! process (even on SIGKILL); the socket file is removed as soon as QEMU has connected.
+//! process (even on SIGKILL); the socket file is removed as soon as QEMU's end is connected.
 //! Every resource is bounded by the constants in [`limits`].
 
 mod dns;
@@ -94,7 +94,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Listens on `socket` (a path QEMU's `-netdev stream,server=off` connects to) and on
+    /// Listens on `socket` (the path kiln-vm connects QEMU's `-netdev stream` to) and on
     /// each forward's host port, then serves them on a thread of its own. A stale socket
     /// file at `socket` is replaced.
     pub fn start(socket: &Path, config: EndpointConfig) -> Result<Endpoint, Error> {

@@ -151,6 +151,8 @@ pub fn sandbox_record(
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
         allow_user_namespaces: request.allow_user_namespaces,
+        auto_remove: request.auto_remove,
+        restart: request.restart,
         guest: request.guest.clone(),
     }
 }
@@ -338,6 +340,8 @@ pub fn boot(
         disks,
         shares,
         cpus: record.cpus,
+        // The exact `--cpus` share (records older than it: whole vCPUs).
+        cpu_millis: record.millicpus.unwrap_or(record.cpus.saturating_mul(1000)),
         memory_mib: record.memory_mib,
         network,
         channel: Channel {
@@ -383,6 +387,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         disks: Vec::new(),
         shares: Vec::new(),
         cpus: 1,
+        cpu_millis: 1000,
         memory_mib: 256,
         network: Network::None,
         channel: Channel {

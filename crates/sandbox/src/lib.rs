@@ -48,8 +48,8 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, disk_usage, exec, get, list, logs, prune_images, remove, rename, start, stop, wait,
-    DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
+    attach, create, disk_usage, exec, get, kill, list, logs, prune_images, remove, rename, restart,
+    start, stop, wait, DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
@@ -57,6 +57,7 @@ pub use network::{
     check_policy, network_logs, set_policy, show_policy, NetworkLogs, PolicySet, NETWORK_LOG,
     POLICY_FILE, POLICY_POLL,
 };
+pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,

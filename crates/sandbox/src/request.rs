@@ -16,7 +16,8 @@ use crate::error::{Error, ErrorKind};
 use crate::options::{
     check_tmpfs_mounts, parse_add_hosts, parse_dns, parse_env_assignment, parse_env_file,
     parse_hostname, parse_label, parse_memory_mib, parse_millicpus, parse_mount,
-    parse_port_forward, parse_timeout, parse_tmpfs, parse_volumes, validate_name, Mount, Volume,
+    parse_port_forward, parse_restart, parse_timeout, parse_tmpfs, parse_volumes, validate_name,
+    Mount, RestartPolicy, Volume,
 };
 use crate::spec::Overrides;
 use crate::state::GuestSetup;
@@ -66,6 +67,7 @@ pub enum Field {
     Mount,
     Timeout,
     LogMaxSize,
+    Restart,
     Labels,
     /// An exec request's program and arguments.
     Command,
@@ -170,6 +172,11 @@ pub struct CreateFields {
     /// Let the workload create user namespaces in the guest. Off by default: inside one it
     /// holds every capability (`unshare -r`), which widens what it can reach of the kernel.
     pub allow_user_namespaces: bool,
+    /// Remove the sandbox once its workload ran and the sandbox stopped (`run --rm -d`):
+    /// its monitor does, so nobody has to wait for it.
+    pub auto_remove: bool,
+    /// `no`, `on-failure[:N]`, `always` or `unless-stopped`; the default is `no`.
+    pub restart: Option<String>,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -203,6 +210,8 @@ pub struct CreateRequest {
     /// Bytes the image cache may take once this sandbox's images are in it.
     pub(crate) rootfs_cache_max: u64,
     pub(crate) allow_user_namespaces: bool,
+    pub(crate) auto_remove: bool,
+    pub(crate) restart: RestartPolicy,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -553,6 +562,14 @@ impl CreateFields {
             read_only: self.read_only,
             tmpfs,
         };
+        let restart = match self.restart.as_deref() {
+            None => RestartPolicy::No,
+            Some(text) => parse_restart(text).map_err(|e| check.wrap(Field::Restart, e))?,
+        };
+        if self.auto_remove && restart != RestartPolicy::No {
+            let accepted = "no with a sandbox removed when it stops (--rm): it would never restart";
+            return Err(check.invalid(Field::Restart, self.restart.unwrap_or_default(), accepted));
+        }
         let log_max_size = match self.log_max_size.as_deref() {
             None => DEFAULT_LOG_MAX_SIZE,
             Some(text) => {
@@ -594,6 +611,8 @@ impl CreateFields {
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
             allow_user_namespaces: self.allow_user_namespaces,
+            auto_remove: self.auto_remove,
+            restart,
         })
     }
 }
@@ -609,7 +628,14 @@ impl RunFields {
     /// Checks every field and fills in the defaults.
     pub fn validate(self, names: &dyn FieldNames) -> Result<RunRequest, Error> {
         let check = Checker { names };
+        let restart = self.sandbox.restart.clone();
         let sandbox = self.sandbox.check(&check)?;
+        if sandbox.restart != RestartPolicy::No {
+            let accepted = "no: a foreground run is not restarted (start the sandbox detached)";
+            return Err(check
+                .invalid(Field::Restart, restart.unwrap_or_default(), accepted)
+                .into());
+        }
         let timeout = self
             .timeout
             .as_deref()
@@ -679,6 +705,7 @@ mod tests {
                 Field::Mount => "mount",
                 Field::Timeout => "timeout",
                 Field::LogMaxSize => "log_max_size",
+                Field::Restart => "restart",
                 Field::Labels => "labels",
                 Field::Command => "argv",
             }

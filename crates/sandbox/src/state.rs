@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
-use crate::options::{validate_name, OptionError, Volume};
+use crate::options::{validate_name, OptionError, RestartPolicy, Volume};
 
 /// File names inside a sandbox's state directory.
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -80,6 +80,14 @@ pub struct SandboxRecord {
     /// it may not).
     #[serde(default)]
     pub allow_user_namespaces: bool,
+    /// The monitor removes the sandbox once its workload ran and it stopped (`run --rm
+    /// -d`; absent in records of older kilns: it does not).
+    #[serde(default)]
+    pub auto_remove: bool,
+    /// Whether the monitor boots the sandbox again after it ended (absent in records of
+    /// older kilns: it does not).
+    #[serde(default)]
+    pub restart: RestartPolicy,
     /// Names and mounts the guest sets up at boot (absent in records of older kilns: the
     /// defaults).
     #[serde(default)]
@@ -861,6 +869,8 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: 4096,
             allow_user_namespaces: false,
+            auto_remove: false,
+            restart: RestartPolicy::No,
             guest: GuestSetup::default(),
         };
         let mut json = serde_json::to_value(&record).unwrap();
@@ -993,6 +1003,8 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: DEFAULT_LOG_MAX_SIZE,
             allow_user_namespaces: false,
+            auto_remove: false,
+            restart: RestartPolicy::No,
             guest: GuestSetup::default(),
         }
     }

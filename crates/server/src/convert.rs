@@ -48,6 +48,7 @@ impl FieldNames for ProtoNames {
             Field::EnvFile => "env_file",
             Field::Timeout => "timeout",
             Field::LogMaxSize => "log_max_size",
+            Field::Restart => "restart",
             Field::Labels => "labels",
             Field::Hostname => "hostname",
             Field::AddHost => "add_host",
@@ -178,6 +179,10 @@ fn create_fields(
         labels: Vec::new(),
         rootfs_cache_max: machine.rootfs_cache_max,
         allow_user_namespaces: request.allow_user_namespaces,
+        // A driver API sandbox is removed by its Delete call.
+        auto_remove: false,
+        // Not in the proto: a driver API client restarts a sandbox itself.
+        restart: None,
         // Not in the proto: docker's guest names and mounts keep their defaults.
         ..CreateFields::default()
     })
