@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{demo_image, describe, qemu_left_after, require_root, text, KilnRoot};
+use kiln_e2e::{demo_image, describe, qemu_left_after, require_root, text, KilnRoot, KilnServer};
 
 /// The host namespace's address on the veth pair, and the internet's.
 const HOST_ADDR: &str = "198.18.0.1";
@@ -24,6 +24,8 @@ const METADATA_ADDR: &str = "169.254.169.254";
 const HOST_PORT: u16 = 8080;
 /// The internet's HTTP/1.1 (keep-alive) server.
 const KEEP_ALIVE_PORT: u16 = 8081;
+/// The internet's TLS server.
+const TLS_PORT: u16 = 8443;
 
 /// The two namespaces and their servers; deleting the namespaces on drop, even when the
 /// test failed, ends everything in them.
@@ -144,12 +146,62 @@ impl Network {
             .spawn()
             .expect("starting python3 -m http.server");
         self.servers.push(child);
-        // Listening once a connection from inside the namespace succeeds.
+        self.wait_listening(ns, port, body);
+    }
+
+    /// A real TLS server (`openssl s_server -WWW`, a self-signed certificate for
+    /// web.test) on every address of the internet's [`TLS_PORT`], serving `/index.html`
+    /// that says `served-by-tls`.
+    fn serve_tls(&mut self) {
+        let root = self.dir.path().join("tls");
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("index.html"), "served-by-tls\n").unwrap();
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=web.test",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+            ])
+            .current_dir(&root)
+            .output()
+            .expect("running openssl req");
+        assert!(made.status.success(), "{}", describe(&made));
+        let port = TLS_PORT.to_string();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.internet,
+                "openssl",
+                "s_server",
+                "-quiet",
+            ])
+            .args([
+                "-accept", &port, "-cert", "cert.pem", "-key", "key.pem", "-WWW",
+            ])
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting openssl s_server");
+        self.servers.push(child);
+        self.wait_listening(&self.internet.clone(), TLS_PORT, "tls");
+    }
+
+    /// Returns once a connection to `port` from inside `ns` succeeds.
+    fn wait_listening(&self, ns: &str, port: u16, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let probe =
             format!("import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)");
         while !self.exec(ns, &["python3", "-c", &probe]).status.success() {
-            assert!(Instant::now() < deadline, "the {body} server did not start");
+            assert!(Instant::now() < deadline, "the {what} server did not start");
             thread::sleep(Duration::from_millis(200));
         }
     }
@@ -727,6 +779,209 @@ fn a_policy_decides_each_connection_request_and_name_and_is_replaced_while_runni
             == 1,
         "{err}"
     );
+    drop(network);
+    root.assert_nothing_left();
+}
+
+/// Allows web.test by name on the TLS port (decided by the ClientHello's SNI) and on
+/// port 80 (plain TCP, by the Host or the pinned name).
+const TLS_POLICY: &str = r#"version: 1
+network_policies:
+  web:
+    endpoints:
+      - { host: web.test, port: 8443 }
+      - { host: web.test, port: 80 }
+"#;
+
+/// The first line `reader` gives within `limit` (a thread reads it: pipes block).
+fn line_within(reader: impl std::io::Read + Send + 'static, limit: Duration) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(reader), &mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn tls_is_decided_by_its_sni_decisions_are_followed_and_q_silences_denials() {
+    require_root();
+    let mut network = Network::new();
+    network.serve_tls();
+    let root = KilnRoot::with_guest();
+    let image = demo_image();
+    let policy = write_policy(&root, "tls.yaml", TLS_POLICY);
+    // other.test is the web server's address in the guest's hosts file only: kiln's
+    // resolver never answers it, so nothing but the SNI names the connection.
+    let add_host = format!("other.test:{WEB_ADDR}");
+    let id = network
+        .kiln_ok(
+            &root,
+            &[
+                "-q",
+                "run",
+                "-d",
+                "--network-policy",
+                &policy,
+                "--add-host",
+                &add_host,
+                &image,
+                "sleep",
+                "600",
+            ],
+            None,
+        )
+        .trim()
+        .to_owned();
+
+    // Following the decisions from now on: each new one arrives while the sandbox runs.
+    let mut follow = network
+        .kiln_command(&root, &["logs", "--network", "-f", &id], None)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting kiln logs --network -f");
+    let followed = follow.stdout.take().unwrap();
+
+    let script = format!(
+        "wget --no-check-certificate -qO- https://web.test:{TLS_PORT}/index.html 2>&1 | sed 's/^/sni web.test: /'\n\
+         wget --no-check-certificate -qO- https://other.test:{TLS_PORT}/index.html 2>&1 | sed 's/^/sni other.test: /'\n"
+    );
+    let out = network.kiln_ok(&root, &["exec", &id, "sh", "-c", &script], None);
+    assert!(out.contains("sni web.test: served-by-tls\n"), "{out}");
+    let other: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("sni other.test: "))
+        .collect();
+    assert!(
+        !other.is_empty() && other.iter().all(|l| !l.contains("served-by")),
+        "{out}"
+    );
+    let records = decisions(&network, &root, &id);
+    let found = |sni: &str, verdict: &str| {
+        records
+            .iter()
+            .any(|r| r["protocol"] == "tcp" && r["sni"] == sni && r["decision"] == verdict)
+    };
+    let all = serde_json::to_string_pretty(&records).unwrap();
+    assert!(found("web.test", "allow"), "{all}");
+    assert!(found("other.test", "deny"), "{all}");
+
+    // The follower printed the first decision of the exec (web.test's DNS query) and
+    // ends once the sandbox stops.
+    let first = line_within(followed, Duration::from_secs(10)).unwrap_or_default();
+    assert!(first.contains("web.test"), "followed: {first:?}");
+    network.kiln_ok(&root, &["rm", "-f", &id], None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while follow.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "kiln logs -f outlived its sandbox"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // -q: a foreground run's denials are in its log, not on its stderr.
+    let output = network.kiln(
+        &root,
+        &[
+            "-q",
+            "run",
+            "--rm",
+            "--network-policy",
+            &policy,
+            &image,
+            "sh",
+            "-c",
+            "nc web.test 9999 </dev/null; true",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let err = text(&output.stderr);
+    assert!(!err.contains("kiln: network:"), "{err}");
+    drop(network);
+    root.assert_nothing_left();
+}
+
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn the_driver_api_takes_a_policy_and_watches_its_decisions() {
+    use kiln_server::proto::{event::Kind, CreateRequest, StartRequest, WatchRequest};
+    require_root();
+    let network = Network::new();
+    let root = KilnRoot::with_guest();
+    // The server runs in the host namespace, so its sandboxes' traffic stays in ours.
+    let mut server = KilnServer::start_with(&root, network.kiln_command(&root, &[], None));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = server.client().await;
+        let request = |policy: &str| CreateRequest {
+            image: demo_image(),
+            name: "policed".into(),
+            command: vec!["sleep".into(), "600".into()],
+            network_policy: policy.to_owned(),
+            ..CreateRequest::default()
+        };
+        // A policy that does not validate is refused, naming the field and the problem.
+        let refused = client
+            .create(request("version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - { host: a.test, port: 80, access: read-only, rules: [] }\n"))
+            .await
+            .expect_err("an invalid policy is refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("network_policy"), "{refused:?}");
+
+        let created = client.create(request(POLICY)).await.unwrap().into_inner();
+        let mut events = client
+            .watch(WatchRequest {
+                sandbox: created.id.clone(),
+                initial_state: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        client
+            .start(StartRequest {
+                sandbox: created.id.clone(),
+            })
+            .await
+            .unwrap();
+        let script = format!("{REQ}req web.test 80 GET /\nreq web.test 80 POST /\n");
+        let out = network.kiln_ok(&root, &["exec", &created.id, "sh", "-c", &script], None);
+        assert!(
+            line(&out, "GET web.test:80/").contains("served-by-internet"),
+            "{out}"
+        );
+        assert!(line(&out, "POST web.test:80/").contains("kiln: request denied"), "{out}");
+
+        // The POST's denial arrives as a Watch event carrying its decision record.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let event = tokio::time::timeout_at(deadline, events.message())
+                .await
+                .expect("the POST's denial as a Watch event in time")
+                .expect("the watch stream")
+                .expect("the watch stream ended");
+            let Some(Kind::NetworkDecision(decision)) = event.kind else {
+                continue;
+            };
+            let record: serde_json::Value = serde_json::from_str(&decision.record).unwrap();
+            assert_eq!(record["decision"], decision.decision.as_str(), "{record}");
+            if decision.decision == "deny" && record["method"] == "POST" {
+                assert_eq!(record["host"], "web.test", "{record}");
+                assert_eq!(record["sandbox"], created.id.as_str(), "{record}");
+                break;
+            }
+        }
+    });
+    server.terminate();
+    network.kiln_ok(&root, &["rm", "-f", "policed"], None);
     drop(network);
     root.assert_nothing_left();
 }

@@ -3,7 +3,6 @@
 //! answer remembered per sandbox (name pinning), every query logged. Other query types
 //! are refused: the resolver carries no data but addresses (no DNS tunnel).
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
 pub use hickory_resolver::proto::op::ResponseCode;
@@ -11,7 +10,7 @@ use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query};
 use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use hickory_resolver::{Hosts, TokioResolver};
 
-use crate::limits::{DNS_TIMEOUT, MAX_DNS_ANSWERS, MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES};
+use crate::limits::{DNS_TIMEOUT, MAX_DNS_ANSWERS};
 use kiln_policy::HOST_GATEWAY_NAME;
 
 /// How long the guest may cache kiln's answers: short, so that a pinned name follows a
@@ -158,50 +157,6 @@ pub async fn answer(
     }
 }
 
-/// Which names the resolver answered each address with, in this sandbox: the newest
-/// [`MAX_PINNED_ADDRESSES`] addresses, [`MAX_NAMES_PER_ADDRESS`] names each.
-#[derive(Default)]
-pub struct Pins {
-    names: HashMap<IpAddr, VecDeque<String>>,
-    /// Addresses oldest first, to forget the oldest.
-    order: VecDeque<IpAddr>,
-}
-
-impl Pins {
-    /// Remembers that `name` resolved to `address`.
-    pub fn pin(&mut self, address: IpAddr, name: &str) {
-        if let Some(names) = self.names.get_mut(&address) {
-            names.retain(|known| known != name);
-            names.push_front(name.to_owned());
-            names.truncate(MAX_NAMES_PER_ADDRESS);
-            self.order.retain(|known| *known != address);
-            self.order.push_back(address);
-            return;
-        }
-        if self.order.len() >= MAX_PINNED_ADDRESSES {
-            if let Some(oldest) = self.order.pop_front() {
-                self.names.remove(&oldest);
-            }
-        }
-        self.names
-            .insert(address, VecDeque::from([name.to_owned()]));
-        self.order.push_back(address);
-    }
-
-    /// The names `address` was given for, newest first.
-    pub fn names(&self, address: IpAddr) -> Vec<String> {
-        self.names
-            .get(&address)
-            .map(|names| names.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-}
-
 /// The host's resolver, from its /etc/resolv.conf and /etc/hosts.
 pub fn host_resolver() -> std::io::Result<HostResolver> {
     let builder = TokioResolver::builder_tokio().map_err(std::io::Error::other)?;
@@ -225,31 +180,6 @@ mod tests {
 
     fn code(reply: &[u8]) -> ResponseCode {
         Message::from_vec(reply).unwrap().metadata.response_code
-    }
-
-    #[test]
-    fn pins_keep_the_newest_addresses_and_names() {
-        let mut pins = Pins::default();
-        let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i));
-        for i in 0..(MAX_PINNED_ADDRESSES as u32 + 10) {
-            pins.pin(addr(i), "a.example");
-        }
-        assert_eq!(pins.len(), MAX_PINNED_ADDRESSES);
-        assert!(pins.names(addr(0)).is_empty(), "the oldest is forgotten");
-        assert_eq!(
-            pins.names(addr(MAX_PINNED_ADDRESSES as u32 + 9)),
-            ["a.example"]
-        );
-
-        for i in 0..MAX_NAMES_PER_ADDRESS + 3 {
-            pins.pin(addr(1), &format!("n{i}.example"));
-        }
-        let names = pins.names(addr(1));
-        assert_eq!(names.len(), MAX_NAMES_PER_ADDRESS);
-        assert_eq!(names[0], format!("n{}.example", MAX_NAMES_PER_ADDRESS + 2));
-        // Pinning again refreshes the address: it is no longer the oldest.
-        pins.pin(addr(20), "b.example");
-        assert_eq!(pins.names(addr(20)), ["b.example", "a.example"]);
     }
 
     #[tokio::test]

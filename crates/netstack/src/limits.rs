@@ -37,11 +37,8 @@ pub const FRAME_QUEUE: usize = 512;
 /// DNS queries being resolved at once.
 pub const MAX_DNS_INFLIGHT: usize = 64;
 
-/// Addresses whose resolved names are remembered (name pinning); the oldest is forgotten.
-pub const MAX_PINNED_ADDRESSES: usize = 4096;
-
-/// Names remembered per address.
-pub const MAX_NAMES_PER_ADDRESS: usize = 8;
+/// Name pinning: addresses remembered, and names per address (kiln-policy's [`Pins`](kiln_policy::Pins)).
+pub use kiln_policy::{MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES};
 
 /// Answers at most this many addresses for one query.
 pub const MAX_DNS_ANSWERS: usize = 16;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use hickory_resolver::proto::rr::RecordType;
 use kiln_policy::peek::{self, HttpPeek, Peeked, RequestHead, TlsPeek};
-use kiln_policy::{Decision, DecisionRecord, DnsDecision, FirstBytes, FlowProtocol};
+use kiln_policy::{Decision, DecisionRecord, DnsDecision, FirstBytes, FlowProtocol, Pins};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
@@ -26,7 +26,7 @@ use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
-use crate::dns::{self, Pins, Question};
+use crate::dns::{self, Question};
 use crate::egress::{host_target, DecisionLog, Egress, FlowFacts};
 use crate::frame::{encode_frame, read_frame, write_frames};
 use crate::http::RequestStream;

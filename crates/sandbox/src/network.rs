@@ -267,8 +267,9 @@ pub enum NetworkLogs {
     All,
     /// Those logged so far, then each new one until the sandbox no longer runs.
     Follow,
-    /// Only those logged from now on, until the sandbox no longer runs.
-    New,
+    /// Those logged from this Unix time (seconds) on, until the sandbox no longer runs:
+    /// a boot's decisions, given its start, however late the reader comes.
+    Since(u64),
 }
 
 /// Hands decisions of sandbox `id` to `each`, oldest first (the rotated part, then the
@@ -289,11 +290,17 @@ pub fn network_logs(
     };
     let rotated = path.with_extension("log.1");
     let mut reader = LogFollower::default();
-    if which == NetworkLogs::New {
-        if let Some(file) = open_log(&path)? {
-            reader.offset = file.metadata().map_err(|e| io_error(&path, e))?.len();
-        }
-    } else if let Some(file) = open_log(&rotated)? {
+    // Records' times are fixed-width RFC 3339 in UTC: they sort as text.
+    let since = match which {
+        NetworkLogs::Since(unix) => Some(kiln_policy::rfc3339_utc(unix.saturating_mul(1000))),
+        NetworkLogs::All | NetworkLogs::Follow => None,
+    };
+    let mut each = |record: &DecisionRecord| match &since {
+        Some(since) if record.time < *since => Ok(()),
+        _ => each(record),
+    };
+    let each = &mut each;
+    if let Some(file) = open_log(&rotated)? {
         LogFollower::default()
             .read_all(file, each)
             .map_err(|e| io_error(&rotated, e))?;

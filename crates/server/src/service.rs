@@ -460,13 +460,18 @@ impl StatusWatcher {
         }
         let (shared, waiting) = (Arc::clone(shared), Arc::clone(&self.waiting));
         let (id, name) = (info.id.clone(), info.name.clone());
+        // From this boot's start: the poll may notice the sandbox after its first decisions.
+        let since = info.started_unix.unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            now.map_or(0, |elapsed| elapsed.as_secs())
+        });
         std::thread::spawn(move || {
             let mut publish = |record: &kiln_policy::DecisionRecord| {
                 let kind = convert::network_event(record);
                 shared.hub.publish(&id, name.as_deref(), kind);
                 Ok(())
             };
-            let which = kiln_sandbox::NetworkLogs::New;
+            let which = kiln_sandbox::NetworkLogs::Since(since);
             if let Err(err) = kiln_sandbox::network_logs(&shared.root, &id, which, &mut publish) {
                 tracing::debug!("following sandbox {id}'s network decisions: {err}");
             }
