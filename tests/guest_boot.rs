@@ -13,6 +13,7 @@
 //! form of the boot configuration (docs/protocol.md) that the guest must accept.
 
 use std::io::ErrorKind;
+use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -513,13 +514,41 @@ fn identity_layer_network_and_a_persistent_upper() {
         uid: 10001,
         gid: 10001,
     };
-    let network = || Network::User {
-        forwards: Vec::new(),
+    // kiln's network endpoint behind the NIC (this test only looks at the guest's side).
+    let socket = dir.path().join("net.sock");
+    let endpoint = || {
+        let gateway = Ipv4Addr::new(10, 0, 2, 2);
+        let dns = Ipv4Addr::new(10, 0, 2, 3);
+        let config = kiln_netstack::EndpointConfig {
+            addresses: kiln_netstack::Addresses {
+                guest: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway,
+                dns,
+            },
+            forwards: Vec::new(),
+            egress: Arc::new(kiln_netstack::DefaultEgress::new(
+                gateway,
+                Vec::new(),
+                Vec::new(),
+            )),
+            log: Arc::new(
+                kiln_netstack::JsonLinesLog::open(&dir.path().join("network.log"), 1 << 20, None)
+                    .expect("opening the network log"),
+            ),
+            sandbox: "box-1".into(),
+        };
+        kiln_netstack::Endpoint::start(&socket, config).expect("starting the network endpoint")
+    };
+    let network = || Network::Stream {
+        socket: socket.clone(),
     };
 
     let script =
         "hostname; cat /etc/resolv.conf; ifconfig eth0; route -n; echo kept > /sandbox/note; id -u";
+    let first_endpoint = endpoint();
     let first = boot(&cmdline, disks(), network(), &run_frames(script, sandbox));
+    drop(first_endpoint);
     let frames = &first.frames;
     assert_eq!(
         results(&first),
@@ -541,6 +570,7 @@ fn identity_layer_network_and_a_persistent_upper() {
     assert!(out.ends_with("10001\n"), "{out}");
 
     // The same upper disk, booted again: what the workload wrote is still there.
+    let _second_endpoint = endpoint();
     let second = boot(
         &cmdline,
         disks(),

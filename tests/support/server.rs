@@ -3,7 +3,7 @@
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,10 +35,15 @@ impl KilnServer {
 
     /// Starts `kiln -v serve` on `root`'s socket (`kiln.sock` in its temp dir).
     pub fn start(root: &KilnRoot) -> KilnServer {
+        KilnServer::start_with(root, root.kiln())
+    }
+
+    /// As [`Self::start`], with `kiln`, a command that runs kiln of `root` (in a network
+    /// namespace, say), given the serve arguments.
+    pub fn start_with(root: &KilnRoot, mut kiln: Command) -> KilnServer {
         let socket = KilnServer::socket_of(root);
         let log = socket.with_extension(format!("log.{}", unique()));
-        let mut child = root
-            .kiln()
+        let mut child = kiln
             .args(["-v", "serve", "--socket"])
             .arg(&socket)
             .stdin(Stdio::null())

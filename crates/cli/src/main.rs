@@ -19,6 +19,7 @@ mod kill;
 mod kube;
 mod listing;
 mod logs;
+mod network;
 mod port;
 mod ps;
 mod pull;
@@ -92,8 +93,10 @@ enum Command {
     System(system::SystemArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completion(completion::CompletionArgs),
-    /// Print a sandbox's workload output.
+    /// Print a sandbox's workload output (--network: its network decisions).
     Logs(sandbox::LogsArgs),
+    /// Replace or show a sandbox's network policy.
+    Policy(network::PolicyArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
     /// Print a running detached sandbox's output from now on until it stops; signals go to its workload.
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
         Command::System(args) => system::run(&globals, args),
         Command::Completion(args) => completion::run(args, Cli::command()),
         Command::Logs(args) => sandbox::logs(&globals, args),
+        Command::Policy(args) => network::policy(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
         Command::Attach(args) => attach::run(&globals, args),
         Command::Wait(args) => wait::run(&globals, args),

@@ -11,7 +11,8 @@ use clap::Args;
 use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::{
-    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
+    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, PolicyText, RunFields,
+    RunReport,
 };
 
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
@@ -112,7 +113,8 @@ pub struct SandboxArgs {
     #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
     labels: Vec<String>,
 
-    /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
+    /// Network: user (kiln's endpoint: the internet, DNS, -p forwards; the host and private
+    /// networks refused, see docs/network.md) or none.
     #[arg(long, value_name = "MODE", default_value = "user", value_parser = ["user", "none"])]
     network: String,
 
@@ -124,6 +126,16 @@ pub struct SandboxArgs {
         value_name = "[127.0.0.1:][HOSTPORT:]GUESTPORT"
     )]
     publish: Vec<String>,
+
+    /// Open a host-local service to the guest: host.kiln.internal:PORT (the host's
+    /// loopback) or IPV4:PORT (repeatable; needs --network user).
+    #[arg(long = "network-allow-host", value_name = "HOST:PORT")]
+    network_allow_host: Vec<String>,
+
+    /// Decide the sandbox's network by an OpenShell policy file's network_policies: what
+    /// no entry allows is denied (needs --network user; `kiln policy set` replaces it).
+    #[arg(long = "network-policy", value_name = "FILE")]
+    network_policy: Option<PathBuf>,
 
     /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
     #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
@@ -195,6 +207,8 @@ impl FieldNames for FlagNames {
             Field::EnvFile => "--env-file",
             Field::Workdir => "-w",
             Field::Publish => "-p",
+            Field::AllowHost => "--network-allow-host",
+            Field::NetworkPolicy => "--network-policy",
             Field::Volumes => "-v",
             Field::Hostname => "--hostname",
             Field::AddHost => "--add-host",
@@ -232,8 +246,14 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     .validate(&FlagNames)
     .map_err(kiln_error)?;
 
-    let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
+    crate::network::report_not_enforced(globals, request.not_enforced());
+    let (mut io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let (quiet, progress) = (globals.quiet, globals.show_progress());
+    if !quiet {
+        io.network_denials = Some(Box::new(|record| {
+            eprintln!("kiln: network: {}", crate::network::describe(record));
+        }));
+    }
     // Warnings always (unless -q); notes such as the accelerator's fallback as progress.
     let notice = move |line: &str| {
         if !quiet && (progress || line.starts_with("warning:")) {
@@ -295,6 +315,12 @@ impl SandboxArgs {
             memory: self.memory,
             network,
             publish: self.publish,
+            allow_host: self.network_allow_host,
+            network_policy: self
+                .network_policy
+                .as_deref()
+                .map(read_policy_file)
+                .transpose()?,
             labels: self.labels,
             volumes: self.volumes,
             accel,
@@ -308,6 +334,22 @@ impl SandboxArgs {
         self.guest.fill(&mut fields);
         Ok(fields)
     }
+}
+
+/// A `--network-policy` file (at most kiln-policy's bound, which validation reports).
+pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<PolicyText> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(kiln_policy::MAX_POLICY_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("--network-policy {}", path.display()))?;
+    Ok(PolicyText {
+        file: path.display().to_string(),
+        text,
+    })
 }
 
 /// `-it` types into the guest's terminal from kiln's: piped input is refused, as docker
@@ -340,6 +382,7 @@ pub fn attach(
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
         guest_events: None,
+        network_denials: None,
     };
     Ok((io, control_rx, raw))
 }

@@ -62,6 +62,10 @@ pub struct LogsArgs {
     #[arg(short, long)]
     follow: bool,
 
+    /// The sandbox's network decisions instead (one line each; --json: the JSON lines).
+    #[arg(long)]
+    network: bool,
+
     #[command(flatten)]
     selection: crate::logs::LogSelectionArgs,
 
@@ -152,6 +156,7 @@ pub fn create(globals: &Globals, args: CreateArgs) -> CommandResult {
         .map_err(CommandError::usage)?
         .validate(&FlagNames)
         .map_err(sandbox_error)?;
+    crate::network::report_not_enforced(globals, &request.not_enforced);
     let info =
         kiln_sandbox::create(&globals.root, request, &progress(globals)).map_err(sandbox_error)?;
     print_info(globals, &info)
@@ -213,6 +218,7 @@ pub fn run_detached(
     let mut fields = args.into_fields(globals).map_err(kiln_error)?;
     fields.auto_remove = remove;
     let request = fields.validate(&FlagNames).map_err(kiln_error)?;
+    crate::network::report_not_enforced(globals, &request.not_enforced);
     let events = progress(globals);
     let created = kiln_sandbox::create(&globals.root, request, &events).map_err(kiln_error)?;
     let started = monitor_exe().and_then(|exe| {
@@ -255,6 +261,9 @@ pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
 }
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
+    if args.network {
+        return crate::network::logs(globals, &args.id, args.follow);
+    }
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let options = args
         .selection

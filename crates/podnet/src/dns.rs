@@ -7,7 +7,7 @@
 //! Datagrams from the workload and from servers are hostile: every length is checked
 //! against the message, names are bounded, and compression pointers only go backwards.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
@@ -20,7 +20,6 @@ use kiln_policy::{DecisionRecord, DnsDecision};
 use crate::enforcer::{log, now, Shared};
 use crate::limits::{
     DNS_TIMEOUT, MAX_CONFIG_FILE, MAX_DNS_ANSWERS, MAX_DNS_INFLIGHT, MAX_DNS_MESSAGE,
-    MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES,
 };
 use crate::PodnetError;
 
@@ -36,44 +35,6 @@ const SERVFAIL: u8 = 2;
 const NXDOMAIN: u8 = 3;
 const NOTIMP: u8 = 4;
 const REFUSED: u8 = 5;
-
-/// Which names the resolver answered each address with: the newest
-/// [`MAX_PINNED_ADDRESSES`] addresses, [`MAX_NAMES_PER_ADDRESS`] names each.
-#[derive(Default)]
-pub(crate) struct Pins {
-    names: HashMap<IpAddr, VecDeque<String>>,
-    /// Addresses oldest first, to forget the oldest.
-    order: VecDeque<IpAddr>,
-}
-
-impl Pins {
-    pub fn pin(&mut self, address: IpAddr, name: &str) {
-        if let Some(names) = self.names.get_mut(&address) {
-            names.retain(|known| known != name);
-            names.push_front(name.to_owned());
-            names.truncate(MAX_NAMES_PER_ADDRESS);
-            self.order.retain(|known| *known != address);
-            self.order.push_back(address);
-            return;
-        }
-        if self.order.len() >= MAX_PINNED_ADDRESSES {
-            if let Some(oldest) = self.order.pop_front() {
-                self.names.remove(&oldest);
-            }
-        }
-        self.names
-            .insert(address, VecDeque::from([name.to_owned()]));
-        self.order.push_back(address);
-    }
-
-    /// The names `address` was given for, newest first.
-    pub fn names(&self, address: IpAddr) -> Vec<String> {
-        self.names
-            .get(&address)
-            .map(|names| names.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-}
 
 /// The pod's resolver configuration: its hosts file and its name servers.
 pub(crate) struct Upstream {
@@ -530,20 +491,5 @@ mod tests {
         };
         assert_eq!(upstream.resolve("good.test", TYPE_AAAA), Ok(vec![]));
         assert_eq!(upstream.resolve("unknown.test", TYPE_A), Err(SERVFAIL));
-    }
-
-    #[test]
-    fn pins_keep_the_newest_addresses_and_names() {
-        let mut pins = Pins::default();
-        let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i));
-        for i in 0..(MAX_PINNED_ADDRESSES as u32 + 10) {
-            pins.pin(addr(i), "a.example");
-        }
-        assert_eq!(pins.names.len(), MAX_PINNED_ADDRESSES);
-        assert!(pins.names(addr(0)).is_empty(), "the oldest is forgotten");
-        for i in 0..MAX_NAMES_PER_ADDRESS + 3 {
-            pins.pin(addr(20), &format!("n{i}.example"));
-        }
-        assert_eq!(pins.names(addr(20)).len(), MAX_NAMES_PER_ADDRESS);
     }
 }

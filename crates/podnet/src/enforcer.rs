@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_policy::{
-    check_default, rfc3339_utc, Connection, Decision, DecisionRecord, DnsDecision, HostFacts,
+    check_default, rfc3339_utc, Connection, Decision, DecisionRecord, DnsDecision, HostFacts, Pins,
     Policy, Request, MAX_POLICY_BYTES,
 };
 
-use crate::dns::{Pins, Upstream};
+use crate::dns::Upstream;
 use crate::error::io;
 use crate::limits::RELOAD_INTERVAL;
 use crate::PodnetError;

@@ -31,12 +31,6 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// DNS queries being resolved at once; beyond it a query gets SERVFAIL.
 pub const MAX_DNS_INFLIGHT: usize = 64;
 
-/// Addresses whose resolved names are remembered (name pinning); the oldest is forgotten.
-pub const MAX_PINNED_ADDRESSES: usize = 4096;
-
-/// Names remembered per address.
-pub const MAX_NAMES_PER_ADDRESS: usize = 8;
-
 /// Answers at most this many addresses for one query.
 pub const MAX_DNS_ANSWERS: usize = 16;
 

@@ -82,6 +82,8 @@ pub struct HostIo {
     pub stderr: Box<dyn Write + Send>,
     /// Hears about the guest beyond the main session (a sandbox's monitor does).
     pub guest_events: Option<Sender<GuestEvent>>,
+    /// Hears each network denial (a foreground `kiln run` prints them).
+    pub network_denials: Option<kiln_netstack::DenialNotice>,
 }
 
 /// What [`HostIo::guest_events`] hears.
@@ -1005,6 +1007,7 @@ while read -r _ <&3; do :; done
             stdout,
             stderr: Box::new(std::io::sink()),
             guest_events: None,
+            network_denials: None,
         };
         let outcome = launch(
             &Qemu::with_binary(&vmm),

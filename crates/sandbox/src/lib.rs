@@ -34,6 +34,7 @@ mod launch;
 mod lifecycle;
 mod logs;
 mod monitor;
+mod network;
 mod options;
 mod prepare;
 mod request;
@@ -52,12 +53,16 @@ pub use lifecycle::{
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
+pub use network::{
+    check_policy, network_logs, set_policy, show_policy, NetworkLogs, PolicySet, NETWORK_LOG,
+    POLICY_FILE, POLICY_POLL,
+};
 pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX,
-    LOG_MAX_SIZE,
+    NetworkMode, PolicyText, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE,
+    DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;

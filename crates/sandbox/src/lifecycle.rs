@@ -25,6 +25,7 @@ use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
 use crate::logs::lines::{parse_since, LineCounter, LineReader, LineSelection};
 use crate::logs::LogReader;
+use crate::network::write_network_policy;
 use crate::prepare::{
     build_images, image_cache, pinned_images, sandbox_images, BuildStep, PrepareError,
 };
@@ -150,6 +151,7 @@ pub fn create(
     let record = sandbox_record(&sandbox, &request, &prepared, run_spec);
     let written = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| write_network_policy(&sandbox, &request))
         .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
         .map_err(BootError::from)
         .and_then(|()| Upper::create(&sandbox).map_err(BootError::from));

@@ -218,6 +218,7 @@ fn boot_once(
             stdout: Box::new(stdout),
             stderr: Box::new(stderr),
             guest_events: Some(guest_tx),
+            network_denials: None,
         };
         let upper = Upper::existing(sandbox);
         let outcome = boot(sandbox, record, prepared, host, upper, None, io, control_rx);

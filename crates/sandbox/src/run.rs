@@ -13,6 +13,7 @@ use crate::boot::{boot, end_status, main_run_spec, sandbox_record, BootError, Ho
 use crate::error::Error;
 use crate::launch::{Control, HostIo, VmTimings};
 use crate::logs::{RotatingLog, Tee};
+use crate::network::write_network_policy;
 use crate::prepare::prepare_images;
 use crate::request::RunRequest;
 use crate::state::{
@@ -95,6 +96,7 @@ pub fn run(
     };
     let outcome = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| write_network_policy(&sandbox, create))
         .and_then(|()| sandbox.write_json(STATE_FILE, &started))
         .and_then(|()| keep_logs(&sandbox, &record, io, request.remove))
         .map_err(BootError::from)

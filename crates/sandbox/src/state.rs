@@ -145,32 +145,13 @@ mod accel_text {
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum NetworkRecord {
     None,
-    User { forwards: Vec<(u16, u16)> },
-}
-
-impl From<&kiln_vm::Network> for NetworkRecord {
-    fn from(network: &kiln_vm::Network) -> Self {
-        match network {
-            kiln_vm::Network::None => NetworkRecord::None,
-            kiln_vm::Network::User { forwards } => NetworkRecord::User {
-                forwards: forwards.iter().map(|f| (f.host, f.guest)).collect(),
-            },
-        }
-    }
-}
-
-impl From<&NetworkRecord> for kiln_vm::Network {
-    fn from(network: &NetworkRecord) -> Self {
-        match network {
-            NetworkRecord::None => kiln_vm::Network::None,
-            NetworkRecord::User { forwards } => kiln_vm::Network::User {
-                forwards: forwards
-                    .iter()
-                    .map(|&(host, guest)| kiln_vm::PortForward { host, guest })
-                    .collect(),
-            },
-        }
-    }
+    /// kiln's network endpoint: `(host, guest)` port forwards and the host-local services
+    /// opened to the guest, as kiln-netstack's `HostService` prints them.
+    User {
+        forwards: Vec<(u16, u16)>,
+        #[serde(default)]
+        allow_host: Vec<String>,
+    },
 }
 
 /// Where a sandbox is in its life.
@@ -904,20 +885,24 @@ mod tests {
     }
 
     #[test]
-    fn network_records_convert_both_ways() {
-        let network = kiln_vm::Network::User {
-            forwards: vec![kiln_vm::PortForward {
-                host: 8080,
-                guest: 80,
-            }],
+    fn network_records_read_back_and_older_ones_have_no_host_services() {
+        let network = NetworkRecord::User {
+            forwards: vec![(8080, 80)],
+            allow_host: vec!["host.kiln.internal:5432".into()],
         };
+        let json = serde_json::to_string(&network).unwrap();
         assert_eq!(
-            kiln_vm::Network::from(&NetworkRecord::from(&network)),
+            serde_json::from_str::<NetworkRecord>(&json).unwrap(),
             network
         );
+        let older: NetworkRecord =
+            serde_json::from_str(r#"{"mode":"user","forwards":[[8080,80]]}"#).unwrap();
         assert_eq!(
-            kiln_vm::Network::from(&NetworkRecord::None),
-            kiln_vm::Network::None
+            older,
+            NetworkRecord::User {
+                forwards: vec![(8080, 80)],
+                allow_host: Vec::new()
+            }
         );
     }
 

@@ -63,20 +63,14 @@ pub struct Share {
     pub read_only: bool,
 }
 
-/// A TCP port on host loopback forwarded to a port in the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortForward {
-    pub host: u16,
-    pub guest: u16,
-}
-
 /// The guest's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
     /// No NIC at all.
     None,
-    /// NAT egress through the VMM's user-mode stack, with port forwards from host loopback.
-    User { forwards: Vec<PortForward> },
+    /// A virtio-net NIC whose frames QEMU carries over the unix socket at `socket` (its
+    /// `-netdev stream`), to the network endpoint listening there (kiln-netstack).
+    Stream { socket: PathBuf },
 }
 
 /// The host-guest channel: a virtio-serial port backed by a unix socket on the host.

@@ -51,6 +51,8 @@ struct VmmFiles {
     disks: Vec<Vec<RawFd>>,
     console: RawFd,
     channel: RawFd,
+    /// Connected to the network endpoint, for a spec with a network.
+    network: Option<RawFd>,
     shares: Vec<String>,
 }
 
@@ -175,14 +177,10 @@ impl Qemu {
         push(&["-object", "rng-random,id=rng,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-device,rng=rng"]);
 
-        if let Network::User { forwards } = &spec.network {
-            let mut netdev = String::from("user,id=net0");
-            for forward in forwards {
-                netdev.push_str(&format!(
-                    ",hostfwd=tcp:127.0.0.1:{}-:{}",
-                    forward.host, forward.guest
-                ));
-            }
+        if let Some(fd) = files.network {
+            // Connected by kiln to the endpoint, as the channel: QEMU 7.2's stream netdev
+            // takes a connected socket as `addr.type=fd` (a number, or a monitor fd name).
+            let netdev = format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}");
             push(&[
                 "-netdev",
                 &netdev,
@@ -231,10 +229,13 @@ impl Backend for Qemu {
             })
             .collect::<Result<Vec<_>, VmError>>()?;
         // Every socket QEMU uses is connected here and handed over (in `keep_fds` and
-        // `VmmFiles`): the jail holds no socket path. A network endpoint of kiln's is one
-        // more such socket (`-netdev stream,addr.type=fd`).
-        let channel =
-            UnixStream::connect(&spec.channel.socket).map_err(file_error(&spec.channel.socket))?;
+        // `VmmFiles`): the jail holds no socket path.
+        let connect = |path: &Path| UnixStream::connect(path).map_err(file_error(path));
+        let channel = connect(&spec.channel.socket)?;
+        let network = match &spec.network {
+            Network::Stream { socket } => Some(connect(socket)?),
+            Network::None => None,
+        };
         let spawn_error = |source| VmError::Spawn {
             vmm: "qemu",
             binary: self.binary.clone(),
@@ -245,6 +246,7 @@ impl Backend for Qemu {
         let disk_fds: Vec<Vec<RawFd>> = disks.iter().map(raw).collect();
         let mut keep_fds: Vec<RawFd> = disk_fds.concat();
         keep_fds.extend([console.as_raw_fd(), channel.as_raw_fd(), monitor.vmm_fd()]);
+        keep_fds.extend(network.as_ref().map(AsRawFd::as_raw_fd));
         let mut jail = Jail::prepare(JailRequest {
             binary: &self.binary,
             kernel: &spec.kernel,
@@ -266,6 +268,7 @@ impl Backend for Qemu {
             disks: disk_fds,
             console: console.as_raw_fd(),
             channel: channel.as_raw_fd(),
+            network: network.as_ref().map(AsRawFd::as_raw_fd),
             shares: jail.share_paths.clone(),
         };
         let arguments = self.arguments(spec, &files)?;
@@ -290,7 +293,7 @@ impl Backend for Qemu {
         };
         vm.own_cgroup(cgroup);
         // QEMU holds its own copies now.
-        drop((disks, console, channel));
+        drop((disks, console, channel, network));
         match monitor.start(Instant::now() + MONITOR_WAIT) {
             Ok(report) => vm.report_guest_end(report),
             // QEMU quit at start (a bad disk, an unusable accelerator): the caller gets the
@@ -360,7 +363,7 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Channel, Disk, PortForward, Share};
+    use crate::{Channel, Disk, Share};
     use kiln_protocol::{BootConfig, DiskRef, Upper, CHANNEL_PORT, ROOT_DISK_ID, UPPER_DISK_ID};
 
     fn spec() -> VmSpec {
@@ -400,11 +403,8 @@ mod tests {
             cpus: 2,
             cpu_millis: 2000,
             memory_mib: 512,
-            network: Network::User {
-                forwards: vec![PortForward {
-                    host: 8080,
-                    guest: 80,
-                }],
+            network: Network::Stream {
+                socket: "/s/net,0.sock".into(),
             },
             channel: Channel {
                 socket: "/run/x/chan.sock".into(),
@@ -427,13 +427,18 @@ mod tests {
             disks: vec![vec![10], vec![11, 14]],
             console: 12,
             channel: 13,
+            network: Some(15),
             shares: vec!["/kiln/share0".into(), "/kiln/share1".into()],
         }
     }
 
     fn joined(spec: &VmSpec) -> String {
+        let mut files = files();
+        if spec.network == Network::None {
+            files.network = None;
+        }
         Qemu::default()
-            .arguments(spec, &files())
+            .arguments(spec, &files)
             .unwrap()
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -464,7 +469,8 @@ mod tests {
             "-add-fd fd=11,set=3,opaque=/s/upper.ext4 -add-fd fd=14,set=3,opaque=/s/upper.ext4 -drive id=upper,file=/dev/fdset/3,format=raw,if=none,readonly=off",
             "socket,id=kilnchan,fd=13",
             &port,
-            "hostfwd=tcp:127.0.0.1:8080-:80",
+            "-netdev stream,id=net0,server=off,addr.type=fd,addr.str=15",
+            "-device virtio-net-device,netdev=net0",
             rw_share,
             "virtio-9p-device,fsdev=share0,mount_tag=vol0",
             ro_share,
