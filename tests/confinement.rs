@@ -2,7 +2,9 @@
 //! kiln-vmm with no capabilities, groups or way back to privileges, under seccomp, in a
 //! mount namespace of its own whose root holds only its files, with only the descriptors
 //! it was given and the limits derived from `--memory`/`--cpus`; as an ordinary user it
-//! keeps that user's uid with the same jail. Its environment is empty and its umask 077.
+//! keeps that user's uid with the same jail. The guest files in the jail are the host's,
+//! mounted read-only; a root VMM runs the execute-only copy of QEMU made once under the
+//! root. Its environment is empty and its umask 077.
 //! `kiln inspect` and `kiln doctor` report it, and QEMU asked to spawn a helper is killed
 //! by the filter.
 
@@ -171,6 +173,45 @@ fn assert_jailed(pid: u32, root: &KilnRoot, with_volume: bool, as_root: bool) {
     }
 }
 
+/// The guest files in the jail are the host files kiln opened, mounted read-only (not
+/// copies made for each start).
+fn assert_guest_files_mounted(pid: u32, kernel: &Path, initramfs: &Path) {
+    for (name, host) in [("kernel", kernel), ("initramfs", initramfs)] {
+        let jailed = PathBuf::from(format!("/proc/{pid}/root/kiln/{name}"));
+        let (shown, file) = (fs::metadata(&jailed).unwrap(), fs::metadata(host).unwrap());
+        assert_eq!(
+            (shown.dev(), shown.ino()),
+            (file.dev(), file.ino()),
+            "the jail's {name} is not {}",
+            host.display()
+        );
+        assert!(
+            fs::OpenOptions::new().write(true).open(&jailed).is_err(),
+            "the jail's {name} is writable"
+        );
+    }
+}
+
+/// The execute-only copy of QEMU that a root VMM `pid` runs: root's, mode 0111, the one
+/// file in the root-only `<root>/vmm` (made once, mounted into each jail). Its inode.
+fn assert_vmm_copy(pid: u32, root: &KilnRoot) -> u64 {
+    let copy = fs::metadata(format!("/proc/{pid}/root/kiln/vmm")).unwrap();
+    assert_eq!(
+        copy.mode() & 0o7777,
+        0o111,
+        "the VMM's copy is execute-only"
+    );
+    assert_eq!((copy.uid(), copy.gid()), (0, 0), "the VMM's copy is root's");
+    let cache = root.path().join("vmm");
+    let cache_mode = fs::metadata(&cache).unwrap().mode() & 0o7777;
+    assert_eq!(cache_mode, 0o700, "{}", cache.display());
+    let entries: Vec<_> = fs::read_dir(&cache).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let cached = entries[0].metadata().unwrap();
+    assert_eq!((cached.dev(), cached.ino()), (copy.dev(), copy.ino()));
+    copy.ino()
+}
+
 /// The limits derived from `--memory`/`--cpus`, in /proc/PID/limits and its cgroups.
 fn assert_limits(pid: u32, with_cgroup: bool) -> Vec<PathBuf> {
     let limits = Limits::for_vm(MEMORY_MIB, MILLICPUS);
@@ -271,12 +312,9 @@ fn as_root_qemu_runs_as_kiln_vmm_in_its_jail_with_the_flags_limits() {
     assert_eq!(effective(&status_field(pid, "Uid")), vmm_uid);
     assert_eq!(effective(&status_field(pid, "Gid")), vmm_gid);
     assert_jailed(pid, &root, true, true);
-    let copy = fs::metadata(format!("/proc/{pid}/root/kiln/vmm")).unwrap();
-    assert_eq!(
-        copy.mode() & 0o7777,
-        0o111,
-        "the VMM's copy is execute-only"
-    );
+    let guest = guest_files();
+    assert_guest_files_mounted(pid, &guest.kernel, &guest.initramfs);
+    let copy = assert_vmm_copy(pid, &root);
     // Non-dumpable (it runs an execute-only copy of QEMU): its /proc files are root's, so
     // the other VMMs of the same uid can neither look into it nor trace it.
     let proc_status = fs::metadata(format!("/proc/{pid}/status")).unwrap();
@@ -310,6 +348,11 @@ fn as_root_qemu_runs_as_kiln_vmm_in_its_jail_with_the_flags_limits() {
         info["vmm"].is_null(),
         "a stopped sandbox has no VMM: {info}"
     );
+
+    // The next start mounts the same copy.
+    root.ok(&["start", &id]);
+    assert_eq!(assert_vmm_copy(qemu_pid(&root), &root), copy);
+    root.ok(&["stop", &id]);
 }
 
 #[test]
@@ -480,6 +523,7 @@ fn as_an_ordinary_user_qemu_keeps_the_users_uid_in_the_same_jail() {
     assert_eq!(effective(&status_field(pid, "Uid")), user.uid);
     assert_eq!(effective(&status_field(pid, "Gid")), user.gid);
     assert_jailed(pid, &root, true, false);
+    assert_guest_files_mounted(pid, &dir.join("kernel"), &dir.join("initramfs"));
     // Without root, no cgroup of kiln's: the rlimits bound it.
     assert_limits(pid, false);
 

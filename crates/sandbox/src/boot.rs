@@ -202,7 +202,7 @@ impl Host {
         qemu: &Path,
         notice: &dyn Fn(&str),
     ) -> Result<Host, VmError> {
-        let qemu = Qemu::with_binary(qemu);
+        let qemu = Qemu::with_binary(qemu).keeping_state_in(root);
         let verdict = accel::resolve(accel, &accel::cache_dir(root), || probe_kvm(&qemu, &guest))?;
         if verdict.accel == Accel::Tcg && accel == AccelRequest::Auto && !verdict.cached {
             notice(&format!("note: {}", verdict.reason));

@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -136,20 +136,21 @@ fn read_policy_text(path: &Path) -> Result<Option<String>, Error> {
 /// Polls the policy file and puts each new one that validates in force; one that does
 /// not is logged and the old one kept.
 struct PolicyWatch {
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the watcher: it waits on the other end between polls, so it ends
+    /// at once rather than after the rest of a poll interval (every run's end waits
+    /// for it).
+    stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl PolicyWatch {
     fn start(path: PathBuf, egress: Arc<PolicyEgress>, sandbox: String) -> PolicyWatch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("kiln-policy-watch".into())
             .spawn(move || {
                 let mut seen = egress.current().map(|p| p.source().to_owned());
-                while !stopped.load(Ordering::Relaxed) {
-                    std::thread::sleep(POLICY_POLL);
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(POLICY_POLL) {
                     let Ok(Some(text)) = read_policy_text(&path) else {
                         continue;
                     };
@@ -169,13 +170,16 @@ impl PolicyWatch {
                 }
             })
             .ok();
-        PolicyWatch { stop, thread }
+        PolicyWatch {
+            stop: Some(stop),
+            thread,
+        }
     }
 }
 
 impl Drop for PolicyWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -3,8 +3,9 @@
 //! Every VMM kiln starts goes through [`Jail`]: in the forked child, before QEMU is
 //! executed, it joins a cgroup of its own (as root), enters a mount namespace of its own
 //! (through a user namespace when kiln is not root) whose root is a read-only tmpfs holding
-//! only `/usr`, a few device nodes, copies of the guest kernel and initramfs and the
-//! sandbox's shared directories, sets resource limits and a fixed umask, drops to
+//! only `/usr`, a few device nodes, the guest kernel and initramfs (the files kiln opened,
+//! mounted read-only) and the sandbox's shared directories, sets resource limits and a
+//! fixed umask, drops to
 //! [`VMM_USER`] (as root; no capabilities, no supplementary groups), sets no_new_privs and
 //! keeps only the descriptors QEMU is given. QEMU then installs its own seccomp filter
 //! ([`SECCOMP_OPTION`]). Disks, the console log and sockets are handed over open, so
@@ -97,6 +98,28 @@ enum Mode {
     SameView,
 }
 
+impl Mode {
+    /// Whether the VMM, once in its jail, may read `file`. An ordinary user's VMM keeps
+    /// the uid that opened it; kiln-vmm has no supplementary groups, and only the mode
+    /// bits are read (an ACL granting it more is not relied on).
+    fn can_read(self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Mode::DropTo { uid, gid } => file.metadata().is_ok_and(|meta| {
+                let bits = if meta.uid() == uid {
+                    meta.mode() >> 6
+                } else if meta.gid() == gid {
+                    meta.mode() >> 3
+                } else {
+                    meta.mode()
+                };
+                bits & 0o4 != 0
+            }),
+            Mode::UserNamespace { .. } | Mode::SameView => true,
+        }
+    }
+}
+
 /// A directory shared with the guest, as the jail mounts it.
 pub(crate) struct JailShare {
     /// The directory as the caller opened and checked it.
@@ -128,7 +151,8 @@ pub(crate) struct Jail {
     /// mounts, so what the guest writes there stays kiln's.
     idmap: Option<OwnedFd>,
     cgroup: Option<Cgroup>,
-    /// The kernel and initramfs, open for copying.
+    /// The kernel, initramfs and VMM files the jail mounts or copies, open until it is
+    /// built.
     _sources: Vec<File>,
     /// The VMM binary by absolute path (the jail has no PATH).
     pub binary: PathBuf,
@@ -206,6 +230,9 @@ pub(crate) struct JailRequest<'a> {
     pub binary: &'a Path,
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
+    /// kiln's root, where a root kiln keeps the execute-only copy of the VMM binary
+    /// ([`crate::vmm_copy`]); without one, the copy is made for each start.
+    pub state: Option<&'a Path>,
     pub shares: Vec<JailShare>,
     pub limits: Limits,
     /// Descriptors QEMU gets (besides stdio).
@@ -347,35 +374,58 @@ impl Jail {
         jail.kernel = PathBuf::from(format!("{JAIL_DIR}/kernel"));
         jail.initramfs = PathBuf::from(format!("{JAIL_DIR}/initramfs"));
         let size = |file: &File| file.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut copy_size = size(&kernel_file) + size(&initramfs_file);
-        jail.copies.push(Copy {
-            from: kernel_file.as_raw_fd(),
-            to: stage(&format!("{JAIL_DIR}/kernel"))?,
-            mode: 0o444,
-        });
-        jail.copies.push(Copy {
-            from: initramfs_file.as_raw_fd(),
-            to: stage(&format!("{JAIL_DIR}/initramfs"))?,
-            mode: 0o444,
-        });
+        let mut copy_size = 0;
+        // The guest files are the very files kiln opened, mounted read-only. One the VMM's
+        // uid may not read (a root-only kernel) is copied instead: a mount keeps the
+        // file's owner and mode, and QEMU opens it after dropping to that uid.
+        let guest_attrs = read_only | MOUNT_ATTR_NOEXEC;
+        for (file, name) in [(&kernel_file, "kernel"), (&initramfs_file, "initramfs")] {
+            let target = stage(&format!("{JAIL_DIR}/{name}"))?;
+            if mode.can_read(file) {
+                jail.add_opened_bind(file.as_raw_fd(), "guest file", target, guest_attrs, false)?;
+            } else {
+                copy_size += size(file);
+                jail.copies.push(Copy {
+                    from: file.as_raw_fd(),
+                    to: target,
+                    mode: 0o444,
+                });
+            }
+        }
         jail._sources = vec![kernel_file, initramfs_file];
         // As root, QEMU executes an execute-only copy of itself (at its own path, so it
         // finds its data files): a binary its user cannot read makes the kernel mark the
         // process non-dumpable, so its /proc files are root's and the VMMs of other
         // sandboxes (the same uid) can neither look into it nor trace it. Only for
-        // compiled programs: a script's interpreter must read it.
+        // compiled programs: a script's interpreter must read it. The copy is made once
+        // under kiln's root and mounted; without a root, for each start.
         if matches!(mode, Mode::DropTo { .. }) && is_elf(&binary) {
-            let program = File::open(&binary).map_err(io_error("VMM binary", &binary))?;
-            copy_size += size(&program);
             let copy = stage(&format!("{JAIL_DIR}/vmm"))?;
-            jail.copies.push(Copy {
-                from: program.as_raw_fd(),
-                to: copy.clone(),
-                mode: 0o111,
-            });
+            match request.state {
+                Some(state) => {
+                    let cached = crate::vmm_copy::execute_only(state, &binary)?;
+                    jail.add_opened_bind(
+                        cached.as_raw_fd(),
+                        "VMM copy",
+                        copy.clone(),
+                        read_only,
+                        false,
+                    )?;
+                    jail._sources.push(cached);
+                }
+                None => {
+                    let program = File::open(&binary).map_err(io_error("VMM binary", &binary))?;
+                    copy_size += size(&program);
+                    jail.copies.push(Copy {
+                        from: program.as_raw_fd(),
+                        to: copy.clone(),
+                        mode: crate::vmm_copy::MODE,
+                    });
+                    jail._sources.push(program);
+                }
+            }
             jail.overlays
                 .push((copy, stage(&binary.to_string_lossy())?));
-            jail._sources.push(program);
         }
         // Room for the copies and the directories, no more.
         jail.tmpfs_options = CString::new(format!(
@@ -412,22 +462,13 @@ impl Jail {
             }
         }
         for (index, share) in request.shares.iter().enumerate() {
-            let source =
-                std::fs::read_link(format!("/proc/self/fd/{}", share.fd)).map_err(|source| {
-                    VmError::Spawn {
-                        vmm: "qemu",
-                        binary: binary.clone(),
-                        source,
-                    }
-                })?;
-            let stat = fd_stat(share.fd).map_err(io_error("shared directory", &source))?;
             let path = format!("{JAIL_DIR}/share{index}");
             let mut attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
             if share.read_only {
                 attrs |= MOUNT_ATTR_RDONLY;
             }
             let idmap = jail.idmap.is_some();
-            jail.add_bind(&source, stage(&path)?, false, attrs, Some(stat), true)?;
+            jail.add_opened_bind(share.fd, "shared directory", stage(&path)?, attrs, true)?;
             jail.binds.last_mut().expect("just added").idmap = idmap;
             jail.share_paths.push(path);
         }
@@ -453,6 +494,24 @@ impl Jail {
             directory,
         });
         Ok(())
+    }
+
+    /// A bind of what descriptor `fd` (a `what`) refers to. The child clones it by the
+    /// path the descriptor was opened at and mounts it only if it is still the same file
+    /// (device and inode): after `unshare` the descriptor's own mount belongs to the
+    /// host's namespace, which `open_tree` cannot clone from.
+    fn add_opened_bind(
+        &mut self,
+        fd: RawFd,
+        what: &str,
+        target: CString,
+        attrs: u64,
+        directory: bool,
+    ) -> Result<(), VmError> {
+        let link = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let source = std::fs::read_link(&link).map_err(io_error(what, &link))?;
+        let stat = fd_stat(fd).map_err(io_error(what, &source))?;
+        self.add_bind(&source, target, false, attrs, Some(stat), directory)
     }
 
     /// `dir` and its ancestors, as staging directories to create (outermost first).

@@ -24,6 +24,7 @@ mod process;
 pub mod qemu;
 mod qmp;
 pub mod tsc;
+mod vmm_copy;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! The VM as a host process: tied to kiln's lifetime, waited on with deadlines.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::Receiver;
@@ -8,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::jail::Cgroup;
 use crate::{GuestEnd, VmError};
 
-/// How often a deadline wait polls the child. VM lifetimes are seconds, so 10 ms of
-/// latency is noise, and polling avoids a reaper thread per VM.
+/// The longest a deadline wait sleeps between looks at the child. It wakes at the child's
+/// exit through a pidfd (no reaper thread per VM); where the kernel has none, this is
+/// the latency.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How long after the VMM's exit its last report may still be on the way: the VMM sends
@@ -20,6 +22,8 @@ const REPORT_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct VmProcess {
     child: Child,
+    /// Readable once the child has exited (Linux 5.3 on; `None` before).
+    pidfd: Option<OwnedFd>,
     exited: Option<ExitStatus>,
     /// The VMM's report of the guest's end, until it is read into `guest_end`.
     end_report: Option<Receiver<GuestEnd>>,
@@ -62,8 +66,15 @@ impl VmProcess {
             });
         }
         let child = command.spawn()?;
+        // SAFETY: pidfd_open takes a pid and flags; our unreaped child's pid cannot be
+        // reused, and a descriptor it returns is ours.
+        let pidfd = unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, child.id(), 0);
+            (fd >= 0).then(|| OwnedFd::from_raw_fd(fd as RawFd))
+        };
         Ok(Self {
             child,
+            pidfd,
             exited: None,
             end_report: None,
             guest_end: None,
@@ -117,7 +128,20 @@ impl VmProcess {
             if now >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(POLL_INTERVAL.min(deadline - now));
+            let nap = POLL_INTERVAL.min(deadline - now);
+            match &self.pidfd {
+                Some(pidfd) => {
+                    let mut poll = libc::pollfd {
+                        fd: pidfd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    let millis = nap.as_micros().div_ceil(1000) as libc::c_int;
+                    // SAFETY: one pollfd we own; an error or EINTR only means looking again.
+                    unsafe { libc::poll(&mut poll, 1, millis) };
+                }
+                None => std::thread::sleep(nap),
+            }
         }
     }
 

@@ -60,13 +60,13 @@ struct VmmFiles {
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
+    /// kiln's root, where a root kiln keeps the execute-only copy of the binary.
+    state: Option<PathBuf>,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
-        Self {
-            binary: PathBuf::from(DEFAULT_BINARY),
-        }
+        Self::with_binary(DEFAULT_BINARY)
     }
 }
 
@@ -75,7 +75,15 @@ impl Qemu {
     pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            state: None,
         }
+    }
+
+    /// Keeps the execute-only copy of the binary that QEMU runs as when kiln is root
+    /// under kiln root `root`, made once instead of for every start (see [`crate::jail`]).
+    pub fn keeping_state_in(mut self, root: impl Into<PathBuf>) -> Self {
+        self.state = Some(root.into());
+        self
     }
 
     pub fn binary(&self) -> &Path {
@@ -251,6 +259,7 @@ impl Backend for Qemu {
             binary: &self.binary,
             kernel: &spec.kernel,
             initramfs: &spec.initramfs,
+            state: self.state.as_deref(),
             shares: spec
                 .shares
                 .iter()
