@@ -39,6 +39,16 @@ pub mod proto {
     tonic::include_proto!("kiln.driver.v1");
 }
 
+/// The code generated from `proto/openshell/compute/v1/compute_driver.proto`, kiln's
+/// wire-compatible copy of OpenShell's compute-driver contract: messages, the server
+/// trait and the client.
+// The generated watch event's oneof holds a whole sandbox snapshot in one variant; that
+// size is the contract's shape, and the events are short-lived.
+#[allow(clippy::large_enum_variant)]
+pub mod openshell_proto {
+    tonic::include_proto!("openshell.compute.v1");
+}
+
 /// How to run the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -159,4 +169,57 @@ pub async fn serve(
     };
     watcher.abort();
     Ok(outcome?)
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use crate::openshell_proto::{
+        watch_sandboxes_event, DriverSandbox, DriverSandboxSpec, GetCapabilitiesResponse,
+        WatchSandboxesDeletedEvent, WatchSandboxesEvent,
+    };
+
+    // The bytes are written out by hand from OpenShell's field numbers, so a renumbered
+    // field in kiln's copy of the contract fails here rather than against a gateway.
+    #[test]
+    fn openshell_messages_use_the_contracts_field_numbers() {
+        let spec = DriverSandboxSpec {
+            sandbox_token: "t".into(),
+            command: vec!["a".into()],
+            tty: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            spec.encode_to_vec(),
+            [0x5a, 1, b't', 0x62, 1, b'a', 0x68, 1]
+        );
+        let sandbox = DriverSandbox {
+            id: "i".into(),
+            workspace: "w".into(),
+            ..Default::default()
+        };
+        assert_eq!(sandbox.encode_to_vec(), [0x0a, 1, b'i', 0x32, 1, b'w']);
+        let capabilities = GetCapabilitiesResponse {
+            gateway_manages_lifecycle: true,
+            ..Default::default()
+        };
+        assert_eq!(capabilities.encode_to_vec(), [0x30, 1]);
+        let deleted = WatchSandboxesEvent {
+            payload: Some(watch_sandboxes_event::Payload::Deleted(
+                WatchSandboxesDeletedEvent {
+                    sandbox_id: "x".into(),
+                },
+            )),
+        };
+        assert_eq!(deleted.encode_to_vec(), [0x12, 3, 0x0a, 1, b'x']);
+    }
+
+    #[test]
+    fn openshell_messages_skip_fields_they_do_not_know() {
+        // Field 99 (varint 7) is unknown to this copy of the contract.
+        let bytes = [0x98, 0x06, 7, 0x0a, 1, b'i'];
+        let sandbox = DriverSandbox::decode(&bytes[..]).unwrap();
+        assert_eq!(sandbox.id, "i");
+    }
 }
