@@ -189,7 +189,8 @@ fn add_identity(
 fn sandbox_id_flag(flag: &str, value: Option<&str>, default: u32) -> anyhow::Result<u32> {
     match value {
         None => Ok(default),
-        Some(text) => kiln_identity::parse_sandbox_id(text).with_context(|| flag.to_owned()),
+        Some(text) => kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::KILN)
+            .with_context(|| flag.to_owned()),
     }
 }
 

@@ -266,7 +266,7 @@ fn edit(inputs: &IdentityInputs, uid: u32, gid: u32) -> Result<Edit> {
         shadow: current.next().flatten(),
     };
     let shell = choose_shell(|s| inputs.shells.iter().any(|have| have == s));
-    let edited = write_sandbox_accounts(&files, uid, gid, shell)?;
+    let edited = write_sandbox_accounts(&files, uid, gid, shell, kiln_identity::IdBounds::KILN)?;
     Ok(Edit {
         contents: vec![edited.passwd, edited.group, edited.gshadow, edited.shadow],
         report: IdentityReport {

@@ -80,7 +80,7 @@ fn expected(
         gshadow: None,
         shadow: None,
     };
-    write_sandbox_accounts(&files, uid, gid, shell).unwrap()
+    write_sandbox_accounts(&files, uid, gid, shell, kiln_identity::IdBounds::KILN).unwrap()
 }
 
 #[test]

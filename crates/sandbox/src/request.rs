@@ -255,7 +255,8 @@ impl Checker<'_> {
         default: u32,
     ) -> Result<u32, InvalidField> {
         value.map_or(Ok(default), |text| {
-            kiln_identity::parse_sandbox_id(text).map_err(|e| self.wrap(field, e))
+            kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::KILN)
+                .map_err(|e| self.wrap(field, e))
         })
     }
 
@@ -335,8 +336,8 @@ impl CreateFields {
             validate_name(name).map_err(|e| check.wrap(Field::Name, e))?;
         }
         let user = self.user.as_deref().unwrap_or(kiln_identity::SANDBOX_USER);
-        let run_as =
-            kiln_identity::RunAs::parse(user.as_bytes()).map_err(|e| check.wrap(Field::User, e))?;
+        let run_as = kiln_identity::RunAs::parse(user.as_bytes(), kiln_identity::IdBounds::KILN)
+            .map_err(|e| check.wrap(Field::User, e))?;
         let sandbox_uid = check.sandbox_id(
             Field::Uid,
             self.uid.as_deref(),

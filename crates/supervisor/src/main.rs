@@ -83,7 +83,7 @@ struct Args {
 }
 
 fn parse_id(value: &str) -> Result<u32, String> {
-    kiln_identity::parse_sandbox_id(value).map_err(|e| e.to_string())
+    kiln_identity::parse_sandbox_id(value, kiln_identity::IdBounds::KILN).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
