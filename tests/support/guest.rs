@@ -19,9 +19,10 @@ pub struct GuestFiles {
     pub initramfs: PathBuf,
 }
 
-/// Runs one of the build scripts and returns the path it prints.
-fn build(script: &str, timeout: Duration) -> PathBuf {
+/// Runs one of the build scripts with `args` and returns the path it prints.
+fn build(script: &str, args: &[&str], timeout: Duration) -> PathBuf {
     let mut command = Command::new(workspace_root().join("scripts").join(script));
+    command.args(args);
     // The initramfs build runs cargo; a target dir of its own keeps it off the lock of
     // the cargo that runs this test.
     let target = std::env::current_exe()
@@ -50,7 +51,12 @@ fn build(script: &str, timeout: Duration) -> PathBuf {
 pub fn guest_files() -> &'static GuestFiles {
     static FILES: OnceLock<GuestFiles> = OnceLock::new();
     FILES.get_or_init(|| GuestFiles {
-        kernel: build("build-kernel", KERNEL_BUILD_TIMEOUT),
-        initramfs: build("build-initramfs", INITRAMFS_BUILD_TIMEOUT),
+        // The uncompressed kernel, as kiln boots it (PVH entry, no decompression).
+        kernel: build(
+            "build-kernel",
+            &["--image", "vmlinux"],
+            KERNEL_BUILD_TIMEOUT,
+        ),
+        initramfs: build("build-initramfs", &[], INITRAMFS_BUILD_TIMEOUT),
     })
 }

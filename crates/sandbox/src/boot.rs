@@ -322,8 +322,9 @@ pub fn boot(
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
-/// KVM gets there in well under a second, even on a loaded host; a broken one fails at
-/// once or spins silently (as nested PVM hosts do), so the probe's cost is this deadline.
+/// KVM gets there in well under a second, even on a loaded host. A broken one is known
+/// from QEMU's own failure (it exits, or kiln-vm quits it when its VM stops on a KVM
+/// internal error), so this deadline only bounds a guest that spins silently.
 const PROBE_DEADLINE: Duration = Duration::from_secs(6);
 
 /// Boots the guest once under KVM with no disks: reaching init (which then reports that

@@ -2,9 +2,11 @@
 //!
 //! `/dev/kvm` opening is not proof that KVM can run our guest: nested setups exist where
 //! VM creation works but a stock kernel dies early with "KVM internal error ... emulation
-//! failure". So `auto` boots the real guest once under KVM with a short deadline (the
-//! probe is the caller's, since only it knows how to boot a guest) and caches the verdict
-//! per host boot, keyed by `/proc/sys/kernel/random/boot_id`.
+//! failure". So `auto` boots the real guest once under KVM (the probe is the caller's,
+//! since only it knows how to boot a guest) and caches the verdict per host boot, keyed by
+//! `/proc/sys/kernel/random/boot_id`. A failing KVM ends the probe as soon as QEMU says
+//! so: QEMU either exits, or stops the VM in its `internal-error` state, which
+//! [`crate::qemu`] answers by quitting QEMU; a deadline only bounds a guest that spins.
 
 use std::fs::OpenOptions;
 use std::io::Read;

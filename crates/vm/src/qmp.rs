@@ -7,6 +7,12 @@
 //! and `guest-reset` for a reset, which with `-no-reboot` also ends QEMU. QEMU starts
 //! paused (`-S`) and runs the guest only after kiln has negotiated the protocol and asked
 //! it to continue, so no event can be missed.
+//!
+//! A guest that KVM cannot run (a nested host's "KVM internal error") does not end QEMU:
+//! QEMU prints the error and stops the VM in its `internal-error` state. Kiln never
+//! pauses a VM it runs, so a `STOP` is asked about, and a VM stopped that way is quit at
+//! once: the caller sees QEMU exit within milliseconds of its failure, with the error in
+//! its log, instead of waiting out a deadline.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -105,20 +111,31 @@ impl Monitor {
                 let _ = reports.send(end);
             }
             None => {
-                std::thread::spawn(move || report_guest_end(reader, reports));
+                std::thread::spawn(move || report_guest_end(reader, writer, reports));
             }
         }
         Ok(ends)
     }
 }
 
-/// Reads QEMU's events until it says how the guest ended or the socket ends.
-fn report_guest_end(mut reader: Lines, reports: Sender<GuestEnd>) {
+/// Reads QEMU's events until it says how the guest ended or the socket ends, and quits a
+/// QEMU whose VM stopped on an accelerator failure.
+fn report_guest_end(mut reader: Lines, mut writer: UnixStream, reports: Sender<GuestEnd>) {
     loop {
         match reader.next() {
             Ok(Some(message)) => {
                 if let Some(end) = guest_end(&message) {
                     let _ = reports.send(end);
+                    return;
+                }
+                let request = if is_event(&message, "STOP") {
+                    "query-status"
+                } else if stopped_on_internal_error(&message) {
+                    "quit"
+                } else {
+                    continue;
+                };
+                if writeln!(writer, "{{\"execute\":\"{request}\"}}").is_err() {
                     return;
                 }
             }
@@ -127,11 +144,25 @@ fn report_guest_end(mut reader: Lines, reports: Sender<GuestEnd>) {
     }
 }
 
+fn is_event(message: &Value, name: &str) -> bool {
+    message.get("event").and_then(Value::as_str) == Some(name)
+}
+
+/// Whether `message` is a `query-status` reply saying the VM stopped because the
+/// accelerator could not run it (QEMU's `internal-error` run state).
+fn stopped_on_internal_error(message: &Value) -> bool {
+    message
+        .get("return")
+        .and_then(|r| r.get("status"))
+        .and_then(Value::as_str)
+        == Some("internal-error")
+}
+
 /// The guest's end a QMP message announces: a `SHUTDOWN` event whose reason is the guest's
 /// own power-off or reset. Other reasons (a signal to QEMU, a host request) are not the
 /// guest's doing.
 fn guest_end(message: &Value) -> Option<GuestEnd> {
-    if message.get("event")?.as_str()? != "SHUTDOWN" {
+    if !is_event(message, "SHUTDOWN") {
         return None;
     }
     match message.get("data")?.get("reason")?.as_str()? {
@@ -325,6 +356,56 @@ mod tests {
         assert_eq!(vm.guest_end(), None, "no end while running");
         vm.kill().unwrap();
         assert_eq!(vm.guest_end(), None);
+    }
+
+    /// A VM stopped on a KVM internal error is quit. QEMU on this host aborts on KVM
+    /// before it gets that far, so the peer here plays QEMU's side of the exchange, with
+    /// the messages QEMU 7.2 sends.
+    #[test]
+    fn a_vm_stopped_on_an_internal_error_is_quit() {
+        let (peer, ours) = UnixStream::pair().unwrap();
+        let (reports, ends) = mpsc::channel();
+        let writer = ours.try_clone().unwrap();
+        let reporter =
+            std::thread::spawn(move || report_guest_end(Lines::new(ours), writer, reports));
+        let mut qemu = Lines::new(peer.try_clone().unwrap());
+        let mut say = peer;
+        let mut expect = |command: &str| {
+            let request = qemu.next().unwrap().unwrap();
+            assert_eq!(request["execute"], command, "{request}");
+        };
+        writeln!(
+            say,
+            r#"{{"timestamp": {{"seconds": 1, "microseconds": 2}}, "event": "STOP"}}"#
+        )
+        .unwrap();
+        expect("query-status");
+        writeln!(
+            say,
+            r#"{{"return": {{"status": "running", "singlestep": false, "running": true}}}}"#
+        )
+        .unwrap();
+        writeln!(
+            say,
+            r#"{{"timestamp": {{"seconds": 1, "microseconds": 3}}, "event": "STOP"}}"#
+        )
+        .unwrap();
+        expect("query-status");
+        writeln!(
+            say,
+            r#"{{"return": {{"status": "internal-error", "singlestep": false, "running": false}}}}"#
+        )
+        .unwrap();
+        expect("quit");
+        // QEMU then announces its own shutdown, which is no end of the guest's doing.
+        writeln!(
+            say,
+            r#"{{"timestamp": {{"seconds": 1, "microseconds": 4}}, "event": "SHUTDOWN", "data": {{"guest": false, "reason": "host-qmp-quit"}}}}"#
+        )
+        .unwrap();
+        say.shutdown(std::net::Shutdown::Both).unwrap();
+        reporter.join().unwrap();
+        assert!(ends.recv().is_err(), "no guest end reported");
     }
 
     #[test]
