@@ -22,6 +22,7 @@ pub mod client;
 mod convert;
 mod events;
 pub mod front;
+pub mod openshell_env;
 pub mod openshell_spec;
 pub mod quantity;
 mod service;
