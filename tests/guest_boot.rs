@@ -344,6 +344,7 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
         identity,
         tty: false,
         terminal: None,
+        task: None,
     };
     vec![
         Frame::new(
@@ -604,6 +605,7 @@ fn shell_spec(script: &str) -> RunSpec {
         },
         tty: false,
         terminal: None,
+        task: None,
     }
 }
 

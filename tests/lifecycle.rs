@@ -85,7 +85,7 @@ fn create_start_stop_start_rm_keeps_sandbox_files() {
         root.ok(&["ps"]).lines().all(|l| !l.contains(&id)),
         "a created sandbox is not running"
     );
-    assert!(root.ok(&["ps", "-a"]).contains("created"));
+    assert!(root.ok(&["ps", "-a", "--json"]).contains("\"created\""));
     let created = inspect(&root, "keeper");
     assert_eq!(created["status"], "created");
     assert_eq!(created["id"], id.as_str());
@@ -221,7 +221,9 @@ fn logs_follow_until_the_workload_ends() {
     let ended = inspect(&root, id);
     assert_eq!(ended["status"], "exited", "{ended}");
     assert_eq!(ended["exit_code"], 7, "{ended}");
-    assert!(root.ok(&["ps", "-a"]).contains("exited (7)"));
+    assert!(root
+        .ok(&["ps", "-a", "--json"])
+        .contains("\"exit_code\": 7"));
 }
 
 #[test]

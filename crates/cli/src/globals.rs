@@ -17,7 +17,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Print nothing but errors and requested output.
+    /// Print nothing but errors and requested output (`ps` and `images`: ids only).
     #[arg(short, long, global = true)]
     quiet: bool,
 
@@ -56,7 +56,9 @@ impl Globals {
                 bail!("--root (or KILN_ROOT) is empty; give a directory path")
             }
             Some(root) => root,
-            None => default_root()?,
+            None => kiln_hostfs::default_root().context(
+                "cannot find a default --root: neither XDG_CACHE_HOME nor HOME is set; pass --root DIR",
+            )?,
         };
         // Not a clap conflict: -v is not global (it is a volume after run/create).
         if args.quiet && args.verbose > 0 {
@@ -93,19 +95,4 @@ impl Globals {
             .with_target(false)
             .try_init();
     }
-}
-
-/// $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
-fn default_root() -> anyhow::Result<PathBuf> {
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        let xdg = PathBuf::from(xdg);
-        // The XDG spec says relative values are invalid and must be ignored.
-        if xdg.is_absolute() {
-            return Ok(xdg.join("kiln"));
-        }
-    }
-    let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).context(
-        "cannot find a default --root: neither XDG_CACHE_HOME nor HOME is set; pass --root DIR",
-    )?;
-    Ok(PathBuf::from(home).join(".cache").join("kiln"))
 }

@@ -1,6 +1,8 @@
-//! `kiln inspect ID|REF`: a sandbox's state as JSON when ID names one; else a pulled
-//! image's manifest digest, platform, run config and layers, read from the store alone
-//! (works offline).
+//! `kiln inspect ID|REF`: a sandbox's state when ID names one (an id, a unique id
+//! prefix or a name); else a pulled image by image id (`sha256:...` or a short one, as
+//! `kiln images` shows it) or reference: manifest digest, platform, run config and
+//! layers, read from the store alone (works offline). Both print JSON, as docker's
+//! inspect; `--format` prints a template of its fields instead.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -9,14 +11,19 @@ use clap::Args;
 use kiln_image::{Digest, PulledImage, Store};
 use serde::Serialize;
 
-use crate::exit::CommandResult;
+use crate::exit::{CommandError, CommandResult};
 use crate::globals::Globals;
+use crate::listing;
 use crate::pull::{image_error, parse_platform, parse_reference};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A sandbox id or name, or an image reference as given to `kiln pull`.
+    /// A sandbox id, id prefix or name; an image id; or an image reference as given to `kiln pull`.
     reference: String,
+
+    /// Print a template of the JSON's fields instead, as {{.status}} or {{.config.cmd}}.
+    #[arg(short, long, value_name = "TEMPLATE")]
+    format: Option<String>,
 
     /// The platform's image when several were pulled (OS/ARCH[/VARIANT]) [default: the host's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
@@ -56,49 +63,33 @@ struct Layer<'a> {
 }
 
 pub fn run(globals: &Globals, args: InspectArgs) -> CommandResult {
-    if let Some(result) = crate::sandbox::inspect(globals, &args.reference) {
+    let template = args.format.as_deref();
+    if let Some(result) = crate::sandbox::inspect(&globals.root, &args.reference, template) {
         return result;
     }
-    let reference = parse_reference(&args.reference)?;
-    let platform = parse_platform(args.platform.as_deref())?;
     let store = Store::open(&globals.root).map_err(image_error)?;
-    let image = store
-        .resolve(&reference, platform.as_ref())
-        .map_err(image_error)?;
-    let inspected = inspected(&image);
-    if globals.json {
-        println!("{}", serde_json::to_string_pretty(&inspected)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("reference:    {}", inspected.reference);
-    println!("manifest:     {}", inspected.manifest_digest);
-    println!("platform:     {}", inspected.platform);
-    println!("size:         {} bytes", inspected.size);
-    let c = &inspected.config;
-    println!(
-        "entrypoint:   {}",
-        c.entrypoint.map(|v| format!("{v:?}")).unwrap_or_default()
-    );
-    println!(
-        "cmd:          {}",
-        c.cmd.map(|v| format!("{v:?}")).unwrap_or_default()
-    );
-    println!(
-        "user:         {}",
-        c.user.map(String::as_str).unwrap_or_default()
-    );
-    println!(
-        "working_dir:  {}",
-        c.working_dir.map(String::as_str).unwrap_or_default()
-    );
-    for var in c.env.into_iter().flatten() {
-        println!("env:          {var}");
-    }
-    for layer in &inspected.layers {
-        println!(
-            "layer:        {} {} bytes {}",
-            layer.digest, layer.size, layer.media_type
-        );
+    let image = match store.find_id(&args.reference).map_err(image_error)? {
+        Some(record) => store.load(record).map_err(image_error)?,
+        None => {
+            let reference = parse_reference(&args.reference)?;
+            let platform = parse_platform(args.platform.as_deref())?;
+            store
+                .resolve(&reference, platform.as_ref())
+                .map_err(image_error)?
+        }
+    };
+    print_inspected(&inspected(&image), template)
+}
+
+/// `value` as pretty JSON, or rendered through `template`.
+pub fn print_inspected(value: &impl Serialize, template: Option<&str>) -> CommandResult {
+    let json = serde_json::to_value(value)?;
+    match template {
+        None => println!("{}", serde_json::to_string_pretty(&json)?),
+        Some(template) => println!(
+            "{}",
+            listing::render_json(template, &json).map_err(CommandError::usage)?
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

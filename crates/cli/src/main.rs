@@ -5,21 +5,30 @@
 
 mod build;
 mod check;
+mod completion;
 mod doctor;
 mod exit;
 mod globals;
+mod guest_setup;
+mod guest_tasks;
 mod identity;
 mod images;
 mod inspect;
 mod kube;
+mod listing;
+mod logs;
+mod port;
+mod ps;
 mod pull;
+mod rename;
 mod run;
 mod sandbox;
 mod serve;
+mod system;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::exit::CommandError;
 use crate::globals::{GlobalArgs, Globals};
@@ -49,7 +58,7 @@ enum Command {
     Kube(kube::KubeArgs),
     /// Get an image into the local content store (registry, oci:, oci-archive:, docker-archive:).
     Pull(pull::PullArgs),
-    /// List the images in the content store.
+    /// List the images in the content store, newest first (-q: image ids only).
     Images(images::ImagesArgs),
     /// Show a sandbox (by id or name) as JSON, or a pulled image: manifest digest, platform, run config, layers.
     Inspect(inspect::InspectArgs),
@@ -69,12 +78,26 @@ enum Command {
     Stop(sandbox::StopArgs),
     /// Remove sandboxes and everything they hold.
     Rm(sandbox::RmArgs),
-    /// List sandboxes.
-    Ps(sandbox::PsArgs),
+    /// List sandboxes, newest first (-q: ids only).
+    Ps(ps::PsArgs),
+    /// Show a sandbox's port forwards.
+    Port(port::PortArgs),
+    /// Give a sandbox another name.
+    Rename(rename::RenameArgs),
+    /// kiln's own data: `kiln system df` shows its disk use.
+    System(system::SystemArgs),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completion(completion::CompletionArgs),
     /// Print a sandbox's workload output.
     Logs(sandbox::LogsArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
+    /// Show the processes of a running sandbox's guest.
+    Top(guest_tasks::TopArgs),
+    /// Show running sandboxes' CPU, memory and network use, as their VMs see it.
+    Stats(guest_tasks::StatsArgs),
+    /// Copy files and directories between a running sandbox and the host (modes and mtimes kept).
+    Cp(guest_tasks::CpArgs),
     /// A sandbox's monitor process (started by `kiln start`).
     #[command(hide = true)]
     Monitor(sandbox::MonitorArgs),
@@ -108,9 +131,16 @@ fn main() -> ExitCode {
         Command::Start(args) => sandbox::start(&globals, args),
         Command::Stop(args) => sandbox::stop(&globals, args),
         Command::Rm(args) => sandbox::rm(&globals, args),
-        Command::Ps(args) => sandbox::ps(&globals, args),
+        Command::Ps(args) => ps::ps(&globals, args),
+        Command::Port(args) => port::run(&globals, args),
+        Command::Rename(args) => rename::run(&globals, args),
+        Command::System(args) => system::run(&globals, args),
+        Command::Completion(args) => completion::run(args, Cli::command()),
         Command::Logs(args) => sandbox::logs(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Top(args) => guest_tasks::top(&globals, args),
+        Command::Stats(args) => guest_tasks::stats(&globals, args),
+        Command::Cp(args) => guest_tasks::cp(&globals, args),
         Command::Monitor(args) => sandbox::monitor(&globals, args),
     };
     match result {

@@ -158,7 +158,8 @@ fn plain_line(event: &PullEvent) -> Option<String> {
             platform,
             layers,
         } => {
-            format!("{reference}: manifest {manifest_digest} ({platform}, {layers} layers)")
+            let plural = if *layers == 1 { "" } else { "s" };
+            format!("{reference}: manifest {manifest_digest} ({platform}, {layers} layer{plural})")
         }
         PullEvent::LayerCached { digest, size } => {
             format!("layer {}: in the store ({size} bytes)", short(digest))

@@ -13,7 +13,6 @@ use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::{
     Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
-    CPUS, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MEMORY_MIB,
 };
 
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
@@ -21,6 +20,7 @@ use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 pub struct RunArgs {
     /// Remove the sandbox (its writable layer and state) when the workload ends.
     #[arg(long)]
@@ -93,20 +93,31 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "N")]
     gid: Option<String>,
 
-    /// Virtual CPUs.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(flag_range(CPUS)))]
-    cpus: u32,
+    /// CPUs, as 2 or 0.5 (the VM gets the next whole number of vCPUs; the exact share is
+    /// kept for a CPU quota) [default: 1]
+    #[arg(long, value_name = "N")]
+    cpus: Option<String>,
 
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(flag_range(MEMORY_MIB)))]
-    memory: u32,
+    /// Guest memory with a unit b, k, m or g, as 512m or 1g (a bare number is MiB)
+    /// [default: 512m]
+    #[arg(short = 'm', long, value_name = "SIZE")]
+    memory: Option<String>,
+
+    /// Set a label KEY=VALUE on the sandbox (repeatable; `kiln ps --filter label=...`).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
+    labels: Vec<String>,
 
     /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
     #[arg(long, value_name = "MODE", default_value = "user", value_parser = ["user", "none"])]
     network: String,
 
-    /// Forward a TCP port from host loopback into the guest (repeatable; needs --network user).
-    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT")]
+    /// Forward a TCP port from host loopback into the guest: [127.0.0.1:][HOSTPORT:]GUESTPORT[/tcp]
+    /// (repeatable; needs --network user; without HOSTPORT a free port is chosen, see `kiln port`).
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[127.0.0.1:][HOSTPORT:]GUESTPORT"
+    )]
     publish: Vec<String>,
 
     /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
@@ -116,6 +127,9 @@ pub struct SandboxArgs {
     /// Let the workload create user namespaces (off by default: inside one it holds every capability; docs/supervisor.md).
     #[arg(long = "allow-userns")]
     allow_userns: bool,
+
+    #[command(flatten)]
+    guest: crate::guest_setup::GuestArgs,
 
     /// Name of the sandbox ([A-Za-z0-9._-], up to 128 characters).
     #[arg(long)]
@@ -153,12 +167,6 @@ pub fn kiln_error(error: impl Into<anyhow::Error>) -> CommandError {
     }
 }
 
-/// A range of kiln-sandbox's limits as clap checks it, so `--help` and the errors of a
-/// bad value stay clap's.
-fn flag_range(range: std::ops::RangeInclusive<u32>) -> std::ops::RangeInclusive<i64> {
-    i64::from(*range.start())..=i64::from(*range.end())
-}
-
 /// How the CLI names request fields in errors: by their flags.
 pub struct FlagNames;
 
@@ -177,8 +185,14 @@ impl FieldNames for FlagNames {
             Field::Workdir => "-w",
             Field::Publish => "-p",
             Field::Volumes => "-v",
+            Field::Hostname => "--hostname",
+            Field::AddHost => "--add-host",
+            Field::Dns => "--dns",
+            Field::Tmpfs => "--tmpfs",
+            Field::Mount => "--mount",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
+            Field::Labels => "--label",
             Field::Command => "COMMAND",
         }
     }
@@ -251,7 +265,7 @@ impl SandboxArgs {
             "none" => NetworkMode::None,
             _ => NetworkMode::User,
         };
-        Ok(CreateFields {
+        let mut fields = CreateFields {
             image: self.reference,
             pull,
             name: self.name,
@@ -264,16 +278,20 @@ impl SandboxArgs {
             user: Some(self.user),
             uid: self.uid,
             gid: self.gid,
-            cpus: Some(self.cpus),
-            memory_mib: Some(self.memory),
+            cpus: self.cpus,
+            memory: self.memory,
             network,
             publish: self.publish,
+            labels: self.labels,
             volumes: self.volumes,
             accel,
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
             allow_user_namespaces: self.allow_userns,
-        })
+            ..CreateFields::default()
+        };
+        self.guest.fill(&mut fields);
+        Ok(fields)
     }
 }
 
@@ -335,6 +353,8 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         ("supervisor", t.vm.supervisor),
         ("workload", t.vm.workload),
         ("shutdown", t.vm.shutdown),
+        // Not a phase: the sum a user waits, from `kiln run` to the workload's start.
+        ("to workload", t.to_workload),
     ];
     if globals.json {
         let map: serde_json::Map<String, serde_json::Value> = phases

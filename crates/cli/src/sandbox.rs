@@ -1,18 +1,19 @@
-//! Detached sandboxes: `kiln create`, `start`, `stop`, `rm`, `ps`, `logs`, `exec`,
+//! Detached sandboxes: `kiln create`, `start`, `stop`, `rm`, `logs`, `exec`,
 //! `run -d`, and the hidden `kiln monitor` that `start` runs for each sandbox.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use kiln_sandbox::{ErrorKind, ExecFields, ProvisionEvent, SandboxInfo, Status};
+use kiln_sandbox::{ErrorKind, ExecFields, ProvisionEvent, SandboxInfo};
 
 use crate::exit::{sandbox_error, CommandError, CommandResult};
 use crate::globals::Globals;
 use crate::run::{attach, kiln_error, terminal_size, FlagNames, SandboxArgs, VmmArgs};
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 pub struct CreateArgs {
     #[command(flatten)]
     sandbox: SandboxArgs,
@@ -23,8 +24,9 @@ pub struct StartArgs {
     #[command(flatten)]
     vmm: VmmArgs,
 
-    /// Sandbox id or name.
-    id: String,
+    /// Sandbox ids, unique id prefixes or names.
+    #[arg(required = true)]
+    ids: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -38,8 +40,9 @@ pub struct StopArgs {
     )]
     time: u64,
 
-    /// Sandbox id or name.
-    id: String,
+    /// Sandbox ids, unique id prefixes or names.
+    #[arg(required = true)]
+    ids: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -48,16 +51,9 @@ pub struct RmArgs {
     #[arg(short, long)]
     force: bool,
 
-    /// Sandbox ids or names.
+    /// Sandbox ids, unique id prefixes or names.
     #[arg(required = true)]
     ids: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct PsArgs {
-    /// Show every sandbox, not only running ones.
-    #[arg(short, long)]
-    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +61,9 @@ pub struct LogsArgs {
     /// Keep printing new output until the sandbox stops.
     #[arg(short, long)]
     follow: bool,
+
+    #[command(flatten)]
+    selection: crate::logs::LogSelectionArgs,
 
     /// Sandbox id or name.
     id: String,
@@ -153,15 +152,38 @@ fn monitor_exe() -> Result<PathBuf, CommandError> {
 }
 
 pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
-    let info = kiln_sandbox::start(
-        &globals.root,
-        &args.id,
-        &monitor_exe()?,
-        &args.vmm.qemu,
-        &progress(globals),
-    )
-    .map_err(sandbox_error)?;
-    print_info(globals, &info)
+    let monitor = monitor_exe()?;
+    each_id(&args.ids, |id| {
+        let info = kiln_sandbox::start(
+            &globals.root,
+            id,
+            &monitor,
+            &args.vmm.qemu,
+            &progress(globals),
+        )
+        .map_err(sandbox_error)?;
+        print_info(globals, &info).map(drop)
+    })
+}
+
+/// Runs `action` for each of `ids` as docker does: a failure is reported on stderr and
+/// the others still run; the exit code is 1 when any failed.
+fn each_id(
+    ids: &[String],
+    mut action: impl FnMut(&str) -> Result<(), CommandError>,
+) -> CommandResult {
+    let mut failed = false;
+    for id in ids {
+        if let Err(err) = action(id) {
+            crate::exit::report(&err);
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `kiln run -d`: create, start, print the id. Kiln's own failures exit 125, as `run`.
@@ -185,65 +207,31 @@ pub fn run_detached(globals: &Globals, args: SandboxArgs, vmm: &VmmArgs) -> Comm
 }
 
 pub fn stop(globals: &Globals, args: StopArgs) -> CommandResult {
-    let info = kiln_sandbox::stop(&globals.root, &args.id, Duration::from_secs(args.time))
-        .map_err(sandbox_error)?;
-    print_info(globals, &info)
+    each_id(&args.ids, |id| {
+        let info = kiln_sandbox::stop(&globals.root, id, Duration::from_secs(args.time))
+            .map_err(sandbox_error)?;
+        print_info(globals, &info).map(drop)
+    })
 }
 
 pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
-    for id in &args.ids {
+    each_id(&args.ids, |id| {
         kiln_sandbox::remove(&globals.root, id, args.force).map_err(sandbox_error)?;
         if !globals.json {
             println!("{id}");
         }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn ps(globals: &Globals, args: PsArgs) -> CommandResult {
-    let sandboxes: Vec<SandboxInfo> = kiln_sandbox::list(&globals.root)
-        .map_err(sandbox_error)?
-        .into_iter()
-        .filter(|s| args.all || s.status == Status::Running)
-        .collect();
-    if globals.json {
-        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<14} {:<20} {:<14} {:<40} COMMAND",
-        "ID", "NAME", "STATUS", "IMAGE"
-    );
-    for s in &sandboxes {
-        let status = match &s.status {
-            Status::Created => "created".to_owned(),
-            Status::Running => "running".to_owned(),
-            Status::Exited { exit_code, .. } => format!("exited ({exit_code})"),
-            Status::Failed { .. } => "failed".to_owned(),
-        };
-        let name = s.name.as_deref().unwrap_or("-");
-        println!(
-            "{:<14} {:<20} {:<14} {:<40} {}",
-            s.id,
-            name,
-            status,
-            s.reference,
-            s.run.argv.join(" ")
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+        Ok(())
+    })
 }
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    kiln_sandbox::logs(
-        &globals.root,
-        &args.id,
-        args.follow,
-        &mut stdout,
-        &mut stderr,
-    )
-    .map_err(sandbox_error)?;
+    let options = args
+        .selection
+        .into_options(args.follow)
+        .map_err(CommandError::usage)?;
+    kiln_sandbox::logs(&globals.root, &args.id, &options, &mut stdout, &mut stderr)
+        .map_err(sandbox_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -270,19 +258,19 @@ pub fn monitor(globals: &Globals, args: MonitorArgs) -> CommandResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `kiln inspect ID` for a sandbox: its JSON, or `None` when `id` names no sandbox.
-pub fn inspect(globals: &Globals, id: &str) -> Option<CommandResult> {
-    match kiln_sandbox::get(&globals.root, id) {
-        Ok(info) => Some(
-            serde_json::to_string_pretty(&info)
-                .map_err(CommandError::from)
-                .map(|json| {
-                    println!("{json}");
-                    ExitCode::SUCCESS
-                }),
-        ),
+/// `kiln inspect ID` for a sandbox: its JSON (or `template` of it), or `None` when `id`
+/// names no sandbox.
+pub fn inspect(root: &Path, id: &str, template: Option<&str>) -> Option<CommandResult> {
+    match kiln_sandbox::get(root, id) {
+        Ok(info) => Some(crate::inspect::print_inspected(&info, template)),
         // Not a sandbox's id or name (an image reference, say): not ours to show.
-        Err(err) if matches!(err.kind(), ErrorKind::NotFound | ErrorKind::InvalidInput) => None,
+        Err(err) if err.kind() == ErrorKind::NotFound => None,
+        // An image reference is no sandbox name (it has ':' or '/'); an ambiguous id
+        // prefix is, and its error lists the sandboxes it matches.
+        Err(err) if err.kind() == ErrorKind::InvalidInput && !id.contains([':', '/', '@']) => {
+            Some(Err(sandbox_error(err)))
+        }
+        Err(err) if err.kind() == ErrorKind::InvalidInput => None,
         Err(err) => Some(Err(sandbox_error(err))),
     }
 }

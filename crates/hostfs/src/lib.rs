@@ -60,6 +60,21 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
+/// kiln's root when `--root` (or `KILN_ROOT`) does not name one: `$XDG_CACHE_HOME/kiln`,
+/// else `~/.cache/kiln`; `None` when neither variable is set. `scripts/build-guest`
+/// installs the guest files there by default, so every other root finds them too.
+pub fn default_root() -> Option<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        let xdg = PathBuf::from(xdg);
+        // The XDG spec says relative values are invalid and must be ignored.
+        if xdg.is_absolute() {
+            return Some(xdg.join("kiln"));
+        }
+    }
+    let home = std::env::var_os("HOME").filter(|v| !v.is_empty())?;
+    Some(PathBuf::from(home).join(".cache").join("kiln"))
+}
+
 /// The effective uid of this process: the owner of everything kiln trusts.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.

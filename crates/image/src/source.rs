@@ -126,7 +126,7 @@ impl Source {
                         None,
                     )
                     .await
-                    .map_err(|e| r.error(format!("fetching blob {digest}: {e}")))?;
+                    .map_err(|e| r.error(format!("fetching blob {digest}: {}", with_causes(&e))))?;
                 let stream = match response {
                     BlobResponse::Full(stream) | BlobResponse::Partial(stream) => stream,
                 };
@@ -175,6 +175,24 @@ pub(crate) fn registry_client(
     };
     let credentials = crate::auth::credentials(reference, creds)?;
     Ok((Client::new(config), credentials))
+}
+
+/// `err` and every error under it, as `a: b: c`: an HTTP client's own message ("error
+/// sending request") hides the cause a user can act on (a failed DNS lookup, a refused
+/// connection, a bad certificate).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their source's message in their own.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl RegistrySource {
@@ -247,7 +265,7 @@ impl RegistrySource {
                     }
                     _ => String::new(),
                 };
-                fail(format!("{e}{hint}"))
+                fail(format!("{}{hint}", with_causes(&e)))
             })?;
         let url = format!(
             "{}://{}/v2/{}/manifests/{}",
@@ -269,7 +287,7 @@ impl RegistrySource {
             (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
             (None, RegistryAuth::Anonymous) => request,
         };
-        let mut response = request.send().await.map_err(|e| fail(e.to_string()))?;
+        let mut response = request.send().await.map_err(|e| fail(with_causes(&e)))?;
         let status = response.status();
         if !status.is_success() {
             let hint = if matches!(status.as_u16(), 401 | 403) {
@@ -300,7 +318,7 @@ impl RegistrySource {
             return Err(too_large(length));
         }
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| fail(e.to_string()))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| fail(with_causes(&e)))? {
             let total = (bytes.len() + chunk.len()) as u64;
             if total > MAX_METADATA_SIZE {
                 return Err(too_large(total));
@@ -546,5 +564,35 @@ impl LocalSource {
             bytes,
         };
         Ok(LocalSource { files, root, names })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_causes;
+
+    #[test]
+    fn an_error_shows_its_causes() {
+        let inner = std::io::Error::other("Temporary failure in name resolution");
+        let outer = std::io::Error::other(Wrapped(inner));
+        assert_eq!(
+            with_causes(&outer),
+            "connecting: Temporary failure in name resolution"
+        );
+    }
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connecting")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 }

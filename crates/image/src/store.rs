@@ -346,6 +346,43 @@ impl Store {
         })
     }
 
+    /// The record whose image id (its config digest, as docker's image ids) or manifest
+    /// digest is `id`: `sha256:HEX`, or a prefix of at least 4 hex digits with or without
+    /// `sha256:`. `Ok(None)` when `id` is not written as an id or no image has it; an
+    /// error when it names several images.
+    pub fn find_id(&self, id: &str) -> Result<Option<ImageRecord>, Error> {
+        let hex = id.strip_prefix("sha256:").unwrap_or(id);
+        let is_hex = hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if hex.len() < 4 || hex.len() > 64 || !is_hex {
+            return Ok(None);
+        }
+        let matches: Vec<ImageRecord> = self
+            .images()?
+            .into_iter()
+            .filter(|r| {
+                r.config_digest.hex().starts_with(hex) || r.manifest_digest.hex().starts_with(hex)
+            })
+            .collect();
+        let images: std::collections::BTreeSet<&str> =
+            matches.iter().map(|r| r.config_digest.hex()).collect();
+        if images.len() > 1 {
+            return Err(Error::Invalid {
+                what: format!("image id {id:?}"),
+                reason: format!(
+                    "it matches several images ({}); give more of the id",
+                    matches
+                        .iter()
+                        .map(|r| format!("{} {}", &r.config_digest.hex()[..12], r.reference))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        Ok(matches.into_iter().next())
+    }
+
     /// Removes the records of `reference` (all platforms, or just `platform`). Blobs stay
     /// until [`Store::prune`]. Returns how many records were removed.
     pub fn remove(&self, reference: &str, platform: Option<&Platform>) -> Result<usize, Error> {
@@ -457,6 +494,57 @@ mod tests {
             created: None,
             pulled_at: now(),
         }
+    }
+
+    #[test]
+    fn image_ids_are_config_digests_or_manifest_digests_and_may_be_short() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let (m1, c1) = (Digest::sha256_of(b"m1"), Digest::sha256_of(b"c1"));
+        let (m2, c2) = (Digest::sha256_of(b"m2"), Digest::sha256_of(b"c2"));
+        for (reference, m, c) in [
+            ("oci:/a:1", &m1, &c1),
+            ("oci:/b:1", &m2, &c2),
+            ("oci:/a:2", &m1, &c1),
+        ] {
+            store
+                .put_record(&record(reference, "linux/amd64", m, c))
+                .unwrap();
+        }
+        let found = |id: &str| store.find_id(id).unwrap().map(|r| r.config_digest);
+        assert_eq!(found(&c1.to_string()), Some(c1.clone()));
+        assert_eq!(found(&c2.hex()[..12]), Some(c2.clone()));
+        assert_eq!(found(&m2.hex()[..6]), Some(c2.clone()));
+        // Two references of one image are one image.
+        assert_eq!(
+            found(&format!("sha256:{}", &c1.hex()[..4])),
+            Some(c1.clone())
+        );
+        // Not written as an id: a name for the caller to look up.
+        for name in ["busybox", "abc", "ABCDEF12", &c1.hex()[..3]] {
+            assert_eq!(found(name), None, "{name}");
+        }
+        assert_eq!(found("0000000000"), None);
+        // Two configs whose digests share four hex digits (a birthday search: a few
+        // hundred tries): that prefix names both images and is refused.
+        let mut seen = std::collections::HashMap::new();
+        let (c3, c4) = (0u32..)
+            .map(|i| Digest::sha256_of(format!("config {i}").as_bytes()))
+            .find_map(|d| {
+                let prefix = d.hex()[..4].to_owned();
+                seen.insert(prefix, d.clone()).map(|other| (other, d))
+            })
+            .unwrap();
+        for (reference, c) in [("oci:/c:1", &c3), ("oci:/d:1", &c4)] {
+            store
+                .put_record(&record(reference, "linux/amd64", &m2, c))
+                .unwrap();
+        }
+        let err = store.find_id(&c3.hex()[..4]).unwrap_err().to_string();
+        assert!(
+            err.contains("several images") && err.contains("oci:/c:1") && err.contains("oci:/d:1"),
+            "{err}"
+        );
     }
 
     #[test]

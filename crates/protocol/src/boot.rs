@@ -1,7 +1,8 @@
 //! The boot configuration: what the host tells the guest's init on the kernel command
 //! line, as `kiln.*` arguments, before the channel exists (where the disks and the
-//! channel are, the hostname, the network, the 9p volumes, whether the workload may create
-//! user namespaces). The workload itself comes later as a run spec over the channel.
+//! channel are, the hostname, the network, /etc/hosts entries and DNS servers, the 9p
+//! volumes and tmpfs mounts, whether the root is read-only and whether the workload may
+//! create user namespaces). The workload itself comes later as a run spec over the channel.
 //!
 //! The host builds a [`BootConfig`] and writes it with [`BootConfig::kernel_args`]; the
 //! guest reads it back with [`BootConfig::parse`]. Both check the same grammar
@@ -10,7 +11,7 @@
 //! can split an argument, open a kernel quote or add a list item.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Virtio-serial port name of the host-guest channel, and the guest's default.
 pub const CHANNEL_PORT: &str = "kiln.0";
@@ -33,6 +34,21 @@ const TMPFS_UPPER: &str = "tmpfs";
 /// The values of `kiln.userns=`.
 const USERNS_ON: &str = "on";
 const USERNS_OFF: &str = "off";
+
+/// The values of `kiln.ro=`.
+const READ_ONLY_ON: &str = "on";
+const READ_ONLY_OFF: &str = "off";
+
+/// At most this many `kiln.host=` entries: the whole command line must fit the kernel's
+/// 2048 bytes.
+pub const MAX_EXTRA_HOSTS: usize = 32;
+
+/// At most this many `kiln.dns=` servers: the C library reads no more than three
+/// nameservers from resolv.conf (`MAXNS`).
+pub const MAX_DNS_SERVERS: usize = 3;
+
+/// At most this many `kiln.tmpfs=` mounts (the command line's size, again).
+pub const MAX_TMPFS_MOUNTS: usize = 16;
 
 /// A virtio-blk serial holds at most 20 bytes; a longer one could never match.
 const MAX_SERIAL_LEN: usize = 20;
@@ -86,6 +102,25 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
+/// A line `/etc/hosts` gets: `address name` (docker's `--add-host name:ip`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostEntry {
+    /// A hostname of [A-Za-z0-9._-], at most 64 bytes.
+    pub name: String,
+    pub address: IpAddr,
+}
+
+/// A tmpfs the guest mounts in the sandbox root (docker's `--tmpfs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TmpfsMount {
+    /// Absolute, normalised path in the sandbox root.
+    pub path: String,
+    /// Permission bits of its root directory (at most 0o7777).
+    pub mode: u32,
+    /// Its size limit in bytes; `None` leaves the kernel's default (half the guest's memory).
+    pub size_bytes: Option<u64>,
+}
+
 /// Everything the guest's init reads from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootConfig {
@@ -103,6 +138,17 @@ pub struct BootConfig {
     pub net: Option<NetConfig>,
     /// `kiln.vol=`, repeatable: 9p shares to mount, in order.
     pub volumes: Vec<VolumeMount>,
+    /// `kiln.tmpfs=`, repeatable: tmpfs mounts, after the volumes; no two volumes or
+    /// tmpfs mounts share a path.
+    pub tmpfs: Vec<TmpfsMount>,
+    /// `kiln.host=`, repeatable: extra `/etc/hosts` lines, in order.
+    pub hosts: Vec<HostEntry>,
+    /// `kiln.dns=`, repeatable: the nameservers of `/etc/resolv.conf`, in order; when
+    /// empty, the network's own DNS server (if any) is the one.
+    pub dns: Vec<IpAddr>,
+    /// `kiln.ro=on`: the overlay root is made read-only before the workload starts
+    /// (volumes, tmpfs mounts, /tmp, /run and /dev/shm stay writable).
+    pub read_only: bool,
     /// `kiln.userns=on`: the workload may create user namespaces. Off by default: init
     /// then sets `user.max_user_namespaces` to 0 before the workload starts, so `unshare -r`
     /// cannot hand it a namespace where it holds every capability.
@@ -120,6 +166,10 @@ impl Default for BootConfig {
             hostname: DEFAULT_HOSTNAME.to_owned(),
             net: None,
             volumes: Vec::new(),
+            tmpfs: Vec::new(),
+            hosts: Vec::new(),
+            dns: Vec::new(),
+            read_only: false,
             user_namespaces: false,
         }
     }
@@ -132,7 +182,7 @@ pub enum CmdlineFault {
     NotKeyValue,
     #[error("the value is empty")]
     EmptyValue,
-    #[error("unknown key; accepted: root, ident, upper, port, hostname, net, vol, userns")]
+    #[error("unknown key; accepted: root, ident, upper, port, hostname, net, vol, tmpfs, host, dns, ro, userns")]
     UnknownKey,
     #[error(
         "{0:?} is neither a /dev/ path nor a disk serial of 1-20 characters of [A-Za-z0-9._-]"
@@ -158,10 +208,22 @@ pub enum CmdlineFault {
     Tag(String),
     #[error("guest path {0:?} is not an absolute, normalised path below /")]
     GuestPath(String),
-    #[error("another kiln.vol has the same tag or path")]
+    #[error("another kiln.vol or kiln.tmpfs has the same tag or path")]
     DuplicateVolume,
+    #[error("expected PATH,MODE[,SIZE] with MODE octal up to 7777 and SIZE a number of bytes")]
+    TmpfsSyntax,
+    #[error(
+        "expected NAME,ADDRESS with NAME a hostname of at most 64 characters of [A-Za-z0-9._-]"
+    )]
+    HostSyntax,
+    #[error("{0:?} is not an IPv4 or IPv6 address")]
+    IpAddress(String),
+    #[error("more than {max} kiln.{key} arguments")]
+    TooMany { key: &'static str, max: usize },
     #[error("expected on or off")]
     UserNamespaces,
+    #[error("expected on or off")]
+    ReadOnly,
     #[error("{0:?} is not a %-escape (% and two uppercase hex digits of a byte that needs one)")]
     Escape(String),
     #[error("byte 0x{0:02x} must be written as a %-escape")]
@@ -192,7 +254,8 @@ impl BootConfig {
     /// Parses a kernel command line. Arguments not starting with `kiln.` belong to the
     /// kernel and are ignored; an unknown or malformed `kiln.` argument is an error, so a
     /// typo on the host side cannot silently boot a differently configured guest. A key
-    /// given twice takes its last value, except `vol`, which adds a volume each time.
+    /// given twice takes its last value, except `vol`, `tmpfs`, `host` and `dns`, which add
+    /// an item each time.
     pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         let mut config = BootConfig::default();
         for arg in cmdline.split_ascii_whitespace() {
@@ -242,12 +305,45 @@ impl BootConfig {
                     _ => return Err(CmdlineFault::UserNamespaces),
                 }
             }
+            "ro" => {
+                self.read_only = match value {
+                    READ_ONLY_ON => true,
+                    READ_ONLY_OFF => false,
+                    _ => return Err(CmdlineFault::ReadOnly),
+                }
+            }
             "vol" => {
                 let volume = decode_volume(value)?;
-                if self.volumes.iter().any(|v| volumes_clash(v, &volume)) {
+                if self.volumes.iter().any(|v| volumes_clash(v, &volume))
+                    || self.tmpfs.iter().any(|t| t.path == volume.path)
+                {
                     return Err(CmdlineFault::DuplicateVolume);
                 }
                 self.volumes.push(volume);
+            }
+            "tmpfs" => {
+                let tmpfs = decode_tmpfs(value)?;
+                if self.tmpfs.len() == MAX_TMPFS_MOUNTS {
+                    return Err(too_many("tmpfs", MAX_TMPFS_MOUNTS));
+                }
+                if self.volumes.iter().any(|v| v.path == tmpfs.path)
+                    || self.tmpfs.iter().any(|t| t.path == tmpfs.path)
+                {
+                    return Err(CmdlineFault::DuplicateVolume);
+                }
+                self.tmpfs.push(tmpfs);
+            }
+            "host" => {
+                if self.hosts.len() == MAX_EXTRA_HOSTS {
+                    return Err(too_many("host", MAX_EXTRA_HOSTS));
+                }
+                self.hosts.push(decode_host(value)?);
+            }
+            "dns" => {
+                if self.dns.len() == MAX_DNS_SERVERS {
+                    return Err(too_many("dns", MAX_DNS_SERVERS));
+                }
+                self.dns.push(decode_ip(value)?);
             }
             _ => return Err(CmdlineFault::UnknownKey),
         }
@@ -255,8 +351,9 @@ impl BootConfig {
     }
 
     /// The `kiln.*` kernel arguments that [`BootConfig::parse`] reads back as this
-    /// configuration: root, ident, upper, port, hostname, net, userns (only when on: off is
-    /// the guest's default), then one per volume; no
+    /// configuration: root, ident, upper, port, hostname, net, userns and ro (only when
+    /// on: off is the guest's default), then one per volume, tmpfs mount, host entry and
+    /// DNS server; no
     /// argument holds whitespace, a quote or a byte outside printable ASCII. A value the
     /// guest would refuse (a hostname over 64 characters, two volumes at one path, ...)
     /// is an error naming its key.
@@ -291,6 +388,9 @@ impl BootConfig {
         if self.user_namespaces {
             args.push(arg("userns", Ok(USERNS_ON.to_owned()))?);
         }
+        if self.read_only {
+            args.push(arg("ro", Ok(READ_ONLY_ON.to_owned()))?);
+        }
         for (index, volume) in self.volumes.iter().enumerate() {
             let value = if self.volumes[..index]
                 .iter()
@@ -302,8 +402,106 @@ impl BootConfig {
             };
             args.push(arg("vol", value)?);
         }
+        if self.tmpfs.len() > MAX_TMPFS_MOUNTS {
+            return Err(BootConfigError {
+                key: "tmpfs",
+                fault: too_many("tmpfs", MAX_TMPFS_MOUNTS),
+            });
+        }
+        for (index, tmpfs) in self.tmpfs.iter().enumerate() {
+            let clash = self.volumes.iter().any(|v| v.path == tmpfs.path)
+                || self.tmpfs[..index].iter().any(|t| t.path == tmpfs.path);
+            let value = if clash {
+                Err(CmdlineFault::DuplicateVolume)
+            } else {
+                encode_tmpfs(tmpfs)
+            };
+            args.push(arg("tmpfs", value)?);
+        }
+        if self.hosts.len() > MAX_EXTRA_HOSTS {
+            return Err(BootConfigError {
+                key: "host",
+                fault: too_many("host", MAX_EXTRA_HOSTS),
+            });
+        }
+        for host in &self.hosts {
+            let value = check_hostname(&host.name)
+                .map_err(|_| CmdlineFault::HostSyntax)
+                .map(|()| format!("{},{}", host.name, host.address));
+            args.push(arg("host", value)?);
+        }
+        if self.dns.len() > MAX_DNS_SERVERS {
+            return Err(BootConfigError {
+                key: "dns",
+                fault: too_many("dns", MAX_DNS_SERVERS),
+            });
+        }
+        for dns in &self.dns {
+            args.push(arg("dns", Ok(dns.to_string()))?);
+        }
         Ok(args)
     }
+}
+
+fn too_many(key: &'static str, max: usize) -> CmdlineFault {
+    CmdlineFault::TooMany { key, max }
+}
+
+fn decode_ip(value: &str) -> Result<IpAddr, CmdlineFault> {
+    value
+        .parse()
+        .map_err(|_| CmdlineFault::IpAddress(value.to_owned()))
+}
+
+/// `NAME,ADDRESS`.
+fn decode_host(value: &str) -> Result<HostEntry, CmdlineFault> {
+    let (name, address) = value.split_once(',').ok_or(CmdlineFault::HostSyntax)?;
+    check_hostname(name).map_err(|_| CmdlineFault::HostSyntax)?;
+    Ok(HostEntry {
+        name: name.to_owned(),
+        address: decode_ip(address)?,
+    })
+}
+
+/// The most permission bits a mode holds (set-id, sticky and rwx for all).
+const MAX_MODE: u32 = 0o7777;
+
+/// `PATH,MODE[,SIZE]` with PATH %-escaped, MODE octal and SIZE decimal bytes.
+fn decode_tmpfs(value: &str) -> Result<TmpfsMount, CmdlineFault> {
+    let mut parts = value.split(',');
+    let (Some(path), Some(mode)) = (parts.next(), parts.next()) else {
+        return Err(CmdlineFault::TmpfsSyntax);
+    };
+    let mode = u32::from_str_radix(mode, 8)
+        .ok()
+        .filter(|m| *m <= MAX_MODE)
+        .ok_or(CmdlineFault::TmpfsSyntax)?;
+    let size_bytes = match parts.next() {
+        None => None,
+        Some(size) => Some(size.parse().map_err(|_| CmdlineFault::TmpfsSyntax)?),
+    };
+    if parts.next().is_some() {
+        return Err(CmdlineFault::TmpfsSyntax);
+    }
+    let path = unescape(path)?;
+    check_guest_path(&path)?;
+    Ok(TmpfsMount {
+        path,
+        mode,
+        size_bytes,
+    })
+}
+
+fn encode_tmpfs(tmpfs: &TmpfsMount) -> Result<String, CmdlineFault> {
+    check_guest_path(&tmpfs.path)?;
+    if tmpfs.mode > MAX_MODE {
+        return Err(CmdlineFault::TmpfsSyntax);
+    }
+    let mut value = format!("{},{:o}", escape(&tmpfs.path), tmpfs.mode);
+    if let Some(size) = tmpfs.size_bytes {
+        value.push_str(&format!(",{size}"));
+    }
+    Ok(value)
 }
 
 /// Two volumes that cannot both be mounted: the same share or the same place.
@@ -450,7 +648,11 @@ fn check_volume(volume: &VolumeMount) -> Result<(), CmdlineFault> {
     if !is_name(&volume.tag) {
         return Err(CmdlineFault::Tag(volume.tag.clone()));
     }
-    let path = &volume.path;
+    check_guest_path(&volume.path)
+}
+
+/// Absolute and normalised: no empty, `.` or `..` component, not `/` itself, no NUL.
+fn check_guest_path(path: &str) -> Result<(), CmdlineFault> {
     let normalised = path.len() > 1
         && path.starts_with('/')
         && !path.contains('\0')
@@ -458,7 +660,7 @@ fn check_volume(volume: &VolumeMount) -> Result<(), CmdlineFault> {
             .split('/')
             .all(|c| !c.is_empty() && c != "." && c != "..");
     if !normalised {
-        return Err(CmdlineFault::GuestPath(path.clone()));
+        return Err(CmdlineFault::GuestPath(path.to_owned()));
     }
     Ok(())
 }

@@ -6,7 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    Frame, Message, RunSpec, SessionId, Stream, WorkloadResult, MAX_SIGNAL, SESSION_WINDOW,
+    Frame, GuestTask, Message, RunSpec, SessionId, Stream, WorkloadResult, MAX_SIGNAL,
+    SESSION_WINDOW, STATS_INTERVAL_MS, STATS_SAMPLES,
 };
 
 /// First four bytes of every frame.
@@ -31,6 +32,7 @@ pub enum Kind {
     Phase = 0x07,
     Shutdown = 0x08,
     Credit = 0x09,
+    Clock = 0x0a,
     StdinData = 0x10,
     StdoutData = 0x11,
     StderrData = 0x12,
@@ -40,7 +42,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::Run,
         Kind::Resize,
@@ -50,6 +52,7 @@ impl Kind {
         Kind::Phase,
         Kind::Shutdown,
         Kind::Credit,
+        Kind::Clock,
         Kind::StdinData,
         Kind::StdoutData,
         Kind::StderrData,
@@ -183,6 +186,7 @@ impl Message {
             Message::Phase(_) => Kind::Phase,
             Message::Shutdown(_) => Kind::Shutdown,
             Message::Credit(_) => Kind::Credit,
+            Message::Clock(_) => Kind::Clock,
             Message::Data { stream, .. } => Kind::data(*stream),
             Message::Eof { stream } => Kind::eof(*stream),
         }
@@ -203,6 +207,7 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
         Message::Phase(m) => json(m),
         Message::Shutdown(m) => json(m),
         Message::Credit(m) => json(m),
+        Message::Clock(m) => json(m),
         Message::Data { bytes, .. } => {
             if bytes.is_empty() {
                 return Err(bad(
@@ -323,6 +328,7 @@ fn decode_payload(header: Header, payload: Vec<u8>) -> Result<Frame, ProtocolErr
         Kind::Phase => Message::Phase(from_json(kind, &payload)?),
         Kind::Shutdown => Message::Shutdown(from_json(kind, &payload)?),
         Kind::Credit => Message::Credit(from_json(kind, &payload)?),
+        Kind::Clock => Message::Clock(from_json(kind, &payload)?),
         Kind::StdinData | Kind::StdoutData | Kind::StderrData => {
             if payload.is_empty() {
                 return Err(bad(kind, "data frames are never empty"));
@@ -390,6 +396,33 @@ fn check_run_spec(spec: &RunSpec) -> Result<(), ProtocolError> {
             Kind::Run,
             "argv is empty; accepted: at least the program",
         ));
+    }
+    match &spec.task {
+        Some(GuestTask::Stats {
+            samples,
+            interval_ms,
+        }) if !STATS_SAMPLES.contains(samples) || !STATS_INTERVAL_MS.contains(interval_ms) => {
+            return Err(bad(
+                Kind::Run,
+                &format!(
+                    "stats task of {samples} samples {interval_ms} ms apart; accepted: {} to {} \
+                     samples, {} to {} ms apart",
+                    STATS_SAMPLES.start(),
+                    STATS_SAMPLES.end(),
+                    STATS_INTERVAL_MS.start(),
+                    STATS_INTERVAL_MS.end()
+                ),
+            ))
+        }
+        Some(GuestTask::ArchiveOut { path } | GuestTask::ArchiveIn { path })
+            if !path.starts_with('/') || path.contains('\0') =>
+        {
+            return Err(bad(
+                Kind::Run,
+                &format!("task path {path:?}; accepted: an absolute path without NUL"),
+            ))
+        }
+        _ => {}
     }
     if let Some(entry) = spec.env.iter().find(|e| !e.contains('=')) {
         return Err(bad(

@@ -34,8 +34,9 @@ mod frame;
 mod message;
 
 pub use boot::{
-    BootConfig, BootConfigError, CmdlineError, CmdlineFault, DiskRef, NetConfig, Upper,
-    VolumeMount, CHANNEL_PORT, DEFAULT_HOSTNAME, IDENTITY_DISK_ID, ROOT_DISK_ID, UPPER_DISK_ID,
+    BootConfig, BootConfigError, CmdlineError, CmdlineFault, DiskRef, HostEntry, NetConfig,
+    TmpfsMount, Upper, VolumeMount, CHANNEL_PORT, DEFAULT_HOSTNAME, IDENTITY_DISK_ID,
+    MAX_DNS_SERVERS, MAX_EXTRA_HOSTS, MAX_TMPFS_MOUNTS, ROOT_DISK_ID, UPPER_DISK_ID,
 };
 
 pub use frame::{
@@ -43,10 +44,11 @@ pub use frame::{
     HEADER_LEN, MAGIC, MAX_PAYLOAD, WIRE_VERSION,
 };
 pub use message::{
-    negotiate, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message, OutputCredit,
-    PhaseTime, RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, StartFailure, Stream,
-    TerminalSize, WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MAX_SIGNAL,
-    MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN, SESSION_WINDOW,
+    negotiate, BootError, BootPhase, BootStep, Frame, GuestStats, GuestTask, Hello, Identity,
+    Message, OutputCredit, PhaseTime, ProcessInfo, RunAs, RunSpec, SessionId, ShutdownRequest,
+    SignalRequest, StartFailure, Stream, TerminalSize, WallClock, WorkloadResult, CONTROL_SESSION,
+    DEFAULT_PATH, MAIN_SESSION, MAX_COMMAND_LEN, MAX_SIGNAL, MESSAGE_VERSION_MAX,
+    MESSAGE_VERSION_MIN, SESSION_WINDOW, STATS_INTERVAL_MS, STATS_SAMPLES,
 };
 
 #[cfg(test)]

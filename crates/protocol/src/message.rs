@@ -79,6 +79,10 @@ pub enum Message {
     /// Host to guest: the host delivered this much of the session's output, which the
     /// guest may now send again (see [`SESSION_WINDOW`]).
     Credit(OutputCredit),
+    /// Host to guest, control session, right after the host's hello: the host's wall
+    /// clock, which the guest sets as its own before it boots further (the RTC it read at
+    /// boot has whole seconds only).
+    Clock(WallClock),
 }
 
 /// One of the three standard streams of a workload.
@@ -147,6 +151,81 @@ pub struct RunSpec {
     pub tty: bool,
     /// Initial terminal size of a tty session.
     pub terminal: Option<TerminalSize>,
+    /// Work of kiln-init's own to run in this session instead of `argv` (exec sessions
+    /// only; `argv` then only names it). Absent on the wire when `None`, so a run spec
+    /// without a task reads as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<GuestTask>,
+}
+
+/// Work kiln-init does itself in an exec session: it runs its own binary with the
+/// session's identity (the sandbox user, never root), so a task reaches exactly what the
+/// workload's user can. Output goes to the session's stdout, input comes from its stdin,
+/// and the session ends with a result as any exec does (exit 0 on success; a failure's
+/// reason on stderr, exit 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GuestTask {
+    /// `kiln top`: one JSON [`ProcessInfo`] per line for each process of the guest.
+    Processes,
+    /// `kiln stats`: `samples` JSON [`GuestStats`] lines, `interval_ms` apart
+    /// ([`STATS_SAMPLES`], [`STATS_INTERVAL_MS`]).
+    Stats { samples: u32, interval_ms: u32 },
+    /// `kiln cp ID:PATH ...`: the file or directory at PATH (absolute) as a tar archive
+    /// whose entries are under PATH's last component; symlinks are archived as symlinks.
+    ArchiveOut { path: String },
+    /// `kiln cp ... ID:PATH`: a tar archive from stdin, holding one top entry, becomes
+    /// PATH (absolute) when PATH does not exist, else goes into the directory PATH.
+    ArchiveIn { path: String },
+}
+
+/// The number of samples a [`GuestTask::Stats`] may ask for.
+pub const STATS_SAMPLES: std::ops::RangeInclusive<u32> = 1..=1_000_000;
+/// Milliseconds between two samples of a [`GuestTask::Stats`].
+pub const STATS_INTERVAL_MS: std::ops::RangeInclusive<u32> = 100..=60_000;
+
+/// One process of the guest, as [`GuestTask::Processes`] reports it (from /proc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// The state letter of /proc/PID/stat (R, S, D, Z, ...).
+    pub state: String,
+    /// Resident memory in KiB.
+    pub rss_kib: u64,
+    /// User and system CPU time in milliseconds.
+    pub cpu_ms: u64,
+    /// When it started, in milliseconds since the guest booted.
+    pub started_ms: u64,
+    /// Its command line (arguments joined by spaces), or `[name]` for a kernel thread;
+    /// at most [`MAX_COMMAND_LEN`] bytes.
+    pub command: String,
+}
+
+/// The longest command line a [`ProcessInfo`] carries.
+pub const MAX_COMMAND_LEN: usize = 4096;
+
+/// One sample of the guest's counters, as [`GuestTask::Stats`] reports it. CPU use is the
+/// change of `cpu_busy_ticks` over the change of `cpu_total_ticks` between two samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestStats {
+    /// Clock ticks all CPUs spent not idle (the `cpu` line of /proc/stat).
+    pub cpu_busy_ticks: u64,
+    /// Clock ticks of all CPUs in total.
+    pub cpu_total_ticks: u64,
+    pub online_cpus: u32,
+    /// MemTotal - MemAvailable, in bytes.
+    pub memory_used_bytes: u64,
+    /// MemTotal, in bytes: the guest's memory as the VM sees it.
+    pub memory_total_bytes: u64,
+    /// Bytes received and sent by every interface but lo.
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub processes: u32,
 }
 
 /// Who the workload runs as.
@@ -189,6 +268,25 @@ pub struct SignalRequest {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {
     pub grace_ms: u64,
+}
+
+/// A wall-clock time: nanoseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WallClock {
+    pub unix_ns: u64,
+}
+
+impl WallClock {
+    /// This machine's wall clock now; 0 for a clock set before 1970.
+    pub fn now() -> Self {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            unix_ns: u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// Window credit the host returns to a session's output.
@@ -262,6 +360,8 @@ pub enum BootStep {
     KernelFilesystems,
     /// Reading the `kiln.*` kernel command line.
     CommandLine,
+    /// Receiving the host's hello and wall clock ([`Message::Clock`]) and setting it.
+    Clock,
     /// Turning off user namespaces for the workload (`user.max_user_namespaces`), unless
     /// the command line allows them.
     UserNamespaces,

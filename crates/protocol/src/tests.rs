@@ -18,6 +18,7 @@ fn spec() -> RunSpec {
         },
         tty: true,
         terminal: Some(TerminalSize { rows: 24, cols: 80 }),
+        task: None,
     }
 }
 
@@ -107,6 +108,12 @@ fn control_payloads_are_the_documented_json() {
         (
             Message::Credit(OutputCredit { bytes: 65552 }),
             r#"{"bytes":65552}"#,
+        ),
+        (
+            Message::Clock(WallClock {
+                unix_ns: 1_796_443_477_123_456_789,
+            }),
+            r#"{"unix_ns":1796443477123456789}"#,
         ),
     ];
     for (message, json) in cases {
@@ -489,6 +496,7 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 },
                 tty,
                 terminal: terminal.map(|(rows, cols)| TerminalSize { rows, cols }),
+                task: None,
             },
         )
 }
@@ -546,6 +554,7 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(|(phase, boottime_ns)| Message::Phase(PhaseTime { phase, boottime_ns })),
         any::<u64>().prop_map(|grace_ms| Message::Shutdown(ShutdownRequest { grace_ms })),
         (1..=SESSION_WINDOW).prop_map(|bytes| Message::Credit(OutputCredit { bytes })),
+        any::<u64>().prop_map(|unix_ns| Message::Clock(WallClock { unix_ns })),
     ]
 }
 

@@ -24,7 +24,8 @@ use crate::prepare::PreparedImages;
 use crate::request::CreateRequest;
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
 use crate::state::{
-    now_unix, run_dir, NetworkRecord, SandboxDir, SandboxRecord, StateError, Status,
+    now_unix, run_dir, GuestSetup, NetworkRecord, SandboxDir, SandboxRecord, StateError, Status,
+    SHORT_ID_LEN,
 };
 
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
@@ -125,12 +126,15 @@ pub fn sandbox_record(
         sandbox_gid: request.sandbox_gid,
         run,
         cpus: request.cpus,
+        millicpus: Some(request.millicpus),
         memory_mib: request.memory_mib,
         network: NetworkRecord::from(&request.network),
+        labels: request.labels.clone(),
         accel: request.accel,
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
         allow_user_namespaces: request.allow_user_namespaces,
+        guest: request.guest.clone(),
     }
 }
 
@@ -216,13 +220,15 @@ impl Upper {
 
 /// The `kiln.*` kernel arguments that tell the guest's init what this boot has: its
 /// disks, the channel port, hostname, network, volumes (shared as [`volume_shares`]
-/// numbers them) and whether the workload may create user namespaces.
+/// numbers them), whether the workload may create user namespaces, and the names and
+/// mounts of `guest`.
 fn kernel_args(
     upper: &Upper,
     hostname: &str,
     network: &Network,
     volumes: &[Volume],
     user_namespaces: bool,
+    guest: &GuestSetup,
 ) -> Result<Vec<String>, BootConfigError> {
     let upper = match upper {
         Upper::Tmpfs => kiln_protocol::Upper::Tmpfs,
@@ -244,6 +250,10 @@ fn kernel_args(
                 read_only: volume.read_only,
             })
             .collect(),
+        tmpfs: guest.tmpfs.clone(),
+        hosts: guest.extra_hosts.clone(),
+        dns: guest.dns.clone(),
+        read_only: guest.read_only,
         user_namespaces,
     }
     .kernel_args()
@@ -263,13 +273,15 @@ pub fn boot(
     control: Receiver<Control>,
 ) -> Result<LaunchOutcome, BootError> {
     let network = Network::from(&record.network);
-    let hostname = sandbox.name().unwrap_or(sandbox.id());
+    let short_id = sandbox.id().get(..SHORT_ID_LEN).unwrap_or(sandbox.id());
+    let hostname = record.guest.hostname.as_deref().unwrap_or(short_id);
     let cmdline = kernel_args(
         &upper,
         hostname,
         &network,
         &record.volumes,
         record.allow_user_namespaces,
+        &record.guest,
     )?;
     let mut disks = vec![
         Disk {
@@ -370,6 +382,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         },
         tty: false,
         terminal: None,
+        task: None,
     };
     let io = HostIo {
         stdin: None,
@@ -393,11 +406,12 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
     }
 }
 
-/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1".
+/// QEMU's own explanation of a KVM failure, e.g. "KVM internal error. Suberror: 1" or
+/// "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69".
 fn kvm_failure_line(console_log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(console_log).ok()?;
     text.lines()
-        .find(|l| l.contains("KVM"))
+        .find(|l| l.contains("KVM") || l.contains(": error: "))
         .map(|l| l.trim().to_owned())
 }
 
@@ -418,7 +432,15 @@ mod tests {
             parse_volume(&format!("{}:/data", dir.path().display())).unwrap(),
             parse_volume(&format!("{}:/srv/in:ro", dir.path().display())).unwrap(),
         ];
-        let args = kernel_args(&Upper::Tmpfs, "box", &Network::None, &volumes, false).unwrap();
+        let args = kernel_args(
+            &Upper::Tmpfs,
+            "box",
+            &Network::None,
+            &volumes,
+            false,
+            &GuestSetup::default(),
+        )
+        .unwrap();
         assert_eq!(
             args,
             [
@@ -466,6 +488,7 @@ mod tests {
             &network,
             &[],
             false,
+            &GuestSetup::default(),
         )
         .unwrap();
         assert!(args.contains(&"kiln.upper=upper".to_owned()), "{args:?}");
@@ -476,11 +499,18 @@ mod tests {
     #[test]
     fn user_namespaces_reach_the_guest_only_when_allowed() {
         let userns = |allowed| {
-            kernel_args(&Upper::Tmpfs, "box", &Network::None, &[], allowed)
-                .unwrap()
-                .into_iter()
-                .filter(|arg| arg.starts_with("kiln.userns="))
-                .collect::<Vec<_>>()
+            kernel_args(
+                &Upper::Tmpfs,
+                "box",
+                &Network::None,
+                &[],
+                allowed,
+                &GuestSetup::default(),
+            )
+            .unwrap()
+            .into_iter()
+            .filter(|arg| arg.starts_with("kiln.userns="))
+            .collect::<Vec<_>>()
         };
         assert_eq!(userns(true), ["kiln.userns=on"]);
         assert_eq!(

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
-    negotiate, read_frame, write_frame, write_stream, Frame, Hello, Message, ProtocolError,
-    SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult,
-    CONTROL_SESSION,
+    negotiate, read_frame, write_frame, write_stream, Frame, GuestTask, Hello, Message,
+    ProtocolError, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
+    WorkloadResult, CONTROL_SESSION,
 };
 
 use crate::error::{Error, ErrorKind};
@@ -205,6 +205,30 @@ pub fn exec(
         working_dir: request.workdir,
     };
     let spec = build_run_spec(&defaults, &overrides, record.run.identity, request.terminal)?;
+    open_session(sandbox, spec)
+}
+
+/// Starts kiln-init's `task` in the sandbox, as the sandbox's identity in its home.
+pub fn exec_task(
+    sandbox: &SandboxDir,
+    record: &SandboxRecord,
+    task: GuestTask,
+) -> Result<ExecSession, Error> {
+    let spec = RunSpec {
+        // Only names the task (the guest runs its own binary): what `kiln top` shows.
+        argv: vec!["kiln-init-task".into()],
+        env: record.run.env.clone(),
+        cwd: None,
+        identity: record.run.identity,
+        tty: false,
+        terminal: None,
+        task: Some(task),
+    };
+    open_session(sandbox, spec)
+}
+
+/// Opens the exec session that runs `spec`.
+fn open_session(sandbox: &SandboxDir, spec: RunSpec) -> Result<ExecSession, Error> {
     let mut stream = connect(sandbox)?;
     write_frame(&mut stream, &Frame::new(EXEC_SESSION, Message::Run(spec)))
         .map_err(|e| channel_err(sandbox.id(), e))?;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::{
     negotiate, read_frame, BootError, BootPhase, Frame, Hello, Message, PhaseTime, ProtocolError,
-    RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WorkloadResult, CONTROL_SESSION,
-    MAIN_SESSION,
+    RunSpec, ShutdownRequest, SignalRequest, Stream, TerminalSize, WallClock, WorkloadResult,
+    CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_vm::{Accel, Backend, GuestEnd, VmError, VmProcess, VmSpec};
 use serde::Serialize;
@@ -108,6 +108,10 @@ pub struct VmTimings {
     pub workload: Option<Duration>,
     /// Workload end until the VM process ended (host clock).
     pub shutdown: Option<Duration>,
+    /// When the host heard that the workload started (host clock), for figures that
+    /// begin before the VM does, such as [`crate::RunTimings::to_workload`].
+    #[serde(skip)]
+    pub workload_started_at: Option<Instant>,
 }
 
 /// How a run ended when the workload ran.
@@ -284,6 +288,7 @@ pub fn launch(
         stop_signal: None,
         stopping: false,
         output_written: false,
+        workload_started_at: None,
         workload_ended_at: None,
     };
     let outcome = driver.drive(&inbox);
@@ -293,6 +298,7 @@ pub fn launch(
     timings.supervisor = driver.boot_times.supervisor();
     timings.workload = driver.boot_times.workload();
     timings.shutdown = driver.workload_ended_at.map(|t| t.elapsed());
+    timings.workload_started_at = driver.workload_started_at;
     outcome.map(|result| LaunchOutcome { result, timings })
 }
 
@@ -491,6 +497,7 @@ struct Driver<'a> {
     /// A stop was asked for: output no longer waits for slow destinations.
     stopping: bool,
     output_written: bool,
+    workload_started_at: Option<Instant>,
     workload_ended_at: Option<Instant>,
 }
 
@@ -659,6 +666,11 @@ impl Driver<'_> {
                 let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
                 negotiate(&ours, &theirs).map_err(|source| channel_error(self.phase, source))?;
                 self.send(Frame::new(CONTROL_SESSION, Message::Hello(ours)))?;
+                // Read as late as possible: the guest sets it on arrival, before it mounts.
+                self.send(Frame::new(
+                    CONTROL_SESSION,
+                    Message::Clock(WallClock::now()),
+                ))?;
                 let output = self
                     .channel
                     .open_main(run)
@@ -679,6 +691,7 @@ impl Driver<'_> {
                 }
                 self.boot_times.record(time.phase, time.boottime_ns);
                 if time.phase == BootPhase::WorkloadStarted && self.phase == Phase::Boot {
+                    self.workload_started_at = Some(Instant::now());
                     self.enter(Phase::Workload, self.deadlines.workload);
                 }
                 if time.phase == BootPhase::WorkloadEnded {
@@ -833,6 +846,7 @@ mod tests {
             },
             tty: false,
             terminal: None,
+            task: None,
         }
     }
 
@@ -898,9 +912,14 @@ exec sleep 600
                 &Frame::new(CONTROL_SESSION, Message::Hello(hello)),
             )
             .unwrap();
-            for expected in [Kind::Hello, Kind::Run] {
+            for expected in [Kind::Hello, Kind::Clock, Kind::Run] {
                 let frame = read_frame(&mut stream).unwrap().unwrap();
                 assert_eq!(frame.message.kind(), expected);
+                if let Message::Clock(clock) = frame.message {
+                    // The host's own clock, read as it answered.
+                    let skew = WallClock::now().unix_ns.abs_diff(clock.unix_ns);
+                    assert!(skew < 60_000_000_000, "clock {clock:?} is not now");
+                }
             }
             guest(&mut stream);
             stream

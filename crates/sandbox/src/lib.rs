@@ -41,22 +41,24 @@ mod run;
 mod sessions;
 mod spec;
 mod state;
+mod tasks;
 
 pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, exec, get, list, logs, prune_images, remove, start, stop, wait, ProvisionEvent,
-    PruneReport, SandboxInfo,
+    create, disk_usage, exec, get, list, logs, prune_images, remove, rename, start, stop, wait,
+    DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, RunFields, RunRequest, SizeError, CPUS, DEFAULT_CPUS, DEFAULT_LOG_MAX_SIZE,
-    DEFAULT_MEMORY_MIB, DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE, MEMORY_MIB,
+    NetworkMode, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX,
+    LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;
 pub use state::{NetworkRecord, Status};
+pub use tasks::{copy, stats, top, CopyEndpoint, SandboxStats, MAX_COPY_BYTES};

@@ -7,7 +7,7 @@
 //! can exit; everything else talks to that monitor over its unix socket (the `client`
 //! module) or reads the state files.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,6 +23,7 @@ use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper
 use crate::client::{ExecSession, MonitorError};
 use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
+use crate::logs::lines::{parse_since, LineCounter, LineReader, LineSelection};
 use crate::logs::LogReader;
 use crate::prepare::{
     build_images, image_cache, pinned_images, sandbox_images, BuildStep, PrepareError,
@@ -52,8 +53,11 @@ pub struct SandboxInfo {
     /// The main workload's run spec.
     pub run: RunSpec,
     pub cpus: u32,
+    /// The CPU share asked for, in thousandths of a CPU (`cpus` is it rounded up).
+    pub millicpus: u32,
     pub memory_mib: u32,
     pub network: NetworkRecord,
+    pub labels: BTreeMap<String, String>,
     pub state_dir: PathBuf,
 }
 
@@ -361,6 +365,13 @@ fn get_dir(sandbox: &SandboxDir) -> Result<SandboxInfo, Error> {
     info(sandbox, record, state)
 }
 
+/// Gives sandbox `id_or_name` the name `new_name` (which no other sandbox may have).
+pub fn rename(root: &Path, id_or_name: &str, new_name: &str) -> Result<SandboxInfo, Error> {
+    let mut sandbox = SandboxDir::open(root, id_or_name)?;
+    sandbox.rename(new_name)?;
+    get_dir(&sandbox)
+}
+
 /// Blocks until sandbox `id_or_name` is not running (its monitor has ended) and returns
 /// how it ended; at once for a sandbox that is not running.
 pub fn wait(root: &Path, id_or_name: &str) -> Result<SandboxInfo, Error> {
@@ -418,6 +429,102 @@ pub fn prune_images(root: &Path) -> Result<PruneReport, Error> {
     })
 }
 
+/// What one kind of kiln's data holds on disk (`kiln system df`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub total: usize,
+    /// In use: images and root images a sandbox is pinned to, running sandboxes.
+    pub active: usize,
+    /// Disk space taken (allocated blocks, so sparse files count what they hold).
+    pub bytes: u64,
+    /// What removing the unused ones would free (for images: their recorded size, which
+    /// may count layers they share).
+    pub reclaimable_bytes: u64,
+}
+
+/// Disk use under `root`, as `docker system df` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DiskUsage {
+    pub images: Usage,
+    pub root_images: Usage,
+    pub sandboxes: Usage,
+}
+
+/// How much of the disk the images, built root images and sandboxes under `root` take.
+pub fn disk_usage(root: &Path) -> Result<DiskUsage, Error> {
+    let store = Store::open(root).map_err(PrepareError::from)?;
+    let pinned: HashSet<String> = sandbox_images(root)?
+        .iter()
+        .map(|image| image.manifest_digest.to_string())
+        .collect();
+    let records = store.images().map_err(PrepareError::from)?;
+    let recorded: HashSet<String> = records
+        .iter()
+        .map(|r| r.manifest_digest.to_string())
+        .collect();
+    let unused = records
+        .iter()
+        .filter(|r| !pinned.contains(&r.manifest_digest.to_string()));
+    let images = Usage {
+        total: records.len(),
+        active: records.len() - unused.clone().count(),
+        bytes: allocated_bytes(&store.dir().join("blobs")),
+        reclaimable_bytes: unused.map(|r| r.size).sum(),
+    };
+    let built = image_cache(root).images().map_err(PrepareError::from)?;
+    let root_images = Usage {
+        total: built.len(),
+        active: built
+            .iter()
+            .filter(|b| pinned.contains(&b.manifest_digest))
+            .count(),
+        bytes: built.iter().map(|b| b.disk_bytes).sum(),
+        // What `kiln prune` removes: those of images neither recorded nor pinned.
+        reclaimable_bytes: built
+            .iter()
+            .filter(|b| {
+                !pinned.contains(&b.manifest_digest) && !recorded.contains(&b.manifest_digest)
+            })
+            .map(|b| b.disk_bytes)
+            .sum(),
+    };
+    let mut sandboxes = Usage::default();
+    for info in list(root)? {
+        let bytes = allocated_bytes(&info.state_dir);
+        sandboxes.total += 1;
+        sandboxes.bytes += bytes;
+        if info.status == Status::Running {
+            sandboxes.active += 1;
+        } else {
+            sandboxes.reclaimable_bytes += bytes;
+        }
+    }
+    Ok(DiskUsage {
+        images,
+        root_images,
+        sandboxes,
+    })
+}
+
+/// Bytes of disk the files under `path` take; what cannot be read counts nothing.
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    let children = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| allocated_bytes(&entry.path()))
+        .sum::<u64>();
+    own + children
+}
+
 /// Starts `request` in the running sandbox `id_or_name`, as the sandbox's identity.
 pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecSession, Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
@@ -428,38 +535,73 @@ pub fn exec(root: &Path, id_or_name: &str, request: ExecRequest) -> Result<ExecS
     crate::client::exec(&sandbox, &record, request)
 }
 
+/// What `kiln logs` shows of the workload's output (docker's `logs` flags).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Keep copying new output until the sandbox is no longer running.
+    pub follow: bool,
+    /// Only the last this many lines of each stream (`None`: all).
+    pub tail: Option<u64>,
+    /// Only lines that arrived at or after this time: RFC 3339, Unix seconds, or a
+    /// duration ago (`10m`).
+    pub since: Option<String>,
+    /// Start each line with the time it arrived (RFC 3339, UTC, nanoseconds).
+    pub timestamps: bool,
+}
+
 /// Copies the main workload's output so far (`stdout.log`, `stderr.log`, each after
-/// its rotated older part) to `stdout` and `stderr`; with `follow`, keeps copying until
-/// the sandbox is no longer running.
-pub fn logs(
+/// its rotated older part) to `stdout` and `stderr`, the lines `options` select; with
+/// `follow`, keeps copying until the sandbox is no longer running. `--tail` counts the
+/// lines of each stream apart.
+pub fn logs<'a>(
     root: &Path,
     id_or_name: &str,
-    follow: bool,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
+    options: &LogOptions,
+    stdout: &'a mut (dyn Write + 'a),
+    stderr: &'a mut (dyn Write + 'a),
 ) -> Result<(), Error> {
+    let since = options
+        .since
+        .as_deref()
+        .map(|text| parse_since(text, jiff::Timestamp::now()))
+        .transpose()
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    let mut streams: [(&str, LogReader, &mut dyn Write); 2] = [
-        (
-            STDOUT_LOG,
-            LogReader::new(&sandbox.file(STDOUT_LOG)),
-            stdout,
-        ),
-        (
-            STDERR_LOG,
-            LogReader::new(&sandbox.file(STDERR_LOG)),
-            stderr,
-        ),
-    ];
+    let io_error = |name: &str| {
+        let path = sandbox.file(name);
+        move |source| StateError::Io { path, source }
+    };
+    let mut streams = Vec::new();
+    for (name, out) in [(STDOUT_LOG, stdout), (STDERR_LOG, stderr)] {
+        let path = sandbox.file(name);
+        // The lines to leave out for --tail: all but the last N of what is there now.
+        let skip = match options.tail {
+            None => 0,
+            Some(tail) => {
+                let mut counter = LineCounter::default();
+                LogReader::new(&path)
+                    .copy_new(&mut counter)
+                    .map_err(io_error(name))?;
+                counter.lines().saturating_sub(tail)
+            }
+        };
+        let selection = LineSelection {
+            timestamps: options.timestamps,
+            since,
+            skip,
+        };
+        streams.push((name, LogReader::new(&path), LineReader::new(out, selection)));
+    }
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
-        let more = follow && sandbox.monitor_alive();
+        let more = options.follow && sandbox.monitor_alive();
         for (name, log, out) in streams.iter_mut() {
-            log.copy_new(*out).map_err(|source| StateError::Io {
-                path: sandbox.file(name),
-                source,
-            })?;
-            let _ = out.flush();
+            log.copy_new(out).map_err(io_error(name))?;
+            if more {
+                let _ = out.flush();
+            } else {
+                out.finish().map_err(io_error(name))?;
+            }
         }
         if !more {
             return Ok(());
@@ -496,8 +638,10 @@ fn info(
         monitor_pid: state.monitor_pid,
         run: record.run,
         cpus: record.cpus,
+        millicpus: record.millicpus.unwrap_or(record.cpus * 1000),
         memory_mib: record.memory_mib,
         network: record.network,
+        labels: record.labels,
         state_dir: sandbox.path().to_path_buf(),
     })
 }

@@ -6,7 +6,12 @@
 //! `max-file=2`. A stream thus takes at most twice its maximum on disk, and the newest
 //! output is always kept. [`LogReader`] reads a log across those renames.
 //!
+//! Every line is stored behind the time it arrived ([`lines`]), which `kiln logs` shows
+//! with `--timestamps` and selects by with `--since`.
+//!
 //! Files are opened without following symlinks and created 0600, whatever the umask.
+
+pub mod lines;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

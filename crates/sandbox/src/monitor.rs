@@ -32,6 +32,7 @@ use kiln_vm::GuestImages;
 use crate::boot::{boot, end_status, BootError, Host, Upper};
 use crate::error::{Error, ErrorKind};
 use crate::launch::{Control, GuestEvent, HostIo};
+use crate::logs::lines::Timestamped;
 use crate::logs::RotatingLog;
 use crate::prepare::pinned_images;
 use crate::sessions::{lock, ExecChannel, SessionError, SessionOutput};
@@ -129,12 +130,12 @@ fn serve(
     })
     .map_err(BootError::from)?;
     let log = |name: &str| {
-        RotatingLog::open(&sandbox.file(name), record.log_max_size).map_err(|source| {
-            StateError::Io {
+        RotatingLog::open(&sandbox.file(name), record.log_max_size)
+            .map(Timestamped::new)
+            .map_err(|source| StateError::Io {
                 path: sandbox.file(name),
                 source,
-            }
-        })
+            })
     };
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
 

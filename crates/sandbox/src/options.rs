@@ -1,5 +1,6 @@
 //! Parsing and validating the inputs of a run request.
 
+mod guest_setup;
 mod host_dir;
 
 use std::os::fd::OwnedFd;
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use guest_setup::{
+    check_tmpfs_mounts, parse_add_hosts, parse_dns, parse_hostname, parse_mount, parse_tmpfs, Mount,
+};
 use host_dir::Symlinks;
 pub use host_dir::{DirIdentity, HostDirError};
 
@@ -24,8 +28,8 @@ pub enum OptionError {
         reason: String,
     },
 
-    #[error("invalid port forward {0:?}: expected HOSTPORT:GUESTPORT with both ports in 1-65535")]
-    PortForward(String),
+    #[error("invalid port forward {value:?}: {reason}; expected [127.0.0.1:][HOSTPORT:]GUESTPORT[/tcp] with ports in 1-65535 (no HOSTPORT: a free one is chosen, `kiln port` shows it)")]
+    PortForward { value: String, reason: &'static str },
 
     #[error("invalid sandbox name {0:?}: expected 1-128 characters of A-Z a-z 0-9 . _ -")]
     Name(String),
@@ -39,6 +43,12 @@ pub enum OptionError {
 
     #[error("invalid volume {value:?}: {reason}; expected HOSTDIR:GUESTDIR[:ro] with HOSTDIR an existing directory that only root and kiln's user can replace (docs/volumes.md) and GUESTDIR an absolute path")]
     Volume { value: String, reason: String },
+
+    #[error("invalid tmpfs {value:?}: {reason}; expected PATH[:size=SIZE,mode=OCTAL] with PATH absolute")]
+    Tmpfs { value: String, reason: String },
+
+    #[error("invalid mount {value:?}: {reason}; expected type=bind,source=HOSTDIR,target=PATH[,readonly] or type=tmpfs,target=PATH[,tmpfs-size=SIZE,tmpfs-mode=OCTAL]")]
+    Mount { value: String, reason: String },
 }
 
 /// A host directory shared into the sandbox (`-v HOSTDIR:GUESTDIR[:ro]`).
@@ -210,30 +220,154 @@ pub fn parse_env_file(
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let parsed = parse_env_assignment(line, &lookup).map_err(|err| OptionError::EnvFile {
+        let at_line = |reason: String| OptionError::EnvFile {
             file: name.to_owned(),
             line: index + 1,
-            reason: err.to_string(),
-        })?;
+            reason,
+        };
+        let key = line.split_once('=').map_or(line, |(key, _)| key);
+        if key.contains(char::is_whitespace) {
+            return Err(at_line(format!(
+                "{line:?}: a variable name cannot contain white space; the format is one \
+                 KEY=VALUE (or KEY) per line, without `export` or quotes, as docker's --env-file"
+            )));
+        }
+        let parsed = parse_env_assignment(line, &lookup).map_err(|err| at_line(err.to_string()))?;
         vars.extend(parsed);
     }
     Ok(vars)
 }
 
-/// A `-p HOSTPORT:GUESTPORT` forward.
-pub fn parse_port_forward(text: &str) -> Result<kiln_vm::PortForward, OptionError> {
-    let bad = || OptionError::PortForward(text.to_owned());
-    let (host, guest) = text.split_once(':').ok_or_else(bad)?;
+/// A `-p` forward as docker writes it: `[IP:][HOSTPORT:]GUESTPORT[/PROTO]`. Only TCP
+/// from host loopback is forwarded (QEMU's user network, bound to 127.0.0.1), so another
+/// address or `udp` is refused rather than silently changed. `host` is `None` when the
+/// host port is left to kiln.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishSpec {
+    pub host: Option<u16>,
+    pub guest: u16,
+}
+
+pub fn parse_port_forward(text: &str) -> Result<PublishSpec, OptionError> {
+    let bad = |reason| OptionError::PortForward {
+        value: text.to_owned(),
+        reason,
+    };
+    let (ports, proto) = text.split_once('/').unwrap_or((text, "tcp"));
+    match proto {
+        "tcp" => {}
+        "udp" | "sctp" => {
+            return Err(bad(
+                "only TCP is forwarded (kiln's user network has no UDP or SCTP forwards)",
+            ))
+        }
+        _ => return Err(bad("the protocol must be tcp")),
+    }
+    let parts: Vec<&str> = ports.split(':').collect();
+    let (address, host, guest) = match parts[..] {
+        [guest] => (None, "", guest),
+        [host, guest] => (None, host, guest),
+        [address, host, guest] => (Some(address), host, guest),
+        _ => return Err(bad("too many ':'")),
+    };
+    if let Some(address) = address {
+        if address != "127.0.0.1" && address != "localhost" {
+            return Err(bad(
+                "kiln forwards only from host loopback, so the address must be 127.0.0.1",
+            ));
+        }
+    }
     let port = |p: &str| {
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.starts_with('0') {
             return None;
         }
         p.parse::<u16>().ok().filter(|&n| n != 0)
     };
-    Ok(kiln_vm::PortForward {
-        host: port(host).ok_or_else(bad)?,
-        guest: port(guest).ok_or_else(bad)?,
-    })
+    let host = match host {
+        "" => None,
+        host => Some(port(host).ok_or_else(|| bad("the host port is not a port number"))?),
+    };
+    let guest = port(guest).ok_or_else(|| bad("the guest port is not a port number"))?;
+    Ok(PublishSpec { host, guest })
+}
+
+/// A `KEY=VALUE` label (a bare `KEY` has an empty value, as docker's `--label`): keys of
+/// at most [`LABEL_KEY_MAX`] bytes, values of at most [`LABEL_VALUE_MAX`], neither with NUL.
+pub fn parse_label(text: &str) -> Result<(String, String), OptionError> {
+    let (key, value) = text.split_once('=').unwrap_or((text, ""));
+    let ok = !key.is_empty()
+        && key.len() <= LABEL_KEY_MAX
+        && value.len() <= LABEL_VALUE_MAX
+        && !text.contains('\0');
+    if !ok {
+        return Err(OptionError::Value {
+            what: "label",
+            value: text.to_owned(),
+            accepted: "KEY=VALUE (or KEY) with KEY of 1-256 bytes, VALUE of at most 4096, no NUL",
+        });
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Bounds of a label: they are stored in the sandbox record, which kiln reads back.
+pub const LABEL_KEY_MAX: usize = 256;
+pub const LABEL_VALUE_MAX: usize = 4096;
+
+/// `--cpus`: a decimal number of CPUs with at most three decimals (`0.5`, `2`), as
+/// thousandths of a CPU.
+pub fn parse_millicpus(text: &str) -> Result<u32, OptionError> {
+    let bad = || OptionError::Value {
+        what: "CPU count",
+        value: text.to_owned(),
+        accepted: "a number of CPUs from 0.001 to 64 with at most three decimals, as 0.5 or 2",
+    };
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.len() > 3 || fraction.len() > 3 || !digits(whole) || !digits(fraction) {
+        return Err(bad());
+    }
+    if whole.is_empty() && fraction.is_empty() {
+        return Err(bad());
+    }
+    let whole: u32 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let fraction: u32 = format!("{fraction:0<3}").parse().map_err(|_| bad())?;
+    let millicpus = whole * 1000 + fraction;
+    if !(1..=64_000).contains(&millicpus) {
+        return Err(bad());
+    }
+    Ok(millicpus)
+}
+
+/// `--memory`/`-m` as docker takes it: a whole number with a unit `b`, `k`, `m` or `g`
+/// (any case, `kb`/`mb`/`gb` too); a bare number is MiB, kiln's unit before it took
+/// docker's. Returns whole MiB (a size that is not whole MiB is refused).
+pub fn parse_memory_mib(text: &str) -> Result<u64, OptionError> {
+    let bad = || {
+        OptionError::Value {
+        what: "memory size",
+        value: text.to_owned(),
+        accepted: "a whole number with a unit b, k, m or g (as 512m or 1g; a bare number is MiB) that is a whole number of MiB",
+    }
+    };
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let bytes = match unit.to_ascii_lowercase().as_str() {
+        "b" => Some(number),
+        "k" | "kb" => number.checked_mul(1 << 10),
+        "" | "m" | "mb" => number.checked_mul(1 << 20),
+        "g" | "gb" => number.checked_mul(1 << 30),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if !bytes.is_multiple_of(1 << 20) {
+        return Err(bad());
+    }
+    Ok(bytes >> 20)
 }
 
 /// Sandbox ids and names: `[A-Za-z0-9._-]{1,128}`, and never `.` or `..`, which would
@@ -310,6 +444,12 @@ mod tests {
                 ("C".into(), "3".into())
             ]
         );
+        let err = parse_env_file("f.env", b"A=1\nexport D=4\n", no_env).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("f.env, line 2: \"export D=4\": a variable name cannot"),
+            "{err}"
+        );
         let err = parse_env_file("f.env", b"A=1\n=oops\n", no_env).unwrap_err();
         assert!(err.to_string().starts_with("f.env, line 2:"), "{err}");
         let err = parse_env_file("f.env", b"A=1\nB=\xff\n", no_env).unwrap_err();
@@ -320,22 +460,70 @@ mod tests {
     }
 
     #[test]
-    fn port_forwards() {
-        assert_eq!(
-            parse_port_forward("8080:80").unwrap(),
-            kiln_vm::PortForward {
-                host: 8080,
-                guest: 80
-            }
-        );
+    fn port_forwards_take_dockers_forms() {
+        let spec = |host, guest| PublishSpec { host, guest };
+        for (text, want) in [
+            ("8080:80", spec(Some(8080), 80)),
+            ("127.0.0.1:8080:80", spec(Some(8080), 80)),
+            ("8080:80/tcp", spec(Some(8080), 80)),
+            ("8080", spec(None, 8080)),
+            ("127.0.0.1::80", spec(None, 80)),
+        ] {
+            assert_eq!(parse_port_forward(text).unwrap(), want, "{text}");
+        }
         for bad in [
-            "80", ":80", "80:", "0:80", "80:0", "65536:1", "a:1", "08:1", "1:2:3", "-1:2", "+1:2",
+            "80:", "0:80", "80:0", "65536:1", "a:1", "08:1", "1:2:3:4", "-1:2", "+1:2",
         ] {
             let err = parse_port_forward(bad).unwrap_err();
-            assert!(
-                err.to_string().contains("HOSTPORT:GUESTPORT"),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().contains("GUESTPORT"), "{bad}: {err}");
+        }
+        let err = parse_port_forward("53:53/udp").unwrap_err().to_string();
+        assert!(err.contains("only TCP is forwarded"), "{err}");
+        let err = parse_port_forward("0.0.0.0:80:80").unwrap_err().to_string();
+        assert!(err.contains("must be 127.0.0.1"), "{err}");
+    }
+
+    #[test]
+    fn cpus_take_fractions_as_millicpus() {
+        for (text, want) in [
+            ("0.5", 500),
+            ("2", 2000),
+            (".25", 250),
+            ("1.125", 1125),
+            ("64", 64_000),
+        ] {
+            assert_eq!(parse_millicpus(text).unwrap(), want, "{text}");
+        }
+        for bad in ["", ".", "0", "0.0001", "65", "-1", "1e3", "abc", "1,5"] {
+            let err = parse_millicpus(bad).unwrap_err().to_string();
+            assert!(err.contains("at most three decimals"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn memory_takes_dockers_suffixes() {
+        for (text, want) in [
+            ("1g", 1024),
+            ("512m", 512),
+            ("512", 512),
+            ("1GB", 1024),
+            ("2097152k", 2048),
+            ("1048576b", 1),
+        ] {
+            assert_eq!(parse_memory_mib(text).unwrap(), want, "{text}");
+        }
+        for bad in ["", "1.5g", "1t", "100k", "g", "-1g", "1 g"] {
+            let err = parse_memory_mib(bad).unwrap_err().to_string();
+            assert!(err.contains("unit b, k, m or g"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(parse_label("flag").unwrap(), ("flag".into(), String::new()));
+        for bad in ["", "=v", "k=\0", &"k".repeat(257)] {
+            assert!(parse_label(bad).is_err(), "{bad}");
         }
     }
 

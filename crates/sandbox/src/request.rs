@@ -3,6 +3,7 @@
 //! unset values) and get back a request that holds only valid values, or an error that
 //! names the bad field in the front end's own words (`--uid`, or `uid`).
 
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,10 +15,12 @@ use kiln_vm::Network;
 
 use crate::error::{Error, ErrorKind};
 use crate::options::{
-    parse_env_assignment, parse_env_file, parse_port_forward, parse_timeout, parse_volumes,
-    validate_name, Volume,
+    check_tmpfs_mounts, parse_add_hosts, parse_dns, parse_env_assignment, parse_env_file,
+    parse_hostname, parse_label, parse_memory_mib, parse_millicpus, parse_mount,
+    parse_port_forward, parse_timeout, parse_tmpfs, parse_volumes, validate_name, Mount, Volume,
 };
 use crate::spec::Overrides;
+use crate::state::GuestSetup;
 pub use crate::state::DEFAULT_LOG_MAX_SIZE;
 
 /// Virtual CPUs a sandbox may have, and what it gets when the request says nothing.
@@ -52,8 +55,14 @@ pub enum Field {
     Workdir,
     Publish,
     Volumes,
+    Hostname,
+    AddHost,
+    Dns,
+    Tmpfs,
+    Mount,
     Timeout,
     LogMaxSize,
+    Labels,
     /// An exec request's program and arguments.
     Command,
 }
@@ -108,13 +117,30 @@ pub struct CreateFields {
     /// Ids of the `sandbox` user written into the image; the default is 10001.
     pub uid: Option<String>,
     pub gid: Option<String>,
-    pub cpus: Option<u32>,
-    pub memory_mib: Option<u32>,
+    /// CPUs as docker's `--cpus` takes them (`0.5`, `2`): the VM gets the next whole
+    /// number of vCPUs, the request keeps the exact share.
+    pub cpus: Option<String>,
+    /// Guest memory as docker's `--memory` takes it (`512m`, `1g`; a bare number is MiB).
+    pub memory: Option<String>,
     pub network: NetworkMode,
-    /// `HOSTPORT:GUESTPORT` forwards; only with [`NetworkMode::User`].
+    /// `[127.0.0.1:][HOSTPORT:]GUESTPORT[/tcp]` forwards; only with [`NetworkMode::User`].
     pub publish: Vec<String>,
+    /// `KEY=VALUE` labels; a later one wins.
+    pub labels: Vec<String>,
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
     pub volumes: Vec<String>,
+    /// The guest's hostname; the default is the sandbox id's first 12 characters.
+    pub hostname: Option<String>,
+    /// `NAME:IP` lines for the guest's /etc/hosts.
+    pub add_hosts: Vec<String>,
+    /// Nameservers for the guest's /etc/resolv.conf (instead of the network's).
+    pub dns: Vec<String>,
+    /// Make the root filesystem read-only (volumes and tmpfs mounts stay writable).
+    pub read_only: bool,
+    /// `PATH[:size=SIZE,mode=OCTAL]` tmpfs mounts.
+    pub tmpfs: Vec<String>,
+    /// docker's `--mount` specs: `type=bind` (a volume) or `type=tmpfs`.
+    pub mounts: Vec<String>,
     pub accel: AccelRequest,
     /// A size as [`parse_size`] reads it, in [`LOG_MAX_SIZE`]; the default is
     /// [`DEFAULT_LOG_MAX_SIZE`].
@@ -138,11 +164,16 @@ pub struct CreateRequest {
     pub(crate) sandbox_uid: u32,
     pub(crate) sandbox_gid: u32,
     pub(crate) cpus: u32,
+    /// The exact CPU share; `cpus` is it rounded up.
+    pub(crate) millicpus: u32,
     pub(crate) memory_mib: u32,
     pub(crate) network: Network,
+    pub(crate) labels: BTreeMap<String, String>,
     pub(crate) name: Option<String>,
     /// Host directories shared into the sandbox, at every start.
     pub(crate) volumes: Vec<Volume>,
+    /// Names and mounts the guest sets up at boot.
+    pub(crate) guest: GuestSetup,
     pub(crate) accel: AccelRequest,
     /// Bytes each output log reaches before it is rotated.
     pub(crate) log_max_size: u64,
@@ -319,6 +350,17 @@ fn show_size(bytes: u64) -> String {
     format!("{}{unit}", bytes >> shift)
 }
 
+/// Labels a sandbox may carry: they live in its record, which kiln reads back whole.
+pub const MAX_LABELS: usize = 64;
+
+/// A TCP port on host loopback that is free now, for a `-p GUESTPORT` without a host
+/// port (docker picks one the same way; another process may take it before the boot).
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
 /// A bare `KEY`'s value from this process's environment.
 fn host_env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -348,13 +390,34 @@ impl CreateFields {
             self.gid.as_deref(),
             kiln_identity::DEFAULT_SANDBOX_GID,
         )?;
-        let cpus = check.in_range(Field::Cpus, self.cpus, DEFAULT_CPUS, CPUS)?;
-        let memory_mib = check.in_range(
-            Field::Memory,
-            self.memory_mib,
-            DEFAULT_MEMORY_MIB,
-            MEMORY_MIB,
-        )?;
+        let millicpus = match self.cpus.as_deref() {
+            None => DEFAULT_CPUS * 1000,
+            Some(text) => parse_millicpus(text).map_err(|e| check.wrap(Field::Cpus, e))?,
+        };
+        let cpus = check.in_range(Field::Cpus, Some(millicpus.div_ceil(1000)), 1, CPUS)?;
+        let memory_mib = match self.memory.as_deref() {
+            None => None,
+            Some(text) => Some(
+                parse_memory_mib(text)
+                    .map_err(|e| check.wrap(Field::Memory, e))?
+                    .try_into()
+                    .unwrap_or(u32::MAX),
+            ),
+        };
+        let memory_mib =
+            check.in_range(Field::Memory, memory_mib, DEFAULT_MEMORY_MIB, MEMORY_MIB)?;
+        if self.labels.len() > MAX_LABELS {
+            return Err(check.invalid(
+                Field::Labels,
+                self.labels.len(),
+                format!("at most {MAX_LABELS} labels"),
+            ));
+        }
+        let labels = self
+            .labels
+            .iter()
+            .map(|l| parse_label(l).map_err(|e| check.wrap(Field::Labels, e)))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
 
         let mut env = Vec::new();
         for file in &self.env_files {
@@ -367,11 +430,23 @@ impl CreateFields {
         env.extend(check.env(&self.env, self.lend_environment)?);
         let working_dir = check.workdir(self.workdir)?;
 
-        let forwards = self
-            .publish
-            .iter()
-            .map(|p| parse_port_forward(p).map_err(|e| check.wrap(Field::Publish, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut forwards = Vec::new();
+        for text in &self.publish {
+            let spec = parse_port_forward(text).map_err(|e| check.wrap(Field::Publish, e))?;
+            let host = match spec.host {
+                Some(port) => port,
+                None => free_loopback_port().map_err(|e| {
+                    check.wrap(
+                        Field::Publish,
+                        format!("choosing a host port for {text:?}: {e}"),
+                    )
+                })?,
+            };
+            forwards.push(kiln_vm::PortForward {
+                host,
+                guest: spec.guest,
+            });
+        }
         let network = match self.network {
             NetworkMode::User => Network::User { forwards },
             NetworkMode::None if forwards.is_empty() => Network::None,
@@ -385,7 +460,42 @@ impl CreateFields {
                 )));
             }
         };
-        let volumes = parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        let mut volumes =
+            parse_volumes(&self.volumes).map_err(|e| check.wrap(Field::Volumes, e))?;
+        let mut tmpfs = self
+            .tmpfs
+            .iter()
+            .map(|t| parse_tmpfs(t).map_err(|e| check.wrap(Field::Tmpfs, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for text in &self.mounts {
+            match parse_mount(text).map_err(|e| check.wrap(Field::Mount, e))? {
+                Mount::Bind(volume) => {
+                    if volumes.iter().any(|v| v.guest == volume.guest) {
+                        return Err(check.invalid(
+                            Field::Mount,
+                            text,
+                            format!("a target no other volume has ({})", volume.guest),
+                        ));
+                    }
+                    volumes.push(volume);
+                }
+                Mount::Tmpfs(mount) => tmpfs.push(mount),
+            }
+        }
+        check_tmpfs_mounts(&tmpfs, &volumes).map_err(|e| check.wrap(Field::Tmpfs, e))?;
+        let guest = GuestSetup {
+            hostname: self
+                .hostname
+                .as_deref()
+                .map(parse_hostname)
+                .transpose()
+                .map_err(|e| check.wrap(Field::Hostname, e))?,
+            extra_hosts: parse_add_hosts(&self.add_hosts)
+                .map_err(|e| check.wrap(Field::AddHost, e))?,
+            dns: parse_dns(&self.dns).map_err(|e| check.wrap(Field::Dns, e))?,
+            read_only: self.read_only,
+            tmpfs,
+        };
         let log_max_size = match self.log_max_size.as_deref() {
             None => DEFAULT_LOG_MAX_SIZE,
             Some(text) => {
@@ -414,10 +524,13 @@ impl CreateFields {
             sandbox_uid,
             sandbox_gid,
             cpus,
+            millicpus,
             memory_mib,
             network,
+            labels,
             name: self.name,
             volumes,
+            guest,
             accel: self.accel,
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
@@ -498,8 +611,14 @@ mod tests {
                 Field::Workdir => "workdir",
                 Field::Publish => "publish",
                 Field::Volumes => "volumes",
+                Field::Hostname => "hostname",
+                Field::AddHost => "add_host",
+                Field::Dns => "dns",
+                Field::Tmpfs => "tmpfs",
+                Field::Mount => "mount",
                 Field::Timeout => "timeout",
                 Field::LogMaxSize => "log_max_size",
+                Field::Labels => "labels",
                 Field::Command => "argv",
             }
         }
@@ -545,8 +664,9 @@ mod tests {
             user: Some("4242".into()),
             uid: Some("20000".into()),
             gid: Some("20001".into()),
-            cpus: Some(64),
-            memory_mib: Some(64),
+            cpus: Some("0.5".into()),
+            memory: Some("1g".into()),
+            labels: vec!["team=a".into(), "flag".into()],
             env_files: vec![EnvFile {
                 name: "f.env".into(),
                 contents: b"A=file\nB=file\n".to_vec(),
@@ -563,7 +683,15 @@ mod tests {
         assert_eq!(request.name(), Some("box"));
         assert_eq!(request.run_as, kiln_identity::RunAs::Id(4242));
         assert_eq!((request.sandbox_uid, request.sandbox_gid), (20000, 20001));
-        assert_eq!((request.cpus, request.memory_mib), (64, 64));
+        assert_eq!(
+            (request.cpus, request.millicpus, request.memory_mib),
+            (1, 500, 1024)
+        );
+        let labels: Vec<_> = request.labels.iter().collect();
+        assert_eq!(
+            labels,
+            [(&"flag".into(), &"".into()), (&"team".into(), &"a".into())]
+        );
         let env = [("A", "file"), ("B", "file"), ("B", "flag")]
             .map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(request.overrides.env, env);
@@ -621,17 +749,31 @@ mod tests {
         );
         refused(
             CreateFields {
-                cpus: Some(65),
+                cpus: Some("64.5".into()),
                 ..fields()
             },
-            "cpus 65: expected 1 to 64",
+            "cpus: invalid CPU count \"64.5\": expected a number of CPUs from 0.001 to 64",
         );
         refused(
             CreateFields {
-                memory_mib: Some(63),
+                memory: Some("63m".into()),
                 ..fields()
             },
             "memory_mib 63: expected 64 to 1048576",
+        );
+        refused(
+            CreateFields {
+                memory: Some("1 g".into()),
+                ..fields()
+            },
+            "memory_mib: invalid memory size \"1 g\": expected a whole number with a unit",
+        );
+        refused(
+            CreateFields {
+                labels: vec!["=v".into()],
+                ..fields()
+            },
+            "labels: invalid label \"=v\"",
         );
         refused(
             CreateFields {

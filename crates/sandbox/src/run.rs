@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::mpsc::Receiver;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_protocol::WorkloadResult;
 use kiln_vm::accel::AccelVerdict;
@@ -23,6 +23,9 @@ pub struct RunTimings {
     pub pull: Duration,
     /// Building or finding the root image and identity layer.
     pub build: Duration,
+    /// From the start of the run until the host heard that the workload started: what a
+    /// user waits before their command runs (pull, build, VMM start, boot).
+    pub to_workload: Option<Duration>,
     #[serde(flatten)]
     pub vm: VmTimings,
 }
@@ -47,6 +50,7 @@ pub fn run(
     control: Receiver<Control>,
     notice: &dyn Fn(&str),
 ) -> Result<RunReport, Error> {
+    let run_started = Instant::now();
     let guest = GuestImages::locate(root);
     guest.check().map_err(BootError::from)?;
     let create = &request.sandbox;
@@ -118,6 +122,10 @@ pub fn run(
         timings: RunTimings {
             pull: prepared.pull_time,
             build: prepared.build_time,
+            to_workload: outcome
+                .timings
+                .workload_started_at
+                .map(|at| at.saturating_duration_since(run_started)),
             vm: outcome.timings,
         },
     })

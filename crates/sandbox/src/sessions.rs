@@ -683,6 +683,7 @@ mod tests {
             },
             tty: false,
             terminal: None,
+            task: None,
         }
     }
 

@@ -137,6 +137,7 @@ pub fn build_run_spec(
         identity,
         tty: terminal.is_some(),
         terminal,
+        task: None,
     })
 }
 

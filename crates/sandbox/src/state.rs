@@ -16,6 +16,7 @@
 //! written 0600 without following a symlink. The records name no program: the VMM comes
 //! from the configuration of the kiln command that boots the sandbox.
 
+use std::collections::BTreeMap;
 use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_hostfs::{create_new, open_own, private_dir};
 use kiln_image::ImageRecord;
-use kiln_protocol::{RunSpec, WorkloadResult};
+use kiln_protocol::{HostEntry, RunSpec, TmpfsMount, WorkloadResult};
 use kiln_vm::accel::AccelRequest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -56,8 +57,15 @@ pub struct SandboxRecord {
     /// The main workload's run spec.
     pub run: RunSpec,
     pub cpus: u32,
+    /// The CPU share asked for, in thousandths of a CPU (`--cpus 0.5` is 500; `cpus` is
+    /// this rounded up). Records of older kilns get `cpus` whole CPUs.
+    #[serde(default)]
+    pub millicpus: Option<u32>,
     pub memory_mib: u32,
     pub network: NetworkRecord,
+    /// The user's `KEY=VALUE` labels (absent in records of older kilns).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Stored as `auto`, `kvm` or `tcg`; anything else makes the record corrupt.
     #[serde(with = "accel_text")]
     pub accel: AccelRequest,
@@ -72,7 +80,26 @@ pub struct SandboxRecord {
     /// it may not).
     #[serde(default)]
     pub allow_user_namespaces: bool,
+    /// Names and mounts the guest sets up at boot (absent in records of older kilns: the
+    /// defaults).
+    #[serde(default)]
+    pub guest: GuestSetup,
 }
+
+/// What the guest's init sets up from the boot configuration besides disks and network:
+/// docker's `--hostname`, `--add-host`, `--dns`, `--read-only` and `--tmpfs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSetup {
+    /// `None`: the sandbox id's first [`SHORT_ID_LEN`] characters, as docker does.
+    pub hostname: Option<String>,
+    pub extra_hosts: Vec<HostEntry>,
+    pub dns: Vec<std::net::IpAddr>,
+    pub read_only: bool,
+    pub tmpfs: Vec<TmpfsMount>,
+}
+
+/// How many characters of an id docker shows, and kiln's default hostname has.
+pub const SHORT_ID_LEN: usize = 12;
 
 /// What `stdout.log` and `stderr.log` each hold at most when the request does not say:
 /// 10 MiB, with one rotated file each, so 40 MiB per sandbox at most. That keeps a long
@@ -202,6 +229,12 @@ pub enum StateError {
     #[error("no such sandbox: {0}")]
     NotFound(String),
 
+    #[error("sandbox id prefix {prefix:?} is ambiguous: it matches {}; give more of the id", candidates.join(", "))]
+    Ambiguous {
+        prefix: String,
+        candidates: Vec<String>,
+    },
+
     #[error("sandbox {0} is running; stop it first (or force the removal)")]
     Running(String),
 
@@ -225,7 +258,7 @@ pub enum StateError {
 impl StateError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StateError::Name(_) => ErrorKind::InvalidInput,
+            StateError::Name(_) | StateError::Ambiguous { .. } => ErrorKind::InvalidInput,
             StateError::DuplicateName { .. } => ErrorKind::AlreadyExists,
             StateError::NotFound(_) => ErrorKind::NotFound,
             StateError::Running(_) | StateError::NotRunning(_) => ErrorKind::FailedPrecondition,
@@ -289,21 +322,9 @@ impl SandboxDir {
             names_dir,
         };
         if let Some(name) = name {
-            let claim = dir.names_dir.join(name);
-            match create_new(&claim) {
-                Ok(mut file) => file.write_all(dir.id.as_bytes()).map_err(io_err(&claim))?,
-                Err(kiln_hostfs::Error::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
-                {
-                    let mut owner = String::new();
-                    let _ = open_own(&claim).map(|f| f.take(256).read_to_string(&mut owner));
-                    dir.remove()?;
-                    return Err(StateError::DuplicateName {
-                        name: name.to_owned(),
-                        id: owner,
-                    });
-                }
-                Err(err) => return Err(err.into()),
+            if let Err(err) = dir.claim_name(name) {
+                dir.remove()?;
+                return Err(err);
             }
         }
         Ok(SandboxDir {
@@ -312,37 +333,20 @@ impl SandboxDir {
         })
     }
 
-    /// The existing sandbox `id_or_name`: an id first, then a name.
+    /// The existing sandbox `id_or_name`: a whole id first, then a name, then a unique
+    /// prefix of an id (as docker resolves them).
     pub fn open(root: &Path, id_or_name: &str) -> Result<SandboxDir, StateError> {
         validate_name(id_or_name)?;
         let (sandboxes, names_dir) = state_dirs(root)?;
-        let claim = names_dir.join(id_or_name);
         // `.names` and other dot entries are kiln's own, never a sandbox.
         let is_id = !id_or_name.starts_with('.')
             && std::fs::symlink_metadata(sandboxes.join(id_or_name)).is_ok();
         let id = if is_id {
             id_or_name.to_owned()
+        } else if let Some(id) = read_name_claim(&names_dir, id_or_name)? {
+            id
         } else {
-            let mut id = String::new();
-            match open_own(&claim) {
-                Ok(file) => {
-                    file.take(256)
-                        .read_to_string(&mut id)
-                        .map_err(io_err(&claim))?;
-                }
-                Err(err) if err.is_not_found() => {
-                    return Err(StateError::NotFound(id_or_name.to_owned()))
-                }
-                Err(err) => return Err(err.into()),
-            }
-            let id = id.trim();
-            if validate_name(id).is_err() || id.starts_with('.') {
-                return Err(StateError::Corrupt {
-                    path: claim,
-                    reason: "not a sandbox id".into(),
-                });
-            }
-            id.to_owned()
+            id_by_prefix(root, id_or_name)?
         };
         let path = sandboxes.join(&id);
         let meta = std::fs::symlink_metadata(&path).map_err(|err| match err.kind() {
@@ -429,6 +433,56 @@ impl SandboxDir {
         })
     }
 
+    /// Makes `name` point to this sandbox, unless another sandbox has it.
+    fn claim_name(&self, name: &str) -> Result<(), StateError> {
+        let claim = self.names_dir.join(name);
+        match create_new(&claim) {
+            Ok(mut file) => file.write_all(self.id.as_bytes()).map_err(io_err(&claim)),
+            Err(kiln_hostfs::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                let mut owner = String::new();
+                let _ = open_own(&claim).map(|f| f.take(256).read_to_string(&mut owner));
+                Err(StateError::DuplicateName {
+                    name: name.to_owned(),
+                    id: owner,
+                })
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Gives the sandbox the name `new`: claims it (exclusively, as create does), records
+    /// it, then frees the old name.
+    pub fn rename(&mut self, new: &str) -> Result<(), StateError> {
+        validate_name(new)?;
+        self.claim_name(new)?;
+        let claim = self.names_dir.join(new);
+        let recorded = self
+            .read_json::<SandboxRecord>(RECORD_FILE)
+            .and_then(|mut record| {
+                record.name = Some(new.to_owned());
+                self.write_json(RECORD_FILE, &record)
+            });
+        if let Err(err) = recorded {
+            let _ = std::fs::remove_file(&claim);
+            return Err(err);
+        }
+        match self.name.replace(new.to_owned()) {
+            Some(old) => self.free_name(&old),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the claim of `name` (already gone is fine).
+    fn free_name(&self, name: &str) -> Result<(), StateError> {
+        let claim = self.names_dir.join(name);
+        match std::fs::remove_file(&claim) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io_err(&claim)(err)),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes the directory and its name claim. A directory that has become a symlink is
     /// refused, so a swapped path can never make kiln delete something else.
     pub fn remove(self) -> Result<(), StateError> {
@@ -437,16 +491,10 @@ impl SandboxDir {
             return Err(StateError::Symlink(self.path));
         }
         std::fs::remove_dir_all(&self.path).map_err(io_err(&self.path))?;
-        if let Some(name) = &self.name {
-            let claim = self.names_dir.join(name);
-            match std::fs::remove_file(&claim) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io_err(&claim)(err))
-                }
-                _ => {}
-            }
+        match &self.name {
+            Some(name) => self.free_name(name),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -515,6 +563,49 @@ impl SandboxDir {
             dir.as_raw_fd()
         ));
         Ok((short, Some(dir)))
+    }
+}
+
+/// The id the name claim `name` holds, or `None` when no sandbox has that name.
+fn read_name_claim(names_dir: &Path, name: &str) -> Result<Option<String>, StateError> {
+    let claim = names_dir.join(name);
+    let mut id = String::new();
+    match open_own(&claim) {
+        Ok(file) => {
+            file.take(256)
+                .read_to_string(&mut id)
+                .map_err(io_err(&claim))?;
+        }
+        Err(err) if err.is_not_found() => return Ok(None),
+        Err(err) => return Err(err.into()),
+    }
+    let id = id.trim();
+    if validate_name(id).is_err() || id.starts_with('.') {
+        return Err(StateError::Corrupt {
+            path: claim,
+            reason: "not a sandbox id".into(),
+        });
+    }
+    Ok(Some(id.to_owned()))
+}
+
+/// The one sandbox id that starts with `prefix`.
+fn id_by_prefix(root: &Path, prefix: &str) -> Result<String, StateError> {
+    let mut candidates: Vec<String> = if prefix.starts_with('.') {
+        Vec::new()
+    } else {
+        SandboxDir::list(root)?
+            .into_iter()
+            .filter(|id| id.starts_with(prefix))
+            .collect()
+    };
+    match candidates.len() {
+        0 => Err(StateError::NotFound(prefix.to_owned())),
+        1 => Ok(candidates.remove(0)),
+        _ => Err(StateError::Ambiguous {
+            prefix: prefix.to_owned(),
+            candidates,
+        }),
     }
 }
 
@@ -635,6 +726,60 @@ mod tests {
     }
 
     #[test]
+    fn a_unique_id_prefix_opens_its_sandbox_and_an_ambiguous_one_lists_the_candidates() {
+        let root = tempfile::tempdir().unwrap();
+        let sandboxes = root.path().join("sandboxes");
+        SandboxDir::list(root.path()).unwrap();
+        for id in ["ab12aaaaaaaa", "ab34bbbbbbbb", "cdcdcdcdcdcd"] {
+            DirBuilder::new()
+                .mode(0o700)
+                .create(sandboxes.join(id))
+                .unwrap();
+        }
+        assert_eq!(
+            SandboxDir::open(root.path(), "ab3").unwrap().id(),
+            "ab34bbbbbbbb"
+        );
+        match SandboxDir::open(root.path(), "ab") {
+            Err(err @ StateError::Ambiguous { .. }) => {
+                assert_eq!(err.kind(), ErrorKind::InvalidInput);
+                assert_eq!(
+                    err.to_string(),
+                    "sandbox id prefix \"ab\" is ambiguous: it matches ab12aaaaaaaa, \
+                     ab34bbbbbbbb; give more of the id"
+                );
+            }
+            other => panic!("expected an ambiguous prefix, got {other:?}"),
+        }
+        assert!(matches!(
+            SandboxDir::open(root.path(), "ef"),
+            Err(StateError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn rename_moves_the_name_claim_and_refuses_a_taken_name() {
+        let root = tempfile::tempdir().unwrap();
+        let mut dir = SandboxDir::create(root.path(), Some("old")).unwrap();
+        let mut named = record(&dir);
+        named.name = Some("old".into());
+        dir.write_json(RECORD_FILE, &named).unwrap();
+        SandboxDir::create(root.path(), Some("taken")).unwrap();
+        assert!(matches!(
+            dir.rename("taken"),
+            Err(StateError::DuplicateName { .. })
+        ));
+        dir.rename("new").unwrap();
+        let opened = SandboxDir::open(root.path(), "new").unwrap();
+        assert_eq!((opened.id(), opened.name()), (dir.id(), Some("new")));
+        assert!(matches!(
+            SandboxDir::open(root.path(), "old"),
+            Err(StateError::NotFound(_))
+        ));
+        SandboxDir::create(root.path(), Some("old")).unwrap();
+    }
+
+    #[test]
     fn open_refuses_a_symlinked_state_dir() {
         let root = tempfile::tempdir().unwrap();
         let victim = tempfile::tempdir().unwrap();
@@ -724,14 +869,18 @@ mod tests {
                 },
                 tty: false,
                 terminal: None,
+                task: None,
             },
             cpus: 1,
+            millicpus: None,
             memory_mib: 512,
             network: NetworkRecord::None,
+            labels: BTreeMap::new(),
             accel: AccelRequest::Auto,
             volumes: Vec::new(),
             log_max_size: 4096,
             allow_user_namespaces: false,
+            guest: GuestSetup::default(),
         };
         let mut json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["log_max_size"], 4096);
@@ -848,14 +997,18 @@ mod tests {
                 },
                 tty: false,
                 terminal: None,
+                task: None,
             },
             cpus: 1,
+            millicpus: None,
             memory_mib: 256,
             network: NetworkRecord::None,
+            labels: BTreeMap::new(),
             accel: AccelRequest::Auto,
             volumes: Vec::new(),
             log_max_size: DEFAULT_LOG_MAX_SIZE,
             allow_user_namespaces: false,
+            guest: GuestSetup::default(),
         }
     }
 

@@ -46,6 +46,12 @@ impl FieldNames for ProtoNames {
             Field::EnvFile => "env_file",
             Field::Timeout => "timeout",
             Field::LogMaxSize => "log_max_size",
+            Field::Labels => "labels",
+            Field::Hostname => "hostname",
+            Field::AddHost => "add_host",
+            Field::Dns => "dns",
+            Field::Tmpfs => "tmpfs",
+            Field::Mount => "mount",
         }
     }
 
@@ -155,14 +161,18 @@ fn create_fields(
         user: optional(&request.user),
         uid: nonzero(request.uid).map(|id| id.to_string()),
         gid: nonzero(request.gid).map(|id| id.to_string()),
-        cpus: nonzero(request.cpus),
-        memory_mib: nonzero(request.memory_mib),
+        cpus: nonzero(request.cpus).map(|n| n.to_string()),
+        memory: nonzero(request.memory_mib).map(|mib| format!("{mib}m")),
         image: request.image,
         accel: machine.accel,
         // Not in the proto yet: the default cap.
         log_max_size: None,
+        // Not in the proto yet: none.
+        labels: Vec::new(),
         rootfs_cache_max: machine.rootfs_cache_max,
         allow_user_namespaces: request.allow_user_namespaces,
+        // Not in the proto: docker's guest names and mounts keep their defaults.
+        ..CreateFields::default()
     })
 }
 
@@ -326,7 +336,7 @@ mod tests {
     #[test]
     fn zero_and_empty_fields_are_unset() {
         let fields = create_fields(request(), &machine()).unwrap();
-        assert_eq!((fields.cpus, fields.memory_mib), (None, None));
+        assert_eq!((fields.cpus, fields.memory), (None, None));
         assert_eq!((fields.uid, fields.gid), (None, None));
         assert_eq!(
             (fields.user, fields.name, fields.workdir),
@@ -351,8 +361,8 @@ mod tests {
         };
         let fields = create_fields(set, &machine()).unwrap();
         assert_eq!(
-            (fields.uid.as_deref(), fields.cpus),
-            (Some("20000"), Some(2))
+            (fields.uid.as_deref(), fields.cpus.as_deref()),
+            (Some("20000"), Some("2"))
         );
         assert_eq!(fields.publish, ["8080:80"]);
         assert_eq!(fields.network, NetworkMode::None);

@@ -145,6 +145,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         tty: false,
         terminal: None,
+        task: None,
     };
     let supervisor = Supervisor {
         mode,

@@ -324,6 +324,7 @@ fn supervisor_runs_a_spec_as_a_numeric_identity() {
         },
         tty: false,
         terminal: None,
+        task: None,
     };
     // Process mode: the caller must already be the target uid, and root is not.
     let err = Supervisor::new(Mode::Process)

@@ -1,8 +1,9 @@
 //! Where the guest kernel and initramfs live.
 //!
 //! `scripts/build-guest` builds both (cached by their inputs) and installs them under
-//! `<root>/guest/`; `KILN_KERNEL` and `KILN_INITRAMFS` point elsewhere, e.g. at a kernel
-//! built from another tree.
+//! `<root>/guest/` (the default root unless told otherwise); a root without its own uses
+//! the default root's. `KILN_KERNEL` and `KILN_INITRAMFS` point elsewhere, e.g. at a
+//! kernel built from another tree.
 
 use std::path::{Path, PathBuf};
 
@@ -20,24 +21,35 @@ pub const BUILD_COMMAND: &str = "bash scripts/build-guest";
 pub struct GuestImages {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// The root they are located for: files taken from its `guest/` must be kiln's own
-    /// (those the environment names are the user's own choice).
+    /// The root whose `guest/` they are taken from: they must be kiln's own there (those
+    /// the environment names are the user's own choice).
     root: PathBuf,
 }
 
 impl GuestImages {
-    /// The boot files kiln uses for `root`: the environment's, else those installed there.
+    /// The boot files kiln uses for `root`: the environment's, else those installed
+    /// under `root`, else those installed under the default root (where
+    /// `scripts/build-guest` puts them), so a second `--root` boots the installed guest.
     pub fn locate(root: &Path) -> Self {
+        Self::locate_in(root, kiln_hostfs::default_root().as_deref())
+    }
+
+    fn locate_in(root: &Path, installed: Option<&Path>) -> Self {
         let from_env = |name| {
             std::env::var_os(name)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
+        let has_guest = |base: &Path| base.join("guest").join("kernel").is_file();
+        let base = match installed {
+            Some(installed) if !has_guest(root) && has_guest(installed) => installed,
+            _ => root,
+        };
         Self {
-            kernel: from_env(KERNEL_ENV).unwrap_or_else(|| root.join("guest").join("kernel")),
+            kernel: from_env(KERNEL_ENV).unwrap_or_else(|| base.join("guest").join("kernel")),
             initramfs: from_env(INITRAMFS_ENV)
-                .unwrap_or_else(|| root.join("guest").join("initramfs")),
-            root: root.to_path_buf(),
+                .unwrap_or_else(|| base.join("guest").join("initramfs")),
+            root: base.to_path_buf(),
         }
     }
 
@@ -87,7 +99,10 @@ mod tests {
 
     /// `<root>/guest/{kernel,initramfs}` as scripts/build-guest installs them (0644).
     fn installed() -> (tempfile::TempDir, GuestImages) {
-        let root = tempfile::tempdir().unwrap();
+        installed_at(tempfile::tempdir().unwrap())
+    }
+
+    fn installed_at(root: tempfile::TempDir) -> (tempfile::TempDir, GuestImages) {
         let guest = root.path().join("guest");
         std::fs::create_dir(&guest).unwrap();
         for name in ["kernel", "initramfs"] {
@@ -100,6 +115,25 @@ mod tests {
             root: root.path().to_path_buf(),
         };
         (root, images)
+    }
+
+    #[test]
+    fn a_root_without_guest_files_uses_the_installed_ones() {
+        // The environment's files win over both; this test is about the installed ones.
+        if std::env::var_os(KERNEL_ENV).is_some() || std::env::var_os(INITRAMFS_ENV).is_some() {
+            return;
+        }
+        let (installed, images) = installed();
+        let other = tempfile::tempdir().unwrap();
+        let found = GuestImages::locate_in(other.path(), Some(installed.path()));
+        assert_eq!(found, images);
+        found.check().unwrap();
+        // A root with its own guest files keeps them.
+        let (own, own_images) = installed_at(other);
+        assert_eq!(
+            GuestImages::locate_in(own.path(), Some(installed.path())),
+            own_images
+        );
     }
 
     #[test]

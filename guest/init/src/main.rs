@@ -4,7 +4,9 @@
 //! with `/dev/console`) that turns the booted kernel into a sandbox and back off:
 //!
 //! 1. mounts proc, sysfs and devtmpfs in the initramfs, reads the `kiln.*` kernel
-//!    arguments, opens the host channel and sends a hello and `init_started`;
+//!    arguments, opens the host channel and sends a hello and `init_started`, then waits
+//!    for the host's hello and wall clock and sets the clock (the RTC the kernel read at
+//!    boot has whole seconds only);
 //! 2. turns off user namespaces (`user.max_user_namespaces=0`) unless `kiln.userns=on`,
 //!    mounts the root image and the identity layer (EROFS, read-only) and the writable
 //!    upper (tmpfs, or an ext4 disk for a persistent sandbox), stacks them into an overlay
@@ -12,11 +14,12 @@
 //!    nosuid, so the image's device nodes and set-id bits are inert), moves /dev, /proc,
 //!    /sys into it and switches root (move mount + chroot: the initramfs cannot be
 //!    pivoted);
-//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes, sets the hostname,
-//!    brings up lo and, when asked, eth0 with a static address (ioctls), default route and
-//!    resolv.conf;
-//! 4. waits for the host's hello and the run spec (session 1), gives the read-write
-//!    volumes' roots to the spec's uid:gid, starts the workload through kiln-supervisor
+//! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes and tmpfs mounts,
+//!    sets the hostname, writes /etc/hostname, /etc/hosts and /etc/resolv.conf, brings up
+//!    lo and, when asked, eth0 with a static address (ioctls) and default route;
+//! 4. waits for the run spec (session 1), gives the read-write
+//!    volumes' roots to the spec's uid:gid, makes the root read-only when `kiln.ro=on`
+//!    (after the supervisor's preparation), starts the workload through kiln-supervisor
 //!    (full mode: user check, /sandbox ownership, verified privilege drop) in the cgroup
 //!    `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM kill is told apart),
 //!    pumps stdin/stdout/stderr (or the terminal) over the channel, forwards signals
@@ -61,10 +64,12 @@
 //! each session's data within the window the host's credit leaves it.
 
 mod channel;
+mod etc;
 mod net;
 mod rootfs;
 mod session;
 mod sys;
+mod task;
 mod volume;
 mod workload;
 
@@ -128,10 +133,17 @@ fn boot(config: &BootConfig) -> Result<(), BootError> {
     rootfs::switch_root(&new_root)?;
     rootfs::mount_runtime_filesystems()?;
     volume::mount_all(&config.volumes)?;
+    volume::mount_tmpfs(&config.tmpfs)?;
     sys::sethostname(&config.hostname).map_err(|e| {
         failed(
             BootStep::Hostname,
             format!("setting the hostname to {:?}: {e}", config.hostname),
+        )
+    })?;
+    etc::write_name_files(Path::new("/"), config).map_err(|e| {
+        failed(
+            BootStep::Hostname,
+            format!("writing /etc/hostname, /etc/hosts and /etc/resolv.conf: {e}"),
         )
     })?;
     bring_up_network(config)
@@ -142,38 +154,73 @@ fn bring_up_network(config: &BootConfig) -> Result<(), BootError> {
     net::loopback_up().map_err(fail)?;
     if let Some(net_config) = &config.net {
         net::configure("eth0", net_config).map_err(fail)?;
-        if let Some(dns) = net_config.dns {
-            net::write_resolv_conf(Path::new("/"), dns)
-                .map_err(|e| failed(BootStep::Network, format!("writing /etc/resolv.conf: {e}")))?;
-        }
     }
     Ok(())
 }
 
-/// Waits for the host's hello (checking that both speak a common version) and then the
-/// run spec of the main session; `None` when the host asks to shut down instead.
-fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
-    let fail = |message: String| failed(BootStep::RunSpec, message);
+/// The host's next frame, waiting at most [`RUN_SPEC_WAIT`]; a failure is `step`'s.
+fn next_frame(channel: &Channel, step: BootStep) -> Result<Frame, BootError> {
+    channel
+        .receive(Some(RUN_SPEC_WAIT))
+        .map_err(|e| failed(step, format!("reading from the host: {e}")))?
+        .ok_or_else(|| failed(step, "the host closed the channel during boot"))
+}
+
+/// Waits for the host's hello (checking that both speak a common version) and its wall
+/// clock, which becomes the guest's: the host answers init's hello at once, so the time
+/// is milliseconds old when it is set. `false` when the host asks to shut down instead.
+fn greet_host(channel: &Channel) -> Result<bool, BootError> {
+    let step = BootStep::Clock;
     let mut greeted = false;
     loop {
-        let frame = channel
-            .receive(Some(RUN_SPEC_WAIT))
-            .map_err(|e| fail(format!("reading from the host: {e}")))?
-            .ok_or_else(|| fail("the host closed the channel before sending a run spec".into()))?;
+        let frame = next_frame(channel, step)?;
         match (frame.session, frame.message) {
             (CONTROL_SESSION, Message::Hello(theirs)) if !greeted => {
-                negotiate(&Hello::ours(software()), &theirs).map_err(|e| fail(e.to_string()))?;
+                negotiate(&Hello::ours(software()), &theirs)
+                    .map_err(|e| failed(step, e.to_string()))?;
                 greeted = true;
             }
-            (CONTROL_SESSION, Message::Shutdown(_)) => return Ok(None),
-            (MAIN_SESSION, Message::Run(spec)) if greeted => return Ok(Some(spec)),
+            (CONTROL_SESSION, Message::Clock(clock)) if greeted => {
+                sys::set_wall_clock(clock.unix_ns).map_err(|e| {
+                    failed(
+                        step,
+                        format!("setting the clock to {} ns: {e}", clock.unix_ns),
+                    )
+                })?;
+                return Ok(true);
+            }
+            (CONTROL_SESSION, Message::Shutdown(_)) => return Ok(false),
             (session, message) => {
-                return Err(fail(format!(
-                    "expected the host's hello and then a run spec on session {MAIN_SESSION}, \
-                     got {message:?} on session {session}"
-                )))
+                return Err(failed(
+                    step,
+                    format!(
+                        "expected the host's hello and then its clock on session \
+                         {CONTROL_SESSION}, got {message:?} on session {session}"
+                    ),
+                ))
             }
         }
+    }
+}
+
+/// Waits for the run spec of the main session; `None` when the host asks to shut down
+/// instead.
+fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
+    match next_frame(channel, BootStep::RunSpec)? {
+        Frame {
+            session: CONTROL_SESSION,
+            message: Message::Shutdown(_),
+        } => Ok(None),
+        Frame {
+            session: MAIN_SESSION,
+            message: Message::Run(spec),
+        } => Ok(Some(spec)),
+        Frame { session, message } => Err(failed(
+            BootStep::RunSpec,
+            format!(
+                "expected a run spec on session {MAIN_SESSION}, got {message:?} on session {session}"
+            ),
+        )),
     }
 }
 
@@ -183,12 +230,15 @@ fn boot_and_run(
     config: &BootConfig,
     channel: &'static Channel,
 ) -> Result<Option<WorkloadResult>, BootError> {
+    if !greet_host(channel)? {
+        return Ok(None);
+    }
     boot(config)?;
     let Some(spec) = receive_run_spec(channel)? else {
         return Ok(None);
     };
     volume::give_to_user(&config.volumes, spec.identity.uid, spec.identity.gid)?;
-    workload::run(&spec, channel, boottime_ns).map(Some)
+    workload::run(&spec, channel, boottime_ns, config.read_only).map(Some)
 }
 
 /// Tells the host and the console that boot failed.
@@ -214,6 +264,10 @@ fn shutdown(channel: Option<&Channel>) -> ! {
 
 fn main() {
     let init_started = boottime_ns();
+    // An exec session's task (kiln top, stats, cp): the binary is init's, the job is not.
+    if let Some(task) = task::from_args() {
+        std::process::exit(task::run(task));
+    }
     if std::process::id() != 1 {
         eprintln!("kiln-init is the guest's PID 1 and runs only there (it mounts, switches root and powers off)");
         std::process::exit(2);

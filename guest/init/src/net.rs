@@ -1,11 +1,10 @@
 //! Network bring-up with the classic interface ioctls: lo always, eth0 with a static IPv4
-//! address, an optional default route, and /etc/resolv.conf when a DNS server is given.
+//! address and an optional default route (resolv.conf is etc.rs's).
 //! The ioctls are a dozen lines; a netlink stack would be most of init's size.
 
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
 
 use kiln_protocol::NetConfig;
 
@@ -148,17 +147,6 @@ pub fn configure(interface: &str, config: &NetConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `/etc/resolv.conf` under `root` naming `dns`. An image may ship resolv.conf as a
-/// symlink (to a systemd-resolved stub, say); it is replaced by a regular file.
-pub fn write_resolv_conf(root: &Path, dns: Ipv4Addr) -> io::Result<()> {
-    let etc = root.join("etc");
-    std::fs::create_dir_all(&etc)?;
-    let path = etc.join("resolv.conf");
-    let tmp = etc.join(".resolv.conf.kiln");
-    std::fs::write(&tmp, format!("nameserver {dns}\n"))?;
-    std::fs::rename(&tmp, &path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,19 +162,5 @@ mod tests {
     fn rtentry_has_the_kernel_layout() {
         // 8 + 3*16 + 2 + 2 (pad to 8 is in rt_pad3's alignment) + 8 + 8 + 2(+6) + 8 + 8 + 8 + 2(+6)
         assert_eq!(std::mem::size_of::<RtEntry>(), 120);
-    }
-
-    #[test]
-    fn resolv_conf_replaces_a_symlink() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("etc")).unwrap();
-        std::os::unix::fs::symlink("/run/elsewhere", dir.path().join("etc/resolv.conf")).unwrap();
-        write_resolv_conf(dir.path(), Ipv4Addr::new(10, 0, 2, 3)).unwrap();
-        let path = dir.path().join("etc/resolv.conf");
-        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
-        assert_eq!(
-            std::fs::read_to_string(path).unwrap(),
-            "nameserver 10.0.2.3\n"
-        );
     }
 }

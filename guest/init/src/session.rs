@@ -264,6 +264,18 @@ impl Sessions {
         if table.live.contains_key(&session) {
             return refuse(format!("session {session} is already running a process"));
         }
+        // A task runs init's own binary in place of the spec's program.
+        let task_spec;
+        let spec = match &spec.task {
+            Some(task) => {
+                task_spec = RunSpec {
+                    argv: crate::task::argv(task),
+                    ..spec.clone()
+                };
+                &task_spec
+            }
+            None => spec,
+        };
         // Same identity checks as the main workload; /sandbox is already prepared.
         let started = RootAccounts::read(std::path::Path::new("/"))
             .and_then(|accounts| validate_sandbox_user(&spec.identity, &accounts))

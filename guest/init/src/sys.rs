@@ -22,6 +22,19 @@ fn check(result: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Sets the wall clock (CLOCK_REALTIME) to `unix_ns` nanoseconds since the epoch.
+pub fn set_wall_clock(unix_ns: u64) -> io::Result<()> {
+    const NANOS: u64 = 1_000_000_000;
+    let time = libc::timespec {
+        tv_sec: libc::time_t::try_from(unix_ns / NANOS)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        // Below 10^9, which every c_long holds.
+        tv_nsec: (unix_ns % NANOS) as libc::c_long,
+    };
+    // SAFETY: clock_settime only reads the timespec we own.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &time) })
+}
+
 /// mount(2). `source` and `data` are optional as in the C API.
 pub fn mount(
     source: Option<&str>,
@@ -56,6 +69,15 @@ pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
         .to_str()
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
     mount(Some(from), to, None, libc::MS_MOVE, None)
+}
+
+/// Makes the mount at `target` read-only for everything above it (a bind remount changes
+/// the mount's flags, not its filesystem's, so mounts below stay as they are). Its nodev
+/// and nosuid are given again: a remount replaces every per-mount flag.
+pub fn remount_read_only(target: &Path) -> io::Result<()> {
+    let flags =
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    mount(None, target, None, flags, None)
 }
 
 /// chroot(2) into `dir` and chdir to its root.

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use kiln_protocol::{BootError, BootStep, VolumeMount};
+use kiln_protocol::{BootError, BootStep, TmpfsMount, VolumeMount};
 
 use crate::rootfs::failed;
 use crate::sys::mount;
@@ -43,6 +43,34 @@ pub fn mount_all(volumes: &[VolumeMount]) -> Result<(), BootError> {
             Some(MOUNT_OPTIONS),
         )
         .map_err(|e| volume_error(volume, &format!("mounting 9p ({MOUNT_OPTIONS})"), e))?;
+    }
+    Ok(())
+}
+
+/// Mounts every `kiln.tmpfs=` mount (nosuid, nodev, with its mode and size), creating
+/// the directory; on a read-only root these stay writable.
+pub fn mount_tmpfs(mounts: &[TmpfsMount]) -> Result<(), BootError> {
+    for tmpfs in mounts {
+        let fail = |what: &str, e: std::io::Error| {
+            failed(
+                BootStep::MountVolume,
+                format!("tmpfs at {}: {what}: {e}", tmpfs.path),
+            )
+        };
+        let path = Path::new(&tmpfs.path);
+        std::fs::create_dir_all(path).map_err(|e| fail("creating the mount point", e))?;
+        let mut options = format!("mode={:o}", tmpfs.mode);
+        if let Some(size) = tmpfs.size_bytes {
+            options.push_str(&format!(",size={size}"));
+        }
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&options),
+        )
+        .map_err(|e| fail(&format!("mounting tmpfs ({options})"), e))?;
     }
     Ok(())
 }

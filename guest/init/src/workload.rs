@@ -73,6 +73,7 @@ pub fn run(
     spec: &RunSpec,
     channel: &'static Channel,
     clock: fn() -> u64,
+    read_only_root: bool,
 ) -> Result<WorkloadResult, BootError> {
     let supervisor_error =
         |e: kiln_supervisor::SupervisorError| failed(BootStep::SupervisorStart, e.to_string());
@@ -88,6 +89,15 @@ pub fn run(
     let user = supervisor
         .prepare(&spec.identity)
         .map_err(supervisor_error)?;
+    // After the preparation, which may chown /sandbox in the overlay.
+    if read_only_root {
+        crate::sys::remount_read_only(std::path::Path::new("/")).map_err(|e| {
+            failed(
+                BootStep::SupervisorStart,
+                format!("making the root read-only: {e}"),
+            )
+        })?;
+    }
     // init lives until power-off; the host-serving thread borrows the sessions.
     let sessions: &'static Sessions = Box::leak(Box::new(Sessions::new(channel, supervisor)));
     let pid = match sessions.start_main(spec, &user) {

@@ -31,8 +31,85 @@ fn host_config() -> BootConfig {
             volume("vol0", "/data", false),
             volume("vol1", "/srv/in", true),
         ],
+        tmpfs: Vec::new(),
+        hosts: Vec::new(),
+        dns: Vec::new(),
+        read_only: false,
         user_namespaces: true,
     }
+}
+
+#[test]
+fn docker_style_mounts_hosts_and_dns_round_trip() {
+    let config = BootConfig {
+        tmpfs: vec![TmpfsMount {
+            path: "/scratch space".into(),
+            mode: 0o1777,
+            size_bytes: Some(1 << 20),
+        }],
+        hosts: vec![HostEntry {
+            name: "db.local".into(),
+            address: "10.1.2.3".parse().unwrap(),
+        }],
+        dns: vec!["1.1.1.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+        read_only: true,
+        ..host_config()
+    };
+    let args = config.kernel_args().unwrap();
+    assert_eq!(
+        args[args.len() - 7..],
+        [
+            "kiln.ro=on",
+            "kiln.vol=vol0,/data",
+            "kiln.vol=vol1,/srv/in,ro",
+            "kiln.tmpfs=/scratch%20space,1777,1048576",
+            "kiln.host=db.local,10.1.2.3",
+            "kiln.dns=1.1.1.1",
+            "kiln.dns=2001:db8::1",
+        ]
+    );
+    assert_eq!(BootConfig::parse(&args.join(" ")).unwrap(), config);
+}
+
+#[test]
+fn docker_style_arguments_are_bounded_and_checked() {
+    let fault = |cmdline: &str| BootConfig::parse(cmdline).unwrap_err().fault;
+    assert_eq!(fault("kiln.tmpfs=/t,9999"), CmdlineFault::TmpfsSyntax);
+    assert_eq!(fault("kiln.tmpfs=/t,755,1k"), CmdlineFault::TmpfsSyntax);
+    assert_eq!(
+        fault("kiln.tmpfs=/t/../x,755"),
+        CmdlineFault::GuestPath("/t/../x".into())
+    );
+    assert_eq!(
+        fault("kiln.vol=v,/t kiln.tmpfs=/t,755"),
+        CmdlineFault::DuplicateVolume
+    );
+    assert_eq!(fault("kiln.host=a b"), CmdlineFault::HostSyntax);
+    assert_eq!(fault("kiln.host=a/b,1.2.3.4"), CmdlineFault::HostSyntax);
+    assert_eq!(
+        fault("kiln.host=a,999.1.1.1"),
+        CmdlineFault::IpAddress("999.1.1.1".into())
+    );
+    assert_eq!(fault("kiln.ro=yes"), CmdlineFault::ReadOnly);
+    let four_dns = "kiln.dns=1.1.1.1 ".repeat(MAX_DNS_SERVERS + 1);
+    assert_eq!(
+        fault(&four_dns),
+        CmdlineFault::TooMany {
+            key: "dns",
+            max: MAX_DNS_SERVERS
+        }
+    );
+    let too_many_hosts = BootConfig {
+        hosts: vec![
+            HostEntry {
+                name: "h".into(),
+                address: "10.0.0.1".parse().unwrap()
+            };
+            MAX_EXTRA_HOSTS + 1
+        ],
+        ..BootConfig::default()
+    };
+    assert_eq!(too_many_hosts.kernel_args().unwrap_err().key, "host");
 }
 
 #[test]
@@ -338,6 +415,39 @@ fn volumes() -> impl Strategy<Value = Vec<VolumeMount>> {
     })
 }
 
+/// Tmpfs mounts at paths no volume of `volumes()` can have (they start with /t-).
+fn tmpfs_mounts() -> impl Strategy<Value = Vec<TmpfsMount>> {
+    let one = (0..4u32, 0..=0o7777u32, proptest::option::of(any::<u64>())).prop_map(
+        |(index, mode, size_bytes)| TmpfsMount {
+            path: format!("/t-{index}"),
+            mode,
+            size_bytes,
+        },
+    );
+    proptest::collection::vec(one, 0..4).prop_map(|candidates| {
+        let mut mounts: Vec<TmpfsMount> = Vec::new();
+        for mount in candidates {
+            if !mounts.iter().any(|m| m.path == mount.path) {
+                mounts.push(mount);
+            }
+        }
+        mounts
+    })
+}
+
+fn ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<u32>().prop_map(|a| IpAddr::from(Ipv4Addr::from(a))),
+        any::<u128>().prop_map(|a| IpAddr::from(std::net::Ipv6Addr::from(a))),
+    ]
+}
+
+fn hosts() -> impl Strategy<Value = Vec<HostEntry>> {
+    let one =
+        (name(MAX_HOSTNAME_LEN), ip()).prop_map(|(name, address)| HostEntry { name, address });
+    proptest::collection::vec(one, 0..4)
+}
+
 fn config() -> impl Strategy<Value = BootConfig> {
     (
         proptest::option::of(disk()),
@@ -346,11 +456,19 @@ fn config() -> impl Strategy<Value = BootConfig> {
         name(12),
         name(MAX_HOSTNAME_LEN),
         proptest::option::of(net()),
-        volumes(),
+        volumes().prop_map(|v| {
+            v.into_iter()
+                .filter(|v| !v.path.starts_with("/t-"))
+                .collect::<Vec<_>>()
+        }),
+        tmpfs_mounts(),
+        hosts(),
+        proptest::collection::vec(ip(), 0..=MAX_DNS_SERVERS),
+        any::<bool>(),
         any::<bool>(),
     )
         .prop_map(
-            |(root, ident, upper, port, hostname, net, volumes, user_namespaces)| BootConfig {
+            |(
                 root,
                 ident,
                 upper,
@@ -358,6 +476,23 @@ fn config() -> impl Strategy<Value = BootConfig> {
                 hostname,
                 net,
                 volumes,
+                tmpfs,
+                hosts,
+                dns,
+                read_only,
+                user_namespaces,
+            )| BootConfig {
+                root,
+                ident,
+                upper,
+                port,
+                hostname,
+                net,
+                volumes,
+                tmpfs,
+                hosts,
+                dns,
+                read_only,
                 user_namespaces,
             },
         )
@@ -379,6 +514,11 @@ fn cmdline() -> impl Strategy<Value = String> {
         "[a-z0-9]{1,2},(/([a-z.]{1,3}|%C3%A9|%2C|%2c|%20)){1,3}(,ro)?"
             .prop_map(|v| format!("kiln.vol={v}")),
         "on|off|yes|".prop_map(|v| format!("kiln.userns={v}")),
+        "on|off|yes|".prop_map(|v| format!("kiln.ro={v}")),
+        "/[a-z]{1,2},[0-9]{1,5}(,[0-9]{1,3})?".prop_map(|v| format!("kiln.tmpfs={v}")),
+        "[a-z.]{1,3},((1?[0-9]{1,2}\\.){3}1?[0-9]{1,2}|[0-9a-f:]{2,8})"
+            .prop_map(|v| format!("kiln.host={v}")),
+        "(1?[0-9]{1,2}\\.){3}1?[0-9]{1,2}|[0-9a-f:]{2,8}".prop_map(|v| format!("kiln.dns={v}")),
         "kiln\\.[a-z]{0,8}(=[!-~]{0,8})?|console=ttyS0|\\PC{0,8}",
     ];
     proptest::collection::vec(arg, 0..6).prop_map(|args| args.join(" "))
