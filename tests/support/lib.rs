@@ -15,6 +15,7 @@ mod fixtures;
 mod guest;
 mod kiln_root;
 mod layer;
+mod peer_probe;
 mod process;
 mod registry;
 mod server;
@@ -26,9 +27,10 @@ pub use fixtures::{
     fixtures, DockerArchive, Fixtures, ImageFixture, IndexFixture, OciArchive, OciImage, Platform,
     PlatformManifest, SkopeoSource,
 };
-pub use guest::{guest_files, GuestFiles};
+pub use guest::{guest_files, kernel_with_fragment, GuestFiles};
 pub use kiln_root::{KilnRoot, KILN_TIMEOUT};
 pub use layer::{read_layer, EntryKind, LayerEntry};
+pub use peer_probe::{probe, Probe, OTHER_UID};
 pub use process::{
     kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout, TimedOut,
 };
@@ -93,6 +95,15 @@ pub fn require_root() {
 pub fn demo_image() -> String {
     let image = &fixtures().demo().oci_gzip;
     format!("oci:{}:{}", image.path.display(), image.tag)
+}
+
+/// A two-thread tokio runtime for a test that drives a gRPC client.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Bytes a command printed, as text.
