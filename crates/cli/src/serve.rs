@@ -31,15 +31,20 @@ pub struct ServeArgs {
     openshell_socket: Option<PathBuf>,
 
     /// OpenShell: the image a sandbox boots when its template names none.
-    #[arg(long, value_name = "REF", default_value = "")]
+    #[arg(
+        long,
+        value_name = "REF",
+        default_value = "",
+        hide_default_value = true
+    )]
     default_image: String,
 
     /// OpenShell: uid of the `sandbox` user written into each image (default 10001).
-    #[arg(long, value_name = "UID")]
+    #[arg(long, value_name = "UID", value_parser = parse_sandbox_id)]
     sandbox_uid: Option<u32>,
 
     /// OpenShell: gid of the `sandbox` user written into each image (default 10001).
-    #[arg(long, value_name = "GID")]
+    #[arg(long, value_name = "GID", value_parser = parse_sandbox_id)]
     sandbox_gid: Option<u32>,
 
     /// Accelerator for sandboxes created through the API: auto, kvm or tcg.
@@ -49,6 +54,12 @@ pub struct ServeArgs {
     /// QEMU binary.
     #[arg(long, env = "KILN_QEMU", default_value = kiln_vm::qemu::DEFAULT_BINARY, hide = true)]
     qemu: PathBuf,
+}
+
+/// kiln-sandbox writes the `sandbox` user within kiln's own id bounds, so a value it would
+/// refuse at every create is refused at launch instead.
+fn parse_sandbox_id(text: &str) -> Result<u32, String> {
+    kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::KILN).map_err(|e| e.to_string())
 }
 
 fn parse_api(text: &str) -> Result<Api, String> {

@@ -65,6 +65,10 @@ struct Entry {
     failure: Option<String>,
     /// A Delete is removing it.
     deleting: bool,
+    /// Deleted: kept so that every Watch stream can still tell its deletion from that of
+    /// a sandbox that is not the gateway's (one small entry per id ever deleted; a new
+    /// sandbox with the same id replaces it).
+    deleted: bool,
 }
 
 /// The gateway's sandboxes by the gateway's id.
@@ -163,6 +167,7 @@ impl OpenShellService {
             .get(id)
             .cloned();
         match entry {
+            Some(Entry { deleted: true, .. }) => Err(not_found(id)),
             Some(Entry {
                 kiln_id: None,
                 name,
@@ -234,7 +239,7 @@ impl OpenShellService {
         sandboxes.extend(
             registry
                 .iter()
-                .filter(|(_, e)| e.kiln_id.is_none())
+                .filter(|(_, e)| e.kiln_id.is_none() && !e.deleted)
                 .map(|(id, entry)| pending(id, &entry.name, entry.failure.as_deref())),
         );
         Ok(sandboxes)
@@ -264,6 +269,18 @@ impl OpenShellService {
                     return;
                 }
             };
+            // Deleted while it was being pulled: nothing of it may stay.
+            let deleted = registry
+                .lock()
+                .expect("registry lock")
+                .get(&id)
+                .is_none_or(|entry| entry.deleted);
+            if deleted {
+                if let Err(err) = kiln_sandbox::remove(&shared.root, &created.id, true) {
+                    tracing::warn!("removing deleted OpenShell sandbox {id}: {err}");
+                }
+                return;
+            }
             remember(&registry, &created);
             let events = |event| {
                 shared
@@ -334,6 +351,7 @@ fn remember(registry: &Registry, info: &SandboxInfo) {
     entry.name = info.labels[NAME_LABEL].clone();
     entry.kiln_id = Some(info.id.clone());
     entry.failure = None;
+    entry.deleted = false;
 }
 
 fn snapshot(info: &SandboxInfo, deleting: bool) -> os::DriverSandbox {
@@ -445,7 +463,10 @@ impl ComputeDriver for OpenShellService {
         };
         {
             let mut registry = self.registry.lock().expect("registry lock");
-            if exists || registry.contains_key(&plan.id) {
+            let pending = registry
+                .get(&plan.id)
+                .is_some_and(|entry| entry.kiln_id.is_none() && !entry.deleted);
+            if exists || pending {
                 return Err(GrpcStatus::already_exists(format!(
                     "a sandbox with the id {:?} exists; delete it first",
                     plan.id
@@ -524,13 +545,17 @@ impl ComputeDriver for OpenShellService {
         let info = match self.kiln_info(&id).await {
             Ok(info) => info,
             Err(status) if status.code() == tonic::Code::NotFound => {
-                // Not recorded by kiln: a failed (or still running) provisioning.
-                let removed = self
-                    .registry
-                    .lock()
-                    .expect("registry lock")
-                    .remove(&id)
-                    .is_some();
+                // Not recorded by kiln: a failed (or still running) provisioning, which
+                // sees the mark and removes what it made.
+                let mut registry = self.registry.lock().expect("registry lock");
+                let removed = match registry.get_mut(&id) {
+                    Some(entry) if entry.kiln_id.is_none() && !entry.deleted => {
+                        entry.deleted = true;
+                        true
+                    }
+                    _ => false,
+                };
+                drop(registry);
                 if removed {
                     self.shared
                         .hub
@@ -560,7 +585,10 @@ impl ComputeDriver for OpenShellService {
             }
             return Err(convert::status(err));
         }
-        self.registry.lock().expect("registry lock").remove(&id);
+        if let Some(entry) = self.registry.lock().expect("registry lock").get_mut(&id) {
+            entry.deleting = false;
+            entry.deleted = true;
+        }
         self.shared
             .hub
             .publish(&info.id, Some(&id), Kind::Deleted(Default::default()));
@@ -652,19 +680,13 @@ impl OpenShellService {
             .contains_key(&gateway);
         use os::watch_sandboxes_event::Payload;
         match &kind {
-            Kind::Deleted(_) => {
-                self.registry
-                    .lock()
-                    .expect("registry lock")
-                    .remove(&gateway);
-                ours.then(|| {
-                    Ok(os::WatchSandboxesEvent {
-                        payload: Some(Payload::Deleted(os::WatchSandboxesDeletedEvent {
-                            sandbox_id: gateway,
-                        })),
-                    })
+            Kind::Deleted(_) => ours.then(|| {
+                Ok(os::WatchSandboxesEvent {
+                    payload: Some(Payload::Deleted(os::WatchSandboxesDeletedEvent {
+                        sandbox_id: gateway,
+                    })),
                 })
-            }
+            }),
             Kind::Created(_)
             | Kind::Running(_)
             | Kind::Exited(_)
