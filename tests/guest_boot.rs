@@ -13,6 +13,7 @@
 //! form of the boot configuration (docs/protocol.md) that the guest must accept.
 
 use std::io::ErrorKind;
+use std::net::Ipv4Addr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{guest_files, run_with_timeout};
 use kiln_protocol::{
     read_frame, write_frame, BootError, BootPhase, BootStep, Frame, Hello, Identity, Message,
-    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
+    RunAs, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize, WallClock,
     WorkloadResult, CHANNEL_PORT, CONTROL_SESSION, IDENTITY_DISK_ID, MAIN_SESSION, ROOT_DISK_ID,
     UPPER_DISK_ID,
 };
@@ -165,6 +166,7 @@ impl Conversation {
             disks,
             shares,
             cpus: 1,
+            cpu_millis: 1000,
             memory_mib: 256,
             network,
             channel: Channel {
@@ -180,13 +182,22 @@ impl Conversation {
         let stream = accept_until(&listener, deadline);
         let received = Arc::new(Mutex::new(Vec::new()));
         let (mut reading, sink) = (stream.try_clone().unwrap(), Arc::clone(&received));
+        let mut answering = stream.try_clone().unwrap();
         let reader = thread::spawn(move || loop {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
             reading.set_read_timeout(Some(left)).unwrap();
             match read_frame(&mut reading) {
-                Ok(Some(frame)) => sink.lock().unwrap().push(frame),
+                Ok(Some(frame)) => {
+                    // As kiln does: the guest powers off once the host has its result.
+                    if frame.session == MAIN_SESSION && matches!(frame.message, Message::Result(_))
+                    {
+                        let answer = Message::Shutdown(ShutdownRequest { grace_ms: 0 });
+                        let _ = write_frame(&mut answering, &Frame::new(CONTROL_SESSION, answer));
+                    }
+                    sink.lock().unwrap().push(frame)
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(format!("reading the channel: {e}")),
             }
@@ -202,8 +213,15 @@ impl Conversation {
         }
     }
 
+    /// Sends `frame`; a host Hello is followed by the host's wall clock, as kiln sends it
+    /// (kiln-init sets its clock from it before it mounts anything).
     fn send(&mut self, frame: Frame) {
+        let hello = matches!(frame.message, Message::Hello(_));
         write_frame(&mut self.stream, &frame).expect("writing to the guest");
+        if hello {
+            let clock = Frame::new(CONTROL_SESSION, Message::Clock(WallClock::now()));
+            write_frame(&mut self.stream, &clock).expect("writing to the guest");
+        }
     }
 
     fn console(&self) -> String {
@@ -253,12 +271,16 @@ fn boot(cmdline: &[&str], disks: Vec<Disk>, network: Network, to_guest: &[Frame]
 
 #[test]
 fn init_reports_a_missing_root_disk_as_a_typed_boot_error() {
-    // The root is named but no disk is attached.
+    // The root is named but no disk is attached. init mounts only after the host's hello
+    // and clock.
     let boot = boot(
         &["kiln.root=root", "kiln.upper=tmpfs"],
         Vec::new(),
         Network::None,
-        &[],
+        &[Frame::new(
+            CONTROL_SESSION,
+            Message::Hello(Hello::ours("guest_boot test")),
+        )],
     );
     let (frames, control) = (&boot.frames, boot.control());
     assert!(
@@ -492,13 +514,41 @@ fn identity_layer_network_and_a_persistent_upper() {
         uid: 10001,
         gid: 10001,
     };
-    let network = || Network::User {
-        forwards: Vec::new(),
+    // kiln's network endpoint behind the NIC (this test only looks at the guest's side).
+    let socket = dir.path().join("net.sock");
+    let endpoint = || {
+        let gateway = Ipv4Addr::new(10, 0, 2, 2);
+        let dns = Ipv4Addr::new(10, 0, 2, 3);
+        let config = kiln_netstack::EndpointConfig {
+            addresses: kiln_netstack::Addresses {
+                guest: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway,
+                dns,
+            },
+            forwards: Vec::new(),
+            egress: Arc::new(kiln_netstack::DefaultEgress::new(
+                gateway,
+                Vec::new(),
+                Vec::new(),
+            )),
+            log: Arc::new(
+                kiln_netstack::JsonLinesLog::open(&dir.path().join("network.log"), 1 << 20, None)
+                    .expect("opening the network log"),
+            ),
+            sandbox: "box-1".into(),
+        };
+        kiln_netstack::Endpoint::start(&socket, config).expect("starting the network endpoint")
+    };
+    let network = || Network::Stream {
+        socket: socket.clone(),
     };
 
     let script =
         "hostname; cat /etc/resolv.conf; ifconfig eth0; route -n; echo kept > /sandbox/note; id -u";
+    let first_endpoint = endpoint();
     let first = boot(&cmdline, disks(), network(), &run_frames(script, sandbox));
+    drop(first_endpoint);
     let frames = &first.frames;
     assert_eq!(
         results(&first),
@@ -520,6 +570,7 @@ fn identity_layer_network_and_a_persistent_upper() {
     assert!(out.ends_with("10001\n"), "{out}");
 
     // The same upper disk, booted again: what the workload wrote is still there.
+    let _second_endpoint = endpoint();
     let second = boot(
         &cmdline,
         disks(),

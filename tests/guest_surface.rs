@@ -292,6 +292,7 @@ fn guest_end_of_boot(initramfs: &Path) -> Option<GuestEnd> {
         disks: Vec::new(),
         shares: Vec::new(),
         cpus: 1,
+        cpu_millis: 1000,
         memory_mib: 256,
         network: Network::None,
         channel: Channel {

@@ -35,7 +35,9 @@ fn static_supervisor() -> PathBuf {
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
-/// The capabilities the rendered combined pod adds, as capsh names them (`cap_chown`).
+/// The capabilities the rendered combined pod adds, as capsh names them (`cap_chown`),
+/// with egress not enforced: NET_ADMIN, added for the rules when it is, is exercised by
+/// tests/kube_network.rs (the supervisor installs the rules with exactly these six).
 fn rendered_capabilities() -> Vec<String> {
     let mut command = Command::new(kiln_bin());
     command.args([
@@ -52,10 +54,15 @@ fn rendered_capabilities() -> Vec<String> {
         "supervisor",
         "--topology",
         "combined",
+        "--egress",
+        "none",
         "--",
         "sh",
     ]);
-    let pod: Value = serde_json::from_slice(&run_ok(&mut command, TIMEOUT).stdout).unwrap();
+    // A List: the pod, then the NetworkPolicy that denies its egress.
+    let list: Value = serde_json::from_slice(&run_ok(&mut command, TIMEOUT).stdout).unwrap();
+    let pod = &list["items"][0];
+    assert_eq!(pod["kind"], "Pod");
     let agent = &pod["spec"]["containers"][0];
     assert_eq!(
         agent["securityContext"]["capabilities"]["drop"],

@@ -126,7 +126,15 @@ fn check_and_json_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), CONFIG);
     let output = render(
-        &["--config", &config, "--namespace", "team-a", "--check"],
+        &[
+            "--config",
+            &config,
+            "--namespace",
+            "team-a",
+            "--egress",
+            "none",
+            "--check",
+        ],
         "",
     );
     assert!(output.status.success(), "{}", stderr(&output));
@@ -153,14 +161,82 @@ fn check_and_json_outputs() {
         ],
         "",
     );
-    let verdicts: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let levels: Vec<&str> = verdicts
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let needs = report["admission_needs"].as_array().unwrap();
+    assert!(
+        needs[0]
+            .as_str()
+            .unwrap()
+            .starts_with("init container network-init meets only privileged"),
+        "{needs:?}"
+    );
+    let levels: Vec<&str> = report["containers"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v["level"].as_str().unwrap())
         .collect();
-    assert_eq!(levels, ["restricted"; 4]);
+    assert_eq!(
+        levels,
+        [
+            "privileged",
+            "restricted",
+            "restricted",
+            "restricted",
+            "restricted"
+        ]
+    );
+
+    // With egress none, the sidecar pod meets restricted and comes with a NetworkPolicy.
+    let args = [
+        "--json",
+        "--config",
+        &config,
+        "--namespace",
+        "team-a",
+        "--topology",
+        "sidecar",
+        "--egress",
+        "none",
+    ];
+    let output = render(&args, "");
+    let list: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(list["kind"], "List");
+    assert_eq!(list["items"][1]["kind"], "NetworkPolicy");
+    assert_eq!(list["items"][1]["spec"]["policyTypes"][0], "Egress");
+    let output = render(&[&args[..], &["--check"]].concat(), "");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["admission_needs"].as_array().unwrap().is_empty());
+
+    // A policy that does not validate is bad input, naming the file and the field.
+    let bad = dir.path().join("bad.yaml");
+    fs::write(&bad, "version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - { hots: a.test, port: 443 }\n").unwrap();
+    let output = render(
+        &[
+            "--config",
+            &config,
+            "--namespace",
+            "team-a",
+            "--policy",
+            bad.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_fails(&output, 2, "unknown field `hots`");
+    let output = render(
+        &[
+            "--config",
+            &config,
+            "--namespace",
+            "team-a",
+            "--policy",
+            bad.to_str().unwrap(),
+            "--egress",
+            "none",
+        ],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(2));
 
     let output = render(
         &[

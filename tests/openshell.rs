@@ -204,7 +204,11 @@ fn openshell_socket_is_owner_only_and_another_uid_is_refused() {
     require_root();
     // Nothing here boots: the guest files are not needed.
     let root = KilnRoot::without_guest();
-    let mut server = KilnServer::start_with(&root, &[OsStr::new("--api"), OsStr::new("openshell")]);
+    let mut server = KilnServer::start_with(
+        &root,
+        root.kiln(),
+        &[OsStr::new("--api"), OsStr::new("openshell")],
+    );
     let socket = KilnServer::socket_of(&root);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
@@ -250,6 +254,7 @@ fn every_compute_driver_rpc_with_real_boots() {
     let openshell_socket = root.temp_dir().join("openshell.sock");
     let server = KilnServer::start_with(
         &root,
+        root.kiln(),
         &[
             OsStr::new("--openshell-socket"),
             openshell_socket.as_os_str(),

@@ -355,17 +355,21 @@ fn serve_http(body: &'static str) -> u16 {
 
 #[test]
 #[ignore = "needs root (scripts/test runs it as root)"]
-fn network_user_reaches_the_host_and_none_does_not() {
+fn network_user_reaches_an_opened_host_service_and_none_does_not() {
     require_root();
     let root = KilnRoot::with_guest().quiet();
     let port = serve_http("served-by-the-host");
     // No -T: Debian's busybox 1.35 wget segfaults with it.
     let fetch = format!("busybox wget -q -O - http://10.0.2.2:{port}/ || echo fetch-failed");
+    // The host's loopback is refused by default (tests/network.rs); opened explicitly here.
+    let allow_host = format!("host.kiln.internal:{port}");
     let user = root.run(&[
         "run",
         "--rm",
         "--network",
         "user",
+        "--network-allow-host",
+        &allow_host,
         &demo_image(),
         "sh",
         "-c",

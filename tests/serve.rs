@@ -175,6 +175,7 @@ fn kind_name(event: &Event) -> String {
         Kind::Exited(_) => "exited",
         Kind::Failed(_) => "failed",
         Kind::Deleted(_) => "deleted",
+        Kind::NetworkDecision(_) => "network_decision",
     }
     .to_owned()
 }

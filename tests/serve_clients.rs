@@ -86,7 +86,7 @@ fn python_client_with_default_options_and_every_authority_form() {
             "{authority:?}: {out}"
         );
         assert!(
-            out.contains("STEP invalid_argument cpus 1000"),
+            out.contains("STEP invalid_argument cpus: invalid CPU count \"1000\""),
             "{authority:?}: {out}"
         );
     }

@@ -1,8 +1,8 @@
 //! `kiln run -v HOSTDIR:GUESTDIR[:ro]` end to end (real TCG boots of the demo fixture image
 //! through the `kiln` binary): the sandbox user writes to a read-write volume, the file is
 //! the kiln user's on the host (QEMU's 0600/0700 modes, symlinks as plain files) and the
-//! sandbox user's in the guest, pre-existing host files keep their host ownership in the
-//! guest and stay readable; a read-only volume
+//! sandbox user's in the guest, pre-existing host files of the kiln user show as the VMM's
+//! (kiln-vmm's, see docs/security.md) in the guest and stay readable; a read-only volume
 //! refuses writes in the guest and stays unchanged on the host; a missing host directory
 //! or a host file is refused before boot.
 //!
@@ -101,7 +101,9 @@ fn read_write_and_read_only_volumes() {
     assert_eq!(fact("made_owner"), "10001:10001");
     assert_eq!(fact("root_owner"), "10001:10001");
     assert_eq!(fact("host_file"), "from the host");
-    assert_eq!(fact("host_file_owner"), format!("{euid}:{egid}"));
+    // QEMU serves the volume through a mount that shows kiln's files as its own uid's.
+    let (vmm_uid, vmm_gid) = kiln_vm::jail::existing_vmm_account().expect("kiln-vmm exists");
+    assert_eq!(fact("host_file_owner"), format!("{vmm_uid}:{vmm_gid}"));
     assert_eq!(fact("ro_read"), "read only");
     assert_ne!(
         fact("ro_write"),
@@ -422,8 +424,8 @@ fn a_volume_replaced_by_another_directory_is_refused_and_boots_once_put_back() {
     root.ok(&["start", &id]);
     wait_for_contents(&work.join("made"), "from-guest\n");
 
-    // QEMU got the directory as a descriptor: its command line names no host path of the
-    // volume, and it holds the directory open.
+    // QEMU got the directory as a descriptor, mounted in its jail: its command line names
+    // no host path of the volume, and what it serves is that very directory.
     let qemu: Vec<(u32, String)> = root
         .processes()
         .into_iter()
@@ -436,13 +438,15 @@ fn a_volume_replaced_by_another_directory_is_refused_and_boots_once_put_back() {
         .collect();
     assert_eq!(qemu.len(), 1, "{:?}", root.processes());
     let (pid, cmdline) = &qemu[0];
-    assert!(cmdline.contains("path=/proc/self/fd/"), "{cmdline}");
+    assert!(cmdline.contains("path=/kiln/share0"), "{cmdline}");
     assert!(!cmdline.contains(&*work.to_string_lossy()), "{cmdline}");
-    let held = fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|fd| fs::read_link(fd.path()).ok())
-        .any(|target| target == work);
-    assert!(held, "QEMU {pid} does not hold {} open", work.display());
+    let served = fs::metadata(format!("/proc/{pid}/root/kiln/share0")).unwrap();
+    let checked = fs::metadata(&work).unwrap();
+    assert_eq!(
+        (served.dev(), served.ino()),
+        (checked.dev(), checked.ino()),
+        "QEMU {pid} does not serve {}",
+        work.display()
+    );
     root.ok(&["rm", "-f", &id]);
 }

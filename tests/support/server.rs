@@ -3,7 +3,7 @@
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,12 +36,13 @@ impl KilnServer {
 
     /// Starts `kiln -v serve` on `root`'s socket (`kiln.sock` in its temp dir).
     pub fn start(root: &KilnRoot) -> KilnServer {
-        KilnServer::start_with(root, &[])
+        KilnServer::start_with(root, root.kiln(), &[])
     }
 
-    /// Starts `kiln -v serve ARGS` on `root`'s socket; `args` may choose its API and
-    /// add a second socket (waited for too when it is `--openshell-socket PATH`).
-    pub fn start_with(root: &KilnRoot, args: &[&std::ffi::OsStr]) -> KilnServer {
+    /// Starts `kiln -v serve ARGS` on `root`'s socket with `kiln`, a command that runs
+    /// kiln of `root` (in a network namespace, say); `args` may choose its API and add a
+    /// second socket (waited for too when it is `--openshell-socket PATH`).
+    pub fn start_with(root: &KilnRoot, mut kiln: Command, args: &[&std::ffi::OsStr]) -> KilnServer {
         let socket = KilnServer::socket_of(root);
         let log = socket.with_extension(format!("log.{}", unique()));
         let second = args
@@ -49,8 +50,7 @@ impl KilnServer {
             .position(|arg| *arg == "--openshell-socket")
             .and_then(|at| args.get(at + 1))
             .map(PathBuf::from);
-        let mut child = root
-            .kiln()
+        let mut child = kiln
             .args(["-v", "serve", "--socket"])
             .arg(&socket)
             .args(args)

@@ -52,6 +52,15 @@ pub fn sandbox_error(err: kiln_sandbox::Error) -> CommandError {
     }
 }
 
+/// The exit code of a workload that ended with `result`, printing why it could not start
+/// when it could not (the code alone, 127 or 126, does not say what was missing).
+pub fn workload_exit(result: &kiln_protocol::WorkloadResult) -> ExitCode {
+    if let kiln_protocol::WorkloadResult::StartFailed { message, .. } = result {
+        eprintln!("kiln: {message}");
+    }
+    ExitCode::from(result.exit_code().clamp(0, 255) as u8)
+}
+
 /// Prints the error chain on stderr and returns its exit code.
 pub fn report(err: &CommandError) -> ExitCode {
     eprintln!("kiln: error: {:#}", err.error);

@@ -1,5 +1,6 @@
 //! Options every kiln command honours.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -77,6 +78,12 @@ impl Globals {
             verbose: args.verbose,
             rootfs_cache_max,
         })
+    }
+
+    /// Whether progress and notes go to stderr: on a terminal, or with -v; never with
+    /// -q or --json. Scripts that read stderr see only errors and warnings.
+    pub fn show_progress(&self) -> bool {
+        !self.quiet && !self.json && (self.verbose > 0 || std::io::stderr().is_terminal())
     }
 
     /// Logs go to stderr; RUST_LOG wins over -v/-q.

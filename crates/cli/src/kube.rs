@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_kube::pss::{self, ContainerVerdict};
 use kiln_kube::{
-    ConfigFile, ConfigOverrides, KubeError, NamespaceInfo, OciTarget, SandboxConfig, Topology,
-    WorkspaceConfig,
+    ConfigFile, ConfigOverrides, Egress, KubeError, NamespaceInfo, OciTarget, SandboxConfig,
+    Topology, WorkspaceConfig,
 };
 
 use crate::exit::{CommandError, CommandResult};
@@ -130,6 +130,20 @@ struct RenderArgs {
     #[arg(long)]
     no_workspace: bool,
 
+    /// Network egress: enforce (kiln's enforcer decides every connection and DNS query)
+    /// or none (no egress at all: a NetworkPolicy, no NET_ADMIN).
+    #[arg(long, value_name = "enforce|none")]
+    egress: Option<String>,
+
+    /// Network policy file (OpenShell's network_policies), validated and rendered into a
+    /// ConfigMap the enforcer reads.
+    #[arg(long, value_name = "FILE", conflicts_with = "policy_configmap")]
+    policy: Option<PathBuf>,
+
+    /// An existing ConfigMap holding the network policy under the key policy.yaml.
+    #[arg(long, value_name = "NAME")]
+    policy_configmap: Option<String>,
+
     /// Extra environment for the workload, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -189,18 +203,25 @@ fn render(globals: &Globals, args: RenderArgs) -> CommandResult {
     }
     if check {
         let verdicts = pss::check_pod(&rendered.pod);
+        let needs = pss::admission_needs(&rendered.pod, &verdicts);
         if globals.json {
-            println!("{}", serde_json::to_string_pretty(&verdicts)?);
+            let report = serde_json::json!({ "containers": verdicts, "admission_needs": needs });
+            println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             print_verdicts(&verdicts);
+            for need in &needs {
+                println!("{need}");
+            }
         }
     } else if globals.json {
-        println!("{}", serde_json::to_string_pretty(&rendered.pod)?);
+        let items = rendered.to_json();
+        let value = match <[serde_json::Value; 1]>::try_from(items) {
+            Ok([pod]) => pod,
+            Err(items) => serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items }),
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!(
-            "{}",
-            kiln_kube::pod_to_yaml(&rendered.pod).map_err(CommandError::failure)?
-        );
+        print!("{}", rendered.to_yaml().map_err(CommandError::failure)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -306,6 +327,14 @@ fn overrides(args: RenderArgs) -> Result<ConfigOverrides, CommandError> {
         }),
         resources: None,
         env: (!env.is_empty()).then_some(env),
+        egress: args
+            .egress
+            .as_deref()
+            .map(Egress::parse)
+            .transpose()
+            .map_err(CommandError::usage)?,
+        policy: args.policy,
+        policy_configmap: args.policy_configmap,
     };
     Ok(ConfigOverrides {
         settings,

@@ -3,6 +3,7 @@
 //! Logic lives in the crates under `crates/`; this binary only turns flags into
 //! calls and results into text (or JSON with `--json`) and exit codes.
 
+mod attach;
 mod build;
 mod check;
 mod completion;
@@ -14,17 +15,21 @@ mod guest_tasks;
 mod identity;
 mod images;
 mod inspect;
+mod kill;
 mod kube;
 mod listing;
 mod logs;
+mod network;
 mod port;
 mod ps;
 mod pull;
 mod rename;
+mod restart;
 mod run;
 mod sandbox;
 mod serve;
 mod system;
+mod wait;
 
 use std::process::ExitCode;
 
@@ -88,10 +93,20 @@ enum Command {
     System(system::SystemArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completion(completion::CompletionArgs),
-    /// Print a sandbox's workload output.
+    /// Print a sandbox's workload output (--network: its network decisions).
     Logs(sandbox::LogsArgs),
+    /// Replace or show a sandbox's network policy.
+    Policy(network::PolicyArgs),
     /// Run a command in a running sandbox.
     Exec(sandbox::ExecArgs),
+    /// Print a running detached sandbox's output from now on until it stops; signals go to its workload.
+    Attach(attach::AttachArgs),
+    /// Block until sandboxes stop, then print their exit codes.
+    Wait(wait::WaitArgs),
+    /// Send a signal to the main workload of running sandboxes (default SIGKILL).
+    Kill(kill::KillArgs),
+    /// Stop sandboxes (if running) and start them again, keeping their writable disk.
+    Restart(restart::RestartArgs),
     /// Show the processes of a running sandbox's guest.
     Top(guest_tasks::TopArgs),
     /// Show running sandboxes' CPU, memory and network use, as their VMs see it.
@@ -137,7 +152,12 @@ fn main() -> ExitCode {
         Command::System(args) => system::run(&globals, args),
         Command::Completion(args) => completion::run(args, Cli::command()),
         Command::Logs(args) => sandbox::logs(&globals, args),
+        Command::Policy(args) => network::policy(&globals, args),
         Command::Exec(args) => sandbox::exec(&globals, args),
+        Command::Attach(args) => attach::run(&globals, args),
+        Command::Wait(args) => wait::run(&globals, args),
+        Command::Kill(args) => kill::run(&globals, args),
+        Command::Restart(args) => restart::run(&globals, args),
         Command::Top(args) => guest_tasks::top(&globals, args),
         Command::Stats(args) => guest_tasks::stats(&globals, args),
         Command::Cp(args) => guest_tasks::cp(&globals, args),

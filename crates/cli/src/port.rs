@@ -22,7 +22,7 @@ pub fn run(globals: &Globals, args: PortArgs) -> CommandResult {
     let info = kiln_sandbox::get(&globals.root, &args.id).map_err(sandbox_error)?;
     let forwards = match &info.network {
         NetworkRecord::None => Vec::new(),
-        NetworkRecord::User { forwards } => forwards.clone(),
+        NetworkRecord::User { forwards, .. } => forwards.clone(),
     };
     let Some(wanted) = &args.port else {
         for (host, guest) in &forwards {

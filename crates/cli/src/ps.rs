@@ -154,7 +154,7 @@ fn row(s: &SandboxInfo, now: u64, full: bool) -> Row {
 pub fn ports(network: &NetworkRecord) -> String {
     match network {
         NetworkRecord::None => String::new(),
-        NetworkRecord::User { forwards } => forwards
+        NetworkRecord::User { forwards, .. } => forwards
             .iter()
             .map(|(host, guest)| format!("127.0.0.1:{host}->{guest}/tcp"))
             .collect::<Vec<_>>()
@@ -192,6 +192,7 @@ mod tests {
     fn ports_read_as_dockers() {
         let network = NetworkRecord::User {
             forwards: vec![(8080, 80), (9000, 9000)],
+            allow_host: Vec::new(),
         };
         assert_eq!(
             ports(&network),

@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -12,7 +11,8 @@ use clap::Args;
 use kiln_image::PullPolicy;
 use kiln_protocol::TerminalSize;
 use kiln_sandbox::{
-    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, RunFields, RunReport,
+    Control, CreateFields, EnvFile, Field, FieldNames, HostIo, NetworkMode, PolicyText, RunFields,
+    RunReport,
 };
 
 use crate::exit::{CommandError, CommandResult, EXIT_RUN_FAILURE};
@@ -20,14 +20,20 @@ use crate::globals::Globals;
 use crate::pull::{progress_renderer, SourceArgs};
 
 #[derive(Debug, Args)]
-#[command(disable_help_flag = true)]
+#[command(
+    disable_help_flag = true,
+    after_help = "In the guest, kiln-init is PID 1: it reaps orphaned processes and passes \
+signals on to the workload, as `docker run --init` arranges. ^C and other signals to kiln go \
+to the workload; kiln exits with its code (130 after SIGINT), 125 when kiln itself failed."
+)]
 pub struct RunArgs {
-    /// Remove the sandbox (its writable layer and state) when the workload ends.
+    /// Remove the sandbox (its writable layer and state) when the workload ends; with -d,
+    /// its monitor removes it when it stops.
     #[arg(long)]
     rm: bool,
 
     /// Start the sandbox detached (create + start) and print its id.
-    #[arg(short, long, conflicts_with_all = ["rm", "interactive", "tty", "timeout", "timings"])]
+    #[arg(short, long, conflicts_with_all = ["interactive", "tty", "timeout", "timings"])]
     detach: bool,
 
     /// Stream kiln's stdin to the workload (EOF included).
@@ -107,7 +113,8 @@ pub struct SandboxArgs {
     #[arg(long = "label", short = 'l', value_name = "KEY=VALUE")]
     labels: Vec<String>,
 
-    /// Network: user (NAT egress through QEMU's user-mode stack, DNS, -p forwards) or none.
+    /// Network: user (kiln's endpoint: the internet, DNS, -p forwards; the host and private
+    /// networks refused, see docs/network.md) or none.
     #[arg(long, value_name = "MODE", default_value = "user", value_parser = ["user", "none"])]
     network: String,
 
@@ -119,6 +126,16 @@ pub struct SandboxArgs {
         value_name = "[127.0.0.1:][HOSTPORT:]GUESTPORT"
     )]
     publish: Vec<String>,
+
+    /// Open a host-local service to the guest: host.kiln.internal:PORT (the host's
+    /// loopback) or IPV4:PORT (repeatable; needs --network user).
+    #[arg(long = "network-allow-host", value_name = "HOST:PORT")]
+    network_allow_host: Vec<String>,
+
+    /// Decide the sandbox's network by an OpenShell policy file's network_policies: what
+    /// no entry allows is denied (needs --network user; `kiln policy set` replaces it).
+    #[arg(long = "network-policy", value_name = "FILE")]
+    network_policy: Option<PathBuf>,
 
     /// Share a host directory: HOSTDIR:GUESTDIR[:ro] (repeatable; 9p, see docs/volumes.md).
     #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
@@ -143,6 +160,12 @@ pub struct SandboxArgs {
     /// When to contact the image source: always, missing (only when not in the store) or never.
     #[arg(long = "pull", value_name = "POLICY", default_value = "missing")]
     pull: String,
+
+    /// Boot a detached sandbox again (on its writable disk, with a growing delay) after its
+    /// workload ended: no, on-failure[:N] (non-zero exits, at most N times), always or
+    /// unless-stopped (the same here: there is no daemon); `kiln stop` ends it [default: no]
+    #[arg(long, value_name = "POLICY")]
+    restart: Option<String>,
 
     /// Accelerator: auto (KVM when it really works here, else TCG), kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
@@ -184,6 +207,8 @@ impl FieldNames for FlagNames {
             Field::EnvFile => "--env-file",
             Field::Workdir => "-w",
             Field::Publish => "-p",
+            Field::AllowHost => "--network-allow-host",
+            Field::NetworkPolicy => "--network-policy",
             Field::Volumes => "-v",
             Field::Hostname => "--hostname",
             Field::AddHost => "--add-host",
@@ -192,6 +217,7 @@ impl FieldNames for FlagNames {
             Field::Mount => "--mount",
             Field::Timeout => "--timeout",
             Field::LogMaxSize => "--log-max-size",
+            Field::Restart => "--restart",
             Field::Labels => "--label",
             Field::Command => "COMMAND",
         }
@@ -207,8 +233,9 @@ impl FieldNames for FlagNames {
 
 pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.detach {
-        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm);
+        return crate::sandbox::run_detached(globals, args.sandbox, &args.vmm, args.rm);
     }
+    check_input_terminal(args.interactive, args.tty).map_err(kiln_error)?;
     let request = RunFields {
         sandbox: args.sandbox.into_fields(globals).map_err(kiln_error)?,
         timeout: args.timeout,
@@ -219,10 +246,17 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     .validate(&FlagNames)
     .map_err(kiln_error)?;
 
-    let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
-    let quiet = globals.quiet;
+    crate::network::report_not_enforced(globals, request.not_enforced());
+    let (mut io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
+    let (quiet, progress) = (globals.quiet, globals.show_progress());
+    if !quiet {
+        io.network_denials = Some(Box::new(|record| {
+            eprintln!("kiln: network: {}", crate::network::describe(record));
+        }));
+    }
+    // Warnings always (unless -q); notes such as the accelerator's fallback as progress.
     let notice = move |line: &str| {
-        if !quiet {
+        if !quiet && (progress || line.starts_with("warning:")) {
             eprintln!("kiln: {line}");
         }
     };
@@ -232,8 +266,7 @@ pub fn run(globals: &Globals, args: RunArgs) -> CommandResult {
     if args.timings {
         print_timings(globals, &report);
     }
-    let code = report.result.exit_code().clamp(0, 255) as u8;
-    Ok(ExitCode::from(code))
+    Ok(crate::exit::workload_exit(&report.result))
 }
 
 impl SandboxArgs {
@@ -243,7 +276,7 @@ impl SandboxArgs {
             .source
             .options(PullPolicy::parse(&self.pull)?)
             .map_err(|e| e.error)?;
-        pull.progress = progress_renderer(globals).filter(|_| !globals.json);
+        pull.progress = progress_renderer(globals).filter(|_| globals.show_progress());
         let env_files = self
             .env_files
             .iter()
@@ -282,17 +315,53 @@ impl SandboxArgs {
             memory: self.memory,
             network,
             publish: self.publish,
+            allow_host: self.network_allow_host,
+            network_policy: self
+                .network_policy
+                .as_deref()
+                .map(read_policy_file)
+                .transpose()?,
             labels: self.labels,
             volumes: self.volumes,
             accel,
             log_max_size: self.log_max_size,
             rootfs_cache_max: globals.rootfs_cache_max,
             allow_user_namespaces: self.allow_userns,
+            auto_remove: false,
+            restart: self.restart,
             ..CreateFields::default()
         };
         self.guest.fill(&mut fields);
         Ok(fields)
     }
+}
+
+/// A `--network-policy` file (at most kiln-policy's bound, which validation reports).
+pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<PolicyText> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(kiln_policy::MAX_POLICY_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("--network-policy {}", path.display()))?;
+    Ok(PolicyText {
+        file: path.display().to_string(),
+        text,
+    })
+}
+
+/// `-it` types into the guest's terminal from kiln's: piped input is refused, as docker
+/// refuses it. Its end could only reach the guest as a ^D typed at some moment, which a
+/// shell's line editor reads as the end or not depending on when it switched modes.
+pub fn check_input_terminal(interactive: bool, tty: bool) -> anyhow::Result<()> {
+    if interactive && tty && !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "the input device is not a TTY (-it needs a terminal on stdin; pipe input with -i alone)"
+        );
+    }
+    Ok(())
 }
 
 /// Kiln's own stdio for a workload (stdin only with `-i`), with kiln's signals and
@@ -313,15 +382,20 @@ pub fn attach(
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
         guest_events: None,
+        network_denials: None,
     };
     Ok((io, control_rx, raw))
 }
 
-/// SIGINT and SIGTERM go to the workload (kiln stops the VM if it does not end within
-/// the grace period); SIGWINCH becomes a terminal resize.
+/// The signals a user sends a workload through kiln, as `docker run` proxies them:
+/// SIGINT and SIGTERM (kiln stops the VM if it does not end within the grace period),
+/// SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2; SIGWINCH becomes a terminal resize. The VMM sits
+/// in a process group of its own, so a terminal's ^C reaches kiln alone.
 fn forward_signals(control: mpsc::Sender<Control>, tty: bool) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGWINCH])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+    let mut signals = signal_hook::iterator::Signals::new([
+        SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH,
+    ])?;
     std::thread::spawn(move || {
         for signal in signals.forever() {
             let request = match signal {
@@ -344,21 +418,28 @@ pub fn terminal_size() -> TerminalSize {
 
 fn print_timings(globals: &Globals, report: &RunReport) {
     let t = &report.timings;
+    // The phases in order; they add up to the total.
     let phases = [
         ("pull", Some(t.pull)),
         ("build/cache", Some(t.build)),
-        ("vmm start", t.vm.vmm_start),
+        ("setup", t.setup),
+        ("qemu start", t.vm.vmm_start),
         ("kernel", t.vm.kernel),
         ("init", t.vm.init),
         ("supervisor", t.vm.supervisor),
         ("workload", t.vm.workload),
         ("shutdown", t.vm.shutdown),
+        ("cleanup", t.cleanup),
+    ];
+    let sums = [
+        ("total", Some(t.total)),
         // Not a phase: the sum a user waits, from `kiln run` to the workload's start.
         ("to workload", t.to_workload),
     ];
     if globals.json {
         let map: serde_json::Map<String, serde_json::Value> = phases
             .iter()
+            .chain(&sums)
             .map(|(name, d)| (name.to_string(), d.map(|d| d.as_secs_f64()).into()))
             .collect();
         let json = serde_json::json!({
@@ -378,7 +459,7 @@ fn print_timings(globals: &Globals, report: &RunReport) {
         "phase            seconds   (accel: {}, root image {root_image})",
         report.accel.accel.as_str()
     );
-    for (name, duration) in phases {
+    for (name, duration) in phases.into_iter().chain(sums) {
         let shown = duration.map_or("-".to_owned(), |d: Duration| {
             format!("{:.3}", d.as_secs_f64())
         });

@@ -62,6 +62,10 @@ pub struct LogsArgs {
     #[arg(short, long)]
     follow: bool,
 
+    /// The sandbox's network decisions instead (one line each; --json: the JSON lines).
+    #[arg(long)]
+    network: bool,
+
     #[command(flatten)]
     selection: crate::logs::LogSelectionArgs,
 
@@ -106,9 +110,10 @@ pub struct MonitorArgs {
 }
 
 /// Progress lines on stderr (layer progress has its own renderer).
-fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
+pub fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
+    let shown = globals.show_progress();
     move |event| {
-        if globals.quiet || globals.json {
+        if !shown {
             return;
         }
         let line = match event {
@@ -123,6 +128,16 @@ fn progress(globals: &Globals) -> impl Fn(ProvisionEvent) + '_ {
         };
         eprintln!("kiln: {line}");
     }
+}
+
+/// A started sandbox: its id (or JSON), or why its workload could not start, on stderr
+/// with the exit code for it (127, 126), as `docker start` and `docker run -d` fail.
+fn print_started(globals: &Globals, info: &SandboxInfo) -> CommandResult {
+    if let Some((message, code)) = info.start_failure() {
+        eprintln!("kiln: {message}");
+        return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+    }
+    print_info(globals, info)
 }
 
 fn print_info(globals: &Globals, info: &SandboxInfo) -> CommandResult {
@@ -141,12 +156,13 @@ pub fn create(globals: &Globals, args: CreateArgs) -> CommandResult {
         .map_err(CommandError::usage)?
         .validate(&FlagNames)
         .map_err(sandbox_error)?;
+    crate::network::report_not_enforced(globals, &request.not_enforced);
     let info =
         kiln_sandbox::create(&globals.root, request, &progress(globals)).map_err(sandbox_error)?;
     print_info(globals, &info)
 }
 
-fn monitor_exe() -> Result<PathBuf, CommandError> {
+pub fn monitor_exe() -> Result<PathBuf, CommandError> {
     std::env::current_exe()
         .map_err(|e| CommandError::failure(anyhow::anyhow!("finding the kiln executable: {e}")))
 }
@@ -162,13 +178,17 @@ pub fn start(globals: &Globals, args: StartArgs) -> CommandResult {
             &progress(globals),
         )
         .map_err(sandbox_error)?;
+        // As `docker start`: the workload's start failure is the command's error.
+        if let Some((message, _)) = info.start_failure() {
+            return Err(CommandError::failure(anyhow::anyhow!("{id}: {message}")));
+        }
         print_info(globals, &info).map(drop)
     })
 }
 
 /// Runs `action` for each of `ids` as docker does: a failure is reported on stderr and
 /// the others still run; the exit code is 1 when any failed.
-fn each_id(
+pub fn each_id(
     ids: &[String],
     mut action: impl FnMut(&str) -> Result<(), CommandError>,
 ) -> CommandResult {
@@ -187,23 +207,39 @@ fn each_id(
 }
 
 /// `kiln run -d`: create, start, print the id. Kiln's own failures exit 125, as `run`.
-pub fn run_detached(globals: &Globals, args: SandboxArgs, vmm: &VmmArgs) -> CommandResult {
-    let request = args
-        .into_fields(globals)
-        .map_err(kiln_error)?
-        .validate(&FlagNames)
-        .map_err(kiln_error)?;
+/// With `--rm` the monitor removes the sandbox when it stops; one that never got its
+/// workload running is removed here, after saying why.
+pub fn run_detached(
+    globals: &Globals,
+    args: SandboxArgs,
+    vmm: &VmmArgs,
+    remove: bool,
+) -> CommandResult {
+    let mut fields = args.into_fields(globals).map_err(kiln_error)?;
+    fields.auto_remove = remove;
+    let request = fields.validate(&FlagNames).map_err(kiln_error)?;
+    crate::network::report_not_enforced(globals, &request.not_enforced);
     let events = progress(globals);
     let created = kiln_sandbox::create(&globals.root, request, &events).map_err(kiln_error)?;
-    let info = kiln_sandbox::start(
-        &globals.root,
-        &created.id,
-        &monitor_exe()?,
-        &vmm.qemu,
-        &events,
-    )
-    .map_err(kiln_error)?;
-    print_info(globals, &info)
+    let started = monitor_exe().and_then(|exe| {
+        kiln_sandbox::start(&globals.root, &created.id, &exe, &vmm.qemu, &events)
+            .map_err(kiln_error)
+    });
+    let never_ran = match &started {
+        // Its monitor is ending: it goes once that has.
+        Ok(info) if info.start_failure().is_some() => {
+            Some(kiln_sandbox::wait(&globals.root, &created.id).map(drop))
+        }
+        Ok(_) => None,
+        Err(_) => Some(Ok(())),
+    };
+    if let (true, Some(waited)) = (remove, never_ran) {
+        let removed = waited.and_then(|()| kiln_sandbox::remove(&globals.root, &created.id, true));
+        if let Err(err) = removed {
+            eprintln!("kiln: warning: removing sandbox {}: {err}", created.id);
+        }
+    }
+    print_started(globals, &started?)
 }
 
 pub fn stop(globals: &Globals, args: StopArgs) -> CommandResult {
@@ -225,6 +261,9 @@ pub fn rm(globals: &Globals, args: RmArgs) -> CommandResult {
 }
 
 pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
+    if args.network {
+        return crate::network::logs(globals, &args.id, args.follow);
+    }
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let options = args
         .selection
@@ -237,6 +276,7 @@ pub fn logs(globals: &Globals, args: LogsArgs) -> CommandResult {
 
 /// `kiln exec`: the command's exit code becomes kiln's; 125 means kiln itself failed.
 pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
+    crate::run::check_input_terminal(args.interactive, args.tty).map_err(kiln_error)?;
     let request = ExecFields {
         command: args.command,
         env: args.env,
@@ -249,7 +289,7 @@ pub fn exec(globals: &Globals, args: ExecArgs) -> CommandResult {
     let session = kiln_sandbox::exec(&globals.root, &args.id, request).map_err(kiln_error)?;
     let (io, control_rx, _raw) = attach(args.interactive, args.tty).map_err(kiln_error)?;
     let result = session.run(io, control_rx).map_err(kiln_error)?;
-    Ok(ExitCode::from(result.exit_code().clamp(0, 255) as u8))
+    Ok(crate::exit::workload_exit(&result))
 }
 
 /// `kiln monitor ID` (hidden): run by `start`; returns once the detached monitor runs.

@@ -1,7 +1,7 @@
 //! The sandbox's Kubernetes configuration: a TOML file, then flags over it, validated.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -40,6 +40,49 @@ impl Topology {
     }
 }
 
+/// What the pod does about the workload's network egress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// kiln's enforcer decides every connection and DNS query (a policy file's allow
+    /// list, else the default mode); needs CAP_NET_ADMIN once, to install its rules.
+    Enforce,
+    /// No egress at all: a NetworkPolicy denying all egress, no rules, no enforcer (for
+    /// namespaces that refuse CAP_NET_ADMIN; needs a CNI that enforces NetworkPolicy).
+    None,
+}
+
+impl Egress {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::None => "none",
+        }
+    }
+
+    /// Parses an `--egress` value.
+    pub fn parse(value: &str) -> Result<Self, KubeError> {
+        match value {
+            "enforce" => Ok(Self::Enforce),
+            "none" => Ok(Self::None),
+            _ => Err(invalid("egress", value, "\"enforce\" or \"none\"")),
+        }
+    }
+}
+
+/// Where the enforcer's policy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// A policy file, validated, rendered into a ConfigMap of its own.
+    File {
+        path: PathBuf,
+        text: String,
+        digest: String,
+    },
+    /// An existing ConfigMap of this name, holding the policy under `policy.yaml`.
+    ConfigMap(String),
+}
+
 /// The configuration file as written: every key optional, unknown keys rejected.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +102,12 @@ pub struct ConfigFile {
     pub resources: Option<ResourcesConfig>,
     /// Extra environment for the workload, in key order.
     pub env: Option<BTreeMap<String, String>>,
+    /// `enforce` (default) or `none`.
+    pub egress: Option<Egress>,
+    /// A network policy file (OpenShell's `network_policies`) for the enforcer.
+    pub policy: Option<PathBuf>,
+    /// An existing ConfigMap holding the policy under `policy.yaml`.
+    pub policy_configmap: Option<String>,
 }
 
 /// `[workspace]`: a persistent volume claim of `size`, seeded from the image's /sandbox.
@@ -139,6 +188,9 @@ pub struct SandboxConfig {
     pub workspace: Option<WorkspaceConfig>,
     pub resources: ResourcesConfig,
     pub env: BTreeMap<String, String>,
+    pub egress: Egress,
+    /// The enforcer's policy; `None` with `Egress::Enforce` is the default mode.
+    pub policy: Option<PolicySource>,
 }
 
 /// Environment names kiln sets itself; configuring them is an error.
@@ -189,6 +241,36 @@ impl SandboxConfig {
         let mut env = file.env.unwrap_or_default();
         env.extend(flags.env.unwrap_or_default());
 
+        let egress = flags.egress.or(file.egress).unwrap_or(Egress::Enforce);
+        let policy = match (
+            flags.policy.or(file.policy),
+            flags.policy_configmap.or(file.policy_configmap),
+        ) {
+            (Some(path), Some(name)) => {
+                return Err(invalid(
+                    "policy_configmap",
+                    &name,
+                    &format!(
+                        "either policy ({}) or policy_configmap, not both",
+                        path.display()
+                    ),
+                ))
+            }
+            (Some(path), None) => Some(load_policy(&path)?),
+            (None, Some(name)) => {
+                check_dns_subdomain("policy_configmap", &name)?;
+                Some(PolicySource::ConfigMap(name))
+            }
+            (None, None) => None,
+        };
+        if egress == Egress::None && policy.is_some() {
+            return Err(invalid(
+                "egress",
+                "none",
+                "\"enforce\" when a policy is given (egress = \"none\" runs no enforcer to apply it)",
+            ));
+        }
+
         let config = Self {
             image,
             namespace: flags.namespace.or(file.namespace),
@@ -205,6 +287,8 @@ impl SandboxConfig {
             workspace,
             resources: flags.resources.or(file.resources).unwrap_or_default(),
             env,
+            egress,
+            policy,
         };
         config.validate()?;
         Ok(config)
@@ -253,6 +337,22 @@ impl SandboxConfig {
         }
         Ok(())
     }
+}
+
+/// Reads and validates a policy file with kiln-policy, as the enforcer will.
+fn load_policy(path: &Path) -> Result<PolicySource, KubeError> {
+    let bytes = crate::read_bounded(path, kiln_policy::MAX_POLICY_BYTES as u64)?;
+    let origin = path.display().to_string();
+    let text = String::from_utf8(bytes).map_err(|_| KubeError::Read {
+        path: origin.clone(),
+        message: "not UTF-8 text".to_owned(),
+    })?;
+    let policy = kiln_policy::Policy::parse(&origin, &text)?;
+    Ok(PolicySource::File {
+        path: path.to_owned(),
+        digest: policy.digest().to_owned(),
+        text,
+    })
 }
 
 fn invalid(key: &str, value: &str, accepted: &str) -> KubeError {

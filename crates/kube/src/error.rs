@@ -50,6 +50,10 @@ pub enum KubeError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
 
+    /// A network policy file that does not validate.
+    #[error(transparent)]
+    Policy(#[from] kiln_policy::PolicyError),
+
     /// No uid can be given to the network sidecar.
     #[error("network sidecar uid: {0}")]
     NetworkUid(String),

@@ -19,8 +19,8 @@ use std::io::Read;
 use std::path::Path;
 
 pub use config::{
-    ConfigFile, ConfigOverrides, ResourceAmounts, ResourcesConfig, SandboxConfig, Topology,
-    WorkspaceConfig, MAX_CONFIG_SIZE, RESERVED_ENV,
+    ConfigFile, ConfigOverrides, Egress, PolicySource, ResourceAmounts, ResourcesConfig,
+    SandboxConfig, Topology, WorkspaceConfig, MAX_CONFIG_SIZE, RESERVED_ENV,
 };
 pub use error::KubeError;
 pub use image::{build_supervisor_image, parse_push_target, OciTarget, MAX_BINARY_SIZE};
@@ -28,8 +28,9 @@ pub use namespace::{
     namespace_from_cluster, namespace_from_json, NamespaceInfo, MAX_NAMESPACE_JSON_SIZE,
 };
 pub use render::{
-    pod_to_yaml, render_pod, RenderedPod, BUSYBOX_PATH_IN_IMAGE, DEFAULT_NETWORK_UID,
-    GID_SOURCE_ANNOTATION, NETWORK_UID_SOURCE_ANNOTATION, SUPERVISOR_PATH_IN_IMAGE, TOPOLOGY_LABEL,
+    pod_to_yaml, render_pod, RenderedPod, BUSYBOX_PATH_IN_IMAGE, DEFAULT_NETWORK_UID, EGRESS_LABEL,
+    GID_SOURCE_ANNOTATION, NETWORK_CAPABILITY, NETWORK_UID_SOURCE_ANNOTATION,
+    POLICY_DIGEST_ANNOTATION, POLICY_DIR, POLICY_KEY, SUPERVISOR_PATH_IN_IMAGE, TOPOLOGY_LABEL,
     UID_SOURCE_ANNOTATION,
 };
 

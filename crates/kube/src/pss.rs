@@ -124,6 +124,75 @@ pub fn check_pod(pod: &Pod) -> Vec<ContainerVerdict> {
     verdicts
 }
 
+/// What a cluster admin must allow for `pod` to be admitted when it is below
+/// `restricted`: per container, the capabilities it adds and whether it runs as root;
+/// then the namespace's Pod Security label and an OpenShift SCC granting the same.
+/// Empty for a restricted pod.
+pub fn admission_needs(pod: &Pod, verdicts: &[ContainerVerdict]) -> Vec<String> {
+    let level = pod_level(verdicts);
+    if level == Level::Restricted {
+        return Vec::new();
+    }
+    let empty = PodSpec::default();
+    let spec = pod.spec.as_ref().unwrap_or(&empty);
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    let mut needs = Vec::new();
+    let mut capabilities: Vec<String> = Vec::new();
+    let mut root = false;
+    for verdict in verdicts.iter().filter(|v| v.level < Level::Restricted) {
+        let Some(container) = containers.clone().find(|c| c.name == verdict.name) else {
+            continue;
+        };
+        let context = container.security_context.as_ref();
+        let added: Vec<String> = context
+            .and_then(|c| c.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default();
+        let as_root = context.and_then(|c| c.run_as_user) == Some(0);
+        root |= as_root;
+        for cap in &added {
+            if !capabilities.contains(cap) {
+                capabilities.push(cap.clone());
+            }
+        }
+        needs.push(format!(
+            "{} {} meets only {}: {}adds capabilities {}",
+            match verdict.kind {
+                ContainerKind::InitContainer => "init container",
+                ContainerKind::Container => "container",
+                ContainerKind::EphemeralContainer => "ephemeral container",
+            },
+            verdict.name,
+            verdict.level,
+            if as_root { "runs as uid 0 and " } else { "" },
+            if added.is_empty() {
+                "none".to_owned()
+            } else {
+                added.join(", ")
+            },
+        ));
+    }
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("NAMESPACE");
+    needs.push(format!(
+        "a cluster admin must label the namespace: kubectl label namespace {namespace} pod-security.kubernetes.io/enforce={level}"
+    ));
+    needs.push(format!(
+        "on OpenShift, an SCC with allowedCapabilities [{}]{} granted to the pod's service account (oc adm policy add-scc-to-user SCC -z SERVICE_ACCOUNT -n {namespace})",
+        capabilities.join(", "),
+        if root { " and runAsUser type RunAsAny (uid 0)" } else { "" },
+    ));
+    if capabilities.iter().any(|c| c == "NET_ADMIN") {
+        needs.push(
+            "or render with --egress none (no network enforcer, no NET_ADMIN; a NetworkPolicy denies all egress) and the sidecar topology, which meets restricted".to_owned(),
+        );
+    }
+    needs
+}
+
 /// The lowest level over all verdicts: what the whole pod meets.
 pub fn pod_level(verdicts: &[ContainerVerdict]) -> Level {
     verdicts

@@ -171,10 +171,10 @@ fn accepted_annotations_give_ids_and_record_sources() {
             expect(10001, "default", 10001, "default", Some((10000, "default"))),
         ),
         (
-            "size 1 is enough for combined",
+            "size 1 is enough for combined without egress enforcement",
             Some("1000680000/1"),
             None,
-            "combined",
+            "combined-no-egress",
             expect(1000680000, UID_RANGE, 1000680000, UID_RANGE, None),
         ),
         (
@@ -195,8 +195,12 @@ fn accepted_annotations_give_ids_and_record_sources() {
     let dir = tempfile::tempdir().unwrap();
     for (index, (what, uid_range, groups, topology, expected)) in cases.into_iter().enumerate() {
         let ns = namespace(uid_range, groups);
-        let rendered =
-            render_pod(&config(topology, ""), Some(&ns)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (topology, extra) = match topology {
+            "combined-no-egress" => ("combined", "egress = \"none\"\n"),
+            other => (other, ""),
+        };
+        let rendered = render_pod(&config(topology, extra), Some(&ns))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(ids(&rendered.pod), expected, "{what}");
         let file = dir.path().join(format!("{index}.yaml"));
         std::fs::write(&file, pod_to_yaml(&rendered.pod).unwrap()).unwrap();
@@ -279,15 +283,19 @@ fn size_zero_is_malformed() {
 }
 
 #[test]
-fn size_one_with_sidecar_is_an_error() {
+fn size_one_with_enforced_egress_is_an_error() {
     let ns = namespace(Some("1000680000/1"), None);
-    let err = render_pod(&config("sidecar", ""), Some(&ns)).unwrap_err();
-    assert!(matches!(err, KubeError::NetworkUid(_)), "{err}");
-    let message = err.to_string();
-    assert!(
-        message.contains("1000680000/1") && message.contains("combined"),
-        "{message}"
-    );
+    for topology in ["sidecar", "combined"] {
+        let err = render_pod(&config(topology, ""), Some(&ns)).unwrap_err();
+        assert!(matches!(err, KubeError::NetworkUid(_)), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("1000680000/1") && message.contains("egress = \"none\""),
+            "{message}"
+        );
+        // Without an enforcer there is no proxy uid to find.
+        render_pod(&config(topology, "egress = \"none\"\n"), Some(&ns)).unwrap();
+    }
     // The same with the start-end form.
     let ns = namespace(Some("1000680000-1000680000"), None);
     assert!(matches!(
@@ -315,7 +323,7 @@ fn values_over_the_kubernetes_limit_are_errors() {
     }
     // A block that starts in range but ends above 2^31-1 cannot give the network uid.
     let ns = namespace(Some("2000000000/200000000"), None);
-    render_pod(&config("combined", ""), Some(&ns)).unwrap();
+    render_pod(&config("combined", "egress = \"none\"\n"), Some(&ns)).unwrap();
     let err = render_pod(&config("sidecar", ""), Some(&ns)).unwrap_err();
     assert!(
         matches!(err, KubeError::NetworkUid(_)) && err.to_string().contains("2147483647"),

@@ -12,7 +12,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use kiln_kube::pss::{self, Level};
-use kiln_kube::{pod_to_yaml, render_pod, NamespaceInfo, SandboxConfig};
+use kiln_kube::{render_pod, Egress, NamespaceInfo, SandboxConfig};
 use support::{config, kubernetes_validate, namespace, validate};
 
 const SCC_UID_RANGE: &str = "1000680000/10000";
@@ -65,6 +65,32 @@ fn cases() -> Vec<Case> {
             namespace: scc(),
         },
         Case {
+            name: "sidecar-policy",
+            config: config(
+                "sidecar",
+                &format!("namespace = \"team-a\"\npolicy = \"{}\"\n", policy_file()),
+            ),
+            namespace: None,
+        },
+        Case {
+            name: "combined-policy-configmap",
+            config: config(
+                "combined",
+                "namespace = \"team-a\"\npolicy_configmap = \"team-policy\"\n",
+            ),
+            namespace: None,
+        },
+        Case {
+            name: "sidecar-egress-none",
+            config: config("sidecar", "namespace = \"team-a\"\negress = \"none\"\n"),
+            namespace: None,
+        },
+        Case {
+            name: "combined-egress-none",
+            config: config("combined", "egress = \"none\"\n"),
+            namespace: scc(),
+        },
+        Case {
             name: "sidecar-runtime-class",
             config: config(
                 "sidecar",
@@ -75,13 +101,20 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+fn policy_file() -> String {
+    golden_dir()
+        .join("network-policy.yaml")
+        .display()
+        .to_string()
+}
+
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
 
 fn rendered_yaml(case: &Case) -> String {
     let rendered = render_pod(&case.config, case.namespace.as_ref()).unwrap();
-    pod_to_yaml(&rendered.pod).unwrap()
+    rendered.to_yaml().unwrap()
 }
 
 #[test]
@@ -130,7 +163,11 @@ fn every_rendered_pod_validates_strictly_on_oldest_and_newest_kubernetes() {
     }
     // The validator must be able to say no: an unknown field fails in strict mode, and a
     // native sidecar's restartPolicy fails on 1.27, before native sidecars existed.
-    let sidecar = &cases()[3];
+    let sidecar = cases()
+        .into_iter()
+        .find(|c| c.name == "sidecar-default")
+        .unwrap();
+    let sidecar = &sidecar;
     let bogus = dir.path().join("bogus.yaml");
     std::fs::write(
         &bogus,
@@ -150,24 +187,32 @@ fn every_rendered_pod_validates_strictly_on_oldest_and_newest_kubernetes() {
         .contains("restartPolicy"));
 }
 
+fn verdicts(case: &Case) -> (kiln_kube::RenderedPod, Vec<pss::ContainerVerdict>) {
+    let rendered = render_pod(&case.config, case.namespace.as_ref()).unwrap();
+    let verdicts = pss::check_pod(&rendered.pod);
+    (rendered, verdicts)
+}
+
 #[test]
-fn sidecar_pods_meet_restricted_in_every_container() {
+fn sidecar_pods_meet_restricted_except_network_init_which_the_check_names() {
     for case in cases()
         .into_iter()
         .filter(|c| c.name.starts_with("sidecar"))
     {
-        let pod = render_pod(&case.config, case.namespace.as_ref())
-            .unwrap()
-            .pod;
-        let verdicts = pss::check_pod(&pod);
+        let (rendered, verdicts) = verdicts(&case);
         let names: Vec<&str> = verdicts.iter().map(|v| v.name.as_str()).collect();
-        let expected: &[&str] = if case.config.workspace.is_some() {
-            &["network", "install-supervisor", "seed-workspace", "agent"]
-        } else {
-            &["network", "install-supervisor", "agent"]
-        };
+        let enforced = case.config.egress == Egress::Enforce;
+        let mut expected = Vec::new();
+        if enforced {
+            expected.extend(["network-init", "network"]);
+        }
+        expected.push("install-supervisor");
+        if case.config.workspace.is_some() {
+            expected.push("seed-workspace");
+        }
+        expected.push("agent");
         assert_eq!(names, expected, "{}", case.name);
-        for verdict in &verdicts {
+        for verdict in verdicts.iter().filter(|v| v.name != "network-init") {
             assert_eq!(
                 verdict.level,
                 Level::Restricted,
@@ -177,20 +222,53 @@ fn sidecar_pods_meet_restricted_in_every_container() {
                 verdict.violations
             );
         }
-        assert_eq!(pss::pod_level(&verdicts), Level::Restricted);
+        let needs = pss::admission_needs(&rendered.pod, &verdicts);
+        if !enforced {
+            assert_eq!(
+                pss::pod_level(&verdicts),
+                Level::Restricted,
+                "{}",
+                case.name
+            );
+            assert!(needs.is_empty(), "{}: {needs:?}", case.name);
+            assert!(rendered.network_policy.is_some(), "{}", case.name);
+            continue;
+        }
+        // NET_ADMIN is not even in Baseline's default set.
+        let init = &verdicts[0];
+        assert_eq!(init.level, Level::Privileged, "{}", case.name);
+        assert!(init
+            .violations
+            .iter()
+            .any(|v| v.level == Level::Baseline && v.detail.contains("NET_ADMIN")));
+        assert_eq!(pss::pod_level(&verdicts), Level::Privileged);
+        assert!(needs[0].starts_with("init container network-init meets only privileged: runs as uid 0 and adds capabilities NET_ADMIN"), "{needs:?}");
+        assert!(
+            needs
+                .iter()
+                .any(|n| n.contains("pod-security.kubernetes.io/enforce=privileged")),
+            "{needs:?}"
+        );
+        assert!(
+            needs
+                .iter()
+                .any(|n| n.contains("SCC with allowedCapabilities [NET_ADMIN]")),
+            "{needs:?}"
+        );
+        assert!(
+            needs.iter().any(|n| n.contains("--egress none")),
+            "{needs:?}"
+        );
     }
 }
 
 #[test]
-fn combined_agent_meets_baseline_and_the_checker_says_why_not_restricted() {
+fn combined_agent_meets_baseline_without_enforcement_and_the_checker_says_why() {
     for case in cases()
         .into_iter()
         .filter(|c| c.name.starts_with("combined"))
     {
-        let pod = render_pod(&case.config, case.namespace.as_ref())
-            .unwrap()
-            .pod;
-        let verdicts = pss::check_pod(&pod);
+        let (rendered, verdicts) = verdicts(&case);
         for verdict in verdicts.iter().filter(|v| v.name != "agent") {
             assert_eq!(
                 verdict.level,
@@ -202,6 +280,15 @@ fn combined_agent_meets_baseline_and_the_checker_says_why_not_restricted() {
             );
         }
         let agent = verdicts.iter().find(|v| v.name == "agent").unwrap();
+        let capabilities = &agent.violations.last().unwrap().detail;
+        assert!(capabilities.contains("SETUID"), "{capabilities}");
+        if case.config.egress == Egress::Enforce {
+            assert_eq!(agent.level, Level::Privileged, "{}", case.name);
+            assert!(capabilities.contains("NET_ADMIN"), "{capabilities}");
+            let needs = pss::admission_needs(&rendered.pod, &verdicts);
+            assert!(needs[0].contains("container agent meets only privileged: runs as uid 0 and adds capabilities CHOWN, DAC_OVERRIDE, NET_ADMIN"), "{needs:?}");
+            continue;
+        }
         assert_eq!(agent.level, Level::Baseline, "{}", case.name);
         let reasons: Vec<(Level, &str, &str)> = agent
             .violations
@@ -229,11 +316,6 @@ fn combined_agent_meets_baseline_and_the_checker_says_why_not_restricted() {
             ],
             "{}",
             case.name
-        );
-        assert!(
-            agent.violations[2].detail.contains("SETUID"),
-            "{}",
-            agent.violations[2].detail
         );
         assert_eq!(pss::pod_level(&verdicts), Level::Baseline);
     }

@@ -5,7 +5,8 @@
 //! `network_policies` section of an OpenShell sandbox policy file, knows the address
 //! ranges refused by default, parses `--network-allow-host` values, decides connections,
 //! HTTP requests and DNS queries, reads the first bytes of a flow (TLS SNI, HTTP request
-//! head) and defines the JSON record every decision is logged as.
+//! head), remembers which names a resolver pinned to each address and defines the JSON
+//! record every decision is logged as.
 //!
 //! It does no I/O: no files, no sockets, no clock. The VM path (a user-space network
 //! endpoint on the host) and the Kubernetes sidecar (a transparent proxy in the pod) do
@@ -57,6 +58,7 @@ mod glob;
 mod host;
 mod model;
 pub mod peek;
+mod pins;
 mod ranges;
 mod record;
 
@@ -65,5 +67,6 @@ pub use check::{dns_type_name, Connection, DnsDecision, FirstBytes, Request, MAX
 pub use decision::{check_default, Allowed, Decision, DenyReason, EntryRef, HostFacts, Verdict};
 pub use error::{AllowHostError, PolicyError};
 pub use model::{NotEnforced, Policy, MAX_ENDPOINTS, MAX_POLICY_BYTES, MAX_RULES_PER_ENDPOINT};
+pub use pins::{Pins, MAX_NAMES_PER_ADDRESS, MAX_PINNED_ADDRESSES};
 pub use ranges::{canonical, refused_range, RangeKind, RefusedRange};
 pub use record::{rfc3339_utc, DecisionRecord, FlowProtocol};

@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use kiln_policy::peek::{http_request_head, HttpPeek};
 use kiln_policy::{
-    check_default, refused_range, AllowHost, Allowed, Connection, Decision, FirstBytes, HostFacts,
-    Policy, Request,
+    check_default, refused_range, AllowHost, Allowed, Connection, Decision, DenyReason, FirstBytes,
+    HostFacts, Policy, Request,
 };
 use proptest::prelude::*;
 
@@ -211,7 +211,7 @@ proptest! {
             let request = Request { method, path, query: None, host: Some("api.test") };
             policy.check_request("198.18.0.5:80".parse().unwrap(), &pinned, &request, &facts(), &[])
         };
-        prop_assert_eq!(decide(&plain), decide(&encoded));
+        prop_assert_eq!(without_raw_target(decide(&plain)), without_raw_target(decide(&encoded)));
     }
 
     #[test]
@@ -242,5 +242,20 @@ proptest! {
         for n in 0..head.len() {
             prop_assert_eq!(http_request_head(&head.as_bytes()[..n]), HttpPeek::NeedMore);
         }
+    }
+}
+
+/// A decision with the refused target's own text taken out: a refusal quotes the path as
+/// the guest sent it (encoded or not), which is the point of the log line, not a
+/// difference in the decision.
+fn without_raw_target(decision: Decision) -> Decision {
+    match decision {
+        Decision::Deny(DenyReason::BadRequestTarget { entry, .. }) => {
+            Decision::Deny(DenyReason::BadRequestTarget {
+                entry,
+                reason: String::new(),
+            })
+        }
+        other => other,
     }
 }

@@ -19,20 +19,21 @@ use kiln_vm::{Accel, Channel, Disk, GuestImages, Network, Share, VmError, VmSpec
 
 use crate::error::{Error, ErrorKind};
 use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutcome};
+use crate::network::start_network;
 use crate::options::{HostDirError, Volume};
 use crate::prepare::PreparedImages;
 use crate::request::CreateRequest;
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
 use crate::state::{
-    now_unix, run_dir, GuestSetup, NetworkRecord, SandboxDir, SandboxRecord, StateError, Status,
-    SHORT_ID_LEN,
+    now_unix, run_dir, GuestSetup, SandboxDir, SandboxRecord, StateError, Status, SHORT_ID_LEN,
 };
 
 /// Size of a persistent sandbox's writable disk; sparse, so it costs what is written.
 const UPPER_DISK_MIB: u64 = 8 * 1024;
 
-/// The guest's address on QEMU's user-mode network, its gateway (the host) and DNS.
-const USER_NET: NetConfig = NetConfig {
+/// The guest's address on kiln's network endpoint, its gateway (the host) and DNS: the
+/// addresses QEMU's user-mode network used, so guests see the network they always saw.
+pub(crate) const USER_NET: NetConfig = NetConfig {
     address: Ipv4Addr::new(10, 0, 2, 15),
     prefix_len: 24,
     gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
@@ -56,6 +57,14 @@ pub enum BootError {
     },
     #[error(transparent)]
     BootConfig(#[from] BootConfigError),
+    #[error(transparent)]
+    Network(#[from] kiln_netstack::Error),
+    #[error("the host's own addresses (to keep the guest from them): {0}")]
+    HostAddresses(std::io::Error),
+    #[error("the sandbox's network record")]
+    AllowHost(#[from] kiln_policy::AllowHostError),
+    #[error("the sandbox's network policy: {0}")]
+    Policy(String),
 }
 
 impl From<BootError> for Error {
@@ -64,11 +73,19 @@ impl From<BootError> for Error {
             BootError::State(state) => state.kind(),
             // The sandbox's volume is not what it was created with.
             BootError::Volume { .. } => ErrorKind::FailedPrecondition,
+            // A forward's host port is taken.
+            BootError::Network(kiln_netstack::Error::Forward { .. }) => {
+                ErrorKind::FailedPrecondition
+            }
             // The request's checks admit only what the guest accepts, so a boot
             // configuration the encoder refuses is kiln's own fault.
-            BootError::Vm(_) | BootError::Launch(_) | BootError::BootConfig(_) => {
-                ErrorKind::Internal
-            }
+            BootError::Vm(_)
+            | BootError::Launch(_)
+            | BootError::BootConfig(_)
+            | BootError::Network(_)
+            | BootError::HostAddresses(_)
+            | BootError::AllowHost(_)
+            | BootError::Policy(_) => ErrorKind::Internal,
         };
         Error::new(kind, err)
     }
@@ -128,12 +145,14 @@ pub fn sandbox_record(
         cpus: request.cpus,
         millicpus: Some(request.millicpus),
         memory_mib: request.memory_mib,
-        network: NetworkRecord::from(&request.network),
+        network: request.network.clone(),
         labels: request.labels.clone(),
         accel: request.accel,
         volumes: request.volumes.clone(),
         log_max_size: request.log_max_size,
         allow_user_namespaces: request.allow_user_namespaces,
+        auto_remove: request.auto_remove,
+        restart: request.restart,
         guest: request.guest.clone(),
     }
 }
@@ -240,7 +259,7 @@ fn kernel_args(
         upper,
         port: CHANNEL_PORT.into(),
         hostname: hostname.into(),
-        net: matches!(network, Network::User { .. }).then_some(USER_NET),
+        net: matches!(network, Network::Stream { .. }).then_some(USER_NET),
         volumes: volumes
             .iter()
             .enumerate()
@@ -272,7 +291,16 @@ pub fn boot(
     io: HostIo,
     control: Receiver<Control>,
 ) -> Result<LaunchOutcome, BootError> {
-    let network = Network::from(&record.network);
+    // The endpoint lives as long as this call: past the VM's end, never past kiln's.
+    let mut io = io;
+    let denials = io.network_denials.take();
+    let endpoint = start_network(sandbox, &record.network, record.log_max_size, denials)?;
+    let network = match &endpoint {
+        Some(endpoint) => Network::Stream {
+            socket: endpoint.socket().to_owned(),
+        },
+        None => Network::None,
+    };
     let short_id = sandbox.id().get(..SHORT_ID_LEN).unwrap_or(sandbox.id());
     let hostname = record.guest.hostname.as_deref().unwrap_or(short_id);
     let cmdline = kernel_args(
@@ -312,6 +340,8 @@ pub fn boot(
         disks,
         shares,
         cpus: record.cpus,
+        // The exact `--cpus` share (records older than it: whole vCPUs).
+        cpu_millis: record.millicpus.unwrap_or(record.cpus.saturating_mul(1000)),
         memory_mib: record.memory_mib,
         network,
         channel: Channel {
@@ -357,6 +387,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         disks: Vec::new(),
         shares: Vec::new(),
         cpus: 1,
+        cpu_millis: 1000,
         memory_mib: 256,
         network: Network::None,
         channel: Channel {
@@ -389,6 +420,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         stdout: Box::new(std::io::sink()),
         stderr: Box::new(std::io::sink()),
         guest_events: None,
+        network_denials: None,
     };
     let (_keep_open, control) = mpsc::channel();
     let started = Instant::now();
@@ -479,8 +511,8 @@ mod tests {
 
     #[test]
     fn a_disk_upper_and_the_user_network_have_their_arguments() {
-        let network = Network::User {
-            forwards: Vec::new(),
+        let network = Network::Stream {
+            socket: PathBuf::from("/s/net.sock"),
         };
         let args = kernel_args(
             &Upper::Disk(PathBuf::from("/u")),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{
     negotiate, read_frame, write_frame, write_stream, Frame, GuestTask, Hello, Message,
     ProtocolError, RunSpec, SessionId, ShutdownRequest, SignalRequest, Stream, TerminalSize,
-    WorkloadResult, CONTROL_SESSION,
+    WorkloadResult, CONTROL_SESSION, MAIN_SESSION,
 };
 
 use crate::error::{Error, ErrorKind};
@@ -158,6 +158,19 @@ pub fn shutdown(sandbox: &SandboxDir, grace: Duration) -> Result<(), Error> {
     }
     // The connection closes just before the monitor exits and lets go of its lock.
     wait_until_gone(sandbox, Duration::from_secs(10));
+    Ok(())
+}
+
+/// Sends `signal` to the sandbox's main workload through its monitor.
+pub fn signal_main(sandbox: &SandboxDir, signal: i32) -> Result<(), Error> {
+    let mut stream = connect(sandbox)?;
+    let request = Frame::new(MAIN_SESSION, Message::Signal(SignalRequest { signal }));
+    write_frame(&mut stream, &request).map_err(|e| channel_err(sandbox.id(), e))?;
+    // The monitor has the frame once it reads on; closing first could lose it with the
+    // connection, so wait for the monitor's end of it (it keeps the connection open).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = read_frame(&mut stream);
     Ok(())
 }
 

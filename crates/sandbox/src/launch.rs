@@ -82,6 +82,8 @@ pub struct HostIo {
     pub stderr: Box<dyn Write + Send>,
     /// Hears about the guest beyond the main session (a sandbox's monitor does).
     pub guest_events: Option<Sender<GuestEvent>>,
+    /// Hears each network denial (a foreground `kiln run` prints them).
+    pub network_denials: Option<kiln_netstack::DenialNotice>,
 }
 
 /// What [`HostIo::guest_events`] hears.
@@ -92,10 +94,13 @@ pub enum GuestEvent {
     Phase(PhaseTime),
 }
 
-/// Durations of the phases of one VM run, as far as they were reached.
+/// Durations of the phases of one VM run, as far as they were reached. The host-clock
+/// phases and the guest's boot phases between them tile the run: from the VMM's spawn to
+/// the host hearing the workload's start is `vmm_start` + `kernel` + `init` + `supervisor`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct VmTimings {
-    /// VMM process start until it connected to the channel.
+    /// QEMU's own start: from spawning the VMM until the guest kernel ran (host clock,
+    /// with the guest's boot phases after it taken off).
     pub vmm_start: Option<Duration>,
     /// Kernel start until init ran (guest clock).
     pub kernel: Option<Duration>,
@@ -104,14 +109,20 @@ pub struct VmTimings {
     /// The supervisor's user check, filesystem preparation and privilege drop, until the
     /// workload started.
     pub supervisor: Option<Duration>,
-    /// The workload's own run time (guest clock).
+    /// The workload's run, from the host hearing it started until it heard its result
+    /// (host clock).
     pub workload: Option<Duration>,
     /// Workload end until the VM process ended (host clock).
     pub shutdown: Option<Duration>,
-    /// When the host heard that the workload started (host clock), for figures that
-    /// begin before the VM does, such as [`crate::RunTimings::to_workload`].
+    /// When the VMM was spawned, the host heard that the workload started, and the VM
+    /// ended (host clock), for figures that begin before the VM does or end after it,
+    /// such as [`crate::RunTimings::to_workload`].
+    #[serde(skip)]
+    pub vmm_spawned_at: Option<Instant>,
     #[serde(skip)]
     pub workload_started_at: Option<Instant>,
+    #[serde(skip)]
+    pub ended_at: Option<Instant>,
 }
 
 /// How a run ended when the workload ran.
@@ -253,7 +264,7 @@ pub fn launch(
         deadlines.connect,
     )?;
     let mut timings = VmTimings {
-        vmm_start: Some(started.elapsed()),
+        vmm_spawned_at: Some(started),
         ..VmTimings::default()
     };
     drop(listener);
@@ -293,12 +304,28 @@ pub fn launch(
     };
     let outcome = driver.drive(&inbox);
     channel.close();
+    let ended_at = Instant::now();
     timings.kernel = driver.boot_times.kernel();
     timings.init = driver.boot_times.init();
     timings.supervisor = driver.boot_times.supervisor();
-    timings.workload = driver.boot_times.workload();
-    timings.shutdown = driver.workload_ended_at.map(|t| t.elapsed());
+    if let (Some(workload_started), Some(kernel), Some(init), Some(supervisor)) = (
+        driver.workload_started_at,
+        timings.kernel,
+        timings.init,
+        timings.supervisor,
+    ) {
+        let boot = workload_started.saturating_duration_since(started);
+        timings.vmm_start = Some(boot.saturating_sub(kernel + init + supervisor));
+    }
+    timings.workload = driver
+        .workload_started_at
+        .zip(driver.workload_ended_at)
+        .map(|(started, ended)| ended.saturating_duration_since(started));
+    timings.shutdown = driver
+        .workload_ended_at
+        .map(|t| ended_at.saturating_duration_since(t));
     timings.workload_started_at = driver.workload_started_at;
+    timings.ended_at = Some(ended_at);
     outcome.map(|result| LaunchOutcome { result, timings })
 }
 
@@ -436,7 +463,6 @@ struct BootTimes {
     init_started: Option<u64>,
     supervisor_started: Option<u64>,
     workload_started: Option<u64>,
-    workload_ended: Option<u64>,
 }
 
 impl BootTimes {
@@ -445,8 +471,7 @@ impl BootTimes {
             BootPhase::InitStarted => self.init_started = Some(ns),
             BootPhase::SupervisorStarted => self.supervisor_started = Some(ns),
             BootPhase::WorkloadStarted => self.workload_started = Some(ns),
-            BootPhase::WorkloadEnded => self.workload_ended = Some(ns),
-            BootPhase::Shutdown => {}
+            BootPhase::WorkloadEnded | BootPhase::Shutdown => {}
         }
     }
 
@@ -464,12 +489,6 @@ impl BootTimes {
         Some(Duration::from_nanos(
             self.workload_started?
                 .checked_sub(self.supervisor_started?)?,
-        ))
-    }
-
-    fn workload(&self) -> Option<Duration> {
-        Some(Duration::from_nanos(
-            self.workload_ended?.checked_sub(self.workload_started?)?,
         ))
     }
 }
@@ -554,10 +573,16 @@ impl Driver<'_> {
                 grace: self.deadlines.stop_grace,
             });
         }
+        // The workload's deadline is the user's --timeout: the guest's boot-time console
+        // says nothing about it. A boot or shutdown that hangs is another matter.
+        let console_tail = match self.phase {
+            Phase::Workload => String::new(),
+            _ => console_tail(&self.spec.console_log),
+        };
         Err(LaunchError::Deadline {
             phase: self.phase,
             after: self.phase_started.elapsed(),
-            console_tail: console_tail(&self.spec.console_log),
+            console_tail,
         })
     }
 
@@ -718,6 +743,11 @@ impl Driver<'_> {
                 self.workload_ended_at.get_or_insert_with(Instant::now);
                 self.result = Some(result);
                 self.enter(Phase::Shutdown, Some(self.deadlines.shutdown));
+                // The guest powers off only once the result is here: its write queued the
+                // frame in the virtqueue, and what QEMU has not yet moved to this socket
+                // when power-off ends it is lost. A VM already gone needs no reply.
+                let ack = ShutdownRequest { grace_ms: 0 };
+                let _ = self.send(Frame::new(CONTROL_SESSION, Message::Shutdown(ack)));
             }
             other => tracing::debug!(
                 session = frame.session,
@@ -862,13 +892,55 @@ for command in qmp_capabilities cont; do
     read -r _ <&3
     printf '{"return":{}}\n' >&4
 done
-exec sleep 600
+# Stays this script (its command line names it, see `vmm_channel`) until killed.
+while read -r _ <&3; do :; done
 "#;
+
+    /// The channel socket kiln handed the scripted VMM `script` (its `kilnchan` chardev's
+    /// descriptor), taken from the running script with pidfd_getfd.
+    fn vmm_channel(script: &Path) -> UnixStream {
+        use std::os::fd::FromRawFd;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "the scripted VMM never started");
+            let found = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .find_map(|entry| {
+                    let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                    let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                    let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+                    if !cmdline.contains(&*script.to_string_lossy()) {
+                        return None;
+                    }
+                    let fd: i32 = cmdline
+                        .split('\0')
+                        .find_map(|arg| arg.strip_prefix("socket,id=kilnchan,fd="))?
+                        .parse()
+                        .ok()?;
+                    Some((pid, fd))
+                });
+            if let Some((pid, fd)) = found {
+                // SAFETY: plain system calls; the descriptors they return are ours.
+                unsafe {
+                    let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+                    if pidfd >= 0 {
+                        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0);
+                        libc::close(pidfd as i32);
+                        if ours >= 0 {
+                            return UnixStream::from_raw_fd(ours as i32);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     /// Runs launch's host side against a scripted guest. A compromised guest cannot be
     /// produced from a real VM here (it would take a subverted guest kernel or kiln-init),
-    /// so the test plays the guest: `guest` gets the channel socket where QEMU would
-    /// connect, after the hellos and the run spec, and the "VMM" that launch starts and
+    /// so the test plays the guest: `guest` gets the channel socket kiln handed the VMM
+    /// (taken from it, see [`vmm_channel`]), after the hellos and the run spec, and the "VMM" that launch starts and
     /// kills is a shell script that answers QEMU's machine protocol on the descriptor it
     /// is given (greeting, `qmp_capabilities`, `cont`), then sleeps.
     fn against_scripted_guest(
@@ -876,6 +948,8 @@ exec sleep 600
         guest: impl FnOnce(&mut UnixStream) + Send + 'static,
     ) -> Result<LaunchOutcome, LaunchError> {
         let dir = tempfile::tempdir().unwrap();
+        // The VMM runs as kiln-vmm when the tests run as root: it must reach its script.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let vmm = dir.path().join("vmm");
         std::fs::write(&vmm, SCRIPTED_VMM).unwrap();
         std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -889,6 +963,7 @@ exec sleep 600
             disks: Vec::new(),
             shares: Vec::new(),
             cpus: 1,
+            cpu_millis: 1000,
             memory_mib: 128,
             network: Network::None,
             channel: Channel {
@@ -898,14 +973,9 @@ exec sleep 600
             console_log: dir.path().join("console.log"),
             accel: Accel::Tcg,
         };
-        let socket = spec.channel.socket.clone();
+        let script = vmm.clone();
         let peer = std::thread::spawn(move || {
-            let mut stream = loop {
-                match UnixStream::connect(&socket) {
-                    Ok(stream) => break stream,
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            };
+            let mut stream = vmm_channel(&script);
             let hello = Hello::ours("scripted guest");
             write_frame(
                 &mut stream,
@@ -937,6 +1007,7 @@ exec sleep 600
             stdout,
             stderr: Box::new(std::io::sink()),
             guest_events: None,
+            network_denials: None,
         };
         let outcome = launch(
             &Qemu::with_binary(&vmm),
@@ -1016,6 +1087,37 @@ exec sleep 600
         .unwrap();
         assert_eq!(outcome.result, WorkloadResult::Exited { code: 3 });
         assert_eq!(stdout.0.lock().unwrap().as_slice(), b"hello world");
+    }
+
+    #[test]
+    fn the_guest_hears_its_result_arrived_before_it_powers_off() {
+        let (acked_tx, acked_rx) = mpsc::channel();
+        let outcome = against_scripted_guest(Box::new(std::io::sink()), move |guest| {
+            let stream = Stream::Stdout;
+            send(guest, MAIN_SESSION, Message::Eof { stream });
+            send(
+                guest,
+                MAIN_SESSION,
+                Message::Result(WorkloadResult::Exited { code: 0 }),
+            );
+            // What kiln-init waits for before it powers off; the main session's stdin end
+            // and credit may come first.
+            let ack = loop {
+                let frame = read_frame(guest).unwrap().expect("the host replies");
+                if frame.session == CONTROL_SESSION {
+                    break frame;
+                }
+            };
+            acked_tx.send(ack).unwrap();
+        })
+        .unwrap();
+        assert_eq!(outcome.result, WorkloadResult::Exited { code: 0 });
+        let ack = acked_rx.recv().unwrap();
+        assert_eq!(ack.session, CONTROL_SESSION);
+        assert_eq!(
+            ack.message,
+            Message::Shutdown(ShutdownRequest { grace_ms: 0 })
+        );
     }
 
     #[test]
@@ -1127,7 +1229,6 @@ exec sleep 600
         assert_eq!(times.kernel(), Some(Duration::from_millis(1500)));
         assert_eq!(times.init(), Some(Duration::from_millis(150)));
         assert_eq!(times.supervisor(), Some(Duration::from_millis(50)));
-        assert_eq!(times.workload(), Some(Duration::from_millis(50)));
     }
 
     #[test]

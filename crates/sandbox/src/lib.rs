@@ -34,6 +34,7 @@ mod launch;
 mod lifecycle;
 mod logs;
 mod monitor;
+mod network;
 mod options;
 mod prepare;
 mod request;
@@ -47,16 +48,21 @@ pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
-    create, disk_usage, exec, get, list, logs, prune_images, remove, rename, start, stop, wait,
-    DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
+    attach, create, disk_usage, exec, get, kill, list, logs, prune_images, remove, rename, restart,
+    start, stop, wait, DiskUsage, LogOptions, ProvisionEvent, PruneReport, SandboxInfo, Usage,
 };
 /// Runs the monitor of a detached sandbox (`kiln monitor ID`, started by [`start`]).
 pub use monitor::run as run_monitor;
+pub use network::{
+    check_policy, network_logs, set_policy, show_policy, NetworkLogs, PolicySet, NETWORK_LOG,
+    POLICY_FILE, POLICY_POLL,
+};
+pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX,
-    LOG_MAX_SIZE,
+    NetworkMode, PolicyText, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE,
+    DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;

@@ -25,6 +25,7 @@ use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
 use crate::logs::lines::{parse_since, LineCounter, LineReader, LineSelection};
 use crate::logs::LogReader;
+use crate::network::write_network_policy;
 use crate::prepare::{
     build_images, image_cache, pinned_images, sandbox_images, BuildStep, PrepareError,
 };
@@ -59,6 +60,25 @@ pub struct SandboxInfo {
     pub network: NetworkRecord,
     pub labels: BTreeMap<String, String>,
     pub state_dir: PathBuf,
+    /// What confines the VMM process while it runs, as read from /proc.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<kiln_vm::Confinement>,
+    /// Removed by its monitor when it stops (`run --rm -d`).
+    pub auto_remove: bool,
+}
+
+impl SandboxInfo {
+    /// Why the main workload could not start, and the exit code that stands for it
+    /// (127 not found, 126 not executable), when that is how it ended.
+    pub fn start_failure(&self) -> Option<(&str, i32)> {
+        match &self.status {
+            Status::Exited {
+                result: WorkloadResult::StartFailed { message, .. },
+                exit_code,
+            } => Some((message, *exit_code)),
+            _ => None,
+        }
+    }
 }
 
 /// A step of provisioning a sandbox, reported as it happens.
@@ -131,6 +151,7 @@ pub fn create(
     let record = sandbox_record(&sandbox, &request, &prepared, run_spec);
     let written = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| write_network_policy(&sandbox, &request))
         .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
         .map_err(BootError::from)
         .and_then(|()| Upper::create(&sandbox).map_err(BootError::from));
@@ -224,7 +245,7 @@ fn build_events(events: &dyn Fn(ProvisionEvent)) -> impl Fn(BuildStep) + '_ {
 
 /// Boots sandbox `id_or_name` under a new monitor process (`monitor_exe monitor`, the
 /// kiln binary) with the QEMU binary `qemu`, and returns once its workload runs, or with
-/// the boot's error.
+/// the boot's error. A sandbox that is running already is returned as it is.
 pub fn start(
     root: &Path,
     id_or_name: &str,
@@ -239,14 +260,22 @@ pub fn start(
     let sandbox = SandboxDir::open(&root, id_or_name)?;
     let record: SandboxRecord = sandbox.read_json(RECORD_FILE)?;
     if sandbox.monitor_alive() {
-        return Err(StateError::Running(sandbox.id().to_owned()).into());
+        // Already what the caller asked for, as `docker start` treats it.
+        return get_dir(&sandbox);
     }
     GuestImages::locate(&root)
         .check()
         .map_err(BootError::from)?;
     // A volume's host directory may be gone or replaced since create: say so before booting.
     volume_shares(&record.volumes)?;
-    pinned_images(&root, &record, &build_events(events))?;
+    // The identity layer step is reported whether it is built or found; create already
+    // said so, and a start only says when it rebuilds the root image.
+    let rebuilds = |step| {
+        if step == BuildStep::RootImage {
+            events(ProvisionEvent::BuildingRootImage);
+        }
+    };
+    pinned_images(&root, &record, &rebuilds)?;
     sandbox.write_json(STATE_FILE, &StateRecord::created())?;
 
     events(ProvisionEvent::Booting);
@@ -281,7 +310,20 @@ pub fn start(
 
     let deadline = Instant::now() + START_WAIT;
     loop {
-        let state: StateRecord = sandbox.read_json(STATE_FILE)?;
+        let state: StateRecord = match sandbox.read_json(STATE_FILE) {
+            Ok(state) => state,
+            // An auto-removed sandbox whose workload ran and ended before this look: it
+            // did start, and is gone as asked.
+            Err(_) if record.auto_remove && !sandbox.path().exists() => {
+                events(ProvisionEvent::Running);
+                let ran = StateRecord {
+                    status: Status::Running,
+                    ..StateRecord::created()
+                };
+                return info(&sandbox, record, ran);
+            }
+            Err(err) => return Err(err.into()),
+        };
         match &state.status {
             Status::Running | Status::Exited { .. } => {
                 events(ProvisionEvent::Running);
@@ -332,13 +374,50 @@ fn monitor_err(sandbox: &SandboxDir, message: String) -> Error {
 }
 
 /// Stops a running sandbox: its workloads get SIGTERM, then SIGKILL after `grace`, the
-/// guest syncs and powers off. A sandbox that is not running is left as it is.
+/// guest syncs and powers off. A sandbox that is not running is left as it is; one its
+/// monitor removed as it stopped (`run --rm -d`) is returned as it was before.
 pub fn stop(root: &Path, id_or_name: &str, grace: Duration) -> Result<SandboxInfo, Error> {
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    if sandbox.monitor_alive() {
-        crate::client::shutdown(&sandbox, grace)?;
+    if !sandbox.monitor_alive() {
+        return get_dir(&sandbox);
     }
+    let before = get_dir(&sandbox)?;
+    crate::client::shutdown(&sandbox, grace)?;
+    match get_dir(&sandbox) {
+        // Its monitor is removing it (`run --rm -d`), maybe this moment, file by file.
+        Err(_) if before.auto_remove => Ok(before),
+        after => after,
+    }
+}
+
+/// Sends `signal` (1 to 64) to the main workload of running sandbox `id_or_name`, as
+/// `docker kill -s` does. SIGINT and SIGTERM also start the stop's grace period, as they
+/// do for a foreground run: a workload that ignores them is stopped after it.
+pub fn kill(root: &Path, id_or_name: &str, signal: i32) -> Result<SandboxInfo, Error> {
+    if !(1..=kiln_protocol::MAX_SIGNAL).contains(&signal) {
+        let err = crate::options::parse_signal(&signal.to_string()).unwrap_err();
+        return Err(Error::new(ErrorKind::InvalidInput, err));
+    }
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    if !sandbox.monitor_alive() {
+        return Err(StateError::NotRunning(sandbox.id().to_owned()).into());
+    }
+    crate::client::signal_main(&sandbox, signal)?;
     get_dir(&sandbox)
+}
+
+/// Stops sandbox `id_or_name` if it runs (SIGTERM, SIGKILL after `grace`) and starts it
+/// again with its writable disk, as [`stop`] then [`start`].
+pub fn restart(
+    root: &Path,
+    id_or_name: &str,
+    grace: Duration,
+    monitor_exe: &Path,
+    qemu: &Path,
+    events: &dyn Fn(ProvisionEvent),
+) -> Result<SandboxInfo, Error> {
+    stop(root, id_or_name, grace)?;
+    start(root, id_or_name, monitor_exe, qemu, events)
 }
 
 /// Removes a sandbox and everything it has; a running one only with `force` (it is
@@ -567,10 +646,6 @@ pub fn logs<'a>(
         .transpose()
         .map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
     let sandbox = SandboxDir::open(root, id_or_name)?;
-    let io_error = |name: &str| {
-        let path = sandbox.file(name);
-        move |source| StateError::Io { path, source }
-    };
     let mut streams = Vec::new();
     for (name, out) in [(STDOUT_LOG, stdout), (STDERR_LOG, stderr)] {
         let path = sandbox.file(name);
@@ -581,7 +656,7 @@ pub fn logs<'a>(
                 let mut counter = LineCounter::default();
                 LogReader::new(&path)
                     .copy_new(&mut counter)
-                    .map_err(io_error(name))?;
+                    .map_err(log_error(&sandbox, name))?;
                 counter.lines().saturating_sub(tail)
             }
         };
@@ -592,15 +667,53 @@ pub fn logs<'a>(
         };
         streams.push((name, LogReader::new(&path), LineReader::new(out, selection)));
     }
+    copy_logs(&sandbox, streams, options.follow)
+}
+
+/// Prints what the workload of running sandbox `id_or_name` writes from now on, until the
+/// sandbox stops (across restarts), as `docker attach` does; returns how it ended. A
+/// detached sandbox has no stdin to attach to.
+pub fn attach<'a>(
+    root: &Path,
+    id_or_name: &str,
+    stdout: &'a mut (dyn Write + 'a),
+    stderr: &'a mut (dyn Write + 'a),
+) -> Result<SandboxInfo, Error> {
+    let sandbox = SandboxDir::open(root, id_or_name)?;
+    if !sandbox.monitor_alive() {
+        return Err(StateError::NotRunning(sandbox.id().to_owned()).into());
+    }
+    let mut streams = Vec::new();
+    for (name, out) in [(STDOUT_LOG, stdout), (STDERR_LOG, stderr)] {
+        let log = LogReader::at_end(&sandbox.file(name)).map_err(log_error(&sandbox, name))?;
+        streams.push((name, log, LineReader::new(out, LineSelection::default())));
+    }
+    copy_logs(&sandbox, streams, true)?;
+    get_dir(&sandbox)
+}
+
+/// How reading or writing log `name` of `sandbox` failed.
+fn log_error(sandbox: &SandboxDir, name: &str) -> impl FnOnce(std::io::Error) -> StateError {
+    let path = sandbox.file(name);
+    move |source| StateError::Io { path, source }
+}
+
+/// Copies the new output of each log to its line reader; with `follow`, again until the
+/// sandbox's monitor is gone.
+fn copy_logs(
+    sandbox: &SandboxDir,
+    mut streams: Vec<(&str, LogReader, LineReader<'_>)>,
+    follow: bool,
+) -> Result<(), Error> {
     loop {
         // Checked before copying, so the last round copies everything the workload wrote.
-        let more = options.follow && sandbox.monitor_alive();
+        let more = follow && sandbox.monitor_alive();
         for (name, log, out) in streams.iter_mut() {
-            log.copy_new(out).map_err(io_error(name))?;
+            log.copy_new(out).map_err(log_error(sandbox, name))?;
             if more {
                 let _ = out.flush();
             } else {
-                out.finish().map_err(io_error(name))?;
+                out.finish().map_err(log_error(sandbox, name))?;
             }
         }
         if !more {
@@ -626,6 +739,10 @@ fn info(
             state.monitor_pid = None;
         }
     }
+    let vmm = (state.status == Status::Running)
+        .then_some(state.monitor_pid)
+        .flatten()
+        .and_then(vmm_of);
     Ok(SandboxInfo {
         id: record.id,
         name: record.name,
@@ -643,7 +760,19 @@ fn info(
         network: record.network,
         labels: record.labels,
         state_dir: sandbox.path().to_path_buf(),
+        vmm,
+        auto_remove: record.auto_remove,
     })
+}
+
+/// The confinement of the VMM a monitor runs: its only child process.
+fn vmm_of(monitor_pid: u32) -> Option<kiln_vm::Confinement> {
+    let tasks = std::fs::read_dir(format!("/proc/{monitor_pid}/task")).ok()?;
+    let child = tasks.flatten().find_map(|task| {
+        let children = std::fs::read_to_string(task.path().join("children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    })?;
+    kiln_vm::jail::observe(child).ok()
 }
 
 #[cfg(test)]

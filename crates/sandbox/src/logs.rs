@@ -1,4 +1,5 @@
-//! The capped output logs of a detached sandbox (`stdout.log`, `stderr.log`).
+//! The capped output logs of a sandbox (`stdout.log`, `stderr.log`), written by the
+//! monitor of a detached sandbox and, beside the user's own streams, by a foreground run.
 //!
 //! A guest can write without end, so a log never grows past its maximum size: the write
 //! that would pass it renames the log to `NAME.1` (replacing the one before) and goes on
@@ -68,6 +69,46 @@ impl RotatingLog {
     }
 }
 
+/// A stream that goes to its destination and to a log: a foreground run's output, kept
+/// for `kiln logs` with each line's time, as the monitor keeps a detached sandbox's. The
+/// log comes first, so a destination that stopped taking output (`| head`) does not cut
+/// the log short; a log that fails (a full disk) stops logging, not the run.
+pub struct Tee<W> {
+    out: W,
+    log: Option<lines::Timestamped<RotatingLog>>,
+    log_path: PathBuf,
+}
+
+impl<W: Write> Tee<W> {
+    pub fn new(out: W, log: RotatingLog) -> Tee<W> {
+        Tee {
+            out,
+            log_path: log.path.clone(),
+            log: Some(lines::Timestamped::new(log)),
+        }
+    }
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            if let Err(err) = log.write_all(buf) {
+                tracing::warn!(
+                    "{}: {err}; the rest of the output is not logged",
+                    self.log_path.display()
+                );
+                self.log = None;
+            }
+        }
+        self.out.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 impl Write for RotatingLog {
     /// Writes as much of `buf` as fits in the current file, rotating it first when it
     /// is full; `write_all` carries the rest over into the next file.
@@ -104,6 +145,18 @@ impl LogReader {
             path: path.to_owned(),
             file: None,
         }
+    }
+
+    /// A reader of only what is written to the log from now on (`kiln attach`).
+    pub fn at_end(path: &Path) -> io::Result<LogReader> {
+        let mut file = open_existing(path)?;
+        if let Some(file) = &mut file {
+            io::Seek::seek(file, io::SeekFrom::End(0))?;
+        }
+        Ok(LogReader {
+            path: path.to_owned(),
+            file,
+        })
     }
 
     /// Copies to `out` everything written to the log since the last call (since the
@@ -200,6 +253,49 @@ mod tests {
             let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", file.display());
         }
+    }
+
+    /// A destination that took nothing (a closed pipe).
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tee_logs_what_its_destination_takes_and_what_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        let mut shown = Vec::new();
+        let mut tee = Tee::new(&mut shown, RotatingLog::open(&path, 1000).unwrap());
+        tee.write_all(b"seen and kept\n").unwrap();
+        drop(tee);
+        assert_eq!(shown, b"seen and kept\n");
+        let mut tee = Tee::new(Closed, RotatingLog::open(&path, 1000).unwrap());
+        assert!(tee.write_all(b"kept only\n").is_err());
+        // Each line behind its time, as the monitor writes them.
+        let logged = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = logged.lines().map(|l| &l[lines::STAMP_LEN..]).collect();
+        assert_eq!(lines, ["seen and kept", "kept only"], "{logged}");
+        assert!(logged.starts_with("20"), "{logged}");
+    }
+
+    #[test]
+    fn a_reader_at_the_end_sees_only_new_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        let mut log = RotatingLog::open(&path, 1000).unwrap();
+        log.write_all(b"before\n").unwrap();
+        let mut reader = LogReader::at_end(&path).unwrap();
+        log.write_all(b"after\n").unwrap();
+        let mut seen = Vec::new();
+        reader.copy_new(&mut seen).unwrap();
+        assert_eq!(seen, b"after\n");
     }
 
     #[test]

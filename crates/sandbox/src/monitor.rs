@@ -8,7 +8,8 @@
 //! `monitor.sock` in kiln-protocol frames: Hello both ways on session 0; `Run` on a
 //! client-chosen session >= 2 starts an exec session (renumbered to a session unique in
 //! the guest); `Data`, `Eof`, `Signal` and `Resize` follow on it, and the guest's
-//! `Data`/`Eof`/`Result` come back on it; `Shutdown` on session 0 stops the sandbox. Every
+//! `Data`/`Eof`/`Result` come back on it; `Shutdown` on session 0 stops the sandbox, and
+//! `Signal` on session 1 goes to the main workload (`kiln kill`). Every
 //! connection is closed once the VM is gone and the final state is written.
 //!
 //! Each connection has a thread that reads it and one per exec session that writes that
@@ -21,7 +22,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use kiln_protocol::{
     read_frame, write_frame, BootPhase, Frame, Hello, Message, SessionId, StartFailure,
@@ -34,7 +36,7 @@ use crate::error::{Error, ErrorKind};
 use crate::launch::{Control, GuestEvent, HostIo};
 use crate::logs::lines::Timestamped;
 use crate::logs::RotatingLog;
-use crate::prepare::pinned_images;
+use crate::prepare::{pinned_images, PreparedImages};
 use crate::sessions::{lock, ExecChannel, SessionError, SessionOutput};
 use crate::state::{
     now_unix, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_SOCKET,
@@ -79,6 +81,16 @@ pub fn run(root: &Path, id: &str, qemu: &Path) -> Result<(), Error> {
             ended_unix: Some(now_unix()),
         };
         sandbox.write_json(STATE_FILE, &failed)?;
+    }
+    // `run --rm -d`: a sandbox whose workload ran goes with its end (under the lock, so no
+    // start comes between); one that never ran stays for its starter to say why.
+    let ran = || {
+        sandbox
+            .read_json::<StateRecord>(STATE_FILE)
+            .is_ok_and(|state| state.started_unix.is_some())
+    };
+    if record.auto_remove && ran() {
+        sandbox.remove()?;
     }
     drop(lock);
     outcome
@@ -129,6 +141,63 @@ fn serve(
         tracing::info!("{line}")
     })
     .map_err(BootError::from)?;
+    let clients = Arc::new(Clients::new());
+    stop_on_termination(Arc::clone(&clients))
+        .map_err(|e| io_error(sandbox, "signal handlers", e))?;
+    spawn_acceptor(listener, Arc::clone(&clients));
+
+    let (mut restarts, mut backoff_step) = (0u32, 0u32);
+    loop {
+        let booted = Instant::now();
+        let (status, started_unix) = boot_once(sandbox, record, &prepared, &host, &clients)?;
+        let exit_code = match &status {
+            Status::Exited { exit_code, .. } => Some(*exit_code),
+            _ => None,
+        };
+        let again = record.restart.restarts(exit_code, restarts) && !clients.stop_requested();
+        let state = StateRecord {
+            status,
+            // A monitor that boots again still owns the sandbox (`stop` may have to kill it).
+            monitor_pid: again.then(std::process::id),
+            started_unix,
+            ended_unix: Some(now_unix()),
+        };
+        sandbox.write_json(STATE_FILE, &state)?;
+        if !again {
+            break;
+        }
+        // docker's backoff: doubling from 100 ms, from the start again after a long run.
+        if booted.elapsed() >= RESTART_BACKOFF_RESET {
+            backoff_step = 0;
+        }
+        let delay = (RESTART_DELAY_MIN * 2u32.pow(backoff_step.min(10))).min(RESTART_DELAY_MAX);
+        if clients.stop_within(delay) {
+            break;
+        }
+        tracing::info!("restarting the sandbox (restart {})", restarts + 1);
+        restarts += 1;
+        backoff_step += 1;
+    }
+    clients.end();
+    Ok(())
+}
+
+/// The first delay before a restart (`--restart`); it doubles with each restart.
+const RESTART_DELAY_MIN: Duration = Duration::from_millis(100);
+/// The longest delay before a restart.
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(60);
+/// A boot that ran this long starts the delays from the first again.
+const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(10);
+
+/// One boot of the sandbox on its writable disk, its output appended to the logs; how
+/// it ended and when its workload started.
+fn boot_once(
+    sandbox: &SandboxDir,
+    record: &SandboxRecord,
+    prepared: &PreparedImages,
+    host: &Host,
+    clients: &Clients,
+) -> Result<(Status, Option<u64>), Error> {
     let log = |name: &str| {
         RotatingLog::open(&sandbox.file(name), record.log_max_size)
             .map(Timestamped::new)
@@ -138,36 +207,24 @@ fn serve(
             })
     };
     let (stdout, stderr) = (log(STDOUT_LOG)?, log(STDERR_LOG)?);
-
     let (control_tx, control_rx) = mpsc::channel();
     let (guest_tx, guest_rx) = mpsc::channel::<GuestEvent>();
-    stop_on_termination(control_tx.clone()).map_err(|e| io_error(sandbox, "signal handlers", e))?;
-    let clients = Arc::new(Clients::new(control_tx));
-    spawn_acceptor(listener, Arc::clone(&clients));
-
+    clients.attach_boot(control_tx);
     std::thread::scope(|scope| {
         // Ends once launch has dropped its sender, after the VM is gone.
-        let keeper = scope.spawn(|| keep_state(sandbox, &clients, guest_rx));
+        let keeper = scope.spawn(|| keep_state(sandbox, clients, guest_rx));
         let io = HostIo {
             stdin: None,
             stdout: Box::new(stdout),
             stderr: Box::new(stderr),
             guest_events: Some(guest_tx),
+            network_denials: None,
         };
         let upper = Upper::existing(sandbox);
-        let outcome = boot(
-            sandbox, record, &prepared, &host, upper, None, io, control_rx,
-        );
+        let outcome = boot(sandbox, record, prepared, host, upper, None, io, control_rx);
+        clients.lock().control = None;
         let started_unix = keeper.join().expect("the state keeper does not panic")?;
-        let state = StateRecord {
-            status: end_status(&outcome),
-            monitor_pid: None,
-            started_unix,
-            ended_unix: Some(now_unix()),
-        };
-        sandbox.write_json(STATE_FILE, &state)?;
-        clients.end();
-        Ok(())
+        Ok((end_status(&outcome), started_unix))
     })
 }
 
@@ -203,23 +260,20 @@ fn keep_state(
 }
 
 /// How long the workloads get when the monitor itself is told to terminate.
-const TERMINATION_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const TERMINATION_GRACE: Duration = Duration::from_secs(10);
 
 /// SIGTERM, SIGINT or SIGHUP to the monitor (a host shutdown, a plain `kill`) stops the
 /// sandbox as `kiln stop` does, instead of killing the VM with the monitor. Handlers are
 /// reset at exec, so the VMM is unaffected.
-fn stop_on_termination(control: Sender<Control>) -> std::io::Result<()> {
+fn stop_on_termination(clients: Arc<Clients>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::spawn(move || {
         for _ in signals.forever() {
             tracing::warn!("terminated: stopping the sandbox");
-            let stop = Control::Shutdown {
+            clients.control(Control::Shutdown {
                 grace: TERMINATION_GRACE,
-            };
-            if control.send(stop).is_err() {
-                return;
-            }
+            });
         }
     });
     Ok(())
@@ -227,8 +281,9 @@ fn stop_on_termination(control: Sender<Control>) -> std::io::Result<()> {
 
 /// What the client threads share.
 struct Clients {
-    control: Sender<Control>,
     state: Mutex<ClientsState>,
+    /// Wakes a wait between boots when a stop is asked for.
+    stop_asked: Condvar,
 }
 
 #[derive(Default)]
@@ -241,14 +296,57 @@ struct ClientsState {
     connections: HashMap<u64, UnixStream>,
     /// The sandbox ended: connections are closed, new ones too.
     ended: bool,
+    /// The running boot's signals and stop; `None` between boots.
+    control: Option<Sender<Control>>,
+    /// A stop was asked for: no restart follows.
+    stop_requested: bool,
 }
 
 impl Clients {
-    fn new(control: Sender<Control>) -> Clients {
+    fn new() -> Clients {
         Clients {
-            control,
             state: Mutex::new(ClientsState::default()),
+            stop_asked: Condvar::new(),
         }
+    }
+
+    /// Passes `request` to the running boot; a stop also ends the restarts, and a wait
+    /// between boots.
+    fn control(&self, request: Control) {
+        let mut state = self.lock();
+        if matches!(request, Control::Shutdown { .. }) {
+            state.stop_requested = true;
+            self.stop_asked.notify_all();
+        }
+        if let Some(control) = &state.control {
+            let _ = control.send(request);
+        }
+    }
+
+    /// Routes requests to a new boot through `control`; a stop asked for before it had
+    /// its channel goes to it at once.
+    fn attach_boot(&self, control: Sender<Control>) {
+        let mut state = self.lock();
+        if state.stop_requested {
+            let _ = control.send(Control::Shutdown {
+                grace: Duration::ZERO,
+            });
+        }
+        state.control = Some(control);
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.lock().stop_requested
+    }
+
+    /// Waits `delay` unless a stop is asked for first; whether one was.
+    fn stop_within(&self, delay: Duration) -> bool {
+        let state = self.lock();
+        let (state, _) = self
+            .stop_asked
+            .wait_timeout_while(state, delay, |state| !state.stop_requested)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.stop_requested
     }
 
     fn lock(&self) -> MutexGuard<'_, ClientsState> {
@@ -325,11 +423,16 @@ fn on_client_frame(
 ) -> bool {
     match (frame.session, frame.message) {
         (CONTROL_SESSION, Message::Shutdown(request)) => {
-            let grace = std::time::Duration::from_millis(request.grace_ms);
-            let _ = clients.control.send(Control::Shutdown { grace });
+            let grace = Duration::from_millis(request.grace_ms);
+            clients.control(Control::Shutdown { grace });
             true
         }
         (CONTROL_SESSION, _) => true,
+        // `kiln kill`: a signal for the main workload, as kiln's own signals in a foreground run.
+        (MAIN_SESSION, Message::Signal(request)) => {
+            clients.control(Control::Signal(request.signal));
+            true
+        }
         (session, Message::Run(spec)) if session > MAIN_SESSION => {
             match start_exec(clients, writer, sessions, session, spec) {
                 Ok(()) => true,

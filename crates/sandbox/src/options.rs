@@ -400,6 +400,120 @@ pub fn parse_timeout(text: &str) -> Result<Duration, OptionError> {
     Ok(Duration::from_secs(secs))
 }
 
+/// Whether a detached sandbox's monitor boots it again (on its writable disk) after its
+/// workload ended (`--restart`). `kiln stop` ends every policy; with no daemon to
+/// restart, `always` and `unless-stopped` mean the same here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    No,
+    /// After a non-zero exit or a failed boot, at most `max_retries` times when given.
+    OnFailure {
+        max_retries: Option<u32>,
+    },
+    Always,
+    UnlessStopped,
+}
+
+impl RestartPolicy {
+    /// Whether a sandbox that ended with `exit_code` (`None`: the boot failed) after
+    /// `restarts` restarts is booted again.
+    pub fn restarts(self, exit_code: Option<i32>, restarts: u32) -> bool {
+        match self {
+            RestartPolicy::No => false,
+            RestartPolicy::OnFailure { max_retries } => {
+                exit_code != Some(0) && max_retries.is_none_or(|max| restarts < max)
+            }
+            RestartPolicy::Always | RestartPolicy::UnlessStopped => true,
+        }
+    }
+}
+
+/// `--restart`: no, on-failure[:N], always or unless-stopped, as docker takes it.
+pub fn parse_restart(text: &str) -> Result<RestartPolicy, OptionError> {
+    let bad = || OptionError::Value {
+        what: "restart policy",
+        value: text.to_owned(),
+        accepted: "no, on-failure[:N] (N from 1 to 1000000), always or unless-stopped",
+    };
+    match text.split_once(':') {
+        None => match text {
+            "no" => Ok(RestartPolicy::No),
+            "on-failure" => Ok(RestartPolicy::OnFailure { max_retries: None }),
+            "always" => Ok(RestartPolicy::Always),
+            "unless-stopped" => Ok(RestartPolicy::UnlessStopped),
+            _ => Err(bad()),
+        },
+        Some(("on-failure", count)) => match count.parse::<u32>() {
+            Ok(max @ 1..=1_000_000) if !count.starts_with('+') => Ok(RestartPolicy::OnFailure {
+                max_retries: Some(max),
+            }),
+            _ => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+    }
+}
+
+/// The signals `kill -s` takes by name, as the guest (Linux, the host's architecture)
+/// numbers them.
+const SIGNAL_NAMES: [(&str, libc::c_int); 31] = [
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("STKFLT", libc::SIGSTKFLT),
+    ("CHLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
+    ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
+];
+
+/// A signal as `kill -s` and `docker kill -s` take it: a name with or without `SIG`, in
+/// any case (KILL, sigterm), or a number from 1 to [`kiln_protocol::MAX_SIGNAL`].
+pub fn parse_signal(text: &str) -> Result<i32, OptionError> {
+    let bad = || OptionError::Value {
+        what: "signal",
+        value: text.to_owned(),
+        accepted: "a signal name (KILL, SIGTERM, usr1 ...) or a number from 1 to 64",
+    };
+    if let Ok(number) = text.parse::<i32>() {
+        return (1..=kiln_protocol::MAX_SIGNAL)
+            .contains(&number)
+            .then_some(number)
+            .ok_or_else(bad);
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    SIGNAL_NAMES
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, number)| *number)
+        .ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +521,49 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn restart_policies() {
+        assert_eq!(parse_restart("no"), Ok(RestartPolicy::No));
+        assert_eq!(parse_restart("always"), Ok(RestartPolicy::Always));
+        assert_eq!(
+            parse_restart("unless-stopped"),
+            Ok(RestartPolicy::UnlessStopped)
+        );
+        let on_failure = |max_retries| RestartPolicy::OnFailure { max_retries };
+        assert_eq!(parse_restart("on-failure"), Ok(on_failure(None)));
+        assert_eq!(parse_restart("on-failure:3"), Ok(on_failure(Some(3))));
+        for bad in [
+            "",
+            "never",
+            "on-failure:0",
+            "on-failure:x",
+            "always:2",
+            "on-failure:+1",
+        ] {
+            let err = parse_restart(bad).unwrap_err().to_string();
+            assert!(err.contains("unless-stopped"), "{bad}: {err}");
+        }
+        assert!(!RestartPolicy::No.restarts(Some(1), 0));
+        assert!(RestartPolicy::Always.restarts(Some(0), 50));
+        assert!(!on_failure(None).restarts(Some(0), 0));
+        assert!(on_failure(None).restarts(None, 9));
+        assert!(on_failure(Some(2)).restarts(Some(3), 1));
+        assert!(!on_failure(Some(2)).restarts(Some(3), 2));
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("KILL"), Ok(libc::SIGKILL));
+        assert_eq!(parse_signal("sigterm"), Ok(libc::SIGTERM));
+        assert_eq!(parse_signal("Usr1"), Ok(libc::SIGUSR1));
+        assert_eq!(parse_signal("2"), Ok(libc::SIGINT));
+        assert_eq!(parse_signal("64"), Ok(64));
+        for bad in ["0", "65", "-9", "SIGNOPE", "", "SIG"] {
+            let err = parse_signal(bad).unwrap_err().to_string();
+            assert!(err.contains("signal name"), "{bad}: {err}");
+        }
     }
 
     #[test]

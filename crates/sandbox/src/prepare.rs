@@ -51,8 +51,6 @@ pub struct PreparedImages {
     pub warnings: Vec<String>,
     /// Resolving and pulling the image.
     pub pull_time: Duration,
-    /// Building (or finding) the root image and identity layer.
-    pub build_time: Duration,
 }
 
 /// Where kiln-rootfs keeps built images under kiln's root.
@@ -135,7 +133,6 @@ pub fn build_images(
     cache_max: Option<u64>,
     step: &dyn Fn(BuildStep),
 ) -> Result<PreparedImages, PrepareError> {
-    let started = Instant::now();
     let digest = image.record.manifest_digest.to_string();
     let cache = image_cache(root);
     let (root_image, inputs) = cache.root_image(&digest, &Limits::default(), || {
@@ -161,7 +158,6 @@ pub fn build_images(
         image,
         warnings,
         pull_time: Duration::ZERO,
-        build_time: started.elapsed(),
     })
 }
 

@@ -11,16 +11,17 @@ use std::time::Duration;
 use kiln_image::{ImageRef, PullOptions};
 use kiln_protocol::TerminalSize;
 use kiln_vm::accel::AccelRequest;
-use kiln_vm::Network;
 
 use crate::error::{Error, ErrorKind};
 use crate::options::{
     check_tmpfs_mounts, parse_add_hosts, parse_dns, parse_env_assignment, parse_env_file,
     parse_hostname, parse_label, parse_memory_mib, parse_millicpus, parse_mount,
-    parse_port_forward, parse_timeout, parse_tmpfs, parse_volumes, validate_name, Mount, Volume,
+    parse_port_forward, parse_restart, parse_timeout, parse_tmpfs, parse_volumes, validate_name,
+    Mount, RestartPolicy, Volume,
 };
 use crate::spec::Overrides;
 use crate::state::GuestSetup;
+use crate::state::NetworkRecord;
 pub use crate::state::DEFAULT_LOG_MAX_SIZE;
 
 /// Virtual CPUs a sandbox may have, and what it gets when the request says nothing.
@@ -54,6 +55,10 @@ pub enum Field {
     EnvFile,
     Workdir,
     Publish,
+    /// `--network-allow-host` values.
+    AllowHost,
+    /// The `--network-policy` file.
+    NetworkPolicy,
     Volumes,
     Hostname,
     AddHost,
@@ -62,15 +67,25 @@ pub enum Field {
     Mount,
     Timeout,
     LogMaxSize,
+    Restart,
     Labels,
     /// An exec request's program and arguments.
     Command,
 }
 
+/// A policy file as a request carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyText {
+    /// What errors call it (the path given).
+    pub file: String,
+    pub text: String,
+}
+
 /// The guest's network as a request chooses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NetworkMode {
-    /// NAT egress through QEMU's user-mode stack, DNS, and port forwards.
+    /// kiln's network endpoint: the internet, DNS, port forwards, and the host's own
+    /// services only where opened (docs/network.md).
     #[default]
     User,
     None,
@@ -125,6 +140,12 @@ pub struct CreateFields {
     pub network: NetworkMode,
     /// `[127.0.0.1:][HOSTPORT:]GUESTPORT[/tcp]` forwards; only with [`NetworkMode::User`].
     pub publish: Vec<String>,
+    /// Host-local services opened to the guest, `host.kiln.internal:PORT` or `ADDR:PORT`;
+    /// only with [`NetworkMode::User`].
+    pub allow_host: Vec<String>,
+    /// An OpenShell policy file's text and what to call it in errors (its path): the
+    /// allow-list the sandbox's network decides by; only with [`NetworkMode::User`].
+    pub network_policy: Option<PolicyText>,
     /// `KEY=VALUE` labels; a later one wins.
     pub labels: Vec<String>,
     /// `HOSTDIR:GUESTDIR[:ro]` shares.
@@ -151,6 +172,11 @@ pub struct CreateFields {
     /// Let the workload create user namespaces in the guest. Off by default: inside one it
     /// holds every capability (`unshare -r`), which widens what it can reach of the kernel.
     pub allow_user_namespaces: bool,
+    /// Remove the sandbox once its workload ran and the sandbox stopped (`run --rm -d`):
+    /// its monitor does, so nobody has to wait for it.
+    pub auto_remove: bool,
+    /// `no`, `on-failure[:N]`, `always` or `unless-stopped`; the default is `no`.
+    pub restart: Option<String>,
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -167,7 +193,11 @@ pub struct CreateRequest {
     /// The exact CPU share; `cpus` is it rounded up.
     pub(crate) millicpus: u32,
     pub(crate) memory_mib: u32,
-    pub(crate) network: Network,
+    pub(crate) network: NetworkRecord,
+    /// The validated policy file's text, written into the sandbox's directory.
+    pub(crate) network_policy: Option<String>,
+    /// What the policy has that kiln does not enforce, one line each.
+    pub not_enforced: Vec<String>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) name: Option<String>,
     /// Host directories shared into the sandbox, at every start.
@@ -180,6 +210,8 @@ pub struct CreateRequest {
     /// Bytes the image cache may take once this sandbox's images are in it.
     pub(crate) rootfs_cache_max: u64,
     pub(crate) allow_user_namespaces: bool,
+    pub(crate) auto_remove: bool,
+    pub(crate) restart: RestartPolicy,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -204,6 +236,13 @@ pub struct RunRequest {
     pub(crate) remove: bool,
     pub(crate) terminal: Option<TerminalSize>,
     pub(crate) qemu: PathBuf,
+}
+
+impl RunRequest {
+    /// What the network policy has that kiln does not enforce, one line each.
+    pub fn not_enforced(&self) -> &[String] {
+        &self.sandbox.not_enforced
+    }
 }
 
 /// The fields of a command to run in a running sandbox, as a front end has them.
@@ -442,19 +481,47 @@ impl CreateFields {
                     )
                 })?,
             };
-            forwards.push(kiln_vm::PortForward {
-                host,
-                guest: spec.guest,
-            });
+            forwards.push((host, spec.guest));
         }
+        let allow_host = self
+            .allow_host
+            .iter()
+            .map(|value| {
+                value
+                    .parse::<kiln_policy::AllowHost>()
+                    .map(|service| service.to_string())
+                    .map_err(|e| check.wrap(Field::AllowHost, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let not_enforced = match &self.network_policy {
+            Some(policy) => crate::network::check_policy(&policy.file, &policy.text)
+                .map_err(|e| check.wrap(Field::NetworkPolicy, e))?,
+            None => Vec::new(),
+        };
         let network = match self.network {
-            NetworkMode::User => Network::User { forwards },
-            NetworkMode::None if forwards.is_empty() => Network::None,
+            NetworkMode::User => NetworkRecord::User {
+                forwards,
+                allow_host,
+            },
+            NetworkMode::None
+                if forwards.is_empty()
+                    && allow_host.is_empty()
+                    && self.network_policy.is_none() =>
+            {
+                NetworkRecord::None
+            }
             NetworkMode::None => {
                 let names = check.names;
+                let field = if !forwards.is_empty() {
+                    Field::Publish
+                } else if !allow_host.is_empty() {
+                    Field::AllowHost
+                } else {
+                    Field::NetworkPolicy
+                };
                 return Err(InvalidField(format!(
                     "{} needs {} (got {})",
-                    names.field(Field::Publish),
+                    names.field(field),
                     names.network(NetworkMode::User),
                     names.network(NetworkMode::None)
                 )));
@@ -496,6 +563,14 @@ impl CreateFields {
             read_only: self.read_only,
             tmpfs,
         };
+        let restart = match self.restart.as_deref() {
+            None => RestartPolicy::No,
+            Some(text) => parse_restart(text).map_err(|e| check.wrap(Field::Restart, e))?,
+        };
+        if self.auto_remove && restart != RestartPolicy::No {
+            let accepted = "no with a sandbox removed when it stops (--rm): it would never restart";
+            return Err(check.invalid(Field::Restart, self.restart.unwrap_or_default(), accepted));
+        }
         let log_max_size = match self.log_max_size.as_deref() {
             None => DEFAULT_LOG_MAX_SIZE,
             Some(text) => {
@@ -527,6 +602,8 @@ impl CreateFields {
             millicpus,
             memory_mib,
             network,
+            network_policy: self.network_policy.map(|p| p.text),
+            not_enforced,
             labels,
             name: self.name,
             volumes,
@@ -535,6 +612,8 @@ impl CreateFields {
             log_max_size,
             rootfs_cache_max: self.rootfs_cache_max.unwrap_or(DEFAULT_ROOTFS_CACHE_MAX),
             allow_user_namespaces: self.allow_user_namespaces,
+            auto_remove: self.auto_remove,
+            restart,
         })
     }
 }
@@ -550,7 +629,14 @@ impl RunFields {
     /// Checks every field and fills in the defaults.
     pub fn validate(self, names: &dyn FieldNames) -> Result<RunRequest, Error> {
         let check = Checker { names };
+        let restart = self.sandbox.restart.clone();
         let sandbox = self.sandbox.check(&check)?;
+        if sandbox.restart != RestartPolicy::No {
+            let accepted = "no: a foreground run is not restarted (start the sandbox detached)";
+            return Err(check
+                .invalid(Field::Restart, restart.unwrap_or_default(), accepted)
+                .into());
+        }
         let timeout = self
             .timeout
             .as_deref()
@@ -610,6 +696,8 @@ mod tests {
                 Field::EnvFile => "env_file",
                 Field::Workdir => "workdir",
                 Field::Publish => "publish",
+                Field::AllowHost => "network_allow_host",
+                Field::NetworkPolicy => "network_policy",
                 Field::Volumes => "volumes",
                 Field::Hostname => "hostname",
                 Field::AddHost => "add_host",
@@ -618,6 +706,7 @@ mod tests {
                 Field::Mount => "mount",
                 Field::Timeout => "timeout",
                 Field::LogMaxSize => "log_max_size",
+                Field::Restart => "restart",
                 Field::Labels => "labels",
                 Field::Command => "argv",
             }
@@ -650,7 +739,13 @@ mod tests {
         assert_eq!((request.cpus, request.memory_mib), (1, 512));
         assert_eq!((request.sandbox_uid, request.sandbox_gid), (10001, 10001));
         assert_eq!(request.run_as, kiln_identity::RunAs::Sandbox);
-        assert!(matches!(request.network, Network::User { ref forwards } if forwards.is_empty()));
+        assert_eq!(
+            request.network,
+            NetworkRecord::User {
+                forwards: Vec::new(),
+                allow_host: Vec::new()
+            }
+        );
         assert_eq!(request.name(), None);
         assert_eq!(request.overrides.working_dir, None);
         assert!(!request.allow_user_namespaces);
@@ -674,6 +769,7 @@ mod tests {
             env: vec!["B=flag".into()],
             workdir: Some("/work".into()),
             publish: vec!["8080:80".into()],
+            allow_host: vec!["HOST.Kiln.Internal:5432".into(), "198.18.0.9:80".into()],
             volumes: vec![format!("{}:/data:ro", dir.path().display())],
             allow_user_namespaces: true,
             ..fields()
@@ -696,14 +792,12 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(request.overrides.env, env);
         assert_eq!(request.overrides.working_dir.as_deref(), Some("/work"));
-        let forward = kiln_vm::PortForward {
-            host: 8080,
-            guest: 80,
-        };
+        // Host services are kept as the endpoint reads them back.
         assert_eq!(
             request.network,
-            Network::User {
-                forwards: vec![forward]
+            NetworkRecord::User {
+                forwards: vec![(8080, 80)],
+                allow_host: vec!["host.kiln.internal:5432".into(), "198.18.0.9:80".into()],
             }
         );
         assert_eq!(request.volumes[0].guest, "/data");
@@ -813,6 +907,21 @@ mod tests {
                 ..fields()
             },
             "publish needs NETWORK_USER (got NETWORK_NONE)",
+        );
+        refused(
+            CreateFields {
+                allow_host: vec!["host.kiln.internal:5432".into()],
+                network: NetworkMode::None,
+                ..fields()
+            },
+            "network_allow_host needs NETWORK_USER (got NETWORK_NONE)",
+        );
+        refused(
+            CreateFields {
+                allow_host: vec!["db.example:5432".into()],
+                ..fields()
+            },
+            "network_allow_host: invalid --network-allow-host",
         );
         refused(
             CreateFields {

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
-use crate::options::{validate_name, OptionError, Volume};
+use crate::options::{validate_name, OptionError, RestartPolicy, Volume};
 
 /// File names inside a sandbox's state directory.
 pub const RECORD_FILE: &str = "sandbox.json";
@@ -80,6 +80,14 @@ pub struct SandboxRecord {
     /// it may not).
     #[serde(default)]
     pub allow_user_namespaces: bool,
+    /// The monitor removes the sandbox once its workload ran and it stopped (`run --rm
+    /// -d`; absent in records of older kilns: it does not).
+    #[serde(default)]
+    pub auto_remove: bool,
+    /// Whether the monitor boots the sandbox again after it ended (absent in records of
+    /// older kilns: it does not).
+    #[serde(default)]
+    pub restart: RestartPolicy,
     /// Names and mounts the guest sets up at boot (absent in records of older kilns: the
     /// defaults).
     #[serde(default)]
@@ -137,32 +145,13 @@ mod accel_text {
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum NetworkRecord {
     None,
-    User { forwards: Vec<(u16, u16)> },
-}
-
-impl From<&kiln_vm::Network> for NetworkRecord {
-    fn from(network: &kiln_vm::Network) -> Self {
-        match network {
-            kiln_vm::Network::None => NetworkRecord::None,
-            kiln_vm::Network::User { forwards } => NetworkRecord::User {
-                forwards: forwards.iter().map(|f| (f.host, f.guest)).collect(),
-            },
-        }
-    }
-}
-
-impl From<&NetworkRecord> for kiln_vm::Network {
-    fn from(network: &NetworkRecord) -> Self {
-        match network {
-            NetworkRecord::None => kiln_vm::Network::None,
-            NetworkRecord::User { forwards } => kiln_vm::Network::User {
-                forwards: forwards
-                    .iter()
-                    .map(|&(host, guest)| kiln_vm::PortForward { host, guest })
-                    .collect(),
-            },
-        }
-    }
+    /// kiln's network endpoint: `(host, guest)` port forwards and the host-local services
+    /// opened to the guest, as kiln-netstack's `HostService` prints them.
+    User {
+        forwards: Vec<(u16, u16)>,
+        #[serde(default)]
+        allow_host: Vec<String>,
+    },
 }
 
 /// Where a sandbox is in its life.
@@ -880,6 +869,8 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: 4096,
             allow_user_namespaces: false,
+            auto_remove: false,
+            restart: RestartPolicy::No,
             guest: GuestSetup::default(),
         };
         let mut json = serde_json::to_value(&record).unwrap();
@@ -894,20 +885,24 @@ mod tests {
     }
 
     #[test]
-    fn network_records_convert_both_ways() {
-        let network = kiln_vm::Network::User {
-            forwards: vec![kiln_vm::PortForward {
-                host: 8080,
-                guest: 80,
-            }],
+    fn network_records_read_back_and_older_ones_have_no_host_services() {
+        let network = NetworkRecord::User {
+            forwards: vec![(8080, 80)],
+            allow_host: vec!["host.kiln.internal:5432".into()],
         };
+        let json = serde_json::to_string(&network).unwrap();
         assert_eq!(
-            kiln_vm::Network::from(&NetworkRecord::from(&network)),
+            serde_json::from_str::<NetworkRecord>(&json).unwrap(),
             network
         );
+        let older: NetworkRecord =
+            serde_json::from_str(r#"{"mode":"user","forwards":[[8080,80]]}"#).unwrap();
         assert_eq!(
-            kiln_vm::Network::from(&NetworkRecord::None),
-            kiln_vm::Network::None
+            older,
+            NetworkRecord::User {
+                forwards: vec![(8080, 80)],
+                allow_host: Vec::new()
+            }
         );
     }
 
@@ -1008,6 +1003,8 @@ mod tests {
             volumes: Vec::new(),
             log_max_size: DEFAULT_LOG_MAX_SIZE,
             allow_user_namespaces: false,
+            auto_remove: false,
+            restart: RestartPolicy::No,
             guest: GuestSetup::default(),
         }
     }

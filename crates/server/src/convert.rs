@@ -8,7 +8,7 @@ use kiln_image::{Platform, PullOptions, PullPolicy};
 use kiln_protocol::{StartFailure, TerminalSize, WorkloadResult};
 use kiln_sandbox::{
     CreateFields, CreateRequest, ErrorKind, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, ProvisionEvent, SandboxInfo, Status,
+    NetworkMode, PolicyText, ProvisionEvent, SandboxInfo, Status,
 };
 use kiln_vm::accel::AccelRequest;
 use tonic::{Code, Status as GrpcStatus};
@@ -40,12 +40,15 @@ impl FieldNames for ProtoNames {
             Field::Env => "env",
             Field::Workdir => "workdir",
             Field::Publish => "publish",
+            Field::AllowHost => "network_allow_host",
+            Field::NetworkPolicy => "network_policy",
             Field::Volumes => "volumes",
             Field::Command => "argv",
             // The CLI's alone; a request here never has them.
             Field::EnvFile => "env_file",
             Field::Timeout => "timeout",
             Field::LogMaxSize => "log_max_size",
+            Field::Restart => "restart",
             Field::Labels => "labels",
             Field::Hostname => "hostname",
             Field::AddHost => "add_host",
@@ -150,6 +153,11 @@ fn create_fields(
             .map(|p| format!("{}:{}", p.host_port, p.guest_port))
             .collect(),
         network,
+        allow_host: request.network_allow_host,
+        network_policy: (!request.network_policy.is_empty()).then(|| PolicyText {
+            file: "network_policy".into(),
+            text: request.network_policy,
+        }),
         name: optional(&request.name),
         entrypoint: request.entrypoint,
         command: request.command,
@@ -171,6 +179,10 @@ fn create_fields(
         labels: Vec::new(),
         rootfs_cache_max: machine.rootfs_cache_max,
         allow_user_namespaces: request.allow_user_namespaces,
+        // A driver API sandbox is removed by its Delete call.
+        auto_remove: false,
+        // Not in the proto: a driver API client restarts a sandbox itself.
+        restart: None,
         // Not in the proto: docker's guest names and mounts keep their defaults.
         ..CreateFields::default()
     })
@@ -308,6 +320,19 @@ pub fn provision_event(event: ProvisionEvent) -> proto::event::Kind {
     }
 }
 
+/// A network decision as a Watch event: its verdict and the record as kiln logs it.
+pub fn network_event(record: &kiln_policy::DecisionRecord) -> proto::event::Kind {
+    let decision = match record.decision {
+        kiln_policy::Verdict::Allow => "allow",
+        kiln_policy::Verdict::Deny => "deny",
+        kiln_policy::Verdict::Audit => "audit",
+    };
+    proto::event::Kind::NetworkDecision(proto::NetworkDecision {
+        decision: decision.into(),
+        record: record.to_json_line(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,6 +382,7 @@ mod tests {
             }],
             network: proto::Network::None as i32,
             allow_user_namespaces: true,
+            network_allow_host: vec!["host.kiln.internal:5432".into()],
             ..request()
         };
         let fields = create_fields(set, &machine()).unwrap();
@@ -366,6 +392,7 @@ mod tests {
         );
         assert_eq!(fields.publish, ["8080:80"]);
         assert_eq!(fields.network, NetworkMode::None);
+        assert_eq!(fields.allow_host, ["host.kiln.internal:5432"]);
         assert!(fields.allow_user_namespaces);
     }
 
@@ -596,5 +623,25 @@ mod tests {
             (exit.result, exit.exit_code),
             (ResultKind::NotFound as i32, 127)
         );
+    }
+
+    #[test]
+    fn a_network_decision_event_carries_its_verdict_and_record() {
+        let dst = "198.18.0.9:80".parse().unwrap();
+        let deny = kiln_policy::Decision::Deny(kiln_policy::DenyReason::HostGateway { port: 80 });
+        let record = kiln_policy::DecisionRecord::new(
+            "T".into(),
+            "sb",
+            kiln_policy::FlowProtocol::Tcp,
+            dst,
+            &deny,
+        )
+        .unwrap();
+        let proto::event::Kind::NetworkDecision(event) = network_event(&record) else {
+            panic!("not a network decision");
+        };
+        assert_eq!(event.decision, "deny");
+        let back: kiln_policy::DecisionRecord = serde_json::from_str(&event.record).unwrap();
+        assert_eq!(back, record);
     }
 }

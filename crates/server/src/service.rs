@@ -412,6 +412,7 @@ impl StatusWatcher {
             }
             if info.status == Status::Running {
                 self.wait_for_end(shared, &info.id);
+                self.follow_network(shared, info);
             }
             now.insert(info.id.clone());
         }
@@ -442,6 +443,39 @@ impl StatusWatcher {
                 Err(err) => tracing::debug!("waiting for sandbox {id}: {err}"),
             }
             waiting.lock().expect("waiting lock").remove(&id);
+        });
+    }
+
+    /// Publishes each new network decision of running sandbox `info` as a Watch event
+    /// until it stops (unless a thread already follows it).
+    fn follow_network(&self, shared: &Arc<Shared>, info: &SandboxInfo) {
+        let key = format!("network {}", info.id);
+        if !self
+            .waiting
+            .lock()
+            .expect("waiting lock")
+            .insert(key.clone())
+        {
+            return;
+        }
+        let (shared, waiting) = (Arc::clone(shared), Arc::clone(&self.waiting));
+        let (id, name) = (info.id.clone(), info.name.clone());
+        // From this boot's start: the poll may notice the sandbox after its first decisions.
+        let since = info.started_unix.unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            now.map_or(0, |elapsed| elapsed.as_secs())
+        });
+        std::thread::spawn(move || {
+            let mut publish = |record: &kiln_policy::DecisionRecord| {
+                let kind = convert::network_event(record);
+                shared.hub.publish(&id, name.as_deref(), kind);
+                Ok(())
+            };
+            let which = kiln_sandbox::NetworkLogs::Since(since);
+            if let Err(err) = kiln_sandbox::network_logs(&shared.root, &id, which, &mut publish) {
+                tracing::debug!("following sandbox {id}'s network decisions: {err}");
+            }
+            waiting.lock().expect("waiting lock").remove(&key);
         });
     }
 

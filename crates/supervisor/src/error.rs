@@ -45,7 +45,7 @@ pub enum SupervisorError {
         reason: kiln_protocol::StartFailure,
         message: String,
     },
-    #[error("network mode runs no workload: it only holds the network namespace (and enforces nothing yet)")]
+    #[error("network mode runs no workload: it is the pod's network enforcer")]
     NetworkMode,
     #[error("{what}: {source}")]
     System {

@@ -45,8 +45,8 @@ pub enum Mode {
     /// Kubernetes' sidecar topology, agent container: already runs as the sandbox uid;
     /// validates and runs the workload, no privileged step is attempted.
     Process,
-    /// Kubernetes' sidecar topology, network container. It enforces nothing yet: it
-    /// only stays alive so the pod keeps the container; it runs no workload.
+    /// Kubernetes' network enforcer (kiln-podnet), the sidecar topology's `network`
+    /// container or the combined supervisor's child; it runs no workload.
     Network,
 }
 

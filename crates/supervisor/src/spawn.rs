@@ -441,10 +441,17 @@ impl ChildFailure {
                     }
                     _ => StartFailure::Other,
                 };
+                // Worded as docker words it, so what users search for matches.
                 let message = if program.contains('/') || reason != StartFailure::NotFound {
-                    format!("{program}: {}", errno.desc())
+                    let cause = errno.desc();
+                    let mut chars = cause.chars();
+                    let cause: String = chars
+                        .next()
+                        .map(|first| first.to_lowercase().chain(chars).collect())
+                        .unwrap_or_default();
+                    format!("exec: {program:?}: {cause}")
                 } else {
-                    format!("{program}: not found in the workload's PATH")
+                    format!("exec: {program:?}: executable file not found in $PATH")
                 };
                 failed(reason, message)
             }

@@ -144,12 +144,15 @@ fn results_are_typed() {
     };
     let (reason, message) = failure(&launch(&["/no/such/program"], WorkloadIo::Pipes));
     assert_eq!(reason, StartFailure::NotFound);
-    assert!(message.contains("/no/such/program"), "{message}");
+    assert_eq!(
+        message,
+        r#"exec: "/no/such/program": no such file or directory"#
+    );
     let (reason, message) = failure(&launch(&["no-such-program-kiln"], WorkloadIo::Pipes));
     assert_eq!(reason, StartFailure::NotFound);
-    assert!(
-        message.contains("not found in the workload's PATH"),
-        "{message}"
+    assert_eq!(
+        message,
+        r#"exec: "no-such-program-kiln": executable file not found in $PATH"#
     );
 
     let dir = tempfile::tempdir().unwrap();
@@ -157,8 +160,9 @@ fn results_are_typed() {
     let script = dir.path().join("script");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (reason, _) = failure(&launch(&[script.to_str().unwrap()], WorkloadIo::Pipes));
+    let (reason, message) = failure(&launch(&[script.to_str().unwrap()], WorkloadIo::Pipes));
     assert_eq!(reason, StartFailure::NotExecutable);
+    assert_eq!(message, format!("exec: {script:?}: permission denied"));
     let start_failed = |reason| WorkloadResult::StartFailed {
         reason,
         message: String::new(),
@@ -530,26 +534,36 @@ fn binary_process_mode_runs_as_the_caller() {
 }
 
 #[test]
-fn binary_network_mode_enforces_nothing_and_waits() {
-    let mut child = supervisor_binary("network", "4242")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\n") && stderr.read(&mut byte).unwrap() == 1 {
-        line.push(byte[0]);
+fn binary_network_modes_refuse_a_missing_or_wrong_proxy_uid() {
+    let euid = nix::unistd::geteuid().as_raw();
+    let other = if euid == 4243 { 4244 } else { 4243 };
+    let cases: [(&str, Vec<String>, &str); 4] = [
+        ("network", vec![], "--proxy-uid is required in network mode"),
+        (
+            "network-init",
+            vec![],
+            "--proxy-uid is required in network-init mode",
+        ),
+        (
+            "network-init",
+            vec!["--proxy-uid".into(), "4242".into()],
+            "proxy uid 4242: equals the sandbox uid 4242",
+        ),
+        (
+            "network",
+            vec!["--proxy-uid".into(), other.to_string()],
+            "network mode runs as the proxy uid",
+        ),
+    ];
+    for (mode, args, expected) in cases {
+        let out = supervisor_binary(mode, "4242")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{mode} {args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{mode} {args:?}: {stderr}");
     }
-    let line = String::from_utf8_lossy(&line);
-    assert!(line.contains("network mode enforces nothing yet"), "{line}");
-    assert_eq!(child.try_wait().unwrap(), None, "it keeps running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
 #[test]

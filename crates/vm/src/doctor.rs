@@ -1,4 +1,5 @@
-//! `kiln doctor`: can this host run sandboxes, and if not, what exactly fixes it.
+//! `kiln doctor`: can this host run sandboxes, and if not, what exactly fixes it; and
+//! which of the VMM's confinements (docs/security.md) the host allows.
 
 use std::path::Path;
 use std::process::Command;
@@ -7,6 +8,7 @@ use serde::Serialize;
 
 use crate::accel::{self, Accel, AccelVerdict};
 use crate::guest::{self, GuestImages};
+use crate::jail;
 use crate::VmError;
 
 /// Below this much free space under the root, builds of realistic images may fail.
@@ -56,7 +58,137 @@ pub fn diagnose(qemu_binary: &Path, root: &Path) -> Report {
             ),
             check_accel(root),
             check_space(root),
+            check_vmm_user(),
+            check_user_namespaces(),
+            check_cgroups(),
+            check_seccomp(qemu_binary),
         ],
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: a plain getter without arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whom the VMM runs as.
+fn check_vmm_user() -> Check {
+    let detail = if !is_root() {
+        // SAFETY: a plain getter without arguments.
+        let uid = unsafe { libc::geteuid() };
+        format!(
+            "QEMU runs as you (uid {uid}) with no_new_privs; as root kiln runs it as {}",
+            jail::VMM_USER
+        )
+    } else {
+        match jail::existing_vmm_account() {
+            Some((uid, gid)) => format!(
+                "QEMU runs as {} (uid {uid}, gid {gid}) with no capabilities or supplementary groups",
+                jail::VMM_USER
+            ),
+            None => format!(
+                "{} does not exist yet; the first `kiln run` creates it (useradd --system)",
+                jail::VMM_USER
+            ),
+        }
+    };
+    Check {
+        name: "vmm user",
+        ok: true,
+        detail,
+        fix: None,
+    }
+}
+
+/// Whether QEMU can get a mount namespace of its own.
+fn check_user_namespaces() -> Check {
+    if is_root() {
+        return Check {
+            name: "user namespaces",
+            ok: true,
+            detail: "not needed as root: QEMU gets its own mount namespace directly".into(),
+            fix: None,
+        };
+    }
+    if jail::user_namespaces_allowed() {
+        Check {
+            name: "user namespaces",
+            ok: true,
+            detail: "allowed: QEMU gets its own mount namespace holding only its files".into(),
+            fix: None,
+        }
+    } else {
+        Check {
+            name: "user namespaces",
+            ok: false,
+            detail: "off for ordinary users: QEMU would see the host's files as you".into(),
+            fix: Some(
+                "sudo sysctl -w kernel.unprivileged_userns_clone=1 user.max_user_namespaces=15000"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Whether each VMM gets a cgroup bounding its memory, tasks and CPU.
+fn check_cgroups() -> Check {
+    match (jail::cgroup_version(), is_root()) {
+        (Some(version), true) => Check {
+            name: "cgroups",
+            ok: true,
+            detail: format!("{version}: each VMM gets memory, pids and cpu limits"),
+            fix: None,
+        },
+        (Some(version), false) => Check {
+            name: "cgroups",
+            ok: true,
+            detail: format!(
+                "{version}, used when kiln runs as root; as you, rlimits bound the VMM"
+            ),
+            fix: None,
+        },
+        (None, _) => Check {
+            name: "cgroups",
+            ok: false,
+            detail: "no cgroup filesystem at /sys/fs/cgroup: only rlimits bound the VMM".into(),
+            fix: Some("sudo mount -t cgroup2 none /sys/fs/cgroup".into()),
+        },
+    }
+}
+
+/// Whether the kernel filters system calls and QEMU has its `-sandbox` option.
+fn check_seccomp(binary: &Path) -> Check {
+    let kernel = Path::new("/proc/sys/kernel/seccomp/actions_avail").exists();
+    let qemu = Command::new(binary)
+        .arg("-help")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("-sandbox"))
+        .unwrap_or(false);
+    let (ok, detail, fix) = match (kernel, qemu) {
+        (true, true) => (
+            true,
+            format!("QEMU runs with -sandbox {}", jail::SECCOMP_OPTION),
+            None,
+        ),
+        (false, _) => (
+            false,
+            "the kernel has no seccomp filters (CONFIG_SECCOMP_FILTER)".to_owned(),
+            None,
+        ),
+        (true, false) => (
+            false,
+            format!(
+                "{} has no -sandbox option (built without libseccomp)",
+                binary.display()
+            ),
+            Some("sudo apt-get install qemu-system-x86".to_owned()),
+        ),
+    };
+    Check {
+        name: "seccomp",
+        ok,
+        detail,
+        fix,
     }
 }
 

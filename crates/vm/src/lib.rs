@@ -9,7 +9,8 @@
 //! - [`accel`]: choosing KVM or TCG, with a probe whose verdict is cached per host boot,
 //!   because on some hosts `/dev/kvm` opens yet cannot run our guest.
 //!
-//! Every VM process is tied to its parent (it is killed when kiln dies) and every wait
+//! Every VM process runs confined ([`jail`]: its own mount namespace, no privileges,
+//! seccomp, cgroup and rlimits) and is tied to its parent (it is killed when kiln dies) and every wait
 //! takes a deadline, so no phase can hang. Once it has ended, [`VmProcess::guest_end`]
 //! says whether the guest powered off or reset (its kernel's panic path), as the VMM saw
 //! it: the console is the guest's to write, so nothing in it decides that.
@@ -18,6 +19,7 @@ pub mod accel;
 pub mod disk;
 pub mod doctor;
 pub mod guest;
+pub mod jail;
 mod process;
 pub mod qemu;
 mod qmp;
@@ -29,6 +31,7 @@ use std::time::Duration;
 
 pub use accel::Accel;
 pub use guest::GuestImages;
+pub use jail::{Confinement, Limits};
 pub use process::VmProcess;
 
 /// A disk given to the guest as a virtio-blk device.
@@ -60,20 +63,14 @@ pub struct Share {
     pub read_only: bool,
 }
 
-/// A TCP port on host loopback forwarded to a port in the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortForward {
-    pub host: u16,
-    pub guest: u16,
-}
-
 /// The guest's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
     /// No NIC at all.
     None,
-    /// NAT egress through the VMM's user-mode stack, with port forwards from host loopback.
-    User { forwards: Vec<PortForward> },
+    /// A virtio-net NIC whose frames QEMU carries over the unix socket at `socket` (its
+    /// `-netdev stream`), to the network endpoint listening there (kiln-netstack).
+    Stream { socket: PathBuf },
 }
 
 /// The host-guest channel: a virtio-serial port backed by a unix socket on the host.
@@ -96,7 +93,10 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// Host directories shared with the guest.
     pub shares: Vec<Share>,
+    /// vCPUs the guest sees.
     pub cpus: u32,
+    /// The VMM's CPU budget in thousandths of a CPU (a CFS quota where cgroups allow).
+    pub cpu_millis: u32,
     pub memory_mib: u32,
     pub network: Network,
     pub channel: Channel,

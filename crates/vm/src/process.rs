@@ -5,6 +5,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use crate::jail::Cgroup;
 use crate::{GuestEnd, VmError};
 
 /// How often a deadline wait polls the child. VM lifetimes are seconds, so 10 ms of
@@ -23,14 +24,21 @@ pub struct VmProcess {
     /// The VMM's report of the guest's end, until it is read into `guest_end`.
     end_report: Option<Receiver<GuestEnd>>,
     guest_end: Option<GuestEnd>,
+    /// The VMM's cgroup, removed once the process is gone.
+    cgroup: Option<Cgroup>,
 }
 
 impl VmProcess {
     /// Spawns `command` so that the kernel kills it with SIGKILL when this process dies,
     /// even by SIGKILL: no VM outlives the kiln that started it. Linux sends the signal
     /// when the *thread* that forked exits, so spawn from a thread that outlives the VM.
+    ///
+    /// The VMM gets a process group of its own: a terminal's ^C (SIGINT to the foreground
+    /// group) or `timeout` (which signals its whole group) reaches kiln only, which passes
+    /// signals on to the workload instead of losing the VM under it.
     pub(crate) fn spawn(mut command: Command) -> std::io::Result<Self> {
         let parent = std::process::id();
+        command.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only calls
         // async-signal-safe functions (prctl, getppid, _exit).
         unsafe {
@@ -59,7 +67,13 @@ impl VmProcess {
             exited: None,
             end_report: None,
             guest_end: None,
+            cgroup: None,
         })
+    }
+
+    /// Removes `cgroup` once this process has ended.
+    pub(crate) fn own_cgroup(&mut self, cgroup: Option<Cgroup>) {
+        self.cgroup = cgroup;
     }
 
     /// Takes the guest's end from `report` (see [`VmProcess::guest_end`]).
@@ -152,8 +166,13 @@ impl VmProcess {
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
-        if let Err(err) = self.kill() {
-            tracing::warn!("killing VM process {}: {err}", self.pid());
+        match self.kill() {
+            Ok(_) => {
+                if let Some(cgroup) = self.cgroup.take() {
+                    cgroup.remove();
+                }
+            }
+            Err(err) => tracing::warn!("killing VM process {}: {err}", self.pid()),
         }
     }
 }
@@ -178,6 +197,19 @@ mod tests {
             .is_none());
         let status = slow.terminate(Duration::from_secs(5)).unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn the_vmm_has_a_process_group_of_its_own() {
+        let vm = VmProcess::spawn(sleeper()).unwrap();
+        let pid = vm.pid() as libc::pid_t;
+        // SAFETY: getpgid reads a process attribute; no memory is involved.
+        let (group, ours) = unsafe { (libc::getpgid(pid), libc::getpgid(0)) };
+        assert_eq!(group, pid, "the VMM leads its own process group");
+        assert_ne!(
+            group, ours,
+            "a terminal's SIGINT to kiln's group must miss the VMM"
+        );
     }
 
     fn sleeper() -> Command {

@@ -11,11 +11,12 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::jail::{Jail, JailRequest, JailShare, Limits};
 use crate::qmp::Monitor;
 use crate::{Accel, Backend, Network, VmError, VmProcess, VmSpec};
 
@@ -39,6 +40,21 @@ const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
 /// Kernel arguments every kiln guest gets: console on the serial port, a reboot that
 /// ends QEMU (with -no-reboot), and a panic that reboots at once instead of hanging.
 const BASE_CMDLINE: &[&str] = &["console=ttyS0", "reboot=t", "panic=-1", "quiet"];
+
+/// How QEMU reaches the files of a spec: descriptors it inherits (put in fd sets) and the
+/// paths the jail shows it.
+struct VmmFiles {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    /// Per disk: a read-only descriptor, and a read-write one for a writable disk (QEMU
+    /// opens a writable image read-only first, and again for writing once it is used).
+    disks: Vec<Vec<RawFd>>,
+    console: RawFd,
+    channel: RawFd,
+    /// Connected to the network endpoint, for a spec with a network.
+    network: Option<RawFd>,
+    shares: Vec<String>,
+}
 
 /// Drives `qemu-system-x86_64 -M microvm`.
 #[derive(Debug, Clone)]
@@ -66,8 +82,8 @@ impl Qemu {
         &self.binary
     }
 
-    /// The arguments that start `spec`, without the binary.
-    pub fn arguments(&self, spec: &VmSpec) -> Result<Vec<OsString>, VmError> {
+    /// The arguments that start `spec` with `files`, without the binary.
+    fn arguments(&self, spec: &VmSpec, files: &VmmFiles) -> Result<Vec<OsString>, VmError> {
         validate(spec)?;
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -81,16 +97,28 @@ impl Qemu {
         let cpus = spec.cpus.to_string();
         push(&["-m", &memory, "-smp", &cpus]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-sandbox", crate::jail::SECCOMP_OPTION]);
+        // Files are handed over open (QEMU's fd sets): the jail holds none of them.
+        let mut fd_sets = 0;
+        // Each set's opaque names the file it holds, for people (and `ps`).
+        let mut add_fd = |args: &mut Vec<OsString>, fds: &[RawFd], path: &Path| {
+            fd_sets += 1;
+            for fd in fds {
+                let opaque = escape_option(path);
+                let set = format!("fd={fd},set={fd_sets},opaque={opaque}");
+                args.extend(["-add-fd".into(), set.into()]);
+            }
+            format!("/dev/fdset/{fd_sets}")
+        };
         // The console goes to a file that QEMU's own diagnostics (stderr) also append to,
         // so a failure report shows both in order.
-        let console = format!(
-            "file,id=console,path={},append=on",
-            escape_option(&spec.console_log)
-        );
-        push(&["-chardev", &console, "-serial", "chardev:console"]);
+        let console_path = add_fd(&mut args, &[files.console], &spec.console_log);
+        let console = format!("file,id=console,path={console_path},append=on");
+        args.extend(["-chardev", &console, "-serial", "chardev:console"].map(OsString::from));
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
 
-        let kernel = spec.kernel.to_string_lossy();
-        let initrd = spec.initramfs.to_string_lossy();
+        let kernel = files.kernel.to_string_lossy();
+        let initrd = files.initramfs.to_string_lossy();
         let tcg_args = match spec.accel {
             Accel::Tcg => crate::tsc::tcg_kernel_args().to_vec(),
             Accel::Kvm => Vec::new(),
@@ -104,24 +132,23 @@ impl Qemu {
             .join(" ");
         push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
 
-        for disk in &spec.disks {
+        for (disk, fds) in spec.disks.iter().zip(&files.disks) {
+            let file = add_fd(&mut args, fds, &disk.path);
             let drive = format!(
                 "id={id},file={file},format=raw,if=none,readonly={ro},cache=unsafe",
                 id = disk.id,
-                file = escape_option(&disk.path),
                 ro = if disk.read_only { "on" } else { "off" },
             );
             let device = format!("virtio-blk-device,drive={id},serial={id}", id = disk.id);
-            push(&["-drive", &drive, "-device", &device]);
+            args.extend(["-drive", &drive, "-device", &device].map(OsString::from));
         }
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
 
-        for (index, share) in spec.shares.iter().enumerate() {
-            // QEMU opens its share root once, at start; through the inherited descriptor's
-            // /proc link that open reaches the directory the caller checked, whatever its
-            // path names by then (see `start`, which lets QEMU inherit it).
+        for ((index, share), path) in spec.shares.iter().enumerate().zip(&files.shares) {
+            // The jail mounts the directory the caller checked (by its descriptor) at
+            // `path`; QEMU opens it there once, at start.
             let fsdev = format!(
-                "local,id=share{index},path=/proc/self/fd/{fd},security_model=mapped-xattr{ro}",
-                fd = share.dir.as_raw_fd(),
+                "local,id=share{index},path={path},security_model=mapped-xattr{ro}",
                 ro = if share.read_only { ",readonly=on" } else { "" },
             );
             let device = format!(
@@ -131,10 +158,8 @@ impl Qemu {
             push(&["-fsdev", &fsdev, "-device", &device]);
         }
 
-        let channel = format!(
-            "socket,id=kilnchan,path={}",
-            escape_option(&spec.channel.socket)
-        );
+        // Connected by kiln: QEMU needs no path to reach the socket.
+        let channel = format!("socket,id=kilnchan,fd={}", files.channel);
         let port = format!(
             "virtserialport,chardev=kilnchan,name={}",
             spec.channel.port_name
@@ -152,14 +177,10 @@ impl Qemu {
         push(&["-object", "rng-random,id=rng,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-device,rng=rng"]);
 
-        if let Network::User { forwards } = &spec.network {
-            let mut netdev = String::from("user,id=net0");
-            for forward in forwards {
-                netdev.push_str(&format!(
-                    ",hostfwd=tcp:127.0.0.1:{}-:{}",
-                    forward.host, forward.guest
-                ));
-            }
+        if let Some(fd) = files.network {
+            // Connected by kiln to the endpoint, as the channel: QEMU 7.2's stream netdev
+            // takes a connected socket as `addr.type=fd` (a number, or a monitor fd name).
+            let netdev = format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}");
             push(&[
                 "-netdev",
                 &netdev,
@@ -179,43 +200,100 @@ impl Backend for Qemu {
     fn start(&self, spec: &VmSpec) -> Result<VmProcess, VmError> {
         crate::guest::require_file("guest kernel", &spec.kernel)?;
         crate::guest::require_file("guest initramfs", &spec.initramfs)?;
-        let arguments = self.arguments(spec)?;
+        validate(spec)?;
         // Start each boot with an empty log; both writers then append to it. Never
         // through a symlink: the log is a file of kiln's own.
         let log = kiln_hostfs::open_log(&spec.console_log)?;
-        log.set_len(0).map_err(|source| VmError::File {
-            path: spec.console_log.clone(),
-            source,
-        })?;
+        let file_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmError::File { path, source }
+        };
+        log.set_len(0).map_err(file_error(&spec.console_log))?;
+        let console = log.try_clone().map_err(file_error(&spec.console_log))?;
+        let open = |path: &Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .map_err(file_error(path))
+        };
+        let disks = spec
+            .disks
+            .iter()
+            .map(|disk| {
+                let mut fds = vec![open(&disk.path, false)?];
+                if !disk.read_only {
+                    fds.push(open(&disk.path, true)?);
+                }
+                Ok(fds)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        // Every socket QEMU uses is connected here and handed over (in `keep_fds` and
+        // `VmmFiles`): the jail holds no socket path.
+        let connect = |path: &Path| UnixStream::connect(path).map_err(file_error(path));
+        let channel = connect(&spec.channel.socket)?;
+        let network = match &spec.network {
+            Network::Stream { socket } => Some(connect(socket)?),
+            Network::None => None,
+        };
         let spawn_error = |source| VmError::Spawn {
             vmm: "qemu",
             binary: self.binary.clone(),
             source,
         };
         let monitor = Monitor::new().map_err(spawn_error)?;
-        let mut command = Command::new(&self.binary);
+        let raw = |files: &Vec<std::fs::File>| files.iter().map(|f| f.as_raw_fd()).collect();
+        let disk_fds: Vec<Vec<RawFd>> = disks.iter().map(raw).collect();
+        let mut keep_fds: Vec<RawFd> = disk_fds.concat();
+        keep_fds.extend([console.as_raw_fd(), channel.as_raw_fd(), monitor.vmm_fd()]);
+        keep_fds.extend(network.as_ref().map(AsRawFd::as_raw_fd));
+        let mut jail = Jail::prepare(JailRequest {
+            binary: &self.binary,
+            kernel: &spec.kernel,
+            initramfs: &spec.initramfs,
+            shares: spec
+                .shares
+                .iter()
+                .map(|share| JailShare {
+                    fd: share.dir.as_raw_fd(),
+                    read_only: share.read_only,
+                })
+                .collect(),
+            limits: Limits::for_vm(spec.memory_mib, spec.cpu_millis),
+            keep_fds,
+        })?;
+        let files = VmmFiles {
+            kernel: jail.kernel.clone(),
+            initramfs: jail.initramfs.clone(),
+            disks: disk_fds,
+            console: console.as_raw_fd(),
+            channel: channel.as_raw_fd(),
+            network: network.as_ref().map(AsRawFd::as_raw_fd),
+            shares: jail.share_paths.clone(),
+        };
+        let arguments = self.arguments(spec, &files)?;
+        let mut command = Command::new(&jail.binary);
         command
             .args(arguments)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let share_fds: Vec<RawFd> = spec.shares.iter().map(|s| s.dir.as_raw_fd()).collect();
-        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
-        // which is async-signal-safe, on descriptors the spec keeps open across the spawn.
-        unsafe {
-            command.pre_exec(move || {
-                // Kiln opens every descriptor close-on-exec; QEMU keeps the shares' only.
-                for &fd in &share_fds {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
         monitor.add_to(&mut command);
+        let cgroup = jail.take_cgroup();
+        jail.apply_to(&mut command);
         tracing::debug!(?command, "starting qemu");
-        let mut vm = VmProcess::spawn(command).map_err(spawn_error)?;
+        let mut vm = match VmProcess::spawn(command) {
+            Ok(vm) => vm,
+            Err(source) => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.remove();
+                }
+                return Err(spawn_error(source));
+            }
+        };
+        vm.own_cgroup(cgroup);
+        // QEMU holds its own copies now.
+        drop((disks, console, channel, network));
         match monitor.start(Instant::now() + MONITOR_WAIT) {
             Ok(report) => vm.report_guest_end(report),
             // QEMU quit at start (a bad disk, an unusable accelerator): the caller gets the
@@ -285,7 +363,7 @@ fn validate(spec: &VmSpec) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Channel, Disk, PortForward, Share};
+    use crate::{Channel, Disk, Share};
     use kiln_protocol::{BootConfig, DiskRef, Upper, CHANNEL_PORT, ROOT_DISK_ID, UPPER_DISK_ID};
 
     fn spec() -> VmSpec {
@@ -323,12 +401,10 @@ mod tests {
                 },
             ],
             cpus: 2,
+            cpu_millis: 2000,
             memory_mib: 512,
-            network: Network::User {
-                forwards: vec![PortForward {
-                    host: 8080,
-                    guest: 80,
-                }],
+            network: Network::Stream {
+                socket: "/s/net,0.sock".into(),
             },
             channel: Channel {
                 socket: "/run/x/chan.sock".into(),
@@ -343,9 +419,26 @@ mod tests {
         std::fs::File::open(path).unwrap().into()
     }
 
+    /// What the jail would give QEMU: descriptors 10 and up, the jail's paths.
+    fn files() -> VmmFiles {
+        VmmFiles {
+            kernel: "/kiln/kernel".into(),
+            initramfs: "/kiln/initramfs".into(),
+            disks: vec![vec![10], vec![11, 14]],
+            console: 12,
+            channel: 13,
+            network: Some(15),
+            shares: vec!["/kiln/share0".into(), "/kiln/share1".into()],
+        }
+    }
+
     fn joined(spec: &VmSpec) -> String {
+        let mut files = files();
+        if spec.network == Network::None {
+            files.network = None;
+        }
         Qemu::default()
-            .arguments(spec)
+            .arguments(spec, &files)
             .unwrap()
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -359,33 +452,28 @@ mod tests {
         let line = joined(&spec);
         let root_device = format!("virtio-blk-device,drive={ROOT_DISK_ID},serial={ROOT_DISK_ID}");
         let port = format!("virtserialport,chardev=kilnchan,name={CHANNEL_PORT}");
-        // The shares by their open descriptors, never by a path QEMU would resolve again.
-        let (rw, ro) = (
-            spec.shares[0].dir.as_raw_fd(),
-            spec.shares[1].dir.as_raw_fd(),
-        );
-        let rw_share = format!(
-            "-fsdev local,id=share0,path=/proc/self/fd/{rw},security_model=mapped-xattr -device"
-        );
-        let ro_share = format!(
-            "local,id=share1,path=/proc/self/fd/{ro},security_model=mapped-xattr,readonly=on"
-        );
+        let rw_share =
+            "-fsdev local,id=share0,path=/kiln/share0,security_model=mapped-xattr -device";
+        let ro_share = "local,id=share1,path=/kiln/share1,security_model=mapped-xattr,readonly=on";
         for part in [
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel tcg -cpu max",
             "-m 512M -smp 2",
             "-no-reboot",
             "-append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=",
             "tsc=reliable kiln.root=root kiln.upper=upper kiln.port=kiln.0 kiln.hostname=kiln",
-            "file=/s/root,,1.erofs,format=raw,if=none,readonly=on",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-add-fd fd=12,set=1,opaque=/s/console.log -chardev file,id=console,path=/dev/fdset/1,append=on",
+            "-kernel /kiln/kernel -initrd /kiln/initramfs",
+            "-add-fd fd=10,set=2,opaque=/s/root,,1.erofs -drive id=root,file=/dev/fdset/2,format=raw,if=none,readonly=on",
             &root_device,
-            "readonly=off",
-            "file,id=console,path=/s/console.log,append=on",
-            "socket,id=kilnchan,path=/run/x/chan.sock",
+            "-add-fd fd=11,set=3,opaque=/s/upper.ext4 -add-fd fd=14,set=3,opaque=/s/upper.ext4 -drive id=upper,file=/dev/fdset/3,format=raw,if=none,readonly=off",
+            "socket,id=kilnchan,fd=13",
             &port,
-            "hostfwd=tcp:127.0.0.1:8080-:80",
-            &rw_share,
+            "-netdev stream,id=net0,server=off,addr.type=fd,addr.str=15",
+            "-device virtio-net-device,netdev=net0",
+            rw_share,
             "virtio-9p-device,fsdev=share0,mount_tag=vol0",
-            &ro_share,
+            ro_share,
         ] {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }
@@ -411,13 +499,13 @@ mod tests {
     fn bad_specs_are_refused() {
         let mut bad = spec();
         bad.cpus = 0;
-        assert!(Qemu::default().arguments(&bad).is_err());
+        assert!(Qemu::default().arguments(&bad, &files()).is_err());
         let mut bad = spec();
         bad.disks[0].id = "root disk".into();
-        assert!(Qemu::default().arguments(&bad).is_err());
+        assert!(Qemu::default().arguments(&bad, &files()).is_err());
         let mut bad = spec();
         bad.cmdline.push("a b".into());
-        assert!(Qemu::default().arguments(&bad).is_err());
+        assert!(Qemu::default().arguments(&bad, &files()).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! its log, instead of waiting out a deadline.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -63,6 +63,11 @@ impl Monitor {
             host,
             vmm: vmm.into(),
         })
+    }
+
+    /// The descriptor QEMU gets, which it must inherit.
+    pub fn vmm_fd(&self) -> RawFd {
+        self.vmm.as_raw_fd()
     }
 
     /// Makes `command` (a QEMU) start paused with its monitor on this pair's other end.

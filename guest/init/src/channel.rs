@@ -10,7 +10,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{read_frame, write_frame, Frame, ProtocolError};
@@ -27,6 +27,9 @@ static RAW_FD: AtomicI32 = AtomicI32::new(-1);
 pub struct Channel {
     writer: Mutex<File>,
     reader: Mutex<File>,
+    /// How many `Shutdown`s the host sent; it sends one when it has the main result.
+    host_shutdowns: Mutex<u64>,
+    host_shutdown_seen: Condvar,
 }
 
 impl Channel {
@@ -53,7 +56,40 @@ impl Channel {
         Ok(Channel {
             reader: Mutex::new(file.try_clone()?),
             writer: Mutex::new(file),
+            host_shutdowns: Mutex::new(0),
+            host_shutdown_seen: Condvar::new(),
         })
+    }
+
+    /// Counts a `Shutdown` from the host (called by the thread reading frames).
+    pub fn note_host_shutdown(&self) {
+        *self
+            .host_shutdowns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
+        self.host_shutdown_seen.notify_all();
+    }
+
+    /// How many `Shutdown`s the host sent so far.
+    pub fn host_shutdowns(&self) -> u64 {
+        *self
+            .host_shutdowns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits at most `limit` for the host to send more than `seen` `Shutdown`s; whether
+    /// it did.
+    pub fn wait_for_host_shutdown(&self, seen: u64, limit: Duration) -> bool {
+        let count = self
+            .host_shutdowns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (count, _) = self
+            .host_shutdown_seen
+            .wait_timeout_while(count, limit, |count| *count <= seen)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *count > seen
     }
 
     /// Sends one frame.

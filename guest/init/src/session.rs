@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -310,6 +310,7 @@ impl Sessions {
                     }
                 }
                 (CONTROL_SESSION, Message::Shutdown(request)) => {
+                    self.channel.note_host_shutdown();
                     self.shutdown(Duration::from_millis(request.grace_ms))
                 }
                 (CONTROL_SESSION, other) => crate::console(&format!(
@@ -519,10 +520,43 @@ fn stdin_writer(mut stdin: File, tty: bool) -> Sender<Input> {
             }
         }
         if tty {
+            wait_until_read(&stdin, TERMINAL_EOF_WAIT);
             let _ = stdin.write_all(b"\x04");
         }
     });
     sender
+}
+
+/// How long a terminal's end waits for the workload to read the input before it.
+const TERMINAL_EOF_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (at most `limit`) until the workload has read what is queued on the terminal
+/// whose master is `master`, as util-linux's `script` does before its EOF. Piped input
+/// arrives before a shell's line editor switches the terminal to raw mode; a ^D queued
+/// in canonical mode then reaches the editor as a NUL, not as the end, and it waits on.
+fn wait_until_read(master: &File, limit: Duration) {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER opens the master's slave as a new descriptor, returned or -1.
+    let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is the new descriptor TIOCGPTPEER returned, owned by nobody else. It is
+    // closed on return: the output pump's end is the last slave descriptor closing.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        let mut pollfd = libc::pollfd {
+            fd: slave.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout only asks whether input is pending.
+        if unsafe { libc::poll(&mut pollfd, 1, 0) } <= 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Sends everything `source` yields as `stream` data of `session`, then its end; each

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 use kiln_protocol::{
     BootError, BootPhase, BootStep, Frame, Message, PhaseTime, RunSpec, WorkloadResult,
@@ -105,6 +106,8 @@ pub fn run(
         Err(err) => {
             let result = err.start_failure().ok_or_else(|| supervisor_error(err))?;
             send_phase(channel, BootPhase::WorkloadEnded, clock());
+            // Reads the host's answer to the result (see `report`); no session starts now.
+            std::thread::spawn(|| sessions.serve_host());
             return Ok(result);
         }
     };
@@ -141,12 +144,24 @@ fn send_phase(channel: &Channel, phase: BootPhase, boottime_ns: u64) {
     }
 }
 
-/// Tells the host how the workload ended (the `workload_ended` phase went out when it did).
+/// How long init waits for the host to answer the workload's result before it powers
+/// off anyway: a host that is gone or loaded must not keep the VM up for long.
+const RESULT_ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// Tells the host how the workload ended (the `workload_ended` phase went out when it did),
+/// and waits (bounded) until the host answers with `Shutdown`: the frame is only queued
+/// when the write returns, and a power-off before QEMU passed it on would lose it.
 pub fn report(channel: &Channel, result: WorkloadResult) {
     let result = Frame::new(MAIN_SESSION, Message::Result(result));
+    // A `kiln stop` sends a Shutdown before the result exists; only a later one answers it.
+    let shutdowns = channel.host_shutdowns();
     if let Err(e) = channel.send(&result) {
         crate::console(&format!(
             "cannot report the workload's result to the host: {e}"
         ));
+        return;
+    }
+    if !channel.wait_for_host_shutdown(shutdowns, RESULT_ANSWER_WAIT) {
+        crate::console("the host did not answer the workload's result; powering off");
     }
 }
