@@ -414,6 +414,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     };
     let io = HostIo {
         stdin: None,

@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 pub use env::workload_env;
 pub use error::SupervisorError;
 pub use fs::prepare_filesystem;
-pub use kiln_protocol::{Identity, RunAs, RunSpec, StartFailure, TerminalSize, WorkloadResult};
+pub use kiln_protocol::{
+    Identity, OpenShellLaunch, RunAs, RunSpec, StartFailure, TerminalSize, WorkloadResult,
+};
 pub use privileges::{drop_privileges, PrivilegeError, PrivilegeStep, Privileges};
 pub use spawn::{oom_kills, Launch, Workload, WorkloadIo};
 pub use user::{
@@ -128,6 +130,8 @@ impl Supervisor {
     /// Starts the workload of `spec` as `user` (from [`Supervisor::prepare`]): its
     /// environment is [`workload_env`] of the session and `spec.env`, its working
     /// directory `spec.cwd` or the user's home, and the child drops to the user's ids.
+    /// A spec that runs OpenShell's supervisor (`spec.openshell`) starts it as root with
+    /// exactly `spec.env`: that supervisor drops to the sandbox user itself.
     pub fn start(
         &self,
         spec: &RunSpec,
@@ -142,15 +146,23 @@ impl Supervisor {
                 message: format!("working directory {cwd:?} is not absolute"),
             });
         }
+        let (env, privileges) = match &spec.openshell {
+            Some(_) => (spec.env.clone(), None),
+            None => (
+                workload_env(&session, &spec.env),
+                Some(user.privileges.clone()),
+            ),
+        };
         let launch = Launch {
             argv: spec.argv.clone(),
-            env: workload_env(&session, &spec.env),
+            env,
             cwd: PathBuf::from(cwd),
-            privileges: user.privileges.clone(),
+            privileges,
             cgroup: self.cgroup.clone(),
             io,
         };
-        tracing::debug!(argv = ?launch.argv, cwd = %launch.cwd.display(), uid = launch.privileges.uid, "starting the workload");
+        let uid = launch.privileges.as_ref().map_or(0, |p| p.uid);
+        tracing::debug!(argv = ?launch.argv, cwd = %launch.cwd.display(), uid, "starting the workload");
         Workload::spawn(&launch)
     }
 

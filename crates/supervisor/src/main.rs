@@ -176,6 +176,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     };
     let supervisor = Supervisor {
         mode,

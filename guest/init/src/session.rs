@@ -264,6 +264,9 @@ impl Sessions {
         if table.live.contains_key(&session) {
             return refuse(format!("session {session} is already running a process"));
         }
+        if spec.openshell.is_some() {
+            return refuse("only the main session runs OpenShell's supervisor".into());
+        }
         // A task runs init's own binary in place of the spec's program.
         let task_spec;
         let spec = match &spec.task {
