@@ -90,6 +90,9 @@ pub fn run(
     let user = supervisor
         .prepare(&spec.identity)
         .map_err(supervisor_error)?;
+    if let Some(launch) = &spec.openshell {
+        crate::openshell::place_token(launch)?;
+    }
     // After the preparation, which may chown /sandbox in the overlay.
     if read_only_root {
         crate::sys::remount_read_only(std::path::Path::new("/")).map_err(|e| {
