@@ -12,8 +12,8 @@
 //!    (EROFS, read-only) and the writable upper (tmpfs, or an ext4 disk for a persistent
 //!    sandbox), stacks them into an overlay (`lowerdir=[openshell:]identity:root`,
 //!    `metacopy=on,redirect_dir=on`; all of them nodev and nosuid, so the image's device
-//!    nodes and set-id bits are inert), moves /dev, /proc, /sys into it and switches root (move mount + chroot: the initramfs cannot be
-//!    pivoted);
+//!    nodes and set-id bits are inert), moves /dev, /proc, /sys into it and switches root
+//!    (move mount + chroot: the initramfs cannot be pivoted);
 //! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes and tmpfs mounts,
 //!    sets the hostname, writes /etc/hostname, /etc/hosts and /etc/resolv.conf, brings up
 //!    lo and, when asked, eth0 with a static address (ioctls) and default route;
