@@ -156,6 +156,88 @@ pub fn build_identity_layer(
     })
 }
 
+/// The outcome of [`build_supervisor_layer`].
+#[derive(Clone, Debug, Serialize)]
+pub struct SupervisorLayerReport {
+    pub path: PathBuf,
+    pub image: ImageSummary,
+}
+
+/// Hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: kiln_image::Hasher,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Writes the layer that holds OpenShell's supervisor: `binary` (`len` bytes) as
+/// /opt/openshell/bin/openshell-sandbox, root:root 0755, and an empty
+/// /opt/openshell/auth, root:root 0700, for the sandbox token's tmpfs. Directories are
+/// root:root 0755 and every time is the epoch, so one binary always gives one image.
+/// A binary whose bytes do not hash to `digest` (it changed since it was hashed) is an
+/// error, and nothing is published.
+pub fn build_supervisor_layer(
+    binary: impl std::io::Read,
+    len: u64,
+    digest: &kiln_image::Digest,
+    out: &Path,
+) -> Result<SupervisorLayerReport> {
+    use kiln_erofs::{Metadata, NodeKind, Tree};
+    let image_error = |source| Error::Image {
+        path: out.to_owned(),
+        source,
+    };
+    let (temp, mut writer) = start_image(out)?;
+    let mut hashing = HashingReader {
+        inner: binary,
+        hasher: kiln_image::Hasher::new(digest.algorithm()),
+    };
+    let data = writer
+        .append_data(&mut hashing, len)
+        .map_err(image_error)?;
+    let read = hashing.hasher.finish();
+    if read != *digest {
+        return Err(Error::io(
+            format!("building {}", out.display()),
+            std::io::Error::other(format!(
+                "the supervisor binary changed while it was read (first {digest}, then {read})"
+            )),
+        ));
+    }
+    let mode = |mode| Metadata {
+        mode,
+        ..Metadata::default()
+    };
+    let mut tree = Tree::new(mode(0o755)).map_err(image_error)?;
+    let opt = tree
+        .add(tree.root(), b"opt", NodeKind::Directory, mode(0o755))
+        .map_err(image_error)?;
+    let openshell = tree
+        .add(opt, b"openshell", NodeKind::Directory, mode(0o755))
+        .map_err(image_error)?;
+    let bin = tree
+        .add(openshell, b"bin", NodeKind::Directory, mode(0o755))
+        .map_err(image_error)?;
+    tree.add(bin, b"openshell-sandbox", NodeKind::File(data), mode(0o755))
+        .map_err(image_error)?;
+    tree.add(openshell, b"auth", NodeKind::Directory, mode(0o700))
+        .map_err(image_error)?;
+    let finished = writer.finish(&tree).map_err(image_error)?;
+    sync(&finished.file, out)?;
+    fsck_and_publish(temp, out)?;
+    Ok(SupervisorLayerReport {
+        path: out.to_owned(),
+        image: (&finished.stats).into(),
+    })
+}
+
 /// A temporary file next to `out` (so the rename is atomic and nothing is written
 /// elsewhere) and an image writer on it.
 fn start_image(out: &Path) -> Result<(NamedTempFile, ImageWriter)> {
