@@ -61,6 +61,7 @@ pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
+    OpenShellSupervisor,
     NetworkMode, PolicyText, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE,
     DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
 };

@@ -45,6 +45,8 @@ pub struct PreparedImages {
     pub image: PulledImage,
     pub root_image: PathBuf,
     pub identity_layer: PathBuf,
+    /// The layer holding OpenShell's supervisor, for a sandbox that runs it.
+    pub supervisor_layer: Option<PathBuf>,
     /// True when this call built the root image (false: it was cached).
     pub root_built: bool,
     /// Warnings from writing the sandbox user (e.g. another user owns the uid).
@@ -155,6 +157,7 @@ pub fn build_images(
         root_built: root_image.built.is_some(),
         root_image: root_image.path,
         identity_layer: identity.path,
+        supervisor_layer: None,
         image,
         warnings,
         pull_time: Duration::ZERO,
@@ -162,7 +165,8 @@ pub fn build_images(
 }
 
 /// The images `record` pins, rebuilt from the store by digest when their cache is gone;
-/// never resolves the reference again. `step` hears of each build step before it runs.
+/// never resolves the reference again. Its supervisor layer (if any) must be cached: kiln
+/// keeps no copy of the binary to build it again from. `step` hears of each build step before it runs.
 /// The cache is not trimmed: its limit is a setting of the commands that add images.
 pub fn pinned_images(
     root: &Path,
@@ -177,7 +181,7 @@ pub fn pinned_images(
             digest: record.image.manifest_digest.to_string(),
             reason: source.to_string(),
         })?;
-    build_images(
+    let prepared = build_images(
         root,
         &store,
         image,
@@ -185,7 +189,17 @@ pub fn pinned_images(
         record.sandbox_gid,
         None,
         step,
-    )
+    )?;
+    let supervisor_layer = match &record.openshell {
+        Some(openshell) => {
+            Some(image_cache(root).supervisor_layer_of(&openshell.supervisor_digest)?)
+        }
+        None => None,
+    };
+    Ok(PreparedImages {
+        supervisor_layer,
+        ..prepared
+    })
 }
 
 /// Opens the stored blob of every layer of `image`, bottom first, for kiln-rootfs.

@@ -177,6 +177,32 @@ pub struct CreateFields {
     pub auto_remove: bool,
     /// `no`, `on-failure[:N]`, `always` or `unless-stopped`; the default is `no`.
     pub restart: Option<String>,
+    /// Run OpenShell's supervisor as the sandbox's main program instead of the workload
+    /// (kiln's OpenShell driver); it runs the workload itself.
+    pub openshell: Option<OpenShellSupervisor>,
+}
+
+/// OpenShell's supervisor in the guest: the binary, its environment and the token.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct OpenShellSupervisor {
+    /// Host path of the static `openshell-sandbox` binary; it is put in the guest at
+    /// /opt/openshell/bin/openshell-sandbox by a read-only layer cached by its digest.
+    pub binary: PathBuf,
+    /// Its exact environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The gateway's sandbox token: kept owner-only in the sandbox's state directory and
+    /// written in the guest where only root can read it; never logged or shown.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for OpenShellSupervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenShellSupervisor")
+            .field("binary", &self.binary)
+            .field("env", &self.env)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -212,6 +238,7 @@ pub struct CreateRequest {
     pub(crate) allow_user_namespaces: bool,
     pub(crate) auto_remove: bool,
     pub(crate) restart: RestartPolicy,
+    pub(crate) openshell: Option<OpenShellSupervisor>,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -614,6 +641,7 @@ impl CreateFields {
             allow_user_namespaces: self.allow_user_namespaces,
             auto_remove: self.auto_remove,
             restart,
+            openshell: self.openshell,
         })
     }
 }
