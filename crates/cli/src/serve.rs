@@ -1,6 +1,8 @@
 //! `kiln serve --socket PATH [--api kiln|openshell]`: kiln's driver API or OpenShell's
 //! compute-driver contract (kiln-server) on a unix socket, until SIGINT or SIGTERM;
-//! `--openshell-socket PATH` serves OpenShell's beside kiln's from the same process.
+//! `--openshell-socket PATH` serves OpenShell's beside kiln's from the same process;
+//! `--openshell-supervisor PATH --openshell-endpoint URL` runs OpenShell's supervisor in
+//! its sandboxes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use kiln_server::socket::SocketError;
-use kiln_server::{Api, OpenShellConfig, ServeError, ServerConfig};
+use kiln_server::{
+    openshell_env, Api, OpenShellConfig, OpenShellSupervisorConfig, ServeError, ServerConfig,
+};
 use kiln_vm::accel::AccelRequest;
 
 use crate::exit::{CommandError, CommandResult};
@@ -46,6 +50,18 @@ pub struct ServeArgs {
     /// OpenShell: gid of the `sandbox` user written into each image (default 10001).
     #[arg(long, value_name = "GID", value_parser = parse_sandbox_id)]
     sandbox_gid: Option<u32>,
+
+    /// OpenShell: host path of a static `openshell-sandbox`, started in each sandbox as
+    /// its supervisor (needs --openshell-endpoint). Without it, kiln's own supervisor runs
+    /// the sandbox's command.
+    #[arg(long, value_name = "PATH", requires = "openshell_endpoint")]
+    openshell_supervisor: Option<PathBuf>,
+
+    /// OpenShell: the gateway's URL as this host reaches it (e.g. http://127.0.0.1:8080);
+    /// a loopback URL is rewritten to the guest's view of the host, and that port of the
+    /// host opened to the sandbox.
+    #[arg(long, value_name = "URL", requires = "openshell_supervisor")]
+    openshell_endpoint: Option<String>,
 
     /// Accelerator for sandboxes created through the API: auto, kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
@@ -88,6 +104,19 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
         .map_err(anyhow::Error::msg)
         .context("--accel")
         .map_err(CommandError::usage)?;
+    let supervisor = match (args.openshell_supervisor, args.openshell_endpoint) {
+        (Some(binary), Some(endpoint)) => {
+            let binary = openshell_env::check_supervisor_binary(&binary)
+                .context("--openshell-supervisor")
+                .map_err(CommandError::usage)?;
+            openshell_env::check_endpoint(&endpoint)
+                .context("--openshell-endpoint")
+                .map_err(CommandError::usage)?;
+            Some(OpenShellSupervisorConfig { binary, endpoint })
+        }
+        // clap's `requires` makes each flag need the other.
+        _ => None,
+    };
     let monitor_exe = std::env::current_exe().context("finding the kiln executable")?;
     let config = ServerConfig {
         root: globals.root.clone(),
@@ -96,6 +125,7 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
             default_image: args.default_image,
             sandbox_uid: args.sandbox_uid,
             sandbox_gid: args.sandbox_gid,
+            supervisor,
         },
         monitor_exe,
         accel,

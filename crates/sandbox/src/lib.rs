@@ -66,6 +66,8 @@ pub use request::{
     DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
+/// The largest OpenShell supervisor binary a sandbox may name.
+pub use kiln_rootfs::MAX_SUPERVISOR_BYTES;
 pub use spec::ImageDefaults;
 pub use state::{NetworkRecord, Status};
 pub use tasks::{copy, stats, top, CopyEndpoint, SandboxStats, MAX_COPY_BYTES};

@@ -39,7 +39,10 @@ use tokio_stream::StreamExt;
 
 use crate::socket::{OwnerSocket, SocketError};
 
-pub use crate::openshell_service::{OpenShellConfig, NAME_LABEL as OPENSHELL_NAME_LABEL};
+pub use crate::openshell_service::{
+    OpenShellConfig, SupervisorConfig as OpenShellSupervisorConfig,
+    NAME_LABEL as OPENSHELL_NAME_LABEL,
+};
 
 /// The code generated from `proto/kiln/driver/v1/driver.proto`: messages, the server
 /// trait and the client.

@@ -9,13 +9,16 @@
 //! token), so those are removed from what it gives.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use crate::openshell_spec::SandboxPlan;
 
 /// Where the supervisor binary sits in the guest.
-pub const GUEST_SUPERVISOR_PATH: &str = "/opt/openshell/bin/openshell-sandbox";
+pub const GUEST_SUPERVISOR_PATH: &str = kiln_protocol::OPENSHELL_SUPERVISOR_PATH;
 /// Where the sandbox token file sits in the guest.
-pub const GUEST_TOKEN_PATH: &str = "/opt/openshell/auth/sandbox.jwt";
+pub const GUEST_TOKEN_PATH: &str = kiln_protocol::OPENSHELL_TOKEN_PATH;
 /// Where the gateway's CA certificate sits in the guest when TLS is configured.
 pub const GUEST_TLS_CA_PATH: &str = "/opt/openshell/tls/ca.crt";
 /// Where the supervisor's client certificate sits in the guest when TLS is configured.
@@ -109,6 +112,93 @@ pub fn supervisor_environment(
     env
 }
 
+/// Why `--openshell-supervisor` or `--openshell-endpoint` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorConfigError {
+    #[error("{}: {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}; accepted: a static openshell-sandbox binary (a regular, executable ELF file of at most {} bytes)", .path.display(), kiln_sandbox::MAX_SUPERVISOR_BYTES)]
+    NotASupervisor { path: PathBuf, reason: String },
+    #[error("{endpoint:?}: {reason}; accepted: the gateway's http:// or https:// URL as this host reaches it, e.g. http://127.0.0.1:8080")]
+    Endpoint { endpoint: String, reason: String },
+}
+
+/// Checks that `path` can be OpenShell's supervisor binary: a regular file (after
+/// symlinks: it is the operator's), executable, an ELF image, at most
+/// [`kiln_sandbox::MAX_SUPERVISOR_BYTES`]. Returns it made absolute.
+pub fn check_supervisor_binary(path: &Path) -> Result<PathBuf, SupervisorConfigError> {
+    let unreadable = |source| SupervisorConfigError::Unreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let refuse = |reason: String| SupervisorConfigError::NotASupervisor {
+        path: path.to_owned(),
+        reason,
+    };
+    let absolute = std::path::absolute(path).map_err(unreadable)?;
+    let mut file = std::fs::File::open(&absolute).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(refuse("not executable".into()));
+    }
+    if meta.len() > kiln_sandbox::MAX_SUPERVISOR_BYTES {
+        return Err(refuse(format!("{} bytes", meta.len())));
+    }
+    let mut magic = [0u8; 4];
+    match file.read_exact(&mut magic) {
+        Ok(()) if magic == *b"\x7fELF" => Ok(absolute),
+        Ok(()) => Err(refuse("not an ELF file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(refuse("too short for an ELF file".into()))
+        }
+        Err(e) => Err(unreadable(e)),
+    }
+}
+
+/// Checks the gateway's URL as the host reaches it: `http` or `https` with a host.
+pub fn check_endpoint(endpoint: &str) -> Result<(), SupervisorConfigError> {
+    let refuse = |reason: &str| SupervisorConfigError::Endpoint {
+        endpoint: endpoint.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let url = url::Url::parse(endpoint).map_err(|e| refuse(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(refuse("not an http or https URL"));
+    }
+    if url.host().is_none() {
+        return Err(refuse("no host"));
+    }
+    Ok(())
+}
+
+/// The `--network-allow-host` entry that lets the guest reach a gateway listening on
+/// the host's loopback (`host.kiln.internal:PORT`, which the guest dials as
+/// [`GUEST_HOST_ALIAS`]); `None` for an endpoint that is not on loopback, which the
+/// guest reaches as any other address.
+pub fn gateway_allow_host(endpoint: &str) -> Option<String> {
+    let url = url::Url::parse(endpoint).ok()?;
+    if !is_loopback(&url) {
+        return None;
+    }
+    let port = url.port_or_known_default()?;
+    Some(format!("{}:{port}", kiln_policy::HOST_GATEWAY_NAME))
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
 /// The gateway URL as the guest must dial it: a loopback host (127.0.0.0/8, ::1,
 /// `localhost`) is the guest's own loopback inside the VM, so it becomes
 /// [`GUEST_HOST_ALIAS`]; any other URL is the guest's to resolve and stays as given.
@@ -116,13 +206,7 @@ pub fn guest_endpoint(endpoint: &str) -> String {
     let Ok(mut url) = url::Url::parse(endpoint) else {
         return endpoint.to_owned();
     };
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        None => false,
-    };
-    if loopback && url.set_host(Some(GUEST_HOST_ALIAS)).is_ok() {
+    if is_loopback(&url) && url.set_host(Some(GUEST_HOST_ALIAS)).is_ok() {
         return url.into();
     }
     endpoint.to_owned()
@@ -219,6 +303,49 @@ mod tests {
             ("not a url", "not a url"),
         ] {
             assert_eq!(guest_endpoint(given), guest, "{given}");
+        }
+    }
+
+    #[test]
+    fn a_supervisor_binary_must_be_an_executable_elf_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8], mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let good = write("good", b"\x7fELF\x02\x01\x01", 0o755);
+        assert_eq!(check_supervisor_binary(&good).unwrap(), good);
+        for (path, reason) in [
+            (write("script", b"#!/bin/sh\n", 0o755), "not an ELF file"),
+            (write("plain", b"\x7fELF", 0o644), "not executable"),
+            (write("short", b"\x7fE", 0o755), "too short"),
+            (dir.path().to_owned(), "not a regular file"),
+        ] {
+            let err = check_supervisor_binary(&path).unwrap_err().to_string();
+            assert!(err.contains(reason), "{err}");
+            assert!(err.contains("accepted: a static openshell-sandbox"), "{err}");
+        }
+        let err = check_supervisor_binary(&dir.path().join("missing")).unwrap_err();
+        assert!(matches!(err, SupervisorConfigError::Unreadable { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_loopback_gateway_opens_its_port_of_the_host_and_nothing_else() {
+        for (endpoint, allowed) in [
+            ("http://127.0.0.1:8080", Some("host.kiln.internal:8080")),
+            ("http://localhost", Some("host.kiln.internal:80")),
+            ("https://[::1]", Some("host.kiln.internal:443")),
+            ("http://192.168.1.5:8080", None),
+            ("https://gw.example", None),
+        ] {
+            assert_eq!(gateway_allow_host(endpoint).as_deref(), allowed, "{endpoint}");
+        }
+        assert!(check_endpoint("http://127.0.0.1:8080").is_ok());
+        for bad in ["ftp://gw", "127.0.0.1:8080", "http://"] {
+            let err = check_endpoint(bad).unwrap_err().to_string();
+            assert!(err.contains("accepted: the gateway's"), "{err}");
         }
     }
 }

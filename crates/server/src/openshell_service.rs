@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_image::PullOptions;
-use kiln_sandbox::{CreateFields, CreateRequest, Field, FieldNames, NetworkMode, SandboxInfo};
+use kiln_sandbox::{
+    CreateFields, CreateRequest, Field, FieldNames, NetworkMode, OpenShellSupervisor, SandboxInfo,
+};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -30,6 +32,7 @@ use tonic::{Request, Response, Status as GrpcStatus};
 use crate::convert::{self, ProtoNames};
 use crate::openshell_proto as os;
 use crate::openshell_proto::compute_driver_server::ComputeDriver;
+use crate::openshell_env::{gateway_allow_host, supervisor_environment, SupervisorSettings};
 use crate::openshell_spec::{self, SandboxPlan};
 use crate::openshell_status::{driver_status, pending_status, progress_event};
 use crate::proto::event::Kind;
@@ -52,7 +55,24 @@ pub struct OpenShellConfig {
     /// Ids of the `sandbox` user written into each image (`None`: kiln's default).
     pub sandbox_uid: Option<u32>,
     pub sandbox_gid: Option<u32>,
+    /// OpenShell's supervisor, run in each sandbox as its main program (`None`: kiln's
+    /// supervisor runs the sandbox's command itself).
+    pub supervisor: Option<SupervisorConfig>,
 }
+
+/// OpenShell's supervisor binary and the gateway it dials.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Host path of the static `openshell-sandbox` binary
+    /// ([`crate::openshell_env::check_supervisor_binary`] accepted it).
+    pub binary: std::path::PathBuf,
+    /// The gateway's URL as the host reaches it
+    /// ([`crate::openshell_env::check_endpoint`] accepted it).
+    pub endpoint: String,
+}
+
+/// The supervisor's log level when the sandbox spec gives none.
+const DEFAULT_SUPERVISOR_LOG_LEVEL: &str = "info";
 
 /// What the service knows of a gateway sandbox beyond kiln's own records.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +150,39 @@ impl OpenShellService {
             .map(|(key, value)| format!("{key}={value}"))
             .collect();
         labels.push(format!("{NAME_LABEL}={}", plan.name));
+        let spec = sandbox.spec.as_ref();
+        let token = spec.map_or("", |spec| spec.sandbox_token.as_str());
+        if token.len() > kiln_protocol::MAX_OPENSHELL_TOKEN_LEN {
+            return Err(GrpcStatus::invalid_argument(format!(
+                "spec.sandbox_token is {} bytes; at most {} are accepted",
+                token.len(),
+                kiln_protocol::MAX_OPENSHELL_TOKEN_LEN
+            )));
+        }
+        let mut allow_host = Vec::new();
+        let openshell = self.config.supervisor.as_ref().map(|supervisor| {
+            let settings = SupervisorSettings {
+                endpoint: supervisor.endpoint.clone(),
+                log_level: DEFAULT_SUPERVISOR_LOG_LEVEL.into(),
+                tls: false,
+                uid: self
+                    .config
+                    .sandbox_uid
+                    .unwrap_or(kiln_identity::DEFAULT_SANDBOX_UID),
+                gid: self
+                    .config
+                    .sandbox_gid
+                    .unwrap_or(kiln_identity::DEFAULT_SANDBOX_GID),
+            };
+            let log_level = spec.map_or("", |spec| spec.log_level.as_str());
+            let env = supervisor_environment(&plan, &settings, log_level, !token.is_empty());
+            allow_host.extend(gateway_allow_host(&supervisor.endpoint));
+            OpenShellSupervisor {
+                binary: supervisor.binary.clone(),
+                env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                token: (!token.is_empty()).then(|| token.to_owned()),
+            }
+        });
         let machine = &self.shared.machine;
         let fields = CreateFields {
             image: plan.image.clone(),
@@ -149,6 +202,8 @@ impl OpenShellService {
             cpus: plan.vcpus.map(|n| n.to_string()),
             memory: plan.memory_mib.map(|mib| format!("{mib}m")),
             network: NetworkMode::User,
+            allow_host,
+            openshell,
             labels,
             accel: machine.accel,
             rootfs_cache_max: machine.rootfs_cache_max,
