@@ -5,7 +5,8 @@
 //! validation errors, create with command, environment and resources, Watch's progress
 //! events then Ready, Get and List, idempotent Stop and Start keeping the disk, Delete
 //! removing everything, workspaces) and one process serving both of kiln's APIs: the
-//! kiln driver API's Exec reads what the OpenShell sandbox wrote.
+//! kiln driver API's Exec reads what the OpenShell sandbox wrote; and OpenShell's
+//! supervisor in the guest, played by a stand-in that reports to a gRPC server here.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -15,8 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln_e2e::{
-    demo_image, kernel_with_fragment, probe, require_root, runtime, workspace_root, KilnRoot,
-    KilnServer, Probe, OTHER_UID,
+    demo_image, kernel_with_fragment, openshell_standin, probe, require_root, runtime,
+    workspace_root, KilnRoot, KilnServer, Probe, ReportServer, OTHER_UID,
 };
 use kiln_server::openshell_proto as os;
 use kiln_server::openshell_proto::compute_driver_client::ComputeDriverClient;
@@ -544,4 +545,249 @@ fn every_compute_driver_rpc_with_real_boots() {
         "{}",
         server.log()
     );
+}
+
+/// Every file under `dir` (recursively) as text, for searching it.
+fn all_text_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => found.extend(all_text_under(&path)),
+            Ok(kind) if kind.is_file() => {
+                let bytes = fs::read(&path).unwrap_or_default();
+                found.push((path, String::from_utf8_lossy(&bytes).into_owned()));
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// OpenShell's supervisor in the guest, played by a stand-in (tests/standin; NOT
+/// OpenShell's supervisor) given as `--openshell-supervisor`: it dials the test's gRPC
+/// server through OPENSHELL_ENDPOINT (so the loopback rewrite and kiln-netstack's
+/// allowance of the gateway's port are proven by the connection itself) and reports its
+/// ids, argv, whole environment, the token file and the sandbox user of /etc/passwd, then
+/// runs the main process as the sandbox user.
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
+    require_root();
+    let standin = openshell_standin();
+    let root = KilnRoot::with_guest();
+    let image = demo_image();
+    let runtime = runtime();
+    let mut reports = runtime.block_on(ReportServer::start());
+    let port = reports.address.port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut server = KilnServer::start_with(
+        &root,
+        root.kiln(),
+        &[
+            OsStr::new("--api"),
+            OsStr::new("openshell"),
+            OsStr::new("--openshell-supervisor"),
+            standin.as_os_str(),
+            OsStr::new("--openshell-endpoint"),
+            OsStr::new(&endpoint),
+            OsStr::new("--sandbox-uid"),
+            OsStr::new("20000"),
+            OsStr::new("--sandbox-gid"),
+            OsStr::new("20001"),
+        ],
+    );
+    let socket = server.socket().to_path_buf();
+    let token = format!("tok-{}-secret", std::process::id());
+    let script = "echo \"$GREETING:$(id -u):$(id -g):$(pwd)\" >> /sandbox/boots; exec sleep 3600";
+    let mut first = sandbox("sb-os", "supervised", &image, &["sh", "-c", script]);
+    first.spec.as_mut().unwrap().sandbox_token = token.clone();
+    let mut second = sandbox("sb-os2", "second", &image, &["sh", "-c", "exit 7"]);
+    second.spec.as_mut().unwrap().sandbox_token = token.clone();
+    let sandbox_dir = |id: &str| {
+        let json = root.ok(&["--json", "inspect", id]);
+        let value: serde_json::Value = serde_json::from_str(&json).expect("inspect's JSON");
+        let value = if value.is_array() { value[0].clone() } else { value };
+        let kiln_id = value["id"].as_str().expect("an id").to_owned();
+        (root.path().join("sandboxes").join(kiln_id), json)
+    };
+
+    let mut seen_events = Vec::new();
+    runtime.block_on(async {
+        let mut client = KilnServer::openshell_client(&socket).await;
+        let mut events = client
+            .watch_sandboxes(os::WatchSandboxesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        client
+            .create_sandbox(os::CreateSandboxRequest {
+                sandbox: Some(first.clone()),
+            })
+            .await
+            .expect("create");
+        let report = reports.next(BOOT_TIMEOUT).await;
+
+        // As root, with the supervisor's argv and exactly the environment OpenShell's VM
+        // driver gives it (computed here by kiln-server's own function).
+        assert_eq!((report.uid, report.gid), (0, 0));
+        assert_eq!(
+            report.argv,
+            ["/opt/openshell/bin/openshell-sandbox", "--workdir", "/sandbox"]
+        );
+        let plan = kiln_server::openshell_spec::plan(&first, "").unwrap();
+        let settings = kiln_server::openshell_env::SupervisorSettings {
+            endpoint: endpoint.clone(),
+            log_level: "info".into(),
+            tls: false,
+            uid: 20000,
+            gid: 20001,
+        };
+        let expected: HashMap<String, String> =
+            kiln_server::openshell_env::supervisor_environment(&plan, &settings, "", true)
+                .into_iter()
+                .collect();
+        assert_eq!(report.environment, expected);
+        assert_eq!(
+            report.environment["OPENSHELL_ENDPOINT"],
+            format!("http://10.0.2.2:{port}/")
+        );
+        assert_eq!(report.environment["OPENSHELL_SANDBOX_ID"], "sb-os");
+        assert_eq!(report.environment["OPENSHELL_SANDBOX"], "supervised");
+        assert_eq!(
+            report.environment["OPENSHELL_SANDBOX_TOKEN_FILE"],
+            "/opt/openshell/auth/sandbox.jwt"
+        );
+        assert!(!report.environment.contains_key("OPENSHELL_SANDBOX_TOKEN"));
+        // The token: root's only, as given.
+        assert_eq!(report.token_error, "");
+        assert_eq!(report.token_mode, 0o400);
+        assert_eq!((report.token_uid, report.token_gid), (0, 0));
+        assert_eq!(report.token, token);
+        // The sandbox user kiln-identity wrote, read from /etc/passwd as text.
+        assert_eq!((report.passwd_uid, report.passwd_gid), (20000, 20001));
+
+        watch_until(&mut events, "sb-os", |s| readiness(s).0 == "True").await;
+    });
+    // The main process ran as the sandbox user in the workdir the supervisor was given;
+    // the sandbox user cannot read the token.
+    assert_eq!(
+        root.ok(&["exec", "sb-os", "cat", "/sandbox/boots"]),
+        "from the sandbox:20000:20001:/sandbox\n"
+    );
+    let refused = root.fails(&["exec", "sb-os", "cat", "/opt/openshell/auth/sandbox.jwt"], 1);
+    assert!(refused.contains("Permission denied"), "{refused}");
+    // On the host, the token is kept owner-only in the sandbox's state.
+    let (state, inspect) = sandbox_dir("sb-os");
+    let kept = state.join("openshell-token");
+    assert_eq!(fs::read_to_string(&kept).unwrap(), token);
+    assert_eq!(fs::metadata(&kept).unwrap().mode() & 0o777, 0o600);
+    assert!(!inspect.contains(&token), "{inspect}");
+
+    runtime.block_on(async {
+        let mut client = KilnServer::openshell_client(&socket).await;
+        let mut events = client
+            .watch_sandboxes(os::WatchSandboxesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        // A second sandbox shares the first one's supervisor layer; its command's exit
+        // status is the sandbox's.
+        client
+            .create_sandbox(os::CreateSandboxRequest {
+                sandbox: Some(second.clone()),
+            })
+            .await
+            .expect("create the second");
+        let report = reports.next(BOOT_TIMEOUT).await;
+        assert_eq!(report.environment["OPENSHELL_SANDBOX_ID"], "sb-os2");
+        assert_eq!(report.token, token);
+        seen_events.extend(
+            watch_until(&mut events, "sb-os2", |s| readiness(s).2)
+                .await
+                .into_iter()
+                .map(|e| format!("{e:?}")),
+        );
+
+        // Stop and start: the token is given again and /sandbox keeps what was written.
+        let (stop, start) = (
+            os::StopSandboxRequest {
+                sandbox_id: "sb-os".into(),
+                ..Default::default()
+            },
+            os::StartSandboxRequest {
+                sandbox_id: "sb-os".into(),
+                ..Default::default()
+            },
+        );
+        client.stop_sandbox(stop).await.expect("stop");
+        client.start_sandbox(start).await.expect("start");
+        let report = reports.next(BOOT_TIMEOUT).await;
+        assert_eq!(report.environment["OPENSHELL_SANDBOX_ID"], "sb-os");
+        assert_eq!((report.token_mode, report.token), (0o400, token.clone()));
+        seen_events.extend(
+            watch_until(&mut events, "sb-os", |s| readiness(s).0 == "True")
+                .await
+                .into_iter()
+                .map(|e| format!("{e:?}")),
+        );
+    });
+    assert_eq!(root.ok(&["wait", "sb-os2"]).trim(), "7");
+    let layers: Vec<_> = fs::read_dir(root.path().join("rootfs/v1/supervisors"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".erofs"))
+        .collect();
+    let standin_digest = kiln_e2e::sha256_digest(&fs::read(standin).unwrap());
+    assert_eq!(
+        layers,
+        [format!("{}.erofs", standin_digest.replace(':', "-"))],
+        "one layer, by the binary's digest, for both sandboxes"
+    );
+    assert_eq!(
+        root.ok(&["exec", "sb-os", "cat", "/sandbox/boots"]),
+        "from the sandbox:20000:20001:/sandbox\n".repeat(2)
+    );
+
+    // The token is in no log, record or output of kiln's but its own file.
+    let (state2, _) = sandbox_dir("sb-os2");
+    for (path, text) in all_text_under(&state)
+        .into_iter()
+        .chain(all_text_under(&state2))
+    {
+        if path.file_name() != Some(OsStr::new("openshell-token")) {
+            assert!(!text.contains(&token), "{} holds the token", path.display());
+        }
+    }
+    assert!(!seen_events.iter().any(|e| e.contains(&token)));
+    for id in ["sb-os", "sb-os2"] {
+        let logs = root.ok(&["logs", id]);
+        assert!(!logs.contains(&token), "{logs}");
+    }
+
+    // Delete removes the sandbox's state, the token with it.
+    runtime.block_on(async {
+        let mut client = KilnServer::openshell_client(&socket).await;
+        for id in ["sb-os", "sb-os2"] {
+            let deleted = client
+                .delete_sandbox(os::DeleteSandboxRequest {
+                    sandbox_id: id.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(deleted.deleted);
+        }
+    });
+    assert!(!state.exists() && !state2.exists());
+    let status = server.terminate();
+    assert!(status.success(), "{status}: {}", server.log());
+    assert!(!server.log().contains(&token), "{}", server.log());
+    let leftovers = root.leftovers_after(Duration::from_secs(10));
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -19,6 +19,7 @@ mod peer_probe;
 mod process;
 mod registry;
 mod server;
+mod standin;
 mod token_auth;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use process::{
 };
 pub use registry::Registry;
 pub use server::KilnServer;
+pub use standin::{openshell_standin, ReportServer};
 pub use token_auth::TokenServer;
 
 /// The workspace's top directory (the parent of `tests/`).
