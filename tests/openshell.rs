@@ -595,9 +595,9 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
             OsStr::new("--openshell-endpoint"),
             OsStr::new(&endpoint),
             OsStr::new("--sandbox-uid"),
-            OsStr::new("20000"),
+            OsStr::new("500"),
             OsStr::new("--sandbox-gid"),
-            OsStr::new("20001"),
+            OsStr::new("600"),
         ],
     );
     let socket = server.socket().to_path_buf();
@@ -643,8 +643,8 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
             endpoint: endpoint.clone(),
             log_level: "info".into(),
             tls: false,
-            uid: 20000,
-            gid: 20001,
+            uid: 500,
+            gid: 600,
         };
         let expected: HashMap<String, String> =
             kiln_server::openshell_env::supervisor_environment(&plan, &settings, "", true)
@@ -667,8 +667,9 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         assert_eq!(report.token_mode, 0o400);
         assert_eq!((report.token_uid, report.token_gid), (0, 0));
         assert_eq!(report.token, token);
-        // The sandbox user kiln-identity wrote, read from /etc/passwd as text.
-        assert_eq!((report.passwd_uid, report.passwd_gid), (20000, 20001));
+        // The sandbox user kiln-identity wrote, read from /etc/passwd as text: ids outside
+        // kiln's own bounds, inside OpenShell's.
+        assert_eq!((report.passwd_uid, report.passwd_gid), (500, 600));
 
         watch_until(&mut events, "sb-os", |s| readiness(s).0 == "True").await;
     });
@@ -676,7 +677,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
     // the sandbox user cannot read the token.
     assert_eq!(
         root.ok(&["exec", "sb-os", "cat", "/sandbox/boots"]),
-        "from the sandbox:20000:20001:/sandbox\n"
+        "from the sandbox:500:600:/sandbox\n"
     );
     let refused = root.fails(&["exec", "sb-os", "cat", "/opt/openshell/auth/sandbox.jwt"], 1);
     assert!(refused.contains("Permission denied"), "{refused}");
@@ -750,7 +751,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
     );
     assert_eq!(
         root.ok(&["exec", "sb-os", "cat", "/sandbox/boots"]),
-        "from the sandbox:20000:20001:/sandbox\n".repeat(2)
+        "from the sandbox:500:600:/sandbox\n".repeat(2)
     );
 
     // The token is in no log, record or output of kiln's but its own file.

@@ -43,7 +43,8 @@ pub struct ServeArgs {
     )]
     default_image: String,
 
-    /// OpenShell: uid of the `sandbox` user written into each image (default 10001).
+    /// OpenShell: uid of the `sandbox` user written into each image (default 10001;
+    /// OpenShell's bounds, 1..=4294967294).
     #[arg(long, value_name = "UID", value_parser = parse_sandbox_id)]
     sandbox_uid: Option<u32>,
 
@@ -72,10 +73,11 @@ pub struct ServeArgs {
     qemu: PathBuf,
 }
 
-/// kiln-sandbox writes the `sandbox` user within kiln's own id bounds, so a value it would
-/// refuse at every create is refused at launch instead.
+/// The OpenShell driver's ids follow OpenShell's rules (1..=4294967294), checked at launch
+/// rather than at every create.
 fn parse_sandbox_id(text: &str) -> Result<u32, String> {
-    kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::KILN).map_err(|e| e.to_string())
+    kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::OPENSHELL)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_api(text: &str) -> Result<Api, String> {

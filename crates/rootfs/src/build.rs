@@ -92,12 +92,14 @@ pub fn build_root_image<'a>(
     let mut root = apply_layers(layers, writer, &options.limits)?;
     let identity_inputs = IdentityInputs::from_root(&root)?;
     let identity = match options.merged {
+        // Only `kiln build --merged` bakes an identity in: kiln's own bounds.
         Some((uid, gid)) => Some(write_identity(
             &mut root.tree,
             &mut root.writer,
             &identity_inputs,
             uid,
             gid,
+            kiln_identity::IdBounds::KILN,
         )?),
         None => None,
     };
@@ -126,16 +128,18 @@ pub fn build_root_image<'a>(
 }
 
 /// Writes the identity image for `uid`/`gid` over the root image `inputs` describe:
-/// the edited /etc/passwd, group, gshadow and shadow, and /sandbox owned by uid:gid.
+/// the edited /etc/passwd, group, gshadow and shadow, and /sandbox owned by uid:gid, each
+/// within `bounds`.
 pub fn build_identity_layer(
     inputs: &IdentityInputs,
     uid: u32,
     gid: u32,
+    bounds: kiln_identity::IdBounds,
     out: &Path,
 ) -> Result<IdentityLayerReport> {
     let (temp, mut writer) = start_image(out)?;
     let mut tree = identity_tree(inputs)?;
-    let identity = write_identity(&mut tree, &mut writer, inputs, uid, gid)?;
+    let identity = write_identity(&mut tree, &mut writer, inputs, uid, gid, bounds)?;
     let start = Instant::now();
     let finished = writer.finish(&tree).map_err(|source| Error::Image {
         path: out.to_owned(),

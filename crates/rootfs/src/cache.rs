@@ -152,18 +152,20 @@ impl Cache {
         ))
     }
 
-    /// The identity layer for (root image of `manifest_digest`, uid, gid).
+    /// The identity layer for (root image of `manifest_digest`, uid, gid); ids outside
+    /// `bounds` (the rules of whoever asks) are refused.
     pub fn identity_layer(
         &self,
         manifest_digest: &str,
         inputs: &IdentityInputs,
         uid: u32,
         gid: u32,
+        bounds: kiln_identity::IdBounds,
     ) -> Result<Cached<IdentityLayerReport>> {
         let dir = self.key_dir(manifest_digest)?;
         let name = format!("identity-{uid}-{gid}.erofs");
         self.get_or_build(&dir, &name, |path| {
-            build_identity_layer(inputs, uid, gid, path)
+            build_identity_layer(inputs, uid, gid, bounds, path)
         })
     }
 

@@ -6,6 +6,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kiln_image::Compression;
+use kiln_identity::IdBounds;
 use kiln_rootfs::{Cache, Layer, Limits, BUILDER_FORMAT_VERSION};
 use support::LayerBuilder;
 
@@ -50,12 +51,12 @@ fn concurrent_requests_build_once_and_identity_layers_are_keyed_by_ids() {
         .join(DIGEST.replace(':', "-"));
     assert_eq!(root_path, &key_dir.join("root.erofs"));
 
-    let first = cache.identity_layer(DIGEST, inputs, 10001, 10001).unwrap();
+    let first = cache.identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN).unwrap();
     assert!(first.built.is_some());
-    let again = cache.identity_layer(DIGEST, inputs, 10001, 10001).unwrap();
+    let again = cache.identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN).unwrap();
     assert!(again.built.is_none());
     assert_eq!(first.path, again.path);
-    let other = cache.identity_layer(DIGEST, inputs, 2000, 2000).unwrap();
+    let other = cache.identity_layer(DIGEST, inputs, 2000, 2000, IdBounds::KILN).unwrap();
     assert_ne!(other.path, first.path);
 
     let merged = cache

@@ -504,6 +504,7 @@ mod tests {
         ];
         let args = kernel_args(
             &Upper::Tmpfs,
+            false,
             "box",
             &Network::None,
             &volumes,
@@ -554,6 +555,7 @@ mod tests {
         };
         let args = kernel_args(
             &Upper::Disk(PathBuf::from("/u")),
+            true,
             "id",
             &network,
             &[],
@@ -562,6 +564,9 @@ mod tests {
         )
         .unwrap();
         assert!(args.contains(&"kiln.upper=upper".to_owned()), "{args:?}");
+        // OpenShell's supervisor layer, when the sandbox has one.
+        let layer = "kiln.openshell=openshell".to_owned();
+        assert!(args.contains(&layer), "{args:?}");
         let net = "kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3".to_owned();
         assert!(args.contains(&net), "{args:?}");
     }
@@ -571,6 +576,7 @@ mod tests {
         let userns = |allowed| {
             kernel_args(
                 &Upper::Tmpfs,
+                false,
                 "box",
                 &Network::None,
                 &[],

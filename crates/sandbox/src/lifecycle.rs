@@ -143,8 +143,7 @@ pub fn create(
         root,
         &store,
         image,
-        request.sandbox_uid,
-        request.sandbox_gid,
+        (request.sandbox_uid, request.sandbox_gid, request.id_bounds),
         Some(request.rootfs_cache_max),
         &build_events(events),
     )?;

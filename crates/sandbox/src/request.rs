@@ -132,6 +132,9 @@ pub struct CreateFields {
     /// Ids of the `sandbox` user written into the image; the default is 10001.
     pub uid: Option<String>,
     pub gid: Option<String>,
+    /// The bounds `uid`, `gid` and a numeric `user` must lie in; the default is kiln's
+    /// own ([`kiln_identity::IdBounds::KILN`]).
+    pub id_bounds: Option<kiln_identity::IdBounds>,
     /// CPUs as docker's `--cpus` takes them (`0.5`, `2`): the VM gets the next whole
     /// number of vCPUs, the request keeps the exact share.
     pub cpus: Option<String>,
@@ -215,6 +218,8 @@ pub struct CreateRequest {
     /// Ids of the `sandbox` user written into the image.
     pub(crate) sandbox_uid: u32,
     pub(crate) sandbox_gid: u32,
+    /// The bounds they were checked against, for the identity layer.
+    pub(crate) id_bounds: kiln_identity::IdBounds,
     pub(crate) cpus: u32,
     /// The exact CPU share; `cpus` is it rounded up.
     pub(crate) millicpus: u32,
@@ -350,10 +355,10 @@ impl Checker<'_> {
         field: Field,
         value: Option<&str>,
         default: u32,
+        bounds: kiln_identity::IdBounds,
     ) -> Result<u32, InvalidField> {
         value.map_or(Ok(default), |text| {
-            kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::KILN)
-                .map_err(|e| self.wrap(field, e))
+            kiln_identity::parse_sandbox_id(text, bounds).map_err(|e| self.wrap(field, e))
         })
     }
 
@@ -444,17 +449,20 @@ impl CreateFields {
             validate_name(name).map_err(|e| check.wrap(Field::Name, e))?;
         }
         let user = self.user.as_deref().unwrap_or(kiln_identity::SANDBOX_USER);
-        let run_as = kiln_identity::RunAs::parse(user.as_bytes(), kiln_identity::IdBounds::KILN)
+        let id_bounds = self.id_bounds.unwrap_or(kiln_identity::IdBounds::KILN);
+        let run_as = kiln_identity::RunAs::parse(user.as_bytes(), id_bounds)
             .map_err(|e| check.wrap(Field::User, e))?;
         let sandbox_uid = check.sandbox_id(
             Field::Uid,
             self.uid.as_deref(),
             kiln_identity::DEFAULT_SANDBOX_UID,
+            id_bounds,
         )?;
         let sandbox_gid = check.sandbox_id(
             Field::Gid,
             self.gid.as_deref(),
             kiln_identity::DEFAULT_SANDBOX_GID,
+            id_bounds,
         )?;
         let millicpus = match self.cpus.as_deref() {
             None => DEFAULT_CPUS * 1000,
@@ -625,6 +633,7 @@ impl CreateFields {
             run_as,
             sandbox_uid,
             sandbox_gid,
+            id_bounds,
             cpus,
             millicpus,
             memory_mib,

@@ -199,6 +199,8 @@ impl OpenShellService {
             lend_environment: false,
             uid: self.config.sandbox_uid.map(|id| id.to_string()),
             gid: self.config.sandbox_gid.map(|id| id.to_string()),
+            // The gateway's ids follow OpenShell's rules, not kiln's narrower ones.
+            id_bounds: Some(kiln_identity::IdBounds::OPENSHELL),
             cpus: plan.vcpus.map(|n| n.to_string()),
             memory: plan.memory_mib.map(|mib| format!("{mib}m")),
             network: NetworkMode::User,

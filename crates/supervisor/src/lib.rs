@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 pub use env::workload_env;
 pub use error::SupervisorError;
 pub use fs::prepare_filesystem;
+pub use kiln_identity::IdBounds;
 pub use kiln_protocol::{
     Identity, OpenShellLaunch, RunAs, RunSpec, StartFailure, TerminalSize, WorkloadResult,
 };
@@ -71,6 +72,9 @@ pub struct Supervisor {
     pub writable: Vec<PathBuf>,
     /// A cgroup v2 directory to run the workload in; enables OOM detection.
     pub cgroup: Option<PathBuf>,
+    /// The ids a workload may run as ([`IdBounds::KILN`] unless the
+    /// caller says otherwise).
+    pub bounds: IdBounds,
 }
 
 impl Supervisor {
@@ -79,6 +83,7 @@ impl Supervisor {
             mode,
             writable: Vec::new(),
             cgroup: None,
+            bounds: IdBounds::KILN,
         }
     }
 
@@ -88,7 +93,7 @@ impl Supervisor {
     /// an error in full mode, and anything but the target uid is one in process mode.
     pub fn prepare(&self, identity: &Identity) -> Result<SandboxUser, SupervisorError> {
         let accounts = RootAccounts::read(Path::new("/"))?;
-        let user = validate_sandbox_user(identity, &accounts)?;
+        let user = validate_sandbox_user(identity, &accounts, self.bounds)?;
         let euid = nix::unistd::geteuid().as_raw();
         match self.mode {
             Mode::Network => return Err(SupervisorError::NetworkMode),

@@ -182,6 +182,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         mode,
         writable: args.writable,
         cgroup: args.cgroup,
+        // The Kubernetes renderer and this binary's flags take kiln's own bounds.
+        bounds: kiln_supervisor::IdBounds::KILN,
     };
     let user = supervisor.prepare(&spec.identity)?;
     // Combined topology: the rules go in while the supervisor is root, and the enforcer

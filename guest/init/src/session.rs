@@ -281,7 +281,9 @@ impl Sessions {
         };
         // Same identity checks as the main workload; /sandbox is already prepared.
         let started = RootAccounts::read(std::path::Path::new("/"))
-            .and_then(|accounts| validate_sandbox_user(&spec.identity, &accounts))
+            .and_then(|accounts| {
+                validate_sandbox_user(&spec.identity, &accounts, self.supervisor.bounds)
+            })
             .and_then(|user| self.start_locked(&mut table, session, spec, &user));
         drop(table);
         if let Err(err) = started {

@@ -87,6 +87,9 @@ pub fn run(
     send_phase(channel, BootPhase::SupervisorStarted, clock());
     let mut supervisor = Supervisor::new(Mode::Full);
     supervisor.cgroup = Some(create_cgroup()?);
+    // The host checked the ids against its front end's bounds (kiln's own, or OpenShell's
+    // for ids an OpenShell gateway configures); the guest refuses what none admits.
+    supervisor.bounds = kiln_supervisor::IdBounds::OPENSHELL;
     let user = supervisor
         .prepare(&spec.identity)
         .map_err(supervisor_error)?;
