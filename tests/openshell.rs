@@ -632,7 +632,11 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
     let sandbox_dir = |id: &str| {
         let json = root.ok(&["--json", "inspect", id]);
         let value: serde_json::Value = serde_json::from_str(&json).expect("inspect's JSON");
-        let value = if value.is_array() { value[0].clone() } else { value };
+        let value = if value.is_array() {
+            value[0].clone()
+        } else {
+            value
+        };
         let kiln_id = value["id"].as_str().expect("an id").to_owned();
         (root.path().join("sandboxes").join(kiln_id), json)
     };
@@ -658,7 +662,11 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         assert_eq!((report.uid, report.gid), (0, 0));
         assert_eq!(
             report.argv,
-            ["/opt/openshell/bin/openshell-sandbox", "--workdir", "/sandbox"]
+            [
+                "/opt/openshell/bin/openshell-sandbox",
+                "--workdir",
+                "/sandbox"
+            ]
         );
         let plan = kiln_server::openshell_spec::plan(&first, "").unwrap();
         let settings = kiln_server::openshell_env::SupervisorSettings {
@@ -703,7 +711,10 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         "/sandbox/boots",
         "from the sandbox:500:600:/sandbox\n",
     );
-    let refused = root.fails(&["exec", "sb-os", "cat", "/opt/openshell/auth/sandbox.jwt"], 1);
+    let refused = root.fails(
+        &["exec", "sb-os", "cat", "/opt/openshell/auth/sandbox.jwt"],
+        1,
+    );
     assert!(refused.contains("Permission denied"), "{refused}");
     // On the host, the token is kept owner-only in the sandbox's state.
     let (state, inspect) = sandbox_dir("sb-os");

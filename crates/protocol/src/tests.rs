@@ -138,7 +138,10 @@ fn an_openshell_launch_carries_its_token_on_the_wire_but_never_in_debug() {
     assert_eq!(round_trip(&frame), frame);
     let bytes = encode_frame(&frame).unwrap();
     let json: serde_json::Value = serde_json::from_slice(&bytes[HEADER_LEN..]).unwrap();
-    assert_eq!(json["openshell"], serde_json::json!({"token": "eyJ.secret.token"}));
+    assert_eq!(
+        json["openshell"],
+        serde_json::json!({"token": "eyJ.secret.token"})
+    );
     let shown = format!("{frame:?}");
     assert!(!shown.contains("secret"), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");

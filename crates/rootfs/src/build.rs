@@ -203,9 +203,7 @@ pub fn build_supervisor_layer(
         inner: binary,
         hasher: kiln_image::Hasher::new(digest.algorithm()),
     };
-    let data = writer
-        .append_data(&mut hashing, len)
-        .map_err(image_error)?;
+    let data = writer.append_data(&mut hashing, len).map_err(image_error)?;
     let read = hashing.hasher.finish();
     if read != *digest {
         return Err(Error::io(

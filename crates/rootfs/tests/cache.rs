@@ -5,8 +5,8 @@ mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use kiln_image::Compression;
 use kiln_identity::IdBounds;
+use kiln_image::Compression;
 use kiln_rootfs::{Cache, Layer, Limits, BUILDER_FORMAT_VERSION};
 use support::LayerBuilder;
 
@@ -51,12 +51,18 @@ fn concurrent_requests_build_once_and_identity_layers_are_keyed_by_ids() {
         .join(DIGEST.replace(':', "-"));
     assert_eq!(root_path, &key_dir.join("root.erofs"));
 
-    let first = cache.identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN).unwrap();
+    let first = cache
+        .identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN)
+        .unwrap();
     assert!(first.built.is_some());
-    let again = cache.identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN).unwrap();
+    let again = cache
+        .identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN)
+        .unwrap();
     assert!(again.built.is_none());
     assert_eq!(first.path, again.path);
-    let other = cache.identity_layer(DIGEST, inputs, 2000, 2000, IdBounds::KILN).unwrap();
+    let other = cache
+        .identity_layer(DIGEST, inputs, 2000, 2000, IdBounds::KILN)
+        .unwrap();
     assert_ne!(other.path, first.path);
 
     let merged = cache
@@ -324,11 +330,17 @@ fn supervisor_layers_are_keyed_by_the_binary_digest_and_hold_it_at_its_guest_pat
 
     let first = cache.supervisor_layer(&binary).unwrap();
     assert!(first.built);
-    assert_eq!(first.digest, kiln_image::Digest::sha256_of(&content).to_string());
+    assert_eq!(
+        first.digest,
+        kiln_image::Digest::sha256_of(&content).to_string()
+    );
     let again = cache.supervisor_layer(&binary).unwrap();
     assert!(!again.built);
     assert_eq!(again.path, first.path);
-    assert_eq!(cache.supervisor_layer_of(&first.digest).unwrap(), first.path);
+    assert_eq!(
+        cache.supervisor_layer_of(&first.digest).unwrap(),
+        first.path
+    );
 
     let unpacked = extract(&first.path);
     let root = unpacked.path().join("x");
@@ -338,7 +350,9 @@ fn supervisor_layers_are_keyed_by_the_binary_digest_and_hold_it_at_its_guest_pat
     assert_eq!(mode(&placed), 0o755);
     assert_eq!(mode(&root.join("opt/openshell/auth")), 0o700);
     assert_eq!(
-        std::fs::read_dir(root.join("opt/openshell/auth")).unwrap().count(),
+        std::fs::read_dir(root.join("opt/openshell/auth"))
+            .unwrap()
+            .count(),
         0
     );
 

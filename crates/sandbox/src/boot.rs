@@ -390,14 +390,7 @@ pub fn boot(
     }
     let mut deadlines = Deadlines::for_accel(host.verdict.accel);
     deadlines.workload = timeout;
-    Ok(launch(
-        &host.qemu,
-        &spec,
-        run,
-        deadlines,
-        io,
-        control,
-    )?)
+    Ok(launch(&host.qemu, &spec, run, deadlines, io, control)?)
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working

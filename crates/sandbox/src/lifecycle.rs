@@ -34,8 +34,7 @@ use crate::prepare::{
 use crate::request::{CreateRequest, ExecRequest};
 use crate::state::{
     NetworkRecord, OpenShellRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status,
-    MONITOR_LOG,
-    RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
+    MONITOR_LOG, RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
 
 /// What is known about one sandbox.

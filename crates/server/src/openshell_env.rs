@@ -325,10 +325,16 @@ mod tests {
         ] {
             let err = check_supervisor_binary(&path).unwrap_err().to_string();
             assert!(err.contains(reason), "{err}");
-            assert!(err.contains("accepted: a static openshell-sandbox"), "{err}");
+            assert!(
+                err.contains("accepted: a static openshell-sandbox"),
+                "{err}"
+            );
         }
         let err = check_supervisor_binary(&dir.path().join("missing")).unwrap_err();
-        assert!(matches!(err, SupervisorConfigError::Unreadable { .. }), "{err}");
+        assert!(
+            matches!(err, SupervisorConfigError::Unreadable { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -340,7 +346,11 @@ mod tests {
             ("http://192.168.1.5:8080", None),
             ("https://gw.example", None),
         ] {
-            assert_eq!(gateway_allow_host(endpoint).as_deref(), allowed, "{endpoint}");
+            assert_eq!(
+                gateway_allow_host(endpoint).as_deref(),
+                allowed,
+                "{endpoint}"
+            );
         }
         assert!(check_endpoint("http://127.0.0.1:8080").is_ok());
         for bad in ["ftp://gw", "127.0.0.1:8080", "http://"] {

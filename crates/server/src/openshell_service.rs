@@ -30,9 +30,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::convert::{self, ProtoNames};
+use crate::openshell_env::{gateway_allow_host, supervisor_environment, SupervisorSettings};
 use crate::openshell_proto as os;
 use crate::openshell_proto::compute_driver_server::ComputeDriver;
-use crate::openshell_env::{gateway_allow_host, supervisor_environment, SupervisorSettings};
 use crate::openshell_spec::{self, SandboxPlan};
 use crate::openshell_status::{driver_status, pending_status, progress_event};
 use crate::proto::event::Kind;

@@ -219,9 +219,12 @@ mod tests {
 
     #[test]
     fn numeric_ids_need_no_passwd_entry_and_get_no_groups() {
-        let user =
-            validate_sandbox_user(&identity(RunAs::Uid, 4242, 4343), &RootAccounts::default(), IdBounds::KILN)
-                .unwrap();
+        let user = validate_sandbox_user(
+            &identity(RunAs::Uid, 4242, 4343),
+            &RootAccounts::default(),
+            IdBounds::KILN,
+        )
+        .unwrap();
         assert_eq!(
             user.privileges,
             Privileges {
@@ -250,7 +253,9 @@ mod tests {
         );
         // Hostile passwd bytes do not stop a numeric identity.
         let bad = accounts(b"x\0", b"\0");
-        assert!(validate_sandbox_user(&identity(RunAs::Uid, 4242, 4242), &bad, IdBounds::KILN).is_ok());
+        assert!(
+            validate_sandbox_user(&identity(RunAs::Uid, 4242, 4242), &bad, IdBounds::KILN).is_ok()
+        );
     }
 
     #[test]
@@ -339,9 +344,12 @@ mod tests {
             (u32::MAX, 1000),
         ] {
             for run_as in [RunAs::Uid, RunAs::Sandbox] {
-                let err =
-                    validate_sandbox_user(&identity(run_as, uid, gid), &accounts(PASSWD, GROUP), IdBounds::KILN)
-                        .unwrap_err();
+                let err = validate_sandbox_user(
+                    &identity(run_as, uid, gid),
+                    &accounts(PASSWD, GROUP),
+                    IdBounds::KILN,
+                )
+                .unwrap_err();
                 assert!(
                     matches!(err, SupervisorError::IdOutOfRange { .. }),
                     "{uid}:{gid} {err}"
@@ -413,8 +421,12 @@ mod tests {
             MAX_ACCOUNT_FILE_SIZE + 1,
             "reads are bounded"
         );
-        let err =
-            validate_sandbox_user(&identity(RunAs::Sandbox, 10001, 10001), &read, IdBounds::KILN).unwrap_err();
+        let err = validate_sandbox_user(
+            &identity(RunAs::Sandbox, 10001, 10001),
+            &read,
+            IdBounds::KILN,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("at most 1 MiB"), "{err}");
 
         std::fs::remove_file(root.path().join("etc/passwd")).unwrap();

@@ -351,13 +351,12 @@ fn supervisor_runs_a_spec_as_a_numeric_identity() {
 
     // start() skips prepare(), so this host's /sandbox is left alone.
     let user = Supervisor::new(Mode::Full);
-    let sandbox_user =
-        kiln_supervisor::validate_sandbox_user(
-            &spec.identity,
-            &Default::default(),
-            kiln_identity::IdBounds::KILN,
-        )
-        .unwrap();
+    let sandbox_user = kiln_supervisor::validate_sandbox_user(
+        &spec.identity,
+        &Default::default(),
+        kiln_identity::IdBounds::KILN,
+    )
+    .unwrap();
     let mut workload = user.start(&spec, &sandbox_user, WorkloadIo::Pipes).unwrap();
     drop(workload.stdin.take());
     let out = read_all(workload.stdout.take());

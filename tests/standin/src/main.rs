@@ -56,17 +56,17 @@ fn report() -> SupervisorReport {
     };
     match environment.get("OPENSHELL_SANDBOX_TOKEN_FILE") {
         None => report.token_error = "OPENSHELL_SANDBOX_TOKEN_FILE is not set".into(),
-        Some(path) => match std::fs::symlink_metadata(path)
-            .and_then(|meta| Ok((meta, read_bounded(path)?)))
-        {
-            Ok((meta, token)) => {
-                report.token_mode = meta.mode() & 0o7777;
-                report.token_uid = meta.uid();
-                report.token_gid = meta.gid();
-                report.token = token;
+        Some(path) => {
+            match std::fs::symlink_metadata(path).and_then(|meta| Ok((meta, read_bounded(path)?))) {
+                Ok((meta, token)) => {
+                    report.token_mode = meta.mode() & 0o7777;
+                    report.token_uid = meta.uid();
+                    report.token_gid = meta.gid();
+                    report.token = token;
+                }
+                Err(e) => report.token_error = format!("{path}: {e}"),
             }
-            Err(e) => report.token_error = format!("{path}: {e}"),
-        },
+        }
     }
     report.environment = environment;
     report
@@ -106,7 +106,9 @@ fn main_command() -> Result<Vec<String>, String> {
         })
         .unwrap_or_default();
     if command.is_empty() {
-        return Err(format!("OPENSHELL_MAIN_PROCESS_SPEC has no command: {text}"));
+        return Err(format!(
+            "OPENSHELL_MAIN_PROCESS_SPEC has no command: {text}"
+        ));
     }
     Ok(command)
 }
