@@ -367,6 +367,7 @@ fn run_frames(script: &str, identity: Identity) -> Vec<Frame> {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     };
     vec![
         Frame::new(
@@ -657,6 +658,7 @@ fn shell_spec(script: &str) -> RunSpec {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     }
 }
 

@@ -927,7 +927,7 @@ fn the_driver_api_takes_a_policy_and_watches_its_decisions() {
     let network = Network::new();
     let root = KilnRoot::with_guest();
     // The server runs in the host namespace, so its sandboxes' traffic stays in ours.
-    let mut server = KilnServer::start_with(&root, network.kiln_command(&root, &[], None));
+    let mut server = KilnServer::start_with(&root, network.kiln_command(&root, &[], None), &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

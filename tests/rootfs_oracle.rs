@@ -341,7 +341,8 @@ fn compare(fixture: &ImageFixture) {
         shadow: read("shadow"),
     };
     let shell = choose_shell(|s| image_file_exists(&reference, s));
-    let expected = write_sandbox_accounts(&files, UID, GID, shell).unwrap();
+    let expected =
+        write_sandbox_accounts(&files, UID, GID, shell, kiln_identity::IdBounds::KILN).unwrap();
     for (name, bytes) in [
         ("passwd", &expected.passwd),
         ("group", &expected.group),

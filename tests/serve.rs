@@ -8,12 +8,14 @@
 //! and any monitor or QEMU naming its root.
 
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_e2e::{fixtures, require_root, KilnRoot, KilnServer, Registry};
+use kiln_e2e::{
+    demo_image, fixtures, probe, require_root, runtime, KilnRoot, KilnServer, Probe, Registry,
+    OTHER_UID,
+};
 use kiln_server::proto;
 use kiln_server::proto::driver_client::DriverClient;
 use kiln_server::proto::event::Kind;
@@ -29,19 +31,6 @@ use tonic::Code;
 
 /// A boot takes 3-15 s under TCG; the rest is slack for a loaded two-core machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn demo() -> String {
-    let image = &fixtures().demo().oci_gzip;
-    format!("oci:{}:{}", image.path.display(), image.tag)
-}
 
 /// A sandbox of the demo image whose workload stays up for an hour.
 fn long_lived(image: &str, name: &str) -> CreateRequest {
@@ -228,103 +217,6 @@ async fn stop_and_see_exit(
 // ---------------------------------------------------------------------------------------
 // The socket
 
-/// What a raw connection attempt as some uid got.
-#[derive(Debug, PartialEq, Eq)]
-enum Probe {
-    /// connect() failed with EACCES (file permissions).
-    ConnectDenied,
-    /// Connected, sent the HTTP/2 preface, and the server closed the connection unread.
-    Closed,
-    /// The server answered the preface (with its HTTP/2 SETTINGS).
-    Answered,
-    Other(i32),
-}
-
-/// Forks a child that (when `uid` is given) drops to that uid and gid, connects to
-/// `socket`, speaks the HTTP/2 client preface and reports what happened as its exit code.
-/// Everything it needs is prepared before fork; the child makes only raw system calls.
-fn probe(socket: &Path, uid: Option<u32>) -> Probe {
-    // HTTP/2 client preface followed by an empty SETTINGS frame.
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    // SAFETY: sockaddr_un is plain old data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let path = socket.as_os_str().as_bytes();
-    assert!(path.len() < addr.sun_path.len());
-    for (slot, byte) in addr.sun_path.iter_mut().zip(path) {
-        *slot = *byte as libc::c_char;
-    }
-    let timeout = libc::timeval {
-        tv_sec: 20,
-        tv_usec: 0,
-    };
-    // SAFETY: the child runs only async-signal-safe system calls on memory prepared above
-    // and leaves with _exit; the parent only waits for it.
-    unsafe {
-        let pid = libc::fork();
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            if let Some(uid) = uid {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    libc::_exit(20);
-                }
-            }
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-            if fd < 0 {
-                libc::_exit(21);
-            }
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
-                libc::_exit(if *libc::__errno_location() == libc::EACCES {
-                    10
-                } else {
-                    22
-                });
-            }
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &timeout as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-            if libc::send(
-                fd,
-                hello.as_ptr() as *const libc::c_void,
-                hello.len(),
-                libc::MSG_NOSIGNAL,
-            ) < 0
-            {
-                libc::_exit(11);
-            }
-            let mut byte = 0u8;
-            let n = libc::recv(fd, &mut byte as *mut u8 as *mut libc::c_void, 1, 0);
-            libc::_exit(match n {
-                1 => 12,
-                0 => 11,
-                _ if *libc::__errno_location() == libc::ECONNRESET => 11,
-                _ => 23,
-            });
-        }
-        let mut status = 0;
-        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
-        assert!(libc::WIFEXITED(status), "the probe child died: {status}");
-        match libc::WEXITSTATUS(status) {
-            10 => Probe::ConnectDenied,
-            11 => Probe::Closed,
-            12 => Probe::Answered,
-            other => Probe::Other(other),
-        }
-    }
-}
-
-/// nobody/nogroup on Debian.
-const OTHER_UID: u32 = 65534;
-
 #[test]
 #[ignore = "needs root (scripts/test runs it as root)"]
 fn socket_is_owner_only_and_another_uid_is_refused() {
@@ -446,7 +338,7 @@ fn error_codes_name_the_input() {
             let naming = format!("{bad:?}");
             assert_refused(client.get(get(bad)).await, Code::InvalidArgument, &naming);
         }
-        let bad_name = long_lived(&demo(), "bad/name");
+        let bad_name = long_lived(&demo_image(), "bad/name");
         assert_refused(
             client.create(bad_name).await,
             Code::InvalidArgument,
@@ -454,7 +346,7 @@ fn error_codes_name_the_input() {
         );
         let bad_env = CreateRequest {
             env: vec!["=x".into()],
-            ..long_lived(&demo(), "")
+            ..long_lived(&demo_image(), "")
         };
         assert_refused(client.create(bad_env).await, Code::InvalidArgument, "=x");
         let bad_image = long_lived("oci:", "");
@@ -464,13 +356,16 @@ fn error_codes_name_the_input() {
             "oci:",
         );
 
-        let first = client.create(long_lived(&demo(), "twin")).await.unwrap();
+        let first = client
+            .create(long_lived(&demo_image(), "twin"))
+            .await
+            .unwrap();
         let first = first.into_inner();
         assert_eq!(
             (status(&first), first.name.as_str()),
             (Status::Created, "twin")
         );
-        let twin = long_lived(&demo(), "twin");
+        let twin = long_lived(&demo_image(), "twin");
         assert_refused(client.create(twin).await, Code::AlreadyExists, "twin");
 
         // Not running: stop and exec are refused.
@@ -512,7 +407,7 @@ fn error_codes_name_the_input() {
         std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
         let replaceable = CreateRequest {
             volumes: vec![volume(&theirs.join("work"))],
-            ..long_lived(&demo(), "")
+            ..long_lived(&demo_image(), "")
         };
         let naming = format!("{} is owned by uid 65534", theirs.display());
         assert_refused(
@@ -524,7 +419,7 @@ fn error_codes_name_the_input() {
         fs::create_dir(&work).unwrap();
         let pinned = CreateRequest {
             volumes: vec![volume(&work)],
-            ..long_lived(&demo(), "pinned")
+            ..long_lived(&demo_image(), "pinned")
         };
         client.create(pinned).await.unwrap();
         fs::rename(&work, dir.path().join("moved")).unwrap();
@@ -747,12 +642,12 @@ fn a_restarted_server_reattaches_running_sandboxes_and_reports_dead_monitors() {
     let (up, idle) = rt.block_on(async {
         let mut client = server.client().await;
         let up = client
-            .create(long_lived(&demo(), "up"))
+            .create(long_lived(&demo_image(), "up"))
             .await
             .unwrap()
             .into_inner();
         let idle = client
-            .create(long_lived(&demo(), "idle"))
+            .create(long_lived(&demo_image(), "idle"))
             .await
             .unwrap()
             .into_inner();

@@ -60,3 +60,17 @@ pub fn guest_files() -> &'static GuestFiles {
         initramfs: build("build-initramfs", &[], INITRAMFS_BUILD_TIMEOUT),
     })
 }
+
+/// The guest kernel with `kernels/NAME.config` merged after the base (`--fragment NAME`),
+/// built on first use; returns the directory holding its image and `config`.
+pub fn kernel_with_fragment(name: &str) -> PathBuf {
+    let image = build(
+        "build-kernel",
+        &["--image", "vmlinux", "--fragment", name],
+        KERNEL_BUILD_TIMEOUT,
+    );
+    image
+        .parent()
+        .expect("the kernel image's directory")
+        .to_path_buf()
+}

@@ -15,9 +15,11 @@ mod fixtures;
 mod guest;
 mod kiln_root;
 mod layer;
+mod peer_probe;
 mod process;
 mod registry;
 mod server;
+mod standin;
 mod token_auth;
 
 use std::path::{Path, PathBuf};
@@ -26,14 +28,16 @@ pub use fixtures::{
     fixtures, DockerArchive, Fixtures, ImageFixture, IndexFixture, OciArchive, OciImage, Platform,
     PlatformManifest, SkopeoSource,
 };
-pub use guest::{guest_files, GuestFiles};
+pub use guest::{guest_files, kernel_with_fragment, GuestFiles};
 pub use kiln_root::{KilnRoot, KILN_TIMEOUT};
 pub use layer::{read_layer, EntryKind, LayerEntry};
+pub use peer_probe::{probe, Probe, OTHER_UID};
 pub use process::{
     kill_process_group, qemu_left_after, qemu_pids_mentioning, run_ok, run_with_timeout, TimedOut,
 };
 pub use registry::Registry;
 pub use server::KilnServer;
+pub use standin::{openshell_standin, ReportServer};
 pub use token_auth::TokenServer;
 
 /// The workspace's top directory (the parent of `tests/`).
@@ -93,6 +97,15 @@ pub fn require_root() {
 pub fn demo_image() -> String {
     let image = &fixtures().demo().oci_gzip;
     format!("oci:{}:{}", image.path.display(), image.tag)
+}
+
+/// A two-thread tokio runtime for a test that drives a gRPC client.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Bytes a command printed, as text.

@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kiln_server::openshell_proto::compute_driver_client::ComputeDriverClient;
 use kiln_server::proto::driver_client::DriverClient;
 use tonic::transport::Channel;
 
@@ -35,17 +36,24 @@ impl KilnServer {
 
     /// Starts `kiln -v serve` on `root`'s socket (`kiln.sock` in its temp dir).
     pub fn start(root: &KilnRoot) -> KilnServer {
-        KilnServer::start_with(root, root.kiln())
+        KilnServer::start_with(root, root.kiln(), &[])
     }
 
-    /// As [`Self::start`], with `kiln`, a command that runs kiln of `root` (in a network
-    /// namespace, say), given the serve arguments.
-    pub fn start_with(root: &KilnRoot, mut kiln: Command) -> KilnServer {
+    /// Starts `kiln -v serve ARGS` on `root`'s socket with `kiln`, a command that runs
+    /// kiln of `root` (in a network namespace, say); `args` may choose its API and add a
+    /// second socket (waited for too when it is `--openshell-socket PATH`).
+    pub fn start_with(root: &KilnRoot, mut kiln: Command, args: &[&std::ffi::OsStr]) -> KilnServer {
         let socket = KilnServer::socket_of(root);
         let log = socket.with_extension(format!("log.{}", unique()));
+        let second = args
+            .iter()
+            .position(|arg| *arg == "--openshell-socket")
+            .and_then(|at| args.get(at + 1))
+            .map(PathBuf::from);
         let mut child = kiln
             .args(["-v", "serve", "--socket"])
             .arg(&socket)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -60,7 +68,8 @@ impl KilnServer {
                     fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            let listens = |path: &Path| std::os::unix::net::UnixStream::connect(path).is_ok();
+            if listens(&socket) && second.as_deref().is_none_or(listens) {
                 break;
             }
             assert!(
@@ -70,6 +79,14 @@ impl KilnServer {
             thread::sleep(Duration::from_millis(50));
         }
         KilnServer { child, socket, log }
+    }
+
+    /// A client of OpenShell's contract on `socket` (this server's, or its second one).
+    pub async fn openshell_client(socket: &Path) -> ComputeDriverClient<Channel> {
+        let channel = kiln_server::client::channel(socket)
+            .await
+            .expect("connecting to kiln serve");
+        ComputeDriverClient::new(channel)
     }
 
     pub async fn client(&self) -> DriverClient<Channel> {

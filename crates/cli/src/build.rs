@@ -139,7 +139,7 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
             let inputs = &report.identity_inputs;
             add_identity(
                 &mut output,
-                cache.identity_layer(&digest, inputs, uid, gid)?,
+                cache.identity_layer(&digest, inputs, uid, gid, kiln_identity::IdBounds::KILN)?,
             );
         }
     } else if args.merged {
@@ -159,7 +159,7 @@ pub fn run(globals: &Globals, args: BuildArgs) -> CommandResult {
         }
         add_identity(
             &mut output,
-            cache.identity_layer(&digest, &inputs, uid, gid)?,
+            cache.identity_layer(&digest, &inputs, uid, gid, kiln_identity::IdBounds::KILN)?,
         );
     }
     match kiln_sandbox::trim_image_cache(&globals.root, globals.rootfs_cache_max, &digest) {
@@ -189,7 +189,8 @@ fn add_identity(
 fn sandbox_id_flag(flag: &str, value: Option<&str>, default: u32) -> anyhow::Result<u32> {
     match value {
         None => Ok(default),
-        Some(text) => kiln_identity::parse_sandbox_id(text).with_context(|| flag.to_owned()),
+        Some(text) => kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::KILN)
+            .with_context(|| flag.to_owned()),
     }
 }
 

@@ -87,7 +87,10 @@ struct ResolveOutput<'a> {
 
 fn parse_flag(flag: &str, value: Option<&str>) -> Result<Option<u32>, CommandError> {
     value
-        .map(|v| kiln_identity::parse_sandbox_id(v).with_context(|| flag.to_owned()))
+        .map(|v| {
+            kiln_identity::parse_sandbox_id(v, kiln_identity::IdBounds::KILN)
+                .with_context(|| flag.to_owned())
+        })
         .transpose()
         .map_err(CommandError::usage)
 }

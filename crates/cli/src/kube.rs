@@ -290,7 +290,10 @@ fn usage(err: KubeError) -> CommandError {
 fn overrides(args: RenderArgs) -> Result<ConfigOverrides, CommandError> {
     let id = |flag: &str, value: Option<String>| {
         value
-            .map(|v| kiln_identity::parse_sandbox_id(&v).with_context(|| flag.to_owned()))
+            .map(|v| {
+                kiln_identity::parse_sandbox_id(&v, kiln_identity::IdBounds::KILN)
+                    .with_context(|| flag.to_owned())
+            })
             .transpose()
             .map_err(CommandError::usage)
     };

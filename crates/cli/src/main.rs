@@ -73,7 +73,7 @@ enum Command {
     Rmi(images::RmiArgs),
     /// Remove blobs no image refers to and report the bytes freed.
     Prune(images::PruneArgs),
-    /// Serve the driver API (gRPC: create, start, stop, delete, get, list, watch, exec) on a unix socket.
+    /// Serve the driver API (gRPC: create, start, stop, delete, get, list, watch, exec), or OpenShell's compute-driver API, on a unix socket.
     Serve(serve::ServeArgs),
     /// Create a sandbox (pull, build, writable disk) without starting it; prints its id.
     Create(sandbox::CreateArgs),

@@ -1,5 +1,8 @@
-//! `kiln serve --socket PATH`: the driver API (kiln-server) on a unix socket, until
-//! SIGINT or SIGTERM.
+//! `kiln serve --socket PATH [--api kiln|openshell]`: kiln's driver API or OpenShell's
+//! compute-driver contract (kiln-server) on a unix socket, until SIGINT or SIGTERM;
+//! `--openshell-socket PATH` serves OpenShell's beside kiln's from the same process;
+//! `--openshell-supervisor PATH --openshell-endpoint URL` runs OpenShell's supervisor in
+//! its sandboxes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use kiln_server::socket::SocketError;
-use kiln_server::{ServeError, ServerConfig};
+use kiln_server::{
+    openshell_env, Api, OpenShellConfig, OpenShellSupervisorConfig, ServeError, ServerConfig,
+};
 use kiln_vm::accel::AccelRequest;
 
 use crate::exit::{CommandError, CommandResult};
@@ -20,6 +25,45 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
 
+    /// The API served on --socket: `kiln` (kiln's driver API) or `openshell` (OpenShell's
+    /// compute-driver contract, openshell.compute.v1.ComputeDriver).
+    #[arg(long, value_name = "kiln|openshell", default_value = "kiln", value_parser = parse_api)]
+    api: Api,
+
+    /// Also serve OpenShell's compute-driver contract on this socket (with --api kiln).
+    #[arg(long, value_name = "PATH")]
+    openshell_socket: Option<PathBuf>,
+
+    /// OpenShell: the image a sandbox boots when its template names none.
+    #[arg(
+        long,
+        value_name = "REF",
+        default_value = "",
+        hide_default_value = true
+    )]
+    default_image: String,
+
+    /// OpenShell: uid of the `sandbox` user written into each image (default 10001;
+    /// OpenShell's bounds, 1..=4294967294).
+    #[arg(long, value_name = "UID", value_parser = parse_sandbox_id)]
+    sandbox_uid: Option<u32>,
+
+    /// OpenShell: gid of the `sandbox` user written into each image (default 10001).
+    #[arg(long, value_name = "GID", value_parser = parse_sandbox_id)]
+    sandbox_gid: Option<u32>,
+
+    /// OpenShell: host path of a static `openshell-sandbox`, started in each sandbox as
+    /// its supervisor (needs --openshell-endpoint). Without it, kiln's own supervisor runs
+    /// the sandbox's command.
+    #[arg(long, value_name = "PATH", requires = "openshell_endpoint")]
+    openshell_supervisor: Option<PathBuf>,
+
+    /// OpenShell: the gateway's URL as this host reaches it (e.g. http://127.0.0.1:8080);
+    /// a loopback URL is rewritten to the guest's view of the host, and that port of the
+    /// host opened to the sandbox.
+    #[arg(long, value_name = "URL", requires = "openshell_supervisor")]
+    openshell_endpoint: Option<String>,
+
     /// Accelerator for sandboxes created through the API: auto, kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
     accel: String,
@@ -29,26 +73,75 @@ pub struct ServeArgs {
     qemu: PathBuf,
 }
 
+/// The OpenShell driver's ids follow OpenShell's rules (1..=4294967294), checked at launch
+/// rather than at every create.
+fn parse_sandbox_id(text: &str) -> Result<u32, String> {
+    kiln_identity::parse_sandbox_id(text, kiln_identity::IdBounds::OPENSHELL)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_api(text: &str) -> Result<Api, String> {
+    match text {
+        "kiln" => Ok(Api::Kiln),
+        "openshell" => Ok(Api::OpenShell),
+        _ => Err(format!("unknown API {text:?}; accepted: kiln, openshell")),
+    }
+}
+
 pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
+    let mut sockets = vec![(args.api, args.socket)];
+    match (args.api, args.openshell_socket) {
+        (_, None) => {}
+        (Api::Kiln, Some(path)) => sockets.push((Api::OpenShell, path)),
+        (Api::OpenShell, Some(_)) => {
+            return Err(CommandError::usage(anyhow::anyhow!(
+                "--openshell-socket serves OpenShell's API beside kiln's; with --api openshell, \
+                 --socket serves it already"
+            )))
+        }
+    }
     let accel: AccelRequest = args
         .accel
         .parse()
         .map_err(anyhow::Error::msg)
         .context("--accel")
         .map_err(CommandError::usage)?;
+    let supervisor = match (args.openshell_supervisor, args.openshell_endpoint) {
+        (Some(binary), Some(endpoint)) => {
+            let binary = openshell_env::check_supervisor_binary(&binary)
+                .context("--openshell-supervisor")
+                .map_err(CommandError::usage)?;
+            openshell_env::check_endpoint(&endpoint)
+                .context("--openshell-endpoint")
+                .map_err(CommandError::usage)?;
+            Some(OpenShellSupervisorConfig { binary, endpoint })
+        }
+        // clap's `requires` makes each flag need the other.
+        _ => None,
+    };
     let monitor_exe = std::env::current_exe().context("finding the kiln executable")?;
     let config = ServerConfig {
         root: globals.root.clone(),
-        socket: args.socket,
+        sockets,
+        openshell: OpenShellConfig {
+            default_image: args.default_image,
+            sandbox_uid: args.sandbox_uid,
+            sandbox_gid: args.sandbox_gid,
+            supervisor,
+        },
         monitor_exe,
         accel,
         qemu: args.qemu,
         rootfs_cache_max: globals.rootfs_cache_max,
     };
     let quiet = globals.quiet;
-    kiln_server::run(config, |socket| {
+    kiln_server::run(config, |api, socket| {
         if !quiet {
-            eprintln!("kiln: serving the driver API on {}", socket.display());
+            let what = match api {
+                Api::Kiln => "the driver API",
+                Api::OpenShell => "OpenShell's compute-driver API",
+            };
+            eprintln!("kiln: serving {what} on {}", socket.display());
         }
     })
     .map_err(|err| match err {

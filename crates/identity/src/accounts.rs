@@ -3,10 +3,7 @@
 use std::fmt;
 
 use crate::etc::{check_file, entry_id, entry_name, lines};
-use crate::{
-    quote, IdentityError, MAX_SANDBOX_GID, MAX_SANDBOX_UID, MIN_SANDBOX_GID, MIN_SANDBOX_UID,
-    SANDBOX_HOME, SANDBOX_USER,
-};
+use crate::{quote, IdBounds, IdentityError, SANDBOX_HOME, SANDBOX_USER};
 
 const SHELLS: [&str; 2] = ["/bin/bash", "/bin/sh"];
 const NO_LOGIN: &str = "/sbin/nologin";
@@ -83,15 +80,16 @@ pub fn choose_shell(exists: impl Fn(&str) -> bool) -> &'static str {
 /// An existing `sandbox` entry is rewritten in place (later duplicates removed), the
 /// group keeps its members, gshadow and shadow entries are locked (`!`), absent files are
 /// created, and every other line is kept byte for byte. Applying it to its own output
-/// gives the same bytes.
+/// gives the same bytes. `uid` and `gid` must lie within `bounds`.
 pub fn write_sandbox_accounts(
     files: &AccountFiles,
     uid: u32,
     gid: u32,
     shell: &str,
+    bounds: IdBounds,
 ) -> Result<EditedAccounts, IdentityError> {
-    check_id("uid", uid, MIN_SANDBOX_UID..=MAX_SANDBOX_UID)?;
-    check_id("gid", gid, MIN_SANDBOX_GID..=MAX_SANDBOX_GID)?;
+    check_id("uid", uid, bounds)?;
+    check_id("gid", gid, bounds)?;
     check_shell(shell)?;
     let passwd = files.passwd.as_deref().unwrap_or_default();
     let group = files.group.as_deref().unwrap_or_default();
@@ -231,18 +229,15 @@ fn replace_entry(
     out
 }
 
-fn check_id(
-    what: &'static str,
-    id: u32,
-    bounds: std::ops::RangeInclusive<u32>,
-) -> Result<(), IdentityError> {
-    if bounds.contains(&id) {
+fn check_id(what: &'static str, id: u32, bounds: IdBounds) -> Result<(), IdentityError> {
+    if bounds.contains(id) {
         Ok(())
     } else {
         Err(IdentityError::OutOfRange {
             what,
             value: id,
             origin: "the account-file edit".to_owned(),
+            bounds,
         })
     }
 }

@@ -37,6 +37,42 @@ pub use resolve::{resolve_identity, IdSource, ResolvedId, ResolvedIdentity};
 pub use run_as::{parse_sandbox_id, RunAs};
 pub use scc::{parse_supplemental_groups, parse_uid_range, IdBlock};
 
+/// The ids a sandbox may run as, inclusive at both ends; each caller says whose rules
+/// apply ([`IdBounds::KILN`] or [`IdBounds::OPENSHELL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdBounds {
+    /// Lowest accepted id.
+    pub min: u32,
+    /// Highest accepted id.
+    pub max: u32,
+}
+
+impl IdBounds {
+    /// kiln's own rules (its CLI, API and Kubernetes renderer): 1000 ..= 2,000,000,000,
+    /// clear of system accounts and within Kubernetes' limit.
+    pub const KILN: Self = Self {
+        min: MIN_SANDBOX_UID,
+        max: MAX_SANDBOX_UID,
+    };
+    /// OpenShell's rules for explicit sandbox ids: 1 ..= 4,294,967,294. It refuses 0
+    /// (root) and u32::MAX, which Linux APIs read as "no id / unchanged".
+    pub const OPENSHELL: Self = Self {
+        min: 1,
+        max: u32::MAX - 1,
+    };
+
+    /// Whether `id` is accepted.
+    pub fn contains(self, id: u32) -> bool {
+        (self.min..=self.max).contains(&id)
+    }
+}
+
+impl std::fmt::Display for IdBounds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
 /// Lowest UID the sandbox may run as (below are system accounts).
 pub const MIN_SANDBOX_UID: u32 = 1000;
 /// Highest UID the sandbox may run as.
@@ -64,6 +100,10 @@ pub const MAX_ACCOUNT_FILE_SIZE: usize = 1 << 20;
 
 // The sandbox bounds are what callers check; they must imply Kubernetes' limit.
 const _: () = assert!(MAX_SANDBOX_UID <= KUBERNETES_MAX_ID && MAX_SANDBOX_GID <= KUBERNETES_MAX_ID);
+// Every id kiln accepts, OpenShell accepts too.
+const _: () = assert!(
+    IdBounds::OPENSHELL.min <= IdBounds::KILN.min && IdBounds::KILN.max <= IdBounds::OPENSHELL.max
+);
 const _: () =
     assert!(MIN_SANDBOX_UID <= DEFAULT_SANDBOX_UID && DEFAULT_SANDBOX_UID <= MAX_SANDBOX_UID);
 const _: () =

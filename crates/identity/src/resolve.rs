@@ -6,9 +6,8 @@ use std::fmt;
 use serde::{Serialize, Serializer};
 
 use crate::{
-    parse_supplemental_groups, parse_uid_range, quote, IdBlock, IdentityError, DEFAULT_SANDBOX_GID,
-    DEFAULT_SANDBOX_UID, MAX_SANDBOX_GID, MAX_SANDBOX_UID, MIN_SANDBOX_GID, MIN_SANDBOX_UID,
-    SUPPLEMENTAL_GROUPS_ANNOTATION, UID_RANGE_ANNOTATION,
+    parse_supplemental_groups, parse_uid_range, quote, IdBlock, IdBounds, IdentityError,
+    DEFAULT_SANDBOX_GID, DEFAULT_SANDBOX_UID, SUPPLEMENTAL_GROUPS_ANNOTATION, UID_RANGE_ANNOTATION,
 };
 
 /// Where a resolved id came from. Serialises (and displays) as `config`, the annotation
@@ -73,8 +72,9 @@ pub struct ResolvedIdentity {
 /// Precedence: an explicit uid/gid wins; else UID = start of the uid-range block and
 /// GID = start of the first supplemental-groups block (uid-range start when that
 /// annotation is absent); else 10001:10001. Both annotations, when present, must parse
-/// even if explicit ids override them. A result outside the sandbox bounds is an error
-/// naming its source.
+/// even if explicit ids override them. A result outside kiln's bounds ([`IdBounds::KILN`],
+/// which lie within Kubernetes' limit: this resolves for the Kubernetes renderer and
+/// kiln's CLI) is an error naming its source.
 pub fn resolve_identity(
     explicit_uid: Option<u32>,
     explicit_gid: Option<u32>,
@@ -123,8 +123,8 @@ pub fn resolve_identity(
         },
     };
 
-    check_bounds("uid", uid, MIN_SANDBOX_UID..=MAX_SANDBOX_UID, annotations)?;
-    check_bounds("gid", gid, MIN_SANDBOX_GID..=MAX_SANDBOX_GID, annotations)?;
+    check_bounds("uid", uid, annotations)?;
+    check_bounds("gid", gid, annotations)?;
 
     let mut warnings = Vec::new();
     if let Some(block) = uid_block.filter(|b| !b.contains(uid.value)) {
@@ -154,10 +154,10 @@ pub fn resolve_identity(
 fn check_bounds(
     what: &'static str,
     id: ResolvedId,
-    bounds: std::ops::RangeInclusive<u32>,
     annotations: &BTreeMap<String, String>,
 ) -> Result<(), IdentityError> {
-    if bounds.contains(&id.value) {
+    let bounds = IdBounds::KILN;
+    if bounds.contains(id.value) {
         return Ok(());
     }
     let origin = match id.source {
@@ -175,6 +175,7 @@ fn check_bounds(
         what,
         value: id.value,
         origin,
+        bounds,
     })
 }
 
@@ -287,7 +288,7 @@ mod tests {
         assert_eq!(
             err,
             "uid 500 from annotation openshift.io/sa.scc.uid-range=\"500/10\" is outside the sandbox \
-             range 1000..=2000000000 (Kubernetes allows at most 2147483647)"
+             range 1000..=2000000000"
         );
         // Start within Kubernetes' limit but above the sandbox maximum.
         let a = annotations(&[

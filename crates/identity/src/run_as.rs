@@ -3,27 +3,28 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{quote, IdentityError, MAX_SANDBOX_UID, MIN_SANDBOX_UID, SANDBOX_USER};
+use crate::{quote, IdBounds, IdentityError, SANDBOX_USER};
 
 /// Who the workload runs as: the `sandbox` account, or a numeric id within the bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunAs {
     /// The literal `sandbox`: the sandbox user (or group) written by [`crate::write_sandbox_accounts`].
     Sandbox,
-    /// A canonical decimal id in `MIN_SANDBOX_UID..=MAX_SANDBOX_UID`.
+    /// A canonical decimal id within the bounds it was parsed with.
     Id(u32),
 }
 
 impl RunAs {
-    /// Parses a configured value; anything but `sandbox` or a canonical in-bounds
-    /// decimal id is an error quoting the input.
-    pub fn parse(input: &[u8]) -> Result<Self, IdentityError> {
+    /// Parses a configured value; anything but `sandbox` or a canonical decimal id
+    /// within `bounds` is an error quoting the input.
+    pub fn parse(input: &[u8], bounds: IdBounds) -> Result<Self, IdentityError> {
         if input == SANDBOX_USER.as_bytes() {
             return Ok(Self::Sandbox);
         }
         let invalid = |reason: String| IdentityError::InvalidRunAs {
             input: quote(input),
             reason,
+            bounds,
         };
         if std::str::from_utf8(input).is_err() {
             return Err(invalid("it is not UTF-8".to_owned()));
@@ -33,15 +34,18 @@ impl RunAs {
                 "it is a name, and the only accepted name is \"sandbox\"".to_owned(),
             ));
         }
-        parse_canonical_id(input).map(Self::Id).map_err(invalid)
+        parse_canonical_id(input, bounds)
+            .map(Self::Id)
+            .map_err(invalid)
     }
 }
 
+/// Parses within kiln's own bounds ([`IdBounds::KILN`]).
 impl FromStr for RunAs {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s.as_bytes())
+        Self::parse(s.as_bytes(), IdBounds::KILN)
     }
 }
 
@@ -54,18 +58,19 @@ impl fmt::Display for RunAs {
     }
 }
 
-/// Parses a numeric uid or gid (`--uid`, `--gid`): a canonical decimal id within the
-/// sandbox bounds (the uid and gid bounds are the same).
-pub fn parse_sandbox_id(input: &str) -> Result<u32, IdentityError> {
-    parse_canonical_id(input.as_bytes()).map_err(|reason| IdentityError::InvalidId {
+/// Parses a numeric uid or gid (`--uid`, `--gid`): a canonical decimal id within
+/// `bounds` (uids and gids share them).
+pub fn parse_sandbox_id(input: &str, bounds: IdBounds) -> Result<u32, IdentityError> {
+    parse_canonical_id(input.as_bytes(), bounds).map_err(|reason| IdentityError::InvalidId {
         input: quote(input.as_bytes()),
         reason,
+        bounds,
     })
 }
 
 /// Only the one spelling `format!("{id}")` produces is accepted, so a value means the
 /// same to every consumer (no octal/hex/exponent/sign/whitespace interpretations).
-fn parse_canonical_id(input: &[u8]) -> Result<u32, String> {
+fn parse_canonical_id(input: &[u8], bounds: IdBounds) -> Result<u32, String> {
     if input.is_empty() {
         return Err("it is empty".to_owned());
     }
@@ -83,11 +88,11 @@ fn parse_canonical_id(input: &[u8]) -> Result<u32, String> {
             .iter()
             .fold(0, |acc, d| acc * 10 + u64::from(d - b'0'))
     };
-    if value < u64::from(MIN_SANDBOX_UID) {
-        return Err(format!("it is below the minimum {MIN_SANDBOX_UID}"));
+    if value < u64::from(bounds.min) {
+        return Err(format!("it is below the minimum {}", bounds.min));
     }
-    if value > u64::from(MAX_SANDBOX_UID) {
-        return Err(format!("it is above the maximum {MAX_SANDBOX_UID}"));
+    if value > u64::from(bounds.max) {
+        return Err(format!("it is above the maximum {}", bounds.max));
     }
     Ok(value as u32)
 }
@@ -95,6 +100,8 @@ fn parse_canonical_id(input: &[u8]) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KILN: IdBounds = IdBounds::KILN;
 
     const REJECTED: &[&str] = &[
         "",
@@ -126,19 +133,24 @@ mod tests {
 
     #[test]
     fn accepts_sandbox_and_bounds() {
-        assert_eq!(RunAs::parse(b"sandbox"), Ok(RunAs::Sandbox));
-        assert_eq!(RunAs::parse(b"1000"), Ok(RunAs::Id(1000)));
-        assert_eq!(RunAs::parse(b"10001"), Ok(RunAs::Id(10001)));
-        assert_eq!(RunAs::parse(b"2000000000"), Ok(RunAs::Id(2_000_000_000)));
+        assert_eq!(RunAs::parse(b"sandbox", KILN), Ok(RunAs::Sandbox));
+        assert_eq!(RunAs::parse(b"1000", KILN), Ok(RunAs::Id(1000)));
+        assert_eq!(RunAs::parse(b"10001", KILN), Ok(RunAs::Id(10001)));
+        assert_eq!(
+            RunAs::parse(b"2000000000", KILN),
+            Ok(RunAs::Id(2_000_000_000))
+        );
         assert_eq!("65534".parse::<RunAs>(), Ok(RunAs::Id(65534)));
-        assert_eq!(parse_sandbox_id("1000"), Ok(1000));
-        assert_eq!(parse_sandbox_id("2000000000"), Ok(2_000_000_000));
+        assert_eq!(parse_sandbox_id("1000", KILN), Ok(1000));
+        assert_eq!(parse_sandbox_id("2000000000", KILN), Ok(2_000_000_000));
     }
 
     #[test]
     fn rejects_every_listed_input_quoting_it() {
         for input in REJECTED {
-            let err = RunAs::parse(input.as_bytes()).expect_err(input).to_string();
+            let err = RunAs::parse(input.as_bytes(), KILN)
+                .expect_err(input)
+                .to_string();
             let quoted = quote(input.as_bytes());
             assert!(err.contains(&quoted), "{err:?} does not quote {quoted}");
             assert!(
@@ -151,7 +163,7 @@ mod tests {
     #[test]
     fn numeric_parser_rejects_sandbox_and_every_listed_input() {
         for input in REJECTED.iter().chain(&["sandbox"]) {
-            let err = parse_sandbox_id(input).expect_err(input).to_string();
+            let err = parse_sandbox_id(input, KILN).expect_err(input).to_string();
             assert!(err.contains(&quote(input.as_bytes())), "{err}");
             assert!(
                 err.contains("accepted: a decimal id from 1000 to 2000000000"),
@@ -162,12 +174,13 @@ mod tests {
 
     #[test]
     fn rejects_non_utf8_with_escaped_bytes() {
-        let err = RunAs::parse(b"10\xff01").unwrap_err();
+        let err = RunAs::parse(b"10\xff01", KILN).unwrap_err();
         assert_eq!(
             err,
             IdentityError::InvalidRunAs {
                 input: "\"10\\xff01\"".to_owned(),
-                reason: "it is not UTF-8".to_owned()
+                reason: "it is not UTF-8".to_owned(),
+                bounds: KILN,
             }
         );
         assert!(err
@@ -177,7 +190,7 @@ mod tests {
 
     #[test]
     fn reasons_say_what_is_wrong() {
-        let reason = |s: &str| match RunAs::parse(s.as_bytes()) {
+        let reason = |s: &str| match RunAs::parse(s.as_bytes(), KILN) {
             Err(IdentityError::InvalidRunAs { reason, .. }) => reason,
             other => panic!("{s}: {other:?}"),
         };
@@ -198,5 +211,25 @@ mod tests {
         for value in [RunAs::Sandbox, RunAs::Id(1000), RunAs::Id(123_456)] {
             assert_eq!(value.to_string().parse::<RunAs>(), Ok(value));
         }
+    }
+
+    #[test]
+    fn openshell_bounds_accept_what_openshell_accepts() {
+        let openshell = IdBounds::OPENSHELL;
+        assert_eq!(parse_sandbox_id("1", openshell), Ok(1));
+        assert_eq!(parse_sandbox_id("999", openshell), Ok(999));
+        assert_eq!(parse_sandbox_id("4294967294", openshell), Ok(u32::MAX - 1));
+        assert_eq!(RunAs::parse(b"65534", openshell), Ok(RunAs::Id(65534)));
+        for refused in ["0", "4294967295", "4294967296", "01", "-1"] {
+            let err = parse_sandbox_id(refused, openshell).expect_err(refused);
+            assert!(
+                err.to_string()
+                    .contains("accepted: a decimal id from 1 to 4294967294"),
+                "{err}"
+            );
+        }
+        // kiln's own bounds stay as they were.
+        assert!(parse_sandbox_id("999", KILN).is_err());
+        assert!(parse_sandbox_id("2000000001", KILN).is_err());
     }
 }

@@ -99,20 +99,20 @@ proptest! {
 
     #[test]
     fn applying_twice_equals_applying_once(files in account_files(), (uid, gid) in ids()) {
-        let once = write_sandbox_accounts(&files, uid, gid, "/bin/sh").unwrap();
+        let once = write_sandbox_accounts(&files, uid, gid, "/bin/sh", kiln_identity::IdBounds::KILN).unwrap();
         let again = AccountFiles {
             passwd: Some(once.passwd.clone()),
             group: Some(once.group.clone()),
             gshadow: Some(once.gshadow.clone()),
             shadow: Some(once.shadow.clone()),
         };
-        let twice = write_sandbox_accounts(&again, uid, gid, "/bin/sh").unwrap();
+        let twice = write_sandbox_accounts(&again, uid, gid, "/bin/sh", kiln_identity::IdBounds::KILN).unwrap();
         prop_assert_eq!(outputs(&twice), outputs(&once));
     }
 
     #[test]
     fn exactly_one_sandbox_entry_per_file(files in account_files(), (uid, gid) in ids()) {
-        let e = write_sandbox_accounts(&files, uid, gid, "/bin/bash").unwrap();
+        let e = write_sandbox_accounts(&files, uid, gid, "/bin/bash", kiln_identity::IdBounds::KILN).unwrap();
         let expected = format!("sandbox:x:{uid}:{gid}:sandbox:/sandbox:/bin/bash\n");
         prop_assert_eq!(sandbox_lines(&e.passwd), vec![expected.as_bytes()]);
         for out in outputs(&e) {
@@ -132,7 +132,7 @@ proptest! {
 
     #[test]
     fn unrelated_lines_are_preserved(files in account_files(), (uid, gid) in ids()) {
-        let e = write_sandbox_accounts(&files, uid, gid, "/bin/sh").unwrap();
+        let e = write_sandbox_accounts(&files, uid, gid, "/bin/sh", kiln_identity::IdBounds::KILN).unwrap();
         for (input, output) in inputs(&files).into_iter().zip(outputs(&e)) {
             let (kept_in, kept_out) = (other_lines(input), other_lines(output));
             let appended = sandbox_lines(input).is_empty();
@@ -154,11 +154,11 @@ proptest! {
     fn decimal_ids_parse_exactly_within_bounds(id in any::<u32>()) {
         let text = id.to_string();
         let in_bounds = (1000..=2_000_000_000).contains(&id);
-        prop_assert_eq!(kiln_identity::parse_sandbox_id(&text).is_ok(), in_bounds);
-        prop_assert_eq!(kiln_identity::RunAs::parse(text.as_bytes()).ok(), in_bounds.then_some(kiln_identity::RunAs::Id(id)));
+        prop_assert_eq!(kiln_identity::parse_sandbox_id(&text, kiln_identity::IdBounds::KILN).is_ok(), in_bounds);
+        prop_assert_eq!(kiln_identity::RunAs::parse(text.as_bytes(), kiln_identity::IdBounds::KILN).ok(), in_bounds.then_some(kiln_identity::RunAs::Id(id)));
         // No other spelling of the same number is accepted.
         for other in [format!("0{text}"), format!("+{text}"), format!(" {text}"), format!("{text} "), format!("{id:#x}")] {
-            prop_assert!(kiln_identity::RunAs::parse(other.as_bytes()).is_err(), "{other}");
+            prop_assert!(kiln_identity::RunAs::parse(other.as_bytes(), kiln_identity::IdBounds::KILN).is_err(), "{other}");
         }
     }
 

@@ -28,7 +28,8 @@ fn require_root_and_checkers() {
 /// Writes the edit of `files` into a fresh root with every home directory present and
 /// returns the combined output of `pwck -q -r` and `grpck -r` after asserting success.
 fn check(files: &AccountFiles, uid: u32, gid: u32) -> Vec<AccountWarning> {
-    let edited = write_sandbox_accounts(files, uid, gid, "/bin/sh").unwrap();
+    let edited =
+        write_sandbox_accounts(files, uid, gid, "/bin/sh", kiln_identity::IdBounds::KILN).unwrap();
     let root = tempfile::tempdir().unwrap();
     let etc = root.path().join("etc");
     std::fs::create_dir(&etc).unwrap();
@@ -146,7 +147,14 @@ fn absent_shadow_files_are_created_valid() {
         gshadow: None,
         shadow: None,
     };
-    let edited = write_sandbox_accounts(&files, 10001, 10001, "/bin/sh").unwrap();
+    let edited = write_sandbox_accounts(
+        &files,
+        10001,
+        10001,
+        "/bin/sh",
+        kiln_identity::IdBounds::KILN,
+    )
+    .unwrap();
     assert_eq!(edited.shadow, b"sandbox:!:::::::\n");
     // pwck wants a shadow entry for every user, so give the others theirs as an image would.
     let completed = all(

@@ -33,7 +33,7 @@ mod reference;
 mod source;
 mod store;
 
-pub use digest::{Algorithm, Digest};
+pub use digest::{Algorithm, Digest, Hasher};
 pub use layout::{is_tag, write_oci_layout, NewLayer, OciImage};
 pub use media::Compression;
 pub use platform::Platform;

@@ -22,6 +22,9 @@ pub const ROOT_DISK_ID: &str = "root";
 /// Disk id (the virtio-blk serial) of the EROFS identity layer.
 pub const IDENTITY_DISK_ID: &str = "ident";
 
+/// Disk id (the virtio-blk serial) of the EROFS layer holding OpenShell's supervisor.
+pub const OPENSHELL_DISK_ID: &str = "openshell";
+
 /// Disk id (the virtio-blk serial) of a persistent sandbox's ext4 upper.
 pub const UPPER_DISK_ID: &str = "upper";
 
@@ -128,6 +131,9 @@ pub struct BootConfig {
     pub root: Option<DiskRef>,
     /// `kiln.ident=`: the EROFS identity layer stacked above the root (optional).
     pub ident: Option<DiskRef>,
+    /// `kiln.openshell=`: the EROFS layer holding OpenShell's supervisor, stacked above
+    /// the identity layer (optional).
+    pub openshell: Option<DiskRef>,
     /// `kiln.upper=` (default tmpfs).
     pub upper: Upper,
     /// `kiln.port=`: virtio-serial port name of the channel (default [`CHANNEL_PORT`]).
@@ -161,6 +167,7 @@ impl Default for BootConfig {
         BootConfig {
             root: None,
             ident: None,
+            openshell: None,
             upper: Upper::Tmpfs,
             port: CHANNEL_PORT.to_owned(),
             hostname: DEFAULT_HOSTNAME.to_owned(),
@@ -182,7 +189,7 @@ pub enum CmdlineFault {
     NotKeyValue,
     #[error("the value is empty")]
     EmptyValue,
-    #[error("unknown key; accepted: root, ident, upper, port, hostname, net, vol, tmpfs, host, dns, ro, userns")]
+    #[error("unknown key; accepted: root, ident, openshell, upper, port, hostname, net, vol, tmpfs, host, dns, ro, userns")]
     UnknownKey,
     #[error(
         "{0:?} is neither a /dev/ path nor a disk serial of 1-20 characters of [A-Za-z0-9._-]"
@@ -282,6 +289,7 @@ impl BootConfig {
         match key {
             "root" => self.root = Some(decode_disk(value)?),
             "ident" => self.ident = Some(decode_disk(value)?),
+            "openshell" => self.openshell = Some(decode_disk(value)?),
             "upper" => {
                 self.upper = if value == TMPFS_UPPER {
                     Upper::Tmpfs
@@ -351,7 +359,7 @@ impl BootConfig {
     }
 
     /// The `kiln.*` kernel arguments that [`BootConfig::parse`] reads back as this
-    /// configuration: root, ident, upper, port, hostname, net, userns and ro (only when
+    /// configuration: root, ident, openshell, upper, port, hostname, net, userns and ro (only when
     /// on: off is the guest's default), then one per volume, tmpfs mount, host entry and
     /// DNS server; no
     /// argument holds whitespace, a quote or a byte outside printable ASCII. A value the
@@ -369,6 +377,9 @@ impl BootConfig {
         }
         if let Some(ident) = &self.ident {
             args.push(arg("ident", encode_disk(ident))?);
+        }
+        if let Some(openshell) = &self.openshell {
+            args.push(arg("openshell", encode_disk(openshell))?);
         }
         let upper = match &self.upper {
             Upper::Tmpfs => Ok(TMPFS_UPPER.to_owned()),

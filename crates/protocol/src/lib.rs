@@ -36,7 +36,8 @@ mod message;
 pub use boot::{
     BootConfig, BootConfigError, CmdlineError, CmdlineFault, DiskRef, HostEntry, NetConfig,
     TmpfsMount, Upper, VolumeMount, CHANNEL_PORT, DEFAULT_HOSTNAME, IDENTITY_DISK_ID,
-    MAX_DNS_SERVERS, MAX_EXTRA_HOSTS, MAX_TMPFS_MOUNTS, ROOT_DISK_ID, UPPER_DISK_ID,
+    MAX_DNS_SERVERS, MAX_EXTRA_HOSTS, MAX_TMPFS_MOUNTS, OPENSHELL_DISK_ID, ROOT_DISK_ID,
+    UPPER_DISK_ID,
 };
 
 pub use frame::{
@@ -45,10 +46,12 @@ pub use frame::{
 };
 pub use message::{
     negotiate, BootError, BootPhase, BootStep, Frame, GuestStats, GuestTask, Hello, Identity,
-    Message, OutputCredit, PhaseTime, ProcessInfo, RunAs, RunSpec, SessionId, ShutdownRequest,
-    SignalRequest, StartFailure, Stream, TerminalSize, WallClock, WorkloadResult, CONTROL_SESSION,
-    DEFAULT_PATH, MAIN_SESSION, MAX_COMMAND_LEN, MAX_SIGNAL, MESSAGE_VERSION_MAX,
-    MESSAGE_VERSION_MIN, SESSION_WINDOW, STATS_INTERVAL_MS, STATS_SAMPLES,
+    Message, OpenShellLaunch, OutputCredit, PhaseTime, ProcessInfo, RunAs, RunSpec, SessionId,
+    ShutdownRequest, SignalRequest, StartFailure, Stream, TerminalSize, WallClock, WorkloadResult,
+    CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MAX_COMMAND_LEN, MAX_OPENSHELL_TOKEN_LEN,
+    MAX_SIGNAL, MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN, OPENSHELL_AUTH_DIR,
+    OPENSHELL_SUPERVISOR_PATH, OPENSHELL_TOKEN_PATH, SESSION_WINDOW, STATS_INTERVAL_MS,
+    STATS_SAMPLES,
 };
 
 #[cfg(test)]

@@ -156,6 +156,39 @@ pub struct RunSpec {
     /// without a task reads as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<GuestTask>,
+    /// The main session only: `argv` is OpenShell's supervisor, which kiln-init starts as
+    /// root with exactly `env` (it drops to the sandbox user itself) once `identity` is
+    /// validated and /sandbox prepared. Absent on the wire when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openshell: Option<OpenShellLaunch>,
+}
+
+/// Where OpenShell's supervisor sits in the guest (the supervisor layer puts it there).
+pub const OPENSHELL_SUPERVISOR_PATH: &str = "/opt/openshell/bin/openshell-sandbox";
+/// The directory kiln-init mounts a tmpfs on for the sandbox token (root, 0700).
+pub const OPENSHELL_AUTH_DIR: &str = "/opt/openshell/auth";
+/// The sandbox token's file in the guest (root, 0400).
+pub const OPENSHELL_TOKEN_PATH: &str = "/opt/openshell/auth/sandbox.jwt";
+/// The longest sandbox token the host sends and the guest writes.
+pub const MAX_OPENSHELL_TOKEN_LEN: usize = 64 * 1024;
+
+/// What kiln-init does for OpenShell's supervisor besides starting it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenShellLaunch {
+    /// The gateway's sandbox token, written to [`OPENSHELL_TOKEN_PATH`] on a tmpfs only
+    /// root can read. A secret: its `Debug` shows only whether there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for OpenShellLaunch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("OpenShellLaunch")
+            .field("token", &token)
+            .finish()
+    }
 }
 
 /// Work kiln-init does itself in an exec session: it runs its own binary with the
@@ -369,6 +402,8 @@ pub enum BootStep {
     MountRoot,
     /// The identity layer (EROFS).
     MountIdentity,
+    /// The layer holding OpenShell's supervisor (EROFS).
+    MountSupervisor,
     /// The writable upper (ext4 disk or tmpfs).
     MountUpper,
     /// Stacking the layers into the overlay root.

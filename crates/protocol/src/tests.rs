@@ -19,6 +19,7 @@ fn spec() -> RunSpec {
         tty: true,
         terminal: Some(TerminalSize { rows: 24, cols: 80 }),
         task: None,
+        openshell: None,
     }
 }
 
@@ -125,6 +126,28 @@ fn control_payloads_are_the_documented_json() {
     let value: serde_json::Value = serde_json::from_slice(&run[HEADER_LEN..]).unwrap();
     assert_eq!(value["identity"]["run_as"], "sandbox");
     assert_eq!(value["terminal"]["cols"], 80);
+}
+
+#[test]
+fn an_openshell_launch_carries_its_token_on_the_wire_but_never_in_debug() {
+    let mut with_token = spec();
+    with_token.openshell = Some(OpenShellLaunch {
+        token: Some("eyJ.secret.token".into()),
+    });
+    let frame = Frame::new(MAIN_SESSION, Message::Run(with_token));
+    assert_eq!(round_trip(&frame), frame);
+    let bytes = encode_frame(&frame).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&bytes[HEADER_LEN..]).unwrap();
+    assert_eq!(
+        json["openshell"],
+        serde_json::json!({"token": "eyJ.secret.token"})
+    );
+    let shown = format!("{frame:?}");
+    assert!(!shown.contains("secret"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    // A spec without one reads as it always did.
+    let plain = encode_frame(&Frame::new(MAIN_SESSION, Message::Run(spec()))).unwrap();
+    assert!(!String::from_utf8_lossy(&plain).contains("openshell"));
 }
 
 #[test]
@@ -497,6 +520,7 @@ fn run_spec() -> impl Strategy<Value = RunSpec> {
                 tty,
                 terminal: terminal.map(|(rows, cols)| TerminalSize { rows, cols }),
                 task: None,
+                openshell: None,
             },
         )
 }

@@ -92,12 +92,14 @@ pub fn build_root_image<'a>(
     let mut root = apply_layers(layers, writer, &options.limits)?;
     let identity_inputs = IdentityInputs::from_root(&root)?;
     let identity = match options.merged {
+        // Only `kiln build --merged` bakes an identity in: kiln's own bounds.
         Some((uid, gid)) => Some(write_identity(
             &mut root.tree,
             &mut root.writer,
             &identity_inputs,
             uid,
             gid,
+            kiln_identity::IdBounds::KILN,
         )?),
         None => None,
     };
@@ -126,16 +128,18 @@ pub fn build_root_image<'a>(
 }
 
 /// Writes the identity image for `uid`/`gid` over the root image `inputs` describe:
-/// the edited /etc/passwd, group, gshadow and shadow, and /sandbox owned by uid:gid.
+/// the edited /etc/passwd, group, gshadow and shadow, and /sandbox owned by uid:gid, each
+/// within `bounds`.
 pub fn build_identity_layer(
     inputs: &IdentityInputs,
     uid: u32,
     gid: u32,
+    bounds: kiln_identity::IdBounds,
     out: &Path,
 ) -> Result<IdentityLayerReport> {
     let (temp, mut writer) = start_image(out)?;
     let mut tree = identity_tree(inputs)?;
-    let identity = write_identity(&mut tree, &mut writer, inputs, uid, gid)?;
+    let identity = write_identity(&mut tree, &mut writer, inputs, uid, gid, bounds)?;
     let start = Instant::now();
     let finished = writer.finish(&tree).map_err(|source| Error::Image {
         path: out.to_owned(),
@@ -153,6 +157,86 @@ pub fn build_identity_layer(
             verify,
             ..Timings::default()
         },
+    })
+}
+
+/// The outcome of [`build_supervisor_layer`].
+#[derive(Clone, Debug, Serialize)]
+pub struct SupervisorLayerReport {
+    pub path: PathBuf,
+    pub image: ImageSummary,
+}
+
+/// Hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: kiln_image::Hasher,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Writes the layer that holds OpenShell's supervisor: `binary` (`len` bytes) as
+/// /opt/openshell/bin/openshell-sandbox, root:root 0755, and an empty
+/// /opt/openshell/auth, root:root 0700, for the sandbox token's tmpfs. Directories are
+/// root:root 0755 and every time is the epoch, so one binary always gives one image.
+/// A binary whose bytes do not hash to `digest` (it changed since it was hashed) is an
+/// error, and nothing is published.
+pub fn build_supervisor_layer(
+    binary: impl std::io::Read,
+    len: u64,
+    digest: &kiln_image::Digest,
+    out: &Path,
+) -> Result<SupervisorLayerReport> {
+    use kiln_erofs::{Metadata, NodeKind, Tree};
+    let image_error = |source| Error::Image {
+        path: out.to_owned(),
+        source,
+    };
+    let (temp, mut writer) = start_image(out)?;
+    let mut hashing = HashingReader {
+        inner: binary,
+        hasher: kiln_image::Hasher::new(digest.algorithm()),
+    };
+    let data = writer.append_data(&mut hashing, len).map_err(image_error)?;
+    let read = hashing.hasher.finish();
+    if read != *digest {
+        return Err(Error::io(
+            format!("building {}", out.display()),
+            std::io::Error::other(format!(
+                "the supervisor binary changed while it was read (first {digest}, then {read})"
+            )),
+        ));
+    }
+    let mode = |mode| Metadata {
+        mode,
+        ..Metadata::default()
+    };
+    let mut tree = Tree::new(mode(0o755)).map_err(image_error)?;
+    let opt = tree
+        .add(tree.root(), b"opt", NodeKind::Directory, mode(0o755))
+        .map_err(image_error)?;
+    let openshell = tree
+        .add(opt, b"openshell", NodeKind::Directory, mode(0o755))
+        .map_err(image_error)?;
+    let bin = tree
+        .add(openshell, b"bin", NodeKind::Directory, mode(0o755))
+        .map_err(image_error)?;
+    tree.add(bin, b"openshell-sandbox", NodeKind::File(data), mode(0o755))
+        .map_err(image_error)?;
+    tree.add(openshell, b"auth", NodeKind::Directory, mode(0o700))
+        .map_err(image_error)?;
+    let finished = writer.finish(&tree).map_err(image_error)?;
+    sync(&finished.file, out)?;
+    fsck_and_publish(temp, out)?;
+    Ok(SupervisorLayerReport {
+        path: out.to_owned(),
+        image: (&finished.stats).into(),
     })
 }
 

@@ -2,8 +2,11 @@
 //!
 //! Layout: `DIR/v{BUILDER_FORMAT_VERSION}/{algorithm}-{hex}/` holding `root.erofs`,
 //! `root.identity.json` (the [`IdentityInputs`] of that root image), and
-//! `identity-{uid}-{gid}.erofs` / `merged-{uid}-{gid}.erofs`. Each name is built under
-//! an exclusive `flock` on `.lock-{name}`: a second process asking for the same image
+//! `identity-{uid}-{gid}.erofs` / `merged-{uid}-{gid}.erofs`; and
+//! `DIR/v{BUILDER_FORMAT_VERSION}/supervisors/sha256-{hex}.erofs`, the layer holding one
+//! OpenShell supervisor binary (by its digest), shared by every sandbox that names that
+//! binary and never evicted (one file per binary). Each name is built under an exclusive
+//! `flock` on `.lock-{name}`: a second process asking for the same image
 //! waits and then reuses it. Images are published by rename after `fsck.erofs`, so a
 //! killed build leaves only `.tmp-{name}.*` files, removed by the next build of that
 //! name (which holds the lock, so no live build owns them).
@@ -23,7 +26,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, TryLockError};
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -31,7 +34,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::build::{
-    build_identity_layer, build_root_image, BuildOptions, BuildReport, IdentityLayerReport,
+    build_identity_layer, build_root_image, build_supervisor_layer, BuildOptions, BuildReport,
+    IdentityLayerReport,
 };
 use crate::error::{Error, Result};
 use crate::identity::IdentityInputs;
@@ -44,6 +48,27 @@ const ROOT_IMAGE: &str = "root.erofs";
 const ROOT_INPUTS: &str = "root.identity.json";
 /// Prefix of a key directory being removed.
 const REMOVING: &str = ".removing-";
+
+/// The directory of supervisor layers, beside the key directories (not a manifest
+/// digest, so eviction and retain never list it).
+const SUPERVISORS: &str = "supervisors";
+
+/// The largest supervisor binary [`Cache::supervisor_layer`] takes.
+pub const MAX_SUPERVISOR_BYTES: u64 = 512 << 20;
+
+/// A supervisor layer in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorLayer {
+    /// `sha256:<hex>` of the binary in it.
+    pub digest: String,
+    pub path: PathBuf,
+    /// This call built it (false: it was cached).
+    pub built: bool,
+}
+
+fn supervisor_layer_name(digest: &kiln_image::Digest) -> String {
+    format!("{}-{}.erofs", digest.algorithm().name(), digest.hex())
+}
 
 /// The cache of built images.
 #[derive(Clone, Debug)]
@@ -127,18 +152,20 @@ impl Cache {
         ))
     }
 
-    /// The identity layer for (root image of `manifest_digest`, uid, gid).
+    /// The identity layer for (root image of `manifest_digest`, uid, gid); ids outside
+    /// `bounds` (the rules of whoever asks) are refused.
     pub fn identity_layer(
         &self,
         manifest_digest: &str,
         inputs: &IdentityInputs,
         uid: u32,
         gid: u32,
+        bounds: kiln_identity::IdBounds,
     ) -> Result<Cached<IdentityLayerReport>> {
         let dir = self.key_dir(manifest_digest)?;
         let name = format!("identity-{uid}-{gid}.erofs");
         self.get_or_build(&dir, &name, |path| {
-            build_identity_layer(inputs, uid, gid, path)
+            build_identity_layer(inputs, uid, gid, bounds, path)
         })
     }
 
@@ -161,6 +188,72 @@ impl Cache {
         self.get_or_build(&dir, &name, |path| {
             build_root_image(layers()?, path, &options)
         })
+    }
+
+    /// The layer holding the OpenShell supervisor `binary` (a host path), keyed by the
+    /// binary's sha256: built once per binary and shared by every sandbox, whatever its
+    /// image. A binary over [`MAX_SUPERVISOR_BYTES`] is refused.
+    pub fn supervisor_layer(&self, binary: &Path) -> Result<SupervisorLayer> {
+        let context = |what: &str| format!("{what} the supervisor binary {}", binary.display());
+        let mut file = File::open(binary).map_err(|e| Error::io(context("opening"), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(context("reading"), e))?
+            .len();
+        if len > MAX_SUPERVISOR_BYTES {
+            return Err(Error::io(
+                context("reading"),
+                std::io::Error::other(format!(
+                    "it is {len} bytes; at most {MAX_SUPERVISOR_BYTES} are accepted"
+                )),
+            ));
+        }
+        let mut hasher = kiln_image::Hasher::new(kiln_image::Algorithm::Sha256);
+        std::io::copy(&mut (&mut file).take(len), &mut hasher)
+            .and_then(|_| file.rewind())
+            .map_err(|e| Error::io(context("hashing"), e))?;
+        let digest = hasher.finish();
+        let dir = kiln_hostfs::private_dir(&self.version_dir(), SUPERVISORS)?;
+        let name = supervisor_layer_name(&digest);
+        let cached = self.get_or_build(&dir, &name, |path| {
+            build_supervisor_layer(file.take(len), len, &digest, path)
+        })?;
+        Ok(SupervisorLayer {
+            digest: digest.to_string(),
+            path: cached.path,
+            built: cached.built.is_some(),
+        })
+    }
+
+    /// The cached supervisor layer of the binary with sha256 `digest`, as
+    /// [`Cache::supervisor_layer`] built it; an error when it is not there (or is not
+    /// kiln's).
+    pub fn supervisor_layer_of(&self, digest: &str) -> Result<PathBuf> {
+        let parsed = kiln_image::Digest::parse(digest)
+            .ok()
+            .filter(|d| d.algorithm() == kiln_image::Algorithm::Sha256)
+            .ok_or_else(|| {
+                Error::io(
+                    format!("supervisor layer {digest:?}"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not a binary digest (accepted: sha256:<64 hex>)",
+                    ),
+                )
+            })?;
+        let dir = kiln_hostfs::private_dir(&self.version_dir(), SUPERVISORS)?;
+        let path = dir.join(supervisor_layer_name(&parsed));
+        if keep_own(&path)? {
+            Ok(path)
+        } else {
+            Err(Error::io(
+                format!("supervisor layer {}", path.display()),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not in the cache; create the sandbox again with its supervisor binary",
+                ),
+            ))
+        }
     }
 
     fn get_or_build<R>(

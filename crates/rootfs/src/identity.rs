@@ -15,7 +15,9 @@
 use std::time::{Duration, Instant};
 
 use kiln_erofs::{ImageWriter, Metadata, NodeId, NodeKind, Timestamp, Tree, Xattr};
-use kiln_identity::{choose_shell, write_sandbox_accounts, AccountFiles, MAX_ACCOUNT_FILE_SIZE};
+use kiln_identity::{
+    choose_shell, write_sandbox_accounts, AccountFiles, IdBounds, MAX_ACCOUNT_FILE_SIZE,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::apply::RootTree;
@@ -244,7 +246,7 @@ struct Edit {
     report: IdentityReport,
 }
 
-fn edit(inputs: &IdentityInputs, uid: u32, gid: u32) -> Result<Edit> {
+fn edit(inputs: &IdentityInputs, uid: u32, gid: u32, bounds: IdBounds) -> Result<Edit> {
     let mut current = Vec::new();
     for (name, file) in ACCOUNT_FILES.iter().zip(&inputs.files) {
         current.push(match file {
@@ -266,7 +268,7 @@ fn edit(inputs: &IdentityInputs, uid: u32, gid: u32) -> Result<Edit> {
         shadow: current.next().flatten(),
     };
     let shell = choose_shell(|s| inputs.shells.iter().any(|have| have == s));
-    let edited = write_sandbox_accounts(&files, uid, gid, shell)?;
+    let edited = write_sandbox_accounts(&files, uid, gid, shell, bounds)?;
     Ok(Edit {
         contents: vec![edited.passwd, edited.group, edited.gshadow, edited.shadow],
         report: IdentityReport {
@@ -279,7 +281,8 @@ fn edit(inputs: &IdentityInputs, uid: u32, gid: u32) -> Result<Edit> {
     })
 }
 
-/// Writes the edited account files and /sandbox into `tree`: the root tree itself
+/// Writes the edited account files and /sandbox into `tree` (`uid` and `gid` within
+/// `bounds`, the rules of whoever asked for them): the root tree itself
 /// (merged) or the fresh tree of an identity image. Existing directories on the way to
 /// /etc are kept; missing ones get the root image's attributes (or 0755 root:root).
 pub(crate) fn write_identity(
@@ -288,12 +291,13 @@ pub(crate) fn write_identity(
     inputs: &IdentityInputs,
     uid: u32,
     gid: u32,
+    bounds: IdBounds,
 ) -> Result<IdentityReport> {
     let start = Instant::now();
     let Edit {
         contents,
         mut report,
-    } = edit(inputs, uid, gid)?;
+    } = edit(inputs, uid, gid, bounds)?;
     let default_dir = Metadata {
         mode: 0o755,
         mtime: inputs.root.metadata().mtime,

@@ -1,5 +1,6 @@
 //! kiln-rootfs turns the layers of an OCI image into one EROFS root image, and writes
-//! the small identity image that holds the sandbox user.
+//! the small identity image that holds the sandbox user and the supervisor layer that
+//! holds OpenShell's supervisor binary.
 //!
 //! It runs as an ordinary user: no mounts, no root, no unpacked directory. Each layer
 //! blob (plain, gzip or zstd tar) is decoded once, as a stream; file data goes straight
@@ -72,10 +73,13 @@ use kiln_image::Compression;
 
 pub use apply::{apply_layers, ApplyStats, RootTree};
 pub use build::{
-    build_identity_layer, build_root_image, fsck, BuildOptions, BuildReport, IdentityLayerReport,
-    ImageSummary, Timings,
+    build_identity_layer, build_root_image, build_supervisor_layer, fsck, BuildOptions,
+    BuildReport, IdentityLayerReport, ImageSummary, SupervisorLayerReport, Timings,
 };
-pub use cache::{Cache, Cached, CachedImage, Removed, BUILDER_FORMAT_VERSION};
+pub use cache::{
+    Cache, Cached, CachedImage, Removed, SupervisorLayer, BUILDER_FORMAT_VERSION,
+    MAX_SUPERVISOR_BYTES,
+};
 pub use check::{check_image, check_layers, CheckInput, CheckReport, Finding, Severity};
 pub use error::{EntryError, EntryName, Error, Result};
 pub use identity::{AccountFile, IdentityInputs, IdentityReport, NodeAttributes, PathDir};

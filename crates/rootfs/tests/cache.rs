@@ -5,6 +5,7 @@ mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use kiln_identity::IdBounds;
 use kiln_image::Compression;
 use kiln_rootfs::{Cache, Layer, Limits, BUILDER_FORMAT_VERSION};
 use support::LayerBuilder;
@@ -50,12 +51,18 @@ fn concurrent_requests_build_once_and_identity_layers_are_keyed_by_ids() {
         .join(DIGEST.replace(':', "-"));
     assert_eq!(root_path, &key_dir.join("root.erofs"));
 
-    let first = cache.identity_layer(DIGEST, inputs, 10001, 10001).unwrap();
+    let first = cache
+        .identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN)
+        .unwrap();
     assert!(first.built.is_some());
-    let again = cache.identity_layer(DIGEST, inputs, 10001, 10001).unwrap();
+    let again = cache
+        .identity_layer(DIGEST, inputs, 10001, 10001, IdBounds::KILN)
+        .unwrap();
     assert!(again.built.is_none());
     assert_eq!(first.path, again.path);
-    let other = cache.identity_layer(DIGEST, inputs, 2000, 2000).unwrap();
+    let other = cache
+        .identity_layer(DIGEST, inputs, 2000, 2000, IdBounds::KILN)
+        .unwrap();
     assert_ne!(other.path, first.path);
 
     let merged = cache
@@ -295,4 +302,70 @@ fn cached_images_of_another_user_are_built_again() {
         std::os::unix::fs::chown(key_dir(dir.path()).join(name), Some(65534), None).unwrap();
     }
     assert!(root_image(&cache).unwrap(), "built again");
+}
+
+/// Unpacks `image` with fsck.erofs (the reference reader) into a new directory.
+fn extract(image: &std::path::Path) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("x");
+    let status = std::process::Command::new("fsck.erofs")
+        .arg(format!("--extract={}", target.display()))
+        .arg("--preserve-perms")
+        .arg(image)
+        .status()
+        .unwrap();
+    assert!(status.success(), "fsck.erofs --extract {}", image.display());
+    out
+}
+
+#[test]
+fn supervisor_layers_are_keyed_by_the_binary_digest_and_hold_it_at_its_guest_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(dir.path().join("rootfs"));
+    let binary = dir.path().join("openshell-sandbox");
+    // Longer than a block, with a partial last block.
+    let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&binary, &content).unwrap();
+
+    let first = cache.supervisor_layer(&binary).unwrap();
+    assert!(first.built);
+    assert_eq!(
+        first.digest,
+        kiln_image::Digest::sha256_of(&content).to_string()
+    );
+    let again = cache.supervisor_layer(&binary).unwrap();
+    assert!(!again.built);
+    assert_eq!(again.path, first.path);
+    assert_eq!(
+        cache.supervisor_layer_of(&first.digest).unwrap(),
+        first.path
+    );
+
+    let unpacked = extract(&first.path);
+    let root = unpacked.path().join("x");
+    let placed = root.join("opt/openshell/bin/openshell-sandbox");
+    assert_eq!(std::fs::read(&placed).unwrap(), content);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&placed), 0o755);
+    assert_eq!(mode(&root.join("opt/openshell/auth")), 0o700);
+    assert_eq!(
+        std::fs::read_dir(root.join("opt/openshell/auth"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // Another binary is another layer; the first stays for the sandboxes that use it.
+    std::fs::write(&binary, b"another supervisor").unwrap();
+    let other = cache.supervisor_layer(&binary).unwrap();
+    assert!(other.built);
+    assert_ne!(other.path, first.path);
+    assert!(first.path.is_file());
+
+    let gone = format!("sha256:{}", "0".repeat(64));
+    let err = cache.supervisor_layer_of(&gone).unwrap_err().to_string();
+    assert!(err.contains("not in the cache"), "{err}");
+    let err = cache.supervisor_layer_of("../etc").unwrap_err().to_string();
+    assert!(err.contains("accepted: sha256:<64 hex>"), "{err}");
 }

@@ -45,7 +45,14 @@ fn build_both(tars: &[Vec<u8>], uid: u32, gid: u32) -> (tempfile::TempDir, tempf
     )
     .unwrap();
     let id = dir.path().join("identity.erofs");
-    let report = build_identity_layer(&root.identity_inputs, uid, gid, &id).unwrap();
+    let report = build_identity_layer(
+        &root.identity_inputs,
+        uid,
+        gid,
+        kiln_identity::IdBounds::KILN,
+        &id,
+    )
+    .unwrap();
     assert_eq!(report.identity.uid, uid);
     let merged_path = dir.path().join("merged.erofs");
     let options = BuildOptions {
@@ -80,7 +87,7 @@ fn expected(
         gshadow: None,
         shadow: None,
     };
-    write_sandbox_accounts(&files, uid, gid, shell).unwrap()
+    write_sandbox_accounts(&files, uid, gid, shell, kiln_identity::IdBounds::KILN).unwrap()
 }
 
 #[test]
@@ -191,8 +198,14 @@ fn passwd_symlinks_inside_to_a_device_and_to_the_host() {
         &BuildOptions::default(),
     )
     .unwrap();
-    let err = build_identity_layer(&root.identity_inputs, 10001, 10001, &dir.path().join("i"))
-        .unwrap_err();
+    let err = build_identity_layer(
+        &root.identity_inputs,
+        10001,
+        10001,
+        kiln_identity::IdBounds::KILN,
+        &dir.path().join("i"),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Account { .. }), "{err}");
     assert!(
         err.to_string().contains("/etc/passwd") && err.to_string().contains("character device"),
@@ -212,7 +225,13 @@ fn oversized_passwd_is_refused() {
         &BuildOptions::default(),
     )
     .unwrap();
-    let err = build_identity_layer(&root.identity_inputs, 10001, 10001, &dir.path().join("i"))
-        .unwrap_err();
+    let err = build_identity_layer(
+        &root.identity_inputs,
+        10001,
+        10001,
+        kiln_identity::IdBounds::KILN,
+        &dir.path().join("i"),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("/etc/group"), "{err}");
 }

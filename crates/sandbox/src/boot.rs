@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use kiln_identity::SANDBOX_HOME;
 use kiln_protocol::{
-    BootConfig, BootConfigError, BootStep, DiskRef, Identity, NetConfig, RunAs, RunSpec,
-    TerminalSize, VolumeMount, WorkloadResult, CHANNEL_PORT, IDENTITY_DISK_ID, ROOT_DISK_ID,
-    UPPER_DISK_ID,
+    BootConfig, BootConfigError, BootStep, DiskRef, Identity, NetConfig, OpenShellLaunch, RunAs,
+    RunSpec, TerminalSize, VolumeMount, WorkloadResult, CHANNEL_PORT, IDENTITY_DISK_ID,
+    OPENSHELL_DISK_ID, OPENSHELL_SUPERVISOR_PATH, ROOT_DISK_ID, UPPER_DISK_ID,
 };
 use kiln_vm::accel::{self, AccelRequest, AccelVerdict, ProbeOutcome};
 use kiln_vm::qemu::Qemu;
@@ -22,7 +23,7 @@ use crate::launch::{launch, Control, Deadlines, HostIo, LaunchError, LaunchOutco
 use crate::network::start_network;
 use crate::options::{HostDirError, Volume};
 use crate::prepare::PreparedImages;
-use crate::request::CreateRequest;
+use crate::request::{CreateRequest, OpenShellSupervisor};
 use crate::spec::{build_run_spec, identity, ImageDefaults, SpecError};
 use crate::state::{
     now_unix, run_dir, GuestSetup, SandboxDir, SandboxRecord, StateError, Status, SHORT_ID_LEN,
@@ -127,6 +128,27 @@ pub fn main_run_spec(
     )
 }
 
+/// The run spec that starts OpenShell's supervisor in place of `workload`: the
+/// supervisor's path and `--workdir /sandbox` (as OpenShell's own VM init runs it), its
+/// exact environment, the workload's identity (validated and given /sandbox in the guest
+/// before the supervisor starts). The token is filled in at each boot, from the state
+/// directory.
+pub fn openshell_run_spec(workload: RunSpec, supervisor: &OpenShellSupervisor) -> RunSpec {
+    RunSpec {
+        argv: vec![
+            OPENSHELL_SUPERVISOR_PATH.into(),
+            "--workdir".into(),
+            SANDBOX_HOME.into(),
+        ],
+        env: supervisor.env.clone(),
+        cwd: Some(SANDBOX_HOME.into()),
+        tty: false,
+        terminal: None,
+        openshell: Some(OpenShellLaunch::default()),
+        ..workload
+    }
+}
+
 /// What `sandbox.json` records about a new sandbox.
 pub fn sandbox_record(
     sandbox: &SandboxDir,
@@ -154,6 +176,7 @@ pub fn sandbox_record(
         auto_remove: request.auto_remove,
         restart: request.restart,
         guest: request.guest.clone(),
+        openshell: None,
     }
 }
 
@@ -243,6 +266,7 @@ impl Upper {
 /// mounts of `guest`.
 fn kernel_args(
     upper: &Upper,
+    openshell: bool,
     hostname: &str,
     network: &Network,
     volumes: &[Volume],
@@ -256,6 +280,7 @@ fn kernel_args(
     BootConfig {
         root: Some(DiskRef::Serial(ROOT_DISK_ID.into())),
         ident: Some(DiskRef::Serial(IDENTITY_DISK_ID.into())),
+        openshell: openshell.then(|| DiskRef::Serial(OPENSHELL_DISK_ID.into())),
         upper,
         port: CHANNEL_PORT.into(),
         hostname: hostname.into(),
@@ -305,6 +330,7 @@ pub fn boot(
     let hostname = record.guest.hostname.as_deref().unwrap_or(short_id);
     let cmdline = kernel_args(
         &upper,
+        prepared.supervisor_layer.is_some(),
         hostname,
         &network,
         &record.volumes,
@@ -323,6 +349,13 @@ pub fn boot(
             read_only: true,
         },
     ];
+    if let Some(path) = &prepared.supervisor_layer {
+        disks.push(Disk {
+            id: OPENSHELL_DISK_ID.into(),
+            path: path.clone(),
+            read_only: true,
+        });
+    }
     if let Upper::Disk(path) = upper {
         disks.push(Disk {
             id: UPPER_DISK_ID.into(),
@@ -351,16 +384,13 @@ pub fn boot(
         console_log: sandbox.console_log(),
         accel: host.verdict.accel,
     };
+    let mut run = record.run.clone();
+    if let Some(openshell) = &mut run.openshell {
+        openshell.token = sandbox.openshell_token()?;
+    }
     let mut deadlines = Deadlines::for_accel(host.verdict.accel);
     deadlines.workload = timeout;
-    Ok(launch(
-        &host.qemu,
-        &spec,
-        record.run.clone(),
-        deadlines,
-        io,
-        control,
-    )?)
+    Ok(launch(&host.qemu, &spec, run, deadlines, io, control)?)
 }
 
 /// How long a KVM boot may take to reach init before KVM is judged unusable. A working
@@ -414,6 +444,7 @@ fn probe_kvm(qemu: &Qemu, guest: &GuestImages) -> ProbeOutcome {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     };
     let io = HostIo {
         stdin: None,
@@ -466,6 +497,7 @@ mod tests {
         ];
         let args = kernel_args(
             &Upper::Tmpfs,
+            false,
             "box",
             &Network::None,
             &volumes,
@@ -516,6 +548,7 @@ mod tests {
         };
         let args = kernel_args(
             &Upper::Disk(PathBuf::from("/u")),
+            true,
             "id",
             &network,
             &[],
@@ -524,6 +557,9 @@ mod tests {
         )
         .unwrap();
         assert!(args.contains(&"kiln.upper=upper".to_owned()), "{args:?}");
+        // OpenShell's supervisor layer, when the sandbox has one.
+        let layer = "kiln.openshell=openshell".to_owned();
+        assert!(args.contains(&layer), "{args:?}");
         let net = "kiln.net=10.0.2.15/24,10.0.2.2,10.0.2.3".to_owned();
         assert!(args.contains(&net), "{args:?}");
     }
@@ -533,6 +569,7 @@ mod tests {
         let userns = |allowed| {
             kernel_args(
                 &Upper::Tmpfs,
+                false,
                 "box",
                 &Network::None,
                 &[],

@@ -236,6 +236,7 @@ pub fn exec_task(
         tty: false,
         terminal: None,
         task: Some(task),
+        openshell: None,
     };
     open_session(sandbox, spec)
 }

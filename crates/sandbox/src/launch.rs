@@ -877,6 +877,7 @@ mod tests {
             tty: false,
             terminal: None,
             task: None,
+            openshell: None,
         }
     }
 

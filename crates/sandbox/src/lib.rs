@@ -46,6 +46,8 @@ mod tasks;
 
 pub use client::{ExecInput, ExecOutput, ExecSession};
 pub use error::{Error, ErrorKind};
+/// The largest OpenShell supervisor binary a sandbox may name.
+pub use kiln_rootfs::MAX_SUPERVISOR_BYTES;
 pub use launch::{Control, HostIo, VmTimings};
 pub use lifecycle::{
     attach, create, disk_usage, exec, get, kill, list, logs, prune_images, remove, rename, restart,
@@ -61,8 +63,8 @@ pub use options::parse_signal;
 pub use prepare::{image_cache, open_layers, trim_image_cache};
 pub use request::{
     parse_size, CreateFields, CreateRequest, EnvFile, ExecFields, ExecRequest, Field, FieldNames,
-    NetworkMode, PolicyText, RunFields, RunRequest, SizeError, DEFAULT_LOG_MAX_SIZE,
-    DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
+    NetworkMode, OpenShellSupervisor, PolicyText, RunFields, RunRequest, SizeError,
+    DEFAULT_LOG_MAX_SIZE, DEFAULT_ROOTFS_CACHE_MAX, LOG_MAX_SIZE,
 };
 pub use run::{run, RunReport, RunTimings};
 pub use spec::ImageDefaults;

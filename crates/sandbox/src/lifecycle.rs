@@ -19,7 +19,9 @@ use kiln_protocol::{RunSpec, WorkloadResult};
 use kiln_vm::GuestImages;
 use serde::Serialize;
 
-use crate::boot::{main_run_spec, sandbox_record, volume_shares, BootError, Upper};
+use crate::boot::{
+    main_run_spec, openshell_run_spec, sandbox_record, volume_shares, BootError, Upper,
+};
 use crate::client::{ExecSession, MonitorError};
 use crate::error::{Error, ErrorKind};
 use crate::launch::console_tail;
@@ -31,8 +33,8 @@ use crate::prepare::{
 };
 use crate::request::{CreateRequest, ExecRequest};
 use crate::state::{
-    NetworkRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status, MONITOR_LOG,
-    RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
+    NetworkRecord, OpenShellRecord, SandboxDir, SandboxRecord, StateError, StateRecord, Status,
+    MONITOR_LOG, RECORD_FILE, STATE_FILE, STDERR_LOG, STDOUT_LOG,
 };
 
 /// What is known about one sandbox.
@@ -140,17 +142,31 @@ pub fn create(
         root,
         &store,
         image,
-        request.sandbox_uid,
-        request.sandbox_gid,
+        (request.sandbox_uid, request.sandbox_gid, request.id_bounds),
         Some(request.rootfs_cache_max),
         &build_events(events),
     )?;
-    let run_spec = main_run_spec(&request, &prepared, None)?;
+    let mut run_spec = main_run_spec(&request, &prepared, None)?;
+    let openshell = match &request.openshell {
+        Some(supervisor) => {
+            let layer = image_cache(root)
+                .supervisor_layer(&supervisor.binary)
+                .map_err(PrepareError::from)?;
+            run_spec = openshell_run_spec(run_spec, supervisor);
+            Some(OpenShellRecord {
+                supervisor_digest: layer.digest,
+            })
+        }
+        None => None,
+    };
 
     let sandbox = SandboxDir::create(root, request.name.as_deref())?;
-    let record = sandbox_record(&sandbox, &request, &prepared, run_spec);
+    let mut record = sandbox_record(&sandbox, &request, &prepared, run_spec);
+    record.openshell = openshell;
+    let token = request.openshell.as_ref().and_then(|o| o.token.as_deref());
     let written = sandbox
         .write_json(RECORD_FILE, &record)
+        .and_then(|()| token.map_or(Ok(()), |t| sandbox.write_openshell_token(t)))
         .and_then(|()| write_network_policy(&sandbox, &request))
         .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
         .map_err(BootError::from)

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_identity::IdBounds;
 use kiln_image::{ImageRecord, ImageRef, PullOptions, PulledImage, Store};
 use kiln_rootfs::{Cache, Layer, Limits, Removed};
 
@@ -45,6 +46,8 @@ pub struct PreparedImages {
     pub image: PulledImage,
     pub root_image: PathBuf,
     pub identity_layer: PathBuf,
+    /// The layer holding OpenShell's supervisor, for a sandbox that runs it.
+    pub supervisor_layer: Option<PathBuf>,
     /// True when this call built the root image (false: it was cached).
     pub root_built: bool,
     /// Warnings from writing the sandbox user (e.g. another user owns the uid).
@@ -105,7 +108,8 @@ pub fn prepare_images(
     let store = Store::open(root)?;
     let image = kiln_image::pull(&store, reference, options)?;
     let pull_time = started.elapsed();
-    let prepared = build_images(root, &store, image, uid, gid, Some(cache_max), &|_| {})?;
+    let ids = (uid, gid, IdBounds::KILN);
+    let prepared = build_images(root, &store, image, ids, Some(cache_max), &|_| {})?;
     Ok(PreparedImages {
         pull_time,
         ..prepared
@@ -122,14 +126,13 @@ pub enum BuildStep {
 }
 
 /// Builds or reuses the root image of `image` (already in `store`) and the identity layer
-/// for `uid`:`gid`, then trims the image cache to `cache_max` bytes if given (a failure
+/// for `ids` (uid, gid and the bounds they were checked against), then trims the image cache to `cache_max` bytes if given (a failure
 /// to trim is a warning); `step` hears of each step before it runs.
 pub fn build_images(
     root: &Path,
     store: &Store,
     image: PulledImage,
-    uid: u32,
-    gid: u32,
+    (uid, gid, bounds): (u32, u32, IdBounds),
     cache_max: Option<u64>,
     step: &dyn Fn(BuildStep),
 ) -> Result<PreparedImages, PrepareError> {
@@ -140,7 +143,7 @@ pub fn build_images(
         open_layers(store, &image)
     })?;
     step(BuildStep::IdentityLayer);
-    let identity = cache.identity_layer(&digest, &inputs, uid, gid)?;
+    let identity = cache.identity_layer(&digest, &inputs, uid, gid, bounds)?;
     let mut warnings = identity
         .built
         .as_ref()
@@ -155,6 +158,7 @@ pub fn build_images(
         root_built: root_image.built.is_some(),
         root_image: root_image.path,
         identity_layer: identity.path,
+        supervisor_layer: None,
         image,
         warnings,
         pull_time: Duration::ZERO,
@@ -162,7 +166,8 @@ pub fn build_images(
 }
 
 /// The images `record` pins, rebuilt from the store by digest when their cache is gone;
-/// never resolves the reference again. `step` hears of each build step before it runs.
+/// never resolves the reference again. Its supervisor layer (if any) must be cached: kiln
+/// keeps no copy of the binary to build it again from. `step` hears of each build step before it runs.
 /// The cache is not trimmed: its limit is a setting of the commands that add images.
 pub fn pinned_images(
     root: &Path,
@@ -177,15 +182,20 @@ pub fn pinned_images(
             digest: record.image.manifest_digest.to_string(),
             reason: source.to_string(),
         })?;
-    build_images(
-        root,
-        &store,
-        image,
-        record.sandbox_uid,
-        record.sandbox_gid,
-        None,
-        step,
-    )
+    // The record's ids passed its front end's bounds at create: the widest any of kiln's
+    // front ends admits lets them through again.
+    let ids = (record.sandbox_uid, record.sandbox_gid, IdBounds::OPENSHELL);
+    let prepared = build_images(root, &store, image, ids, None, step)?;
+    let supervisor_layer = match &record.openshell {
+        Some(openshell) => {
+            Some(image_cache(root).supervisor_layer_of(&openshell.supervisor_digest)?)
+        }
+        None => None,
+    };
+    Ok(PreparedImages {
+        supervisor_layer,
+        ..prepared
+    })
 }
 
 /// Opens the stored blob of every layer of `image`, bottom first, for kiln-rootfs.

@@ -132,6 +132,9 @@ pub struct CreateFields {
     /// Ids of the `sandbox` user written into the image; the default is 10001.
     pub uid: Option<String>,
     pub gid: Option<String>,
+    /// The bounds `uid`, `gid` and a numeric `user` must lie in; the default is kiln's
+    /// own ([`kiln_identity::IdBounds::KILN`]).
+    pub id_bounds: Option<kiln_identity::IdBounds>,
     /// CPUs as docker's `--cpus` takes them (`0.5`, `2`): the VM gets the next whole
     /// number of vCPUs, the request keeps the exact share.
     pub cpus: Option<String>,
@@ -177,6 +180,32 @@ pub struct CreateFields {
     pub auto_remove: bool,
     /// `no`, `on-failure[:N]`, `always` or `unless-stopped`; the default is `no`.
     pub restart: Option<String>,
+    /// Run OpenShell's supervisor as the sandbox's main program instead of the workload
+    /// (kiln's OpenShell driver); it runs the workload itself.
+    pub openshell: Option<OpenShellSupervisor>,
+}
+
+/// OpenShell's supervisor in the guest: the binary, its environment and the token.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct OpenShellSupervisor {
+    /// Host path of the static `openshell-sandbox` binary; it is put in the guest at
+    /// /opt/openshell/bin/openshell-sandbox by a read-only layer cached by its digest.
+    pub binary: PathBuf,
+    /// Its exact environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// The gateway's sandbox token: kept owner-only in the sandbox's state directory and
+    /// written in the guest where only root can read it; never logged or shown.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for OpenShellSupervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenShellSupervisor")
+            .field("binary", &self.binary)
+            .field("env", &self.env)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A valid request to create a sandbox: only [`CreateFields::validate`] makes one.
@@ -189,6 +218,8 @@ pub struct CreateRequest {
     /// Ids of the `sandbox` user written into the image.
     pub(crate) sandbox_uid: u32,
     pub(crate) sandbox_gid: u32,
+    /// The bounds they were checked against, for the identity layer.
+    pub(crate) id_bounds: kiln_identity::IdBounds,
     pub(crate) cpus: u32,
     /// The exact CPU share; `cpus` is it rounded up.
     pub(crate) millicpus: u32,
@@ -212,6 +243,7 @@ pub struct CreateRequest {
     pub(crate) allow_user_namespaces: bool,
     pub(crate) auto_remove: bool,
     pub(crate) restart: RestartPolicy,
+    pub(crate) openshell: Option<OpenShellSupervisor>,
 }
 
 /// The fields of a foreground run (`kiln run`): a create request and how this run goes.
@@ -323,9 +355,10 @@ impl Checker<'_> {
         field: Field,
         value: Option<&str>,
         default: u32,
+        bounds: kiln_identity::IdBounds,
     ) -> Result<u32, InvalidField> {
         value.map_or(Ok(default), |text| {
-            kiln_identity::parse_sandbox_id(text).map_err(|e| self.wrap(field, e))
+            kiln_identity::parse_sandbox_id(text, bounds).map_err(|e| self.wrap(field, e))
         })
     }
 
@@ -416,17 +449,20 @@ impl CreateFields {
             validate_name(name).map_err(|e| check.wrap(Field::Name, e))?;
         }
         let user = self.user.as_deref().unwrap_or(kiln_identity::SANDBOX_USER);
-        let run_as =
-            kiln_identity::RunAs::parse(user.as_bytes()).map_err(|e| check.wrap(Field::User, e))?;
+        let id_bounds = self.id_bounds.unwrap_or(kiln_identity::IdBounds::KILN);
+        let run_as = kiln_identity::RunAs::parse(user.as_bytes(), id_bounds)
+            .map_err(|e| check.wrap(Field::User, e))?;
         let sandbox_uid = check.sandbox_id(
             Field::Uid,
             self.uid.as_deref(),
             kiln_identity::DEFAULT_SANDBOX_UID,
+            id_bounds,
         )?;
         let sandbox_gid = check.sandbox_id(
             Field::Gid,
             self.gid.as_deref(),
             kiln_identity::DEFAULT_SANDBOX_GID,
+            id_bounds,
         )?;
         let millicpus = match self.cpus.as_deref() {
             None => DEFAULT_CPUS * 1000,
@@ -597,6 +633,7 @@ impl CreateFields {
             run_as,
             sandbox_uid,
             sandbox_gid,
+            id_bounds,
             cpus,
             millicpus,
             memory_mib,
@@ -613,6 +650,7 @@ impl CreateFields {
             allow_user_namespaces: self.allow_user_namespaces,
             auto_remove: self.auto_remove,
             restart,
+            openshell: self.openshell,
         })
     }
 }

@@ -684,6 +684,7 @@ mod tests {
             tty: false,
             terminal: None,
             task: None,
+            openshell: None,
         }
     }
 

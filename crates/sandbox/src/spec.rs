@@ -138,6 +138,7 @@ pub fn build_run_spec(
         tty: terminal.is_some(),
         terminal,
         task: None,
+        openshell: None,
     })
 }
 

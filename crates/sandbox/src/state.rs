@@ -41,6 +41,8 @@ pub const STDERR_LOG: &str = "stderr.log";
 pub const MONITOR_LOG: &str = "monitor.log";
 pub const MONITOR_LOCK: &str = "monitor.lock";
 pub const MONITOR_SOCKET: &str = "monitor.sock";
+/// The gateway's sandbox token of an OpenShell sandbox (owner-only, as every state file).
+pub const OPENSHELL_TOKEN_FILE: &str = "openshell-token";
 
 /// What a sandbox was created from and with (`sandbox.json`); never changes afterwards, so
 /// every start boots the same image (the pinned manifest digest in `image`). It names no
@@ -92,6 +94,18 @@ pub struct SandboxRecord {
     /// defaults).
     #[serde(default)]
     pub guest: GuestSetup,
+    /// OpenShell's supervisor is the main program (absent: kiln's supervisor runs the
+    /// workload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openshell: Option<OpenShellRecord>,
+}
+
+/// What a sandbox that runs OpenShell's supervisor boots with besides its images; the
+/// token is in [`OPENSHELL_TOKEN_FILE`], never in the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenShellRecord {
+    /// `sha256:<hex>` of the supervisor binary: names its cached layer.
+    pub supervisor_digest: String,
 }
 
 /// What the guest's init sets up from the boot configuration besides disks and network:
@@ -410,16 +424,51 @@ impl SandboxDir {
     /// another user owns or could write is refused.
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T, StateError> {
         const MAX: u64 = 1 << 20;
+        let bytes = self.read_bytes(name, MAX)?;
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: self.file(name),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads at most `max` bytes of `name`, which kiln must have written (as
+    /// [`SandboxDir::read_json`]).
+    fn read_bytes(&self, name: &str, max: u64) -> Result<Vec<u8>, StateError> {
         let path = self.file(name);
         let mut bytes = Vec::new();
         open_own(&path)?
-            .take(MAX)
+            .take(max)
             .read_to_end(&mut bytes)
             .map_err(io_err(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            path,
-            reason: e.to_string(),
-        })
+        Ok(bytes)
+    }
+
+    /// Keeps the OpenShell sandbox token (owner-only, by rename).
+    pub fn write_openshell_token(&self, token: &str) -> Result<(), StateError> {
+        Ok(kiln_hostfs::write_file(
+            &self.file(OPENSHELL_TOKEN_FILE),
+            token.as_bytes(),
+        )?)
+    }
+
+    /// The OpenShell sandbox token, if the sandbox has one. Errors never hold it.
+    pub fn openshell_token(&self) -> Result<Option<String>, StateError> {
+        let max = kiln_protocol::MAX_OPENSHELL_TOKEN_LEN as u64;
+        let bytes = match self.read_bytes(OPENSHELL_TOKEN_FILE, max + 1) {
+            Ok(bytes) => bytes,
+            Err(StateError::Host(err)) if err.is_not_found() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let corrupt = |reason: &str| StateError::Corrupt {
+            path: self.file(OPENSHELL_TOKEN_FILE),
+            reason: reason.to_owned(),
+        };
+        if bytes.len() as u64 > max {
+            return Err(corrupt("longer than a sandbox token may be"));
+        }
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| corrupt("not UTF-8"))
     }
 
     /// Makes `name` point to this sandbox, unless another sandbox has it.
@@ -859,6 +908,7 @@ mod tests {
                 tty: false,
                 terminal: None,
                 task: None,
+                openshell: None,
             },
             cpus: 1,
             millicpus: None,
@@ -872,6 +922,7 @@ mod tests {
             auto_remove: false,
             restart: RestartPolicy::No,
             guest: GuestSetup::default(),
+            openshell: None,
         };
         let mut json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["log_max_size"], 4096);
@@ -993,6 +1044,7 @@ mod tests {
                 tty: false,
                 terminal: None,
                 task: None,
+                openshell: None,
             },
             cpus: 1,
             millicpus: None,
@@ -1006,6 +1058,7 @@ mod tests {
             auto_remove: false,
             restart: RestartPolicy::No,
             guest: GuestSetup::default(),
+            openshell: None,
         }
     }
 

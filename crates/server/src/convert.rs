@@ -25,7 +25,7 @@ pub struct Machine {
 }
 
 /// How the driver API names request fields in errors: as the proto does.
-struct ProtoNames;
+pub struct ProtoNames;
 
 impl FieldNames for ProtoNames {
     fn field(&self, field: Field) -> &'static str {

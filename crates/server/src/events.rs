@@ -40,8 +40,10 @@ impl Hub {
     }
 
     /// Publishes `kind` for the sandbox `id` (empty while a Create has not chosen one).
+    /// Status events of a sandbox without an id are never taken for repeats: the id is
+    /// what tells one sandbox's news from another's.
     pub fn publish(&self, id: &str, name: Option<&str>, kind: Kind) {
-        if let Some(key) = status_key(&kind) {
+        if let Some(key) = status_key(&kind).filter(|_| !id.is_empty()) {
             let mut last = self.last_status.lock().expect("hub lock");
             if last.get(id) == Some(&key) {
                 return;

@@ -49,7 +49,7 @@ pub struct DriverService {
 
 /// Runs blocking `work` on a thread of its own (not a tokio thread: the lifecycle may
 /// start a runtime of its own) and waits for it without blocking the runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, GrpcStatus> {
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -8,8 +8,12 @@ use crate::PrivilegeError;
 /// fails is a [`kiln_protocol::WorkloadResult`], not an error).
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    #[error("sandbox {what} {value} is outside the sandbox range 1000..=2000000000")]
-    IdOutOfRange { what: &'static str, value: u32 },
+    #[error("sandbox {what} {value} is outside the sandbox range {bounds}")]
+    IdOutOfRange {
+        what: &'static str,
+        value: u32,
+        bounds: kiln_identity::IdBounds,
+    },
     #[error("the sandbox root's /etc/passwd has no \"sandbox\" entry; run as a numeric uid, or build the image with its identity layer")]
     NoSandboxUser,
     #[error("the sandbox root's \"sandbox\" entry has uid:gid {}:{}, but {}:{} was asked for", passwd.0, passwd.1, asked.0, asked.1)]

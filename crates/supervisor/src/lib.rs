@@ -26,7 +26,10 @@ use std::path::{Path, PathBuf};
 pub use env::workload_env;
 pub use error::SupervisorError;
 pub use fs::prepare_filesystem;
-pub use kiln_protocol::{Identity, RunAs, RunSpec, StartFailure, TerminalSize, WorkloadResult};
+pub use kiln_identity::IdBounds;
+pub use kiln_protocol::{
+    Identity, OpenShellLaunch, RunAs, RunSpec, StartFailure, TerminalSize, WorkloadResult,
+};
 pub use privileges::{drop_privileges, PrivilegeError, PrivilegeStep, Privileges};
 pub use spawn::{oom_kills, Launch, Workload, WorkloadIo};
 pub use user::{
@@ -69,6 +72,9 @@ pub struct Supervisor {
     pub writable: Vec<PathBuf>,
     /// A cgroup v2 directory to run the workload in; enables OOM detection.
     pub cgroup: Option<PathBuf>,
+    /// The ids a workload may run as ([`IdBounds::KILN`] unless the
+    /// caller says otherwise).
+    pub bounds: IdBounds,
 }
 
 impl Supervisor {
@@ -77,6 +83,7 @@ impl Supervisor {
             mode,
             writable: Vec::new(),
             cgroup: None,
+            bounds: IdBounds::KILN,
         }
     }
 
@@ -86,7 +93,7 @@ impl Supervisor {
     /// an error in full mode, and anything but the target uid is one in process mode.
     pub fn prepare(&self, identity: &Identity) -> Result<SandboxUser, SupervisorError> {
         let accounts = RootAccounts::read(Path::new("/"))?;
-        let user = validate_sandbox_user(identity, &accounts)?;
+        let user = validate_sandbox_user(identity, &accounts, self.bounds)?;
         let euid = nix::unistd::geteuid().as_raw();
         match self.mode {
             Mode::Network => return Err(SupervisorError::NetworkMode),
@@ -128,6 +135,8 @@ impl Supervisor {
     /// Starts the workload of `spec` as `user` (from [`Supervisor::prepare`]): its
     /// environment is [`workload_env`] of the session and `spec.env`, its working
     /// directory `spec.cwd` or the user's home, and the child drops to the user's ids.
+    /// A spec that runs OpenShell's supervisor (`spec.openshell`) starts it as root with
+    /// exactly `spec.env`: that supervisor drops to the sandbox user itself.
     pub fn start(
         &self,
         spec: &RunSpec,
@@ -142,15 +151,23 @@ impl Supervisor {
                 message: format!("working directory {cwd:?} is not absolute"),
             });
         }
+        let (env, privileges) = match &spec.openshell {
+            Some(_) => (spec.env.clone(), None),
+            None => (
+                workload_env(&session, &spec.env),
+                Some(user.privileges.clone()),
+            ),
+        };
         let launch = Launch {
             argv: spec.argv.clone(),
-            env: workload_env(&session, &spec.env),
+            env,
             cwd: PathBuf::from(cwd),
-            privileges: user.privileges.clone(),
+            privileges,
             cgroup: self.cgroup.clone(),
             io,
         };
-        tracing::debug!(argv = ?launch.argv, cwd = %launch.cwd.display(), uid = launch.privileges.uid, "starting the workload");
+        let uid = launch.privileges.as_ref().map_or(0, |p| p.uid);
+        tracing::debug!(argv = ?launch.argv, cwd = %launch.cwd.display(), uid, "starting the workload");
         Workload::spawn(&launch)
     }
 

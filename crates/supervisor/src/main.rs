@@ -106,7 +106,7 @@ struct Args {
 }
 
 fn parse_id(value: &str) -> Result<u32, String> {
-    kiln_identity::parse_sandbox_id(value).map_err(|e| e.to_string())
+    kiln_identity::parse_sandbox_id(value, kiln_identity::IdBounds::KILN).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -176,11 +176,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     };
     let supervisor = Supervisor {
         mode,
         writable: args.writable,
         cgroup: args.cgroup,
+        // The Kubernetes renderer and this binary's flags take kiln's own bounds.
+        bounds: kiln_supervisor::IdBounds::KILN,
     };
     let user = supervisor.prepare(&spec.identity)?;
     // Combined topology: the rules go in while the supervisor is root, and the enforcer

@@ -42,8 +42,9 @@ pub struct Launch {
     /// The complete environment, `KEY=VALUE`.
     pub env: Vec<String>,
     pub cwd: PathBuf,
-    /// Ids the child drops to before exec.
-    pub privileges: Privileges,
+    /// Ids the child drops to before exec; `None` keeps the caller's (root's): only for
+    /// OpenShell's supervisor, which drops to the sandbox user itself.
+    pub privileges: Option<Privileges>,
     /// A cgroup v2 directory the child moves into before exec; its memory.events tells
     /// an OOM kill apart from another SIGKILL.
     pub cgroup: Option<PathBuf>,
@@ -534,7 +535,7 @@ fn child_main(p: &Prepared, launch: &Launch, child_fds: &[RawFd]) -> ChildFailur
                 }
             }
         }
-        if let Err(e) = drop_privileges(&launch.privileges) {
+        if let Some(Err(e)) = launch.privileges.as_ref().map(drop_privileges) {
             let detail = PRIVILEGE_STEPS
                 .iter()
                 .position(|s| *s == e.step)

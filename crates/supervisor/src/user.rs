@@ -9,8 +9,8 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use kiln_identity::{
-    lookup_uid, lookup_user, supplementary_gids, PasswdEntry, MAX_ACCOUNT_FILE_SIZE,
-    MAX_SANDBOX_GID, MAX_SANDBOX_UID, MIN_SANDBOX_GID, MIN_SANDBOX_UID, SANDBOX_HOME, SANDBOX_USER,
+    lookup_uid, lookup_user, supplementary_gids, IdBounds, PasswdEntry, MAX_ACCOUNT_FILE_SIZE,
+    SANDBOX_HOME, SANDBOX_USER,
 };
 use kiln_protocol::{Identity, RunAs};
 use nix::errno::Errno;
@@ -90,7 +90,10 @@ pub struct SandboxUser {
 
 /// Checks the identity a workload asks for.
 ///
-/// - `run_as: uid`: uid and gid must lie in the sandbox bounds (1000..=2000000000); no
+/// uid and gid must lie in `bounds` (the rules of whoever chose them: kiln's own, or
+/// OpenShell's for ids an OpenShell gateway configures).
+///
+/// - `run_as: uid`: no
 ///   passwd entry is needed, and the process gets no supplementary groups (an entry with
 ///   that uid, if any, only names the session).
 /// - `run_as: sandbox`: the root's /etc/passwd must have a `sandbox` entry whose uid and
@@ -99,9 +102,10 @@ pub struct SandboxUser {
 pub fn validate_sandbox_user(
     identity: &Identity,
     accounts: &RootAccounts,
+    bounds: IdBounds,
 ) -> Result<SandboxUser, SupervisorError> {
-    check_bounds("uid", identity.uid, MIN_SANDBOX_UID, MAX_SANDBOX_UID)?;
-    check_bounds("gid", identity.gid, MIN_SANDBOX_GID, MAX_SANDBOX_GID)?;
+    check_bounds("uid", identity.uid, bounds)?;
+    check_bounds("gid", identity.gid, bounds)?;
     let privileges = |groups| Privileges {
         uid: identity.uid,
         gid: identity.gid,
@@ -134,11 +138,15 @@ pub fn validate_sandbox_user(
     }
 }
 
-fn check_bounds(what: &'static str, value: u32, min: u32, max: u32) -> Result<(), SupervisorError> {
-    if (min..=max).contains(&value) {
+fn check_bounds(what: &'static str, value: u32, bounds: IdBounds) -> Result<(), SupervisorError> {
+    if bounds.contains(value) {
         Ok(())
     } else {
-        Err(SupervisorError::IdOutOfRange { what, value })
+        Err(SupervisorError::IdOutOfRange {
+            what,
+            value,
+            bounds,
+        })
     }
 }
 
@@ -211,9 +219,12 @@ mod tests {
 
     #[test]
     fn numeric_ids_need_no_passwd_entry_and_get_no_groups() {
-        let user =
-            validate_sandbox_user(&identity(RunAs::Uid, 4242, 4343), &RootAccounts::default())
-                .unwrap();
+        let user = validate_sandbox_user(
+            &identity(RunAs::Uid, 4242, 4343),
+            &RootAccounts::default(),
+            IdBounds::KILN,
+        )
+        .unwrap();
         assert_eq!(
             user.privileges,
             Privileges {
@@ -242,7 +253,9 @@ mod tests {
         );
         // Hostile passwd bytes do not stop a numeric identity.
         let bad = accounts(b"x\0", b"\0");
-        assert!(validate_sandbox_user(&identity(RunAs::Uid, 4242, 4242), &bad).is_ok());
+        assert!(
+            validate_sandbox_user(&identity(RunAs::Uid, 4242, 4242), &bad, IdBounds::KILN).is_ok()
+        );
     }
 
     #[test]
@@ -250,6 +263,7 @@ mod tests {
         let user = validate_sandbox_user(
             &identity(RunAs::Uid, 20000, 20000),
             &accounts(PASSWD, GROUP),
+            IdBounds::KILN,
         )
         .unwrap();
         assert!(
@@ -271,6 +285,7 @@ mod tests {
         let user = validate_sandbox_user(
             &identity(RunAs::Sandbox, 10001, 10001),
             &accounts(PASSWD, GROUP),
+            IdBounds::KILN,
         )
         .unwrap();
         assert_eq!(user.privileges.groups, [100, 3000]);
@@ -287,6 +302,7 @@ mod tests {
         let missing = validate_sandbox_user(
             &identity(RunAs::Sandbox, 10001, 10001),
             &accounts(b"root:x:0:0::/:/bin/sh\n", b""),
+            IdBounds::KILN,
         );
         assert!(
             matches!(missing, Err(SupervisorError::NoSandboxUser)),
@@ -295,6 +311,7 @@ mod tests {
         let other_ids = validate_sandbox_user(
             &identity(RunAs::Sandbox, 10002, 10001),
             &accounts(PASSWD, GROUP),
+            IdBounds::KILN,
         );
         assert!(
             matches!(other_ids, Err(SupervisorError::SandboxIdsMismatch { .. })),
@@ -303,6 +320,7 @@ mod tests {
         let root_group = validate_sandbox_user(
             &identity(RunAs::Sandbox, 10001, 10001),
             &accounts(PASSWD, b"root:x:0:sandbox\n"),
+            IdBounds::KILN,
         );
         assert!(
             matches!(root_group, Err(SupervisorError::RootGroupMember)),
@@ -311,6 +329,7 @@ mod tests {
         let nul = validate_sandbox_user(
             &identity(RunAs::Sandbox, 10001, 10001),
             &accounts(b"sandbox\0", b""),
+            IdBounds::KILN,
         );
         assert!(matches!(nul, Err(SupervisorError::Accounts(_))), "{nul:?}");
     }
@@ -325,15 +344,30 @@ mod tests {
             (u32::MAX, 1000),
         ] {
             for run_as in [RunAs::Uid, RunAs::Sandbox] {
-                let err =
-                    validate_sandbox_user(&identity(run_as, uid, gid), &accounts(PASSWD, GROUP))
-                        .unwrap_err();
+                let err = validate_sandbox_user(
+                    &identity(run_as, uid, gid),
+                    &accounts(PASSWD, GROUP),
+                    IdBounds::KILN,
+                )
+                .unwrap_err();
                 assert!(
                     matches!(err, SupervisorError::IdOutOfRange { .. }),
                     "{uid}:{gid} {err}"
                 );
                 assert!(err.to_string().contains("1000..=2000000000"), "{err}");
             }
+        }
+        // OpenShell's bounds take low and high ids but still refuse root and u32::MAX.
+        let low = identity(RunAs::Uid, 500, 500);
+        assert!(validate_sandbox_user(&low, &accounts(PASSWD, GROUP), IdBounds::OPENSHELL).is_ok());
+        for (uid, gid) in [(0, 500), (500, u32::MAX)] {
+            let err = validate_sandbox_user(
+                &identity(RunAs::Uid, uid, gid),
+                &accounts(PASSWD, GROUP),
+                IdBounds::OPENSHELL,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("1..=4294967294"), "{err}");
         }
     }
 
@@ -342,6 +376,7 @@ mod tests {
         let user = validate_sandbox_user(
             &identity(RunAs::Uid, 5000, 5000),
             &accounts(b"five:x:5000:5000:::\n", b""),
+            IdBounds::KILN,
         )
         .unwrap();
         assert_eq!(
@@ -386,8 +421,12 @@ mod tests {
             MAX_ACCOUNT_FILE_SIZE + 1,
             "reads are bounded"
         );
-        let err =
-            validate_sandbox_user(&identity(RunAs::Sandbox, 10001, 10001), &read).unwrap_err();
+        let err = validate_sandbox_user(
+            &identity(RunAs::Sandbox, 10001, 10001),
+            &read,
+            IdBounds::KILN,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("at most 1 MiB"), "{err}");
 
         std::fs::remove_file(root.path().join("etc/passwd")).unwrap();

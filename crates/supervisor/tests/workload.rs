@@ -38,11 +38,11 @@ fn launch(argv: &[&str], io: WorkloadIo) -> Launch {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: vec!["PATH=/usr/bin:/bin".into()],
         cwd: PathBuf::from("/"),
-        privileges: Privileges {
+        privileges: Some(Privileges {
             uid: UID,
             gid: GID,
             groups: vec![],
-        },
+        }),
         cgroup: None,
         io,
     }
@@ -99,7 +99,7 @@ fn workload_runs_with_exactly_the_target_ids_and_no_capabilities() {
     assert_dropped(&status, "");
 
     let mut with_groups = launch(&["cat", "/proc/self/status"], WorkloadIo::Pipes);
-    with_groups.privileges.groups = vec![3000, 100];
+    with_groups.privileges.as_mut().unwrap().groups = vec![3000, 100];
     let (_, status, _) = run(&with_groups);
     assert_dropped(&status, "100 3000");
 }
@@ -329,6 +329,7 @@ fn supervisor_runs_a_spec_as_a_numeric_identity() {
         tty: false,
         terminal: None,
         task: None,
+        openshell: None,
     };
     // Process mode: the caller must already be the target uid, and root is not.
     let err = Supervisor::new(Mode::Process)
@@ -350,8 +351,12 @@ fn supervisor_runs_a_spec_as_a_numeric_identity() {
 
     // start() skips prepare(), so this host's /sandbox is left alone.
     let user = Supervisor::new(Mode::Full);
-    let sandbox_user =
-        kiln_supervisor::validate_sandbox_user(&spec.identity, &Default::default()).unwrap();
+    let sandbox_user = kiln_supervisor::validate_sandbox_user(
+        &spec.identity,
+        &Default::default(),
+        kiln_identity::IdBounds::KILN,
+    )
+    .unwrap();
     let mut workload = user.start(&spec, &sandbox_user, WorkloadIo::Pipes).unwrap();
     drop(workload.stdin.take());
     let out = read_all(workload.stdout.take());
@@ -365,6 +370,26 @@ fn supervisor_runs_a_spec_as_a_numeric_identity() {
         .map(|_| ())
         .unwrap_err();
     assert_eq!(result.start_failure().unwrap().exit_code(), 127);
+
+    // OpenShell's supervisor starts as root with exactly the spec's environment.
+    let mut openshell = spec.clone();
+    openshell.argv = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo \"$(id -u):$(id -g) [$USER] $HOME $PATH\"; env | wc -l".into(),
+    ];
+    openshell.env = vec!["PATH=/usr/bin:/bin".into(), "HOME=/root".into()];
+    openshell.openshell = Some(kiln_supervisor::OpenShellLaunch::default());
+    let mut workload = user
+        .start(&openshell, &sandbox_user, WorkloadIo::Pipes)
+        .unwrap();
+    drop(workload.stdin.take());
+    let out = read_all(workload.stdout.take());
+    // sh adds PWD (and SHLVL, _ on some shells) to what it was given: at most 5 lines.
+    let (first, count) = out.split_once('\n').unwrap();
+    assert_eq!(first, "0:0 [] /root /usr/bin:/bin", "{out}");
+    assert!(count.trim().parse::<u32>().unwrap() <= 5, "{out}");
+    assert_eq!(workload.wait().unwrap(), WorkloadResult::Exited { code: 0 });
 }
 
 /// The static binary as the Kubernetes path uses it.

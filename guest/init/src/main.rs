@@ -8,19 +8,21 @@
 //!    for the host's hello and wall clock and sets the clock (the RTC the kernel read at
 //!    boot has whole seconds only);
 //! 2. turns off user namespaces (`user.max_user_namespaces=0`) unless `kiln.userns=on`,
-//!    mounts the root image and the identity layer (EROFS, read-only) and the writable
-//!    upper (tmpfs, or an ext4 disk for a persistent sandbox), stacks them into an overlay
-//!    (`lowerdir=identity:root`, `metacopy=on,redirect_dir=on`; all of them nodev and
-//!    nosuid, so the image's device nodes and set-id bits are inert), moves /dev, /proc,
-//!    /sys into it and switches root (move mount + chroot: the initramfs cannot be
-//!    pivoted);
+//!    mounts the root image, the identity layer and, for OpenShell, the supervisor layer
+//!    (EROFS, read-only) and the writable upper (tmpfs, or an ext4 disk for a persistent
+//!    sandbox), stacks them into an overlay (`lowerdir=[openshell:]identity:root`,
+//!    `metacopy=on,redirect_dir=on`; all of them nodev and nosuid, so the image's device
+//!    nodes and set-id bits are inert), moves /dev, /proc, /sys into it and switches root
+//!    (move mount + chroot: the initramfs cannot be pivoted);
 //! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes and tmpfs mounts,
 //!    sets the hostname, writes /etc/hostname, /etc/hosts and /etc/resolv.conf, brings up
 //!    lo and, when asked, eth0 with a static address (ioctls) and default route;
 //! 4. waits for the run spec (session 1), gives the read-write
 //!    volumes' roots to the spec's uid:gid, makes the root read-only when `kiln.ro=on`
 //!    (after the supervisor's preparation), starts the workload through kiln-supervisor
-//!    (full mode: user check, /sandbox ownership, verified privilege drop) in the cgroup
+//!    (full mode: user check, /sandbox ownership, verified privilege drop; for a spec
+//!    that runs OpenShell's supervisor, the sandbox token on a root-only tmpfs and the
+//!    supervisor started as root, which drops privileges itself) in the cgroup
 //!    `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM kill is told apart),
 //!    pumps stdin/stdout/stderr (or the terminal) over the channel, forwards signals
 //!    (received by init, or sent by the host), runs exec sessions the host opens, and
@@ -66,6 +68,7 @@
 mod channel;
 mod etc;
 mod net;
+mod openshell;
 mod rootfs;
 mod session;
 mod sys;

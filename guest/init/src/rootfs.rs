@@ -11,6 +11,7 @@ use kiln_protocol::{BootConfig, BootError, BootStep as Step, DiskRef, Upper};
 /// Where init mounts things in the initramfs before switching.
 const ROOT_IMAGE: &str = "/kiln/root";
 const IDENT_IMAGE: &str = "/kiln/ident";
+const OPENSHELL_IMAGE: &str = "/kiln/openshell";
 const UPPER: &str = "/kiln/upper";
 const NEW_ROOT: &str = "/newroot";
 
@@ -91,8 +92,8 @@ fn mount_erofs(disk: &DiskRef, target: &str, step: Step) -> Result<(), BootError
 }
 
 /// Mounts the images and the upper named by `config` and stacks them into an overlay at
-/// /newroot: lowerdir=identity:root (the identity layer's edited /etc/passwd and /sandbox
-/// win over the image), the upper on tmpfs or an ext4 disk, with metacopy so that
+/// /newroot: lowerdir=[openshell:]identity:root (the identity layer's edited /etc/passwd and
+/// /sandbox win over the image, and OpenShell's supervisor layer over both), the upper on tmpfs or an ext4 disk, with metacopy so that
 /// ownership changes under /sandbox copy up metadata only. Every one of these mounts is
 /// nodev and nosuid ([`IMAGE_CONTENT`]).
 pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
@@ -107,6 +108,11 @@ pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
     if let Some(ident) = &config.ident {
         mount_erofs(ident, IDENT_IMAGE, Step::MountIdentity)?;
         lowers.insert(0, IDENT_IMAGE);
+    }
+    // Topmost, so that nothing of the image can stand in for OpenShell's supervisor.
+    if let Some(openshell) = &config.openshell {
+        mount_erofs(openshell, OPENSHELL_IMAGE, Step::MountSupervisor)?;
+        lowers.insert(0, OPENSHELL_IMAGE);
     }
 
     let step = Step::MountUpper;

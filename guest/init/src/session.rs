@@ -264,6 +264,9 @@ impl Sessions {
         if table.live.contains_key(&session) {
             return refuse(format!("session {session} is already running a process"));
         }
+        if spec.openshell.is_some() {
+            return refuse("only the main session runs OpenShell's supervisor".into());
+        }
         // A task runs init's own binary in place of the spec's program.
         let task_spec;
         let spec = match &spec.task {
@@ -278,7 +281,9 @@ impl Sessions {
         };
         // Same identity checks as the main workload; /sandbox is already prepared.
         let started = RootAccounts::read(std::path::Path::new("/"))
-            .and_then(|accounts| validate_sandbox_user(&spec.identity, &accounts))
+            .and_then(|accounts| {
+                validate_sandbox_user(&spec.identity, &accounts, self.supervisor.bounds)
+            })
             .and_then(|user| self.start_locked(&mut table, session, spec, &user));
         drop(table);
         if let Err(err) = started {

@@ -87,9 +87,15 @@ pub fn run(
     send_phase(channel, BootPhase::SupervisorStarted, clock());
     let mut supervisor = Supervisor::new(Mode::Full);
     supervisor.cgroup = Some(create_cgroup()?);
+    // The host checked the ids against its front end's bounds (kiln's own, or OpenShell's
+    // for ids an OpenShell gateway configures); the guest refuses what none admits.
+    supervisor.bounds = kiln_supervisor::IdBounds::OPENSHELL;
     let user = supervisor
         .prepare(&spec.identity)
         .map_err(supervisor_error)?;
+    if let Some(launch) = &spec.openshell {
+        crate::openshell::place_token(launch)?;
+    }
     // After the preparation, which may chown /sandbox in the overlay.
     if read_only_root {
         crate::sys::remount_read_only(std::path::Path::new("/")).map_err(|e| {

@@ -35,7 +35,7 @@ fuzz_target!(|input: Input| {
         gshadow,
         shadow,
     };
-    let Ok(once) = write_sandbox_accounts(&files, uid, gid, "/bin/sh") else {
+    let Ok(once) = write_sandbox_accounts(&files, uid, gid, "/bin/sh", kiln_identity::IdBounds::KILN) else {
         return;
     };
     for out in [&once.passwd, &once.group, &once.gshadow, &once.shadow] {
@@ -48,7 +48,7 @@ fuzz_target!(|input: Input| {
         shadow: Some(once.shadow.clone()),
     };
     // Outputs of inputs near the 1 MiB limit may pass it; that is the only allowed error.
-    if let Ok(twice) = write_sandbox_accounts(&again, uid, gid, "/bin/sh") {
+    if let Ok(twice) = write_sandbox_accounts(&again, uid, gid, "/bin/sh", kiln_identity::IdBounds::KILN) {
         assert_eq!(
             (&twice.passwd, &twice.group, &twice.gshadow, &twice.shadow),
             (&once.passwd, &once.group, &once.gshadow, &once.shadow)

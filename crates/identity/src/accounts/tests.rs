@@ -15,7 +15,7 @@ fn files(
 }
 
 fn edit(f: &AccountFiles) -> EditedAccounts {
-    write_sandbox_accounts(f, 10001, 10001, "/bin/sh").unwrap()
+    write_sandbox_accounts(f, 10001, 10001, "/bin/sh", crate::IdBounds::KILN).unwrap()
 }
 
 fn again(e: &EditedAccounts) -> AccountFiles {
@@ -226,6 +226,7 @@ fn oversized_or_nul_files_are_errors_naming_the_file() {
                 10001,
                 10001,
                 "/bin/sh",
+                crate::IdBounds::KILN,
             )
             .unwrap_err()
             .to_string();
@@ -238,7 +239,8 @@ fn oversized_or_nul_files_are_errors_naming_the_file() {
         &files(Some(&exactly_limit), None, None, None),
         10001,
         10001,
-        "/bin/sh"
+        "/bin/sh",
+        crate::IdBounds::KILN
     )
     .is_ok());
 }
@@ -246,16 +248,22 @@ fn oversized_or_nul_files_are_errors_naming_the_file() {
 #[test]
 fn bad_ids_and_shells_are_errors() {
     let none = AccountFiles::default();
-    let err = write_sandbox_accounts(&none, 0, 10001, "/bin/sh")
+    let err = write_sandbox_accounts(&none, 0, 10001, "/bin/sh", crate::IdBounds::KILN)
         .unwrap_err()
         .to_string();
     assert!(
         err.starts_with("uid 0 from the account-file edit is outside the sandbox range"),
         "{err}"
     );
-    let err = write_sandbox_accounts(&none, 10001, 2_000_000_001, "/bin/sh")
-        .unwrap_err()
-        .to_string();
+    let err = write_sandbox_accounts(
+        &none,
+        10001,
+        2_000_000_001,
+        "/bin/sh",
+        crate::IdBounds::KILN,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.starts_with("gid 2000000001 from the account-file edit"),
         "{err}"
@@ -270,7 +278,8 @@ fn bad_ids_and_shells_are_errors() {
         ),
         ("/bin/sh\r", "it holds ':', a line break or NUL"),
     ] {
-        let err = write_sandbox_accounts(&none, 10001, 10001, shell).unwrap_err();
+        let err =
+            write_sandbox_accounts(&none, 10001, 10001, shell, crate::IdBounds::KILN).unwrap_err();
         assert_eq!(
             err,
             IdentityError::InvalidShell {
@@ -284,7 +293,7 @@ fn bad_ids_and_shells_are_errors() {
         );
     }
     let long = format!("/{}", "a".repeat(MAX_SHELL_LEN));
-    assert!(write_sandbox_accounts(&none, 10001, 10001, &long).is_err());
+    assert!(write_sandbox_accounts(&none, 10001, 10001, &long, crate::IdBounds::KILN).is_err());
 }
 
 #[test]
@@ -294,6 +303,7 @@ fn ids_and_shell_are_the_callers() {
         1000,
         2_000_000_000,
         "/sbin/nologin",
+        crate::IdBounds::KILN,
     )
     .unwrap();
     assert_eq!(
@@ -365,4 +375,31 @@ fn members_with_whitespace_or_control_bytes_are_dropped_with_a_warning() {
         ]
     );
     assert_eq!(edit(&again(&e)).group, e.group);
+}
+
+#[test]
+fn ids_are_checked_against_the_bounds_given() {
+    let none = AccountFiles::default();
+    let e =
+        write_sandbox_accounts(&none, 500, u32::MAX - 1, "/bin/sh", IdBounds::OPENSHELL).unwrap();
+    assert_eq!(
+        e.passwd,
+        b"sandbox:x:500:4294967294:sandbox:/sandbox:/bin/sh\n"
+    );
+    let err = write_sandbox_accounts(&none, 500, 10001, "/bin/sh", IdBounds::KILN)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "uid 500 from the account-file edit is outside the sandbox range 1000..=2000000000"
+    );
+    for refused in [0, u32::MAX] {
+        let err = write_sandbox_accounts(&none, 10001, refused, "/bin/sh", IdBounds::OPENSHELL)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("outside the sandbox range 1..=4294967294"),
+            "{err}"
+        );
+    }
 }

@@ -18,6 +18,7 @@ fn host_config() -> BootConfig {
     BootConfig {
         root: Some(DiskRef::Serial(ROOT_DISK_ID.into())),
         ident: Some(DiskRef::Serial(IDENTITY_DISK_ID.into())),
+        openshell: Some(DiskRef::Serial(OPENSHELL_DISK_ID.into())),
         upper: Upper::Disk(DiskRef::Serial(UPPER_DISK_ID.into())),
         port: CHANNEL_PORT.into(),
         hostname: "box-1".into(),
@@ -143,6 +144,7 @@ fn the_host_writes_these_arguments() {
         [
             "kiln.root=root",
             "kiln.ident=ident",
+            "kiln.openshell=openshell",
             "kiln.upper=upper",
             "kiln.port=kiln.0",
             "kiln.hostname=box-1",
@@ -484,6 +486,7 @@ fn config() -> impl Strategy<Value = BootConfig> {
             )| BootConfig {
                 root,
                 ident,
+                openshell: None,
                 upper,
                 port,
                 hostname,
