@@ -31,6 +31,11 @@ pub const GUEST_HOST_ALIAS: &str = "10.0.2.2";
 
 const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Where the supervisor's SSH daemon listens in the guest. The supervisor opens its
+/// session to the gateway (which is what makes a sandbox Ready there, and carries exec and
+/// connect) only when it is given this path.
+pub const GUEST_SSH_SOCKET_PATH: &str = "/run/openshell/ssh.sock";
+
 /// Variables a sandbox's own environment may not set.
 const RESERVED: [&str; 3] = [
     "OPENSHELL_SANDBOX_TOKEN",
@@ -91,6 +96,12 @@ pub fn supervisor_environment(
         ("OPENSHELL_SANDBOX_GID", settings.gid.to_string()),
         // kiln gives the numeric identity, so the image's USER does not decide it.
         ("OPENSHELL_OCI_IMAGE_USER", String::new()),
+        ("OPENSHELL_SSH_SOCKET_PATH", GUEST_SSH_SOCKET_PATH.to_owned()),
+        // kiln sends nothing to OpenShell's telemetry.
+        ("OPENSHELL_TELEMETRY_ENABLED", "false".to_owned()),
+        // The guest's network is kiln's to enforce (kiln-netstack); kiln offers the
+        // supervisor no policy DNS or transparent TCP interception of its own.
+        ("OPENSHELL_NETWORK_RUNTIME_CAPABILITIES", String::new()),
     ];
     env.extend(owned.map(|(k, v)| (k.to_owned(), v)));
     if settings.tls {
@@ -260,6 +271,8 @@ mod tests {
         assert_eq!(env["OPENSHELL_SANDBOX_UID"], "500");
         assert_eq!(env["OPENSHELL_SANDBOX_GID"], "600");
         assert_eq!(env["OPENSHELL_SANDBOX_TOKEN_FILE"], GUEST_TOKEN_PATH);
+        assert_eq!(env["OPENSHELL_SSH_SOCKET_PATH"], GUEST_SSH_SOCKET_PATH);
+        assert_eq!(env["OPENSHELL_TELEMETRY_ENABLED"], "false");
         assert!(!env.contains_key("OPENSHELL_SANDBOX_TOKEN"));
         assert!(!env.contains_key("OPENSHELL_GATEWAY_TLS_SERVER_NAME"));
         assert!(!env.contains_key("OPENSHELL_TLS_CA"));
