@@ -96,7 +96,10 @@ pub fn supervisor_environment(
         ("OPENSHELL_SANDBOX_GID", settings.gid.to_string()),
         // kiln gives the numeric identity, so the image's USER does not decide it.
         ("OPENSHELL_OCI_IMAGE_USER", String::new()),
-        ("OPENSHELL_SSH_SOCKET_PATH", GUEST_SSH_SOCKET_PATH.to_owned()),
+        (
+            "OPENSHELL_SSH_SOCKET_PATH",
+            GUEST_SSH_SOCKET_PATH.to_owned(),
+        ),
         // kiln sends nothing to OpenShell's telemetry.
         ("OPENSHELL_TELEMETRY_ENABLED", "false".to_owned()),
         // The guest's network is kiln's to enforce (kiln-netstack); kiln offers the
