@@ -132,6 +132,15 @@ async fn get(client: &mut ComputeDriverClient<Channel>, id: &str) -> os::DriverS
 }
 
 /// Runs `script` under `sh -c` in kiln sandbox `sandbox` through kiln's own driver API.
+/// A guest shell command printing `$HOME/boots` once it holds `lines` lines (at most 60 s
+/// later): Ready says the VM runs its command, not that the command has written its line.
+fn boots_after(lines: usize) -> String {
+    format!(
+        "i=0; while [ \"$(cat \"$HOME/boots\" 2>/dev/null | wc -l)\" -lt {lines} ] && [ $i -lt 600 ]; \
+         do sleep 0.1; i=$((i+1)); done; cat \"$HOME/boots\""
+    )
+}
+
 async fn kiln_exec(socket: &Path, sandbox: &str, script: &str) -> String {
     let mut client = kiln_server::client::connect(socket).await.unwrap();
     let start = proto::ExecStart {
@@ -437,7 +446,7 @@ fn every_compute_driver_rpc_with_real_boots() {
             .unwrap()
             .into_inner();
         assert_eq!(kiln_view.id, status.instance_id);
-        let boots = kiln_exec(&kiln_socket, "sb-1", "cat \"$HOME/boots\"; nproc").await;
+        let boots = kiln_exec(&kiln_socket, "sb-1", &format!("{}; nproc", boots_after(1))).await;
         assert_eq!(boots, "from the sandbox/template\n1\n");
 
         let listed = client
@@ -478,7 +487,7 @@ fn every_compute_driver_rpc_with_real_boots() {
             .await
             .expect("starting a running sandbox");
         assert_eq!(readiness(&get(&mut client, "sb-1").await).0, "True");
-        let boots = kiln_exec(&kiln_socket, "sb-1", "cat \"$HOME/boots\"").await;
+        let boots = kiln_exec(&kiln_socket, "sb-1", &boots_after(2)).await;
         assert_eq!(boots, "from the sandbox/template\n".repeat(2));
 
         // Workspaces: nothing kept per workspace, and repeating succeeds.
