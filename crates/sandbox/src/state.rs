@@ -43,6 +43,9 @@ pub const MONITOR_LOCK: &str = "monitor.lock";
 pub const MONITOR_SOCKET: &str = "monitor.sock";
 /// The gateway's sandbox token of an OpenShell sandbox (owner-only, as every state file).
 pub const OPENSHELL_TOKEN_FILE: &str = "openshell-token";
+/// The TLS material (JSON, [`kiln_protocol::OpenShellTls`]) of an OpenShell sandbox whose
+/// gateway is `https` (owner-only, as every state file).
+pub const OPENSHELL_TLS_FILE: &str = "openshell-tls";
 
 /// What a sandbox was created from and with (`sandbox.json`); never changes afterwards, so
 /// every start boots the same image (the pinned manifest digest in `image`). It names no
@@ -101,7 +104,8 @@ pub struct SandboxRecord {
 }
 
 /// What a sandbox that runs OpenShell's supervisor boots with besides its images; the
-/// token is in [`OPENSHELL_TOKEN_FILE`], never in the record.
+/// token is in [`OPENSHELL_TOKEN_FILE`] and the TLS material in [`OPENSHELL_TLS_FILE`],
+/// never in the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenShellRecord {
     /// `sha256:<hex>` of the supervisor binary: names its cached layer.
@@ -469,6 +473,40 @@ impl SandboxDir {
         String::from_utf8(bytes)
             .map(Some)
             .map_err(|_| corrupt("not UTF-8"))
+    }
+
+    /// Keeps the OpenShell TLS material (owner-only, by rename).
+    pub fn write_openshell_tls(&self, tls: &kiln_protocol::OpenShellTls) -> Result<(), StateError> {
+        let json = serde_json::to_vec(tls).expect("TLS material serialises");
+        Ok(kiln_hostfs::write_file(
+            &self.file(OPENSHELL_TLS_FILE),
+            &json,
+        )?)
+    }
+
+    /// The OpenShell TLS material, if the sandbox has some. Errors never hold it.
+    pub fn openshell_tls(&self) -> Result<Option<kiln_protocol::OpenShellTls>, StateError> {
+        // Three files of at most MAX_OPENSHELL_TLS_FILE_LEN, with room for JSON escapes.
+        let max = 8 * 3 * kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN as u64;
+        let bytes = match self.read_bytes(OPENSHELL_TLS_FILE, max) {
+            Ok(bytes) => bytes,
+            Err(StateError::Host(err)) if err.is_not_found() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let corrupt = || StateError::Corrupt {
+            path: self.file(OPENSHELL_TLS_FILE),
+            reason: "not the TLS material kiln writes".into(),
+        };
+        let tls: kiln_protocol::OpenShellTls =
+            serde_json::from_slice(&bytes).map_err(|_| corrupt())?;
+        let longest = [&tls.ca, &tls.cert, &tls.key].map(String::len);
+        if longest
+            .iter()
+            .any(|len| *len > kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN)
+        {
+            return Err(corrupt());
+        }
+        Ok(Some(tls))
     }
 
     /// Makes `name` point to this sandbox, unless another sandbox has it.
