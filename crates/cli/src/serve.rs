@@ -198,3 +198,52 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let base = ["kiln", "--socket", "s", "--api", "openshell"];
+        Cli::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn tls_flags_come_all_three_with_the_supervisor_or_not_at_all() {
+        let supervisor = [
+            "--openshell-supervisor",
+            "bin",
+            "--openshell-endpoint",
+            "https://127.0.0.1:8443",
+        ];
+        let tls = [
+            "--openshell-tls-ca",
+            "ca",
+            "--openshell-tls-cert",
+            "crt",
+            "--openshell-tls-key",
+            "key",
+        ];
+        let all = parse(&[&supervisor[..], &tls[..]].concat()).unwrap();
+        assert_eq!(all.serve.openshell_tls_key.unwrap().to_str(), Some("key"));
+        for partial in [&tls[..2], &tls[..4], &tls[2..]] {
+            let err = parse(&[&supervisor[..], partial].concat()).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{err}"
+            );
+            assert!(err.to_string().contains("--openshell-tls-"), "{err}");
+        }
+        let err = parse(&tls).unwrap_err();
+        assert!(err.to_string().contains("--openshell-supervisor"), "{err}");
+    }
+}

@@ -750,6 +750,33 @@ mod tests {
     }
 
     #[test]
+    fn openshell_tls_is_kept_owner_only_and_a_corrupt_file_is_not_quoted() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        assert_eq!(dir.openshell_tls().unwrap(), None);
+        let tls = kiln_protocol::OpenShellTls {
+            ca: "ca".into(),
+            cert: "cert".into(),
+            key: "secret key".into(),
+        };
+        dir.write_openshell_tls(&tls).unwrap();
+        assert_eq!(dir.openshell_tls().unwrap(), Some(tls));
+        let kept = dir.file(OPENSHELL_TLS_FILE);
+        let mode = std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let too_long = "k".repeat(kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN + 1);
+        for bad in [
+            r#"{"ca":"a","cert":"b","key":"secret"#.to_owned(),
+            format!(r#"{{"ca":"a","cert":"b","key":"secret{too_long}"}}"#),
+        ] {
+            kiln_hostfs::write_file(&kept, bad.as_bytes()).unwrap();
+            let err = dir.openshell_tls().unwrap_err().to_string();
+            assert!(err.contains("not the TLS material kiln writes"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
     fn bad_names_are_refused() {
         let root = tempfile::tempdir().unwrap();
         assert!(matches!(
