@@ -126,7 +126,8 @@ pub fn supervisor_environment(
     env
 }
 
-/// Why `--openshell-supervisor` or `--openshell-endpoint` cannot be used.
+/// Why `--openshell-supervisor`, `--openshell-endpoint` or the `--openshell-tls-*` flags
+/// cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorConfigError {
     #[error("{}: {source}", .path.display())]
@@ -138,8 +139,12 @@ pub enum SupervisorConfigError {
     NotASupervisor { path: PathBuf, reason: String },
     #[error("{endpoint:?}: {reason}; accepted: the gateway's http:// or https:// URL as this host reaches it, e.g. http://127.0.0.1:8080")]
     Endpoint { endpoint: String, reason: String },
-    #[error("{}: {reason}; accepted: a regular file of PEM text of at most {} bytes", .path.display(), kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN)]
-    NotTlsMaterial { path: PathBuf, reason: String },
+    #[error("{flag} {}: {reason}; accepted: a regular file of PEM text of at most {} bytes", .path.display(), kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN)]
+    NotTlsMaterial {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("the gateway {endpoint:?} is https: give its TLS material with --openshell-tls-ca, --openshell-tls-cert and --openshell-tls-key")]
     TlsMissing { endpoint: String },
     #[error("TLS material (--openshell-tls-ca, --openshell-tls-cert, --openshell-tls-key) is for an https:// gateway; {endpoint:?} is not one")]
@@ -174,23 +179,22 @@ pub fn read_tls_material(
             endpoint: endpoint.to_owned(),
         }),
         (true, Some(paths)) => Ok(Some(kiln_protocol::OpenShellTls {
-            ca: read_pem(&paths.ca)?,
-            cert: read_pem(&paths.cert)?,
-            key: read_pem(&paths.key)?,
+            ca: read_pem("--openshell-tls-ca", &paths.ca)?,
+            cert: read_pem("--openshell-tls-cert", &paths.cert)?,
+            key: read_pem("--openshell-tls-key", &paths.key)?,
         })),
     }
 }
 
-fn read_pem(path: &Path) -> Result<String, SupervisorConfigError> {
+/// The PEM text of `path`, given as `flag`.
+fn read_pem(flag: &'static str, path: &Path) -> Result<String, SupervisorConfigError> {
     let max = kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN;
-    let unreadable = |source| SupervisorConfigError::Unreadable {
-        path: path.to_owned(),
-        source,
-    };
     let refuse = |reason: &str| SupervisorConfigError::NotTlsMaterial {
+        flag,
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
+    let unreadable = |e: std::io::Error| refuse(&e.to_string());
     let file = std::fs::File::open(path).map_err(unreadable)?;
     if !file.metadata().map_err(unreadable)?.is_file() {
         return Err(refuse("not a regular file"));
@@ -471,6 +475,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(reason), "{err}");
+            assert!(err.starts_with("--openshell-tls-key "), "{err}");
             assert!(
                 err.contains("accepted: a regular file of PEM text"),
                 "{err}"
@@ -479,11 +484,11 @@ mod tests {
         }
         let mut missing = paths.clone();
         missing.cert = dir.path().join("missing");
-        let err = read_tls_material("https://gw.example", Some(&missing)).unwrap_err();
-        assert!(
-            matches!(err, SupervisorConfigError::Unreadable { .. }),
-            "{err}"
-        );
+        let err = read_tls_material("https://gw.example", Some(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--openshell-tls-cert "), "{err}");
+        assert!(err.contains("No such file"), "{err}");
     }
 
     #[test]
