@@ -556,6 +556,20 @@ fn every_compute_driver_rpc_with_real_boots() {
     );
 }
 
+/// The stand-in's report of the TLS files: each at its path in the guest, root:root, the
+/// certificates 0444 and the key 0400, holding what `kiln serve` was given.
+fn assert_tls_files(files: &[kiln_openshell_standin::FileReport], given: &[(&str, String)]) {
+    assert_eq!(files.len(), given.len(), "{files:?}");
+    for (file, (name, content)) in files.iter().zip(given) {
+        assert_eq!(file.error, "", "{name}");
+        assert_eq!(file.path, format!("/opt/openshell/tls/{name}"));
+        let mode = if *name == "tls.key" { 0o400 } else { 0o444 };
+        assert_eq!(file.mode, mode, "{name}");
+        assert_eq!((file.uid, file.gid), (0, 0), "{name}");
+        assert_eq!(&file.content, content, "{name}");
+    }
+}
+
 /// `kiln exec ID cat PATH` until it prints `expected` (the main process writes it after
 /// the supervisor reported, so a while after Ready), within the boot timeout.
 fn wait_for_file(root: &KilnRoot, id: &str, path: &str, expected: &str) {
@@ -602,11 +616,17 @@ fn all_text_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
 /// OpenShell's supervisor) given as `--openshell-supervisor`: it dials the test's gRPC
 /// server through OPENSHELL_ENDPOINT (so the loopback rewrite and kiln-netstack's
 /// allowance of the gateway's port are proven by the connection itself) and reports its
-/// ids, argv, whole environment, the token file and the sandbox user of /etc/passwd, then
-/// runs the main process as the sandbox user.
+/// ids, argv, whole environment, the token file, the TLS files and the sandbox user of
+/// /etc/passwd, then runs the main process as the sandbox user.
+///
+/// The endpoint is `https` because kiln takes TLS material only for an https gateway, as
+/// OpenShell's VM driver does; the stand-in is no TLS client and dials that host and port
+/// over plain http, and the material is PEM-shaped text, not a real certificate and key:
+/// this test proves where kiln puts the files and what it tells the supervisor, not a TLS
+/// handshake (scripts/e2e-openshell runs the real gateway with TLS off).
 #[test]
 #[ignore = "needs root (scripts/test runs it as root)"]
-fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
+fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_token_and_tls() {
     require_root();
     let standin = openshell_standin();
     let root = KilnRoot::with_guest();
@@ -614,7 +634,26 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
     let runtime = runtime();
     let mut reports = runtime.block_on(ReportServer::start());
     let port = reports.address.port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let key_secret = format!("key-{}-secret", std::process::id());
+    let pem = |label: &str, body: &str| {
+        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+    };
+    let tls_material = [
+        ("ca.crt", pem("CERTIFICATE", "the-gateway-ca")),
+        ("tls.crt", pem("CERTIFICATE", "the-client-cert")),
+        ("tls.key", pem("PRIVATE KEY", &key_secret)),
+    ];
+    let tls_dir = root.temp_dir().join("tls");
+    fs::create_dir(&tls_dir).unwrap();
+    for (name, content) in &tls_material {
+        fs::write(tls_dir.join(name), content).unwrap();
+    }
+    let (ca, cert, key) = (
+        tls_dir.join("ca.crt"),
+        tls_dir.join("tls.crt"),
+        tls_dir.join("tls.key"),
+    );
     let mut server = KilnServer::start_with(
         &root,
         root.kiln(),
@@ -625,6 +664,12 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
             standin.as_os_str(),
             OsStr::new("--openshell-endpoint"),
             OsStr::new(&endpoint),
+            OsStr::new("--openshell-tls-ca"),
+            ca.as_os_str(),
+            OsStr::new("--openshell-tls-cert"),
+            cert.as_os_str(),
+            OsStr::new("--openshell-tls-key"),
+            key.as_os_str(),
             OsStr::new("--sandbox-uid"),
             OsStr::new("500"),
             OsStr::new("--sandbox-gid"),
@@ -681,7 +726,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         let settings = kiln_server::openshell_env::SupervisorSettings {
             endpoint: endpoint.clone(),
             log_level: "info".into(),
-            tls: false,
+            tls: true,
             uid: 500,
             gid: 600,
         };
@@ -692,8 +737,15 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         assert_eq!(report.environment, expected);
         assert_eq!(
             report.environment["OPENSHELL_ENDPOINT"],
-            format!("http://10.0.2.2:{port}/")
+            format!("https://10.0.2.2:{port}/")
         );
+        for (name, path) in [
+            ("OPENSHELL_TLS_CA", "/opt/openshell/tls/ca.crt"),
+            ("OPENSHELL_TLS_CERT", "/opt/openshell/tls/tls.crt"),
+            ("OPENSHELL_TLS_KEY", "/opt/openshell/tls/tls.key"),
+        ] {
+            assert_eq!(report.environment[name], path);
+        }
         assert_eq!(report.environment["OPENSHELL_SANDBOX_ID"], "sb-os");
         assert_eq!(report.environment["OPENSHELL_SANDBOX"], "supervised");
         assert_eq!(
@@ -706,6 +758,8 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         assert_eq!(report.token_mode, 0o400);
         assert_eq!((report.token_uid, report.token_gid), (0, 0));
         assert_eq!(report.token, token);
+        // The TLS files: root's, as given; the certificates world-readable, the key not.
+        assert_tls_files(&report.tls_files, &tls_material);
         // The sandbox user kiln-identity wrote, read from /etc/passwd as text: ids outside
         // kiln's own bounds, inside OpenShell's.
         assert_eq!((report.passwd_uid, report.passwd_gid), (500, 600));
@@ -725,12 +779,18 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         1,
     );
     assert!(refused.contains("Permission denied"), "{refused}");
-    // On the host, the token is kept owner-only in the sandbox's state.
+    let refused = root.fails(&["exec", "sb-os", "cat", "/opt/openshell/tls/tls.key"], 1);
+    assert!(refused.contains("Permission denied"), "{refused}");
+    // On the host, the token and TLS material are kept owner-only in the sandbox's state.
     let (state, inspect) = sandbox_dir("sb-os");
     let kept = state.join("openshell-token");
     assert_eq!(fs::read_to_string(&kept).unwrap(), token);
     assert_eq!(fs::metadata(&kept).unwrap().mode() & 0o777, 0o600);
     assert!(!inspect.contains(&token), "{inspect}");
+    let kept = state.join("openshell-tls");
+    assert!(fs::read_to_string(&kept).unwrap().contains(&key_secret));
+    assert_eq!(fs::metadata(&kept).unwrap().mode() & 0o777, 0o600);
+    assert!(!inspect.contains(&key_secret), "{inspect}");
 
     runtime.block_on(async {
         let mut client = KilnServer::openshell_client(&socket).await;
@@ -773,6 +833,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         let report = reports.next(BOOT_TIMEOUT).await;
         assert_eq!(report.environment["OPENSHELL_SANDBOX_ID"], "sb-os");
         assert_eq!((report.token_mode, report.token), (0o400, token.clone()));
+        assert_tls_files(&report.tls_files, &tls_material);
         seen_events.extend(
             watch_until(&mut events, "sb-os", |s| readiness(s).0 == "True")
                 .await
@@ -800,7 +861,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         &"from the sandbox:500:600:/sandbox\n".repeat(2),
     );
 
-    // The token is in no log, record or output of kiln's but its own file.
+    // The token and the key are in no log, record or output of kiln's but their own files.
     let (state2, _) = sandbox_dir("sb-os2");
     for (path, text) in all_text_under(&state)
         .into_iter()
@@ -809,11 +870,23 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
         if path.file_name() != Some(OsStr::new("openshell-token")) {
             assert!(!text.contains(&token), "{} holds the token", path.display());
         }
+        if path.file_name() != Some(OsStr::new("openshell-tls")) {
+            assert!(
+                !text.contains(&key_secret),
+                "{} holds the key",
+                path.display()
+            );
+        }
     }
-    assert!(!seen_events.iter().any(|e| e.contains(&token)));
+    assert!(!seen_events
+        .iter()
+        .any(|e| e.contains(&token) || e.contains(&key_secret)));
     for id in ["sb-os", "sb-os2"] {
         let logs = root.ok(&["logs", id]);
-        assert!(!logs.contains(&token), "{logs}");
+        assert!(
+            !logs.contains(&token) && !logs.contains(&key_secret),
+            "{logs}"
+        );
     }
 
     // Delete removes the sandbox's state, the token with it.
@@ -835,6 +908,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_and_token() {
     let status = server.terminate();
     assert!(status.success(), "{status}: {}", server.log());
     assert!(!server.log().contains(&token), "{}", server.log());
+    assert!(!server.log().contains(&key_secret), "{}", server.log());
     let leftovers = root.leftovers_after(Duration::from_secs(10));
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

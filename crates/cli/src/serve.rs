@@ -2,7 +2,7 @@
 //! compute-driver contract (kiln-server) on a unix socket, until SIGINT or SIGTERM;
 //! `--openshell-socket PATH` serves OpenShell's beside kiln's from the same process;
 //! `--openshell-supervisor PATH --openshell-endpoint URL` runs OpenShell's supervisor in
-//! its sandboxes.
+//! its sandboxes, with `--openshell-tls-ca/-cert/-key PATH` for an `https` gateway.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +64,32 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL", requires = "openshell_supervisor")]
     openshell_endpoint: Option<String>,
 
+    /// OpenShell: the gateway's CA certificate (PEM), placed in each sandbox for the
+    /// supervisor; required with an https:// endpoint, refused with an http:// one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires_all = ["openshell_supervisor", "openshell_tls_cert", "openshell_tls_key"]
+    )]
+    openshell_tls_ca: Option<PathBuf>,
+
+    /// OpenShell: the supervisor's client certificate (PEM) for the gateway.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires_all = ["openshell_supervisor", "openshell_tls_ca", "openshell_tls_key"]
+    )]
+    openshell_tls_cert: Option<PathBuf>,
+
+    /// OpenShell: the supervisor's client key (PEM) for the gateway; kept owner-only in
+    /// each sandbox's state and readable only by root in the guest.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires_all = ["openshell_supervisor", "openshell_tls_ca", "openshell_tls_cert"]
+    )]
+    openshell_tls_key: Option<PathBuf>,
+
     /// Accelerator for sandboxes created through the API: auto, kvm or tcg.
     #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
     accel: String,
@@ -114,7 +140,24 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
             openshell_env::check_endpoint(&endpoint)
                 .context("--openshell-endpoint")
                 .map_err(CommandError::usage)?;
-            Some(OpenShellSupervisorConfig { binary, endpoint })
+            let tls_paths = match (
+                args.openshell_tls_ca,
+                args.openshell_tls_cert,
+                args.openshell_tls_key,
+            ) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    Some(openshell_env::TlsPaths { ca, cert, key })
+                }
+                // clap's `requires_all` makes each TLS flag need the other two.
+                _ => None,
+            };
+            let tls = openshell_env::read_tls_material(&endpoint, tls_paths.as_ref())
+                .map_err(|e| CommandError::usage(anyhow::Error::new(e)))?;
+            Some(OpenShellSupervisorConfig {
+                binary,
+                endpoint,
+                tls,
+            })
         }
         // clap's `requires` makes each flag need the other.
         _ => None,
@@ -154,4 +197,53 @@ pub fn run(globals: &Globals, args: ServeArgs) -> CommandResult {
         other => CommandError::failure(other),
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let base = ["kiln", "--socket", "s", "--api", "openshell"];
+        Cli::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn tls_flags_come_all_three_with_the_supervisor_or_not_at_all() {
+        let supervisor = [
+            "--openshell-supervisor",
+            "bin",
+            "--openshell-endpoint",
+            "https://127.0.0.1:8443",
+        ];
+        let tls = [
+            "--openshell-tls-ca",
+            "ca",
+            "--openshell-tls-cert",
+            "crt",
+            "--openshell-tls-key",
+            "key",
+        ];
+        let all = parse(&[&supervisor[..], &tls[..]].concat()).unwrap();
+        assert_eq!(all.serve.openshell_tls_key.unwrap().to_str(), Some("key"));
+        for partial in [&tls[..2], &tls[..4], &tls[2..]] {
+            let err = parse(&[&supervisor[..], partial].concat()).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{err}"
+            );
+            assert!(err.to_string().contains("--openshell-tls-"), "{err}");
+        }
+        let err = parse(&tls).unwrap_err();
+        assert!(err.to_string().contains("--openshell-supervisor"), "{err}");
+    }
 }

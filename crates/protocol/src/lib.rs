@@ -46,12 +46,13 @@ pub use frame::{
 };
 pub use message::{
     negotiate, BootError, BootPhase, BootStep, Frame, GuestStats, GuestTask, Hello, Identity,
-    Message, OpenShellLaunch, OutputCredit, PhaseTime, ProcessInfo, RunAs, RunSpec, SessionId,
-    ShutdownRequest, SignalRequest, StartFailure, Stream, TerminalSize, WallClock, WorkloadResult,
-    CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MAX_COMMAND_LEN, MAX_OPENSHELL_TOKEN_LEN,
-    MAX_SIGNAL, MESSAGE_VERSION_MAX, MESSAGE_VERSION_MIN, OPENSHELL_AUTH_DIR,
-    OPENSHELL_SUPERVISOR_PATH, OPENSHELL_TOKEN_PATH, SESSION_WINDOW, STATS_INTERVAL_MS,
-    STATS_SAMPLES,
+    Message, OpenShellLaunch, OpenShellTls, OutputCredit, PhaseTime, ProcessInfo, RunAs, RunSpec,
+    SessionId, ShutdownRequest, SignalRequest, StartFailure, Stream, TerminalSize, WallClock,
+    WorkloadResult, CONTROL_SESSION, DEFAULT_PATH, MAIN_SESSION, MAX_COMMAND_LEN,
+    MAX_OPENSHELL_TLS_FILE_LEN, MAX_OPENSHELL_TOKEN_LEN, MAX_SIGNAL, MESSAGE_VERSION_MAX,
+    MESSAGE_VERSION_MIN, OPENSHELL_AUTH_DIR, OPENSHELL_SUPERVISOR_PATH, OPENSHELL_TLS_CA_PATH,
+    OPENSHELL_TLS_CERT_PATH, OPENSHELL_TLS_DIR, OPENSHELL_TLS_KEY_PATH, OPENSHELL_TOKEN_PATH,
+    SESSION_WINDOW, STATS_INTERVAL_MS, STATS_SAMPLES,
 };
 
 #[cfg(test)]

@@ -171,6 +171,16 @@ pub const OPENSHELL_AUTH_DIR: &str = "/opt/openshell/auth";
 pub const OPENSHELL_TOKEN_PATH: &str = "/opt/openshell/auth/sandbox.jwt";
 /// The longest sandbox token the host sends and the guest writes.
 pub const MAX_OPENSHELL_TOKEN_LEN: usize = 64 * 1024;
+/// The directory kiln-init mounts a tmpfs on for the gateway's TLS material (root, 0700).
+pub const OPENSHELL_TLS_DIR: &str = "/opt/openshell/tls";
+/// The gateway's CA certificate in the guest (root, 0444).
+pub const OPENSHELL_TLS_CA_PATH: &str = "/opt/openshell/tls/ca.crt";
+/// The supervisor's client certificate in the guest (root, 0444).
+pub const OPENSHELL_TLS_CERT_PATH: &str = "/opt/openshell/tls/tls.crt";
+/// The supervisor's client key in the guest (root, 0400).
+pub const OPENSHELL_TLS_KEY_PATH: &str = "/opt/openshell/tls/tls.key";
+/// The longest of each TLS file (PEM text) the host sends and the guest writes.
+pub const MAX_OPENSHELL_TLS_FILE_LEN: usize = 64 * 1024;
 
 /// What kiln-init does for OpenShell's supervisor besides starting it.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +190,10 @@ pub struct OpenShellLaunch {
     /// root can read. A secret: its `Debug` shows only whether there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The TLS material the supervisor dials an `https` gateway with, written under
+    /// [`OPENSHELL_TLS_DIR`] on a tmpfs only root can read. Absent on the wire when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OpenShellTls>,
 }
 
 impl std::fmt::Debug for OpenShellLaunch {
@@ -187,7 +201,25 @@ impl std::fmt::Debug for OpenShellLaunch {
         let token = self.token.as_ref().map(|_| "<redacted>");
         f.debug_struct("OpenShellLaunch")
             .field("token", &token)
+            .field("tls", &self.tls)
             .finish()
+    }
+}
+
+/// The gateway's CA certificate and the supervisor's client certificate and key, PEM text
+/// of at most [`MAX_OPENSHELL_TLS_FILE_LEN`] bytes each. The key is a secret: `Debug`
+/// shows none of the three.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenShellTls {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for OpenShellTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenShellTls(<redacted>)")
     }
 }
 

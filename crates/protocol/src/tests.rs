@@ -129,10 +129,15 @@ fn control_payloads_are_the_documented_json() {
 }
 
 #[test]
-fn an_openshell_launch_carries_its_token_on_the_wire_but_never_in_debug() {
+fn an_openshell_launch_carries_its_token_and_tls_on_the_wire_but_never_in_debug() {
     let mut with_token = spec();
     with_token.openshell = Some(OpenShellLaunch {
         token: Some("eyJ.secret.token".into()),
+        tls: Some(OpenShellTls {
+            ca: "CA PEM".into(),
+            cert: "CERT PEM".into(),
+            key: "secret KEY PEM".into(),
+        }),
     });
     let frame = Frame::new(MAIN_SESSION, Message::Run(with_token));
     assert_eq!(round_trip(&frame), frame);
@@ -140,10 +145,14 @@ fn an_openshell_launch_carries_its_token_on_the_wire_but_never_in_debug() {
     let json: serde_json::Value = serde_json::from_slice(&bytes[HEADER_LEN..]).unwrap();
     assert_eq!(
         json["openshell"],
-        serde_json::json!({"token": "eyJ.secret.token"})
+        serde_json::json!({
+            "token": "eyJ.secret.token",
+            "tls": {"ca": "CA PEM", "cert": "CERT PEM", "key": "secret KEY PEM"}
+        })
     );
     let shown = format!("{frame:?}");
     assert!(!shown.contains("secret"), "{shown}");
+    assert!(!shown.contains("PEM"), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");
     // A spec without one reads as it always did.
     let plain = encode_frame(&Frame::new(MAIN_SESSION, Message::Run(spec()))).unwrap();

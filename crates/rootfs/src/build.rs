@@ -183,7 +183,8 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
 
 /// Writes the layer that holds OpenShell's supervisor: `binary` (`len` bytes) as
 /// /opt/openshell/bin/openshell-sandbox, root:root 0755, and an empty
-/// /opt/openshell/auth, root:root 0700, for the sandbox token's tmpfs. Directories are
+/// /opt/openshell/auth and /opt/openshell/tls, root:root 0700, for the tmpfs of the
+/// sandbox token and of the gateway's TLS material. Directories are
 /// root:root 0755 and every time is the epoch, so one binary always gives one image.
 /// A binary whose bytes do not hash to `digest` (it changed since it was hashed) is an
 /// error, and nothing is published.
@@ -229,8 +230,10 @@ pub fn build_supervisor_layer(
         .map_err(image_error)?;
     tree.add(bin, b"openshell-sandbox", NodeKind::File(data), mode(0o755))
         .map_err(image_error)?;
-    tree.add(openshell, b"auth", NodeKind::Directory, mode(0o700))
-        .map_err(image_error)?;
+    for dir in [&b"auth"[..], b"tls"] {
+        tree.add(openshell, dir, NodeKind::Directory, mode(0o700))
+            .map_err(image_error)?;
+    }
     let finished = writer.finish(&tree).map_err(image_error)?;
     sync(&finished.file, out)?;
     fsck_and_publish(temp, out)?;

@@ -348,13 +348,14 @@ fn supervisor_layers_are_keyed_by_the_binary_digest_and_hold_it_at_its_guest_pat
     assert_eq!(std::fs::read(&placed).unwrap(), content);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(&placed), 0o755);
-    assert_eq!(mode(&root.join("opt/openshell/auth")), 0o700);
-    assert_eq!(
-        std::fs::read_dir(root.join("opt/openshell/auth"))
-            .unwrap()
-            .count(),
-        0
-    );
+    for dir in ["opt/openshell/auth", "opt/openshell/tls"] {
+        assert_eq!(mode(&root.join(dir)), 0o700, "{dir}");
+        assert_eq!(
+            std::fs::read_dir(root.join(dir)).unwrap().count(),
+            0,
+            "{dir}"
+        );
+    }
 
     // Another binary is another layer; the first stays for the sandboxes that use it.
     std::fs::write(&binary, b"another supervisor").unwrap();

@@ -131,8 +131,8 @@ pub fn main_run_spec(
 /// The run spec that starts OpenShell's supervisor in place of `workload`: the
 /// supervisor's path and `--workdir /sandbox` (as OpenShell's own VM init runs it), its
 /// exact environment, the workload's identity (validated and given /sandbox in the guest
-/// before the supervisor starts). The token is filled in at each boot, from the state
-/// directory.
+/// before the supervisor starts). The token and TLS material are filled in at each boot,
+/// from the state directory.
 pub fn openshell_run_spec(workload: RunSpec, supervisor: &OpenShellSupervisor) -> RunSpec {
     RunSpec {
         argv: vec![
@@ -387,6 +387,7 @@ pub fn boot(
     let mut run = record.run.clone();
     if let Some(openshell) = &mut run.openshell {
         openshell.token = sandbox.openshell_token()?;
+        openshell.tls = sandbox.openshell_tls()?;
     }
     let mut deadlines = Deadlines::for_accel(host.verdict.accel);
     deadlines.workload = timeout;

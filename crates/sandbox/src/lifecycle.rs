@@ -164,9 +164,11 @@ pub fn create(
     let mut record = sandbox_record(&sandbox, &request, &prepared, run_spec);
     record.openshell = openshell;
     let token = request.openshell.as_ref().and_then(|o| o.token.as_deref());
+    let tls = request.openshell.as_ref().and_then(|o| o.tls.as_ref());
     let written = sandbox
         .write_json(RECORD_FILE, &record)
         .and_then(|()| token.map_or(Ok(()), |t| sandbox.write_openshell_token(t)))
+        .and_then(|()| tls.map_or(Ok(()), |t| sandbox.write_openshell_tls(t)))
         .and_then(|()| write_network_policy(&sandbox, &request))
         .and_then(|()| sandbox.write_json(STATE_FILE, &StateRecord::created()))
         .map_err(BootError::from)

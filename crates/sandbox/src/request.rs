@@ -185,7 +185,8 @@ pub struct CreateFields {
     pub openshell: Option<OpenShellSupervisor>,
 }
 
-/// OpenShell's supervisor in the guest: the binary, its environment and the token.
+/// OpenShell's supervisor in the guest: the binary, its environment, the token and the
+/// TLS material.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct OpenShellSupervisor {
     /// Host path of the static `openshell-sandbox` binary; it is put in the guest at
@@ -196,6 +197,9 @@ pub struct OpenShellSupervisor {
     /// The gateway's sandbox token: kept owner-only in the sandbox's state directory and
     /// written in the guest where only root can read it; never logged or shown.
     pub token: Option<String>,
+    /// The TLS material for an `https` gateway: kept and written as the token is; its
+    /// `Debug` shows none of it.
+    pub tls: Option<kiln_protocol::OpenShellTls>,
 }
 
 impl std::fmt::Debug for OpenShellSupervisor {
@@ -204,6 +208,7 @@ impl std::fmt::Debug for OpenShellSupervisor {
             .field("binary", &self.binary)
             .field("env", &self.env)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -43,6 +43,9 @@ pub const MONITOR_LOCK: &str = "monitor.lock";
 pub const MONITOR_SOCKET: &str = "monitor.sock";
 /// The gateway's sandbox token of an OpenShell sandbox (owner-only, as every state file).
 pub const OPENSHELL_TOKEN_FILE: &str = "openshell-token";
+/// The TLS material (JSON, [`kiln_protocol::OpenShellTls`]) of an OpenShell sandbox whose
+/// gateway is `https` (owner-only, as every state file).
+pub const OPENSHELL_TLS_FILE: &str = "openshell-tls";
 
 /// What a sandbox was created from and with (`sandbox.json`); never changes afterwards, so
 /// every start boots the same image (the pinned manifest digest in `image`). It names no
@@ -101,7 +104,8 @@ pub struct SandboxRecord {
 }
 
 /// What a sandbox that runs OpenShell's supervisor boots with besides its images; the
-/// token is in [`OPENSHELL_TOKEN_FILE`], never in the record.
+/// token is in [`OPENSHELL_TOKEN_FILE`] and the TLS material in [`OPENSHELL_TLS_FILE`],
+/// never in the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenShellRecord {
     /// `sha256:<hex>` of the supervisor binary: names its cached layer.
@@ -471,6 +475,40 @@ impl SandboxDir {
             .map_err(|_| corrupt("not UTF-8"))
     }
 
+    /// Keeps the OpenShell TLS material (owner-only, by rename).
+    pub fn write_openshell_tls(&self, tls: &kiln_protocol::OpenShellTls) -> Result<(), StateError> {
+        let json = serde_json::to_vec(tls).expect("TLS material serialises");
+        Ok(kiln_hostfs::write_file(
+            &self.file(OPENSHELL_TLS_FILE),
+            &json,
+        )?)
+    }
+
+    /// The OpenShell TLS material, if the sandbox has some. Errors never hold it.
+    pub fn openshell_tls(&self) -> Result<Option<kiln_protocol::OpenShellTls>, StateError> {
+        // Three files of at most MAX_OPENSHELL_TLS_FILE_LEN, with room for JSON escapes.
+        let max = 8 * 3 * kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN as u64;
+        let bytes = match self.read_bytes(OPENSHELL_TLS_FILE, max) {
+            Ok(bytes) => bytes,
+            Err(StateError::Host(err)) if err.is_not_found() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let corrupt = || StateError::Corrupt {
+            path: self.file(OPENSHELL_TLS_FILE),
+            reason: "not the TLS material kiln writes".into(),
+        };
+        let tls: kiln_protocol::OpenShellTls =
+            serde_json::from_slice(&bytes).map_err(|_| corrupt())?;
+        let longest = [&tls.ca, &tls.cert, &tls.key].map(String::len);
+        if longest
+            .iter()
+            .any(|len| *len > kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN)
+        {
+            return Err(corrupt());
+        }
+        Ok(Some(tls))
+    }
+
     /// Makes `name` point to this sandbox, unless another sandbox has it.
     fn claim_name(&self, name: &str) -> Result<(), StateError> {
         let claim = self.names_dir.join(name);
@@ -709,6 +747,33 @@ mod tests {
             .unwrap()
             .count();
         assert_eq!(entries, 2, "only .names and the first sandbox remain");
+    }
+
+    #[test]
+    fn openshell_tls_is_kept_owner_only_and_a_corrupt_file_is_not_quoted() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SandboxDir::create(root.path(), None).unwrap();
+        assert_eq!(dir.openshell_tls().unwrap(), None);
+        let tls = kiln_protocol::OpenShellTls {
+            ca: "ca".into(),
+            cert: "cert".into(),
+            key: "secret key".into(),
+        };
+        dir.write_openshell_tls(&tls).unwrap();
+        assert_eq!(dir.openshell_tls().unwrap(), Some(tls));
+        let kept = dir.file(OPENSHELL_TLS_FILE);
+        let mode = std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let too_long = "k".repeat(kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN + 1);
+        for bad in [
+            r#"{"ca":"a","cert":"b","key":"secret"#.to_owned(),
+            format!(r#"{{"ca":"a","cert":"b","key":"secret{too_long}"}}"#),
+        ] {
+            kiln_hostfs::write_file(&kept, bad.as_bytes()).unwrap();
+            let err = dir.openshell_tls().unwrap_err().to_string();
+            assert!(err.contains("not the TLS material kiln writes"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
     }
 
     #[test]

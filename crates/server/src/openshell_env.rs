@@ -20,11 +20,11 @@ pub const GUEST_SUPERVISOR_PATH: &str = kiln_protocol::OPENSHELL_SUPERVISOR_PATH
 /// Where the sandbox token file sits in the guest.
 pub const GUEST_TOKEN_PATH: &str = kiln_protocol::OPENSHELL_TOKEN_PATH;
 /// Where the gateway's CA certificate sits in the guest when TLS is configured.
-pub const GUEST_TLS_CA_PATH: &str = "/opt/openshell/tls/ca.crt";
+pub const GUEST_TLS_CA_PATH: &str = kiln_protocol::OPENSHELL_TLS_CA_PATH;
 /// Where the supervisor's client certificate sits in the guest when TLS is configured.
-pub const GUEST_TLS_CERT_PATH: &str = "/opt/openshell/tls/tls.crt";
+pub const GUEST_TLS_CERT_PATH: &str = kiln_protocol::OPENSHELL_TLS_CERT_PATH;
 /// Where the supervisor's client key sits in the guest when TLS is configured.
-pub const GUEST_TLS_KEY_PATH: &str = "/opt/openshell/tls/tls.key";
+pub const GUEST_TLS_KEY_PATH: &str = kiln_protocol::OPENSHELL_TLS_KEY_PATH;
 /// The host as the guest sees it on QEMU's user network (kiln's `--network user`): a
 /// connection to it reaches the host's loopback.
 pub const GUEST_HOST_ALIAS: &str = "10.0.2.2";
@@ -126,7 +126,8 @@ pub fn supervisor_environment(
     env
 }
 
-/// Why `--openshell-supervisor` or `--openshell-endpoint` cannot be used.
+/// Why `--openshell-supervisor`, `--openshell-endpoint` or the `--openshell-tls-*` flags
+/// cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorConfigError {
     #[error("{}: {source}", .path.display())]
@@ -138,6 +139,78 @@ pub enum SupervisorConfigError {
     NotASupervisor { path: PathBuf, reason: String },
     #[error("{endpoint:?}: {reason}; accepted: the gateway's http:// or https:// URL as this host reaches it, e.g. http://127.0.0.1:8080")]
     Endpoint { endpoint: String, reason: String },
+    #[error("{flag} {}: {reason}; accepted: a regular file of PEM text of at most {} bytes", .path.display(), kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN)]
+    NotTlsMaterial {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("the gateway {endpoint:?} is https: give its TLS material with --openshell-tls-ca, --openshell-tls-cert and --openshell-tls-key")]
+    TlsMissing { endpoint: String },
+    #[error("TLS material (--openshell-tls-ca, --openshell-tls-cert, --openshell-tls-key) is for an https:// gateway; {endpoint:?} is not one")]
+    TlsUnused { endpoint: String },
+}
+
+/// The host paths of the TLS material: the gateway's CA certificate, the supervisor's
+/// client certificate and its key.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Reads the TLS material for `endpoint` (checked by [`check_endpoint`]), as OpenShell's
+/// VM driver wants it: required for an `https` gateway, refused for an `http` one. Each
+/// file must be a regular file (after symlinks: they are the operator's) of PEM text of
+/// at most [`kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN`] bytes. Errors never hold the
+/// files' content.
+pub fn read_tls_material(
+    endpoint: &str,
+    paths: Option<&TlsPaths>,
+) -> Result<Option<kiln_protocol::OpenShellTls>, SupervisorConfigError> {
+    let https = url::Url::parse(endpoint).is_ok_and(|url| url.scheme() == "https");
+    match (https, paths) {
+        (false, None) => Ok(None),
+        (true, None) => Err(SupervisorConfigError::TlsMissing {
+            endpoint: endpoint.to_owned(),
+        }),
+        (false, Some(_)) => Err(SupervisorConfigError::TlsUnused {
+            endpoint: endpoint.to_owned(),
+        }),
+        (true, Some(paths)) => Ok(Some(kiln_protocol::OpenShellTls {
+            ca: read_pem("--openshell-tls-ca", &paths.ca)?,
+            cert: read_pem("--openshell-tls-cert", &paths.cert)?,
+            key: read_pem("--openshell-tls-key", &paths.key)?,
+        })),
+    }
+}
+
+/// The PEM text of `path`, given as `flag`.
+fn read_pem(flag: &'static str, path: &Path) -> Result<String, SupervisorConfigError> {
+    let max = kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN;
+    let refuse = |reason: &str| SupervisorConfigError::NotTlsMaterial {
+        flag,
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let unreadable = |e: std::io::Error| refuse(&e.to_string());
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    if !file.metadata().map_err(unreadable)?.is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() > max {
+        return Err(refuse("too long"));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| refuse("not text"))?;
+    if !text.contains("-----BEGIN ") {
+        return Err(refuse("no PEM block"));
+    }
+    Ok(text)
 }
 
 /// Checks that `path` can be OpenShell's supervisor binary: a regular file (after
@@ -351,6 +424,71 @@ mod tests {
             matches!(err, SupervisorConfigError::Unreadable { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_material_goes_with_an_https_gateway_only_and_must_be_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let pem = |label: &str| format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n");
+        let paths = TlsPaths {
+            ca: write("ca.crt", pem("CERTIFICATE").as_bytes()),
+            cert: write("tls.crt", pem("CERTIFICATE").as_bytes()),
+            key: write("tls.key", pem("PRIVATE KEY").as_bytes()),
+        };
+        let tls = read_tls_material("https://127.0.0.1:8443", Some(&paths))
+            .unwrap()
+            .unwrap();
+        assert_eq!(tls.key, pem("PRIVATE KEY"));
+        assert_eq!(tls.ca, pem("CERTIFICATE"));
+        assert!(read_tls_material("http://127.0.0.1:8080", None)
+            .unwrap()
+            .is_none());
+
+        let err = read_tls_material("https://127.0.0.1:8443", None).unwrap_err();
+        assert!(
+            matches!(err, SupervisorConfigError::TlsMissing { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--openshell-tls-key"), "{err}");
+        let err = read_tls_material("http://127.0.0.1:8080", Some(&paths)).unwrap_err();
+        assert!(
+            matches!(err, SupervisorConfigError::TlsUnused { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--openshell-tls-ca"), "{err}");
+
+        let too_long = vec![b'A'; kiln_protocol::MAX_OPENSHELL_TLS_FILE_LEN + 1];
+        for (bad, reason) in [
+            (write("binary", b"\xff\xfe secret"), "not text"),
+            (write("plain", b"secret but not PEM"), "no PEM block"),
+            (write("long", &too_long), "too long"),
+            (dir.path().to_owned(), "not a regular file"),
+        ] {
+            let mut given = paths.clone();
+            given.key = bad;
+            let err = read_tls_material("https://gw.example", Some(&given))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(reason), "{err}");
+            assert!(err.starts_with("--openshell-tls-key "), "{err}");
+            assert!(
+                err.contains("accepted: a regular file of PEM text"),
+                "{err}"
+            );
+            assert!(!err.contains("secret"), "{err}");
+        }
+        let mut missing = paths.clone();
+        missing.cert = dir.path().join("missing");
+        let err = read_tls_material("https://gw.example", Some(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--openshell-tls-cert "), "{err}");
+        assert!(err.contains("No such file"), "{err}");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct SupervisorConfig {
     /// The gateway's URL as the host reaches it
     /// ([`crate::openshell_env::check_endpoint`] accepted it).
     pub endpoint: String,
+    /// The TLS material of an `https` gateway
+    /// ([`crate::openshell_env::read_tls_material`] read it).
+    pub tls: Option<kiln_protocol::OpenShellTls>,
 }
 
 /// The supervisor's log level when the sandbox spec gives none.
@@ -164,7 +167,7 @@ impl OpenShellService {
             let settings = SupervisorSettings {
                 endpoint: supervisor.endpoint.clone(),
                 log_level: DEFAULT_SUPERVISOR_LOG_LEVEL.into(),
-                tls: false,
+                tls: supervisor.tls.is_some(),
                 uid: self
                     .config
                     .sandbox_uid
@@ -181,6 +184,7 @@ impl OpenShellService {
                 binary: supervisor.binary.clone(),
                 env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
                 token: (!token.is_empty()).then(|| token.to_owned()),
+                tls: supervisor.tls.clone(),
             }
         });
         let machine = &self.shared.machine;

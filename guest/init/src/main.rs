@@ -21,9 +21,10 @@
 //!    volumes' roots to the spec's uid:gid, makes the root read-only when `kiln.ro=on`
 //!    (after the supervisor's preparation), starts the workload through kiln-supervisor
 //!    (full mode: user check, /sandbox ownership, verified privilege drop; for a spec
-//!    that runs OpenShell's supervisor, the sandbox token on a root-only tmpfs and the
-//!    supervisor started as root, which drops privileges itself) in the cgroup
-//!    `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM kill is told apart),
+//!    that runs OpenShell's supervisor, the sandbox token and TLS material on root-only
+//!    tmpfs mounts and the supervisor started as root, which drops privileges itself) in
+//!    the cgroup `/sys/fs/cgroup/workload` (memory + pids controllers, so an OOM kill is
+//!    told apart),
 //!    pumps stdin/stdout/stderr (or the terminal) over the channel, forwards signals
 //!    (received by init, or sent by the host), runs exec sessions the host opens, and
 //!    reaps every process;

@@ -95,6 +95,7 @@ pub fn run(
         .map_err(supervisor_error)?;
     if let Some(launch) = &spec.openshell {
         crate::openshell::place_token(launch)?;
+        crate::openshell::place_tls(launch)?;
     }
     // After the preparation, which may chown /sandbox in the overlay.
     if read_only_root {

@@ -1,10 +1,14 @@
 //! A stand-in for OpenShell's supervisor (`openshell-sandbox`), for kiln's end-to-end
 //! tests only: it is NOT OpenShell's supervisor and enforces nothing. kiln places it in
 //! the guest where the real one goes; it reports what it was given (its ids, argv and
-//! environment, the token file, the sandbox user of /etc/passwd) to the test's gRPC
-//! server by dialling OPENSHELL_ENDPOINT, then runs the command of
+//! environment, the token file, the TLS files, the sandbox user of /etc/passwd) to the
+//! test's gRPC server by dialling OPENSHELL_ENDPOINT, then runs the command of
 //! OPENSHELL_MAIN_PROCESS_SPEC as the sandbox user in its `--workdir` and exits with the
 //! command's status, as the real supervisor ends with its workload.
+//!
+//! It is no TLS client: for an `https` endpoint it dials the same host and port over
+//! plain http (the test's server speaks plain http), so a test can give kiln TLS material
+//! (which kiln takes only with an https gateway) and check the files placed in the guest.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -13,7 +17,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use kiln_openshell_standin::standin_report_client::StandinReportClient;
-use kiln_openshell_standin::SupervisorReport;
+use kiln_openshell_standin::{FileReport, SupervisorReport};
 
 /// The longest file this reads (the token, /etc/passwd).
 const MAX_FILE: u64 = 1 << 20;
@@ -39,6 +43,24 @@ fn sandbox_ids() -> (u32, u32) {
         .find(|fields| fields.len() >= 4 && fields[0] == "sandbox")
         .and_then(|fields| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
         .unwrap_or((0, 0))
+}
+
+/// The file `path`: mode bits, owner and content, or why it could not be read.
+fn file_report(path: &str) -> FileReport {
+    let mut report = FileReport {
+        path: path.to_owned(),
+        ..Default::default()
+    };
+    match std::fs::symlink_metadata(path).and_then(|meta| Ok((meta, read_bounded(path)?))) {
+        Ok((meta, content)) => {
+            report.mode = meta.mode() & 0o7777;
+            report.uid = meta.uid();
+            report.gid = meta.gid();
+            report.content = content;
+        }
+        Err(e) => report.error = format!("{path}: {e}"),
+    }
+    report
 }
 
 fn report() -> SupervisorReport {
@@ -68,6 +90,15 @@ fn report() -> SupervisorReport {
             }
         }
     }
+    report.tls_files = [
+        "OPENSHELL_TLS_CA",
+        "OPENSHELL_TLS_CERT",
+        "OPENSHELL_TLS_KEY",
+    ]
+    .iter()
+    .filter_map(|name| environment.get(*name))
+    .map(|path| file_report(path))
+    .collect();
     report.environment = environment;
     report
 }
@@ -123,6 +154,11 @@ fn workdir() -> Option<String> {
 fn run() -> Result<ExitCode, String> {
     let endpoint =
         std::env::var("OPENSHELL_ENDPOINT").map_err(|e| format!("OPENSHELL_ENDPOINT: {e}"))?;
+    // No TLS client here (see the crate's doc): the same host and port, plain http.
+    let endpoint = match endpoint.strip_prefix("https://") {
+        Some(rest) => format!("http://{rest}"),
+        None => endpoint,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
