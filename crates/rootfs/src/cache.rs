@@ -3,7 +3,7 @@
 //! Layout: `DIR/v{BUILDER_FORMAT_VERSION}/{algorithm}-{hex}/` holding `root.erofs`,
 //! `root.identity.json` (the [`IdentityInputs`] of that root image), and
 //! `identity-{uid}-{gid}.erofs` / `merged-{uid}-{gid}.erofs`; and
-//! `DIR/v{BUILDER_FORMAT_VERSION}/supervisors/sha256-{hex}.erofs`, the layer holding one
+//! `DIR/v{BUILDER_FORMAT_VERSION}/supervisors-2/sha256-{hex}.erofs`, the layer holding one
 //! OpenShell supervisor binary (by its digest), shared by every sandbox that names that
 //! binary and never evicted (one file per binary). Each name is built under an exclusive
 //! `flock` on `.lock-{name}`: a second process asking for the same image
@@ -50,8 +50,11 @@ const ROOT_INPUTS: &str = "root.identity.json";
 const REMOVING: &str = ".removing-";
 
 /// The directory of supervisor layers, beside the key directories (not a manifest
-/// digest, so eviction and retain never list it).
-const SUPERVISORS: &str = "supervisors";
+/// digest, so eviction and retain never list it). Its number is the layers' layout: a
+/// layer is named by the binary's digest alone, so a change to what a layer holds besides
+/// the binary (layout 2 added /opt/openshell/tls) needs a new directory, not a rebuild of
+/// every root image.
+const SUPERVISORS: &str = "supervisors-2";
 
 /// The largest supervisor binary [`Cache::supervisor_layer`] takes.
 pub const MAX_SUPERVISOR_BYTES: u64 = 512 << 20;
