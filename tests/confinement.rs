@@ -312,6 +312,15 @@ fn as_root_qemu_runs_as_kiln_vmm_in_its_jail_with_the_flags_limits() {
     assert_eq!(effective(&status_field(pid, "Uid")), vmm_uid);
     assert_eq!(effective(&status_field(pid, "Gid")), vmm_gid);
     assert_jailed(pid, &root, true, true);
+    // Under TCG QEMU runs without transparent huge pages (kiln_vm::qemu), under KVM with.
+    let cmdline = fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    let arguments: Vec<&str> = cmdline.split('\0').collect();
+    let tcg = arguments.windows(2).any(|pair| pair == ["-accel", "tcg"]);
+    assert_eq!(
+        status_field(pid, "THP_enabled"),
+        if tcg { "0" } else { "1" },
+        "transparent huge pages of a VMM with {arguments:?}"
+    );
     let guest = guest_files();
     assert_guest_files_mounted(pid, &guest.kernel, &guest.initramfs);
     let copy = assert_vmm_copy(pid, &root);
