@@ -842,7 +842,7 @@ fn the_supervisor_runs_in_the_guest_as_root_with_its_environment_token_and_tls()
         );
     });
     assert_eq!(root.ok(&["wait", "sb-os2"]).trim(), "7");
-    let layers: Vec<_> = fs::read_dir(root.path().join("rootfs/v1/supervisors"))
+    let layers: Vec<_> = fs::read_dir(root.path().join("rootfs/v1/supervisors-2"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
