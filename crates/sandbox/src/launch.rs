@@ -691,7 +691,8 @@ impl Driver<'_> {
                 let ours = Hello::ours(format!("kiln {}", env!("CARGO_PKG_VERSION")));
                 negotiate(&ours, &theirs).map_err(|source| channel_error(self.phase, source))?;
                 self.send(Frame::new(CONTROL_SESSION, Message::Hello(ours)))?;
-                // Read as late as possible: the guest sets it on arrival, before it mounts.
+                // Read as late as possible: the guest sets it to this plus its own time
+                // since its hello, once its boot steps are done.
                 self.send(Frame::new(
                     CONTROL_SESSION,
                     Message::Clock(WallClock::now()),
@@ -743,11 +744,21 @@ impl Driver<'_> {
                 self.workload_ended_at.get_or_insert_with(Instant::now);
                 self.result = Some(result);
                 self.enter(Phase::Shutdown, Some(self.deadlines.shutdown));
-                // The guest powers off only once the result is here: its write queued the
-                // frame in the virtqueue, and what QEMU has not yet moved to this socket
-                // when power-off ends it is lost. A VM already gone needs no reply.
-                let ack = ShutdownRequest { grace_ms: 0 };
-                let _ = self.send(Frame::new(CONTROL_SESSION, Message::Shutdown(ack)));
+                if self.spec.disks.iter().all(|disk| disk.read_only) {
+                    // Nothing of this VM outlives it: no writable disk to leave clean (the
+                    // upper is tmpfs, and 9p volumes are written through at once), and the
+                    // result is the guest's last word (its sessions' output and results
+                    // came before it), so QEMU is ended now instead of waiting for the
+                    // guest to power off.
+                    self.vm.kill()?;
+                } else {
+                    // The guest powers off only once the result is here: its write queued
+                    // the frame in the virtqueue, and what QEMU has not yet moved to this
+                    // socket when power-off ends it is lost. A VM already gone needs no
+                    // reply.
+                    let ack = ShutdownRequest { grace_ms: 0 };
+                    let _ = self.send(Frame::new(CONTROL_SESSION, Message::Shutdown(ack)));
+                }
             }
             other => tracing::debug!(
                 session = frame.session,
@@ -948,20 +959,42 @@ while read -r _ <&3; do :; done
         stdout: Box<dyn Write + Send>,
         guest: impl FnOnce(&mut UnixStream) + Send + 'static,
     ) -> Result<LaunchOutcome, LaunchError> {
+        against_scripted_guest_on(Disks::ReadOnly, stdout, guest)
+    }
+
+    /// Whether the scripted VM has a writable disk, which it must leave clean.
+    enum Disks {
+        ReadOnly,
+        Writable,
+    }
+
+    fn against_scripted_guest_on(
+        disks: Disks,
+        stdout: Box<dyn Write + Send>,
+        guest: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> Result<LaunchOutcome, LaunchError> {
         let dir = tempfile::tempdir().unwrap();
         // The VMM runs as kiln-vmm when the tests run as root: it must reach its script.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let vmm = dir.path().join("vmm");
         std::fs::write(&vmm, SCRIPTED_VMM).unwrap();
         std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for file in ["kernel", "initramfs"] {
+        for file in ["kernel", "initramfs", "upper.ext4"] {
             std::fs::write(dir.path().join(file), b"").unwrap();
         }
+        let disks = match disks {
+            Disks::ReadOnly => Vec::new(),
+            Disks::Writable => vec![kiln_vm::Disk {
+                id: kiln_protocol::UPPER_DISK_ID.into(),
+                path: dir.path().join("upper.ext4"),
+                read_only: false,
+            }],
+        };
         let spec = VmSpec {
             kernel: dir.path().join("kernel"),
             initramfs: dir.path().join("initramfs"),
             cmdline: Vec::new(),
-            disks: Vec::new(),
+            disks,
             shares: Vec::new(),
             cpus: 1,
             cpu_millis: 1000,
@@ -1091,8 +1124,8 @@ while read -r _ <&3; do :; done
     }
 
     #[test]
-    fn the_guest_hears_its_result_arrived_before_it_powers_off() {
-        let (acked_tx, acked_rx) = mpsc::channel();
+    fn a_vm_with_nothing_to_keep_is_ended_at_its_result() {
+        let (frames_tx, frames_rx) = mpsc::channel();
         let outcome = against_scripted_guest(Box::new(std::io::sink()), move |guest| {
             let stream = Stream::Stdout;
             send(guest, MAIN_SESSION, Message::Eof { stream });
@@ -1101,17 +1134,45 @@ while read -r _ <&3; do :; done
                 MAIN_SESSION,
                 Message::Result(WorkloadResult::Exited { code: 0 }),
             );
-            // What kiln-init waits for before it powers off; the main session's stdin end
-            // and credit may come first.
-            let ack = loop {
-                let frame = read_frame(guest).unwrap().expect("the host replies");
-                if frame.session == CONTROL_SESSION {
-                    break frame;
-                }
-            };
-            acked_tx.send(ack).unwrap();
+            // Everything the host sends until it closes the channel.
+            let mut kinds = Vec::new();
+            while let Ok(Some(frame)) = read_frame(guest) {
+                kinds.push(frame.message.kind());
+            }
+            frames_tx.send(kinds).unwrap();
         })
         .unwrap();
+        assert_eq!(outcome.result, WorkloadResult::Exited { code: 0 });
+        let kinds = frames_rx.recv().unwrap();
+        assert!(
+            !kinds.contains(&Kind::Shutdown),
+            "a VM without a writable disk is killed, not asked to power off: {kinds:?}"
+        );
+    }
+
+    #[test]
+    fn the_guest_hears_its_result_arrived_before_it_powers_off() {
+        let (acked_tx, acked_rx) = mpsc::channel();
+        let outcome =
+            against_scripted_guest_on(Disks::Writable, Box::new(std::io::sink()), move |guest| {
+                let stream = Stream::Stdout;
+                send(guest, MAIN_SESSION, Message::Eof { stream });
+                send(
+                    guest,
+                    MAIN_SESSION,
+                    Message::Result(WorkloadResult::Exited { code: 0 }),
+                );
+                // What kiln-init waits for before it powers off; the main session's stdin end
+                // and credit may come first.
+                let ack = loop {
+                    let frame = read_frame(guest).unwrap().expect("the host replies");
+                    if frame.session == CONTROL_SESSION {
+                        break frame;
+                    }
+                };
+                acked_tx.send(ack).unwrap();
+            })
+            .unwrap();
         assert_eq!(outcome.result, WorkloadResult::Exited { code: 0 });
         let ack = acked_rx.recv().unwrap();
         assert_eq!(ack.session, CONTROL_SESSION);

@@ -38,6 +38,14 @@ const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// 1 s each). Everything else legacy stays off.
 const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
 
+/// The virtio-serial device with room for kiln's one port (number 1: QEMU keeps 0 for a
+/// console). QEMU's default of 31 ports has the guest set up 64 virtqueues at probe, which
+/// cost a TCG boot ~40 ms.
+const SERIAL_DEVICE: &str = "virtio-serial-device,max_ports=2";
+
+/// The queue size of a read-only disk's virtio-blk device (an option suffix).
+const READ_ONLY_DISK_QUEUE: &str = ",queue-size=32";
+
 /// Kernel arguments every kiln guest gets: console on the serial port, a reboot that
 /// ends QEMU (with -no-reboot), and a panic that reboots at once instead of hanging.
 const BASE_CMDLINE: &[&str] = &["console=ttyS0", "reboot=t", "panic=-1", "quiet"];
@@ -148,7 +156,17 @@ impl Qemu {
                 id = disk.id,
                 ro = if disk.read_only { "on" } else { "off" },
             );
-            let device = format!("virtio-blk-device,drive={id},serial={id}", id = disk.id);
+            // A read-only image needs no deep queue; the guest's probe sets up a request for
+            // every queue entry, and QEMU's default of 256 cost a TCG boot ~15 ms a disk.
+            let queue = if disk.read_only {
+                READ_ONLY_DISK_QUEUE
+            } else {
+                ""
+            };
+            let device = format!(
+                "virtio-blk-device,drive={id},serial={id}{queue}",
+                id = disk.id
+            );
             args.extend(["-drive", &drive, "-device", &device].map(OsString::from));
         }
         let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -175,7 +193,7 @@ impl Qemu {
         );
         push(&[
             "-device",
-            "virtio-serial-device",
+            SERIAL_DEVICE,
             "-chardev",
             &channel,
             "-device",
@@ -482,7 +500,8 @@ mod tests {
     fn command_line_has_every_part() {
         let spec = spec();
         let line = joined(&spec);
-        let root_device = format!("virtio-blk-device,drive={ROOT_DISK_ID},serial={ROOT_DISK_ID}");
+        let root_device =
+            format!("virtio-blk-device,drive={ROOT_DISK_ID},serial={ROOT_DISK_ID},queue-size=32");
         let port = format!("virtserialport,chardev=kilnchan,name={CHANNEL_PORT}");
         let rw_share =
             "-fsdev local,id=share0,path=/kiln/share0,security_model=mapped-xattr -device";
@@ -499,7 +518,7 @@ mod tests {
             "-add-fd fd=10,set=2,opaque=/s/root,,1.erofs -drive id=root,file=/dev/fdset/2,format=raw,if=none,readonly=on",
             &root_device,
             "-add-fd fd=11,set=3,opaque=/s/upper.ext4 -add-fd fd=14,set=3,opaque=/s/upper.ext4 -drive id=upper,file=/dev/fdset/3,format=raw,if=none,readonly=off",
-            "socket,id=kilnchan,fd=13",
+            "-device virtio-serial-device,max_ports=2 -chardev socket,id=kilnchan,fd=13",
             &port,
             "-netdev stream,id=net0,server=off,addr.type=fd,addr.str=15",
             "-device virtio-net-device,netdev=net0",

@@ -4,9 +4,7 @@
 //! with `/dev/console`) that turns the booted kernel into a sandbox and back off:
 //!
 //! 1. mounts proc, sysfs and devtmpfs in the initramfs, reads the `kiln.*` kernel
-//!    arguments, opens the host channel and sends a hello and `init_started`, then waits
-//!    for the host's hello and wall clock and sets the clock (the RTC the kernel read at
-//!    boot has whole seconds only);
+//!    arguments, opens the host channel and sends a hello and `init_started`;
 //! 2. turns off user namespaces (`user.max_user_namespaces=0`) unless `kiln.userns=on`,
 //!    mounts the root image, the identity layer and, for OpenShell, the supervisor layer
 //!    (EROFS, read-only) and the writable upper (tmpfs, or an ext4 disk for a persistent
@@ -17,7 +15,9 @@
 //! 3. mounts devpts, /dev/shm, /run, /tmp and cgroup2, the 9p volumes and tmpfs mounts,
 //!    sets the hostname, writes /etc/hostname, /etc/hosts and /etc/resolv.conf, brings up
 //!    lo and, when asked, eth0 with a static address (ioctls) and default route;
-//! 4. waits for the run spec (session 1), gives the read-write
+//! 4. reads the host's hello and wall clock, which it had sent at once, and sets the clock
+//!    (the RTC the kernel read at boot has whole seconds only), then waits for the run
+//!    spec (session 1), gives the read-write
 //!    volumes' roots to the spec's uid:gid, makes the root read-only when `kiln.ro=on`
 //!    (after the supervisor's preparation), starts the workload through kiln-supervisor
 //!    (full mode: user check, /sandbox ownership, verified privilege drop; for a spec
@@ -133,8 +133,8 @@ fn boot(config: &BootConfig) -> Result<(), BootError> {
             )
         })?;
     }
-    let new_root = rootfs::assemble_root(config)?;
-    rootfs::switch_root(&new_root)?;
+    let root = rootfs::assemble_root(config)?;
+    rootfs::switch_root(&root.path)?;
     rootfs::mount_runtime_filesystems()?;
     volume::mount_all(&config.volumes)?;
     volume::mount_tmpfs(&config.tmpfs)?;
@@ -144,12 +144,14 @@ fn boot(config: &BootConfig) -> Result<(), BootError> {
             format!("setting the hostname to {:?}: {e}", config.hostname),
         )
     })?;
-    etc::write_name_files(Path::new("/"), config).map_err(|e| {
-        failed(
-            BootStep::Hostname,
-            format!("writing /etc/hostname, /etc/hosts and /etc/resolv.conf: {e}"),
-        )
-    })?;
+    if !root.name_files_written {
+        etc::write_name_files(Path::new("/"), config).map_err(|e| {
+            failed(
+                BootStep::Hostname,
+                format!("writing /etc/hostname, /etc/hosts and /etc/resolv.conf: {e}"),
+            )
+        })?;
+    }
     bring_up_network(config)
 }
 
@@ -170,10 +172,13 @@ fn next_frame(channel: &Channel, step: BootStep) -> Result<Frame, BootError> {
         .ok_or_else(|| failed(step, "the host closed the channel during boot"))
 }
 
-/// Waits for the host's hello (checking that both speak a common version) and its wall
-/// clock, which becomes the guest's: the host answers init's hello at once, so the time
-/// is milliseconds old when it is set. `false` when the host asks to shut down instead.
-fn greet_host(channel: &Channel) -> Result<bool, BootError> {
+/// Reads the host's hello (checking that both speak a common version) and its wall clock,
+/// which becomes the guest's. The host answers init's hello at once, but init reads the
+/// answer only after the boot steps (waiting for it would leave the guest idle for a
+/// round trip), so the clock is set to the host's time plus the guest's time since the
+/// hello went out (`hello_sent`, CLOCK_BOOTTIME ns), which is within milliseconds of the
+/// host's. `false` when the host asks to shut down instead.
+fn greet_host(channel: &Channel, hello_sent: u64) -> Result<bool, BootError> {
     let step = BootStep::Clock;
     let mut greeted = false;
     loop {
@@ -185,12 +190,10 @@ fn greet_host(channel: &Channel) -> Result<bool, BootError> {
                 greeted = true;
             }
             (CONTROL_SESSION, Message::Clock(clock)) if greeted => {
-                sys::set_wall_clock(clock.unix_ns).map_err(|e| {
-                    failed(
-                        step,
-                        format!("setting the clock to {} ns: {e}", clock.unix_ns),
-                    )
-                })?;
+                let since_hello = boottime_ns().saturating_sub(hello_sent);
+                let now = clock.unix_ns.saturating_add(since_hello);
+                sys::set_wall_clock(now)
+                    .map_err(|e| failed(step, format!("setting the clock to {now} ns: {e}")))?;
                 return Ok(true);
             }
             (CONTROL_SESSION, Message::Shutdown(_)) => return Ok(false),
@@ -228,16 +231,18 @@ fn receive_run_spec(channel: &Channel) -> Result<Option<RunSpec>, BootError> {
     }
 }
 
-/// Boots, receives the run spec, gives the read-write volumes to the workload's user and
-/// runs the workload; `None` when the host asked to shut down before sending a spec.
+/// Boots, reads the host's greeting, receives the run spec, gives the read-write volumes
+/// to the workload's user and runs the workload; `None` when the host asked to shut down
+/// before sending a spec.
 fn boot_and_run(
     config: &BootConfig,
     channel: &'static Channel,
+    hello_sent: u64,
 ) -> Result<Option<WorkloadResult>, BootError> {
-    if !greet_host(channel)? {
+    boot(config)?;
+    if !greet_host(channel, hello_sent)? {
         return Ok(None);
     }
-    boot(config)?;
     let Some(spec) = receive_run_spec(channel)? else {
         return Ok(None);
     };
@@ -320,9 +325,10 @@ fn main() {
             shutdown(None);
         }
     }
+    let hello_sent = boottime_ns();
     // init lives until power-off; the threads serving the workload borrow the channel.
     let channel: &'static Channel = Box::leak(Box::new(channel));
-    match config.and_then(|config| boot_and_run(&config, channel)) {
+    match config.and_then(|config| boot_and_run(&config, channel, hello_sent)) {
         Err(error) => report_boot_error(Some(channel), error),
         Ok(Some(result)) => workload::report(channel, result),
         Ok(None) => console("shutdown requested before the workload started"),

@@ -5,6 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::etc;
 use crate::sys::{self, mount};
 use kiln_protocol::{BootConfig, BootError, BootStep as Step, DiskRef, Upper};
 
@@ -91,12 +92,19 @@ fn mount_erofs(disk: &DiskRef, target: &str, step: Step) -> Result<(), BootError
     ))
 }
 
+/// The sandbox root [`assemble_root`] mounted.
+pub struct AssembledRoot {
+    pub path: PathBuf,
+    /// Whether the name files are already in its upper ([`etc::write_into_fresh_upper`]).
+    pub name_files_written: bool,
+}
+
 /// Mounts the images and the upper named by `config` and stacks them into an overlay at
 /// /newroot: lowerdir=[openshell:]identity:root (the identity layer's edited /etc/passwd and
 /// /sandbox win over the image, and OpenShell's supervisor layer over both), the upper on tmpfs or an ext4 disk, with metacopy so that
 /// ownership changes under /sandbox copy up metadata only. Every one of these mounts is
 /// nodev and nosuid ([`IMAGE_CONTENT`]).
-pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
+pub fn assemble_root(config: &BootConfig) -> Result<AssembledRoot, BootError> {
     let root = config.root.as_ref().ok_or_else(|| {
         failed(
             Step::MountRoot,
@@ -147,6 +155,19 @@ pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
         mkdir(&upper.join(dir), step)?;
     }
 
+    let name_files_written = match config.upper {
+        Upper::Tmpfs => {
+            let lowers: Vec<&Path> = lowers.iter().map(Path::new).collect();
+            etc::write_into_fresh_upper(&upper.join("upper"), &lowers, config).map_err(io_step(
+                Step::Hostname,
+                "writing /etc/hostname, /etc/hosts and /etc/resolv.conf into the upper",
+            ))?
+        }
+        // A disk's upper may hold an earlier boot's /etc (or its whiteout): the overlay
+        // sorts that out.
+        Upper::Disk(_) => false,
+    };
+
     let step = Step::Overlay;
     let new_root = Path::new(NEW_ROOT);
     mkdir(new_root, step)?;
@@ -162,7 +183,10 @@ pub fn assemble_root(config: &BootConfig) -> Result<PathBuf, BootError> {
         Some(&options),
     )
     .map_err(io_step(step, format!("mounting overlay ({options})")))?;
-    Ok(new_root.to_path_buf())
+    Ok(AssembledRoot {
+        path: new_root.to_path_buf(),
+        name_files_written,
+    })
 }
 
 /// Moves /dev, /proc and /sys into `new_root`, makes it the root (the initramfs cannot be
@@ -201,7 +225,10 @@ pub fn mount_runtime_filesystems() -> Result<(), BootError> {
             "cgroup2",
             "/sys/fs/cgroup",
             nosuid_nodev | libc::MS_NOEXEC,
-            "nsdelegate",
+            // favordynmods: moving a task into a cgroup (the workload's start, each exec
+            // session's) and enabling controllers otherwise wait for an RCU grace period,
+            // 10-15 ms of a TCG boot; forks and exits pay a little more instead.
+            "nsdelegate,favordynmods",
         ),
     ] {
         let target = Path::new(target);
