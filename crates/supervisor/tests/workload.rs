@@ -252,6 +252,32 @@ fn signals_reach_the_workload() {
     );
 }
 
+#[test]
+#[ignore = "needs root (scripts/test runs it as root)"]
+fn the_workload_starts_with_no_signal_blocked_or_caught_and_the_callers_mask_stays() {
+    require_root();
+    extern "C" fn caught(_: libc::c_int) {}
+    let own_mask = || {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status_field(&status, "SigBlk").to_owned()
+    };
+    // SAFETY: a handler that does nothing, and a mask change of this test's thread.
+    unsafe {
+        libc::signal(libc::SIGUSR1, caught as *const () as libc::sighandler_t);
+        let mut blocked: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut blocked);
+        libc::sigaddset(&mut blocked, libc::SIGUSR2);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut());
+    }
+    let before = own_mask();
+    // cat catches nothing itself (grep, for one, catches SIGSEGV).
+    let (result, out, _) = run(&launch(&["cat", "/proc/self/status"], WorkloadIo::Pipes));
+    assert_eq!(result, WorkloadResult::Exited { code: 0 });
+    assert_eq!(status_field(&out, "SigBlk"), "0000000000000000", "{out}");
+    assert_eq!(status_field(&out, "SigCgt"), "0000000000000000", "{out}");
+    assert_eq!(own_mask(), before, "the caller's signal mask is as it was");
+}
+
 /// A cgroup v2 mount point whose controllers include memory, if the host has one.
 fn memory_cgroup_v2() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -11,9 +11,6 @@ use kiln_protocol::{
     CONTROL_SESSION, MAIN_SESSION,
 };
 use kiln_supervisor::{Mode, Supervisor};
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
-use signal_hook::iterator::Signals;
 
 use crate::channel::Channel;
 use crate::rootfs::failed;
@@ -33,23 +30,39 @@ const FORWARDED_SIGNALS: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
-/// The workload's pid for the forwarding thread; 0 while there is none.
+/// The workload's pid for the forwarding handler; 0 while there is none.
 static WORKLOAD_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Catches [`FORWARDED_SIGNALS`] and passes each on to the workload from a thread of its
-/// own; one that arrives while there is no workload is dropped.
+/// Passes a signal init received on to the workload; one that arrives while there is no
+/// workload is dropped. Runs as a signal handler, so it only reads an atomic and calls
+/// kill(2), both async-signal-safe.
+extern "C" fn forward_to_workload(signal: libc::c_int) {
+    let pid = WORKLOAD_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) with plain integers. A workload that ended meanwhile needs no
+        // telling, so its failure is no error.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Catches [`FORWARDED_SIGNALS`] (PID 1 gets no default action for them) and passes each
+/// on to the workload straight from the handler: no thread of its own, which under TCG
+/// was ~7 ms of every start. `SA_RESTART`, so that init's own blocking calls carry on.
 fn forward_signals() -> std::io::Result<()> {
-    let mut signals = Signals::new(FORWARDED_SIGNALS)?;
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            let pid = WORKLOAD_PID.load(Ordering::SeqCst);
-            // Only FORWARDED_SIGNALS arrive, all valid. A workload that ended meanwhile
-            // needs no telling, so a failed kill is not an error.
-            if let (true, Ok(signal)) = (pid > 0, Signal::try_from(signal)) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
-            }
+    for signal in FORWARDED_SIGNALS {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler is an
+        // async-signal-safe extern "C" fn that lives for the whole program.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward_to_workload as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-    });
+    }
     Ok(())
 }
 
