@@ -227,6 +227,9 @@ impl Host {
     ) -> Result<Host, VmError> {
         let qemu = Qemu::with_binary(qemu).keeping_state_in(root);
         let verdict = accel::resolve(accel, &accel::cache_dir(root), || probe_kvm(&qemu, &guest))?;
+        if verdict.accel == Accel::Tcg {
+            kiln_vm::tsc::measure_in_background();
+        }
         if verdict.accel == Accel::Tcg && accel == AccelRequest::Auto && !verdict.cached {
             notice(&format!("note: {}", verdict.reason));
         }

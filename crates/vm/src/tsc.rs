@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 /// Measurement window. Each end is read as a TSC value bracketing a clock reading, the
 /// tightest of a few tries, so it is off by well under a microsecond unless the thread
-/// is preempted in every try: 5 ms gives a rate within 0.01 %. It is spent on every
-/// TCG start, before QEMU starts.
+/// is preempted in every try: 5 ms gives a rate within 0.01 %. It is spent once per
+/// process, on a thread of its own ([`measure_in_background`]) while the caller prepares
+/// the rest of a TCG start.
 const WINDOW: Duration = Duration::from_millis(5);
 
 /// Bracketing tries per end of the window.
@@ -21,6 +22,13 @@ const TRIES: usize = 8;
 pub fn host_tsc_khz() -> u64 {
     static KHZ: OnceLock<u64> = OnceLock::new();
     *KHZ.get_or_init(measure)
+}
+
+/// Starts measuring the host TSC rate on a thread of its own, so that its window passes
+/// while the caller prepares the rest of a TCG start; [`host_tsc_khz`] then waits only
+/// for what is left of it.
+pub fn measure_in_background() {
+    std::thread::spawn(host_tsc_khz);
 }
 
 fn measure() -> u64 {
