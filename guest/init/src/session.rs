@@ -42,14 +42,38 @@ enum Input {
     End,
 }
 
+/// A session's stdin: the pipe (or terminal) as it is until the host first sends input,
+/// then the writer thread that feeds it. Most runs get no input: the host's end of it
+/// just closes the pipe, and no thread is started for it (under TCG a thread costs a
+/// start a few milliseconds).
+enum Stdin {
+    Idle { file: File, tty: bool },
+    Writing(Sender<Input>),
+}
+
+impl Stdin {
+    /// Passes `input` on; what is left of the stdin afterwards (`None` after its end).
+    fn feed(self, input: Input) -> Option<Stdin> {
+        let writer = match self {
+            // Closing the pipe is its end.
+            Stdin::Idle { tty: false, .. } if matches!(input, Input::End) => return None,
+            Stdin::Idle { file, tty } => stdin_writer(file, tty),
+            Stdin::Writing(writer) => writer,
+        };
+        let ended = matches!(input, Input::End);
+        let _ = writer.send(input);
+        (!ended).then_some(Stdin::Writing(writer))
+    }
+}
+
 /// A running session's process and its plumbing.
 struct Live {
     workload: Workload,
     /// The terminal's master, for resizes (tty sessions only).
     terminal: Option<File>,
-    /// Input for the session's stdin writer thread; dropping it closes the stdin.
-    input: Option<Sender<Input>>,
-    /// Output pumps: the session's result goes out only after its output ended.
+    /// The session's stdin; dropping it closes it.
+    input: Option<Stdin>,
+    /// The output pump, if it has output: its result goes out only after that ended.
     pumps: Vec<JoinHandle<()>>,
 }
 
@@ -206,35 +230,30 @@ impl Sessions {
                         return Err(system("cloning the terminal", e));
                     }
                 };
-                let pumps = vec![pump_output(
-                    output,
-                    Stream::Stdout,
-                    session,
-                    channel,
-                    Arc::clone(&window),
-                )];
-                (Some(input), pumps, Some(terminal))
+                let sources = vec![(output, Stream::Stdout)];
+                let pump = pump_output(sources, session, channel, Arc::clone(&window));
+                (Some(input), vec![pump], Some(terminal))
             }
             None => {
-                let pumps = [
+                let sources: Vec<(File, Stream)> = [
                     (workload.stdout.take(), Stream::Stdout),
                     (workload.stderr.take(), Stream::Stderr),
                 ]
                 .into_iter()
-                .filter_map(|(file, stream)| {
-                    Some(pump_output(
-                        file?,
-                        stream,
-                        session,
-                        channel,
-                        Arc::clone(&window),
-                    ))
-                })
+                .filter_map(|(file, stream)| Some((file?, stream)))
                 .collect();
+                let pumps = if sources.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![pump_output(sources, session, channel, Arc::clone(&window))]
+                };
                 (workload.stdin.take(), pumps, None)
             }
         };
-        let input = input.map(|stdin| stdin_writer(stdin, spec.tty));
+        let input = input.map(|file| Stdin::Idle {
+            file,
+            tty: spec.tty,
+        });
         self.lock_windows().insert(session, window);
         table.live.insert(
             session,
@@ -342,15 +361,15 @@ impl Sessions {
                 stream: Stream::Stdin,
                 bytes,
             } => {
-                if let Some(input) = &live.input {
-                    let _ = input.send(Input::Data(bytes));
+                if let Some(input) = live.input.take() {
+                    live.input = input.feed(Input::Data(bytes));
                 }
             }
             Message::Eof {
                 stream: Stream::Stdin,
             } => {
                 if let Some(input) = live.input.take() {
-                    let _ = input.send(Input::End);
+                    live.input = input.feed(Input::End);
                 }
             }
             Message::Signal(request) => {
@@ -564,39 +583,72 @@ fn wait_until_read(master: &File, limit: Duration) {
     }
 }
 
-/// Sends everything `source` yields as `stream` data of `session`, then its end; each
-/// frame waits for room in the session's `window`.
+/// Sends everything the `sources` yield as their stream's data of `session`, and each
+/// stream's end when its source ends; each frame waits for room in the session's
+/// `window`. One thread serves a session's stdout and stderr alike (poll(2)): a thread
+/// less to start for every workload.
 fn pump_output(
-    mut source: File,
-    stream: Stream,
+    mut sources: Vec<(File, Stream)>,
     session: SessionId,
     channel: &'static Channel,
     window: Arc<Window>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buffer = vec![0u8; 64 * 1024.min(MAX_PAYLOAD)];
-        loop {
-            match source.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => {
-                    // At most 64 KiB and a header: always within the window.
-                    let charge = (HEADER_LEN + n) as u32;
-                    if !window.spend(charge) {
-                        return;
-                    }
-                    let data = Message::Data {
-                        stream,
-                        bytes: buffer[..n].to_vec(),
-                    };
-                    if channel.send(&Frame::new(session, data)).is_err() {
-                        return;
-                    }
+        while !sources.is_empty() {
+            let mut polled: Vec<libc::pollfd> = sources
+                .iter()
+                .map(|(source, _)| libc::pollfd {
+                    fd: source.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: `polled` holds one valid pollfd per source, and poll(2) writes only
+            // their `revents`.
+            let ready =
+                unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+            if ready < 0 {
+                if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                    continue;
                 }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                // A terminal's master reads EIO once the last slave fd is closed: the end.
-                Err(_) => break,
+                break;
+            }
+            let mut ended = Vec::new();
+            for (index, pollfd) in polled.iter().enumerate() {
+                if pollfd.revents == 0 {
+                    continue;
+                }
+                let (source, stream) = &mut sources[index];
+                match source.read(&mut buffer) {
+                    Ok(0) => ended.push(index),
+                    Ok(n) => {
+                        // At most 64 KiB and a header: always within the window.
+                        let charge = (HEADER_LEN + n) as u32;
+                        if !window.spend(charge) {
+                            return;
+                        }
+                        let data = Message::Data {
+                            stream: *stream,
+                            bytes: buffer[..n].to_vec(),
+                        };
+                        if channel.send(&Frame::new(session, data)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // A terminal's master reads EIO once the last slave fd is closed: the end.
+                    Err(_) => ended.push(index),
+                }
+            }
+            for index in ended.into_iter().rev() {
+                let (_, stream) = sources.remove(index);
+                let _ = channel.send(&Frame::new(session, Message::Eof { stream }));
             }
         }
-        let _ = channel.send(&Frame::new(session, Message::Eof { stream }));
+        // Sources given up on by a failed poll end too.
+        for (_, stream) in sources {
+            let _ = channel.send(&Frame::new(session, Message::Eof { stream }));
+        }
     })
 }
