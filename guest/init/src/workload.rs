@@ -35,13 +35,19 @@ static WORKLOAD_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Passes a signal init received on to the workload; one that arrives while there is no
 /// workload is dropped. Runs as a signal handler, so it only reads an atomic and calls
-/// kill(2), both async-signal-safe.
+/// kill(2), both async-signal-safe, and leaves errno as the interrupted code had it.
 extern "C" fn forward_to_workload(signal: libc::c_int) {
     let pid = WORKLOAD_PID.load(Ordering::SeqCst);
     if pid > 0 {
-        // SAFETY: kill(2) with plain integers. A workload that ended meanwhile needs no
-        // telling, so its failure is no error.
-        unsafe { libc::kill(pid, signal) };
+        // SAFETY: __errno_location points at this thread's errno; kill(2) takes plain
+        // integers. A workload that ended meanwhile needs no telling, so a failed kill
+        // is no error.
+        unsafe {
+            let errno = libc::__errno_location();
+            let saved = *errno;
+            libc::kill(pid, signal);
+            *errno = saved;
+        }
     }
 }
 
