@@ -1123,17 +1123,19 @@ while read -r _ <&3; do :; done
         assert_eq!(stdout.0.lock().unwrap().as_slice(), b"hello world");
     }
 
+    /// The guest's end of a main session without output: its stdout's end, then exit 0.
+    fn end_main_session(guest: &mut UnixStream) {
+        let stream = Stream::Stdout;
+        send(guest, MAIN_SESSION, Message::Eof { stream });
+        let result = WorkloadResult::Exited { code: 0 };
+        send(guest, MAIN_SESSION, Message::Result(result));
+    }
+
     #[test]
     fn a_vm_with_nothing_to_keep_is_ended_at_its_result() {
         let (frames_tx, frames_rx) = mpsc::channel();
         let outcome = against_scripted_guest(Box::new(std::io::sink()), move |guest| {
-            let stream = Stream::Stdout;
-            send(guest, MAIN_SESSION, Message::Eof { stream });
-            send(
-                guest,
-                MAIN_SESSION,
-                Message::Result(WorkloadResult::Exited { code: 0 }),
-            );
+            end_main_session(guest);
             // Everything the host sends until it closes the channel.
             let mut kinds = Vec::new();
             while let Ok(Some(frame)) = read_frame(guest) {
@@ -1155,13 +1157,7 @@ while read -r _ <&3; do :; done
         let (acked_tx, acked_rx) = mpsc::channel();
         let outcome =
             against_scripted_guest_on(Disks::Writable, Box::new(std::io::sink()), move |guest| {
-                let stream = Stream::Stdout;
-                send(guest, MAIN_SESSION, Message::Eof { stream });
-                send(
-                    guest,
-                    MAIN_SESSION,
-                    Message::Result(WorkloadResult::Exited { code: 0 }),
-                );
+                end_main_session(guest);
                 // What kiln-init waits for before it powers off; the main session's stdin end
                 // and credit may come first.
                 let ack = loop {
